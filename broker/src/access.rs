@@ -1,0 +1,406 @@
+//! Access control: who a client is (authentication) and what it may touch
+//! (authorisation by `[[acl.rules]]`).
+//!
+//! Authentication accepts a static user (`[[auth.users]]`, plaintext or an
+//! argon2 PHC string) or a JWT in the password field whose `sub` is the
+//! user name, signed HS256 with `jwt_secret` or RS256/ES256 with the key in
+//! `jwt_public_key`. Authorisation is default-deny; a deny rule wins over
+//! any grant. This module decides; it never talks to a client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use chatmq_config::{Access, AclRule, Auth};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use crate::topic;
+
+/// Why the broker cannot start its access control.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("auth.jwt_public_key {path}: {reason}")]
+    PublicKey { path: String, reason: String },
+    #[error("auth.users: password of `{user}` is not a valid argon2 PHC string: {reason}")]
+    PasswordHash { user: String, reason: String },
+}
+
+/// Who a CONNECT turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    User(Arc<str>),
+    Anonymous,
+}
+
+impl Identity {
+    pub fn user(&self) -> Option<&Arc<str>> {
+        match self {
+            Identity::User(u) => Some(u),
+            Identity::Anonymous => None,
+        }
+    }
+}
+
+/// Why a CONNECT was refused; maps to CONNACK codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Wrong password or invalid token (0x04 / 0x86).
+    BadCredentials,
+    /// No credentials and anonymous access is off (0x05 / 0x87).
+    NotAuthorized,
+}
+
+enum Secret {
+    Plain(String),
+    Argon2(String),
+}
+
+struct Jwt {
+    key: DecodingKey,
+    algorithm: Algorithm,
+}
+
+pub struct Authenticator {
+    users: HashMap<String, Secret>,
+    jwt: Vec<Jwt>,
+    allow_anonymous: bool,
+}
+
+impl Authenticator {
+    pub fn new(auth: &Auth) -> Result<Self, AccessError> {
+        let mut users = HashMap::new();
+        for u in &auth.users {
+            let secret = if u.password.starts_with("$argon2") {
+                PasswordHash::new(&u.password).map_err(|e| AccessError::PasswordHash {
+                    user: u.name.clone(),
+                    reason: e.to_string(),
+                })?;
+                Secret::Argon2(u.password.clone())
+            } else {
+                Secret::Plain(u.password.clone())
+            };
+            users.insert(u.name.clone(), secret);
+        }
+        let mut jwt = Vec::new();
+        if let Some(secret) = &auth.jwt_secret {
+            jwt.push(Jwt {
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                algorithm: Algorithm::HS256,
+            });
+        }
+        if let Some(path) = &auth.jwt_public_key {
+            let shown = path.display().to_string();
+            let pem = std::fs::read(path).map_err(|e| AccessError::PublicKey {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
+            let (key, algorithm) = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                (k, Algorithm::RS256)
+            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+                (k, Algorithm::ES256)
+            } else {
+                return Err(AccessError::PublicKey {
+                    path: shown,
+                    reason: "not an RSA or EC public key in PEM form".into(),
+                });
+            };
+            jwt.push(Jwt { key, algorithm });
+        }
+        Ok(Authenticator {
+            users,
+            jwt,
+            allow_anonymous: auth.allow_anonymous,
+        })
+    }
+
+    /// Checks CONNECT credentials. May take milliseconds (argon2): call it
+    /// off the async runtime.
+    pub fn authenticate(
+        &self,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<Identity, Refusal> {
+        let Some(username) = username.filter(|u| !u.is_empty()) else {
+            return if self.allow_anonymous && password.is_none() {
+                Ok(Identity::Anonymous)
+            } else {
+                Err(Refusal::NotAuthorized)
+            };
+        };
+        let password = password.unwrap_or_default();
+        if let Some(secret) = self.users.get(username) {
+            let ok = match secret {
+                Secret::Plain(p) => constant_time_eq(p.as_bytes(), password),
+                Secret::Argon2(phc) => PasswordHash::new(phc)
+                    .map(|h| Argon2::default().verify_password(password, &h).is_ok())
+                    .unwrap_or(false),
+            };
+            if ok {
+                return Ok(Identity::User(username.into()));
+            }
+        }
+        if self.verify_jwt(username, password) {
+            return Ok(Identity::User(username.into()));
+        }
+        Err(Refusal::BadCredentials)
+    }
+
+    /// A token whose `sub` is `username`, unexpired, signed by a key we hold.
+    pub fn verify_jwt(&self, username: &str, token: &[u8]) -> bool {
+        let Ok(token) = std::str::from_utf8(token) else {
+            return false;
+        };
+        self.jwt.iter().any(|j| {
+            let mut v = Validation::new(j.algorithm);
+            v.set_required_spec_claims(&["exp", "sub"]);
+            v.sub = Some(username.to_string());
+            v.leeway = 0;
+            jsonwebtoken::decode::<serde_json::Value>(token, &j.key, &v).is_ok()
+        })
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+struct Rule {
+    /// `None` for `*`.
+    user: Option<String>,
+    topic: String,
+    access: Access,
+}
+
+/// The `[[acl.rules]]`, compiled.
+pub struct Acl {
+    rules: Vec<Rule>,
+    has_deny: bool,
+}
+
+impl Acl {
+    pub fn new(rules: &[AclRule]) -> Acl {
+        Acl {
+            rules: rules
+                .iter()
+                .map(|r| Rule {
+                    user: (r.user != "*").then(|| r.user.clone()),
+                    topic: r.topic.clone(),
+                    access: r.access,
+                })
+                .collect(),
+            has_deny: rules.iter().any(|r| r.access == Access::Deny),
+        }
+    }
+
+    /// The rules that apply to this client, with `%u` and `%c` filled in.
+    /// A rule naming `%u` does not apply to anonymous clients; a rule whose
+    /// substitution would inject a wildcard or a level does not apply.
+    fn applicable<'a>(
+        &'a self,
+        user: Option<&'a str>,
+        client_id: &'a str,
+    ) -> impl Iterator<Item = (String, Access)> + 'a {
+        self.rules.iter().filter_map(move |r| {
+            if let Some(u) = &r.user {
+                if Some(u.as_str()) != user {
+                    return None;
+                }
+            }
+            let mut filter = r.topic.clone();
+            if filter.contains("%u") {
+                let u = user?;
+                filter = filter.replace("%u", u);
+            }
+            if filter.contains("%c") {
+                if client_id.contains(['/', '+', '#']) || client_id.is_empty() {
+                    return None;
+                }
+                filter = filter.replace("%c", client_id);
+            }
+            Some((filter, r.access))
+        })
+    }
+
+    pub fn can_publish(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
+        let mut granted = false;
+        for (filter, access) in self.applicable(user, client_id) {
+            if topic::matches(&filter, topic) {
+                match access {
+                    Access::Deny => return false,
+                    Access::Pub | Access::PubSub => granted = true,
+                    Access::Sub => {}
+                }
+            }
+        }
+        granted
+    }
+
+    /// A subscription is granted when a rule covers every topic it could
+    /// match and no deny rule covers it. A deny rule that covers only part
+    /// of it is enforced per message by [`Acl::can_receive`].
+    pub fn can_subscribe(&self, user: Option<&str>, client_id: &str, filter: &str) -> bool {
+        let mut granted = false;
+        for (rule, access) in self.applicable(user, client_id) {
+            if topic::covers(&rule, filter) {
+                match access {
+                    Access::Deny => return false,
+                    Access::Sub | Access::PubSub => granted = true,
+                    Access::Pub => {}
+                }
+            }
+        }
+        granted
+    }
+
+    /// Delivery-time check: false if a deny rule matches this topic.
+    pub fn can_receive(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
+        if !self.has_deny {
+            return true;
+        }
+        !self
+            .applicable(user, client_id)
+            .any(|(f, a)| a == Access::Deny && topic::matches(&f, topic))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chatmq_config::User;
+
+    fn rule(user: &str, topic: &str, access: Access) -> AclRule {
+        AclRule {
+            user: user.into(),
+            topic: topic.into(),
+            access,
+        }
+    }
+
+    #[test]
+    fn default_deny_and_deny_wins() {
+        let acl = Acl::new(&[
+            rule("*", "sensors/%u/#", Access::PubSub),
+            rule("*", "public/#", Access::Sub),
+            rule("*", "public/secret", Access::Deny),
+            rule("bob", "#", Access::Pub),
+        ]);
+        assert!(acl.can_publish(Some("alice"), "c", "sensors/alice/t"));
+        assert!(!acl.can_publish(Some("alice"), "c", "sensors/bob/t"));
+        assert!(!acl.can_publish(Some("alice"), "c", "public/x"), "sub only");
+        assert!(acl.can_subscribe(Some("alice"), "c", "public/+"));
+        assert!(!acl.can_subscribe(Some("alice"), "c", "public/secret"));
+        assert!(!acl.can_receive(Some("alice"), "c", "public/secret"));
+        assert!(acl.can_receive(Some("alice"), "c", "public/other"));
+        assert!(
+            !acl.can_subscribe(Some("alice"), "c", "sensors/#"),
+            "too broad"
+        );
+        assert!(
+            !acl.can_publish(Some("bob"), "c", "public/secret"),
+            "deny wins"
+        );
+        assert!(acl.can_publish(Some("bob"), "c", "anything"));
+        assert!(
+            !acl.can_publish(None, "c", "sensors/x/t"),
+            "%u never matches anonymous"
+        );
+        assert!(!acl.can_publish(Some("carol"), "c", "other"));
+    }
+
+    #[test]
+    fn client_id_substitution_cannot_inject_wildcards() {
+        let acl = Acl::new(&[rule("*", "clients/%c/#", Access::PubSub)]);
+        assert!(acl.can_subscribe(None, "dev1", "clients/dev1/#"));
+        assert!(!acl.can_subscribe(None, "#", "clients/#/#"));
+        assert!(!acl.can_publish(None, "a/b", "clients/a/b/x"));
+    }
+
+    fn auth(users: Vec<User>, secret: Option<&str>, anon: bool) -> Authenticator {
+        Authenticator::new(&Auth {
+            allow_anonymous: anon,
+            jwt_secret: secret.map(Into::into),
+            jwt_public_key: None,
+            admin_token: None,
+            users,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn static_users_plain_and_argon2() {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let phc = Argon2::default()
+            .hash_password(b"s3cret", &salt)
+            .unwrap()
+            .to_string();
+        let a = auth(
+            vec![
+                User {
+                    name: "alice".into(),
+                    password: "pw".into(),
+                },
+                User {
+                    name: "bob".into(),
+                    password: phc,
+                },
+            ],
+            None,
+            false,
+        );
+        assert_eq!(
+            a.authenticate(Some("alice"), Some(b"pw")),
+            Ok(Identity::User("alice".into()))
+        );
+        assert_eq!(
+            a.authenticate(Some("alice"), Some(b"px")),
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(
+            a.authenticate(Some("bob"), Some(b"s3cret")),
+            Ok(Identity::User("bob".into()))
+        );
+        assert_eq!(
+            a.authenticate(Some("bob"), Some(b"nope")),
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(a.authenticate(None, None), Err(Refusal::NotAuthorized));
+        assert_eq!(
+            a.authenticate(Some("mallory"), Some(b"pw")),
+            Err(Refusal::BadCredentials)
+        );
+    }
+
+    #[test]
+    fn jwt_sub_must_be_the_username_and_exp_is_checked() {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let a = auth(vec![], Some("k"), true);
+        let now = jsonwebtoken::get_current_timestamp();
+        let token = |sub: &str, exp: u64| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": sub, "exp": exp}),
+                &EncodingKey::from_secret(b"k"),
+            )
+            .unwrap()
+        };
+        let good = token("alice", now + 60);
+        assert_eq!(
+            a.authenticate(Some("alice"), Some(good.as_bytes())),
+            Ok(Identity::User("alice".into()))
+        );
+        assert_eq!(
+            a.authenticate(Some("bob"), Some(good.as_bytes())),
+            Err(Refusal::BadCredentials)
+        );
+        let expired = token("alice", now - 10);
+        assert_eq!(
+            a.authenticate(Some("alice"), Some(expired.as_bytes())),
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(a.authenticate(None, None), Ok(Identity::Anonymous));
+    }
+}

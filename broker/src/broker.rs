@@ -1,0 +1,573 @@
+//! The shared state every connection works on: the subscription index,
+//! the sessions by client id, the retained messages, and the store.
+//!
+//! Routing lives here: [`Broker::route`] takes one message to every
+//! matching session, applying subscription options, QoS reduction, No Local
+//! and shared-subscription choice, and collects the writes that make it
+//! durable. Lock order, to stay deadlock-free: the session map, then one
+//! session, then the router; nothing holds the router while taking another
+//! lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use chatmq_config::Settings;
+use chatmq_storage::{Batch, Commit, Store};
+use rumqttc::v5::mqttbytes::QoS;
+use tokio::sync::{oneshot, Notify};
+
+use crate::access::{Acl, Authenticator};
+use crate::clock::now_ms;
+use crate::codec::Protocol;
+use crate::message::{min_qos, Message};
+use crate::router::{Router, SubOptions};
+use crate::session::Session;
+
+/// Why a connection is told to go away by the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Another connection took the client id over (0x8E).
+    TakenOver,
+}
+
+/// The connection currently attached to a session.
+pub struct Link {
+    pub conn_id: u64,
+    kick: oneshot::Sender<Kick>,
+}
+
+/// A will waiting for its delay to pass (MQTT 5 Will Delay Interval).
+pub struct PendingWill {
+    token: u64,
+    message: Message,
+    owner: Option<Arc<str>>,
+}
+
+/// A session and who is attached to it, under one lock.
+pub struct Slot {
+    pub session: Session,
+    pub link: Option<Link>,
+    pending_will: Option<PendingWill>,
+}
+
+/// One client id's session, shared by the broker and its connection.
+pub struct SessionCell {
+    pub client_id: Arc<str>,
+    slot: Mutex<Slot>,
+    /// Woken when the session has something new to send.
+    pub wake: Notify,
+}
+
+impl SessionCell {
+    fn new(session: Session) -> Arc<SessionCell> {
+        Arc::new(SessionCell {
+            client_id: session.client_id.clone(),
+            slot: Mutex::new(Slot {
+                session,
+                link: None,
+                pending_will: None,
+            }),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Locks the session. A poisoned lock (a panic elsewhere) still yields
+    /// the state: the broker keeps serving rather than cascading.
+    pub fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What a CONNECT asks of its session.
+pub struct Attach {
+    pub client_id: Arc<str>,
+    pub owner: Option<Arc<str>>,
+    pub protocol: Protocol,
+    pub clean_start: bool,
+    pub expiry_secs: u32,
+    pub max_inflight: u16,
+    pub conn_id: u64,
+}
+
+/// The result of attaching: the session, whether it existed (Session
+/// Present), and the channel on which a takeover will be announced.
+pub struct Attached {
+    pub cell: Arc<SessionCell>,
+    pub present: bool,
+    pub kicked: oneshot::Receiver<Kick>,
+}
+
+/// Counters exported for operators.
+#[derive(Default)]
+pub struct Metrics {
+    pub connections: AtomicUsize,
+    pub messages_in: AtomicU64,
+    pub messages_dropped: AtomicU64,
+}
+
+pub struct Broker {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub auth: Authenticator,
+    pub acl: Acl,
+    pub metrics: Metrics,
+    router: RwLock<Router>,
+    sessions: Mutex<HashMap<Arc<str>, Arc<SessionCell>>>,
+    retained: RwLock<HashMap<String, Arc<Message>>>,
+    next_id: AtomicU64,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Broker {
+    /// Builds the broker and restores sessions and retained messages.
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        auth: Authenticator,
+    ) -> Result<Arc<Broker>, chatmq_storage::StorageError> {
+        let acl = Acl::new(&settings.acl.rules);
+        let broker = Broker {
+            settings,
+            store,
+            auth,
+            acl,
+            metrics: Metrics::default(),
+            router: RwLock::new(Router::default()),
+            sessions: Mutex::new(HashMap::new()),
+            retained: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        };
+        broker.restore()?;
+        Ok(Arc::new(broker))
+    }
+
+    fn restore(&self) -> Result<(), chatmq_storage::StorageError> {
+        let now = now_ms();
+        let mut sessions = self.lock_sessions();
+        let mut router = write(&self.router);
+        for stored in self.store.load_sessions()? {
+            let mut session = Session::restore(stored, now);
+            session.max_queue = self.settings.mqtt.max_offline_messages;
+            for (filter, options) in &session.subscriptions {
+                router.subscribe(&session.client_id, filter, *options);
+            }
+            sessions.insert(session.client_id.clone(), SessionCell::new(session));
+        }
+        drop(router);
+        drop(sessions);
+        let mut retained = write(&self.retained);
+        for record in self.store.load_retained()? {
+            let m = Message::from_record(record);
+            retained.insert(m.topic.clone(), Arc::new(m));
+        }
+        Ok(())
+    }
+
+    fn lock_sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<SessionCell>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh id for a connection (or a pending will).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn session(&self, client_id: &str) -> Option<Arc<SessionCell>> {
+        self.lock_sessions().get(client_id).cloned()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.lock_sessions().len()
+    }
+
+    /// Attaches a new connection to the session of its client id: resumes
+    /// it, or replaces it when Clean Start is set or it was not persistent.
+    /// A connection already attached is kicked [MQTT-3.1.4-3].
+    pub fn attach(&self, a: Attach, batch: &mut Batch) -> Attached {
+        let (tx, kicked) = oneshot::channel();
+        let link = Link {
+            conn_id: a.conn_id,
+            kick: tx,
+        };
+        let mut ended_will = None;
+        let mut sessions = self.lock_sessions();
+        let existing = sessions.get(&a.client_id).cloned();
+        if let Some(cell) = existing {
+            let mut slot = cell.lock();
+            if let Some(old) = slot.link.take() {
+                let _ = old.kick.send(Kick::TakenOver);
+            }
+            let pending = slot.pending_will.take();
+            if !a.clean_start && slot.session.persistent() {
+                let s = &mut slot.session;
+                s.protocol = a.protocol;
+                s.expiry_secs = a.expiry_secs;
+                s.max_inflight = a.max_inflight;
+                s.connected = true;
+                s.disconnected_at_ms = 0;
+                if s.persistent() {
+                    batch.put_session(&s.client_id, &s.record());
+                } else {
+                    // Resumed as a session that now ends with this connection.
+                    batch.delete_session(&s.client_id);
+                }
+                slot.link = Some(link);
+                drop(slot);
+                return Attached {
+                    cell,
+                    present: true,
+                    kicked,
+                };
+            }
+            // The old session ends here, so does a will waiting on it.
+            ended_will = pending;
+            let filters: Vec<String> = slot.session.subscriptions.keys().cloned().collect();
+            if slot.session.persistent() {
+                batch.delete_session(&slot.session.client_id);
+            }
+            drop(slot);
+            let mut router = write(&self.router);
+            for f in &filters {
+                router.unsubscribe(&a.client_id, f);
+            }
+        }
+        let mut session = Session::new(a.client_id.clone(), a.owner, a.protocol, a.expiry_secs);
+        session.max_inflight = a.max_inflight;
+        session.max_queue = self.settings.mqtt.max_offline_messages;
+        if session.persistent() {
+            batch.put_session(&session.client_id, &session.record());
+        }
+        let cell = SessionCell::new(session);
+        cell.lock().link = Some(link);
+        sessions.insert(a.client_id.clone(), cell.clone());
+        drop(sessions);
+        if let Some(w) = ended_will {
+            self.route_will(w, batch);
+        }
+        Attached {
+            cell,
+            present: false,
+            kicked,
+        }
+    }
+
+    /// The connection `conn_id` has ended. A session that does not outlive
+    /// it is removed; a persistent one waits for its client, with the will
+    /// scheduled if it has a delay. Returns false if the connection no
+    /// longer owned the session (taken over).
+    pub fn detach(
+        self: &Arc<Self>,
+        cell: &Arc<SessionCell>,
+        conn_id: u64,
+        will: Option<(Message, u32)>,
+        batch: &mut Batch,
+    ) -> bool {
+        let mut slot = cell.lock();
+        if slot.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
+            return false;
+        }
+        slot.link = None;
+        let owner = slot.session.owner.clone();
+        slot.session.connected = false;
+        slot.session.disconnected_at_ms = now_ms();
+        if !slot.session.persistent() {
+            let filters: Vec<String> = slot.session.subscriptions.keys().cloned().collect();
+            drop(slot);
+            self.remove_session(cell, &filters);
+            if let Some((message, _)) = will {
+                self.route_will(
+                    PendingWill {
+                        token: 0,
+                        message,
+                        owner,
+                    },
+                    batch,
+                );
+            }
+            return true;
+        }
+        batch.put_session(&cell.client_id, &slot.session.record());
+        match will {
+            Some((message, 0)) => {
+                drop(slot);
+                self.route_will(
+                    PendingWill {
+                        token: 0,
+                        message,
+                        owner,
+                    },
+                    batch,
+                );
+            }
+            Some((message, delay)) => {
+                let token = self.next_id();
+                // A will waits for the delay or the end of the session,
+                // whichever comes first [MQTT-3.1.3-9].
+                let wait = delay.min(slot.session.expiry_secs);
+                slot.pending_will = Some(PendingWill {
+                    token,
+                    message,
+                    owner,
+                });
+                drop(slot);
+                let broker = Arc::clone(self);
+                let cell = Arc::clone(cell);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(wait))).await;
+                    let due = {
+                        let mut slot = cell.lock();
+                        match &slot.pending_will {
+                            Some(w) if w.token == token => slot.pending_will.take(),
+                            _ => None,
+                        }
+                    };
+                    if let Some(w) = due {
+                        let mut batch = Batch::new();
+                        broker.route_will(w, &mut batch);
+                        let _ = broker.store.submit(batch).await;
+                    }
+                });
+            }
+            None => {}
+        }
+        true
+    }
+
+    fn remove_session(&self, cell: &Arc<SessionCell>, filters: &[String]) {
+        let mut sessions = self.lock_sessions();
+        if sessions
+            .get(&cell.client_id)
+            .is_some_and(|c| Arc::ptr_eq(c, cell))
+        {
+            sessions.remove(&cell.client_id);
+            drop(sessions);
+            let mut router = write(&self.router);
+            for f in filters {
+                router.unsubscribe(&cell.client_id, f);
+            }
+        }
+    }
+
+    fn route_will(&self, w: PendingWill, batch: &mut Batch) {
+        let allowed = self.acl.can_publish(
+            w.owner.as_deref(),
+            w.message.publisher.as_deref().unwrap_or(""),
+            &w.message.topic,
+        );
+        if allowed {
+            self.route(Arc::new(w.message), batch);
+        }
+    }
+
+    /// Removes persistent sessions whose expiry has passed; a will waiting
+    /// on one is published [MQTT-3.1.2-8]. Returns how many were removed.
+    pub fn expire_sessions(&self, now_ms: u64) -> usize {
+        let mut expired = Vec::new();
+        {
+            let sessions = self.lock_sessions();
+            for cell in sessions.values() {
+                let slot = cell.lock();
+                let s = &slot.session;
+                if !s.connected
+                    && slot.link.is_none()
+                    && now_ms >= s.disconnected_at_ms + u64::from(s.expiry_secs) * 1000
+                {
+                    expired.push(cell.clone());
+                }
+            }
+        }
+        let mut batch = Batch::new();
+        for cell in &expired {
+            let (filters, will) = {
+                let mut slot = cell.lock();
+                if slot.link.is_some() {
+                    continue; // resumed meanwhile
+                }
+                (
+                    slot.session
+                        .subscriptions
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                    slot.pending_will.take(),
+                )
+            };
+            self.remove_session(cell, &filters);
+            batch.delete_session(&cell.client_id);
+            if let Some(w) = will {
+                self.route_will(w, &mut batch);
+            }
+        }
+        if !batch.is_empty() {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let _ = store.submit(batch).await;
+            });
+        }
+        expired.len()
+    }
+
+    /// Adds subscriptions to the index.
+    pub fn index_subscription(&self, client_id: &Arc<str>, filter: &str, options: SubOptions) {
+        write(&self.router).subscribe(client_id, filter, options);
+    }
+
+    pub fn unindex_subscription(&self, client_id: &str, filter: &str) -> bool {
+        write(&self.router).unsubscribe(client_id, filter)
+    }
+
+    /// The retained messages a new subscription to `filter` gets.
+    pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
+        let now = now_ms();
+        read(&self.retained)
+            .values()
+            .filter(|m| crate::topic::matches(filter, &m.topic) && !m.is_expired(now))
+            .cloned()
+            .collect()
+    }
+
+    /// Takes `msg` to every session subscribed to its topic, and keeps it
+    /// as the retained message of the topic if it asks to be
+    /// [MQTT-3.3.1-5], [MQTT-3.3.1-10]. Durable effects go into `batch`.
+    pub fn route(&self, msg: Arc<Message>, batch: &mut Batch) {
+        self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+        if msg.retain {
+            let mut retained = write(&self.retained);
+            if msg.payload.is_empty() {
+                if retained.remove(&msg.topic).is_some() {
+                    batch.delete_retained(&msg.topic);
+                }
+            } else {
+                let mut kept = (*msg).clone();
+                kept.publisher = None;
+                batch.put_retained(&kept.to_record());
+                retained.insert(msg.topic.clone(), Arc::new(kept));
+            }
+        }
+
+        // One delivery per client, at the highest QoS of its matching
+        // subscriptions, with all their identifiers [MQTT-3.3.5-1].
+        struct Target {
+            qos: QoS,
+            retain_as_published: bool,
+            sub_ids: Vec<u32>,
+        }
+        let mut direct: HashMap<Arc<str>, Target> = HashMap::new();
+        let mut shared: Vec<(Vec<(Arc<str>, SubOptions)>, usize)> = Vec::new();
+        {
+            let router = read(&self.router);
+            let publisher = msg.publisher.as_deref();
+            router.for_each_match(
+                &msg.topic,
+                &mut |client, o| {
+                    if o.no_local && publisher == Some(&**client) {
+                        return; // [MQTT-3.8.3-3]
+                    }
+                    let t = direct.entry(client.clone()).or_insert(Target {
+                        qos: QoS::AtMostOnce,
+                        retain_as_published: false,
+                        sub_ids: Vec::new(),
+                    });
+                    if (o.qos as u8) > (t.qos as u8) {
+                        t.qos = o.qos;
+                    }
+                    t.retain_as_published |= o.retain_as_published;
+                    if o.identifier != 0 {
+                        t.sub_ids.push(o.identifier);
+                    }
+                },
+                &mut |m| shared.push((m.members.to_vec(), m.start)),
+            );
+        }
+        if direct.is_empty() && shared.is_empty() {
+            return;
+        }
+        let sessions = self.lock_sessions();
+        let mut targets = Vec::with_capacity(direct.len() + shared.len());
+        for (client, t) in direct {
+            if let Some(cell) = sessions.get(&client) {
+                targets.push((cell.clone(), t.qos, t.retain_as_published, t.sub_ids));
+            }
+        }
+        for (members, start) in shared {
+            // Prefer a connected member, starting from the rotating index.
+            let n = members.len();
+            let pick = (0..n)
+                .map(|i| &members[(start + i) % n])
+                .find(|(c, _)| {
+                    sessions
+                        .get(c)
+                        .is_some_and(|cell| cell.lock().link.is_some())
+                })
+                .unwrap_or(&members[start % n]);
+            if let Some(cell) = sessions.get(&pick.0) {
+                let o = pick.1;
+                let ids = if o.identifier != 0 {
+                    vec![o.identifier]
+                } else {
+                    vec![]
+                };
+                targets.push((cell.clone(), o.qos, o.retain_as_published, ids));
+            }
+        }
+        drop(sessions);
+        for (cell, sub_qos, rap, ids) in targets {
+            let mut slot = cell.lock();
+            let s = &mut slot.session;
+            if !self
+                .acl
+                .can_receive(s.owner.as_deref(), &s.client_id, &msg.topic)
+            {
+                continue;
+            }
+            let before = s.dropped;
+            // Retain is cleared on normal delivery unless Retain As
+            // Published [MQTT-3.3.1-12], [MQTT-3.3.1-13].
+            s.enqueue(
+                msg.clone(),
+                min_qos(msg.qos, sub_qos),
+                rap && msg.retain,
+                ids,
+                batch,
+            );
+            let dropped = s.dropped - before;
+            let connected = slot.link.is_some();
+            drop(slot);
+            if dropped > 0 {
+                self.metrics
+                    .messages_dropped
+                    .fetch_add(dropped, Ordering::Relaxed);
+            }
+            if connected {
+                cell.wake.notify_one();
+            }
+        }
+    }
+
+    /// Routes one message and submits its writes; the returned commit
+    /// resolves when they are durable.
+    pub async fn publish(&self, msg: Message) -> Commit {
+        let mut batch = Batch::new();
+        self.route(Arc::new(msg), &mut batch);
+        self.store.submit(batch).await
+    }
+
+    /// Kicks every connection (shutdown) by dropping their links: each
+    /// connection's shutdown signal does the rest.
+    pub fn connected_sessions(&self) -> Vec<Arc<SessionCell>> {
+        self.lock_sessions()
+            .values()
+            .filter(|c| c.lock().link.is_some())
+            .cloned()
+            .collect()
+    }
+}

@@ -1,0 +1,688 @@
+//! The per-connection protocol state machine (MQTT 3.1 to 3.14).
+//!
+//! A channel takes decoded packets and produces the packets to send back,
+//! some of them only after a storage commit (an ack means on disk). It
+//! owns the connection's protocol state: the negotiated version and limits,
+//! the will, topic aliases, keepalive. It never touches a socket, so the
+//! protocol can be tested with packets alone; `connection.rs` does the I/O.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use chatmq_storage::{Batch, Commit};
+use rumqttc::v5::mqttbytes::v5::*;
+use rumqttc::v5::mqttbytes::QoS;
+use tokio::sync::oneshot;
+
+use crate::access::{Identity, Refusal};
+use crate::broker::{Attach, Broker, Kick, SessionCell};
+use crate::clock::now_ms;
+use crate::codec::Protocol;
+use crate::message::{min_qos, Message};
+use crate::router::SubOptions;
+use crate::topic::{parse_shared, valid_filter, valid_topic};
+
+/// A packet to write, now or once its writes are durable.
+pub enum Out {
+    Now(Packet),
+    AfterCommit(Commit, Packet),
+}
+
+/// How a connection ends: the DISCONNECT reason an MQTT 5 client is told
+/// (`None`: just close), and whether the will is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    pub reason: Option<DisconnectReasonCode>,
+    pub will: bool,
+}
+
+impl Close {
+    /// A protocol violation by the client: tell it why (MQTT 5), publish its will.
+    pub fn violation(reason: DisconnectReasonCode) -> Close {
+        Close {
+            reason: Some(reason),
+            will: true,
+        }
+    }
+    /// The client said DISCONNECT.
+    fn by_client(will: bool) -> Close {
+        Close { reason: None, will }
+    }
+    /// Refused at CONNECT: the CONNACK said why.
+    fn refused() -> Close {
+        Close {
+            reason: None,
+            will: false,
+        }
+    }
+}
+
+/// The largest packet we accept: the payload limit plus room for the
+/// longest topic and properties.
+pub fn max_packet_size(max_payload: usize) -> usize {
+    (max_payload + 65_536 + 1_024).min(268_435_460)
+}
+
+pub struct Channel {
+    broker: Arc<Broker>,
+    pub conn_id: u64,
+    pub protocol: Protocol,
+    client_id: Arc<str>,
+    identity: Identity,
+    cell: Option<Arc<SessionCell>>,
+    /// The will and its delay in seconds.
+    will: Option<(Message, u32)>,
+    /// The keepalive in force, seconds; 0 = none.
+    pub keep_alive: u16,
+    aliases: HashMap<u16, String>,
+    /// The client's Maximum Packet Size: larger packets are not sent to it.
+    pub client_max_packet: Option<u32>,
+    /// Incoming QoS 1 PUBLISHes whose PUBACK is not yet sent.
+    unacked_qos1: usize,
+    out: Vec<Out>,
+}
+
+impl Channel {
+    pub fn new(broker: Arc<Broker>, conn_id: u64) -> Channel {
+        Channel {
+            broker,
+            conn_id,
+            protocol: Protocol::V4,
+            client_id: "".into(),
+            identity: Identity::Anonymous,
+            cell: None,
+            will: None,
+            keep_alive: 0,
+            aliases: HashMap::new(),
+            client_max_packet: None,
+            unacked_qos1: 0,
+            out: Vec::new(),
+        }
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    pub fn take_output(&mut self) -> Vec<Out> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn send(&mut self, p: Packet) {
+        self.out.push(Out::Now(p));
+    }
+
+    fn refuse_connect(&mut self, code: ConnectReturnCode) -> Close {
+        self.send(Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+            properties: None,
+        }));
+        Close::refused()
+    }
+
+    /// Handles CONNECT once authentication has run. On success the
+    /// CONNACK and any resent messages are queued, and the receiver that
+    /// announces a takeover is returned.
+    pub async fn connect(
+        &mut self,
+        protocol: Protocol,
+        connect: Connect,
+        will: Option<LastWill>,
+        auth: Result<Identity, Refusal>,
+    ) -> Result<oneshot::Receiver<Kick>, Close> {
+        use ConnectReturnCode as Rc;
+        self.protocol = protocol;
+        let settings = self.broker.settings.clone();
+        let mqtt = &settings.mqtt;
+        let props = connect
+            .properties
+            .clone()
+            .unwrap_or_else(empty_connect_props);
+
+        let mut assigned = None;
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            // [MQTT-3.1.3-8] 3.1.1 refuses an empty id for a persistent session.
+            if protocol == Protocol::V4 && !connect.clean_start {
+                return Err(self.refuse_connect(Rc::ClientIdentifierNotValid));
+            }
+            let id = format!("auto-{:x}-{:x}", now_ms(), self.broker.next_id());
+            assigned = Some(id.clone());
+            id.into()
+        } else {
+            connect.client_id.as_str().into()
+        };
+
+        let identity = match auth {
+            Ok(i) => i,
+            Err(Refusal::BadCredentials) => {
+                return Err(self.refuse_connect(Rc::BadUserNamePassword))
+            }
+            Err(Refusal::NotAuthorized) => return Err(self.refuse_connect(Rc::NotAuthorized)),
+        };
+
+        if self.broker.metrics.connections.load(Ordering::Relaxed) > mqtt.max_connections {
+            return Err(self.refuse_connect(Rc::ServerUnavailable));
+        }
+
+        let mut batch = Batch::new();
+        if let Identity::User(user) = &identity {
+            // A client id belongs to the user who first used it.
+            match self.broker.store.client_owner(&client_id) {
+                Ok(Some(owner)) if owner != **user => {
+                    return Err(self.refuse_connect(Rc::NotAuthorized))
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => batch.put_client_owner(&client_id, user),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read client owner");
+                    return Err(self.refuse_connect(Rc::ServerUnavailable));
+                }
+            }
+        }
+
+        if let Some(w) = will {
+            let topic = match String::from_utf8(w.topic.to_vec()) {
+                Ok(t) if valid_topic(&t) => t,
+                _ => return Err(self.refuse_connect(Rc::TopicNameInvalid)),
+            };
+            if w.message.len() > mqtt.max_payload {
+                return Err(self.refuse_connect(Rc::PacketTooLarge));
+            }
+            let delay = w
+                .properties
+                .as_ref()
+                .and_then(|p| p.delay_interval)
+                .unwrap_or(0);
+            let publish = Publish {
+                dup: false,
+                qos: w.qos,
+                retain: w.retain,
+                topic: w.topic.clone(),
+                pkid: 0,
+                payload: w.message.clone(),
+                properties: w.properties.map(|p| PublishProperties {
+                    payload_format_indicator: p.payload_format_indicator,
+                    message_expiry_interval: p.message_expiry_interval,
+                    topic_alias: None,
+                    response_topic: p.response_topic,
+                    correlation_data: p.correlation_data,
+                    user_properties: p.user_properties,
+                    subscription_identifiers: vec![],
+                    content_type: p.content_type,
+                }),
+            };
+            self.will = Some((
+                Message::from_publish(topic, &publish, Some(client_id.clone())),
+                delay,
+            ));
+        }
+
+        let expiry_secs = match protocol {
+            Protocol::V4 if connect.clean_start => 0,
+            Protocol::V4 => mqtt.session_expiry_max,
+            Protocol::V5 => props.session_expiry_interval.unwrap_or(0),
+        };
+        let capped_expiry = expiry_secs.min(mqtt.session_expiry_max);
+        let max_inflight = props
+            .receive_maximum
+            .unwrap_or(u16::MAX)
+            .min(mqtt.max_inflight)
+            .max(1);
+        self.client_max_packet = props.max_packet_size;
+
+        let mut server_keep_alive = None;
+        self.keep_alive = connect.keep_alive;
+        if protocol == Protocol::V5
+            && (connect.keep_alive == 0 || connect.keep_alive > mqtt.keepalive_max)
+        {
+            self.keep_alive = mqtt.keepalive_max;
+            server_keep_alive = Some(mqtt.keepalive_max);
+        }
+
+        let attached = self.broker.attach(
+            Attach {
+                client_id: client_id.clone(),
+                owner: identity.user().cloned(),
+                protocol,
+                clean_start: connect.clean_start,
+                expiry_secs: capped_expiry,
+                max_inflight,
+                conn_id: self.conn_id,
+            },
+            &mut batch,
+        );
+        self.client_id = client_id;
+        self.identity = identity;
+        self.cell = Some(attached.cell.clone());
+        // The session and the client id's owner are on disk before CONNACK.
+        if let Err(e) = self.broker.store.write(batch).await {
+            tracing::error!(error = %e, "cannot persist the session");
+            return Err(self.refuse_connect(Rc::ServerUnavailable));
+        }
+
+        let properties = (protocol == Protocol::V5).then(|| ConnAckProperties {
+            session_expiry_interval: (capped_expiry != expiry_secs).then_some(capped_expiry),
+            receive_max: Some(mqtt.max_inflight),
+            max_qos: None,
+            retain_available: Some(1),
+            max_packet_size: Some(max_packet_size(mqtt.max_payload) as u32),
+            assigned_client_identifier: assigned,
+            topic_alias_max: Some(mqtt.topic_alias_max),
+            reason_string: None,
+            user_properties: vec![],
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(1),
+            shared_subscription_available: Some(1),
+            server_keep_alive,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        self.send(Packet::ConnAck(ConnAck {
+            // [MQTT-3.2.2-2] Clean Start always answers Session Present 0.
+            session_present: attached.present && !connect.clean_start,
+            code: Rc::Success,
+            properties,
+        }));
+        if attached.present {
+            let mut resend = Vec::new();
+            attached.cell.lock().session.resend(&mut resend);
+            for p in resend {
+                self.send(p);
+            }
+        }
+        Ok(attached.kicked)
+    }
+
+    /// Handles one packet after CONNECT.
+    pub async fn handle(&mut self, packet: Packet) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(p) => self.publish(p).await,
+            Packet::PubAck(a) => {
+                self.settle(|s, b| {
+                    s.puback(a.pkid, b);
+                })
+                .await;
+                Ok(())
+            }
+            Packet::PubRec(a) => {
+                let mut known = false;
+                self.settle(|s, b| known = s.pubrec(a.pkid, b)).await;
+                let mut rel = PubRel::new(a.pkid, None);
+                if !known && self.protocol == Protocol::V5 {
+                    rel.reason = PubRelReason::PacketIdentifierNotFound;
+                }
+                self.send(Packet::PubRel(rel));
+                Ok(())
+            }
+            Packet::PubComp(a) => {
+                self.settle(|s, b| {
+                    s.pubcomp(a.pkid, b);
+                })
+                .await;
+                Ok(())
+            }
+            Packet::PubRel(r) => {
+                let mut known = false;
+                self.settle(|s, b| known = s.release_inbound(r.pkid, b))
+                    .await;
+                let mut comp = PubComp::new(r.pkid, None);
+                if !known && self.protocol == Protocol::V5 {
+                    comp.reason = PubCompReason::PacketIdentifierNotFound;
+                }
+                self.send(Packet::PubComp(comp));
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.subscribe(s).await,
+            Packet::Unsubscribe(u) => self.unsubscribe(u).await,
+            Packet::PingReq(_) => {
+                self.send(Packet::PingResp(PingResp));
+                Ok(())
+            }
+            Packet::Disconnect(d) => self.disconnect(d),
+            // The decoder lets nothing else through after CONNECT.
+            _ => Err(Close::violation(DisconnectReasonCode::ProtocolError)),
+        }
+    }
+
+    /// Applies an ack to the session and writes what it changed.
+    async fn settle(&mut self, f: impl FnOnce(&mut crate::session::Session, &mut Batch)) {
+        let Some(cell) = &self.cell else { return };
+        let mut batch = Batch::new();
+        f(&mut cell.lock().session, &mut batch);
+        // Acks need not wait: the worst a crash does is resend (DUP).
+        drop(self.broker.store.submit(batch).await);
+    }
+
+    fn refuse_publish(&mut self, p: &Publish, v5_code: PubAckReason) {
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                let mut ack = PubAck::new(p.pkid, None);
+                if self.protocol == Protocol::V5 {
+                    ack.reason = v5_code;
+                }
+                self.send(Packet::PubAck(ack));
+            }
+            QoS::ExactlyOnce => {
+                let mut rec = PubRec::new(p.pkid, None);
+                if self.protocol == Protocol::V5 {
+                    rec.reason = match v5_code {
+                        PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+                        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
+                        PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
+                        PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
+                        _ => PubRecReason::UnspecifiedError,
+                    };
+                }
+                self.send(Packet::PubRec(rec));
+            }
+        }
+    }
+
+    async fn publish(&mut self, mut p: Publish) -> Result<(), Close> {
+        let mqtt = &self.broker.settings.mqtt;
+        let alias = p.properties.as_mut().and_then(|pp| pp.topic_alias.take());
+        if let Some(alias) = alias {
+            if alias == 0 || alias > mqtt.topic_alias_max {
+                return Err(Close::violation(DisconnectReasonCode::TopicAliasInvalid));
+            }
+            if p.topic.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone().into_bytes().into(),
+                    None => return Err(Close::violation(DisconnectReasonCode::ProtocolError)),
+                }
+            } else if let Ok(t) = std::str::from_utf8(&p.topic) {
+                self.aliases.insert(alias, t.to_string());
+            }
+        }
+        let topic = match std::str::from_utf8(&p.topic) {
+            Ok(t) => t.to_string(),
+            Err(_) => return Err(Close::violation(DisconnectReasonCode::MalformedPacket)),
+        };
+        if !valid_topic(&topic) {
+            return Err(Close::violation(DisconnectReasonCode::TopicNameInvalid));
+        }
+        let cell = self
+            .cell
+            .clone()
+            .ok_or(Close::violation(DisconnectReasonCode::ProtocolError))?;
+        if p.qos != QoS::AtMostOnce && self.protocol == Protocol::V5 {
+            let in_flight = self.unacked_qos1 + cell.lock().session.inbound_len();
+            if in_flight >= usize::from(mqtt.max_inflight) {
+                return Err(Close::violation(
+                    DisconnectReasonCode::ReceiveMaximumExceeded,
+                ));
+            }
+        }
+        if p.payload.len() > mqtt.max_payload {
+            self.refuse_publish(&p, PubAckReason::QuotaExceeded);
+            return Ok(());
+        }
+        // [MQTT-3.3.2-4] a payload marked UTF-8 must be UTF-8.
+        let utf8_marked = p
+            .properties
+            .as_ref()
+            .and_then(|pp| pp.payload_format_indicator)
+            == Some(1);
+        if utf8_marked && std::str::from_utf8(&p.payload).is_err() {
+            self.refuse_publish(&p, PubAckReason::PayloadFormatInvalid);
+            return Ok(());
+        }
+        let user = self.identity.user().map(|u| &**u);
+        if !self.broker.acl.can_publish(user, &self.client_id, &topic) {
+            self.refuse_publish(&p, PubAckReason::NotAuthorized);
+            return Ok(());
+        }
+
+        let msg = Message::from_publish(topic, &p, Some(self.client_id.clone()));
+        let mut batch = Batch::new();
+        match p.qos {
+            QoS::AtMostOnce => {
+                self.broker.route(Arc::new(msg), &mut batch);
+                drop(self.broker.store.submit(batch).await);
+            }
+            QoS::AtLeastOnce => {
+                self.broker.route(Arc::new(msg), &mut batch);
+                let commit = self.broker.store.submit(batch).await;
+                self.unacked_qos1 += 1;
+                self.out.push(Out::AfterCommit(
+                    commit,
+                    Packet::PubAck(PubAck::new(p.pkid, None)),
+                ));
+            }
+            QoS::ExactlyOnce => {
+                // A resent QoS 2 PUBLISH is acknowledged, not routed again.
+                let new = cell.lock().session.accept_inbound(p.pkid, &mut batch);
+                if new {
+                    self.broker.route(Arc::new(msg), &mut batch);
+                }
+                let commit = self.broker.store.submit(batch).await;
+                self.out.push(Out::AfterCommit(
+                    commit,
+                    Packet::PubRec(PubRec::new(p.pkid, None)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection wrote a PUBACK that waited for a commit.
+    pub fn puback_sent(&mut self) {
+        self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
+    }
+
+    async fn subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
+        use SubscribeReasonCode as Rc;
+        let identifier = s.properties.as_ref().and_then(|p| p.id).unwrap_or(0);
+        if s.properties.as_ref().and_then(|p| p.id) == Some(0) || identifier > 268_435_455 {
+            return Err(Close::violation(DisconnectReasonCode::ProtocolError));
+        }
+        let cell = self
+            .cell
+            .clone()
+            .ok_or(Close::violation(DisconnectReasonCode::ProtocolError))?;
+        let mqtt = &self.broker.settings.mqtt;
+        let user = self.identity.user().cloned();
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut batch = Batch::new();
+        {
+            let mut slot = cell.lock();
+            let session = &mut slot.session;
+            for f in &s.filters {
+                let (inner, shared) = match parse_shared(&f.path) {
+                    Some(Ok((_, inner))) => (inner, true),
+                    Some(Err(())) => {
+                        codes.push(Rc::TopicFilterInvalid);
+                        continue;
+                    }
+                    None => (f.path.as_str(), false),
+                };
+                if !valid_filter(inner) {
+                    codes.push(Rc::TopicFilterInvalid);
+                    continue;
+                }
+                if shared && f.nolocal {
+                    // [MQTT-3.8.3-4]
+                    return Err(Close::violation(DisconnectReasonCode::ProtocolError));
+                }
+                if !self
+                    .broker
+                    .acl
+                    .can_subscribe(user.as_deref(), &self.client_id, inner)
+                {
+                    codes.push(Rc::NotAuthorized);
+                    continue;
+                }
+                let existed = session.subscriptions.contains_key(&f.path);
+                if !existed && session.subscriptions.len() >= mqtt.max_subscriptions {
+                    codes.push(Rc::QuotaExceeded);
+                    continue;
+                }
+                let options = SubOptions {
+                    qos: f.qos,
+                    no_local: f.nolocal,
+                    retain_as_published: f.preserve_retain,
+                    retain_handling: match f.retain_forward_rule {
+                        RetainForwardRule::OnEverySubscribe => 0,
+                        RetainForwardRule::OnNewSubscribe => 1,
+                        RetainForwardRule::Never => 2,
+                    },
+                    identifier: identifier as u32,
+                };
+                session.subscriptions.insert(f.path.clone(), options);
+                // Indexed under the session lock: a message published now
+                // queues behind the retained ones below.
+                self.broker
+                    .index_subscription(&self.client_id, &f.path, options);
+                let send_retained = !shared
+                    && match options.retain_handling {
+                        0 => true,
+                        1 => !existed,
+                        _ => false,
+                    };
+                if send_retained {
+                    let ids = if identifier != 0 {
+                        vec![identifier as u32]
+                    } else {
+                        vec![]
+                    };
+                    for m in self.broker.retained_for(inner) {
+                        if self
+                            .broker
+                            .acl
+                            .can_receive(user.as_deref(), &self.client_id, &m.topic)
+                        {
+                            // [MQTT-3.3.1-8] retained on subscribe keep RETAIN set.
+                            session.enqueue(
+                                m.clone(),
+                                min_qos(m.qos, f.qos),
+                                true,
+                                ids.clone(),
+                                &mut batch,
+                            );
+                        }
+                    }
+                }
+                codes.push(Rc::Success(f.qos));
+            }
+            if session.persistent() {
+                batch.put_session(&session.client_id, &session.record());
+            }
+        }
+        // The subscription is on disk before SUBACK promises it.
+        if let Err(e) = self.broker.store.write(batch).await {
+            tracing::error!(error = %e, "cannot persist subscription");
+            return Err(Close::violation(DisconnectReasonCode::UnspecifiedError));
+        }
+        self.send(Packet::SubAck(SubAck {
+            pkid: s.pkid,
+            return_codes: codes,
+            properties: None,
+        }));
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
+        let cell = self
+            .cell
+            .clone()
+            .ok_or(Close::violation(DisconnectReasonCode::ProtocolError))?;
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        let mut batch = Batch::new();
+        {
+            let mut slot = cell.lock();
+            let session = &mut slot.session;
+            for f in &u.filters {
+                if session.subscriptions.remove(f).is_some() {
+                    self.broker.unindex_subscription(&self.client_id, f);
+                    reasons.push(UnsubAckReason::Success);
+                } else if parse_shared(f).is_none() && !valid_filter(f) {
+                    reasons.push(UnsubAckReason::TopicFilterInvalid);
+                } else {
+                    reasons.push(UnsubAckReason::NoSubscriptionExisted);
+                }
+            }
+            if session.persistent() {
+                batch.put_session(&session.client_id, &session.record());
+            }
+        }
+        if let Err(e) = self.broker.store.write(batch).await {
+            tracing::error!(error = %e, "cannot persist unsubscribe");
+        }
+        self.send(Packet::UnsubAck(UnsubAck {
+            pkid: u.pkid,
+            reasons,
+            properties: None,
+        }));
+        Ok(())
+    }
+
+    fn disconnect(&mut self, d: Disconnect) -> Result<(), Close> {
+        if let Some(expiry) = d
+            .properties
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+        {
+            if let Some(cell) = &self.cell {
+                let mut slot = cell.lock();
+                // [MQTT-3.14.2-2] a session that ends with its connection
+                // cannot be made persistent at DISCONNECT.
+                if slot.session.expiry_secs == 0 && expiry != 0 {
+                    return Err(Close::violation(DisconnectReasonCode::ProtocolError));
+                }
+                slot.session.expiry_secs = expiry.min(self.broker.settings.mqtt.session_expiry_max);
+            }
+        }
+        // [MQTT-3.14.4-3] a normal DISCONNECT discards the will; 0x04 keeps it.
+        Err(Close::by_client(
+            d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+        ))
+    }
+
+    /// Moves what the session may send now into `packets`.
+    pub async fn poll_deliveries(&mut self, packets: &mut Vec<Packet>) {
+        let Some(cell) = &self.cell else { return };
+        let mut batch = Batch::new();
+        cell.lock().session.poll_send(now_ms(), packets, &mut batch);
+        if !batch.is_empty() {
+            drop(self.broker.store.submit(batch).await);
+        }
+    }
+
+    /// A PUBLISH too large for the client was discarded: it counts as
+    /// delivered [MQTT-3.1.2-25].
+    pub async fn discarded(&mut self, pkid: u16) {
+        self.settle(|s, b| s.forget(pkid, b)).await;
+    }
+
+    /// The connection is gone: release the session, publish the will if due.
+    pub async fn close(&mut self, close: Close) {
+        let Some(cell) = self.cell.take() else { return };
+        let will = if close.will { self.will.take() } else { None };
+        let mut batch = Batch::new();
+        self.broker.detach(&cell, self.conn_id, will, &mut batch);
+        drop(self.broker.store.submit(batch).await);
+    }
+
+    pub fn session(&self) -> Option<&Arc<SessionCell>> {
+        self.cell.as_ref()
+    }
+}
+
+fn empty_connect_props() -> ConnectProperties {
+    ConnectProperties {
+        session_expiry_interval: None,
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: vec![],
+        authentication_method: None,
+        authentication_data: None,
+    }
+}

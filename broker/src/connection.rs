@@ -1,0 +1,269 @@
+//! Socket I/O for one client: read bytes, decode packets, hand them to the
+//! channel, write what it answers and what the session has to deliver.
+//!
+//! Generic over the byte stream, so TCP, TLS and WebSocket connections are
+//! served by the same code. Acks that wait for a commit are written in the
+//! order their packets arrived [MQTT-4.6.0-2]. Malformed input closes this
+//! connection only.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use chatmq_storage::Commit;
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::broker::{Broker, Kick};
+use crate::channel::{max_packet_size, Channel, Close, Out};
+use crate::codec::{self, DecodeError, Protocol};
+
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Serves one client connection until it ends.
+pub async fn serve<S>(stream: S, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    broker.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    let mut conn = Connection {
+        channel: Channel::new(broker.clone(), broker.next_id()),
+        max_in: max_packet_size(broker.settings.mqtt.max_payload),
+        inbuf: BytesMut::with_capacity(READ_CHUNK),
+        outbuf: BytesMut::with_capacity(READ_CHUNK),
+        pending: VecDeque::new(),
+        protocol: None,
+    };
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let close = conn.run(&mut rd, &mut wr, &broker, shutdown).await;
+    if let Some(close) = close {
+        if let (Some(reason), Some(Protocol::V5)) = (close.reason, conn.protocol) {
+            conn.outbuf.clear();
+            let d = Packet::Disconnect(Disconnect::new(reason));
+            codec::encode(
+                &d,
+                Protocol::V5,
+                &mut conn.outbuf,
+                conn.channel.client_max_packet,
+            );
+        }
+        if !conn.outbuf.is_empty() {
+            let _ = timeout(Duration::from_secs(1), wr.write_all(&conn.outbuf)).await;
+        }
+        let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
+        conn.channel.close(close).await;
+    }
+    broker.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+struct Connection {
+    channel: Channel,
+    max_in: usize,
+    inbuf: BytesMut,
+    outbuf: BytesMut,
+    /// Acks waiting for their commit, oldest first.
+    pending: VecDeque<(Commit, Packet)>,
+    protocol: Option<Protocol>,
+}
+
+impl Connection {
+    /// Runs the connection; returns how it ended (`None` if it never got
+    /// past CONNECT and there is nothing to clean up beyond the socket).
+    async fn run<R, W>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        broker: &Arc<Broker>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Option<Close>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let connect_timeout = Duration::from_secs(broker.settings.mqtt.connect_timeout_secs);
+        let first = match timeout(connect_timeout, self.read_connect(rd)).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Err(DecodeError::UnsupportedProtocol(_))) => {
+                // [MQTT-3.1.2-2] answer 0x01 in the 3.1.1 form, then close.
+                let refuse = Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    code: ConnectReturnCode::UnsupportedProtocolVersion,
+                    properties: None,
+                });
+                codec::encode(&refuse, Protocol::V4, &mut self.outbuf, None);
+                return Some(Close {
+                    reason: None,
+                    will: false,
+                });
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "bad CONNECT");
+                return None;
+            }
+            Ok(Ok(None)) | Err(_) => return None,
+        };
+        let (protocol, Packet::Connect(connect, will, login)) = first else {
+            return None;
+        };
+        self.protocol = Some(protocol);
+        let auth = {
+            let broker = broker.clone();
+            let (user, pass) = match login {
+                Some(l) => (Some(l.username), Some(l.password)),
+                None => (None, None),
+            };
+            tokio::task::spawn_blocking(move || {
+                broker
+                    .auth
+                    .authenticate(user.as_deref(), pass.as_deref().map(str::as_bytes))
+            })
+            .await
+            .unwrap_or(Err(crate::access::Refusal::NotAuthorized))
+        };
+        let mut kicked = match self.channel.connect(protocol, connect, will, auth).await {
+            Ok(k) => Some(k),
+            Err(close) => {
+                self.encode_output();
+                return Some(close);
+            }
+        };
+        let keep_alive = u64::from(self.channel.keep_alive);
+        // [MQTT-3.1.2-24] one and a half keepalive periods without a packet.
+        let idle = (keep_alive > 0).then(|| Duration::from_millis(keep_alive * 1500));
+        let mut deadline = idle.map(|d| Instant::now() + d);
+        let wake = self.channel.session().cloned();
+
+        loop {
+            self.encode_output();
+            let mut deliveries = Vec::new();
+            self.channel.poll_deliveries(&mut deliveries).await;
+            for p in deliveries {
+                self.encode(p).await;
+            }
+            if !self.outbuf.is_empty() {
+                if wr.write_all(&self.outbuf).await.is_err() {
+                    return Some(Close {
+                        reason: None,
+                        will: true,
+                    });
+                }
+                self.outbuf.clear();
+            }
+            if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 4 {
+                self.inbuf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    return Some(Close { reason: Some(DisconnectReasonCode::ServerShuttingDown), will: false });
+                }
+                k = async { match kicked.as_mut() { Some(k) => k.await, None => std::future::pending().await } } => {
+                    match k {
+                        Ok(Kick::TakenOver) => {
+                            return Some(Close { reason: Some(DisconnectReasonCode::SessionTakenOver), will: true });
+                        }
+                        Err(_) => kicked = None,
+                    }
+                }
+                done = async { match self.pending.front_mut() { Some((c, _)) => c.await, None => std::future::pending().await } } => {
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "commit failed; closing so the client resends");
+                        return Some(Close { reason: Some(DisconnectReasonCode::UnspecifiedError), will: false });
+                    }
+                    if let Some((_, ack)) = self.pending.pop_front() {
+                        if matches!(ack, Packet::PubAck(_)) {
+                            self.channel.puback_sent();
+                        }
+                        self.encode(ack).await;
+                    }
+                }
+                _ = async { match &wake { Some(c) => c.wake.notified().await, None => std::future::pending().await } } => {}
+                _ = async { match deadline { Some(d) => sleep_until(d).await, None => std::future::pending().await } } => {
+                    return Some(Close::violation(DisconnectReasonCode::KeepAliveTimeout));
+                }
+                read = rd.read_buf(&mut self.inbuf) => {
+                    match read {
+                        Ok(0) | Err(_) => return Some(Close { reason: None, will: true }),
+                        Ok(_) => {}
+                    }
+                    deadline = idle.map(|d| Instant::now() + d);
+                    loop {
+                        match codec::decode(&mut self.inbuf, Some(protocol), self.max_in) {
+                            Ok(Some((_, packet))) => {
+                                if let Err(close) = self.channel.handle(packet).await {
+                                    self.encode_output();
+                                    return Some(close);
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!(client = self.channel.client_id(), error = %e, "closing");
+                                self.encode_output();
+                                return Some(Close::violation(match e {
+                                    DecodeError::TooLarge { .. } => DisconnectReasonCode::PacketTooLarge,
+                                    DecodeError::Protocol(_) => DisconnectReasonCode::ProtocolError,
+                                    _ => DisconnectReasonCode::MalformedPacket,
+                                }));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn read_connect<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+    ) -> Result<Option<(Protocol, Packet)>, DecodeError> {
+        loop {
+            if let Some(p) = codec::decode(&mut self.inbuf, None, self.max_in)? {
+                return Ok(Some(p));
+            }
+            match rd.read_buf(&mut self.inbuf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Moves the channel's output into the write buffer or the ack queue.
+    fn encode_output(&mut self) {
+        let protocol = self.protocol.unwrap_or(Protocol::V4);
+        for out in self.channel.take_output() {
+            match out {
+                Out::Now(p) => {
+                    codec::encode(
+                        &p,
+                        protocol,
+                        &mut self.outbuf,
+                        self.channel.client_max_packet,
+                    );
+                }
+                Out::AfterCommit(c, p) => self.pending.push_back((c, p)),
+            }
+        }
+    }
+
+    async fn encode(&mut self, p: Packet) {
+        let protocol = self.protocol.unwrap_or(Protocol::V4);
+        if !codec::encode(
+            &p,
+            protocol,
+            &mut self.outbuf,
+            self.channel.client_max_packet,
+        ) {
+            if let Packet::Publish(publish) = &p {
+                if publish.qos != QoS::AtMostOnce {
+                    self.channel.discarded(publish.pkid).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! chatmq-broker: an MQTT 3.1.1 and 5.0 broker specialised for chat.
+//!
+//! The story of a packet: [`server`] accepts a socket and hands it to
+//! [`connection`], which reads bytes and lets [`codec`] turn them into
+//! packets (MQTT 3.1.1 is mapped onto the MQTT 5 model there). The
+//! [`channel`] is the per-connection protocol state machine: it checks each
+//! packet against the rules and [`access`] control, and asks the
+//! [`broker`] to route publishes. The broker finds subscribers through the
+//! [`router`] and queues the message in each [`session`], collecting the
+//! writes that make it durable; the channel acknowledges only once they are
+//! committed.
+//!
+//! Embedding: `Server::start(settings)` runs a broker inside any tokio
+//! program and `Server::shutdown` stops it.
+
+pub mod access;
+pub mod broker;
+pub mod channel;
+mod clock;
+pub mod codec;
+pub mod connection;
+pub mod message;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod topic;
+
+pub use server::{Server, StartError};

@@ -1,0 +1,136 @@
+//! An application message on its way through the broker, and its
+//! conversions to the stored record and to the PUBLISH a subscriber gets.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chatmq_storage::{MessageProps, MessageRecord};
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+
+use crate::clock::now_ms;
+
+/// One published message, shared by every subscriber it goes to.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub props: MessageProps,
+    /// Unix milliseconds after which nobody gets it; 0 = never.
+    pub expires_at_ms: u64,
+    /// The publishing client, for No Local; `None` for server messages.
+    pub publisher: Option<Arc<str>>,
+}
+
+impl Message {
+    /// Builds the message a client's PUBLISH carries.
+    pub fn from_publish(topic: String, p: &Publish, publisher: Option<Arc<str>>) -> Message {
+        let mut props = MessageProps::default();
+        let mut expires_at_ms = 0;
+        if let Some(pp) = &p.properties {
+            props.payload_format = pp.payload_format_indicator;
+            props.content_type = pp.content_type.clone();
+            props.response_topic = pp.response_topic.clone();
+            props.correlation_data = pp.correlation_data.as_ref().map(|b| b.to_vec());
+            props.user_properties = pp.user_properties.clone();
+            if let Some(secs) = pp.message_expiry_interval {
+                expires_at_ms = now_ms() + u64::from(secs) * 1000;
+            }
+        }
+        Message {
+            topic,
+            payload: p.payload.clone(),
+            qos: p.qos,
+            retain: p.retain,
+            props,
+            expires_at_ms,
+            publisher,
+        }
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms != 0 && now_ms >= self.expires_at_ms
+    }
+
+    /// The PUBLISH a subscriber receives: `qos` already reduced to the
+    /// subscription's, the Message Expiry Interval counting down
+    /// [MQTT-3.3.2-6], and the matching subscription identifiers.
+    pub fn to_publish(
+        &self,
+        qos: QoS,
+        pkid: u16,
+        dup: bool,
+        retain: bool,
+        sub_ids: &[u32],
+    ) -> Publish {
+        let p = &self.props;
+        let expiry = (self.expires_at_ms != 0)
+            .then(|| (self.expires_at_ms.saturating_sub(now_ms()).div_ceil(1000)).max(1) as u32);
+        let has_props = p.payload_format.is_some()
+            || p.content_type.is_some()
+            || p.response_topic.is_some()
+            || p.correlation_data.is_some()
+            || !p.user_properties.is_empty()
+            || expiry.is_some()
+            || !sub_ids.is_empty();
+        Publish {
+            dup,
+            qos,
+            retain,
+            topic: Bytes::copy_from_slice(self.topic.as_bytes()),
+            pkid,
+            payload: self.payload.clone(),
+            properties: has_props.then(|| PublishProperties {
+                payload_format_indicator: p.payload_format,
+                message_expiry_interval: expiry,
+                topic_alias: None,
+                response_topic: p.response_topic.clone(),
+                correlation_data: p.correlation_data.clone().map(Bytes::from),
+                user_properties: p.user_properties.clone(),
+                subscription_identifiers: sub_ids.iter().map(|&i| i as usize).collect(),
+                content_type: p.content_type.clone(),
+            }),
+        }
+    }
+
+    pub fn to_record(&self) -> MessageRecord {
+        MessageRecord {
+            topic: self.topic.clone(),
+            payload: self.payload.to_vec(),
+            qos: self.qos as u8,
+            retain: self.retain,
+            props: self.props.clone(),
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
+
+    pub fn from_record(r: MessageRecord) -> Message {
+        Message {
+            topic: r.topic,
+            payload: Bytes::from(r.payload),
+            qos: qos_from_u8(r.qos),
+            retain: r.retain,
+            props: r.props,
+            expires_at_ms: r.expires_at_ms,
+            publisher: None,
+        }
+    }
+}
+
+pub fn qos_from_u8(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+pub fn min_qos(a: QoS, b: QoS) -> QoS {
+    if (a as u8) <= (b as u8) {
+        a
+    } else {
+        b
+    }
+}

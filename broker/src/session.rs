@@ -1,0 +1,586 @@
+//! A session's QoS state: what it subscribed to, what it is owed, what is
+//! in flight, and which incoming QoS 2 messages await PUBREL (MQTT 4.4).
+//!
+//! A session outlives its connections when it is persistent. Every change
+//! that must survive a crash is written into the `Batch` the caller passes
+//! in; the caller submits it. Packet identifiers of outgoing QoS 1/2
+//! messages are derived from a per-session counter `n`, so a message keeps
+//! its identifier across reconnects and restarts without another write
+//! [MQTT-4.4.0-1].
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use chatmq_storage::{
+    Batch, OutboxEntry, OutboxState, SessionRecord, StoredSession, SubscriptionRecord,
+};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubRel};
+use rumqttc::v5::mqttbytes::QoS;
+
+use crate::codec::Protocol;
+use crate::message::{qos_from_u8, Message};
+use crate::router::SubOptions;
+
+/// Packet ids cycle through 1..=65535.
+const PKID_SPACE: u64 = 65_535;
+
+/// A message owed to the client.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Position among this session's QoS 1/2 messages; 0 for QoS 0.
+    n: u64,
+    msg: Arc<Message>,
+    qos: QoS,
+    retain: bool,
+    sub_ids: Vec<u32>,
+    state: OutboxState,
+    /// Sent on some connection already: a resend carries DUP [MQTT-3.3.1-1].
+    sent: bool,
+}
+
+impl Outgoing {
+    fn pkid(&self) -> u16 {
+        pkid_of(self.n)
+    }
+
+    fn entry(&self) -> OutboxEntry {
+        OutboxEntry {
+            state: self.state,
+            subscription_ids: self.sub_ids.clone(),
+            message: (self.state == OutboxState::Publish).then(|| {
+                let mut record = self.msg.to_record();
+                record.qos = self.qos as u8;
+                record.retain = self.retain;
+                record
+            }),
+        }
+    }
+}
+
+fn pkid_of(n: u64) -> u16 {
+    (n % PKID_SPACE) as u16 + 1
+}
+
+/// The state of one client id.
+#[derive(Debug)]
+pub struct Session {
+    pub client_id: Arc<str>,
+    pub owner: Option<Arc<str>>,
+    pub protocol: Protocol,
+    /// Seconds the session outlives its connection; 0 = ends with it.
+    pub expiry_secs: u32,
+    pub subscriptions: BTreeMap<String, SubOptions>,
+    queue: VecDeque<Outgoing>,
+    inflight: VecDeque<Outgoing>,
+    next_n: u64,
+    /// Incoming QoS 2 packet ids that got PUBREC and await PUBREL.
+    inbound: HashSet<u16>,
+    /// The client's Receive Maximum (capped by ours).
+    pub max_inflight: u16,
+    /// Bound on messages waiting to be sent; the oldest is dropped first.
+    pub max_queue: usize,
+    /// Unix ms when the last connection ended; 0 while connected.
+    pub disconnected_at_ms: u64,
+    pub connected: bool,
+    /// Messages dropped because the queue was full or they expired.
+    pub dropped: u64,
+}
+
+impl Session {
+    pub fn new(
+        client_id: Arc<str>,
+        owner: Option<Arc<str>>,
+        protocol: Protocol,
+        expiry_secs: u32,
+    ) -> Self {
+        Session {
+            client_id,
+            owner,
+            protocol,
+            expiry_secs,
+            subscriptions: BTreeMap::new(),
+            queue: VecDeque::new(),
+            inflight: VecDeque::new(),
+            next_n: 1,
+            inbound: HashSet::new(),
+            max_inflight: u16::MAX,
+            max_queue: usize::MAX,
+            disconnected_at_ms: 0,
+            connected: true,
+            dropped: 0,
+        }
+    }
+
+    pub fn persistent(&self) -> bool {
+        self.expiry_secs > 0
+    }
+
+    /// Rebuilds a session from disk; its connection is gone.
+    pub fn restore(stored: StoredSession, now_ms: u64) -> Session {
+        let r = stored.record;
+        let protocol = if r.protocol == 5 {
+            Protocol::V5
+        } else {
+            Protocol::V4
+        };
+        let mut s = Session::new(
+            stored.client_id.into(),
+            r.owner.map(Into::into),
+            protocol,
+            r.expiry_secs,
+        );
+        s.connected = false;
+        // Crashed while connected: the session's clock starts now.
+        s.disconnected_at_ms = if r.disconnected_at_ms == 0 {
+            now_ms
+        } else {
+            r.disconnected_at_ms
+        };
+        for sub in r.subscriptions {
+            s.subscriptions.insert(
+                sub.filter,
+                SubOptions {
+                    qos: qos_from_u8(sub.qos),
+                    no_local: sub.no_local,
+                    retain_as_published: sub.retain_as_published,
+                    retain_handling: sub.retain_handling,
+                    identifier: sub.identifier,
+                },
+            );
+        }
+        for (n, entry) in stored.outbox {
+            s.next_n = s.next_n.max(n + 1);
+            let msg = entry.message.map(Message::from_record);
+            let (qos, retain) = msg
+                .as_ref()
+                .map_or((QoS::ExactlyOnce, false), |m| (m.qos, m.retain));
+            let outgoing = Outgoing {
+                n,
+                msg: Arc::new(msg.unwrap_or_else(|| Message::from_record(Default::default()))),
+                qos,
+                retain,
+                sub_ids: entry.subscription_ids,
+                state: entry.state,
+                sent: true,
+            };
+            // A message on disk may have been sent before the restart: it goes
+            // out again with DUP and its original packet id, through the
+            // window like any other. Only PUBREL is owed for released ones.
+            match outgoing.state {
+                OutboxState::Publish => s.queue.push_back(outgoing),
+                OutboxState::Release => s.inflight.push_back(outgoing),
+            }
+        }
+        s.inbound = stored.inbound.into_iter().collect();
+        s
+    }
+
+    pub fn record(&self) -> SessionRecord {
+        SessionRecord {
+            owner: self.owner.as_deref().map(str::to_string),
+            protocol: self.protocol.level(),
+            expiry_secs: self.expiry_secs,
+            disconnected_at_ms: self.disconnected_at_ms,
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(filter, o)| SubscriptionRecord {
+                    filter: filter.clone(),
+                    qos: o.qos as u8,
+                    no_local: o.no_local,
+                    retain_as_published: o.retain_as_published,
+                    retain_handling: o.retain_handling,
+                    identifier: o.identifier,
+                })
+                .collect(),
+        }
+    }
+
+    /// Queues a message for the client. QoS 0 messages are not kept for a
+    /// disconnected client. When the queue is full the oldest waiting
+    /// message is dropped and counted.
+    pub fn enqueue(
+        &mut self,
+        msg: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        sub_ids: Vec<u32>,
+        batch: &mut Batch,
+    ) {
+        if qos == QoS::AtMostOnce && !self.connected {
+            return;
+        }
+        if self.queue.len() >= self.max_queue {
+            if let Some(old) = self.queue.pop_front() {
+                self.dropped += 1;
+                if old.n != 0 && self.persistent() {
+                    batch.delete_outbox(&self.client_id, old.n);
+                }
+            }
+        }
+        let n = if qos == QoS::AtMostOnce {
+            0
+        } else {
+            let n = self.next_n;
+            self.next_n += 1;
+            n
+        };
+        let out = Outgoing {
+            n,
+            msg,
+            qos,
+            retain,
+            sub_ids,
+            state: OutboxState::Publish,
+            sent: false,
+        };
+        if n != 0 && self.persistent() {
+            batch.put_outbox(&self.client_id, n, &out.entry());
+        }
+        self.queue.push_back(out);
+    }
+
+    /// Messages waiting or in flight.
+    pub fn pending(&self) -> usize {
+        self.queue.len() + self.inflight.len()
+    }
+
+    /// Moves what the window allows from the queue onto the wire: QoS 0 at
+    /// once, QoS 1/2 while fewer than Receive Maximum are unacknowledged
+    /// [MQTT-4.9.0-2]. Expired messages are dropped [MQTT-3.3.2-5].
+    pub fn poll_send(&mut self, now_ms: u64, out: &mut Vec<Packet>, batch: &mut Batch) {
+        while let Some(front) = self.queue.front() {
+            if front.msg.is_expired(now_ms) {
+                if let Some(old) = self.queue.pop_front() {
+                    self.dropped += 1;
+                    if old.n != 0 && self.persistent() {
+                        batch.delete_outbox(&self.client_id, old.n);
+                    }
+                }
+                continue;
+            }
+            if front.n != 0 {
+                let window_full = self.inflight.len() >= usize::from(self.max_inflight);
+                // Never reuse a packet id that is still in flight.
+                let id_wraps = self
+                    .inflight
+                    .front()
+                    .is_some_and(|f| front.n - f.n >= PKID_SPACE);
+                if window_full || id_wraps {
+                    break;
+                }
+            }
+            let Some(mut o) = self.queue.pop_front() else {
+                break;
+            };
+            out.push(Packet::Publish(o.msg.to_publish(
+                o.qos,
+                if o.n == 0 { 0 } else { o.pkid() },
+                o.sent,
+                o.retain,
+                &o.sub_ids,
+            )));
+            if o.n != 0 {
+                o.sent = true;
+                self.inflight.push_back(o);
+            }
+        }
+    }
+
+    /// On resume: everything unacknowledged goes out again with its original
+    /// packet id, PUBLISH with DUP, or PUBREL [MQTT-4.4.0-1].
+    pub fn resend(&self, out: &mut Vec<Packet>) {
+        for o in &self.inflight {
+            match o.state {
+                OutboxState::Publish => out.push(Packet::Publish(o.msg.to_publish(
+                    o.qos,
+                    o.pkid(),
+                    true,
+                    o.retain,
+                    &o.sub_ids,
+                ))),
+                OutboxState::Release => out.push(Packet::PubRel(PubRel::new(o.pkid(), None))),
+            }
+        }
+    }
+
+    fn position(&self, pkid: u16, qos: QoS, state: OutboxState) -> Option<usize> {
+        self.inflight
+            .iter()
+            .position(|o| o.pkid() == pkid && o.qos == qos && o.state == state)
+    }
+
+    /// PUBACK for a QoS 1 message. False if nothing was waiting for it.
+    pub fn puback(&mut self, pkid: u16, batch: &mut Batch) -> bool {
+        let Some(i) = self.position(pkid, QoS::AtLeastOnce, OutboxState::Publish) else {
+            return false;
+        };
+        if let Some(o) = self.inflight.remove(i) {
+            if self.persistent() {
+                batch.delete_outbox(&self.client_id, o.n);
+            }
+        }
+        true
+    }
+
+    /// PUBREC for a QoS 2 message: from now on only PUBREL is owed.
+    pub fn pubrec(&mut self, pkid: u16, batch: &mut Batch) -> bool {
+        let persistent = self.persistent();
+        if let Some(i) = self.position(pkid, QoS::ExactlyOnce, OutboxState::Publish) {
+            if let Some(o) = self.inflight.get_mut(i) {
+                o.state = OutboxState::Release;
+                if persistent {
+                    batch.put_outbox(&self.client_id, o.n, &o.entry());
+                }
+            }
+            return true;
+        }
+        // A repeated PUBREC for a message already released is answered again.
+        self.position(pkid, QoS::ExactlyOnce, OutboxState::Release)
+            .is_some()
+    }
+
+    /// PUBCOMP ends a QoS 2 delivery.
+    pub fn pubcomp(&mut self, pkid: u16, batch: &mut Batch) -> bool {
+        let Some(i) = self.position(pkid, QoS::ExactlyOnce, OutboxState::Release) else {
+            return false;
+        };
+        if let Some(o) = self.inflight.remove(i) {
+            if self.persistent() {
+                batch.delete_outbox(&self.client_id, o.n);
+            }
+        }
+        true
+    }
+
+    /// An incoming QoS 2 PUBLISH: true if it is new and must be routed,
+    /// false if it is a resend of one already accepted [MQTT-4.3.3-10].
+    pub fn accept_inbound(&mut self, pkid: u16, batch: &mut Batch) -> bool {
+        let new = self.inbound.insert(pkid);
+        if new && self.persistent() {
+            batch.put_inbound(&self.client_id, pkid);
+        }
+        new
+    }
+
+    /// PUBREL from the client: true if the packet id was known.
+    pub fn release_inbound(&mut self, pkid: u16, batch: &mut Batch) -> bool {
+        let known = self.inbound.remove(&pkid);
+        if known && self.persistent() {
+            batch.delete_inbound(&self.client_id, pkid);
+        }
+        known
+    }
+
+    /// Drops an in-flight message by packet id, whatever its state: used
+    /// when it can never be delivered (larger than the client accepts).
+    pub fn forget(&mut self, pkid: u16, batch: &mut Batch) {
+        if let Some(i) = self.inflight.iter().position(|o| o.pkid() == pkid) {
+            if let Some(o) = self.inflight.remove(i) {
+                self.dropped += 1;
+                if self.persistent() {
+                    batch.delete_outbox(&self.client_id, o.n);
+                }
+            }
+        }
+    }
+
+    /// Incoming QoS 2 messages not yet released.
+    pub fn inbound_len(&self) -> usize {
+        self.inbound.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn msg(topic: &str, qos: QoS) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+            props: Default::default(),
+            expires_at_ms: 0,
+            publisher: None,
+        })
+    }
+
+    fn session(expiry: u32) -> Session {
+        let mut s = Session::new("c".into(), None, Protocol::V5, expiry);
+        s.max_inflight = 2;
+        s.max_queue = 3;
+        s
+    }
+
+    fn pkids(out: &[Packet]) -> Vec<u16> {
+        out.iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.pkid,
+                Packet::PubRel(r) => r.pkid,
+                _ => u16::MAX,
+            })
+            .collect()
+    }
+
+    // [MQTT-4.9.0-2] no more than Receive Maximum unacknowledged QoS>0 sends.
+    #[test]
+    fn the_window_limits_what_is_in_flight() {
+        let mut s = session(0);
+        let mut b = Batch::new();
+        for _ in 0..3 {
+            s.enqueue(
+                msg("t", QoS::AtLeastOnce),
+                QoS::AtLeastOnce,
+                false,
+                vec![],
+                &mut b,
+            );
+        }
+        let mut out = vec![];
+        s.poll_send(0, &mut out, &mut b);
+        assert_eq!(pkids(&out), [2, 3]);
+        out.clear();
+        s.poll_send(0, &mut out, &mut b);
+        assert!(out.is_empty(), "window is full");
+        assert!(s.puback(2, &mut b));
+        assert!(!s.puback(2, &mut b), "a second PUBACK is ignored");
+        s.poll_send(0, &mut out, &mut b);
+        assert_eq!(pkids(&out), [4]);
+        assert!(b.is_empty(), "a clean session writes nothing");
+    }
+
+    #[test]
+    fn qos0_bypasses_the_window_and_is_not_kept_offline() {
+        let mut s = session(60);
+        let mut b = Batch::new();
+        s.connected = false;
+        s.enqueue(
+            msg("t", QoS::AtMostOnce),
+            QoS::AtMostOnce,
+            false,
+            vec![],
+            &mut b,
+        );
+        assert_eq!(s.pending(), 0);
+        s.connected = true;
+        s.enqueue(
+            msg("t", QoS::AtMostOnce),
+            QoS::AtMostOnce,
+            false,
+            vec![],
+            &mut b,
+        );
+        let mut out = vec![];
+        s.poll_send(0, &mut out, &mut b);
+        assert_eq!(pkids(&out), [0]);
+        assert!(b.is_empty(), "QoS 0 is never persisted");
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest() {
+        let mut s = session(60);
+        let mut b = Batch::new();
+        s.max_inflight = 0;
+        for _ in 0..5 {
+            s.enqueue(
+                msg("t", QoS::AtLeastOnce),
+                QoS::AtLeastOnce,
+                false,
+                vec![],
+                &mut b,
+            );
+        }
+        assert_eq!(s.pending(), 3);
+        assert_eq!(s.dropped, 2);
+    }
+
+    // [MQTT-4.3.3-*] the QoS 2 sender's states; [MQTT-4.4.0-1] resend on resume.
+    #[test]
+    fn qos2_out_goes_publish_pubrel_pubcomp_and_is_resent_on_resume() {
+        let mut s = session(60);
+        let mut b = Batch::new();
+        s.enqueue(
+            msg("t", QoS::ExactlyOnce),
+            QoS::ExactlyOnce,
+            false,
+            vec![],
+            &mut b,
+        );
+        s.enqueue(
+            msg("t", QoS::ExactlyOnce),
+            QoS::ExactlyOnce,
+            false,
+            vec![],
+            &mut b,
+        );
+        let mut out = vec![];
+        s.poll_send(0, &mut out, &mut b);
+        assert!(s.pubrec(2, &mut b));
+        out.clear();
+        s.resend(&mut out);
+        match (&out[0], &out[1]) {
+            (Packet::PubRel(r), Packet::Publish(p)) => {
+                assert_eq!(r.pkid, 2);
+                assert_eq!(p.pkid, 3);
+                assert!(p.dup);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !s.pubcomp(3, &mut b),
+            "PUBCOMP before PUBREC is not accepted"
+        );
+        assert!(s.pubcomp(2, &mut b));
+        assert_eq!(s.pending(), 1);
+        assert!(!b.is_empty(), "a persistent session records each step");
+    }
+
+    #[test]
+    fn inbound_qos2_is_routed_once() {
+        let mut s = session(0);
+        let mut b = Batch::new();
+        assert!(s.accept_inbound(9, &mut b));
+        assert!(!s.accept_inbound(9, &mut b));
+        assert!(s.release_inbound(9, &mut b));
+        assert!(!s.release_inbound(9, &mut b));
+        assert!(s.accept_inbound(9, &mut b));
+    }
+
+    #[test]
+    fn packet_ids_never_collide_with_one_in_flight() {
+        let mut s = session(0);
+        s.max_inflight = u16::MAX;
+        s.max_queue = usize::MAX;
+        let mut b = Batch::new();
+        let mut out = vec![];
+        for _ in 0..(PKID_SPACE + 5) {
+            s.enqueue(
+                msg("t", QoS::AtLeastOnce),
+                QoS::AtLeastOnce,
+                false,
+                vec![],
+                &mut b,
+            );
+        }
+        s.poll_send(0, &mut out, &mut b);
+        assert_eq!(out.len() as u64, PKID_SPACE);
+        let ids: HashSet<u16> = pkids(&out).into_iter().collect();
+        assert_eq!(ids.len() as u64, PKID_SPACE);
+    }
+
+    #[test]
+    fn expired_messages_are_not_sent() {
+        let mut s = session(0);
+        let mut b = Batch::new();
+        let mut m = (*msg("t", QoS::AtLeastOnce)).clone();
+        m.expires_at_ms = 10;
+        s.enqueue(Arc::new(m), QoS::AtLeastOnce, false, vec![], &mut b);
+        let mut out = vec![];
+        s.poll_send(11, &mut out, &mut b);
+        assert!(out.is_empty());
+        assert_eq!(s.dropped, 1);
+    }
+}

@@ -1,0 +1,350 @@
+//! The shape of chatmq's configuration: every section and key, its type, its
+//! default, and the key table ([`KEYS`]) that the loader checks files and the
+//! environment against before anything is deserialised.
+//!
+//! A new key needs a field here *and* a row in [`KEYS`]; the loader's
+//! `every_key_reaches_its_field` test fails when one is missing. This module
+//! never touches the filesystem or the environment.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Everything the broker reads at start-up, one field per `[section]`.
+///
+/// Obtained from [`Settings::load`] (a file plus environment overrides) or
+/// [`Settings::from_toml`]; both check and validate, so a `Settings` from them
+/// is one the broker can run with. `Settings::default()` is what an empty file
+/// gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub node: Node,
+    pub mqtt: Mqtt,
+    pub auth: Auth,
+    pub acl: Acl,
+    pub storage: Storage,
+}
+
+/// `[node]`: where this broker keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Node {
+    /// RocksDB directory; relative paths are relative to the working
+    /// directory. Created at load time if missing, and must be writable.
+    pub data_dir: PathBuf,
+}
+
+impl Default for Node {
+    fn default() -> Self {
+        Node {
+            data_dir: PathBuf::from("data"),
+        }
+    }
+}
+
+/// The largest MQTT "remaining length" (four variable-byte digits), hence the
+/// largest payload any client could send at all.
+pub(crate) const MAX_PAYLOAD_LIMIT: usize = 268_435_455;
+
+/// `[mqtt]`: the MQTT listener and the limits it enforces per client.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mqtt {
+    /// TCP address of the MQTT listener (`ip:port`; port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Largest PUBLISH payload in bytes; larger publishes are refused.
+    pub max_payload: usize,
+    /// Messages kept for an offline persistent session on plain MQTT topics;
+    /// chat topics are stored per conversation instead and are not counted.
+    pub max_offline_messages: usize,
+    /// Concurrent client connections; further ones are refused.
+    pub max_connections: usize,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
+    /// Our Receive Maximum, and the cap on unacknowledged outgoing QoS 1/2
+    /// messages per client.
+    pub max_inflight: u16,
+    /// Longest keep-alive in seconds; a client asking more (or 0, "never")
+    /// gets this back as MQTT 5 Server Keep Alive.
+    pub keepalive_max: u16,
+    /// Seconds allowed between TCP accept and CONNECT, so idle sockets cannot
+    /// pile up.
+    pub connect_timeout_secs: u64,
+    /// Cap on session expiry in seconds; also the expiry given to MQTT 3.1.1
+    /// `clean_session = 0` sessions, which have no expiry of their own.
+    pub session_expiry_max: u32,
+    /// Topic Alias Maximum we accept from clients (0: no aliases).
+    pub topic_alias_max: u16,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Mqtt {
+            listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 1883)),
+            max_payload: 262_144,
+            max_offline_messages: 1000,
+            max_connections: 100_000,
+            max_subscriptions: 1000,
+            max_inflight: 100,
+            keepalive_max: 600,
+            connect_timeout_secs: 10,
+            session_expiry_max: 604_800,
+            topic_alias_max: 16,
+        }
+    }
+}
+
+/// `[auth]`: who may connect. A CONNECT password is checked as a JWT (against
+/// `jwt_secret` or `jwt_public_key`) or against `users`.
+///
+/// `Debug` prints secrets as `<redacted>` so logging the settings is safe.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// Accept CONNECT without credentials. Off by default: a chat server
+    /// needs to know who is speaking.
+    pub allow_anonymous: bool,
+    /// HS256 secret for user JWTs.
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RS256 or ES256) for user JWTs; checked readable at load.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Bearer token that grants admin access to the HTTP API.
+    pub admin_token: Option<String>,
+    /// Static users, from `[[auth.users]]`.
+    pub users: Vec<User>,
+}
+
+/// How secrets appear in `Debug` output.
+const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| REDACTED))
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| REDACTED))
+            .field("users", &self.users)
+            .finish()
+    }
+}
+
+/// One `[[auth.users]]` entry: a user who logs in with a static password.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// The user id (`[A-Za-z0-9_-]{1,64}`), unique among `[[auth.users]]`.
+    pub name: String,
+    /// Plaintext, or an argon2 PHC string (`$argon2id$...`) so the file need
+    /// not hold the password itself.
+    pub password: String,
+}
+
+impl fmt::Debug for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("password", &REDACTED)
+            .finish()
+    }
+}
+
+/// `[acl]`: access to plain MQTT topics (anything outside chat's own
+/// topics). With no matching rule, access is denied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Acl {
+    /// From `[[acl.rules]]`, in file order.
+    pub rules: Vec<AclRule>,
+}
+
+/// One `[[acl.rules]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    /// `*` for every user, or one user id.
+    pub user: String,
+    /// An MQTT topic filter; `%u` stands for the user id and `%c` for the
+    /// client id, so one rule can give each user a private subtree.
+    pub topic: String,
+    pub access: Access,
+}
+
+/// What an ACL rule allows. When several rules match, `Deny` wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Publish only.
+    Pub,
+    /// Subscribe only.
+    Sub,
+    /// Publish and subscribe.
+    PubSub,
+    /// Neither, overriding any other matching rule.
+    Deny,
+}
+
+/// The spelling of each [`Access`] in TOML, for the key table and errors.
+pub(crate) const ACCESS_NAMES: &[&str] = &["pub", "sub", "pubsub", "deny"];
+
+/// `[storage]`: durability of writes to RocksDB.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    pub sync: SyncMode,
+    /// With `sync = "interval"`: milliseconds between syncs.
+    pub sync_interval_ms: u64,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            sync: SyncMode::Always,
+            sync_interval_ms: 100,
+        }
+    }
+}
+
+/// When the storage writer syncs the write-ahead log to disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Every group commit is synced before it is acknowledged: an
+    /// acknowledged message survives a power cut.
+    #[default]
+    Always,
+    /// Synced every `sync_interval_ms`: a power cut may lose that much.
+    Interval,
+    /// Left to the OS: fastest, and only a process crash is survived.
+    Never,
+}
+
+/// The spelling of each [`SyncMode`] in TOML, for the key table and errors.
+pub(crate) const SYNC_NAMES: &[&str] = &["always", "interval", "never"];
+
+/// One key of the configuration, as the loader checks it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Key {
+    pub name: &'static str,
+    pub kind: Kind,
+}
+
+/// What a key's value must be. Checking this before deserialising lets every
+/// wrong type or out-of-range value be reported with its full dotted key and
+/// where it came from, and makes the serde conversion afterwards infallible.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    /// A `[section]` of keys, each optional.
+    Section(&'static [Key]),
+    /// An array of tables (`[[auth.users]]`) whose keys are all required.
+    Tables(&'static [Key]),
+    /// An integer in `min..=max` (the bounds also keep it within its field's type).
+    Integer {
+        min: i64,
+        max: i64,
+    },
+    Bool,
+    /// A non-empty string: names, secrets, paths.
+    Text,
+    /// An `ip:port` socket address.
+    Address,
+    /// One of a fixed set of words.
+    OneOf(&'static [&'static str]),
+}
+
+const fn key(name: &'static str, kind: Kind) -> Key {
+    Key { name, kind }
+}
+
+const fn integer(min: i64, max: i64) -> Kind {
+    Kind::Integer { min, max }
+}
+
+const U16_MAX: i64 = u16::MAX as i64;
+const U32_MAX: i64 = u32::MAX as i64;
+/// `usize::MAX`, or `i64::MAX` where that is smaller (64-bit targets).
+const USIZE_MAX: i64 = if (usize::MAX as u128) < (i64::MAX as u128) {
+    usize::MAX as i64
+} else {
+    i64::MAX
+};
+
+/// Every key a file or the environment may set, mirroring [`Settings`].
+pub(crate) const KEYS: &[Key] = &[
+    key("node", Kind::Section(&[key("data_dir", Kind::Text)])),
+    key(
+        "mqtt",
+        Kind::Section(&[
+            key("listen", Kind::Address),
+            key("max_payload", integer(1, MAX_PAYLOAD_LIMIT as i64)),
+            key("max_offline_messages", integer(1, USIZE_MAX)),
+            key("max_connections", integer(1, USIZE_MAX)),
+            key("max_subscriptions", integer(1, USIZE_MAX)),
+            key("max_inflight", integer(1, U16_MAX)),
+            key("keepalive_max", integer(1, U16_MAX)),
+            key("connect_timeout_secs", integer(1, i64::MAX)),
+            key("session_expiry_max", integer(0, U32_MAX)),
+            key("topic_alias_max", integer(0, U16_MAX)),
+        ]),
+    ),
+    key(
+        "auth",
+        Kind::Section(&[
+            key("allow_anonymous", Kind::Bool),
+            key("jwt_secret", Kind::Text),
+            key("jwt_public_key", Kind::Text),
+            key("admin_token", Kind::Text),
+            key(
+                "users",
+                Kind::Tables(&[key("name", Kind::Text), key("password", Kind::Text)]),
+            ),
+        ]),
+    ),
+    key(
+        "acl",
+        Kind::Section(&[key(
+            "rules",
+            Kind::Tables(&[
+                key("user", Kind::Text),
+                key("topic", Kind::Text),
+                key("access", Kind::OneOf(ACCESS_NAMES)),
+            ]),
+        )]),
+    ),
+    key(
+        "storage",
+        Kind::Section(&[
+            key("sync", Kind::OneOf(SYNC_NAMES)),
+            key("sync_interval_ms", integer(1, i64::MAX)),
+        ]),
+    ),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let auth = Auth {
+            jwt_secret: Some("hs-secret".into()),
+            admin_token: Some("admin-secret".into()),
+            users: vec![User {
+                name: "alice".into(),
+                password: "alice-secret".into(),
+            }],
+            ..Auth::default()
+        };
+        let shown = format!("{auth:?}");
+        for secret in ["hs-secret", "admin-secret", "alice-secret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("alice") && shown.contains(REDACTED),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! Validation: the rules a type and a range cannot express (user ids, ACL
+//! topic filters, duplicates) and the files and directories the settings
+//! name. Runs after deserialising, so errors name keys the way the file does
+//! (`auth.users[1].name`).
+//!
+//! The pure checks run first so that a wrong file never gets as far as
+//! creating `node.data_dir`. Creating that directory, and a probe file in it
+//! that is removed at once, is the only change this crate makes to the system.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use crate::error::ConfigError;
+use crate::settings::{AclRule, Settings, User};
+
+/// Checks what [`Settings::load`] and [`Settings::from_toml`] cannot check by
+/// type alone; creates `node.data_dir` if it is missing.
+pub(crate) fn validate(settings: &Settings) -> Result<(), ConfigError> {
+    check_users(&settings.auth.users)?;
+    check_acl_rules(&settings.acl.rules)?;
+    if let Some(path) = &settings.auth.jwt_public_key {
+        check_readable("auth.jwt_public_key", path)?;
+    }
+    prepare_data_dir(&settings.node.data_dir)
+}
+
+/// A user id as the design fixes it: `[A-Za-z0-9_-]{1,64}`.
+fn is_user_id(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+const USER_ID_RULE: &str = "1 to 64 of A-Z a-z 0-9 _ -";
+
+fn check_users(users: &[User]) -> Result<(), ConfigError> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (index, user) in users.iter().enumerate() {
+        let key = format!("auth.users[{index}].name");
+        if !is_user_id(&user.name) {
+            return Err(ConfigError::Invalid {
+                key,
+                reason: format!("{:?} is not a valid user id ({USER_ID_RULE})", user.name),
+            });
+        }
+        if let Some(first) = seen.insert(&user.name, index) {
+            return Err(ConfigError::Invalid {
+                key,
+                reason: format!("{:?} is already defined in auth.users[{first}]", user.name),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_acl_rules(rules: &[AclRule]) -> Result<(), ConfigError> {
+    for (index, rule) in rules.iter().enumerate() {
+        if rule.user != "*" && !is_user_id(&rule.user) {
+            return Err(ConfigError::Invalid {
+                key: format!("acl.rules[{index}].user"),
+                reason: format!(
+                    "{:?} is neither \"*\" nor a valid user id ({USER_ID_RULE})",
+                    rule.user
+                ),
+            });
+        }
+        if let Err(reason) = check_topic_filter(&rule.topic) {
+            return Err(ConfigError::Invalid {
+                key: format!("acl.rules[{index}].topic"),
+                reason: format!("{:?} is not a valid topic filter: {reason}", rule.topic),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An MQTT topic filter: non-empty, at most 65535 bytes, no NUL, `#` only as
+/// the whole last level, `+` only as a whole level. `%u` and `%c` are plain
+/// characters here; the broker substitutes them.
+fn check_topic_filter(filter: &str) -> Result<(), &'static str> {
+    if filter.is_empty() {
+        return Err("it is empty");
+    }
+    if filter.len() > usize::from(u16::MAX) {
+        return Err("it is longer than 65535 bytes");
+    }
+    if filter.contains('\0') {
+        return Err("it contains a NUL character");
+    }
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        let last = levels.peek().is_none();
+        if level.contains('#') && (level != "#" || !last) {
+            return Err("\"#\" must be a whole level and the last one");
+        }
+        if level.contains('+') && level != "+" {
+            return Err("\"+\" must be a whole level");
+        }
+    }
+    Ok(())
+}
+
+fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    fs::read(path).map(drop).map_err(|error| ConfigError::Path {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        problem: format!("cannot read it: {error}"),
+    })
+}
+
+/// Creates the data directory if needed and proves it writable by creating
+/// and removing a probe file, so a read-only or full disk stops the broker at
+/// start-up rather than at its first write.
+fn prepare_data_dir(dir: &Path) -> Result<(), ConfigError> {
+    let failure = |problem: String| ConfigError::Path {
+        key: "node.data_dir".to_string(),
+        path: dir.to_path_buf(),
+        problem,
+    };
+    if dir.exists() && !dir.is_dir() {
+        return Err(failure("it exists and is not a directory".to_string()));
+    }
+    fs::create_dir_all(dir).map_err(|error| failure(format!("cannot create it: {error}")))?;
+    let probe = dir.join(format!(".chatmq-write-probe-{}", std::process::id()));
+    fs::write(&probe, b"").map_err(|error| failure(format!("cannot write in it: {error}")))?;
+    match fs::remove_file(&probe) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(failure(format!(
+            "cannot remove the probe file {}: {error}",
+            probe.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{Access, Node};
+
+    /// Settings whose data_dir lives in a fresh temporary directory.
+    fn settings_in(dir: &tempfile::TempDir) -> Settings {
+        Settings {
+            node: Node {
+                data_dir: dir.path().join("data"),
+            },
+            ..Settings::default()
+        }
+    }
+
+    fn user(name: &str) -> User {
+        User {
+            name: name.into(),
+            password: "p".into(),
+        }
+    }
+
+    fn rule(user: &str, topic: &str) -> AclRule {
+        AclRule {
+            user: user.into(),
+            topic: topic.into(),
+            access: Access::PubSub,
+        }
+    }
+
+    fn error(settings: &Settings) -> String {
+        validate(settings).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn user_names_must_be_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        settings.auth.users = vec![user("alice"), user("bob smith")];
+        assert_eq!(
+            error(&settings),
+            "auth.users[1].name: \"bob smith\" is not a valid user id (1 to 64 of A-Z a-z 0-9 _ -)"
+        );
+        settings.auth.users = vec![user(&"a".repeat(65))];
+        assert!(error(&settings).starts_with("auth.users[0].name: "));
+        settings.auth.users = vec![user(&"a".repeat(64)), user("Bob_2-x")];
+        validate(&settings).unwrap();
+    }
+
+    #[test]
+    fn user_names_must_be_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        settings.auth.users = vec![user("alice"), user("bob"), user("alice")];
+        assert_eq!(
+            error(&settings),
+            "auth.users[2].name: \"alice\" is already defined in auth.users[0]"
+        );
+    }
+
+    #[test]
+    fn acl_user_is_star_or_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        settings.acl.rules = vec![rule("*", "a"), rule("alice", "b"), rule("al*", "c")];
+        assert_eq!(
+            error(&settings),
+            "acl.rules[2].user: \"al*\" is neither \"*\" nor a valid user id \
+             (1 to 64 of A-Z a-z 0-9 _ -)"
+        );
+    }
+
+    #[test]
+    fn acl_topic_must_be_a_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        settings.acl.rules = vec![rule("*", "a/#/b")];
+        assert_eq!(
+            error(&settings),
+            "acl.rules[0].topic: \"a/#/b\" is not a valid topic filter: \
+             \"#\" must be a whole level and the last one"
+        );
+        for bad in ["", "a/b#", "#/", "a/+b", "a+/c", "x\0y"] {
+            assert!(check_topic_filter(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in [
+            "#",
+            "+",
+            "a/#",
+            "+/+/#",
+            "/",
+            "a//b",
+            "sensors/%u/#",
+            "dev/%c/+",
+        ] {
+            assert_eq!(check_topic_filter(good), Ok(()), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn unreadable_jwt_public_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        let key = dir.path().join("missing.pem");
+        settings.auth.jwt_public_key = Some(key.clone());
+        let message = error(&settings);
+        assert!(
+            message.starts_with(&format!(
+                "auth.jwt_public_key: {}: cannot read it: ",
+                key.display()
+            )),
+            "{message}"
+        );
+        fs::write(&key, "-----BEGIN PUBLIC KEY-----\n").unwrap();
+        validate(&settings).unwrap();
+    }
+
+    #[test]
+    fn data_dir_is_created_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        settings.node.data_dir = dir.path().join("a/b/c");
+        validate(&settings).unwrap();
+        assert!(settings.node.data_dir.is_dir());
+        assert_eq!(fs::read_dir(&settings.node.data_dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn data_dir_that_is_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        let file = dir.path().join("file");
+        fs::write(&file, "").unwrap();
+        settings.node.data_dir = file.clone();
+        assert_eq!(
+            error(&settings),
+            format!(
+                "node.data_dir: {}: it exists and is not a directory",
+                file.display()
+            )
+        );
+        settings.node.data_dir = file.join("below");
+        let message = error(&settings);
+        assert!(
+            message.starts_with(&format!(
+                "node.data_dir: {}: cannot create it: ",
+                settings.node.data_dir.display()
+            )),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn pure_checks_come_before_creating_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        settings.auth.users = vec![user("not valid")];
+        validate(&settings).unwrap_err();
+        assert!(!settings.node.data_dir.exists());
+    }
+}

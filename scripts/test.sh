@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests of every crate, and the black-box
+# tests in tests/ that drive the real chatmq binary with real clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+# The black-box tests spawn the binary, so it is built first.
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast "$@"

@@ -1,0 +1,380 @@
+//! The database handle: open, submit batches, and the reads used at
+//! start-up and on resume.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, DB};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::batch::Batch;
+use crate::keys::*;
+use crate::record::{MessageRecord, OutboxEntry, SessionRecord};
+use crate::writer::{self, Commit, Job};
+use crate::{StorageError, SyncMode};
+
+/// A persistent session as it was left on disk.
+#[derive(Debug, Clone)]
+pub struct StoredSession {
+    pub client_id: String,
+    pub record: SessionRecord,
+    /// Messages owed, in the order they were queued.
+    pub outbox: Vec<(u64, OutboxEntry)>,
+    /// Incoming QoS 2 packet ids still awaiting PUBREL.
+    pub inbound: Vec<u16>,
+}
+
+/// The open database. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stop: Arc<AtomicBool>,
+    epoch: String,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir` and starts its writer.
+    pub fn open(
+        dir: &Path,
+        sync: SyncMode,
+        sync_interval: Duration,
+    ) -> Result<Store, StorageError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        options.set_keep_log_file_num(4);
+        let cfs = ALL_CFS
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db =
+            DB::open_cf_descriptors(&options, dir, cfs).map_err(|source| StorageError::Open {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let db = Arc::new(db);
+        let epoch = ensure_epoch(&db)?;
+
+        let (tx, rx) = mpsc::channel(writer::QUEUE);
+        let dirty = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        {
+            let db = db.clone();
+            let dirty = dirty.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("chatmq-writer".into())
+                    .spawn(move || writer::run(db, rx, sync, dirty))
+                    .map_err(|e| StorageError::Corrupt {
+                        cf: "writer",
+                        what: format!("cannot start the writer thread: {e}"),
+                    })?,
+            );
+        }
+        if sync == SyncMode::Interval {
+            let db = db.clone();
+            let stop = stop.clone();
+            let period = sync_interval.max(Duration::from_millis(1));
+            threads.push(
+                std::thread::Builder::new()
+                    .name("chatmq-syncer".into())
+                    .spawn(move || writer::run_syncer(db, period, dirty, stop))
+                    .map_err(|e| StorageError::Corrupt {
+                        cf: "writer",
+                        what: format!("cannot start the syncer thread: {e}"),
+                    })?,
+            );
+        }
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                jobs: Mutex::new(Some(tx)),
+                threads: Mutex::new(threads),
+                stop,
+                epoch,
+            }),
+        })
+    }
+
+    /// Identifies this database for its whole life: a wiped store gets a
+    /// new epoch, so clients can tell it from a quiet one.
+    pub fn epoch(&self) -> &str {
+        &self.inner.epoch
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<Job>> {
+        self.inner.jobs.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Queues `batch` for the writer (waiting only if its queue is full) and
+    /// returns the commit to await for durability.
+    pub async fn submit(&self, batch: Batch) -> Commit {
+        if batch.is_empty() {
+            return Commit::ready();
+        }
+        let (reply, rx) = oneshot::channel();
+        match self.sender() {
+            Some(tx) if tx.send(Job::Write(batch, reply)).await.is_ok() => Commit::pending(rx),
+            // The writer is gone: the commit reports it.
+            _ => Commit::pending(rx),
+        }
+    }
+
+    /// Submits and waits for durability.
+    pub async fn write(&self, batch: Batch) -> Result<(), StorageError> {
+        self.submit(batch).await.await
+    }
+
+    /// Syncs the WAL, whatever the sync mode: everything submitted before
+    /// is durable when this returns.
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        let (reply, rx) = oneshot::channel();
+        let Some(tx) = self.sender() else {
+            return Err(StorageError::WriterGone);
+        };
+        tx.send(Job::Flush(reply))
+            .await
+            .map_err(|_| StorageError::WriterGone)?;
+        Commit::pending(rx).await
+    }
+
+    /// Stops the writer after it has written and synced everything queued.
+    /// Blocks: call it from `spawn_blocking` or outside the runtime.
+    pub fn close(&self) {
+        if let Ok(mut jobs) = self.inner.jobs.lock() {
+            jobs.take();
+        }
+        self.inner.stop.store(true, Ordering::Release);
+        let threads = match self.inner.threads.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(_) => Vec::new(),
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StorageError> {
+        self.inner.db.cf_handle(name).ok_or(StorageError::Corrupt {
+            cf: name,
+            what: "column family is missing".into(),
+        })
+    }
+
+    /// Every persistent session with what it is owed. Used once at start-up.
+    pub fn load_sessions(&self) -> Result<Vec<StoredSession>, StorageError> {
+        let db = &self.inner.db;
+        let mut sessions = Vec::new();
+        for item in db.iterator_cf(self.cf(CF_SESSION)?, IteratorMode::Start) {
+            let (key, value) = item?;
+            let client_id = String::from_utf8(key.to_vec()).map_err(|_| StorageError::Corrupt {
+                cf: CF_SESSION,
+                what: "client id is not UTF-8".into(),
+            })?;
+            let record = SessionRecord::decode(&value)?;
+            let prefix = client_prefix(&client_id);
+            let mut outbox = Vec::new();
+            for item in db.iterator_cf(
+                self.cf(CF_OUTBOX)?,
+                IteratorMode::From(&prefix, Direction::Forward),
+            ) {
+                let (key, value) = item?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                let n = tail_u64(&key[prefix.len()..]).ok_or(StorageError::Corrupt {
+                    cf: CF_OUTBOX,
+                    what: "bad key".into(),
+                })?;
+                outbox.push((n, OutboxEntry::decode(&value)?));
+            }
+            let mut inbound = Vec::new();
+            for item in db.iterator_cf(
+                self.cf(CF_INBOUND)?,
+                IteratorMode::From(&prefix, Direction::Forward),
+            ) {
+                let (key, _) = item?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                let rest = &key[prefix.len()..];
+                if rest.len() == 2 {
+                    inbound.push(u16::from_be_bytes([rest[0], rest[1]]));
+                }
+            }
+            sessions.push(StoredSession {
+                client_id,
+                record,
+                outbox,
+                inbound,
+            });
+        }
+        Ok(sessions)
+    }
+
+    /// Every retained message. Used once at start-up.
+    pub fn load_retained(&self) -> Result<Vec<MessageRecord>, StorageError> {
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(CF_RETAINED)?, IteratorMode::Start)
+        {
+            let (_, value) = item?;
+            out.push(MessageRecord::decode(&value)?);
+        }
+        Ok(out)
+    }
+
+    /// The user a client id belongs to, if any user has used it.
+    pub fn client_owner(&self, client_id: &str) -> Result<Option<String>, StorageError> {
+        let value = self
+            .inner
+            .db
+            .get_cf(self.cf(CF_CLIENT)?, client_id.as_bytes())?;
+        Ok(value.and_then(|v| String::from_utf8(v).ok()))
+    }
+}
+
+fn tail_u64(b: &[u8]) -> Option<u64> {
+    let a: [u8; 8] = b.try_into().ok()?;
+    Some(u64::from_be_bytes(a))
+}
+
+fn ensure_epoch(db: &DB) -> Result<String, StorageError> {
+    let cf = db.cf_handle(CF_META).ok_or(StorageError::Corrupt {
+        cf: CF_META,
+        what: "column family is missing".into(),
+    })?;
+    if let Some(v) = db.get_cf(cf, META_EPOCH)? {
+        return String::from_utf8(v).map_err(|_| StorageError::Corrupt {
+            cf: CF_META,
+            what: "epoch is not UTF-8".into(),
+        });
+    }
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let epoch = format!("{:x}{:x}", nanos, std::process::id());
+    let mut wb = rocksdb::WriteBatch::default();
+    wb.put_cf(cf, META_EPOCH, epoch.as_bytes());
+    wb.put_cf(cf, META_SCHEMA, SCHEMA_VERSION.to_be_bytes());
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(wb, &opts)?;
+    Ok(epoch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{MessageRecord, OutboxState, SubscriptionRecord};
+
+    fn open(dir: &Path, sync: SyncMode) -> Store {
+        match Store::open(dir, sync, Duration::from_millis(5)) {
+            Ok(s) => s,
+            Err(e) => panic!("open: {e}"),
+        }
+    }
+
+    fn entry(payload: &str) -> OutboxEntry {
+        OutboxEntry {
+            state: OutboxState::Publish,
+            subscription_ids: vec![],
+            message: Some(MessageRecord {
+                topic: "t".into(),
+                payload: payload.as_bytes().to_vec(),
+                qos: 1,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_and_its_outbox_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch;
+        {
+            let store = open(dir.path(), SyncMode::Always);
+            epoch = store.epoch().to_string();
+            let mut b = Batch::new();
+            b.put_session(
+                "c1",
+                &SessionRecord {
+                    owner: Some("alice".into()),
+                    protocol: 4,
+                    expiry_secs: 60,
+                    disconnected_at_ms: 0,
+                    subscriptions: vec![SubscriptionRecord {
+                        filter: "a/#".into(),
+                        qos: 1,
+                        ..Default::default()
+                    }],
+                },
+            );
+            b.put_outbox("c1", 1, &entry("one"));
+            b.put_outbox("c1", 300, &entry("two"));
+            b.put_outbox("c10", 1, &entry("other client"));
+            b.put_inbound("c1", 7);
+            b.put_client_owner("c1", "alice");
+            store.write(b).await.unwrap();
+            let mut b = Batch::new();
+            b.delete_outbox("c1", 1);
+            store.write(b).await.unwrap();
+            store.close();
+        }
+        let store = open(dir.path(), SyncMode::Always);
+        assert_eq!(store.epoch(), epoch);
+        let sessions = store.load_sessions().unwrap();
+        assert_eq!(sessions.len(), 1);
+        let s = &sessions[0];
+        assert_eq!(s.client_id, "c1");
+        assert_eq!(s.outbox.len(), 1);
+        assert_eq!(s.outbox[0].0, 300);
+        assert_eq!(s.inbound, vec![7]);
+        assert_eq!(store.client_owner("c1").unwrap().as_deref(), Some("alice"));
+        assert_eq!(store.client_owner("c2").unwrap(), None);
+
+        let mut b = Batch::new();
+        b.delete_session("c1");
+        store.write(b).await.unwrap();
+        assert!(store.load_sessions().unwrap().is_empty());
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_are_grouped_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [SyncMode::Always, SyncMode::Interval, SyncMode::Never] {
+            let path = dir.path().join(format!("{mode:?}"));
+            let store = open(&path, mode);
+            let mut commits = Vec::new();
+            for i in 0..200u64 {
+                let mut b = Batch::new();
+                let mut m = entry("x");
+                if let Some(msg) = m.message.as_mut() {
+                    msg.topic = format!("t/{i}");
+                }
+                b.put_retained(m.message.as_ref().unwrap());
+                commits.push(store.submit(b).await);
+            }
+            for c in commits {
+                c.await.unwrap();
+            }
+            store.flush().await.unwrap();
+            assert_eq!(store.load_retained().unwrap().len(), 200, "{mode:?}");
+            store.close();
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Black-box test support: the real `chatmq` binary on real sockets.
+//!
+//! [`Broker::start`] writes a config file into a fresh temporary directory,
+//! runs the binary on a free port (listen address and data directory come
+//! in through `CHATMQ__...` environment overrides, so every test also uses
+//! them), and waits for its `chatmq: ready` line. A broker can be killed
+//! with SIGKILL or stopped with SIGTERM and started again on the same data.
+//!
+//! Clients: rumqttc (v4 and v5) through [`v4`] and [`v5`] helpers, and raw
+//! bytes through [`raw`].
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod raw;
+pub mod v4;
+pub mod v5;
+
+/// How long a test waits for something that should happen promptly.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The `chatmq` binary built from this workspace.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHATMQ_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/chatmq
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile> directory");
+    let bin = profile_dir.join("chatmq");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p chatmq-broker`), as scripts/test.sh does",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `chatmq serve` process.
+pub struct Broker {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    config: String,
+    env: Vec<(String, String)>,
+}
+
+impl Broker {
+    /// Starts a broker with `config` as its TOML file (may be empty).
+    pub fn start(config: &str) -> Broker {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts a broker with extra environment overrides.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Broker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut b = Broker {
+            child: None,
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            dir,
+            config: config.to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        b.spawn("127.0.0.1:0");
+        b
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The command line that runs this broker, for tests of the CLI itself.
+    pub fn command(&self) -> Command {
+        let config_path = self.dir.path().join("chatmq.toml");
+        std::fs::write(&config_path, &self.config).expect("write config");
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("CHATMQ__NODE__DATA_DIR", self.data_dir())
+            .env("RUST_LOG", "warn");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn spawn(&mut self, listen: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("broker.log"))
+            .expect("log file");
+        let mut child = self
+            .command()
+            .env("CHATMQ__MQTT__LISTEN", listen)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn chatmq");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + PATIENCE;
+        let mut addr = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == "chatmq: ready" => break,
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("chatmq: mqtt listening on ") {
+                        addr = a.parse().ok();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("chatmq did not become ready; log:\n{}", self.log());
+                }
+            }
+        }
+        self.addr = addr.expect("listening line");
+        self.child = Some(child);
+    }
+
+    /// The broker's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status once it has stopped.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("broker is running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("chatmq did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts again on the same data directory and the same port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let listen = self.addr.to_string();
+        let deadline = Instant::now() + PATIENCE;
+        // The port was just freed; retry briefly if the OS has not let go.
+        loop {
+            let probe = std::net::TcpListener::bind(&listen);
+            if probe.is_ok() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.spawn(&listen);
+    }
+
+    pub fn host(&self) -> String {
+        self.addr.ip().to_string()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A config that lets anyone do anything: for tests about the protocol,
+/// not about access control.
+pub const OPEN: &str = r##"
+[auth]
+allow_anonymous = true
+
+[[acl.rules]]
+user = "*"
+topic = "#"
+access = "pubsub"
+"##;

@@ -1,0 +1,157 @@
+//! MQTT 3.1.1 clients (rumqttc) for tests.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use rumqttc::{
+    AsyncClient, ConnAck, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Packet,
+    PubAck, Publish, QoS, SubAck, SubscribeReasonCode,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::PATIENCE;
+
+/// A connected client whose event loop runs in the background; what the
+/// broker sends arrives on `incoming`.
+pub struct Client {
+    pub client: AsyncClient,
+    pub connack: ConnAck,
+    incoming: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    task: JoinHandle<()>,
+}
+
+/// Options for a client of `addr` with id `id` and a 30 s keepalive.
+pub fn options(addr: SocketAddr, id: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o
+}
+
+/// Connects; `Err` carries the refusal (a CONNACK code or an I/O error).
+pub async fn connect(opts: MqttOptions) -> Result<Client, ConnectionError> {
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let connack = loop {
+        match tokio::time::timeout(PATIENCE, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(c)))) => break c,
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => panic!("no CONNACK within {PATIENCE:?}"),
+        }
+    };
+    let (tx, incoming) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if tx.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Outgoing(_)) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Client {
+        client,
+        connack,
+        incoming,
+        task,
+    })
+}
+
+/// Connects with the default options and panics on refusal.
+pub async fn connect_ok(addr: SocketAddr, id: &str) -> Client {
+    match connect(options(addr, id)).await {
+        Ok(c) => c,
+        Err(e) => panic!("{id} could not connect: {e}"),
+    }
+}
+
+impl Client {
+    /// The next packet from the broker other than PINGRESP, within PATIENCE.
+    pub async fn next(&mut self) -> Result<Packet, String> {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.incoming.recv()).await {
+                Ok(Some(Ok(Packet::PingResp))) => continue,
+                Ok(Some(r)) => return r,
+                Ok(None) => return Err("event loop ended".into()),
+                Err(_) => return Err(format!("nothing arrived within {PATIENCE:?}")),
+            }
+        }
+    }
+
+    /// The next PUBLISH, skipping acks.
+    pub async fn publish(&mut self) -> Publish {
+        loop {
+            match self.next().await {
+                Ok(Packet::Publish(p)) => return p,
+                Ok(_) => continue,
+                Err(e) => panic!("waiting for a PUBLISH: {e}"),
+            }
+        }
+    }
+
+    /// Asserts that no PUBLISH arrives for `d`.
+    pub async fn no_publish(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+            if let Ok(Packet::Publish(p)) = p {
+                panic!("unexpected PUBLISH on {}: {:?}", p.topic, p.payload);
+            }
+        }
+    }
+
+    /// Subscribes and returns the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> SubAck {
+        self.client
+            .subscribe(filter, qos)
+            .await
+            .expect("queue subscribe");
+        loop {
+            match self.next().await {
+                Ok(Packet::SubAck(s)) => return s,
+                Ok(_) => continue,
+                Err(e) => panic!("waiting for SUBACK: {e}"),
+            }
+        }
+    }
+
+    /// Publishes and, for QoS 1/2, waits until the broker acknowledged it.
+    pub async fn publish_acked(&mut self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
+        self.client
+            .publish(topic, qos, retain, payload.to_vec())
+            .await
+            .expect("queue publish");
+        if qos == QoS::AtMostOnce {
+            return;
+        }
+        loop {
+            match self.next().await {
+                Ok(Packet::PubAck(_)) | Ok(Packet::PubComp(_)) => return,
+                Ok(_) => continue,
+                Err(e) => panic!("waiting for the ack: {e}"),
+            }
+        }
+    }
+
+    /// A clean DISCONNECT, then waits for the connection to close.
+    pub async fn disconnect(mut self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(PATIENCE, async {
+            while self.incoming.recv().await.is_some() {}
+        })
+        .await;
+        self.task.abort();
+    }
+
+    /// Drops the connection without DISCONNECT (the will fires).
+    pub fn drop_connection(self) {
+        self.task.abort();
+    }
+}

@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::access::{Acl, Authenticator};
 use crate::clock::now_ms;
+use crate::chat::Chat;
 use crate::codec::Protocol;
 use crate::message::{min_qos, Message};
 use crate::router::{Router, SubOptions};
@@ -109,6 +110,7 @@ pub struct Metrics {
 
 pub struct Broker {
     pub settings: Arc<Settings>,
+    pub chat: Arc<Chat>,
     pub store: Store,
     pub auth: Authenticator,
     pub acl: Acl,
@@ -135,8 +137,10 @@ impl Broker {
         auth: Authenticator,
     ) -> Result<Arc<Broker>, chatmq_storage::StorageError> {
         let acl = Acl::new(&settings.acl.rules);
+        let chat = Arc::new(Chat::new(store.clone())?);
         let broker = Broker {
             settings,
+            chat,
             store,
             auth,
             acl,
@@ -157,6 +161,9 @@ impl Broker {
         for stored in self.store.load_sessions()? {
             let mut session = Session::restore(stored, now);
             session.max_queue = self.settings.mqtt.max_offline_messages;
+            for (conv, seq) in self.store.cursors(&session.client_id)? {
+                session.chat.insert(conv.into(), crate::session::ChatCursor { acked: seq, queued: seq });
+            }
             for (filter, options) in &session.subscriptions {
                 router.subscribe(&session.client_id, filter, *options);
             }
@@ -273,6 +280,24 @@ impl Broker {
     ) -> bool {
         let mut slot = cell.lock();
         if slot.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
+            // Taken over: the old connection's will is still due
+            // [MQTT-3.1.4-3], unless it has a delay and the new connection
+            // resumed the session [MQTT-3.1.3-9].
+            let owner = slot.session.owner.clone();
+            drop(slot);
+            if let Some((message, delay)) = will {
+                let resumed = self
+                    .session(&cell.client_id)
+                    .is_some_and(|c| Arc::ptr_eq(&c, cell));
+                if delay == 0 || !resumed {
+                    let w = PendingWill {
+                        token: 0,
+                        message,
+                        owner,
+                    };
+                    self.route_will(w, batch);
+                }
+            }
             return false;
         }
         slot.link = None;

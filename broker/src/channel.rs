@@ -21,6 +21,8 @@ use crate::clock::now_ms;
 use crate::codec::Protocol;
 use crate::message::{min_qos, Message};
 use crate::router::SubOptions;
+use crate::chat::namespace::{classify, filter_scope, valid_conv, valid_user, FilterScope, Topic};
+use crate::chat::{rpc, Envelope};
 use crate::topic::{parse_shared, valid_filter, valid_topic};
 
 /// A packet to write, now or once its writes are durable.
@@ -184,7 +186,8 @@ impl Channel {
 
         if let Some(w) = will {
             let topic = match String::from_utf8(w.topic.to_vec()) {
-                Ok(t) if valid_topic(&t) => t,
+                // Chat topics are published by members, never by wills.
+                Ok(t) if valid_topic(&t) && classify(&t) == Topic::Plain => t,
                 _ => return Err(self.refuse_connect(Rc::TopicNameInvalid)),
             };
             if w.message.len() > mqtt.max_payload {
@@ -287,6 +290,10 @@ impl Channel {
             code: Rc::Success,
             properties,
         }));
+        if let Identity::User(user) = &self.identity {
+            // After CONNACK: presence, and the replay of missed chat messages.
+            self.broker.chat.session_online(user, &attached.cell);
+        }
         if attached.present {
             let mut resend = Vec::new();
             attached.cell.lock().session.resend(&mut resend);
@@ -432,6 +439,9 @@ impl Channel {
             self.refuse_publish(&p, PubAckReason::PayloadFormatInvalid);
             return Ok(());
         }
+        if classify(&topic) != Topic::Plain {
+            return self.publish_reserved(&topic, &p).await;
+        }
         let user = self.identity.user().map(|u| &**u);
         if !self.broker.acl.can_publish(user, &self.client_id, &topic) {
             self.refuse_publish(&p, PubAckReason::NotAuthorized);
@@ -509,12 +519,8 @@ impl Channel {
                     // [MQTT-3.8.3-4]
                     return Err(Close::violation(DisconnectReasonCode::ProtocolError));
                 }
-                if !self
-                    .broker
-                    .acl
-                    .can_subscribe(user.as_deref(), &self.client_id, inner)
-                {
-                    codes.push(Rc::NotAuthorized);
+                if let Err(code) = self.authorize_subscription(user.as_ref(), inner, shared) {
+                    codes.push(code);
                     continue;
                 }
                 let existed = session.subscriptions.contains_key(&f.path);
@@ -564,6 +570,12 @@ impl Channel {
                                 ids.clone(),
                                 &mut batch,
                             );
+                        }
+                    }
+                    if let (Some(u), true) = (&user, filter_scope(inner) != FilterScope::Plain) {
+                        // presence/{u} is retained: a new subscriber learns it.
+                        for m in self.broker.chat.presence_for(u, inner) {
+                            session.enqueue(m, QoS::AtMostOnce, true, ids.clone(), &mut batch);
                         }
                     }
                 }
@@ -664,8 +676,176 @@ impl Channel {
         let Some(cell) = self.cell.take() else { return };
         let will = if close.will { self.will.take() } else { None };
         let mut batch = Batch::new();
-        self.broker.detach(&cell, self.conn_id, will, &mut batch);
+        let owned = self.broker.detach(&cell, self.conn_id, will, &mut batch);
+        if let (true, Some(user)) = (owned, self.identity.user()) {
+            self.broker.chat.session_offline(user, &cell);
+        }
         drop(self.broker.store.submit(batch).await);
+    }
+
+    /// Who may subscribe to what: the chat layer decides its namespaces
+    /// (members only, a user's own events), the ACL everything else. A
+    /// filter reaching chat topics through wildcards is allowed by the ACL
+    /// and filtered per message by membership.
+    fn authorize_subscription(&self, user: Option<&Arc<str>>, filter: &str, shared: bool) -> Result<(), SubscribeReasonCode> {
+        let refuse = Err(SubscribeReasonCode::NotAuthorized);
+        match filter_scope(filter) {
+            FilterScope::Plain | FilterScope::Wild => {
+                if self.broker.acl.can_subscribe(user.map(|u| &**u), &self.client_id, filter) {
+                    Ok(())
+                } else {
+                    refuse
+                }
+            }
+            FilterScope::Reserved(ns, _) => {
+                let Some(user) = user else { return refuse };
+                if shared {
+                    return refuse;
+                }
+                let chat = &self.broker.chat;
+                let ok = match ns {
+                    Topic::Chat(rest) | Topic::Typing(rest) => {
+                        rest == "+" || rest == "#" || (valid_conv(rest) && chat.is_member(rest, user))
+                    }
+                    Topic::Presence(rest) => {
+                        rest == "+" || rest == "#" || (valid_user(rest) && chat.shares_conversation(user, rest))
+                    }
+                    Topic::Events(owner) => owner == &**user,
+                    Topic::Rpc(_) | Topic::Plain => false,
+                };
+                if ok {
+                    Ok(())
+                } else {
+                    refuse
+                }
+            }
+        }
+    }
+
+    /// Refuses a publish on a chat topic: MQTT 5 by reason code, MQTT 3.1.1
+    /// (which has none) by an error event on `users/{user}/events`.
+    fn refuse_chat(&mut self, p: &Publish, topic: &str, reason: PubAckReason, code: &str) {
+        self.refuse_publish(p, reason);
+        if self.protocol == Protocol::V4 {
+            if let Some(user) = self.identity.user() {
+                let id = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                    .ok()
+                    .and_then(|v| v.get("id").cloned())
+                    .unwrap_or(serde_json::Value::Null);
+                self.broker.chat.send_event(
+                    user,
+                    serde_json::json!({"type": "error", "code": code, "topic": topic, "id": id}),
+                );
+            }
+        }
+    }
+
+    /// A publish on a topic the chat layer owns (DESIGN §4).
+    async fn publish_reserved(&mut self, topic: &str, p: &Publish) -> Result<(), Close> {
+        let Some(user) = self.identity.user().cloned() else {
+            self.refuse_publish(p, PubAckReason::NotAuthorized);
+            return Ok(());
+        };
+        let chat = self.broker.chat.clone();
+        match classify(topic) {
+            Topic::Chat(conv) => {
+                if !valid_conv(conv) {
+                    self.refuse_chat(p, topic, PubAckReason::TopicNameInvalid, "bad_conversation");
+                    return Ok(());
+                }
+                if !chat.is_member(conv, &user) {
+                    self.refuse_chat(p, topic, PubAckReason::NotAuthorized, "not_member");
+                    return Ok(());
+                }
+                let envelope = match Envelope::parse(&p.payload) {
+                    Ok(e) => e,
+                    Err(_) => {
+                        self.refuse_chat(p, topic, PubAckReason::PayloadFormatInvalid, "bad_envelope");
+                        return Ok(());
+                    }
+                };
+                if p.qos == QoS::ExactlyOnce {
+                    let cell = self.cell.clone().ok_or(Close::violation(DisconnectReasonCode::ProtocolError))?;
+                    let mut batch = Batch::new();
+                    let new = cell.lock().session.accept_inbound(p.pkid, &mut batch);
+                    let inbound = self.broker.store.submit(batch).await;
+                    if !new {
+                        self.out.push(Out::AfterCommit(inbound, Packet::PubRec(PubRec::new(p.pkid, None))));
+                        return Ok(());
+                    }
+                    drop(inbound);
+                }
+                let (commit, _seq) = match chat.append(conv, &user, &envelope, p.qos).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "chat append failed");
+                        return Err(Close::violation(DisconnectReasonCode::UnspecifiedError));
+                    }
+                };
+                match p.qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => {
+                        self.unacked_qos1 += 1;
+                        self.out.push(Out::AfterCommit(commit, Packet::PubAck(PubAck::new(p.pkid, None))));
+                    }
+                    QoS::ExactlyOnce => {
+                        self.out.push(Out::AfterCommit(commit, Packet::PubRec(PubRec::new(p.pkid, None))));
+                    }
+                }
+                Ok(())
+            }
+            Topic::Typing(conv) => {
+                if !valid_conv(conv) || !chat.is_member(conv, &user) {
+                    self.refuse_chat(p, topic, PubAckReason::NotAuthorized, "not_member");
+                    return Ok(());
+                }
+                chat.typing(conv, &user, &self.client_id, &p.payload);
+                self.ack_now(p);
+                Ok(())
+            }
+            Topic::Rpc(method) => {
+                let reply = rpc::call(&chat, &user, method, &p.payload).await;
+                let response_topic = p
+                    .properties
+                    .as_ref()
+                    .and_then(|pp| pp.response_topic.clone())
+                    .filter(|t| valid_topic(t) && classify(t) == Topic::Plain);
+                match response_topic {
+                    Some(t) => {
+                        // MQTT 5 request/response: the reply goes to the
+                        // Response Topic with the Correlation Data.
+                        let mut msg = Message::from_publish(t, p, None);
+                        msg.payload = reply.to_string().into();
+                        msg.qos = QoS::AtLeastOnce;
+                        msg.retain = false;
+                        msg.props.response_topic = None;
+                        drop(self.broker.publish(msg).await);
+                    }
+                    None => chat.send_event(&user, reply),
+                }
+                self.ack_now(p);
+                Ok(())
+            }
+            Topic::Presence(_) | Topic::Events(_) | Topic::Plain => {
+                self.refuse_chat(p, topic, PubAckReason::NotAuthorized, "server_only");
+                Ok(())
+            }
+        }
+    }
+
+    /// Acknowledges a publish that has nothing to wait for.
+    fn ack_now(&mut self, p: &Publish) {
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(Packet::PubAck(PubAck::new(p.pkid, None))),
+            QoS::ExactlyOnce => {
+                if let Some(cell) = &self.cell {
+                    let mut batch = Batch::new();
+                    cell.lock().session.accept_inbound(p.pkid, &mut batch);
+                }
+                self.send(Packet::PubRec(PubRec::new(p.pkid, None)));
+            }
+        }
     }
 
     pub fn session(&self) -> Option<&Arc<SessionCell>> {

@@ -16,6 +16,9 @@
 pub mod access;
 pub mod broker;
 pub mod channel;
+pub mod chat;
+#[cfg(test)]
+mod channel_tests;
 mod clock;
 pub mod codec;
 pub mod connection;

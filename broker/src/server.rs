@@ -72,6 +72,7 @@ impl Server {
         let (shutdown, watch) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(listener, broker.clone(), watch.clone()));
+        tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
         tasks.spawn(sweep_sessions(broker.clone(), watch));
         Ok(Server {
             broker,

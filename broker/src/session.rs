@@ -8,7 +8,7 @@
 //! its identifier across reconnects and restarts without another write
 //! [MQTT-4.4.0-1].
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use chatmq_storage::{
@@ -36,6 +36,9 @@ pub struct Outgoing {
     state: OutboxState,
     /// Sent on some connection already: a resend carries DUP [MQTT-3.3.1-1].
     sent: bool,
+    /// A chat message (conversation, seq): kept in the message log, not in
+    /// the session's outbox; its acknowledgement moves the cursor.
+    chat: Option<(Arc<str>, u64)>,
 }
 
 impl Outgoing {
@@ -61,6 +64,25 @@ fn pkid_of(n: u64) -> u16 {
     (n % PKID_SPACE) as u16 + 1
 }
 
+/// How far a session has come in one conversation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChatCursor {
+    /// The last seq the client acknowledged (persisted for resume).
+    pub acked: u64,
+    /// The last seq queued for sending.
+    pub queued: u64,
+}
+
+/// What became of a chat message offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// Already queued or acknowledged: dropped.
+    Duplicate,
+    /// Messages before it are missing here: read the log from this seq.
+    Gap(u64),
+}
+
 /// The state of one client id.
 #[derive(Debug)]
 pub struct Session {
@@ -84,6 +106,8 @@ pub struct Session {
     pub connected: bool,
     /// Messages dropped because the queue was full or they expired.
     pub dropped: u64,
+    /// Per conversation: what was acknowledged and what is queued.
+    pub chat: HashMap<Arc<str>, ChatCursor>,
 }
 
 impl Session {
@@ -108,6 +132,7 @@ impl Session {
             disconnected_at_ms: 0,
             connected: true,
             dropped: 0,
+            chat: HashMap::new(),
         }
     }
 
@@ -162,6 +187,7 @@ impl Session {
                 sub_ids: entry.subscription_ids,
                 state: entry.state,
                 sent: true,
+                chat: None,
             };
             // A message on disk may have been sent before the restart: it goes
             // out again with DUP and its original packet id, through the
@@ -199,23 +225,26 @@ impl Session {
     /// Queues a message for the client. QoS 0 messages are not kept for a
     /// disconnected client. When the queue is full the oldest waiting
     /// message is dropped and counted.
-    pub fn enqueue(
+    pub fn enqueue(&mut self, msg: Arc<Message>, qos: QoS, retain: bool, sub_ids: Vec<u32>, batch: &mut Batch) {
+        self.push(msg, qos, retain, sub_ids, None, batch);
+    }
+
+    fn push(
         &mut self,
         msg: Arc<Message>,
         qos: QoS,
         retain: bool,
         sub_ids: Vec<u32>,
+        chat: Option<(Arc<str>, u64)>,
         batch: &mut Batch,
-    ) {
+    ) -> bool {
         if qos == QoS::AtMostOnce && !self.connected {
-            return;
+            return false;
         }
         if self.queue.len() >= self.max_queue {
             if let Some(old) = self.queue.pop_front() {
                 self.dropped += 1;
-                if old.n != 0 && self.persistent() {
-                    batch.delete_outbox(&self.client_id, old.n);
-                }
+                self.unqueue(&old, batch);
             }
         }
         let n = if qos == QoS::AtMostOnce {
@@ -233,11 +262,13 @@ impl Session {
             sub_ids,
             state: OutboxState::Publish,
             sent: false,
+            chat,
         };
-        if n != 0 && self.persistent() {
+        if n != 0 && self.persistent() && out.chat.is_none() {
             batch.put_outbox(&self.client_id, n, &out.entry());
         }
         self.queue.push_back(out);
+        true
     }
 
     /// Messages waiting or in flight.
@@ -253,9 +284,7 @@ impl Session {
             if front.msg.is_expired(now_ms) {
                 if let Some(old) = self.queue.pop_front() {
                     self.dropped += 1;
-                    if old.n != 0 && self.persistent() {
-                        batch.delete_outbox(&self.client_id, old.n);
-                    }
+                    self.unqueue(&old, batch);
                 }
                 continue;
             }
@@ -283,8 +312,76 @@ impl Session {
             if o.n != 0 {
                 o.sent = true;
                 self.inflight.push_back(o);
+            } else {
+                // QoS 0 is done once sent.
+                self.settled(&o, batch);
             }
         }
+    }
+
+    /// A message left the queue unsent (dropped or expired): its outbox
+    /// record goes; a chat message stays in the log and is not counted as
+    /// acknowledged, so a resume replays it.
+    fn unqueue(&mut self, o: &Outgoing, batch: &mut Batch) {
+        if let Some((conv, _)) = &o.chat {
+            if let Some(c) = self.chat.get_mut(conv) {
+                c.queued = c.acked.min(c.queued);
+            }
+        } else if o.n != 0 && self.persistent() {
+            batch.delete_outbox(&self.client_id, o.n);
+        }
+    }
+
+    /// A message was delivered: forget it, or advance its conversation's
+    /// cursor (persisted for a persistent session).
+    fn settled(&mut self, o: &Outgoing, batch: &mut Batch) {
+        match &o.chat {
+            Some((conv, seq)) => {
+                let persistent = self.persistent();
+                let c = self.chat.entry(conv.clone()).or_default();
+                if *seq > c.acked {
+                    c.acked = *seq;
+                    if persistent {
+                        batch.put_cursor(&self.client_id, conv, *seq);
+                    }
+                }
+            }
+            None if o.n != 0 && self.persistent() => batch.delete_outbox(&self.client_id, o.n),
+            None => {}
+        }
+    }
+
+    /// Offers chat message `seq` of `conv`. It is queued only if it is the
+    /// next one this session lacks, so a replay from the log and live
+    /// delivery meet without gap or duplicate. A session that has never
+    /// seen `conv` starts at `seq` when `start_here`.
+    pub fn offer_chat(
+        &mut self,
+        conv: &Arc<str>,
+        seq: u64,
+        msg: Arc<Message>,
+        qos: QoS,
+        start_here: bool,
+        batch: &mut Batch,
+    ) -> Offer {
+        let cursor = match self.chat.get(conv) {
+            Some(c) => *c,
+            None if start_here => ChatCursor {
+                acked: seq - 1,
+                queued: seq - 1,
+            },
+            None => return Offer::Duplicate,
+        };
+        if seq <= cursor.queued {
+            return Offer::Duplicate;
+        }
+        if seq > cursor.queued + 1 {
+            self.chat.insert(conv.clone(), cursor);
+            return Offer::Gap(cursor.queued + 1);
+        }
+        self.chat.insert(conv.clone(), ChatCursor { queued: seq, ..cursor });
+        self.push(msg, qos, false, Vec::new(), Some((conv.clone(), seq)), batch);
+        Offer::Queued
     }
 
     /// On resume: everything unacknowledged goes out again with its original
@@ -316,9 +413,7 @@ impl Session {
             return false;
         };
         if let Some(o) = self.inflight.remove(i) {
-            if self.persistent() {
-                batch.delete_outbox(&self.client_id, o.n);
-            }
+            self.settled(&o, batch);
         }
         true
     }
@@ -346,9 +441,7 @@ impl Session {
             return false;
         };
         if let Some(o) = self.inflight.remove(i) {
-            if self.persistent() {
-                batch.delete_outbox(&self.client_id, o.n);
-            }
+            self.settled(&o, batch);
         }
         true
     }
@@ -378,9 +471,7 @@ impl Session {
         if let Some(i) = self.inflight.iter().position(|o| o.pkid() == pkid) {
             if let Some(o) = self.inflight.remove(i) {
                 self.dropped += 1;
-                if self.persistent() {
-                    batch.delete_outbox(&self.client_id, o.n);
-                }
+                self.settled(&o, batch);
             }
         }
     }

@@ -61,7 +61,7 @@ impl Batch {
     pub fn delete_session(&mut self, client_id: &str) {
         self.delete(CF_SESSION, client_id.as_bytes().to_vec());
         let prefix = client_prefix(client_id);
-        for cf in [CF_OUTBOX, CF_INBOUND] {
+        for cf in [CF_OUTBOX, CF_INBOUND, crate::chat::CF_CURSOR] {
             self.ops.push(Op::DeleteRange {
                 cf,
                 from: prefix.clone(),

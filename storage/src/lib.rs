@@ -14,6 +14,7 @@
 //! encoding) and nothing of MQTT's rules: the broker decides what to write.
 
 mod batch;
+mod chat;
 mod error;
 mod keys;
 mod record;
@@ -21,11 +22,12 @@ mod store;
 mod writer;
 
 pub use batch::Batch;
+pub use chat::Role;
 pub use chatmq_config::SyncMode;
 pub use error::StorageError;
 pub use record::{
-    MessageProps, MessageRecord, OutboxEntry, OutboxState, RetainedRecord, SessionRecord,
+    ConversationRecord, MessageProps, MessageRecord, OutboxEntry, OutboxState, RetainedRecord, SessionRecord,
     SubscriptionRecord,
 };
 pub use store::{Store, StoredSession};
-pub use writer::Commit;
+pub use writer::{Commit, CommitSender};

@@ -79,6 +79,19 @@ pub struct OutboxEntry {
 /// A retained message: the message itself (its `retain` flag is set).
 pub type RetainedRecord = MessageRecord;
 
+/// A conversation's metadata. Direct conversations (`dm:a:b`) get one
+/// when their first message is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConversationRecord {
+    pub title: String,
+    /// Unix ms of creation.
+    pub created_ms: u64,
+    /// The last seq assigned; 0 before the first message.
+    pub head: u64,
+    /// The oldest seq still kept (retention); 1 until trimmed.
+    pub first: u64,
+}
+
 struct Writer(Vec<u8>);
 
 impl Writer {
@@ -279,6 +292,27 @@ impl MessageRecord {
 
     pub fn decode(buf: &[u8]) -> Result<Self, StorageError> {
         Self::read(&mut Reader::new(buf, crate::keys::CF_RETAINED)?)
+    }
+}
+
+impl ConversationRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.bytes(self.title.as_bytes());
+        w.u64(self.created_ms);
+        w.u64(self.head);
+        w.u64(self.first);
+        w.0
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, StorageError> {
+        let mut r = Reader::new(buf, "conv")?;
+        Ok(ConversationRecord {
+            title: r.string()?,
+            created_ms: r.u64()?,
+            head: r.u64()?,
+            first: r.u64()?,
+        })
     }
 }
 

@@ -55,6 +55,7 @@ impl Store {
         options.set_keep_log_file_num(4);
         let cfs = ALL_CFS
             .iter()
+            .chain(crate::chat::CHAT_CFS.iter())
             .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db =
             DB::open_cf_descriptors(&options, dir, cfs).map_err(|source| StorageError::Open {
@@ -162,6 +163,14 @@ impl Store {
         for t in threads {
             let _ = t.join();
         }
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    pub(crate) fn cf_handle(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StorageError> {
+        self.cf(name)
     }
 
     fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StorageError> {

@@ -44,6 +44,23 @@ impl Commit {
     pub(crate) fn pending(rx: oneshot::Receiver<Result<(), String>>) -> Self {
         Commit(CommitInner::Pending(rx))
     }
+
+    /// A commit resolved by someone else: the sender says when (and
+    /// whether) the work it stands for is durable. Dropping the sender
+    /// resolves it as failed.
+    pub fn deferred() -> (CommitSender, Self) {
+        let (tx, rx) = oneshot::channel();
+        (CommitSender(tx), Commit::pending(rx))
+    }
+}
+
+/// Resolves a [`Commit::deferred`].
+pub struct CommitSender(oneshot::Sender<Result<(), String>>);
+
+impl CommitSender {
+    pub fn resolve(self, result: Result<(), StorageError>) {
+        let _ = self.0.send(result.map_err(|e| e.to_string()));
+    }
 }
 
 impl Future for Commit {

@@ -1,0 +1,69 @@
+//! Who is in which conversation, in memory, mirrored from the `member`
+//! column family at start-up. Direct conversations `dm:a:b` need no
+//! entry: their two members are in their name.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use chatmq_storage::Role;
+
+use super::namespace::direct_members;
+
+#[derive(Default)]
+pub struct Membership {
+    by_conv: HashMap<Arc<str>, HashMap<Arc<str>, Role>>,
+    by_user: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
+}
+
+impl Membership {
+    pub fn add(&mut self, conv: &str, user: &str, role: Role) {
+        let conv: Arc<str> = conv.into();
+        let user: Arc<str> = user.into();
+        self.by_conv.entry(conv.clone()).or_default().insert(user.clone(), role);
+        self.by_user.entry(user).or_default().insert(conv);
+    }
+
+    pub fn remove(&mut self, conv: &str, user: &str) -> bool {
+        let removed = self.by_conv.get_mut(conv).is_some_and(|m| m.remove(user).is_some());
+        if let Some(convs) = self.by_user.get_mut(user) {
+            convs.remove(conv);
+        }
+        removed
+    }
+
+    pub fn role(&self, conv: &str, user: &str) -> Option<Role> {
+        if let Some((a, b)) = direct_members(conv) {
+            return (user == a || user == b).then_some(Role::Member);
+        }
+        self.by_conv.get(conv)?.get(user).copied()
+    }
+
+    pub fn is_member(&self, conv: &str, user: &str) -> bool {
+        self.role(conv, user).is_some()
+    }
+
+    pub fn exists(&self, conv: &str) -> bool {
+        direct_members(conv).is_some() || self.by_conv.get(conv).is_some_and(|m| !m.is_empty())
+    }
+
+    pub fn members(&self, conv: &str) -> Vec<Arc<str>> {
+        if let Some((a, b)) = direct_members(conv) {
+            return vec![a.into(), b.into()];
+        }
+        self.by_conv.get(conv).map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The conversations a user is in (direct ones once they have a message).
+    pub fn conversations(&self, user: &str) -> Vec<Arc<str>> {
+        self.by_user.get(user).map(|c| c.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Users who share at least one conversation with `user`.
+    pub fn contacts(&self, user: &str) -> BTreeSet<Arc<str>> {
+        let mut out = BTreeSet::new();
+        for conv in self.by_user.get(user).into_iter().flatten() {
+            out.extend(self.members(conv));
+        }
+        out
+    }
+}

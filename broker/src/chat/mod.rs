@@ -1,0 +1,693 @@
+//! The chat layer: conversations with sequenced, durable messages.
+//!
+//! The story of a chat message (DESIGN §3): the channel hands a validated
+//! [`Envelope`] from a member to [`Chat::append`]. Under the conversation's
+//! lock it is checked against the idempotency keys, gets the next seq, and
+//! its writes (message, head, idempotency key) are submitted to the
+//! group-commit writer, in seq order. The dispatcher task takes appended
+//! messages in that same order, waits for each commit, and only then fans
+//! the message out to the online members' sessions and resolves the
+//! publisher's ack: acked means on disk, and every receiver sees seqs in
+//! order. A session that lacks earlier seqs (it resumed, or fell behind)
+//! reads them from the log first ([`Offer::Gap`]), so replay and live
+//! delivery meet without gap or duplicate.
+//!
+//! Chat topics never go through the plain router: only this module
+//! decides who receives them, by membership, so no wildcard can leak a
+//! conversation to a non-member.
+
+pub mod envelope;
+pub mod membership;
+pub mod namespace;
+pub mod rpc;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use bytes::Bytes;
+use chatmq_storage::{Batch, Commit, CommitSender, ConversationRecord, Role, StorageError, Store};
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::broker::SessionCell;
+use crate::clock::now_ms;
+use crate::message::{min_qos, Message};
+use crate::session::Offer;
+pub use envelope::{BadEnvelope, Envelope};
+use membership::Membership;
+use namespace::wanted_qos;
+
+/// Idempotency keys remembered in memory per conversation, on top of the
+/// durable ones (covers retries that arrive before the original commits).
+const RECENT_IDS: usize = 1024;
+/// Messages read from the log per step of a catch-up.
+const CATCH_UP_PAGE: usize = 256;
+/// Appended messages waiting for the dispatcher.
+const DISPATCH_QUEUE: usize = 8192;
+
+struct ConvState {
+    record: ConversationRecord,
+    recent: VecDeque<(Arc<str>, String)>,
+    recent_seq: HashMap<(Arc<str>, String), u64>,
+}
+
+enum Dispatch {
+    Message {
+        conv: Arc<str>,
+        seq: u64,
+        msg: Arc<Message>,
+        commit: Commit,
+        done: CommitSender,
+    },
+    /// Resolves once everything appended before it is durable and out.
+    Barrier(CommitSender),
+}
+
+/// The chat layer's state, shared by every connection.
+pub struct Chat {
+    store: Store,
+    membership: RwLock<Membership>,
+    convs: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<ConvState>>>>,
+    /// Connected sessions of each user.
+    online: Mutex<HashMap<Arc<str>, Vec<Arc<SessionCell>>>>,
+    /// Last known presence of each user: (online, unix ms).
+    presence: Mutex<HashMap<Arc<str>, (bool, u64)>>,
+    dispatch: mpsc::Sender<Dispatch>,
+    dispatch_rx: Mutex<Option<mpsc::Receiver<Dispatch>>>,
+    /// The most messages one history call returns.
+    pub history_cap: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Chat {
+    pub fn new(store: Store) -> Result<Chat, StorageError> {
+        let mut membership = Membership::default();
+        for (conv, user, role) in store.all_members()? {
+            membership.add(&conv, &user, role);
+        }
+        let (dispatch, rx) = mpsc::channel(DISPATCH_QUEUE);
+        Ok(Chat {
+            store,
+            membership: RwLock::new(membership),
+            convs: Mutex::new(HashMap::new()),
+            online: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
+            dispatch,
+            dispatch_rx: Mutex::new(Some(rx)),
+            history_cap: 200,
+        })
+    }
+
+    pub fn epoch(&self) -> &str {
+        self.store.epoch()
+    }
+
+    fn members_read(&self) -> std::sync::RwLockReadGuard<'_, Membership> {
+        self.membership.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn members_write(&self) -> std::sync::RwLockWriteGuard<'_, Membership> {
+        self.membership.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_member(&self, conv: &str, user: &str) -> bool {
+        self.members_read().is_member(conv, user)
+    }
+
+    pub fn role(&self, conv: &str, user: &str) -> Option<Role> {
+        self.members_read().role(conv, user)
+    }
+
+    pub fn members(&self, conv: &str) -> Vec<Arc<str>> {
+        self.members_read().members(conv)
+    }
+
+    pub fn conversations_of(&self, user: &str) -> Vec<Arc<str>> {
+        self.members_read().conversations(user)
+    }
+
+    /// Does `viewer` see `user`'s presence (they share a conversation)?
+    pub fn shares_conversation(&self, viewer: &str, user: &str) -> bool {
+        viewer == user || self.members_read().contacts(viewer).contains(user)
+    }
+
+    fn conv_state(&self, conv: &str) -> Result<Arc<tokio::sync::Mutex<ConvState>>, StorageError> {
+        if let Some(s) = lock(&self.convs).get(conv) {
+            return Ok(s.clone());
+        }
+        let record = self.store.conversation(conv)?.unwrap_or(ConversationRecord {
+            title: String::new(),
+            created_ms: now_ms(),
+            head: 0,
+            first: 1,
+        });
+        let state = Arc::new(tokio::sync::Mutex::new(ConvState {
+            record,
+            recent: VecDeque::new(),
+            recent_seq: HashMap::new(),
+        }));
+        Ok(lock(&self.convs).entry(conv.into()).or_insert(state).clone())
+    }
+
+    /// The head seq and oldest kept seq of a conversation.
+    pub async fn bounds(&self, conv: &str) -> Result<(u64, u64), StorageError> {
+        let state = self.conv_state(conv)?;
+        let s = state.lock().await;
+        Ok((s.record.head, s.record.first))
+    }
+
+    /// Appends a member's message. Returns the commit to acknowledge after
+    /// (durable and fanned out) and the message's seq. A retry of an id
+    /// already appended gets the original seq and appends nothing.
+    pub async fn append(
+        &self,
+        conv: &str,
+        from: &Arc<str>,
+        envelope: &Envelope,
+        qos: QoS,
+    ) -> Result<(Commit, u64), StorageError> {
+        let state = self.conv_state(conv)?;
+        let mut st = state.lock().await;
+        let key = (from.clone(), envelope.id.clone());
+        let earlier = match st.recent_seq.get(&key) {
+            Some(seq) => Some(*seq),
+            None => self.store.dedup(conv, from, &envelope.id)?,
+        };
+        if let Some(seq) = earlier {
+            // Acknowledged no earlier than the original.
+            let (done, commit) = Commit::deferred();
+            let _ = self.dispatch.send(Dispatch::Barrier(done)).await;
+            return Ok((commit, seq));
+        }
+        let seq = st.record.head + 1;
+        st.record.head = seq;
+        let ts = now_ms();
+        let body = envelope.delivered(conv, seq, from, ts);
+        let mut batch = Batch::new();
+        batch.put_message(conv, seq, &body);
+        batch.put_conversation(conv, &st.record);
+        batch.put_dedup(conv, from, &envelope.id, seq);
+        if seq == 1 {
+            if let Some((a, b)) = namespace::direct_members(conv) {
+                // A direct conversation appears in both users' lists.
+                batch.put_member(conv, a, Role::Member);
+                batch.put_member(conv, b, Role::Member);
+                let mut m = self.members_write();
+                m.add(conv, a, Role::Member);
+                m.add(conv, b, Role::Member);
+            }
+        }
+        st.recent.push_back(key.clone());
+        st.recent_seq.insert(key, seq);
+        if st.recent.len() > RECENT_IDS {
+            if let Some(old) = st.recent.pop_front() {
+                st.recent_seq.remove(&old);
+            }
+        }
+        let commit = self.store.submit(batch).await;
+        let msg = Arc::new(Message {
+            topic: format!("chat/{conv}"),
+            payload: Bytes::from(body),
+            qos,
+            retain: false,
+            props: Default::default(),
+            expires_at_ms: 0,
+            publisher: None,
+        });
+        let (done, acked) = Commit::deferred();
+        let item = Dispatch::Message {
+            conv: conv.into(),
+            seq,
+            msg,
+            commit,
+            done,
+        };
+        if self.dispatch.send(item).await.is_err() {
+            return Err(StorageError::WriterGone);
+        }
+        Ok((acked, seq))
+    }
+
+    /// Runs the dispatcher until the broker stops: commits are awaited in
+    /// append order, then messages go out.
+    pub async fn run_dispatcher(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let Some(mut rx) = lock(&self.dispatch_rx).take() else { return };
+        loop {
+            let item = tokio::select! {
+                _ = shutdown.changed() => return,
+                item = rx.recv() => match item { Some(i) => i, None => return },
+            };
+            match item {
+                Dispatch::Barrier(done) => done.resolve(Ok(())),
+                Dispatch::Message { conv, seq, msg, commit, done } => match commit.await {
+                    Ok(()) => {
+                        self.fan_out(&conv, seq, &msg);
+                        done.resolve(Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, conv = %conv, seq, "chat commit failed");
+                        done.resolve(Err(e));
+                    }
+                },
+            }
+        }
+    }
+
+    /// The online sessions of members of `conv` that subscribed to `topic`.
+    fn audience(&self, users: &[Arc<str>]) -> Vec<Arc<SessionCell>> {
+        let online = lock(&self.online);
+        users
+            .iter()
+            .filter_map(|u| online.get(u))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    fn fan_out(self: &Arc<Self>, conv: &Arc<str>, seq: u64, msg: &Arc<Message>) {
+        let members = self.members(conv);
+        for cell in self.audience(&members) {
+            let offer = {
+                let mut slot = cell.lock();
+                let s = &mut slot.session;
+                let Some(qos) = wanted_qos(s.subscriptions.iter(), &msg.topic) else {
+                    continue;
+                };
+                let qos = chat_qos(msg.qos, qos);
+                let mut batch = Batch::new();
+                let offer = s.offer_chat(conv, seq, msg.clone(), qos, true, &mut batch);
+                offer
+            };
+            match offer {
+                Offer::Queued => cell.wake.notify_one(),
+                Offer::Gap(from) => {
+                    tokio::spawn(self.clone().catch_up(cell.clone(), conv.clone(), from));
+                }
+                Offer::Duplicate => {}
+            }
+        }
+    }
+
+    /// Replays `conv` from `from` into a session that is behind, then lets
+    /// live delivery continue. If retention already dropped part of what
+    /// it missed, the session's user gets a `gap` event saying what.
+    pub async fn catch_up(self: Arc<Self>, cell: Arc<SessionCell>, conv: Arc<str>, mut from: u64) {
+        let topic = format!("chat/{conv}");
+        if let Ok((_, first)) = self.bounds(&conv).await {
+            if from < first {
+                let owner = cell.lock().session.owner.clone();
+                if let Some(user) = owner {
+                    self.send_event(&user, json!({"type": "gap", "conv": &*conv, "from": from, "to": first - 1}));
+                }
+                let mut slot = cell.lock();
+                let c = slot.session.chat.entry(conv.clone()).or_default();
+                c.queued = c.queued.max(first - 1);
+                c.acked = c.acked.max(first - 1);
+                from = first;
+            }
+        }
+        loop {
+            let store = self.store.clone();
+            let c = conv.clone();
+            let page = tokio::task::spawn_blocking(move || store.messages(&c, from, u64::MAX, CATCH_UP_PAGE, false)).await;
+            let page = match page {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "catch-up read failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let full = page.len() == CATCH_UP_PAGE;
+            let mut queued = false;
+            {
+                let mut slot = cell.lock();
+                if slot.link.is_none() {
+                    return; // gone again; it resumes from its cursor
+                }
+                let s = &mut slot.session;
+                let Some(sub_qos) = wanted_qos(s.subscriptions.iter(), &topic) else { return };
+                let qos = chat_qos(QoS::AtLeastOnce, sub_qos);
+                let mut batch = Batch::new();
+                for (seq, body) in page {
+                    from = seq + 1;
+                    let msg = Arc::new(Message {
+                        topic: topic.clone(),
+                        payload: Bytes::from(body),
+                        qos,
+                        retain: false,
+                        props: Default::default(),
+                        expires_at_ms: 0,
+                        publisher: None,
+                    });
+                    queued |= s.offer_chat(&conv, seq, msg, qos, false, &mut batch) == Offer::Queued;
+                }
+            }
+            if queued {
+                cell.wake.notify_one();
+            }
+            if !full {
+                return;
+            }
+        }
+    }
+
+    /// A session of `user` is connected: it is now reached by fan-out,
+    /// resumes every conversation it has a cursor for, and the user is
+    /// online.
+    pub fn session_online(self: &Arc<Self>, user: &Arc<str>, cell: &Arc<SessionCell>) {
+        let first = {
+            let mut online = lock(&self.online);
+            let cells = online.entry(user.clone()).or_default();
+            cells.retain(|c| !Arc::ptr_eq(c, cell) && c.client_id != cell.client_id);
+            cells.push(cell.clone());
+            cells.len() == 1
+        };
+        let resume: Vec<(Arc<str>, u64)> = {
+            let slot = cell.lock();
+            slot.session.chat.iter().map(|(c, cur)| (c.clone(), cur.acked)).collect()
+        };
+        for (conv, acked) in resume {
+            if self.is_member(&conv, user) {
+                {
+                    let mut slot = cell.lock();
+                    if let Some(c) = slot.session.chat.get_mut(&conv) {
+                        // Whatever was queued but not acknowledged is sent again.
+                        c.queued = acked;
+                    }
+                }
+                tokio::spawn(self.clone().catch_up(cell.clone(), conv, acked + 1));
+            }
+        }
+        if first {
+            self.set_presence(user, true);
+        }
+    }
+
+    /// A session of `user` ended; the user goes offline with the last one.
+    pub fn session_offline(&self, user: &Arc<str>, cell: &Arc<SessionCell>) {
+        let last = {
+            let mut online = lock(&self.online);
+            let Some(cells) = online.get_mut(user) else { return };
+            cells.retain(|c| !Arc::ptr_eq(c, cell));
+            let empty = cells.is_empty();
+            if empty {
+                online.remove(user);
+            }
+            empty
+        };
+        if last {
+            self.set_presence(user, false);
+        }
+    }
+
+    pub fn is_online(&self, user: &str) -> bool {
+        lock(&self.online).contains_key(user)
+    }
+
+    fn presence_message(user: &str, online: bool, ts: u64) -> Arc<Message> {
+        let status = if online { "online" } else { "offline" };
+        Arc::new(Message {
+            topic: format!("presence/{user}"),
+            payload: Bytes::from(json!({"status": status, "ts": ts}).to_string()),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            props: Default::default(),
+            expires_at_ms: 0,
+            publisher: None,
+        })
+    }
+
+    fn set_presence(&self, user: &Arc<str>, online: bool) {
+        let ts = now_ms();
+        lock(&self.presence).insert(user.clone(), (online, ts));
+        let msg = Self::presence_message(user, online, ts);
+        let mut viewers: Vec<Arc<str>> = self.members_read().contacts(user).into_iter().collect();
+        if !viewers.contains(user) {
+            viewers.push(user.clone());
+        }
+        self.deliver(&viewers, &msg, None);
+    }
+
+    /// The presence (retained) messages a new `presence/...` subscription
+    /// of `viewer` gets: every user it shares a conversation with.
+    pub fn presence_for(&self, viewer: &str, filter: &str) -> Vec<Arc<Message>> {
+        let contacts = self.members_read().contacts(viewer);
+        let presence = lock(&self.presence);
+        contacts
+            .iter()
+            .chain(std::iter::once(&Arc::<str>::from(viewer)))
+            .filter_map(|u| {
+                let t = format!("presence/{u}");
+                if !crate::topic::matches(filter, &t) {
+                    return None;
+                }
+                let (online, ts) = presence.get(u).copied().unwrap_or((false, 0));
+                Some(Self::presence_message(u, online, ts))
+            })
+            .collect()
+    }
+
+    /// Queues `msg` for every connected session of `users` that subscribed
+    /// to its topic, except the client `skip`.
+    fn deliver(&self, users: &[Arc<str>], msg: &Arc<Message>, skip: Option<&str>) {
+        for cell in self.audience(users) {
+            if skip == Some(&*cell.client_id) {
+                continue;
+            }
+            let queued = {
+                let mut slot = cell.lock();
+                let s = &mut slot.session;
+                match wanted_qos(s.subscriptions.iter(), &msg.topic) {
+                    Some(q) => {
+                        let mut batch = Batch::new();
+                        s.enqueue(msg.clone(), min_qos(msg.qos, q), msg.retain, vec![], &mut batch);
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if queued {
+                cell.wake.notify_one();
+            }
+        }
+    }
+
+    /// A typing indicator from `from` in `conv`: to the other members
+    /// online now, QoS 0, never stored.
+    pub fn typing(&self, conv: &str, from: &str, client_id: &str, payload: &[u8]) {
+        let state = serde_json::from_slice::<Value>(payload).unwrap_or(Value::Null);
+        let body = json!({"conv": conv, "from": from, "ts": now_ms(), "state": state});
+        let msg = Arc::new(Message {
+            topic: format!("typing/{conv}"),
+            payload: Bytes::from(body.to_string()),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            props: Default::default(),
+            expires_at_ms: 0,
+            publisher: None,
+        });
+        self.deliver(&self.members(conv), &msg, Some(client_id));
+    }
+
+    /// An event for `user` on `users/{user}/events` (QoS 1) to each of its
+    /// connected sessions subscribed there.
+    pub fn send_event(&self, user: &str, event: Value) {
+        let msg = Arc::new(Message {
+            topic: format!("users/{user}/events"),
+            payload: Bytes::from(event.to_string()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            props: Default::default(),
+            expires_at_ms: 0,
+            publisher: None,
+        });
+        self.deliver(&[Arc::from(user)], &msg, None);
+    }
+
+    fn announce(&self, users: &[Arc<str>], event: Value) {
+        for u in users {
+            self.send_event(u, event.clone());
+        }
+    }
+
+    /// Creates a group conversation; `owner` becomes its owner, `members`
+    /// its members. Fails if the id is taken or is a direct conversation.
+    pub async fn create(&self, conv: &str, title: &str, owner: Option<&str>, members: &[String]) -> Result<(), RpcError> {
+        if !namespace::valid_conv(conv) || conv.starts_with("dm:") {
+            return Err(RpcError::bad("conv is not a valid group conversation id"));
+        }
+        for m in members {
+            if !namespace::valid_user(m) {
+                return Err(RpcError::bad("members must be user ids"));
+            }
+        }
+        let state = self.conv_state(conv)?;
+        let mut st = state.lock().await;
+        if self.members_read().exists(conv) || st.record.head > 0 {
+            return Err(RpcError::new("exists", "the conversation already exists"));
+        }
+        st.record.title = title.to_string();
+        let mut batch = Batch::new();
+        batch.put_conversation(conv, &st.record);
+        let mut all: Vec<(String, Role)> = members.iter().map(|m| (m.clone(), Role::Member)).collect();
+        if let Some(o) = owner {
+            all.retain(|(m, _)| m != o);
+            all.push((o.to_string(), Role::Owner));
+        }
+        for (m, role) in &all {
+            batch.put_member(conv, m, *role);
+        }
+        self.store.write(batch).await?;
+        {
+            let mut ms = self.members_write();
+            for (m, role) in &all {
+                ms.add(conv, m, *role);
+            }
+        }
+        let users: Vec<Arc<str>> = all.iter().map(|(m, _)| Arc::from(m.as_str())).collect();
+        self.announce(&users, json!({"type": "conversation.created", "conv": conv, "title": title, "by": owner}));
+        Ok(())
+    }
+
+    /// Adds `user` to `conv`; `by` must be its owner (`None`: an operator).
+    pub async fn add_member(&self, conv: &str, user: &str, by: Option<&str>) -> Result<(), RpcError> {
+        self.check_owner(conv, by)?;
+        if !namespace::valid_user(user) {
+            return Err(RpcError::bad("user is not a valid user id"));
+        }
+        if self.is_member(conv, user) {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        batch.put_member(conv, user, Role::Member);
+        self.store.write(batch).await?;
+        self.members_write().add(conv, user, Role::Member);
+        self.announce(&self.members(conv), json!({"type": "member.added", "conv": conv, "user": user, "by": by}));
+        Ok(())
+    }
+
+    /// Removes `user` from `conv`, at once: its live subscriptions stop
+    /// receiving the conversation. The owner removes anyone; a member may
+    /// remove itself.
+    pub async fn remove_member(&self, conv: &str, user: &str, by: Option<&str>) -> Result<(), RpcError> {
+        if by != Some(user) {
+            self.check_owner(conv, by)?;
+        }
+        if !self.is_member(conv, user) {
+            return Err(RpcError::new("not_found", "the user is not a member"));
+        }
+        let mut batch = Batch::new();
+        batch.delete_member(conv, user);
+        self.store.write(batch).await?;
+        let before = self.members(conv);
+        self.members_write().remove(conv, user);
+        self.announce(&before, json!({"type": "member.removed", "conv": conv, "user": user, "by": by}));
+        Ok(())
+    }
+
+    fn check_owner(&self, conv: &str, by: Option<&str>) -> Result<(), RpcError> {
+        if namespace::direct_members(conv).is_some() {
+            return Err(RpcError::new("forbidden", "direct conversations have fixed members"));
+        }
+        if !self.members_read().exists(conv) {
+            return Err(RpcError::new("not_found", "no such conversation"));
+        }
+        match by {
+            None => Ok(()),
+            Some(u) if self.role(conv, u) == Some(Role::Owner) => Ok(()),
+            Some(_) => Err(RpcError::new("forbidden", "only the owner may change members")),
+        }
+    }
+
+    /// History of `conv` in seq order: after `after` (ascending from there)
+    /// or before `before` (the latest ones before it), at most `limit`.
+    pub async fn history(&self, conv: &str, after: Option<u64>, before: Option<u64>, limit: usize) -> Result<Value, RpcError> {
+        let (head, first) = self.bounds(conv).await?;
+        let limit = limit.clamp(1, self.history_cap);
+        let store = self.store.clone();
+        let c = conv.to_string();
+        let page = tokio::task::spawn_blocking(move || match (after, before) {
+            (Some(a), b) => store.messages(&c, a + 1, b.unwrap_or(u64::MAX), limit, false),
+            (None, b) => store
+                .messages(&c, first, b.unwrap_or(u64::MAX), limit, true)
+                .map(|mut v| {
+                    v.reverse();
+                    v
+                }),
+        })
+        .await
+        .map_err(|_| RpcError::new("internal", "history read failed"))??;
+        let messages: Vec<Value> = page
+            .into_iter()
+            .filter_map(|(_, body)| serde_json::from_slice(&body).ok())
+            .collect();
+        Ok(json!({"messages": messages, "head": head, "first": first, "epoch": self.epoch()}))
+    }
+
+    /// The user's conversations with head seq, read seq and unread count.
+    pub async fn list(&self, user: &str) -> Result<Value, RpcError> {
+        let mut out = Vec::new();
+        for conv in self.conversations_of(user) {
+            let state = self.conv_state(&conv)?;
+            let (head, title) = {
+                let s = state.lock().await;
+                (s.record.head, s.record.title.clone())
+            };
+            let read = self.store.read_seq(user, &conv)?;
+            let role = match self.role(&conv, user) {
+                Some(Role::Owner) => "owner",
+                _ => "member",
+            };
+            out.push(json!({"conv": &*conv, "title": title, "head": head, "read": read, "unread": head.saturating_sub(read), "role": role}));
+        }
+        Ok(json!({"conversations": out}))
+    }
+
+    /// Records that `user` read `conv` up to `seq` and tells the other
+    /// members (a read receipt). The read seq never goes backwards.
+    pub async fn mark_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64, RpcError> {
+        let (head, _) = self.bounds(conv).await?;
+        let seq = seq.min(head).max(self.store.read_seq(user, conv)?);
+        let mut batch = Batch::new();
+        batch.put_read(user, conv, seq);
+        self.store.write(batch).await?;
+        let others: Vec<Arc<str>> = self.members(conv).into_iter().filter(|m| &**m != user).collect();
+        self.announce(&others, json!({"type": "read", "conv": conv, "user": user, "seq": seq}));
+        Ok(seq)
+    }
+}
+
+/// Chat deliveries are at most QoS 1: the (conv, seq) pair already gives
+/// exactly-once to a client that deduplicates, and a QoS 2 packet id must
+/// not be reused after a restart, which replay from the log cannot promise.
+fn chat_qos(published: QoS, subscribed: QoS) -> QoS {
+    min_qos(min_qos(published, subscribed), QoS::AtLeastOnce)
+}
+
+/// A refused RPC or HTTP call: a stable code and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> RpcError {
+        RpcError { code, message: message.into() }
+    }
+    pub fn bad(message: impl Into<String>) -> RpcError {
+        RpcError::new("bad_request", message)
+    }
+}
+
+impl From<StorageError> for RpcError {
+    fn from(e: StorageError) -> Self {
+        tracing::error!(error = %e, "storage error in a chat call");
+        RpcError::new("internal", "storage error")
+    }
+}

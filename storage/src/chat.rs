@@ -1,0 +1,258 @@
+//! The chat schema: conversations, members, the message log, cursors,
+//! read state and idempotency keys (DESIGN §5).
+//!
+//! Keys start with a length-prefixed id so that a prefix scan returns one
+//! conversation's (or user's, or client's) entries, in order: messages by
+//! big-endian seq, members by user id.
+
+use rocksdb::{Direction, IteratorMode};
+
+use crate::batch::{Batch, Op};
+use crate::keys::{client_prefix, prefix_end};
+use crate::record::ConversationRecord;
+use crate::store::Store;
+use crate::StorageError;
+
+pub const CF_MSG: &str = "msg";
+pub const CF_CONV: &str = "conv";
+pub const CF_MEMBER: &str = "member";
+pub const CF_USER_CONV: &str = "user_conv";
+pub const CF_CURSOR: &str = "cursor";
+pub const CF_READ: &str = "read";
+pub const CF_DEDUP: &str = "dedup";
+
+pub const CHAT_CFS: [&str; 7] = [CF_MSG, CF_CONV, CF_MEMBER, CF_USER_CONV, CF_CURSOR, CF_READ, CF_DEDUP];
+
+fn pair(a: &str, b: &str) -> Vec<u8> {
+    let mut key = client_prefix(a);
+    key.extend_from_slice(b.as_bytes());
+    key
+}
+
+fn msg_key(conv: &str, seq: u64) -> Vec<u8> {
+    let mut key = client_prefix(conv);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn dedup_key(conv: &str, sender: &str, id: &str) -> Vec<u8> {
+    let mut key = client_prefix(conv);
+    key.extend_from_slice(&client_prefix(sender));
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn split_pair(key: &[u8]) -> Option<(String, String)> {
+    let len = u16::from_be_bytes([*key.first()?, *key.get(1)?]) as usize;
+    let a = key.get(2..2 + len)?;
+    let b = key.get(2 + len..)?;
+    Some((String::from_utf8(a.to_vec()).ok()?, String::from_utf8(b.to_vec()).ok()?))
+}
+
+fn seq_value(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.try_into().ok()?))
+}
+
+/// A member's role in a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Member,
+    Owner,
+}
+
+impl Batch {
+    /// Appends message `seq` of `conv`; `envelope` is the JSON subscribers get.
+    pub fn put_message(&mut self, conv: &str, seq: u64, envelope: &[u8]) {
+        self.ops.push(Op::Put { cf: CF_MSG, key: msg_key(conv, seq), value: envelope.to_vec() });
+    }
+
+    /// Drops messages of `conv` with seq in `from..to` (retention).
+    pub fn delete_messages(&mut self, conv: &str, from: u64, to: u64) {
+        self.ops.push(Op::DeleteRange { cf: CF_MSG, from: msg_key(conv, from), to: msg_key(conv, to) });
+    }
+
+    pub fn put_conversation(&mut self, conv: &str, record: &ConversationRecord) {
+        self.ops.push(Op::Put { cf: CF_CONV, key: conv.as_bytes().to_vec(), value: record.encode() });
+    }
+
+    pub fn put_member(&mut self, conv: &str, user: &str, role: Role) {
+        let value = vec![matches!(role, Role::Owner) as u8];
+        self.ops.push(Op::Put { cf: CF_MEMBER, key: pair(conv, user), value });
+        self.ops.push(Op::Put { cf: CF_USER_CONV, key: pair(user, conv), value: Vec::new() });
+    }
+
+    pub fn delete_member(&mut self, conv: &str, user: &str) {
+        self.ops.push(Op::Delete { cf: CF_MEMBER, key: pair(conv, user) });
+        self.ops.push(Op::Delete { cf: CF_USER_CONV, key: pair(user, conv) });
+    }
+
+    /// The last seq of `conv` that client `client_id` acknowledged.
+    pub fn put_cursor(&mut self, client_id: &str, conv: &str, seq: u64) {
+        self.ops.push(Op::Put { cf: CF_CURSOR, key: pair(client_id, conv), value: seq.to_be_bytes().to_vec() });
+    }
+
+    /// Forgets every cursor of a session that ended.
+    pub fn delete_cursors(&mut self, client_id: &str) {
+        let prefix = client_prefix(client_id);
+        self.ops.push(Op::DeleteRange { cf: CF_CURSOR, to: prefix_end(&prefix), from: prefix });
+    }
+
+    pub fn put_read(&mut self, user: &str, conv: &str, seq: u64) {
+        self.ops.push(Op::Put { cf: CF_READ, key: pair(user, conv), value: seq.to_be_bytes().to_vec() });
+    }
+
+    /// Remembers that `sender`'s message `id` in `conv` got `seq`.
+    pub fn put_dedup(&mut self, conv: &str, sender: &str, id: &str, seq: u64) {
+        self.ops.push(Op::Put { cf: CF_DEDUP, key: dedup_key(conv, sender, id), value: seq.to_be_bytes().to_vec() });
+    }
+}
+
+impl Store {
+    fn scan_prefix(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let handle = self.cf_handle(cf)?;
+        for item in self.db().iterator_cf(handle, IteratorMode::From(prefix, Direction::Forward)) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) || !f(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn conversation(&self, conv: &str) -> Result<Option<ConversationRecord>, StorageError> {
+        match self.db().get_cf(self.cf_handle(CF_CONV)?, conv.as_bytes())? {
+            Some(v) => Ok(Some(ConversationRecord::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every (conversation, user, role) membership. Used once at start-up.
+    pub fn all_members(&self) -> Result<Vec<(String, String, Role)>, StorageError> {
+        let mut out = Vec::new();
+        self.scan_prefix(CF_MEMBER, &[], |k, v| {
+            if let Some((conv, user)) = split_pair(k) {
+                let role = if v.first() == Some(&1) { Role::Owner } else { Role::Member };
+                out.push((conv, user, role));
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Messages of `conv` with `from <= seq < to`, at most `limit`, in
+    /// ascending order (or descending with `reverse`).
+    pub fn messages(
+        &self,
+        conv: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let prefix = client_prefix(conv);
+        let handle = self.cf_handle(CF_MSG)?;
+        let mut out = Vec::new();
+        if from >= to || limit == 0 {
+            return Ok(out);
+        }
+        let (start, mode) = if reverse {
+            (msg_key(conv, to.saturating_sub(1)), Direction::Reverse)
+        } else {
+            (msg_key(conv, from), Direction::Forward)
+        };
+        for item in self.db().iterator_cf(handle, IteratorMode::From(&start, mode)) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let Some(seq) = seq_value(&key[prefix.len()..]) else { break };
+            if seq < from || seq >= to {
+                break;
+            }
+            out.push((seq, value.to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every cursor of a session: conversation → last acknowledged seq.
+    pub fn cursors(&self, client_id: &str) -> Result<Vec<(String, u64)>, StorageError> {
+        let prefix = client_prefix(client_id);
+        let mut out = Vec::new();
+        self.scan_prefix(CF_CURSOR, &prefix, |k, v| {
+            if let (Some((_, conv)), Some(seq)) = (split_pair(k), seq_value(v)) {
+                out.push((conv, seq));
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    pub fn read_seq(&self, user: &str, conv: &str) -> Result<u64, StorageError> {
+        Ok(self
+            .db()
+            .get_cf(self.cf_handle(CF_READ)?, pair(user, conv))?
+            .and_then(|v| seq_value(&v))
+            .unwrap_or(0))
+    }
+
+    /// The seq an earlier publish of (`conv`, `sender`, `id`) got, if any.
+    pub fn dedup(&self, conv: &str, sender: &str, id: &str) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .db()
+            .get_cf(self.cf_handle(CF_DEDUP)?, dedup_key(conv, sender, id))?
+            .and_then(|v| seq_value(&v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SyncMode;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn the_log_pages_both_ways_and_membership_is_indexed_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Never, Duration::from_millis(5)).unwrap();
+        let mut b = Batch::new();
+        for seq in 1..=10u64 {
+            b.put_message("room", seq, format!("m{seq}").as_bytes());
+        }
+        b.put_message("room2", 1, b"other");
+        b.put_member("room", "alice", Role::Owner);
+        b.put_member("room", "bob", Role::Member);
+        b.put_dedup("room", "alice", "x1", 3);
+        b.put_cursor("c1", "room", 7);
+        b.put_read("bob", "room", 4);
+        store.write(b).await.unwrap();
+
+        let fwd = store.messages("room", 4, 11, 3, false).unwrap();
+        assert_eq!(fwd.iter().map(|m| m.0).collect::<Vec<_>>(), [4, 5, 6]);
+        let back = store.messages("room", 1, 9, 3, true).unwrap();
+        assert_eq!(back.iter().map(|m| m.0).collect::<Vec<_>>(), [8, 7, 6]);
+        assert_eq!(store.messages("room", 1, u64::MAX, 100, false).unwrap().len(), 10);
+        assert_eq!(store.all_members().unwrap().len(), 2);
+        assert_eq!(store.dedup("room", "alice", "x1").unwrap(), Some(3));
+        assert_eq!(store.dedup("room", "bob", "x1").unwrap(), None);
+        assert_eq!(store.cursors("c1").unwrap(), [("room".to_string(), 7)]);
+        assert_eq!(store.read_seq("bob", "room").unwrap(), 4);
+
+        let mut b = Batch::new();
+        b.delete_messages("room", 1, 5);
+        b.delete_member("room", "bob");
+        b.delete_cursors("c1");
+        store.write(b).await.unwrap();
+        assert_eq!(store.messages("room", 1, 100, 100, false).unwrap()[0].0, 5);
+        assert_eq!(store.all_members().unwrap().len(), 1);
+        assert!(store.cursors("c1").unwrap().is_empty());
+        store.close();
+    }
+}

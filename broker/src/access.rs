@@ -64,6 +64,14 @@ pub struct Authenticator {
     users: HashMap<String, Secret>,
     jwt: Vec<Jwt>,
     allow_anonymous: bool,
+    admin_token: Option<String>,
+}
+
+/// The claims chatmq reads from a user JWT (`exp` is checked by the
+/// validation itself).
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: String,
 }
 
 impl Authenticator {
@@ -110,6 +118,7 @@ impl Authenticator {
             users,
             jwt,
             allow_anonymous: auth.allow_anonymous,
+            admin_token: auth.admin_token.clone(),
         })
     }
 
@@ -150,12 +159,35 @@ impl Authenticator {
         let Ok(token) = std::str::from_utf8(token) else {
             return false;
         };
-        self.jwt.iter().any(|j| {
+        self.jwt_subject(token, Some(username)).is_some()
+    }
+
+    /// The user a bearer token (HTTP API) stands for: a JWT checked as a
+    /// CONNECT password is, whose `sub` is a valid user id.
+    pub fn user_from_token(&self, token: &str) -> Option<String> {
+        self.jwt_subject(token, None)
+            .filter(|sub| crate::chat::namespace::valid_user(sub))
+    }
+
+    /// Is `token` the configured `auth.admin_token`? Compared in constant
+    /// time; never true when none is configured.
+    pub fn is_admin_token(&self, token: &str) -> bool {
+        self.admin_token
+            .as_deref()
+            .is_some_and(|admin| constant_time_eq(admin.as_bytes(), token.as_bytes()))
+    }
+
+    /// The `sub` of an unexpired token signed by a key we hold (and equal to
+    /// `sub` when one is required).
+    fn jwt_subject(&self, token: &str, sub: Option<&str>) -> Option<String> {
+        self.jwt.iter().find_map(|j| {
             let mut v = Validation::new(j.algorithm);
             v.set_required_spec_claims(&["exp", "sub"]);
-            v.sub = Some(username.to_string());
+            v.sub = sub.map(str::to_string);
             v.leeway = 0;
-            jsonwebtoken::decode::<serde_json::Value>(token, &j.key, &v).is_ok()
+            jsonwebtoken::decode::<Claims>(token, &j.key, &v)
+                .ok()
+                .map(|data| data.claims.sub)
         })
     }
 }
@@ -402,5 +434,38 @@ mod tests {
             Err(Refusal::BadCredentials)
         );
         assert_eq!(a.authenticate(None, None), Ok(Identity::Anonymous));
+    }
+
+    #[test]
+    fn bearer_tokens_name_their_user_or_the_admin() {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let mut a = auth(vec![], Some("k"), false);
+        let now = jsonwebtoken::get_current_timestamp();
+        let token = |claims: serde_json::Value, key: &[u8]| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(key),
+            )
+            .unwrap()
+        };
+        let alice = token(serde_json::json!({"sub": "alice", "exp": now + 60}), b"k");
+        assert_eq!(a.user_from_token(&alice).as_deref(), Some("alice"));
+        let expired = token(serde_json::json!({"sub": "alice", "exp": now - 10}), b"k");
+        assert_eq!(a.user_from_token(&expired), None);
+        let forged = token(serde_json::json!({"sub": "alice", "exp": now + 60}), b"other");
+        assert_eq!(a.user_from_token(&forged), None);
+        let no_exp = token(serde_json::json!({"sub": "alice"}), b"k");
+        assert_eq!(a.user_from_token(&no_exp), None);
+        let bad_sub = token(serde_json::json!({"sub": "al ice", "exp": now + 60}), b"k");
+        assert_eq!(a.user_from_token(&bad_sub), None, "not a user id");
+        assert_eq!(a.user_from_token("garbage"), None);
+
+        assert!(!a.is_admin_token("admin"), "no admin token configured");
+        a.admin_token = Some("admin".into());
+        assert!(a.is_admin_token("admin"));
+        assert!(!a.is_admin_token("admin2"));
+        assert!(!a.is_admin_token(""));
+        assert!(!a.is_admin_token(&alice));
     }
 }

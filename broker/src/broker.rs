@@ -100,11 +100,21 @@ pub struct Attached {
     pub kicked: oneshot::Receiver<Kick>,
 }
 
-/// Counters exported for operators.
+/// Counters exported for operators (`GET /metrics`). Shared with the chat
+/// layer, which counts what it appends and drops.
 #[derive(Default)]
 pub struct Metrics {
+    /// Open MQTT connections.
     pub connections: AtomicUsize,
+    /// PUBLISH packets received from clients (any topic).
+    pub publishes_received: AtomicU64,
+    /// Plain-MQTT messages routed (publishes and wills).
     pub messages_in: AtomicU64,
+    /// PUBLISH packets written to clients (first sends and resends).
+    pub messages_delivered: AtomicU64,
+    /// Chat messages given a seq (MQTT and HTTP senders).
+    pub chat_appended: AtomicU64,
+    /// Messages a session dropped: its queue was full or they expired.
     pub messages_dropped: AtomicU64,
 }
 
@@ -114,7 +124,7 @@ pub struct Broker {
     pub store: Store,
     pub auth: Authenticator,
     pub acl: Acl,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     router: RwLock<Router>,
     sessions: Mutex<HashMap<Arc<str>, Arc<SessionCell>>>,
     retained: RwLock<HashMap<String, Arc<Message>>>,
@@ -137,14 +147,17 @@ impl Broker {
         auth: Authenticator,
     ) -> Result<Arc<Broker>, chatmq_storage::StorageError> {
         let acl = Acl::new(&settings.acl.rules);
-        let chat = Arc::new(Chat::new(store.clone())?);
+        let metrics = Arc::new(Metrics::default());
+        let mut chat = Chat::new(store.clone(), metrics.clone())?;
+        chat.history_cap = settings.chat.history_limit;
+        let chat = Arc::new(chat);
         let broker = Broker {
             settings,
             chat,
             store,
             auth,
             acl,
-            metrics: Metrics::default(),
+            metrics,
             router: RwLock::new(Router::default()),
             sessions: Mutex::new(HashMap::new()),
             retained: RwLock::new(HashMap::new()),
@@ -167,7 +180,12 @@ impl Broker {
             for (filter, options) in &session.subscriptions {
                 router.subscribe(&session.client_id, filter, *options);
             }
-            sessions.insert(session.client_id.clone(), SessionCell::new(session));
+            let owner = session.owner.clone();
+            let cell = SessionCell::new(session);
+            if let Some(user) = owner {
+                self.chat.register(&user, &cell);
+            }
+            sessions.insert(cell.client_id.clone(), cell);
         }
         drop(router);
         drop(sessions);

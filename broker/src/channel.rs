@@ -590,6 +590,13 @@ impl Channel {
             tracing::error!(error = %e, "cannot persist subscription");
             return Err(Close::violation(DisconnectReasonCode::UnspecifiedError));
         }
+        if let Some(user) = &user {
+            // Conversations this subscription reaches get a cursor now, so
+            // an offline spell later is replayed on resume.
+            let chat = self.broker.chat.clone();
+            let (user, cell) = (user.clone(), cell.clone());
+            tokio::spawn(async move { chat.seed(&user, &cell).await });
+        }
         self.send(Packet::SubAck(SubAck {
             pkid: s.pkid,
             return_codes: codes,
@@ -659,7 +666,15 @@ impl Channel {
     pub async fn poll_deliveries(&mut self, packets: &mut Vec<Packet>) {
         let Some(cell) = &self.cell else { return };
         let mut batch = Batch::new();
-        cell.lock().session.poll_send(now_ms(), packets, &mut batch);
+        let expired = {
+            let mut slot = cell.lock();
+            let before = slot.session.dropped;
+            slot.session.poll_send(now_ms(), packets, &mut batch);
+            slot.session.dropped - before
+        };
+        if expired > 0 {
+            self.broker.metrics.messages_dropped.fetch_add(expired, Ordering::Relaxed);
+        }
         if !batch.is_empty() {
             drop(self.broker.store.submit(batch).await);
         }
@@ -842,6 +857,7 @@ impl Channel {
                 if let Some(cell) = &self.cell {
                     let mut batch = Batch::new();
                     cell.lock().session.accept_inbound(p.pkid, &mut batch);
+                    drop(self.broker.store.submit_now(batch));
                 }
                 self.send(Packet::PubRec(PubRec::new(p.pkid, None)));
             }

@@ -66,28 +66,29 @@ pub fn decode(
             max: max_size,
         });
     }
+    let kind = byte1 >> 4;
+    // The first byte alone can condemn a packet: refuse it before waiting
+    // for a body that may never come (an HTTP client on the MQTT port).
+    check_flags(byte1)?;
+    match (protocol, kind) {
+        (Some(_), 1) => {
+            return Err(DecodeError::Protocol(
+                "second CONNECT [MQTT-3.1.0-2]".into(),
+            ))
+        }
+        (None, k) if k != 1 => {
+            return Err(DecodeError::Protocol(
+                "first packet is not CONNECT [MQTT-3.1.0-1]".into(),
+            ))
+        }
+        _ => {}
+    }
     if buf.len() < size {
         return Ok(None);
     }
-    let kind = byte1 >> 4;
-    check_flags(byte1)?;
     let protocol = match protocol {
-        Some(p) => {
-            if kind == 1 {
-                return Err(DecodeError::Protocol(
-                    "second CONNECT [MQTT-3.1.0-2]".into(),
-                ));
-            }
-            p
-        }
-        None => {
-            if kind != 1 {
-                return Err(DecodeError::Protocol(
-                    "first packet is not CONNECT [MQTT-3.1.0-1]".into(),
-                ));
-            }
-            connect_protocol(&buf[header_len..size])?
-        }
+        Some(p) => p,
+        None => connect_protocol(&buf[header_len..size])?,
     };
     if kind == 1 {
         check_connect_flags(&buf[header_len..size])?;
@@ -380,7 +381,24 @@ pub fn encode(
     max_size: Option<u32>,
 ) -> bool {
     match protocol {
-        Protocol::V5 => packet.write(out, max_size).is_ok(),
+        // rumqttc cannot write a DISCONNECT with a reason code and no
+        // properties: without properties it declares one byte fewer than it
+        // writes, and with empty ones the Remaining Length is 2, which it
+        // takes for its own short form and writes `E0 00`, losing the reason
+        // code [MQTT-3.14.2-1]. Written here: reason code, empty properties.
+        Protocol::V5 => match packet {
+            Packet::Disconnect(d)
+                if d.properties.is_none()
+                    && d.reason_code != DisconnectReasonCode::NormalDisconnection =>
+            {
+                if max_size.is_some_and(|m| m < 4) {
+                    return false;
+                }
+                out.extend_from_slice(&[0xE0, 0x02, d.reason_code as u8, 0x00]);
+                true
+            }
+            _ => packet.write(out, max_size).is_ok(),
+        },
         Protocol::V4 => match to_v4(packet) {
             Some(p) => p
                 .write(out, max_size.map_or(usize::MAX, |m| m as usize))
@@ -513,5 +531,28 @@ mod tests {
                 let _ = decode_all(&bytes, p);
             }
         }
+    }
+
+    // MQTT 5 2.1.4: the Remaining Length counts exactly the bytes that follow.
+    #[test]
+    fn a_disconnect_with_a_reason_declares_its_real_length() {
+        let mut out = BytesMut::new();
+        let d = Packet::Disconnect(Disconnect::new(DisconnectReasonCode::SessionTakenOver));
+        assert!(encode(&d, Protocol::V5, &mut out, None));
+        assert_eq!(&out[..], [0xE0, 0x02, 0x8E, 0x00]);
+    }
+
+    #[test]
+    fn a_bad_first_byte_is_refused_before_its_body_arrives() {
+        // An HTTP request on the MQTT port: 'G' (type 4) declares 69 bytes.
+        assert!(matches!(
+            decode_all(b"GET / HTTP/1.1\r\n", None),
+            Err(DecodeError::Protocol(_))
+        ));
+        // [MQTT-3.8.1-1] SUBSCRIBE flags 0000, body still to come.
+        assert!(matches!(
+            decode_all(&[0x80, 0x10, 0x00], Some(Protocol::V4)),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

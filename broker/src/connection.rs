@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
 
-use crate::broker::{Broker, Kick};
+use crate::broker::{Broker, Kick, Metrics};
 use crate::channel::{max_packet_size, Channel, Close, Out};
 use crate::codec::{self, DecodeError, Protocol};
 
@@ -40,6 +40,7 @@ where
         outbuf: BytesMut::with_capacity(READ_CHUNK),
         pending: VecDeque::new(),
         protocol: None,
+        metrics: broker.metrics.clone(),
     };
     let (mut rd, mut wr) = tokio::io::split(stream);
     let close = conn.run(&mut rd, &mut wr, &broker, shutdown).await;
@@ -59,6 +60,22 @@ where
         }
         let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
         conn.channel.close(close).await;
+        // Lingering close: a socket dropped while the client is still
+        // sending (acks for what we wrote, more publishes) makes its TCP
+        // answer with a reset, which can destroy our DISCONNECT and its
+        // reason code before the client reads it [MQTT-4.13.1-1]. Discard
+        // its input until it closes, for at most a second.
+        let _ = timeout(Duration::from_secs(1), async {
+            loop {
+                conn.inbuf.clear();
+                conn.inbuf.reserve(READ_CHUNK);
+                match rd.read_buf(&mut conn.inbuf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
     }
     broker.metrics.connections.fetch_sub(1, Ordering::Relaxed);
 }
@@ -71,6 +88,7 @@ struct Connection {
     /// Acks waiting for their commit, oldest first.
     pending: VecDeque<(Commit, Packet)>,
     protocol: Option<Protocol>,
+    metrics: Arc<Metrics>,
 }
 
 impl Connection {
@@ -196,6 +214,9 @@ impl Connection {
                     loop {
                         match codec::decode(&mut self.inbuf, Some(protocol), self.max_in) {
                             Ok(Some((_, packet))) => {
+                                if matches!(packet, Packet::Publish(_)) {
+                                    self.metrics.publishes_received.fetch_add(1, Ordering::Relaxed);
+                                }
                                 if let Err(close) = self.channel.handle(packet).await {
                                     self.encode_output();
                                     return Some(close);
@@ -239,12 +260,15 @@ impl Connection {
         for out in self.channel.take_output() {
             match out {
                 Out::Now(p) => {
-                    codec::encode(
+                    let written = codec::encode(
                         &p,
                         protocol,
                         &mut self.outbuf,
                         self.channel.client_max_packet,
                     );
+                    if written && matches!(p, Packet::Publish(_)) {
+                        self.metrics.messages_delivered.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Out::AfterCommit(c, p) => self.pending.push_back((c, p)),
             }
@@ -253,12 +277,16 @@ impl Connection {
 
     async fn encode(&mut self, p: Packet) {
         let protocol = self.protocol.unwrap_or(Protocol::V4);
-        if !codec::encode(
+        let written = codec::encode(
             &p,
             protocol,
             &mut self.outbuf,
             self.channel.client_max_packet,
-        ) {
+        );
+        if written && matches!(p, Packet::Publish(_)) {
+            self.metrics.messages_delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        if !written {
             if let Packet::Publish(publish) = &p {
                 if publish.qos != QoS::AtMostOnce {
                     self.channel.discarded(publish.pkid).await;

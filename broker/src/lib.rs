@@ -8,7 +8,8 @@
 //! [`broker`] to route publishes. The broker finds subscribers through the
 //! [`router`] and queues the message in each [`session`], collecting the
 //! writes that make it durable; the channel acknowledges only once they are
-//! committed.
+//! committed. The [`http`] API serves the same chat operations (and
+//! health, readiness, metrics) to app servers and operators.
 //!
 //! Embedding: `Server::start(settings)` runs a broker inside any tokio
 //! program and `Server::shutdown` stops it.
@@ -22,6 +23,7 @@ mod channel_tests;
 mod clock;
 pub mod codec;
 pub mod connection;
+pub mod http;
 pub mod message;
 pub mod router;
 pub mod server;

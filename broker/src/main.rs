@@ -3,8 +3,8 @@
 //!
 //! Errors go to stderr as one line naming the key or path to fix, with a
 //! non-zero exit. Once listening, `serve` prints one stdout line per
-//! listener (`chatmq: mqtt listening on ADDR`) and then `chatmq: ready`,
-//! so scripts and tests can wait for it.
+//! listener (`chatmq: mqtt listening on ADDR`, `chatmq: http listening on
+//! ADDR`) and then `chatmq: ready`, so scripts and tests can wait for it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -114,8 +114,9 @@ fn serve(path: &std::path::Path) -> ExitCode {
             }
         };
         println!("chatmq: mqtt listening on {}", server.mqtt_addr);
+        println!("chatmq: http listening on {}", server.http_addr);
         println!("chatmq: ready");
-        tracing::info!(addr = %server.mqtt_addr, "chatmq is serving");
+        tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "chatmq is serving");
         wait_for_signal().await;
         tracing::info!("shutting down");
         server.shutdown().await;

@@ -1,7 +1,9 @@
-//! Start-up and shutdown: open the store, bind the listeners, accept
-//! connections, sweep expired sessions, and stop cleanly.
+//! Start-up and shutdown: open the store, bind the listeners (MQTT and
+//! HTTP), accept connections, sweep expired sessions, apply retention, and
+//! stop cleanly.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +15,10 @@ use tokio::task::JoinSet;
 
 use crate::access::{AccessError, Authenticator};
 use crate::broker::Broker;
+use crate::chat::retention;
 use crate::clock::now_ms;
 use crate::connection;
+use crate::http;
 
 /// Why the server could not start. Each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("http.listen {addr}: {source}")]
+    HttpBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running broker.
@@ -38,6 +47,10 @@ pub struct Server {
     pub broker: Arc<Broker>,
     /// Where MQTT over TCP listens (the real port when configured as 0).
     pub mqtt_addr: SocketAddr,
+    /// Where the HTTP API listens (the real port when configured as 0).
+    pub http_addr: SocketAddr,
+    /// What `/readyz` reports: set once serving, cleared at shutdown.
+    ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -69,14 +82,31 @@ impl Server {
             addr: settings.mqtt.listen,
             source,
         })?;
+        let http_bind = |source| StartError::HttpBind {
+            addr: settings.http.listen,
+            source,
+        };
+        let http_listener = TcpListener::bind(settings.http.listen)
+            .await
+            .map_err(http_bind)?;
+        let http_addr = http_listener.local_addr().map_err(http_bind)?;
+        let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, watch) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(listener, broker.clone(), watch.clone()));
+        let api = http::Api::new(broker.clone(), ready.clone());
+        tasks.spawn(http::serve(http_listener, api, watch.clone()));
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
+        if let Some(policy) = retention::Policy::from_settings(&settings.chat) {
+            tasks.spawn(retention::run(broker.chat.clone(), policy, watch.clone()));
+        }
         tasks.spawn(sweep_sessions(broker.clone(), watch));
+        ready.store(true, Ordering::Release);
         Ok(Server {
             broker,
             mqtt_addr,
+            http_addr,
+            ready,
             shutdown,
             tasks,
         })
@@ -85,6 +115,7 @@ impl Server {
     /// Stops accepting, tells every client (MQTT 5: DISCONNECT 0x8B), waits
     /// for connections to finish, then makes everything durable.
     pub async fn shutdown(mut self) {
+        self.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), async {
             while self.tasks.join_next().await.is_some() {}

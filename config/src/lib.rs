@@ -5,7 +5,7 @@
 //!
 //! The public API is small:
 //! - [`Settings`] and its sections ([`Node`], [`Mqtt`], [`Auth`], [`Acl`],
-//!   [`Storage`]), whose `Default` is the documented defaults
+//!   [`Storage`], [`Http`], [`Chat`]), whose `Default` is the documented defaults
 //!   (`config/chatmq.toml` spells out every one);
 //! - [`Settings::load`]: a file, then `CHATMQ__SECTION__KEY` variables
 //!   (`CHATMQ__MQTT__LISTEN=127.0.0.1:0`), then validation;
@@ -25,4 +25,6 @@ mod settings;
 mod validate;
 
 pub use error::ConfigError;
-pub use settings::{Access, Acl, AclRule, Auth, Mqtt, Node, Settings, Storage, SyncMode, User};
+pub use settings::{
+    Access, Acl, AclRule, Auth, Chat, Http, Mqtt, Node, Settings, Storage, SyncMode, User,
+};

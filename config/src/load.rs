@@ -320,7 +320,9 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::settings::{Access, Acl, AclRule, Auth, Mqtt, Node, Storage, SyncMode, User};
+    use crate::settings::{
+        Access, Acl, AclRule, Auth, Chat, Http, Mqtt, Node, Storage, SyncMode, User,
+    };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
 
@@ -406,6 +408,8 @@ mod tests {
         vars.set("CHATMQ__AUTH__ALLOW_ANONYMOUS", "true");
         vars.set("CHATMQ__STORAGE__SYNC", "never");
         vars.set("CHATMQ__AUTH__JWT_SECRET", "007");
+        vars.set("CHATMQ__HTTP__LISTEN", "127.0.0.1:0");
+        vars.set("CHATMQ__CHAT__RETENTION_MAX_MESSAGES", "5");
         let settings = Settings::load(&default_file).unwrap();
         assert_eq!(settings.node.data_dir, data_dir);
         assert_eq!(
@@ -416,6 +420,12 @@ mod tests {
         assert!(settings.auth.allow_anonymous);
         assert_eq!(settings.storage.sync, SyncMode::Never);
         assert_eq!(settings.auth.jwt_secret.as_deref(), Some("007"));
+        assert_eq!(
+            settings.http.listen,
+            "127.0.0.1:0".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(settings.chat.retention_max_messages, 5);
+        assert_eq!(settings.chat.history_limit, Chat::default().history_limit);
         assert_eq!(settings.mqtt.max_inflight, Mqtt::default().max_inflight);
 
         // The environment also overrides a value the file sets.
@@ -529,6 +539,12 @@ mod tests {
             [storage]
             sync = "interval"
             sync_interval_ms = 5
+            [http]
+            listen = "0.0.0.0:18080"
+            [chat]
+            history_limit = 9
+            retention_max_messages = 10
+            retention_max_age_secs = 11
         "#;
         let expected = Settings {
             node: Node {
@@ -573,6 +589,14 @@ mod tests {
             storage: Storage {
                 sync: SyncMode::Interval,
                 sync_interval_ms: 5,
+            },
+            http: Http {
+                listen: "0.0.0.0:18080".parse().unwrap(),
+            },
+            chat: Chat {
+                history_limit: 9,
+                retention_max_messages: 10,
+                retention_max_age_secs: 11,
             },
         };
         assert_eq!(parse(text, "test.toml", None).unwrap(), expected);
@@ -676,6 +700,19 @@ mod tests {
     }
 
     #[test]
+    fn http_listen_is_an_address_on_loopback_by_default() {
+        assert_eq!(
+            Settings::default().http.listen,
+            "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
+        );
+        let message = parse_err("[http]\nlisten = \"localhost:8080\"\n");
+        assert!(
+            message.starts_with("http.listen: expected an ip:port socket address"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn bad_listen_address_is_refused() {
         let message = parse_err("[mqtt]\nlisten = \"0.0.0.0\"\n");
         assert!(
@@ -709,6 +746,14 @@ mod tests {
         assert_eq!(
             parse_err("[storage]\nsync_interval_ms = 0\n"),
             "storage.sync_interval_ms: must be at least 1, found 0 in test.toml"
+        );
+        assert_eq!(
+            parse_err("[chat]\nhistory_limit = 0\n"),
+            "chat.history_limit: must be at least 1, found 0 in test.toml"
+        );
+        assert_eq!(
+            parse_err("[chat]\nretention_max_age_secs = -1\n"),
+            "chat.retention_max_age_secs: must be at least 0, found -1 in test.toml"
         );
     }
 

@@ -26,6 +26,8 @@ pub struct Settings {
     pub auth: Auth,
     pub acl: Acl,
     pub storage: Storage,
+    pub http: Http,
+    pub chat: Chat,
 }
 
 /// `[node]`: where this broker keeps its state.
@@ -225,6 +227,45 @@ pub enum SyncMode {
 /// The spelling of each [`SyncMode`] in TOML, for the key table and errors.
 pub(crate) const SYNC_NAMES: &[&str] = &["always", "interval", "never"];
 
+/// `[http]`: the HTTP API (conversations, messages, health, metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    /// TCP address of the HTTP listener (`ip:port`; port 0 picks a free one).
+    /// Loopback by default: put a TLS proxy in front to expose it.
+    pub listen: SocketAddr,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
+        }
+    }
+}
+
+/// `[chat]`: limits of the chat layer: history pages and retention.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Chat {
+    /// The most messages one history call (RPC or HTTP) returns.
+    pub history_limit: usize,
+    /// Messages kept per conversation, the newest ones; 0 keeps all.
+    pub retention_max_messages: u64,
+    /// Messages older than this many seconds are dropped; 0 keeps them forever.
+    pub retention_max_age_secs: u64,
+}
+
+impl Default for Chat {
+    fn default() -> Self {
+        Chat {
+            history_limit: 200,
+            retention_max_messages: 0,
+            retention_max_age_secs: 0,
+        }
+    }
+}
+
 /// One key of the configuration, as the loader checks it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Key {
@@ -319,6 +360,15 @@ pub(crate) const KEYS: &[Key] = &[
         Kind::Section(&[
             key("sync", Kind::OneOf(SYNC_NAMES)),
             key("sync_interval_ms", integer(1, i64::MAX)),
+        ]),
+    ),
+    key("http", Kind::Section(&[key("listen", Kind::Address)])),
+    key(
+        "chat",
+        Kind::Section(&[
+            key("history_limit", integer(1, USIZE_MAX)),
+            key("retention_max_messages", integer(0, i64::MAX)),
+            key("retention_max_age_secs", integer(0, i64::MAX)),
         ]),
     ),
 ];

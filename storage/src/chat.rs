@@ -131,6 +131,26 @@ impl Store {
         }
     }
 
+    /// Every conversation record, by id (retention walks them).
+    pub fn conversations(&self) -> Result<Vec<(String, ConversationRecord)>, StorageError> {
+        let mut out = Vec::new();
+        let mut bad = None;
+        self.scan_prefix(CF_CONV, &[], |k, v| {
+            match (String::from_utf8(k.to_vec()), ConversationRecord::decode(v)) {
+                (Ok(conv), Ok(record)) => out.push((conv, record)),
+                (_, Err(e)) => bad = Some(e),
+                (Err(_), _) => {
+                    bad = Some(StorageError::Corrupt { cf: CF_CONV, what: "conversation id is not UTF-8".into() })
+                }
+            }
+            bad.is_none()
+        })?;
+        match bad {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
     /// Every (conversation, user, role) membership. Used once at start-up.
     pub fn all_members(&self) -> Result<Vec<(String, String, Role)>, StorageError> {
         let mut out = Vec::new();
@@ -240,6 +260,12 @@ mod tests {
         assert_eq!(back.iter().map(|m| m.0).collect::<Vec<_>>(), [8, 7, 6]);
         assert_eq!(store.messages("room", 1, u64::MAX, 100, false).unwrap().len(), 10);
         assert_eq!(store.all_members().unwrap().len(), 2);
+        assert!(store.conversations().unwrap().is_empty());
+        let mut b = Batch::new();
+        let record = ConversationRecord { title: "t".into(), created_ms: 1, head: 10, first: 1 };
+        b.put_conversation("room", &record);
+        store.write(b).await.unwrap();
+        assert_eq!(store.conversations().unwrap(), [("room".to_string(), record)]);
         assert_eq!(store.dedup("room", "alice", "x1").unwrap(), Some(3));
         assert_eq!(store.dedup("room", "bob", "x1").unwrap(), None);
         assert_eq!(store.cursors("c1").unwrap(), [("room".to_string(), 7)]);

@@ -17,6 +17,7 @@ mod batch;
 mod chat;
 mod error;
 mod keys;
+mod latency;
 mod record;
 mod store;
 mod writer;
@@ -25,6 +26,7 @@ pub use batch::Batch;
 pub use chat::Role;
 pub use chatmq_config::SyncMode;
 pub use error::StorageError;
+pub use latency::{LatencySnapshot, COMMIT_BUCKETS};
 pub use record::{
     ConversationRecord, MessageProps, MessageRecord, OutboxEntry, OutboxState, RetainedRecord, SessionRecord,
     SubscriptionRecord,

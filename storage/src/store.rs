@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::Batch;
 use crate::keys::*;
+use crate::latency::{CommitLatency, LatencySnapshot};
 use crate::record::{MessageRecord, OutboxEntry, SessionRecord};
 use crate::writer::{self, Commit, Job};
 use crate::{StorageError, SyncMode};
@@ -39,6 +40,7 @@ struct Inner {
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop: Arc<AtomicBool>,
     epoch: String,
+    latency: Arc<CommitLatency>,
 }
 
 impl Store {
@@ -68,14 +70,16 @@ impl Store {
         let (tx, rx) = mpsc::channel(writer::QUEUE);
         let dirty = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
+        let latency = Arc::new(CommitLatency::default());
         let mut threads = Vec::new();
         {
             let db = db.clone();
             let dirty = dirty.clone();
+            let latency = latency.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("chatmq-writer".into())
-                    .spawn(move || writer::run(db, rx, sync, dirty))
+                    .spawn(move || writer::run(db, rx, sync, dirty, latency))
                     .map_err(|e| StorageError::Corrupt {
                         cf: "writer",
                         what: format!("cannot start the writer thread: {e}"),
@@ -103,8 +107,21 @@ impl Store {
                 threads: Mutex::new(threads),
                 stop,
                 epoch,
+                latency,
             }),
         })
+    }
+
+    /// The durations of the group commits so far (for metrics).
+    pub fn commit_latency(&self) -> LatencySnapshot {
+        self.inner.latency.snapshot()
+    }
+
+    /// Batches submitted and not yet taken by the writer (for metrics).
+    pub fn queue_depth(&self) -> usize {
+        self.sender()
+            .map(|tx| tx.max_capacity() - tx.capacity())
+            .unwrap_or(0)
     }
 
     /// Identifies this database for its whole life: a wiped store gets a
@@ -129,6 +146,29 @@ impl Store {
             // The writer is gone: the commit reports it.
             _ => Commit::pending(rx),
         }
+    }
+
+    /// Like [`Store::submit`], from code that cannot wait: the batch is
+    /// queued at once, in order with earlier submissions; only if the
+    /// writer's queue is full does it go through a task (and may then land
+    /// after batches submitted later).
+    pub fn submit_now(&self, batch: Batch) -> Commit {
+        if batch.is_empty() {
+            return Commit::ready();
+        }
+        let (reply, rx) = oneshot::channel();
+        if let Some(tx) = self.sender() {
+            match tx.try_send(Job::Write(batch, reply)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    tokio::spawn(async move {
+                        let _ = tx.send(job).await;
+                    });
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        Commit::pending(rx)
     }
 
     /// Submits and waits for durability.
@@ -383,6 +423,12 @@ mod tests {
             }
             store.flush().await.unwrap();
             assert_eq!(store.load_retained().unwrap().len(), 200, "{mode:?}");
+            let latency = store.commit_latency();
+            assert!(
+                (1..=200).contains(&latency.count),
+                "one sample per group commit: {latency:?}"
+            );
+            assert_eq!(store.queue_depth(), 0);
             store.close();
         }
     }

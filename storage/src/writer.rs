@@ -6,12 +6,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::{Batch, Op};
+use crate::latency::CommitLatency;
 use crate::{StorageError, SyncMode};
 
 /// How many waiting batches one commit may take; bounds the latency a single
@@ -83,11 +84,14 @@ impl Future for Commit {
 }
 
 /// Runs until every sender is gone, then syncs what it wrote and returns.
+/// Each group commit's duration (write and, with `sync = "always"`, sync)
+/// goes into `latency`.
 pub(crate) fn run(
     db: Arc<DB>,
     mut jobs: mpsc::Receiver<Job>,
     mode: SyncMode,
     dirty: Arc<AtomicBool>,
+    latency: Arc<CommitLatency>,
 ) {
     let mut options = WriteOptions::default();
     options.set_sync(mode == SyncMode::Always);
@@ -105,7 +109,9 @@ pub(crate) fn run(
             }
         }
         if !group.is_empty() {
+            let started = Instant::now();
             let result = write_group(&db, &group, &options);
+            latency.record(started.elapsed());
             if result.is_ok() && mode != SyncMode::Always {
                 dirty.store(true, Ordering::Release);
             }

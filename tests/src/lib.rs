@@ -6,8 +6,8 @@
 //! them), and waits for its `chatmq: ready` line. A broker can be killed
 //! with SIGKILL or stopped with SIGTERM and started again on the same data.
 //!
-//! Clients: rumqttc (v4 and v5) through [`v4`] and [`v5`] helpers, and raw
-//! bytes through [`raw`].
+//! Clients: rumqttc (v4 and v5) through [`v4`] and [`v5`] helpers, raw
+//! bytes through [`raw`], and the HTTP API through [`http`].
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod chat;
+pub mod http;
 pub mod raw;
 pub mod v4;
 pub mod v5;
@@ -46,6 +48,8 @@ pub fn binary() -> PathBuf {
 pub struct Broker {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
     dir: tempfile::TempDir,
     config: String,
     env: Vec<(String, String)>,
@@ -63,6 +67,7 @@ impl Broker {
         let mut b = Broker {
             child: None,
             addr: "127.0.0.1:0".parse().expect("addr"),
+            http_addr: "127.0.0.1:0".parse().expect("addr"),
             dir,
             config: config.to_string(),
             env: env
@@ -70,7 +75,7 @@ impl Broker {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        b.spawn("127.0.0.1:0");
+        b.spawn("127.0.0.1:0", "127.0.0.1:0");
         b
     }
 
@@ -91,6 +96,8 @@ impl Broker {
             .arg("--config")
             .arg(&config_path)
             .env("CHATMQ__NODE__DATA_DIR", self.data_dir())
+            // Never the default port: tests run side by side.
+            .env("CHATMQ__HTTP__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "warn");
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -98,7 +105,7 @@ impl Broker {
         cmd
     }
 
-    fn spawn(&mut self, listen: &str) {
+    fn spawn(&mut self, listen: &str, http_listen: &str) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -107,6 +114,7 @@ impl Broker {
         let mut child = self
             .command()
             .env("CHATMQ__MQTT__LISTEN", listen)
+            .env("CHATMQ__HTTP__LISTEN", http_listen)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -120,6 +128,7 @@ impl Broker {
         });
         let deadline = Instant::now() + PATIENCE;
         let mut addr = None;
+        let mut http_addr = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
@@ -127,6 +136,9 @@ impl Broker {
                 Ok(line) => {
                     if let Some(a) = line.strip_prefix("chatmq: mqtt listening on ") {
                         addr = a.parse().ok();
+                    }
+                    if let Some(a) = line.strip_prefix("chatmq: http listening on ") {
+                        http_addr = a.parse().ok();
                     }
                 }
                 Err(_) => {
@@ -136,6 +148,7 @@ impl Broker {
             }
         }
         self.addr = addr.expect("listening line");
+        self.http_addr = http_addr.expect("http listening line");
         self.child = Some(child);
     }
 
@@ -172,20 +185,22 @@ impl Broker {
         }
     }
 
-    /// Starts again on the same data directory and the same port.
+    /// Starts again on the same data directory and the same ports.
     pub fn restart(&mut self) {
         self.kill9();
         let listen = self.addr.to_string();
+        let http_listen = self.http_addr.to_string();
         let deadline = Instant::now() + PATIENCE;
-        // The port was just freed; retry briefly if the OS has not let go.
+        // The ports were just freed; retry briefly if the OS has not let go.
         loop {
-            let probe = std::net::TcpListener::bind(&listen);
+            let probe = std::net::TcpListener::bind(&listen)
+                .and_then(|_| std::net::TcpListener::bind(&http_listen));
             if probe.is_ok() || Instant::now() > deadline {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.spawn(&listen);
+        self.spawn(&listen, &http_listen);
     }
 
     pub fn host(&self) -> String {

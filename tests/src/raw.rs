@@ -62,3 +62,115 @@ pub async fn read_for(stream: &mut TcpStream, d: Duration) -> Vec<u8> {
     }
     got
 }
+
+// Packets built and read with rumqttc's codecs, for exchanges a client
+// library refuses to make (invalid filters, a second CONNECT, DISCONNECT
+// reason codes, topic aliases above the maximum).
+
+pub use rumqttc::mqttbytes::v4 as p4;
+pub use rumqttc::v5::mqttbytes::v5 as p5;
+
+/// The bytes of a 3.1.1 packet (written as is, without validation).
+pub fn v4_bytes(p: &p4::Packet) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    p.write(&mut b, usize::MAX).expect("encode 3.1.1 packet");
+    b.to_vec()
+}
+
+/// The bytes of an MQTT 5 packet (written as is, without validation).
+pub fn v5_bytes(p: &p5::Packet) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    p.write(&mut b, None).expect("encode MQTT 5 packet");
+    b.to_vec()
+}
+
+/// Why no packet came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// The broker closed the connection.
+    Closed,
+    /// The time given passed with the connection still open.
+    Timeout,
+}
+
+/// A raw connection that reads the broker's answers packet by packet.
+pub struct Wire {
+    pub stream: TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl Wire {
+    pub async fn open(addr: SocketAddr) -> Wire {
+        Wire {
+            stream: open(addr).await,
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Writes `bytes`; a write the broker no longer reads is not an error.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    pub async fn send_v4(&mut self, p: &p4::Packet) {
+        self.send(&v4_bytes(p)).await;
+    }
+
+    pub async fn send_v5(&mut self, p: &p5::Packet) {
+        self.send(&v5_bytes(p)).await;
+    }
+
+    /// The next 3.1.1 packet from the broker within `within`.
+    pub async fn next_v4(&mut self, within: Duration) -> Result<p4::Packet, Silence> {
+        self.next_with(within, |buf| match p4::Packet::read(buf, 1 << 28) {
+            Ok(p) => Some(p),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => None,
+            Err(e) => panic!("the broker sent a malformed 3.1.1 packet: {e:?}"),
+        })
+        .await
+    }
+
+    /// The next MQTT 5 packet from the broker within `within`.
+    pub async fn next_v5(&mut self, within: Duration) -> Result<p5::Packet, Silence> {
+        self.next_with(within, |buf| match p5::Packet::read(buf, None) {
+            Ok(p) => Some(p),
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => None,
+            Err(e) => panic!("the broker sent a malformed MQTT 5 packet: {e:?}"),
+        })
+        .await
+    }
+
+    async fn next_with<T>(
+        &mut self,
+        within: Duration,
+        mut decode: impl FnMut(&mut bytes::BytesMut) -> Option<T>,
+    ) -> Result<T, Silence> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(p) = decode(&mut self.buf) {
+                    return Ok(p);
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(Silence::Closed),
+                Ok(Ok(_)) => {}
+                Err(_) => return Err(Silence::Timeout),
+            }
+        }
+    }
+
+    /// Waits for the broker to close the connection, discarding whatever
+    /// it sends first; false if it is still open after `within`.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut scratch = [0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut scratch)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}

@@ -155,3 +155,32 @@ impl Client {
         self.task.abort();
     }
 }
+
+impl Client {
+    /// Every PUBLISH that arrives within `d`.
+    pub async fn publishes_for(&mut self, d: Duration) -> Vec<Publish> {
+        let deadline = tokio::time::Instant::now() + d;
+        let mut got = Vec::new();
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+            if let Ok(Packet::Publish(p)) = p {
+                got.push(p);
+            }
+        }
+        got
+    }
+
+    /// Unsubscribes and returns the UNSUBACK.
+    pub async fn unsubscribe(&mut self, filter: &str) -> rumqttc::UnsubAck {
+        self.client
+            .unsubscribe(filter)
+            .await
+            .expect("queue unsubscribe");
+        loop {
+            match self.next().await {
+                Ok(Packet::UnsubAck(a)) => return a,
+                Ok(_) => continue,
+                Err(e) => panic!("waiting for UNSUBACK: {e}"),
+            }
+        }
+    }
+}

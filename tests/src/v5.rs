@@ -184,3 +184,63 @@ impl Client {
         self.task.abort();
     }
 }
+
+impl Client {
+    /// Every PUBLISH that arrives within `d`.
+    pub async fn publishes_for(&mut self, d: Duration) -> Vec<Publish> {
+        let deadline = tokio::time::Instant::now() + d;
+        let mut got = Vec::new();
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+            if let Ok(Packet::Publish(p)) = p {
+                got.push(p);
+            }
+        }
+        got
+    }
+
+    /// Publishes with MQTT 5 properties and, for QoS 1/2, returns the
+    /// broker's ack as `publish_acked` does.
+    pub async fn publish_props_acked(
+        &mut self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: &[u8],
+        props: PublishProperties,
+    ) -> Option<Packet> {
+        self.client
+            .publish_with_properties(topic, qos, retain, payload.to_vec(), props)
+            .await
+            .expect("queue publish");
+        if qos == QoS::AtMostOnce {
+            return None;
+        }
+        loop {
+            match self.next().await {
+                Ok(p @ Packet::PubAck(_)) | Ok(p @ Packet::PubComp(_)) => return Some(p),
+                Ok(Packet::PubRec(r))
+                    if r.reason != rumqttc::v5::mqttbytes::v5::PubRecReason::Success =>
+                {
+                    return Some(Packet::PubRec(r))
+                }
+                Ok(_) => continue,
+                Err(e) => panic!("waiting for the ack: {e}"),
+            }
+        }
+    }
+
+    /// Unsubscribes and returns the UNSUBACK.
+    pub async fn unsubscribe(&mut self, filter: &str) -> rumqttc::v5::mqttbytes::v5::UnsubAck {
+        self.client
+            .unsubscribe(filter)
+            .await
+            .expect("queue unsubscribe");
+        loop {
+            match self.next().await {
+                Ok(Packet::UnsubAck(a)) => return a,
+                Ok(_) => continue,
+                Err(e) => panic!("waiting for UNSUBACK: {e}"),
+            }
+        }
+    }
+}

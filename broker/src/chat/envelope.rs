@@ -19,6 +19,12 @@ impl Envelope {
     /// `{"id": "<1..64 chars>", "body": <any JSON>, "type": "text"}`.
     pub fn parse(payload: &[u8]) -> Result<Envelope, BadEnvelope> {
         let value: Value = serde_json::from_slice(payload).map_err(|_| BadEnvelope("not JSON"))?;
+        Envelope::from_value(value)
+    }
+
+    /// The same from JSON already parsed (an HTTP request body); keys
+    /// other than `id`, `body` and `type` are ignored.
+    pub fn from_value(value: Value) -> Result<Envelope, BadEnvelope> {
         let Value::Object(mut map) = value else {
             return Err(BadEnvelope("not a JSON object"));
         };

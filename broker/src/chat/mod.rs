@@ -19,10 +19,12 @@
 pub mod envelope;
 pub mod membership;
 pub mod namespace;
+pub mod retention;
 pub mod rpc;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use bytes::Bytes;
 use chatmq_storage::{Batch, Commit, CommitSender, ConversationRecord, Role, StorageError, Store};
@@ -30,7 +32,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::broker::SessionCell;
+use crate::broker::{Metrics, SessionCell};
 use crate::clock::now_ms;
 use crate::message::{min_qos, Message};
 use crate::session::Offer;
@@ -71,12 +73,17 @@ pub struct Chat {
     convs: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<ConvState>>>>,
     /// Connected sessions of each user.
     online: Mutex<HashMap<Arc<str>, Vec<Arc<SessionCell>>>>,
+    /// Every session of each user, connected or not (to seed cursors).
+    sessions: Mutex<HashMap<Arc<str>, Vec<Weak<SessionCell>>>>,
     /// Last known presence of each user: (online, unix ms).
     presence: Mutex<HashMap<Arc<str>, (bool, u64)>>,
     dispatch: mpsc::Sender<Dispatch>,
     dispatch_rx: Mutex<Option<mpsc::Receiver<Dispatch>>>,
     /// The most messages one history call returns.
     pub history_cap: usize,
+    metrics: Arc<Metrics>,
+    /// Makes generated conversation ids unique within a millisecond.
+    next_conv: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,7 +91,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Chat {
-    pub fn new(store: Store) -> Result<Chat, StorageError> {
+    pub fn new(store: Store, metrics: Arc<Metrics>) -> Result<Chat, StorageError> {
         let mut membership = Membership::default();
         for (conv, user, role) in store.all_members()? {
             membership.add(&conv, &user, role);
@@ -95,11 +102,31 @@ impl Chat {
             membership: RwLock::new(membership),
             convs: Mutex::new(HashMap::new()),
             online: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             dispatch,
             dispatch_rx: Mutex::new(Some(rx)),
             history_cap: 200,
+            metrics,
+            next_conv: AtomicU64::new(0),
         })
+    }
+
+    /// A fresh id for a group conversation created without one.
+    pub fn fresh_conv_id(&self) -> String {
+        let n = self.next_conv.fetch_add(1, Ordering::Relaxed);
+        format!("g-{:x}-{:x}{:x}", now_ms(), std::process::id(), n)
+    }
+
+    /// Does `conv` exist: a group with members, or a direct conversation?
+    pub fn exists(&self, conv: &str) -> bool {
+        self.members_read().exists(conv)
+    }
+
+    fn count_dropped(&self, before: u64, after: u64) {
+        if after > before {
+            self.metrics.messages_dropped.fetch_add(after - before, Ordering::Relaxed);
+        }
     }
 
     pub fn epoch(&self) -> &str {
@@ -196,9 +223,13 @@ impl Chat {
                 // A direct conversation appears in both users' lists.
                 batch.put_member(conv, a, Role::Member);
                 batch.put_member(conv, b, Role::Member);
-                let mut m = self.members_write();
-                m.add(conv, a, Role::Member);
-                m.add(conv, b, Role::Member);
+                {
+                    let mut m = self.members_write();
+                    m.add(conv, a, Role::Member);
+                    m.add(conv, b, Role::Member);
+                }
+                self.join(conv, a, 0);
+                self.join(conv, b, 0);
             }
         }
         st.recent.push_back(key.clone());
@@ -209,6 +240,7 @@ impl Chat {
             }
         }
         let commit = self.store.submit(batch).await;
+        self.metrics.chat_appended.fetch_add(1, Ordering::Relaxed);
         let msg = Arc::new(Message {
             topic: format!("chat/{conv}"),
             payload: Bytes::from(body),
@@ -279,7 +311,10 @@ impl Chat {
                 };
                 let qos = chat_qos(msg.qos, qos);
                 let mut batch = Batch::new();
+                let before = s.dropped;
                 let offer = s.offer_chat(conv, seq, msg.clone(), qos, true, &mut batch);
+                self.count_dropped(before, s.dropped);
+                drop(self.store.submit_now(batch));
                 offer
             };
             match offer {
@@ -297,6 +332,7 @@ impl Chat {
     /// it missed, the session's user gets a `gap` event saying what.
     pub async fn catch_up(self: Arc<Self>, cell: Arc<SessionCell>, conv: Arc<str>, mut from: u64) {
         let topic = format!("chat/{conv}");
+        tracing::debug!(client = %cell.client_id, conv = %conv, from, "catching up");
         if let Ok((_, first)) = self.bounds(&conv).await {
             if from < first {
                 let owner = cell.lock().session.owner.clone();
@@ -333,6 +369,7 @@ impl Chat {
                 let Some(sub_qos) = wanted_qos(s.subscriptions.iter(), &topic) else { return };
                 let qos = chat_qos(QoS::AtLeastOnce, sub_qos);
                 let mut batch = Batch::new();
+                let before = s.dropped;
                 for (seq, body) in page {
                     from = seq + 1;
                     let msg = Arc::new(Message {
@@ -346,6 +383,8 @@ impl Chat {
                     });
                     queued |= s.offer_chat(&conv, seq, msg, qos, false, &mut batch) == Offer::Queued;
                 }
+                self.count_dropped(before, s.dropped);
+                drop(self.store.submit_now(batch));
             }
             if queued {
                 cell.wake.notify_one();
@@ -354,6 +393,65 @@ impl Chat {
                 return;
             }
         }
+    }
+
+    /// Knows `cell` as one of `user`'s sessions (at restore and connect).
+    pub fn register(&self, user: &Arc<str>, cell: &Arc<SessionCell>) {
+        let mut sessions = lock(&self.sessions);
+        let cells = sessions.entry(user.clone()).or_default();
+        cells.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(cell)));
+        cells.push(Arc::downgrade(cell));
+    }
+
+    /// `user` is now in `conv`, whose head is `head`: each of its sessions
+    /// that subscribes to the conversation starts its cursor there, so one
+    /// that is offline now replays from it when it comes back.
+    fn join(&self, conv: &str, user: &str, head: u64) {
+        let cells: Vec<Arc<SessionCell>> = lock(&self.sessions)
+            .get(user)
+            .map(|v| v.iter().filter_map(Weak::upgrade).collect())
+            .unwrap_or_default();
+        let topic = format!("chat/{conv}");
+        tracing::debug!(conv, user, head, sessions = cells.len(), "joining");
+        let mut batch = Batch::new();
+        for cell in cells {
+            let mut slot = cell.lock();
+            let s = &mut slot.session;
+            if wanted_qos(s.subscriptions.iter(), &topic).is_some() && !s.chat.contains_key(conv) {
+                s.chat.insert(conv.into(), crate::session::ChatCursor { acked: head, queued: head });
+                if s.persistent() {
+                    batch.put_cursor(&s.client_id, conv, head);
+                }
+            }
+        }
+        drop(self.store.submit_now(batch));
+    }
+
+    /// After `cell` subscribed to chat topics: every conversation of `user`
+    /// it now receives gets a cursor at the current head.
+    pub async fn seed(&self, user: &str, cell: &Arc<SessionCell>) {
+        let topic_of = |c: &str| format!("chat/{c}");
+        let missing: Vec<Arc<str>> = {
+            let slot = cell.lock();
+            let s = &slot.session;
+            self.conversations_of(user)
+                .into_iter()
+                .filter(|c| !s.chat.contains_key(c) && wanted_qos(s.subscriptions.iter(), &topic_of(c)).is_some())
+                .collect()
+        };
+        let mut batch = Batch::new();
+        for conv in missing {
+            let Ok((head, _)) = self.bounds(&conv).await else { continue };
+            let mut slot = cell.lock();
+            let s = &mut slot.session;
+            if !s.chat.contains_key(&conv) {
+                s.chat.insert(conv.clone(), crate::session::ChatCursor { acked: head, queued: head });
+                if s.persistent() {
+                    batch.put_cursor(&s.client_id, &conv, head);
+                }
+            }
+        }
+        drop(self.store.submit_now(batch));
     }
 
     /// A session of `user` is connected: it is now reached by fan-out,
@@ -367,20 +465,17 @@ impl Chat {
             cells.push(cell.clone());
             cells.len() == 1
         };
+        self.register(user, cell);
+        // What is still queued or in flight goes out again from the session
+        // itself (resend with DUP); the log supplies what came after it.
+        // After a restart `queued` is the persisted cursor.
         let resume: Vec<(Arc<str>, u64)> = {
             let slot = cell.lock();
-            slot.session.chat.iter().map(|(c, cur)| (c.clone(), cur.acked)).collect()
+            slot.session.chat.iter().map(|(c, cur)| (c.clone(), cur.queued)).collect()
         };
-        for (conv, acked) in resume {
+        for (conv, queued) in resume {
             if self.is_member(&conv, user) {
-                {
-                    let mut slot = cell.lock();
-                    if let Some(c) = slot.session.chat.get_mut(&conv) {
-                        // Whatever was queued but not acknowledged is sent again.
-                        c.queued = acked;
-                    }
-                }
-                tokio::spawn(self.clone().catch_up(cell.clone(), conv, acked + 1));
+                tokio::spawn(self.clone().catch_up(cell.clone(), conv, queued + 1));
             }
         }
         if first {
@@ -465,7 +560,10 @@ impl Chat {
                 match wanted_qos(s.subscriptions.iter(), &msg.topic) {
                     Some(q) => {
                         let mut batch = Batch::new();
+                        let before = s.dropped;
                         s.enqueue(msg.clone(), min_qos(msg.qos, q), msg.retain, vec![], &mut batch);
+                        self.count_dropped(before, s.dropped);
+                        drop(self.store.submit_now(batch));
                         true
                     }
                     None => false,
@@ -549,6 +647,9 @@ impl Chat {
                 ms.add(conv, m, *role);
             }
         }
+        for (m, _) in &all {
+            self.join(conv, m, 0);
+        }
         let users: Vec<Arc<str>> = all.iter().map(|(m, _)| Arc::from(m.as_str())).collect();
         self.announce(&users, json!({"type": "conversation.created", "conv": conv, "title": title, "by": owner}));
         Ok(())
@@ -567,6 +668,9 @@ impl Chat {
         batch.put_member(conv, user, Role::Member);
         self.store.write(batch).await?;
         self.members_write().add(conv, user, Role::Member);
+        if let Ok((head, _)) = self.bounds(conv).await {
+            self.join(conv, user, head);
+        }
         self.announce(&self.members(conv), json!({"type": "member.added", "conv": conv, "user": user, "by": by}));
         Ok(())
     }

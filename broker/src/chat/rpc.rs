@@ -62,7 +62,7 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
         "conversation.create" => {
             let conv = match req.get("conv").and_then(Value::as_str) {
                 Some(c) => c.to_string(),
-                None => format!("g-{:x}{:x}", crate::clock::now_ms(), std::process::id()),
+                None => chat.fresh_conv_id(),
             };
             let title = req.get("title").and_then(Value::as_str).unwrap_or_default();
             let members: Vec<String> = match req.get("members") {

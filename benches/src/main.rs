@@ -1,0 +1,218 @@
+//! `chatmq-load`: the load generator and broker comparison of chatmq.
+//! See benches/README.md for the scenarios, the options and the figures.
+
+mod client;
+mod compare;
+mod probe;
+mod report;
+mod scenarios;
+mod stats;
+mod wire;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use client::ClientKind;
+use scenarios::{Params, Scenario};
+
+const USAGE: &str = "usage:
+  chatmq-load run SCENARIO --addr HOST:PORT [options]
+      SCENARIO: pairs | fanin | fanout | chat | storm | idle
+      --qos 0|1            (default: pairs/fanin/chat 1, fanout 0)
+      --clients N          pairs, publishers (fanin), subscribers (fanout), connections (storm cap, idle)
+      --groups K --group-size G    chat (default 10 x 5)
+      --size BYTES         payload size (default 64)
+      --warmup S --duration S      (default 0.5 and 3)
+      --rate MSG_PER_S     open loop at a fixed total rate (latency); default closed loop
+      --inflight N         QoS 1 window per publisher (default 100)
+      --client raw|rumqttc (default raw)
+      --jwt-secret S       chatmq: members log in with HS256 JWTs and groups are created by RPC
+      --pid PID            the broker's process (idle: RSS per connection)
+      --label NAME         the broker's name in the report
+      --json FILE          also write the outcome as JSON
+  chatmq-load compare --chatmq-bin PATH [--mosquitto-bin PATH] [--rumqttd-bin PATH]
+      [--warmup S] [--duration S] [--storm-max N] [--idle-connections N]
+      [--only pairs,fanin,fanout,chat,latency,storm,idle] [--json FILE]
+  benches/compare.sh installs and builds what compare needs, then runs it.";
+
+struct Args {
+    words: Vec<String>,
+    opts: HashMap<String, String>,
+}
+
+impl Args {
+    fn parse(raw: impl Iterator<Item = String>) -> Result<Args> {
+        let mut words = Vec::new();
+        let mut opts = HashMap::new();
+        let mut it = raw.peekable();
+        while let Some(a) = it.next() {
+            if let Some(k) = a.strip_prefix("--") {
+                if let Some((k, v)) = k.split_once('=') {
+                    opts.insert(k.to_string(), v.to_string());
+                } else {
+                    let v = it.next().ok_or_else(|| anyhow!("--{k} needs a value"))?;
+                    opts.insert(k.to_string(), v);
+                }
+            } else {
+                words.push(a);
+            }
+        }
+        Ok(Args { words, opts })
+    }
+
+    fn get<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.opts.remove(key) {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|e| anyhow!("--{key} {v}: {e}")),
+        }
+    }
+
+    fn secs(&mut self, key: &str) -> Result<Option<Duration>> {
+        Ok(self.get::<f64>(key)?.map(Duration::from_secs_f64))
+    }
+
+    fn done(&self) -> Result<()> {
+        match self.opts.keys().next() {
+            Some(k) => bail!("unknown option --{k}"),
+            None => Ok(()),
+        }
+    }
+}
+
+fn write_json(path: Option<String>, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(value)?;
+        std::fs::write(&path, text + "\n").with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}
+
+async fn run_one(mut a: Args) -> Result<()> {
+    let scenario = Scenario::parse(a.words.get(1).ok_or_else(|| anyhow!("run needs a scenario"))?)?;
+    let addr = a.get::<String>("addr")?.ok_or_else(|| anyhow!("--addr HOST:PORT is required"))?;
+    let addr = tokio::net::lookup_host(&addr)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow!("--addr {addr}: no address"))?;
+    let mut p = Params::new(scenario, addr);
+    if let Some(q) = a.get::<u8>("qos")? {
+        if q > 1 {
+            bail!("--qos is 0 or 1");
+        }
+        p.qos = q;
+    }
+    if let Some(v) = a.get("clients")? {
+        p.clients = v;
+    }
+    if let Some(v) = a.get("groups")? {
+        p.groups = v;
+    }
+    if let Some(v) = a.get("group-size")? {
+        p.group_size = v;
+    }
+    if let Some(v) = a.get("size")? {
+        p.payload_size = v;
+    }
+    if let Some(v) = a.secs("warmup")? {
+        p.warmup = v;
+    }
+    if let Some(v) = a.secs("duration")? {
+        p.duration = v;
+    }
+    p.rate = a.get("rate")?;
+    if let Some(v) = a.get("inflight")? {
+        p.inflight = v;
+    }
+    p.client = match a.get::<String>("client")?.as_deref() {
+        None | Some("raw") => ClientKind::Raw,
+        Some("rumqttc") => ClientKind::Rumqttc,
+        Some(o) => bail!("--client {o}: raw or rumqttc"),
+    };
+    p.jwt_secret = a.get("jwt-secret")?;
+    p.pid = a.get("pid")?;
+    let label = a.get::<String>("label")?.unwrap_or_else(|| addr.to_string());
+    let json = a.get::<String>("json")?;
+    a.done()?;
+
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let outcome = scenarios::run(&p, &label, &bar).await;
+    bar.finish_and_clear();
+    print!("{}", report::table(std::slice::from_ref(&outcome)));
+    write_json(json, &outcome)?;
+    if let Some(e) = &outcome.error {
+        bail!("{e}");
+    }
+    Ok(())
+}
+
+async fn run_compare(mut a: Args) -> Result<()> {
+    let bins = compare::Binaries {
+        chatmq: a.get::<PathBuf>("chatmq-bin")?.ok_or_else(|| anyhow!("--chatmq-bin PATH is required"))?,
+        mosquitto: a.get("mosquitto-bin")?.unwrap_or_else(|| PathBuf::from("/usr/sbin/mosquitto")),
+        rumqttd: a.get("rumqttd-bin")?,
+    };
+    let plan = compare::Plan {
+        warmup: a.secs("warmup")?.unwrap_or(Duration::from_millis(500)),
+        duration: a.secs("duration")?.unwrap_or(Duration::from_secs(3)),
+        storm_max: a.get("storm-max")?.unwrap_or(10_000),
+        idle_connections: a.get("idle-connections")?.unwrap_or(2_000),
+        only: a
+            .get::<String>("only")?
+            .map(|s| s.split(',').map(str::to_string).collect())
+            .unwrap_or_default(),
+    };
+    let json = a.get::<String>("json")?;
+    a.done()?;
+    let started = std::time::Instant::now();
+    let outcomes = compare::run(&bins, &plan).await?;
+    println!("{}", report::table(&outcomes));
+    println!("{}", compare::targets(&outcomes));
+    println!("compare took {:.0} s", started.elapsed().as_secs_f64());
+    write_json(json, &outcomes)?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("chatmq-load: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chatmq-load: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match args.words.first().map(String::as_str) {
+            Some("run") => run_one(args).await,
+            Some("compare") => run_compare(args).await,
+            Some("help") | None => {
+                println!("{USAGE}");
+                Ok(())
+            }
+            Some(other) => Err(anyhow!("unknown command `{other}`\n{USAGE}")),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatmq-load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! `/v1/conversations/{conv}/messages`: history pages, and server-side
+//! send. A send goes through [`Chat::append`](crate::chat::Chat::append),
+//! the pipeline an MQTT publish takes (idempotency by `(conv, sender, id)`,
+//! the next seq, fan-out to members in seq order), and is answered once
+//! the message is durable.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use rumqttc::v5::mqttbytes::QoS;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::conversations::check_conv;
+use super::{Api, ApiError, Body, Caller};
+use crate::chat::namespace::valid_user;
+use crate::chat::{BadEnvelope, Envelope};
+
+/// Who sends when the admin token sends without `from`; it may write to
+/// any existing conversation.
+pub const SYSTEM_USER: &str = "system";
+
+/// Messages a history call returns when it names no limit (as the RPC).
+const DEFAULT_LIMIT: u64 = 50;
+
+/// The query of a history call.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    /// Ascending from the message after this seq.
+    after: Option<u64>,
+    /// The latest messages before this seq.
+    before: Option<u64>,
+    /// At most this many (capped by `chat.history_limit`).
+    limit: Option<u64>,
+}
+
+/// `GET /v1/conversations/{conv}/messages?after=&before=&limit=`: for
+/// members and the admin token. `{"messages":[...],"head":N,"first":N,"epoch":"..."}`.
+pub async fn history(
+    caller: Caller,
+    State(api): State<Arc<Api>>,
+    Path(conv): Path<String>,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(page) = page.map_err(|e| ApiError::bad(e.body_text()))?;
+    let chat = &api.broker.chat;
+    check_conv(&conv)?;
+    if !chat.exists(&conv) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such conversation",
+        ));
+    }
+    if let Caller::User(u) = &caller {
+        if !chat.is_member(&conv, u) {
+            return Err(not_member("you are not a member of this conversation"));
+        }
+    }
+    let limit = usize::try_from(page.limit.unwrap_or(DEFAULT_LIMIT)).unwrap_or(usize::MAX);
+    Ok(Json(
+        chat.history(&conv, page.after, page.before, limit).await?,
+    ))
+}
+
+/// `POST /v1/conversations/{conv}/messages` `{"id","body","type"?,"from"?}`:
+/// a user's token sends as that user (a member); the admin token sends as
+/// `from` (a member) or, without it, as [`SYSTEM_USER`]. Answers
+/// `{"conv","seq"}` once the message is on disk; a retry of the same `id`
+/// gets the same seq.
+pub async fn send(
+    caller: Caller,
+    State(api): State<Arc<Api>>,
+    Path(conv): Path<String>,
+    Body(body): Body,
+) -> Result<Json<Value>, ApiError> {
+    let broker = &api.broker;
+    if body.len() > broker.settings.mqtt.max_payload {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "the message is larger than mqtt.max_payload",
+        ));
+    }
+    let mut request: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_envelope",
+            format!("not JSON: {e}"),
+        )
+    })?;
+    let from = match request.as_object_mut().and_then(|m| m.remove("from")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(f)) => Some(f),
+        Some(_) => return Err(ApiError::bad("`from` must be a user id")),
+    };
+    let envelope = Envelope::from_value(request)
+        .map_err(|BadEnvelope(why)| ApiError::new(StatusCode::BAD_REQUEST, "bad_envelope", why))?;
+    check_conv(&conv)?;
+    let chat = &broker.chat;
+    if !chat.exists(&conv) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such conversation",
+        ));
+    }
+    let sender: Arc<str> = match (&caller, from) {
+        (Caller::User(u), None) => u.clone(),
+        (Caller::User(u), Some(f)) if *f == **u => u.clone(),
+        (Caller::User(_), Some(_)) => {
+            return Err(ApiError::forbidden(
+                "only the admin token may send as another user",
+            ))
+        }
+        (Caller::Admin, Some(f)) if valid_user(&f) => f.into(),
+        (Caller::Admin, Some(_)) => return Err(ApiError::bad("`from` is not a valid user id")),
+        (Caller::Admin, None) => SYSTEM_USER.into(),
+    };
+    let as_system = caller == Caller::Admin && &*sender == SYSTEM_USER;
+    if !as_system && !chat.is_member(&conv, &sender) {
+        return Err(not_member(
+            "the sender is not a member of this conversation",
+        ));
+    }
+    let unavailable = |e: chatmq_storage::StorageError| {
+        tracing::error!(error = %e, conv = %conv, "server-side send failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the message could not be stored",
+        )
+    };
+    let (commit, seq) = chat
+        .append(&conv, &sender, &envelope, QoS::AtLeastOnce)
+        .await
+        .map_err(unavailable)?;
+    commit.await.map_err(unavailable)?;
+    Ok(Json(json!({"conv": conv, "seq": seq})))
+}
+
+fn not_member(message: &str) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "not_member", message)
+}

@@ -1,0 +1,263 @@
+//! The HTTP API (DESIGN §4), for app servers and operators: `/healthz`,
+//! `/readyz`, `/metrics` ([`ops`]), and under `/v1` the chat operations
+//! the RPC over MQTT offers: [`conversations`] and their members,
+//! [`messages`] (history and server-side send).
+//!
+//! The story of a request: axum routes it; the [`Caller`] extractor reads
+//! `Authorization: Bearer <token>` (the admin token, or a user's JWT
+//! checked as a CONNECT password would be); the handler checks what that
+//! caller may do and calls the same [`Chat`](crate::chat::Chat) methods the
+//! RPC uses, so both paths share one set of rules. Every error is JSON,
+//! `{"error":{"code":"...","message":"..."}}`, with a fitting status.
+//!
+//! This module owns HTTP concerns only: no chat rule lives here.
+
+mod conversations;
+mod messages;
+mod ops;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+use crate::chat::RpcError;
+
+/// Room for the JSON around a message body: a send may carry a payload of
+/// `mqtt.max_payload` like an MQTT publish, plus its envelope.
+const BODY_SLACK: usize = 64 * 1024;
+
+/// What every handler shares.
+pub struct Api {
+    broker: Arc<Broker>,
+    /// Set while the server is serving; `/readyz` reports it.
+    ready: Arc<AtomicBool>,
+}
+
+impl Api {
+    pub fn new(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Arc<Api> {
+        Arc::new(Api { broker, ready })
+    }
+}
+
+/// The routes.
+pub fn router(api: Arc<Api>) -> Router {
+    let body_limit = api.broker.settings.mqtt.max_payload + BODY_SLACK;
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route(
+            "/v1/conversations",
+            get(conversations::list).post(conversations::create),
+        )
+        .route(
+            "/v1/conversations/{conv}/members",
+            post(conversations::add_member),
+        )
+        .route(
+            "/v1/conversations/{conv}/members/{user}",
+            delete(conversations::remove_member),
+        )
+        .route(
+            "/v1/conversations/{conv}/messages",
+            get(messages::history).post(messages::send),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(api)
+}
+
+/// Serves HTTP on `listener` until `shutdown`, then lets requests in
+/// progress finish.
+pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: watch::Receiver<bool>) {
+    let app = router(api);
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!(error = %e, "the HTTP server stopped");
+    }
+}
+
+/// A refused request: status, a stable code, and a sentence.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+}
+
+impl From<RpcError> for ApiError {
+    fn from(e: RpcError) -> ApiError {
+        let status = match e.code {
+            "bad_request" => StatusCode::BAD_REQUEST,
+            "not_member" | "forbidden" => StatusCode::FORBIDDEN,
+            "not_found" => StatusCode::NOT_FOUND,
+            "exists" => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.code, e.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let mut response = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Who is calling, from `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The `auth.admin_token`: acts for the operator.
+    Admin,
+    /// A user's JWT.
+    User(Arc<str>),
+}
+
+impl Caller {
+    /// The user, for calls made with a user's token.
+    fn user(&self) -> Option<&str> {
+        match self {
+            Caller::Admin => None,
+            Caller::User(u) => Some(u),
+        }
+    }
+}
+
+impl FromRequestParts<Arc<Api>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Caller, ApiError> {
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+            .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer <token>"))?;
+        let auth = &api.broker.auth;
+        if auth.is_admin_token(token) {
+            return Ok(Caller::Admin);
+        }
+        auth.user_from_token(token)
+            .map(|u| Caller::User(u.into()))
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "the token is not valid (wrong signature, expired, or no user id)",
+                )
+            })
+    }
+}
+
+/// The token of a `Bearer` credential (the scheme is case-insensitive).
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The request body, within the size limit. Unlike axum's own extractors
+/// it refuses in the API's JSON error shape.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Body, ApiError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|e| {
+                let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    "too_large"
+                } else {
+                    "bad_request"
+                };
+                ApiError::new(e.status(), code, e.body_text())
+            })
+    }
+}
+
+/// A JSON request body of type `T` (any content type is read as JSON).
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<JsonBody<T>, ApiError> {
+        let Body(bytes) = Body::from_request(req, state).await?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad(format!("the body is not the expected JSON: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_credentials_are_parsed() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearer"), None);
+    }
+
+    #[test]
+    fn chat_errors_get_their_status() {
+        let status = |code| ApiError::from(RpcError::new(code, "x")).status;
+        assert_eq!(status("bad_request"), StatusCode::BAD_REQUEST);
+        assert_eq!(status("not_member"), StatusCode::FORBIDDEN);
+        assert_eq!(status("forbidden"), StatusCode::FORBIDDEN);
+        assert_eq!(status("not_found"), StatusCode::NOT_FOUND);
+        assert_eq!(status("exists"), StatusCode::CONFLICT);
+        assert_eq!(status("internal"), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

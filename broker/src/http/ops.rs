@@ -1,0 +1,165 @@
+//! For operators: liveness (`/healthz`), readiness (`/readyz`) and the
+//! Prometheus metrics (`/metrics`, text format 0.0.4). None needs a token:
+//! bind `http.listen` where only the operator's network reaches.
+
+use std::fmt::{Display, Write};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chatmq_storage::LatencySnapshot;
+use serde_json::{json, Value};
+
+use super::{Api, ApiError};
+use crate::broker::Broker;
+
+/// 200 while the process runs.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// 200 once the broker serves, 503 while it starts or shuts down.
+pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
+    if api.ready.load(Ordering::Acquire) {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the broker is starting or shutting down",
+        )
+        .into_response()
+    }
+}
+
+pub async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        render(&api.broker),
+    )
+}
+
+/// Every metric, in the Prometheus text exposition format.
+fn render(broker: &Broker) -> String {
+    let m = &broker.metrics;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let mut out = Exposition::default();
+    out.single(
+        "chatmq_connections",
+        "gauge",
+        "Open MQTT connections.",
+        m.connections.load(Ordering::Relaxed),
+    );
+    out.single(
+        "chatmq_sessions",
+        "gauge",
+        "MQTT sessions held: connected ones and persistent ones waiting for their client.",
+        broker.session_count(),
+    );
+    out.single(
+        "chatmq_mqtt_publishes_received_total",
+        "counter",
+        "PUBLISH packets received from MQTT clients.",
+        count(&m.publishes_received),
+    );
+    out.single(
+        "chatmq_mqtt_messages_routed_total",
+        "counter",
+        "Plain-MQTT messages routed to subscribers (publishes and wills).",
+        count(&m.messages_in),
+    );
+    out.single(
+        "chatmq_messages_delivered_total",
+        "counter",
+        "PUBLISH packets written to MQTT clients, resends included.",
+        count(&m.messages_delivered),
+    );
+    out.single(
+        "chatmq_chat_messages_appended_total",
+        "counter",
+        "Chat messages given a seq, from MQTT and HTTP senders.",
+        count(&m.chat_appended),
+    );
+    out.single(
+        "chatmq_messages_dropped_total",
+        "counter",
+        "Messages a session dropped because its queue was full or they expired.",
+        count(&m.messages_dropped),
+    );
+    out.histogram(
+        "chatmq_storage_commit_seconds",
+        "Duration of one storage group commit (write and sync).",
+        &broker.store.commit_latency(),
+    );
+    out.single(
+        "chatmq_storage_writer_queue_depth",
+        "gauge",
+        "Write batches waiting for the storage writer.",
+        broker.store.queue_depth(),
+    );
+    out.0
+}
+
+/// A Prometheus text exposition being written.
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    /// A counter or gauge without labels.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl Display) {
+        self.header(name, kind, help);
+        let _ = writeln!(self.0, "{name} {value}");
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &LatencySnapshot) {
+        self.header(name, "histogram", help);
+        for (bound, n) in &h.buckets {
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(self.0, "{name}_sum {}", h.sum_secs);
+        let _ = writeln!(self.0, "{name}_count {}", h.count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_help_type_and_samples() {
+        let mut out = Exposition::default();
+        out.single("chatmq_x_total", "counter", "Things.", 3u64);
+        out.histogram(
+            "chatmq_h_seconds",
+            "Time.",
+            &LatencySnapshot {
+                buckets: vec![(0.0005, 1), (1.0, 2)],
+                count: 3,
+                sum_secs: 2.5,
+            },
+        );
+        assert_eq!(
+            out.0,
+            "# HELP chatmq_x_total Things.\n\
+             # TYPE chatmq_x_total counter\n\
+             chatmq_x_total 3\n\
+             # HELP chatmq_h_seconds Time.\n\
+             # TYPE chatmq_h_seconds histogram\n\
+             chatmq_h_seconds_bucket{le=\"0.0005\"} 1\n\
+             chatmq_h_seconds_bucket{le=\"1\"} 2\n\
+             chatmq_h_seconds_bucket{le=\"+Inf\"} 3\n\
+             chatmq_h_seconds_sum 2.5\n\
+             chatmq_h_seconds_count 3\n"
+        );
+    }
+}

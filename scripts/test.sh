@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-# The black-box tests spawn the binary, so it is built first.
-cargo build --workspace --bins
+# The black-box tests spawn the binary, so it is built first. --all-targets
+# resolves features exactly as `cargo test` does, so RocksDB is built once.
+cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"

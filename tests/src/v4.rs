@@ -184,3 +184,33 @@ impl Client {
         }
     }
 }
+
+impl Client {
+    /// Publishes and, for QoS 1/2, waits until the broker acknowledged it;
+    /// returns the PUBLISHes that arrived meanwhile (`publish_acked` skips
+    /// them).
+    pub async fn publish_acked_keeping(
+        &mut self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: &[u8],
+    ) -> Vec<Publish> {
+        self.client
+            .publish(topic, qos, retain, payload.to_vec())
+            .await
+            .expect("queue publish");
+        let mut kept = Vec::new();
+        if qos == QoS::AtMostOnce {
+            return kept;
+        }
+        loop {
+            match self.next().await {
+                Ok(Packet::PubAck(_)) | Ok(Packet::PubComp(_)) => return kept,
+                Ok(Packet::Publish(p)) => kept.push(p),
+                Ok(_) => continue,
+                Err(e) => panic!("waiting for the ack: {e}"),
+            }
+        }
+    }
+}

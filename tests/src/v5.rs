@@ -244,3 +244,38 @@ impl Client {
         }
     }
 }
+
+impl Client {
+    /// Publishes and, for QoS 1/2, returns the broker's ack as
+    /// `publish_acked` does, with the PUBLISHes that arrived meanwhile
+    /// (`publish_acked` skips them).
+    pub async fn publish_acked_keeping(
+        &mut self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: &[u8],
+    ) -> (Option<Packet>, Vec<Publish>) {
+        self.client
+            .publish(topic, qos, retain, payload.to_vec())
+            .await
+            .expect("queue publish");
+        let mut kept = Vec::new();
+        if qos == QoS::AtMostOnce {
+            return (None, kept);
+        }
+        loop {
+            match self.next().await {
+                Ok(p @ Packet::PubAck(_)) | Ok(p @ Packet::PubComp(_)) => return (Some(p), kept),
+                Ok(Packet::PubRec(r))
+                    if r.reason != rumqttc::v5::mqttbytes::v5::PubRecReason::Success =>
+                {
+                    return (Some(Packet::PubRec(r)), kept)
+                }
+                Ok(Packet::Publish(p)) => kept.push(p),
+                Ok(_) => continue,
+                Err(e) => panic!("waiting for the ack: {e}"),
+            }
+        }
+    }
+}

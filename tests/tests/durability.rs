@@ -658,7 +658,11 @@ async fn v5_session_expiry_is_capped_by_session_expiry_max() {
     let mut o = persistent_v5(&broker, "greedy");
     o.set_session_expiry_interval(Some(100));
     let greedy = connect_v5(o).await;
-    let props = greedy.connack.properties.clone().expect("CONNACK properties");
+    let props = greedy
+        .connack
+        .properties
+        .clone()
+        .expect("CONNACK properties");
     assert_eq!(props.session_expiry_interval, Some(5));
 
     let mut o = persistent_v5(&broker, "modest");
@@ -697,8 +701,13 @@ async fn queue_eight(broker: &Broker, id: &str) {
     phone.disconnect().await;
     let mut p = v4::connect_ok(broker.addr, "feeder").await;
     for i in 1..=8 {
-        p.publish_acked("feed", v4::QoS::AtLeastOnce, false, format!("q{i}").as_bytes())
-            .await;
+        p.publish_acked(
+            "feed",
+            v4::QoS::AtLeastOnce,
+            false,
+            format!("q{i}").as_bytes(),
+        )
+        .await;
     }
 }
 

@@ -115,7 +115,10 @@ async fn sigterm_disconnects_clients_flushes_and_exits_zero() {
     };
     assert!(night.connack.session_present);
     for i in 1..=3 {
-        assert_eq!(&night.publish().await.payload[..], format!("job {i}").as_bytes());
+        assert_eq!(
+            &night.publish().await.payload[..],
+            format!("job {i}").as_bytes()
+        );
     }
     night.no_publish(QUIET).await;
 }
@@ -148,7 +151,11 @@ fn an_unknown_key_is_named() {
     );
     let line = the_error_line(&out);
     assert!(line.contains("mqtt.max_paylod"), "{line}");
-    let out = run_chatmq(dir.path(), &["config", "check", "--config", "typo.toml"], &[]);
+    let out = run_chatmq(
+        dir.path(),
+        &["config", "check", "--config", "typo.toml"],
+        &[],
+    );
     assert!(the_error_line(&out).contains("mqtt.max_paylod"));
 }
 
@@ -318,7 +325,12 @@ async fn garbage_closes_only_that_connection() {
 async fn a_remaining_length_over_four_bytes_closes_the_connection() {
     let broker = Broker::start(OPEN);
     let mut s = connected_v4(&broker, "long-length").await;
-    closes_silently(&mut s, &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], "5-byte length").await;
+    closes_silently(
+        &mut s,
+        &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+        "5-byte length",
+    )
+    .await;
     still_serving(&broker, "long-length").await;
 }
 

@@ -20,7 +20,10 @@ fn available(program: &str, probe: &[&str]) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("SKIPPED: `{program}` is not available; run scripts/setup.sh --test");
+        eprintln!(
+            "SKIPPED: `{program} {}` failed: a tool is missing; run scripts/setup.sh --test",
+            probe.join(" ")
+        );
     }
     ok
 }
@@ -101,10 +104,18 @@ struct LiveSub {
 
 impl LiveSub {
     fn start(b: &Broker, version: &str, args: &[&str]) -> LiveSub {
-        let mut child = mosquitto(b, "mosquitto_sub", version, args)
+        // mosquitto_sub does not flush its debug lines into a pipe: run it
+        // line-buffered (coreutils stdbuf) to see SUBACK as it happens.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args(["-h", &b.host(), "-p", &b.port().to_string(), "-V", version])
+            .args(args)
             .arg("-d")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn mosquitto_sub");
+            .expect("spawn stdbuf mosquitto_sub");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -149,7 +160,12 @@ impl LiveSub {
     fn rest(mut self) -> Vec<String> {
         let status = finish_status(&mut self.child);
         assert!(status.success(), "mosquitto_sub exited with {status}");
-        self.lines.try_iter().collect()
+        // The reader thread ends at end of output, which may lag the exit.
+        let mut rest = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(PATIENCE) {
+            rest.push(line);
+        }
+        rest
     }
 }
 
@@ -191,13 +207,13 @@ const VERSIONS: [&str; 2] = ["mqttv311", "mqttv5"];
 // Both in MQTT 3.1.1 and MQTT 5.
 #[test]
 fn mosquitto_clients_publish_and_subscribe_at_every_qos() {
-    if !mosquitto_available() {
+    if !mosquitto_available() || !available("stdbuf", &["--version"]) {
         return;
     }
     let broker = Broker::start(OPEN);
     for v in VERSIONS {
         let filter = format!("mosq/{v}/#");
-        let mut sub = LiveSub::start(&broker, v, &["-t", &filter, "-q", "2", "-v", "-C", "3"]);
+        let sub = LiveSub::start(&broker, v, &["-t", &filter, "-q", "2", "-v", "-C", "3"]);
         for qos in ["0", "1", "2"] {
             let topic = format!("mosq/{v}/q{qos}");
             let out = mosquitto_pub(
@@ -251,7 +267,11 @@ fn mosquitto_clients_retain_and_clear() {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
         assert!(out.status.success(), "{v}: {stdout}");
-        assert_eq!(publishes(&lines), [(0, true, topic.clone())], "{v}: {stdout}");
+        assert_eq!(
+            publishes(&lines),
+            [(0, true, topic.clone())],
+            "{v}: {stdout}"
+        );
         assert!(lines.contains(&format!("{topic} on")), "{v}: {stdout}");
 
         mosquitto_pub(&broker, v, &["-t", &topic, "-q", "1", "-r", "-n"]);
@@ -296,13 +316,19 @@ fn mosquitto_persistent_session_receives_queued_messages() {
         let out = finish(child, "mosquitto_sub -E");
         assert!(out.status.success(), "{v}: subscribing failed");
         for i in 1..=3 {
-            mosquitto_pub(&broker, v, &["-t", &topic, "-q", "1", "-m", &format!("queued {i}")]);
+            mosquitto_pub(
+                &broker,
+                v,
+                &["-t", &topic, "-q", "1", "-m", &format!("queued {i}")],
+            );
         }
         let child = mosquitto(
             &broker,
             "mosquitto_sub",
             v,
-            &["-c", "-i", &id, "-q", "1", "-t", &topic, "-C", "3", "-W", "5"],
+            &[
+                "-c", "-i", &id, "-q", "1", "-t", &topic, "-C", "3", "-W", "5",
+            ],
         )
         .spawn()
         .expect("spawn mosquitto_sub");
@@ -487,9 +513,18 @@ fn paho_v5_pub_sub_will_and_user_properties() {
                 2,
                 serde_json::json!([["trace", "q2"], ["lang", "fr"], ["lang", "en"]])
             ),
-            with_props("paho/5/will", "gone", 1, serde_json::json!([["why", "crash"]])),
+            with_props(
+                "paho/5/will",
+                "gone",
+                1,
+                serde_json::json!([["why", "crash"]])
+            ),
         ]),
         "{got}"
     );
-    assert_eq!(got["acks"], serde_json::json!(["Success", "Success"]), "{got}");
+    assert_eq!(
+        got["acks"],
+        serde_json::json!(["Success", "Success"]),
+        "{got}"
+    );
 }

@@ -61,10 +61,11 @@ where
         let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
         conn.channel.close(close).await;
         // Lingering close: a socket dropped while the client is still
-        // sending (acks for what we wrote, more publishes) makes its TCP
-        // answer with a reset, which can destroy our DISCONNECT and its
-        // reason code before the client reads it [MQTT-4.13.1-1]. Discard
-        // its input until it closes, for at most a second.
+        // sending (acks for what we wrote, more publishes) answers it with
+        // a TCP reset; its next write fails, and some stacks discard what
+        // it has not read yet, so it may never see our DISCONNECT and its
+        // reason code (MQTT 5 4.13.1). Discard its input until it closes,
+        // for at most a second.
         let _ = timeout(Duration::from_secs(1), async {
             loop {
                 conn.inbuf.clear();
@@ -267,7 +268,9 @@ impl Connection {
                         self.channel.client_max_packet,
                     );
                     if written && matches!(p, Packet::Publish(_)) {
-                        self.metrics.messages_delivered.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .messages_delivered
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Out::AfterCommit(c, p) => self.pending.push_back((c, p)),
@@ -284,7 +287,9 @@ impl Connection {
             self.channel.client_max_packet,
         );
         if written && matches!(p, Packet::Publish(_)) {
-            self.metrics.messages_delivered.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .messages_delivered
+                .fetch_add(1, Ordering::Relaxed);
         }
         if !written {
             if let Packet::Publish(publish) = &p {

@@ -10,7 +10,12 @@ use rumqttc::v5::mqttbytes::QoS;
 const MAX: usize = 1 << 20;
 
 fn publish() -> Packet {
-    let mut p = Publish::new("chat/room-42", QoS::AtLeastOnce, Bytes::from(vec![b'x'; 64]), None);
+    let mut p = Publish::new(
+        "chat/room-42",
+        QoS::AtLeastOnce,
+        Bytes::from(vec![b'x'; 64]),
+        None,
+    );
     p.pkid = 7;
     Packet::Publish(p)
 }

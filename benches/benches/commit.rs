@@ -26,7 +26,10 @@ struct Bench {
 
 impl Bench {
     fn new(sync: SyncMode) -> Bench {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         let dir = tempfile::tempdir().expect("temp dir");
         let mut settings = Settings::default();
         settings.node.data_dir = dir.path().join("data");
@@ -55,13 +58,22 @@ impl Drop for Bench {
 }
 
 fn envelope(n: u64) -> Envelope {
-    Envelope::parse(format!(r#"{{"id":"m{n}","body":"hello, this is a chat message of ordinary length"}}"#).as_bytes()).expect("valid envelope")
+    Envelope::parse(
+        format!(r#"{{"id":"m{n}","body":"hello, this is a chat message of ordinary length"}}"#)
+            .as_bytes(),
+    )
+    .expect("valid envelope")
 }
 
 /// `count` appends by one writer, each awaited until durable.
 async fn append_serial(server: &Server, conv: &str, from: &Arc<str>, start: u64, count: u64) {
     for n in start..start + count {
-        let (commit, _) = server.broker.chat.append(conv, from, &envelope(n), QoS::AtLeastOnce).await.expect("append");
+        let (commit, _) = server
+            .broker
+            .chat
+            .append(conv, from, &envelope(n), QoS::AtLeastOnce)
+            .await
+            .expect("append");
         commit.await.expect("durable");
     }
 }
@@ -80,7 +92,13 @@ fn bench_mode(c: &mut Criterion, name: &str, sync: SyncMode) {
             let start = next;
             next += iters;
             let t = Instant::now();
-            b.rt.block_on(append_serial(b.server(), "dm:alice:bob", &from, start, iters));
+            b.rt.block_on(append_serial(
+                b.server(),
+                "dm:alice:bob",
+                &from,
+                start,
+                iters,
+            ));
             t.elapsed()
         })
     });
@@ -98,14 +116,19 @@ fn bench_mode(c: &mut Criterion, name: &str, sync: SyncMode) {
                         let from: Arc<str> = format!("u{w}").into();
                         let conv = format!("dm:u{w}:zz");
                         for n in start..start + per {
-                            let (commit, _) = broker.chat.append(&conv, &from, &envelope(n), QoS::AtLeastOnce).await.expect("append");
+                            let (commit, _) = broker
+                                .chat
+                                .append(&conv, &from, &envelope(n), QoS::AtLeastOnce)
+                                .await
+                                .expect("append");
                             commit.await.expect("durable");
                         }
                     });
                 }
                 while set.join_next().await.is_some() {}
             });
-            t.elapsed().mul_f64(iters as f64 / (per * WRITERS as u64) as f64)
+            t.elapsed()
+                .mul_f64(iters as f64 / (per * WRITERS as u64) as f64)
         })
     });
     g.finish();
@@ -125,21 +148,28 @@ fn percentiles(name: &str, sync: SyncMode) {
         for w in 0..WRITERS {
             let broker = b.server().broker.clone();
             set.spawn(async move {
-                let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                    .expect("histogram");
                 let from: Arc<str> = format!("u{w}").into();
                 let conv = format!("dm:u{w}:zz");
                 let mut n = 0u64;
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let (commit, _) = broker.chat.append(&conv, &from, &envelope(n), QoS::AtLeastOnce).await.expect("append");
+                    let (commit, _) = broker
+                        .chat
+                        .append(&conv, &from, &envelope(n), QoS::AtLeastOnce)
+                        .await
+                        .expect("append");
                     commit.await.expect("durable");
-                    h.record(t.elapsed().as_micros().max(1) as u64).expect("in range");
+                    h.record(t.elapsed().as_micros().max(1) as u64)
+                        .expect("in range");
                     n += 1;
                 }
                 h
             });
         }
-        let mut all = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        let mut all =
+            hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
         while let Some(Ok(h)) = set.join_next().await {
             all.add(&h).expect("same bounds");
         }

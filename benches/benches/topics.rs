@@ -34,7 +34,11 @@ fn router() -> Router {
     }
     // A few broad wildcard subscribers, as monitoring clients have.
     for i in 0..10 {
-        r.subscribe(&format!("monitor-{i}").into(), "rooms/+/messages", options());
+        r.subscribe(
+            &format!("monitor-{i}").into(),
+            "rooms/+/messages",
+            options(),
+        );
     }
     r
 }
@@ -57,7 +61,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("lookup 1e5 subs: + and # matches", |b| {
         b.iter(|| {
             direct = 0;
-            r.for_each_match("devices/4242/thermostat/state", &mut |_, _| direct += 1, &mut |_| {});
+            r.for_each_match(
+                "devices/4242/thermostat/state",
+                &mut |_, _| direct += 1,
+                &mut |_| {},
+            );
             direct
         })
     });

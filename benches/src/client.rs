@@ -56,7 +56,11 @@ pub struct Handshaken {
 }
 
 /// Opens a TCP connection and completes CONNECT/CONNACK.
-pub async fn connect(addr: SocketAddr, client_id: &str, login: Option<(&str, &str)>) -> Result<Handshaken> {
+pub async fn connect(
+    addr: SocketAddr,
+    client_id: &str,
+    login: Option<(&str, &str)>,
+) -> Result<Handshaken> {
     let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow!("connect to {addr} timed out"))??;
@@ -140,11 +144,21 @@ impl Handshaken {
     /// chatmq RPC (DESIGN §4): publishes `request` on `rpc/{method}` and
     /// waits for the reply on `users/{user}/events`, which the caller must
     /// have subscribed to.
-    pub async fn rpc(&mut self, method: &str, request: serde_json::Value) -> Result<serde_json::Value> {
+    pub async fn rpc(
+        &mut self,
+        method: &str,
+        request: serde_json::Value,
+    ) -> Result<serde_json::Value> {
         let id = request.get("id").cloned().unwrap_or_default();
         let mut out = BytesMut::new();
         let pkid = self.pkid();
-        wire::publish(&mut out, &format!("rpc/{method}"), 1, pkid, request.to_string().as_bytes());
+        wire::publish(
+            &mut out,
+            &format!("rpc/{method}"),
+            1,
+            pkid,
+            request.to_string().as_bytes(),
+        );
         self.stream.write_all(&out).await?;
         loop {
             let f = self.read_frame().await?;
@@ -153,7 +167,9 @@ impl Handshaken {
                 continue;
             }
             let (_, _, _, payload) = wire::parse_publish(&f).map_err(|e| anyhow!(e))?;
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&payload) else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+                continue;
+            };
             if v["type"] == "rpc" && v["id"] == id {
                 if v["ok"] != true {
                     bail!("rpc/{method} failed: {}", v["error"]);
@@ -169,7 +185,8 @@ impl Handshaken {
         let (tx, rx) = mpsc::channel::<Bytes>(256);
         let (stop, stop_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(inflight));
-        let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..=u16::MAX).map(|_| AtomicU64::new(0)).collect());
+        let sent_at: Arc<Vec<AtomicU64>> =
+            Arc::new((0..=u16::MAX).map(|_| AtomicU64::new(0)).collect());
         let writer = tokio::spawn(write_loop(wr, rx));
         let reader = tokio::spawn(read_loop(
             rd,
@@ -208,14 +225,17 @@ pub struct Received {
 async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
-        let first = match tokio::time::timeout(Duration::from_secs(u64::from(KEEP_ALIVE) / 2), rx.recv()).await {
-            Ok(Some(b)) => b,
-            Ok(None) => break,
-            Err(_) => {
-                wire::pingreq(&mut buf);
-                buf.split().freeze()
-            }
-        };
+        let first =
+            match tokio::time::timeout(Duration::from_secs(u64::from(KEEP_ALIVE) / 2), rx.recv())
+                .await
+            {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(_) => {
+                    wire::pingreq(&mut buf);
+                    buf.split().freeze()
+                }
+            };
         let chunk = match rx.try_recv() {
             Err(_) => first,
             Ok(second) => {
@@ -271,7 +291,9 @@ async fn read_loop(
             };
             match f.kind {
                 wire::PUBLISH => {
-                    let Ok((_, qos, pkid, body)) = wire::parse_publish(&f) else { return out };
+                    let Ok((_, qos, pkid, body)) = wire::parse_publish(&f) else {
+                        return out;
+                    };
                     if qos > 0 {
                         wire::puback(&mut acks, pkid);
                     }
@@ -280,7 +302,10 @@ async fn read_loop(
                 }
                 wire::PUBACK => {
                     let at = sent_at[wire::packet_id(&f) as usize].load(Ordering::Relaxed);
-                    let _ = out.acks.ack_latency.record((now_ns().saturating_sub(at) / 1000).max(1));
+                    let _ = out
+                        .acks
+                        .ack_latency
+                        .record((now_ns().saturating_sub(at) / 1000).max(1));
                     out.acks.acked += 1;
                     permits.add_permits(1);
                 }
@@ -368,8 +393,15 @@ impl Link {
                 Ok(())
             }
             Link::Rumqttc(l) => {
-                let q = if qos > 0 { rumqttc::QoS::AtLeastOnce } else { rumqttc::QoS::AtMostOnce };
-                l.client.publish(topic, q, false, payload.to_vec()).await.context("rumqttc publish")
+                let q = if qos > 0 {
+                    rumqttc::QoS::AtLeastOnce
+                } else {
+                    rumqttc::QoS::AtMostOnce
+                };
+                l.client
+                    .publish(topic, q, false, payload.to_vec())
+                    .await
+                    .context("rumqttc publish")
             }
         }
     }
@@ -378,7 +410,9 @@ impl Link {
     pub async fn flush(&mut self) -> Result<()> {
         if let Link::Raw(l) = self {
             if !l.pending.is_empty() {
-                l.tx.send(l.pending.split().freeze()).await.map_err(|_| anyhow!("connection closed"))?;
+                l.tx.send(l.pending.split().freeze())
+                    .await
+                    .map_err(|_| anyhow!("connection closed"))?;
             }
         }
         Ok(())
@@ -429,7 +463,11 @@ pub async fn rumqttc_link(
     opts.set_inflight(inflight.min(u16::MAX as usize) as u16);
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut events) = rumqttc::AsyncClient::new(opts, 256);
-    let q = if qos > 0 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+    let q = if qos > 0 {
+        QoS::AtLeastOnce
+    } else {
+        QoS::AtMostOnce
+    };
     for f in filters {
         client.subscribe(f, q).await?;
     }

@@ -70,7 +70,8 @@ impl Broker {
             Kind::Mosquitto => "mosquitto",
             Kind::Rumqttd => "rumqttd",
         };
-        let dir = std::env::temp_dir().join(format!("chatmq-bench-{}-{name}-{port}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("chatmq-bench-{}-{name}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut cmd = match kind {
@@ -78,7 +79,10 @@ impl Broker {
                 let conf = dir.join("chatmq.toml");
                 std::fs::write(&conf, chatmq_config(&dir, addr, sync_always))?;
                 let mut c = Command::new(&bins.chatmq);
-                c.arg("serve").arg("--config").arg(&conf).env("RUST_LOG", "warn");
+                c.arg("serve")
+                    .arg("--config")
+                    .arg(&conf)
+                    .env("RUST_LOG", "warn");
                 c
             }
             Kind::Mosquitto => {
@@ -91,7 +95,10 @@ impl Broker {
             Kind::Rumqttd => {
                 let conf = dir.join("rumqttd.toml");
                 std::fs::write(&conf, rumqttd_config(addr))?;
-                let bin = bins.rumqttd.as_ref().ok_or_else(|| anyhow!("no rumqttd binary given"))?;
+                let bin = bins
+                    .rumqttd
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("no rumqttd binary given"))?;
                 let mut c = Command::new(bin);
                 c.arg(&conf);
                 c
@@ -124,7 +131,11 @@ impl Broker {
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
                 let log = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                bail!("{} exited ({status}) before listening: {}", self.name, log.trim());
+                bail!(
+                    "{} exited ({status}) before listening: {}",
+                    self.name,
+                    log.trim()
+                );
             }
             if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
                 return Ok(());
@@ -133,6 +144,46 @@ impl Broker {
         }
         bail!("{} did not listen on {} within 30 s", self.name, self.addr)
     }
+}
+
+impl Broker {
+    /// Does the broker still answer a CONNECT? (rumqttd 0.20's router
+    /// thread can panic while the process lives on.)
+    async fn healthy(&self) -> bool {
+        let probe = crate::client::connect(self.addr, "chatmq-bench-health", None);
+        matches!(tokio::time::timeout(Duration::from_secs(3), probe).await, Ok(Ok(_)))
+    }
+
+    /// The first line of its stderr that says why it failed, if any.
+    fn failure(&self) -> Option<String> {
+        let log = std::fs::read_to_string(self.dir.join("stderr.log")).ok()?;
+        log.lines()
+            .find(|l| l.contains("panicked") || l.contains("error") || l.contains("Error"))
+            .map(|l| l.trim().chars().take(160).collect())
+    }
+}
+
+/// Runs `p` against `b`, first replacing `b` with a fresh process if it
+/// stopped answering; the outcome then says so.
+async fn measure(b: &mut Broker, bins: &Binaries, mut p: Params, bar: &ProgressBar) -> Result<Outcome> {
+    let mut note = None;
+    if !b.healthy().await {
+        let why = b.failure().unwrap_or_else(|| "no answer to CONNECT".into());
+        note = Some(format!("{} was restarted before this run: {why}", b.name));
+        *b = Broker::start(b.kind, bins)?;
+    }
+    p.addr = b.addr;
+    let mut o = scenarios::run(&p, &b.name, bar).await;
+    if o.error.is_some() {
+        if let Some(why) = b.failure() {
+            o.note = Some(why);
+        }
+    }
+    if o.note.is_none() {
+        o.note = note;
+    }
+    bar.println(line(Some(&o)));
+    Ok(o)
 }
 
 fn free_port() -> Result<u16> {
@@ -212,7 +263,10 @@ fn wanted(plan: &Plan, name: &str) -> bool {
 /// Runs every scenario against every broker; returns the outcomes.
 pub async fn run(bins: &Binaries, plan: &Plan) -> Result<Vec<Outcome>> {
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix}: {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix}: {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut kinds = vec![Kind::Chatmq { sync_always: true }, Kind::Mosquitto];
     if bins.rumqttd.is_some() {
@@ -222,7 +276,7 @@ pub async fn run(bins: &Binaries, plan: &Plan) -> Result<Vec<Outcome>> {
     for k in &kinds {
         brokers.push(Broker::start(*k, bins)?);
     }
-    let never = Broker::start(Kind::Chatmq { sync_always: false }, bins)?;
+    let mut never = Broker::start(Kind::Chatmq { sync_always: false }, bins)?;
     let mut out: Vec<Outcome> = Vec::new();
     let mut turn = 0usize;
 
@@ -246,24 +300,27 @@ pub async fn run(bins: &Binaries, plan: &Plan) -> Result<Vec<Outcome>> {
         if !wanted(plan, scenario.name()) {
             continue;
         }
-        for b in rotate(&brokers, turn) {
+        for i in order(brokers.len(), turn) {
+            let b = &mut brokers[i];
             let mut p = base(scenario, b);
             p.qos = qos;
             bar.set_prefix(format!("{} q{qos} on {}", scenario.name(), b.name));
-            out.push(scenarios::run(&p, &b.name, &bar).await);
-            bar.println(line(out.last()));
+            out.push(measure(b, bins, p, &bar).await?);
         }
         turn += 1;
     }
 
     if wanted(plan, "chat") {
-        let mut chat_brokers: Vec<&Broker> = rotate(&brokers, turn);
-        chat_brokers.insert(1, &never);
-        for b in chat_brokers {
+        let mut chat_order: Vec<Option<usize>> = order(brokers.len(), turn).into_iter().map(Some).collect();
+        chat_order.insert(1, None);
+        for i in chat_order {
+            let b = match i {
+                Some(i) => &mut brokers[i],
+                None => &mut never,
+            };
             let p = base(Scenario::Chat, b);
             bar.set_prefix(format!("chat q1 on {}", b.name));
-            out.push(scenarios::run(&p, &b.name, &bar).await);
-            bar.println(line(out.last()));
+            out.push(measure(b, bins, p, &bar).await?);
         }
         turn += 1;
     }
@@ -272,28 +329,30 @@ pub async fn run(bins: &Binaries, plan: &Plan) -> Result<Vec<Outcome>> {
     if wanted(plan, "latency") {
         let max = out
             .iter()
-            .find(|o| o.broker == "mosquitto" && o.scenario == "pairs" && o.qos == 1 && o.rate.is_none())
+            .find(|o| {
+                o.broker == "mosquitto" && o.scenario == "pairs" && o.qos == 1 && o.rate.is_none()
+            })
             .and_then(|o| o.throughput)
             .unwrap_or(20_000.0);
-        for b in rotate(&brokers, turn) {
+        for i in order(brokers.len(), turn) {
+            let b = &mut brokers[i];
             let mut p = base(Scenario::Pairs, b);
             p.qos = 1;
             p.rate = Some(max / 2.0);
             bar.set_prefix(format!("pairs q1 at {:.0}/s on {}", max / 2.0, b.name));
-            out.push(scenarios::run(&p, &b.name, &bar).await);
-            bar.println(line(out.last()));
+            out.push(measure(b, bins, p, &bar).await?);
         }
         turn += 1;
     }
 
     if wanted(plan, "storm") {
-        for b in rotate(&brokers, turn) {
+        for i in order(brokers.len(), turn) {
+            let b = &mut brokers[i];
             let mut p = base(Scenario::Storm, b);
             p.clients = plan.storm_max;
             p.duration = plan.duration;
             bar.set_prefix(format!("storm on {}", b.name));
-            out.push(scenarios::run(&p, &b.name, &bar).await);
-            bar.println(line(out.last()));
+            out.push(measure(b, bins, p, &bar).await?);
         }
         turn += 1;
     }
@@ -306,27 +365,30 @@ pub async fn run(bins: &Binaries, plan: &Plan) -> Result<Vec<Outcome>> {
         let n = kinds.len();
         for i in 0..n {
             let kind = kinds[(i + turn) % n];
-            let b = Broker::start(kind, bins)?;
+            let mut b = Broker::start(kind, bins)?;
             let mut p = base(Scenario::Idle, &b);
             p.clients = plan.idle_connections;
             p.pid = Some(b.pid());
             bar.set_prefix(format!("idle on {}", b.name));
-            out.push(scenarios::run(&p, &b.name, &bar).await);
-            bar.println(line(out.last()));
+            out.push(measure(&mut b, bins, p, &bar).await?);
         }
     }
     bar.finish_and_clear();
     Ok(out)
 }
 
-fn rotate<T>(v: &[T], by: usize) -> Vec<&T> {
-    let n = v.len().max(1);
-    (0..v.len()).map(|i| &v[(i + by) % n]).collect()
+/// The brokers' turns in a scenario: rotated by one each scenario.
+fn order(n: usize, by: usize) -> Vec<usize> {
+    (0..n).map(|i| (i + by) % n.max(1)).collect()
 }
 
 fn line(o: Option<&Outcome>) -> String {
     match o {
-        Some(o) => report::table(std::slice::from_ref(o)).lines().nth(2).unwrap_or_default().to_string(),
+        Some(o) => report::table(std::slice::from_ref(o))
+            .lines()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string(),
         None => String::new(),
     }
 }
@@ -334,28 +396,83 @@ fn line(o: Option<&Outcome>) -> String {
 /// The targets, each met or missed, from a compare run.
 pub fn targets(all: &[Outcome]) -> String {
     let find = |broker: &str, scenario: &str, qos: u8, rate: bool| {
-        all.iter()
-            .find(|o| o.broker == broker && o.scenario == scenario && o.qos == qos && o.rate.is_some() == rate && o.error.is_none())
+        all.iter().find(|o| {
+            o.broker == broker
+                && o.scenario == scenario
+                && o.qos == qos
+                && o.rate.is_some() == rate
+                && o.error.is_none()
+        })
     };
     let mut s = String::from("targets (chatmq vs mosquitto):\n");
     let mut check = |name: &str, value: Option<f64>, goal: f64, at_least: bool| {
         let verdict = match value {
-            Some(v) if (at_least && v >= goal) || (!at_least && v <= goal) => format!("{v:.2}x  met"),
+            Some(v) if (at_least && v >= goal) || (!at_least && v <= goal) => {
+                format!("{v:.2}x  met")
+            }
             Some(v) => format!("{v:.2}x  MISSED"),
             None => "not measured".into(),
         };
         let op = if at_least { ">=" } else { "<=" };
         s.push_str(&format!("  {name:<52} {op} {goal:.1}x: {verdict}\n"));
     };
-    let ratio = |a: Option<&Outcome>, b: Option<&Outcome>, f: fn(&Outcome) -> Option<f64>| match (a.and_then(f), b.and_then(f)) {
+    let ratio = |a: Option<&Outcome>, b: Option<&Outcome>, f: fn(&Outcome) -> Option<f64>| match (
+        a.and_then(f),
+        b.and_then(f),
+    ) {
         (Some(x), Some(y)) if y > 0.0 => Some(x / y),
         _ => None,
     };
     let tput = |o: &Outcome| o.throughput;
-    check("QoS 1 1:1 throughput", ratio(find("chatmq", "pairs", 1, false), find("mosquitto", "pairs", 1, false), tput), 1.0, true);
-    check("QoS 0 fan-out throughput", ratio(find("chatmq", "fanout", 0, false), find("mosquitto", "fanout", 0, false), tput), 1.5, true);
-    check("chat QoS 1 (sync=always) vs plain QoS 1 no persistence", ratio(find("chatmq", "chat", 1, false), find("mosquitto", "chat", 1, false), tput), 1.0, true);
-    check("p99 latency at half Mosquitto's max rate", ratio(find("chatmq", "pairs", 1, true), find("mosquitto", "pairs", 1, true), |o| o.latency_us.map(|l| l[1] as f64)), 1.0, false);
-    check("memory per idle connection", ratio(find("chatmq", "idle", 0, false), find("mosquitto", "idle", 0, false), |o| o.rss_per_connection_bytes), 2.0, false);
+    check(
+        "QoS 1 1:1 throughput",
+        ratio(
+            find("chatmq", "pairs", 1, false),
+            find("mosquitto", "pairs", 1, false),
+            tput,
+        ),
+        1.0,
+        true,
+    );
+    check(
+        "QoS 0 fan-out throughput",
+        ratio(
+            find("chatmq", "fanout", 0, false),
+            find("mosquitto", "fanout", 0, false),
+            tput,
+        ),
+        1.5,
+        true,
+    );
+    check(
+        "chat QoS 1 (sync=always) vs plain QoS 1 no persistence",
+        ratio(
+            find("chatmq", "chat", 1, false),
+            find("mosquitto", "chat", 1, false),
+            tput,
+        ),
+        1.0,
+        true,
+    );
+    check(
+        "p99 latency at half Mosquitto's max rate",
+        ratio(
+            find("chatmq", "pairs", 1, true),
+            find("mosquitto", "pairs", 1, true),
+            |o| o.latency_us.map(|l| l[1] as f64),
+        ),
+        1.0,
+        false,
+    );
+    check(
+        "memory per idle connection",
+        ratio(
+            find("chatmq", "idle", 0, false),
+            find("mosquitto", "idle", 0, false),
+            |o| o.rss_per_connection_bytes,
+        ),
+        2.0,
+        false,
+    );
     s
 }

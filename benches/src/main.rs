@@ -96,8 +96,14 @@ fn write_json(path: Option<String>, value: &impl serde::Serialize) -> Result<()>
 }
 
 async fn run_one(mut a: Args) -> Result<()> {
-    let scenario = Scenario::parse(a.words.get(1).ok_or_else(|| anyhow!("run needs a scenario"))?)?;
-    let addr = a.get::<String>("addr")?.ok_or_else(|| anyhow!("--addr HOST:PORT is required"))?;
+    let scenario = Scenario::parse(
+        a.words
+            .get(1)
+            .ok_or_else(|| anyhow!("run needs a scenario"))?,
+    )?;
+    let addr = a
+        .get::<String>("addr")?
+        .ok_or_else(|| anyhow!("--addr HOST:PORT is required"))?;
     let addr = tokio::net::lookup_host(&addr)
         .await?
         .next()
@@ -138,12 +144,17 @@ async fn run_one(mut a: Args) -> Result<()> {
     };
     p.jwt_secret = a.get("jwt-secret")?;
     p.pid = a.get("pid")?;
-    let label = a.get::<String>("label")?.unwrap_or_else(|| addr.to_string());
+    let label = a
+        .get::<String>("label")?
+        .unwrap_or_else(|| addr.to_string());
     let json = a.get::<String>("json")?;
     a.done()?;
 
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     bar.enable_steady_tick(Duration::from_millis(120));
     let outcome = scenarios::run(&p, &label, &bar).await;
     bar.finish_and_clear();
@@ -157,8 +168,12 @@ async fn run_one(mut a: Args) -> Result<()> {
 
 async fn run_compare(mut a: Args) -> Result<()> {
     let bins = compare::Binaries {
-        chatmq: a.get::<PathBuf>("chatmq-bin")?.ok_or_else(|| anyhow!("--chatmq-bin PATH is required"))?,
-        mosquitto: a.get("mosquitto-bin")?.unwrap_or_else(|| PathBuf::from("/usr/sbin/mosquitto")),
+        chatmq: a
+            .get::<PathBuf>("chatmq-bin")?
+            .ok_or_else(|| anyhow!("--chatmq-bin PATH is required"))?,
+        mosquitto: a
+            .get("mosquitto-bin")?
+            .unwrap_or_else(|| PathBuf::from("/usr/sbin/mosquitto")),
         rumqttd: a.get("rumqttd-bin")?,
     };
     let plan = compare::Plan {
@@ -190,7 +205,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("chatmq-load: cannot start the runtime: {e}");

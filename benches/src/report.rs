@@ -51,7 +51,10 @@ pub fn key(o: &Outcome) -> String {
 }
 
 fn ratio(o: &Outcome, all: &[Outcome]) -> String {
-    let Some(base) = all.iter().find(|b| b.broker == BASELINE && key(b) == key(o)) else {
+    let Some(base) = all
+        .iter()
+        .find(|b| b.broker == BASELINE && key(b) == key(o))
+    else {
         return "-".into();
     };
     match (headline(o), headline(base)) {
@@ -83,7 +86,15 @@ pub fn table(all: &[Outcome]) -> String {
         } else if let Some(b) = o.rss_per_connection_bytes {
             format!("{:.1} KiB/conn", b / 1024.0)
         } else if let Some(c) = o.connects_per_s {
-            format!("{} conn/s{}", fmt_rate(Some(c)), if o.refused.is_some() { " (refused)" } else { "" })
+            format!(
+                "{} conn/s{}",
+                fmt_rate(Some(c)),
+                if o.refused.is_some() {
+                    " (refused)"
+                } else {
+                    ""
+                }
+            )
         } else if let Some(r) = o.rate {
             match o.latency_us {
                 Some(l) => format!("p99 {} at {}/s", one(l[1]), fmt_rate(Some(r))),
@@ -114,12 +125,21 @@ pub fn table(all: &[Outcome]) -> String {
     }
     let mut s = String::new();
     for (i, r) in rows.iter().enumerate() {
-        let line: Vec<String> = r.iter().zip(width).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         s.push_str(line.join("  ").trim_end());
         s.push('\n');
         if i == 0 {
             s.push_str(&"-".repeat(width.iter().sum::<usize>() + 2 * (width.len() - 1)));
             s.push('\n');
+        }
+    }
+    for o in all {
+        if let Some(n) = &o.note {
+            s.push_str(&format!("note: {} on {}: {n}\n", key(o), o.broker));
         }
     }
     s

@@ -148,6 +148,10 @@ pub struct Outcome {
     pub rss_per_connection_bytes: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Something the reader of the figure should know (a broker restarted
+    /// after a crash, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Runs one scenario against one broker.
@@ -205,7 +209,11 @@ fn roles(p: &Params) -> (Vec<Role>, u64) {
             let topic = format!("bench/{run}/fanin");
             let mut v = vec![role(format!("{run}-s0"), vec![topic.clone()], None)];
             for i in 0..p.clients {
-                v.push(role(format!("{run}-p{i}"), vec![], Some((topic.clone(), i as u32))));
+                v.push(role(
+                    format!("{run}-p{i}"),
+                    vec![],
+                    Some((topic.clone(), i as u32)),
+                ));
             }
             (v, 1)
         }
@@ -222,10 +230,16 @@ fn roles(p: &Params) -> (Vec<Role>, u64) {
             for g in 0..p.groups {
                 let conv = format!("{run}-g{g}");
                 let topic = format!("chat/{conv}");
-                let members: Vec<String> = (0..p.group_size).map(|m| format!("{run}g{g}m{m}")).collect();
+                let members: Vec<String> = (0..p.group_size)
+                    .map(|m| format!("{run}g{g}m{m}"))
+                    .collect();
                 for (m, user) in members.iter().enumerate() {
                     let number = (g * p.group_size + m) as u32;
-                    let mut r = role(format!("{user}-c"), vec![topic.clone()], Some((topic.clone(), number)));
+                    let mut r = role(
+                        format!("{user}-c"),
+                        vec![topic.clone()],
+                        Some((topic.clone(), number)),
+                    );
                     if p.jwt_secret.is_some() {
                         r.user = Some(user.clone());
                         if m == 0 {
@@ -299,7 +313,12 @@ async fn messages(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
         PayloadKind::Binary
     };
     let window = Window::new();
-    bar.set_message(format!("{} q{}: connecting {} clients", p.scenario.name(), p.qos, roles.len()));
+    bar.set_message(format!(
+        "{} q{}: connecting {} clients",
+        p.scenario.name(),
+        p.qos,
+        roles.len()
+    ));
 
     let mut links: Vec<(Link, Option<(String, u32)>)> = Vec::with_capacity(roles.len());
     if p.client == ClientKind::Rumqttc {
@@ -307,7 +326,16 @@ async fn messages(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
             bail!("--client rumqttc runs the plain scenarios only");
         }
         for r in roles {
-            let link = client::rumqttc_link(p.addr, &r.client_id, &r.subscribe, p.qos, window.clone(), payload, p.inflight).await?;
+            let link = client::rumqttc_link(
+                p.addr,
+                &r.client_id,
+                &r.subscribe,
+                p.qos,
+                window.clone(),
+                payload,
+                p.inflight,
+            )
+            .await?;
             links.push((link, r.publish));
         }
     } else {
@@ -353,14 +381,23 @@ async fn messages(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
         })
         .await;
         for (i, h) in subscribed.into_iter().enumerate() {
-            links.push((h?.run(window.clone(), payload, p.inflight), roles[i].publish.clone()));
+            links.push((
+                h?.run(window.clone(), payload, p.inflight),
+                roles[i].publish.clone(),
+            ));
         }
     }
     // Let routers that apply subscriptions asynchronously catch up.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let publishers = links.iter().filter(|(_, plan)| plan.is_some()).count().max(1);
-    let period_ns = p.rate.map(|r| (1e9 * publishers as f64 / r.max(1e-3)) as u64);
+    let publishers = links
+        .iter()
+        .filter(|(_, plan)| plan.is_some())
+        .count()
+        .max(1);
+    let period_ns = p
+        .rate
+        .map(|r| (1e9 * publishers as f64 / r.max(1e-3)) as u64);
     let t0 = now_ns();
     let start = t0 + p.warmup.as_nanos() as u64;
     let end = start + p.duration.as_nanos() as u64;
@@ -390,7 +427,13 @@ async fn messages(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
         }
     }
     let label = format!("{} q{}", p.scenario.name(), p.qos);
-    let ticker = tokio::spawn(progress(window.clone(), bar.clone(), label.clone(), t0, end));
+    let ticker = tokio::spawn(progress(
+        window.clone(),
+        bar.clone(),
+        label.clone(),
+        t0,
+        end,
+    ));
     let mut sends = Sends::default();
     let mut done_links = Vec::new();
     while let Some(joined) = tasks.join_next().await {
@@ -469,7 +512,10 @@ impl Publisher {
             let want = match self.period_ns {
                 Some(period) => {
                     if next_due > now {
-                        tokio::time::sleep(Duration::from_nanos((next_due - now).min(self.end - now))).await;
+                        tokio::time::sleep(Duration::from_nanos(
+                            (next_due - now).min(self.end - now),
+                        ))
+                        .await;
                         continue;
                     }
                     (((now - next_due) / period.max(1)) as usize + 1).min(BURST)
@@ -526,8 +572,14 @@ async fn progress(window: Arc<Window>, bar: ProgressBar, label: String, t0: u64,
         let now = (now_ns(), window.received.load(Ordering::Relaxed));
         let rate = (now.1 - last.1) as f64 / ((now.0 - last.0) as f64 / 1e9);
         let left = end.saturating_sub(now.0) as f64 / 1e9;
-        let phase = if now.0 < window.start_ns.load(Ordering::Relaxed) { "warm-up" } else { "measuring" };
-        bar.set_message(format!("{label}: {phase}, {rate:.0} msg/s received, {left:.1} s left"));
+        let phase = if now.0 < window.start_ns.load(Ordering::Relaxed) {
+            "warm-up"
+        } else {
+            "measuring"
+        };
+        bar.set_message(format!(
+            "{label}: {phase}, {rate:.0} msg/s received, {left:.1} s left"
+        ));
         let _ = t0;
         last = now;
     }
@@ -605,14 +657,20 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
 /// Opens `clients` connections that then do nothing, and reports how much
 /// the broker's resident memory grew per connection.
 async fn idle(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
-    let pid = p.pid.ok_or_else(|| anyhow!("the idle scenario needs --pid (the broker's process id)"))?;
+    let pid = p
+        .pid
+        .ok_or_else(|| anyhow!("the idle scenario needs --pid (the broker's process id)"))?;
     bar.set_message(format!("idle: opening {} connections", p.clients));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_bytes(pid)?;
     let (addr, run) = (p.addr, p.run_id.clone());
     let opened = bounded((0..p.clients).collect(), 32, move |i| {
         let run = run.clone();
-        async move { Ok(client::connect(addr, &format!("{run}-i{i}"), None).await?.into_stream()) }
+        async move {
+            Ok(client::connect(addr, &format!("{run}-i{i}"), None)
+                .await?
+                .into_stream())
+        }
     })
     .await;
     let mut held = Vec::with_capacity(opened.len());

@@ -12,7 +12,8 @@ use crate::probe::{now_ns, Probe};
 
 /// Latencies are recorded in microseconds, 1 µs to 100 s, 3 significant digits.
 pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 100_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+    Histogram::new_with_bounds(1, 100_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
 /// The measurement window, shared by every task of a run.
@@ -131,7 +132,13 @@ impl Sends {
 
 /// p50, p99, p99.9 in µs, or None if nothing was recorded.
 pub fn percentiles(h: &Histogram<u64>) -> Option<[u64; 3]> {
-    (h.len() > 0).then(|| [h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999)])
+    (h.len() > 0).then(|| {
+        [
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+        ]
+    })
 }
 
 #[cfg(test)]
@@ -154,7 +161,10 @@ mod tests {
         r.record(p(200), &w);
         r.record(p(0), &w);
         r.record(None, &w);
-        assert_eq!((r.unique, r.in_window, r.duplicates, r.foreign), (2, 2, 1, 1));
+        assert_eq!(
+            (r.unique, r.in_window, r.duplicates, r.foreign),
+            (2, 2, 1, 1)
+        );
         assert_eq!(r.latency.len(), 2);
     }
 }

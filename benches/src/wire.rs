@@ -31,7 +31,13 @@ fn put_str(out: &mut BytesMut, s: &[u8]) {
 }
 
 /// CONNECT, MQTT 3.1.1.
-pub fn connect(out: &mut BytesMut, client_id: &str, login: Option<(&str, &str)>, clean: bool, keep_alive: u16) {
+pub fn connect(
+    out: &mut BytesMut,
+    client_id: &str,
+    login: Option<(&str, &str)>,
+    clean: bool,
+    keep_alive: u16,
+) {
     let mut len = 10 + 2 + client_id.len();
     if let Some((u, p)) = login {
         len += 2 + u.len() + 2 + p.len();
@@ -102,7 +108,9 @@ pub fn next_frame(buf: &mut BytesMut) -> Result<Option<Frame>, String> {
     let mut shift = 0;
     let mut i = 1;
     loop {
-        let Some(&b) = buf.get(i) else { return Ok(None) };
+        let Some(&b) = buf.get(i) else {
+            return Ok(None);
+        };
         len |= ((b & 0x7F) as usize) << shift;
         i += 1;
         if b & 0x80 == 0 {
@@ -163,7 +171,10 @@ mod tests {
         let f = next_frame(&mut buf).unwrap().unwrap();
         assert_eq!(f.kind, PUBLISH);
         let (topic, qos, pkid, payload) = parse_publish(&f).unwrap();
-        assert_eq!((&topic[..], qos, pkid, &payload[..]), (&b"a/b"[..], 1, 7, &b"hello"[..]));
+        assert_eq!(
+            (&topic[..], qos, pkid, &payload[..]),
+            (&b"a/b"[..], 1, 7, &b"hello"[..])
+        );
         let f = next_frame(&mut buf).unwrap().unwrap();
         assert_eq!((f.kind, packet_id(&f)), (PUBACK, 9));
         assert!(next_frame(&mut buf).unwrap().is_none());

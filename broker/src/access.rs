@@ -453,7 +453,10 @@ mod tests {
         assert_eq!(a.user_from_token(&alice).as_deref(), Some("alice"));
         let expired = token(serde_json::json!({"sub": "alice", "exp": now - 10}), b"k");
         assert_eq!(a.user_from_token(&expired), None);
-        let forged = token(serde_json::json!({"sub": "alice", "exp": now + 60}), b"other");
+        let forged = token(
+            serde_json::json!({"sub": "alice", "exp": now + 60}),
+            b"other",
+        );
         assert_eq!(a.user_from_token(&forged), None);
         let no_exp = token(serde_json::json!({"sub": "alice"}), b"k");
         assert_eq!(a.user_from_token(&no_exp), None);

@@ -19,8 +19,8 @@ use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::{oneshot, Notify};
 
 use crate::access::{Acl, Authenticator};
-use crate::clock::now_ms;
 use crate::chat::Chat;
+use crate::clock::now_ms;
 use crate::codec::Protocol;
 use crate::message::{min_qos, Message};
 use crate::router::{Router, SubOptions};
@@ -175,7 +175,13 @@ impl Broker {
             let mut session = Session::restore(stored, now);
             session.max_queue = self.settings.mqtt.max_offline_messages;
             for (conv, seq) in self.store.cursors(&session.client_id)? {
-                session.chat.insert(conv.into(), crate::session::ChatCursor { acked: seq, queued: seq });
+                session.chat.insert(
+                    conv.into(),
+                    crate::session::ChatCursor {
+                        acked: seq,
+                        queued: seq,
+                    },
+                );
             }
             for (filter, options) in &session.subscriptions {
                 router.subscribe(&session.client_id, filter, *options);

@@ -17,12 +17,12 @@ use tokio::sync::oneshot;
 
 use crate::access::{Identity, Refusal};
 use crate::broker::{Attach, Broker, Kick, SessionCell};
+use crate::chat::namespace::{classify, filter_scope, valid_conv, valid_user, FilterScope, Topic};
+use crate::chat::{rpc, Envelope};
 use crate::clock::now_ms;
 use crate::codec::Protocol;
 use crate::message::{min_qos, Message};
 use crate::router::SubOptions;
-use crate::chat::namespace::{classify, filter_scope, valid_conv, valid_user, FilterScope, Topic};
-use crate::chat::{rpc, Envelope};
 use crate::topic::{parse_shared, valid_filter, valid_topic};
 
 /// A packet to write, now or once its writes are durable.
@@ -581,6 +581,11 @@ impl Channel {
                 }
                 codes.push(Rc::Success(f.qos));
             }
+            if let Some(u) = &user {
+                // Conversations the new subscriptions reach get a cursor,
+                // written with them.
+                self.broker.chat.seed(u, session, &mut batch);
+            }
             if session.persistent() {
                 batch.put_session(&session.client_id, &session.record());
             }
@@ -589,13 +594,6 @@ impl Channel {
         if let Err(e) = self.broker.store.write(batch).await {
             tracing::error!(error = %e, "cannot persist subscription");
             return Err(Close::violation(DisconnectReasonCode::UnspecifiedError));
-        }
-        if let Some(user) = &user {
-            // Conversations this subscription reaches get a cursor now, so
-            // an offline spell later is replayed on resume.
-            let chat = self.broker.chat.clone();
-            let (user, cell) = (user.clone(), cell.clone());
-            tokio::spawn(async move { chat.seed(&user, &cell).await });
         }
         self.send(Packet::SubAck(SubAck {
             pkid: s.pkid,
@@ -673,7 +671,10 @@ impl Channel {
             slot.session.dropped - before
         };
         if expired > 0 {
-            self.broker.metrics.messages_dropped.fetch_add(expired, Ordering::Relaxed);
+            self.broker
+                .metrics
+                .messages_dropped
+                .fetch_add(expired, Ordering::Relaxed);
         }
         if !batch.is_empty() {
             drop(self.broker.store.submit(batch).await);
@@ -702,11 +703,20 @@ impl Channel {
     /// (members only, a user's own events), the ACL everything else. A
     /// filter reaching chat topics through wildcards is allowed by the ACL
     /// and filtered per message by membership.
-    fn authorize_subscription(&self, user: Option<&Arc<str>>, filter: &str, shared: bool) -> Result<(), SubscribeReasonCode> {
+    fn authorize_subscription(
+        &self,
+        user: Option<&Arc<str>>,
+        filter: &str,
+        shared: bool,
+    ) -> Result<(), SubscribeReasonCode> {
         let refuse = Err(SubscribeReasonCode::NotAuthorized);
         match filter_scope(filter) {
             FilterScope::Plain | FilterScope::Wild => {
-                if self.broker.acl.can_subscribe(user.map(|u| &**u), &self.client_id, filter) {
+                if self
+                    .broker
+                    .acl
+                    .can_subscribe(user.map(|u| &**u), &self.client_id, filter)
+                {
                     Ok(())
                 } else {
                     refuse
@@ -720,10 +730,14 @@ impl Channel {
                 let chat = &self.broker.chat;
                 let ok = match ns {
                     Topic::Chat(rest) | Topic::Typing(rest) => {
-                        rest == "+" || rest == "#" || (valid_conv(rest) && chat.is_member(rest, user))
+                        rest == "+"
+                            || rest == "#"
+                            || (valid_conv(rest) && chat.is_member(rest, user))
                     }
                     Topic::Presence(rest) => {
-                        rest == "+" || rest == "#" || (valid_user(rest) && chat.shares_conversation(user, rest))
+                        rest == "+"
+                            || rest == "#"
+                            || (valid_user(rest) && chat.shares_conversation(user, rest))
                     }
                     Topic::Events(owner) => owner == &**user,
                     Topic::Rpc(_) | Topic::Plain => false,
@@ -775,17 +789,28 @@ impl Channel {
                 let envelope = match Envelope::parse(&p.payload) {
                     Ok(e) => e,
                     Err(_) => {
-                        self.refuse_chat(p, topic, PubAckReason::PayloadFormatInvalid, "bad_envelope");
+                        self.refuse_chat(
+                            p,
+                            topic,
+                            PubAckReason::PayloadFormatInvalid,
+                            "bad_envelope",
+                        );
                         return Ok(());
                     }
                 };
                 if p.qos == QoS::ExactlyOnce {
-                    let cell = self.cell.clone().ok_or(Close::violation(DisconnectReasonCode::ProtocolError))?;
+                    let cell = self
+                        .cell
+                        .clone()
+                        .ok_or(Close::violation(DisconnectReasonCode::ProtocolError))?;
                     let mut batch = Batch::new();
                     let new = cell.lock().session.accept_inbound(p.pkid, &mut batch);
                     let inbound = self.broker.store.submit(batch).await;
                     if !new {
-                        self.out.push(Out::AfterCommit(inbound, Packet::PubRec(PubRec::new(p.pkid, None))));
+                        self.out.push(Out::AfterCommit(
+                            inbound,
+                            Packet::PubRec(PubRec::new(p.pkid, None)),
+                        ));
                         return Ok(());
                     }
                     drop(inbound);
@@ -801,10 +826,16 @@ impl Channel {
                     QoS::AtMostOnce => {}
                     QoS::AtLeastOnce => {
                         self.unacked_qos1 += 1;
-                        self.out.push(Out::AfterCommit(commit, Packet::PubAck(PubAck::new(p.pkid, None))));
+                        self.out.push(Out::AfterCommit(
+                            commit,
+                            Packet::PubAck(PubAck::new(p.pkid, None)),
+                        ));
                     }
                     QoS::ExactlyOnce => {
-                        self.out.push(Out::AfterCommit(commit, Packet::PubRec(PubRec::new(p.pkid, None))));
+                        self.out.push(Out::AfterCommit(
+                            commit,
+                            Packet::PubRec(PubRec::new(p.pkid, None)),
+                        ));
                     }
                 }
                 Ok(())

@@ -26,6 +26,9 @@ use crate::channel::{max_packet_size, Channel, Close, Out};
 use crate::codec::{self, DecodeError, Protocol};
 
 const READ_CHUNK: usize = 16 * 1024;
+/// The read buffer of a quiet connection: most connections are idle most
+/// of the time, and their memory is what a broker of many clients pays.
+const READ_SMALL: usize = 1024;
 
 /// Serves one client connection until it ends.
 pub async fn serve<S>(stream: S, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
@@ -36,8 +39,9 @@ where
     let mut conn = Connection {
         channel: Channel::new(broker.clone(), broker.next_id()),
         max_in: max_packet_size(broker.settings.mqtt.max_payload),
-        inbuf: BytesMut::with_capacity(READ_CHUNK),
-        outbuf: BytesMut::with_capacity(READ_CHUNK),
+        inbuf: BytesMut::with_capacity(READ_SMALL),
+        outbuf: BytesMut::new(),
+        last_read: 0,
         pending: VecDeque::new(),
         protocol: None,
         metrics: broker.metrics.clone(),
@@ -59,7 +63,7 @@ where
             let _ = timeout(Duration::from_secs(1), wr.write_all(&conn.outbuf)).await;
         }
         let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
-        conn.channel.close(close).await;
+        Box::pin(conn.channel.close(close)).await;
         // Lingering close: a socket dropped while the client is still
         // sending (acks for what we wrote, more publishes) answers it with
         // a TCP reset; its next write fails, and some stacks discard what
@@ -86,6 +90,9 @@ struct Connection {
     max_in: usize,
     inbuf: BytesMut,
     outbuf: BytesMut,
+    /// Bytes the last read returned: a connection whose reads fill a small
+    /// buffer gets READ_CHUNK; one that goes quiet gives it back.
+    last_read: usize,
     /// Acks waiting for their commit, oldest first.
     pending: VecDeque<(Commit, Packet)>,
     protocol: Option<Protocol>,
@@ -132,21 +139,25 @@ impl Connection {
             return None;
         };
         self.protocol = Some(protocol);
-        let auth = {
-            let broker = broker.clone();
-            let (user, pass) = match login {
-                Some(l) => (Some(l.username), Some(l.password)),
-                None => (None, None),
-            };
-            tokio::task::spawn_blocking(move || {
-                broker
-                    .auth
-                    .authenticate(user.as_deref(), pass.as_deref().map(str::as_bytes))
-            })
-            .await
-            .unwrap_or(Err(crate::access::Refusal::NotAuthorized))
+        let auth = match login {
+            // No credentials, nothing to hash: no hop to a blocking thread
+            // (each one holds a stack and a malloc arena).
+            None => broker.auth.authenticate(None, None),
+            Some(l) => {
+                let broker = broker.clone();
+                tokio::task::spawn_blocking(move || {
+                    broker
+                        .auth
+                        .authenticate(Some(&l.username), Some(l.password.as_bytes()))
+                })
+                .await
+                .unwrap_or(Err(crate::access::Refusal::NotAuthorized))
+            }
         };
-        let mut kicked = match self.channel.connect(protocol, connect, will, auth).await {
+        // Boxed, like `handle` and `close` below: an await keeps its future
+        // inside this task's state for the connection's whole life, and an
+        // idle connection should pay only for the wait in `select!`.
+        let mut kicked = match Box::pin(self.channel.connect(protocol, connect, will, auth)).await {
             Ok(k) => Some(k),
             Err(close) => {
                 self.encode_output();
@@ -175,8 +186,12 @@ impl Connection {
                 }
                 self.outbuf.clear();
             }
-            if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 4 {
-                self.inbuf.reserve(READ_CHUNK);
+            let busy = self.last_read * 2 >= READ_SMALL;
+            let want = if busy { READ_CHUNK } else { READ_SMALL };
+            if !busy && self.inbuf.is_empty() && self.inbuf.capacity() > 2 * READ_SMALL {
+                self.inbuf = BytesMut::with_capacity(READ_SMALL);
+            } else if self.inbuf.capacity() - self.inbuf.len() < want / 4 {
+                self.inbuf.reserve(want);
             }
             tokio::select! {
                 _ = shutdown.changed() => {
@@ -209,7 +224,7 @@ impl Connection {
                 read = rd.read_buf(&mut self.inbuf) => {
                     match read {
                         Ok(0) | Err(_) => return Some(Close { reason: None, will: true }),
-                        Ok(_) => {}
+                        Ok(n) => self.last_read = n,
                     }
                     deadline = idle.map(|d| Instant::now() + d);
                     loop {
@@ -218,7 +233,7 @@ impl Connection {
                                 if matches!(packet, Packet::Publish(_)) {
                                     self.metrics.publishes_received.fetch_add(1, Ordering::Relaxed);
                                 }
-                                if let Err(close) = self.channel.handle(packet).await {
+                                if let Err(close) = Box::pin(self.channel.handle(packet)).await {
                                     self.encode_output();
                                     return Some(close);
                                 }

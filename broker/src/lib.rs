@@ -17,9 +17,9 @@
 pub mod access;
 pub mod broker;
 pub mod channel;
-pub mod chat;
 #[cfg(test)]
 mod channel_tests;
+pub mod chat;
 mod clock;
 pub mod codec;
 pub mod connection;

@@ -225,7 +225,14 @@ impl Session {
     /// Queues a message for the client. QoS 0 messages are not kept for a
     /// disconnected client. When the queue is full the oldest waiting
     /// message is dropped and counted.
-    pub fn enqueue(&mut self, msg: Arc<Message>, qos: QoS, retain: bool, sub_ids: Vec<u32>, batch: &mut Batch) {
+    pub fn enqueue(
+        &mut self,
+        msg: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        sub_ids: Vec<u32>,
+        batch: &mut Batch,
+    ) {
         self.push(msg, qos, retain, sub_ids, None, batch);
     }
 
@@ -241,10 +248,16 @@ impl Session {
         if qos == QoS::AtMostOnce && !self.connected {
             return false;
         }
-        if self.queue.len() >= self.max_queue {
-            if let Some(old) = self.queue.pop_front() {
-                self.dropped += 1;
-                self.unqueue(&old, batch);
+        // The bound is on plain messages (`mqtt.max_offline_messages`); chat
+        // messages are in the log, and evicting one would cut a replay short.
+        if chat.is_none() && self.queue.len() >= self.max_queue {
+            let plain = self.queue.iter().filter(|o| o.chat.is_none()).count();
+            let oldest = self.queue.iter().position(|o| o.chat.is_none());
+            if let (true, Some(i)) = (plain >= self.max_queue, oldest) {
+                if let Some(old) = self.queue.remove(i) {
+                    self.dropped += 1;
+                    self.unqueue(&old, batch);
+                }
             }
         }
         let n = if qos == QoS::AtMostOnce {
@@ -379,8 +392,21 @@ impl Session {
             self.chat.insert(conv.clone(), cursor);
             return Offer::Gap(cursor.queued + 1);
         }
-        self.chat.insert(conv.clone(), ChatCursor { queued: seq, ..cursor });
-        self.push(msg, qos, false, Vec::new(), Some((conv.clone(), seq)), batch);
+        self.chat.insert(
+            conv.clone(),
+            ChatCursor {
+                queued: seq,
+                ..cursor
+            },
+        );
+        self.push(
+            msg,
+            qos,
+            false,
+            Vec::new(),
+            Some((conv.clone(), seq)),
+            batch,
+        );
         Offer::Queued
     }
 
@@ -586,6 +612,30 @@ mod tests {
         }
         assert_eq!(s.pending(), 3);
         assert_eq!(s.dropped, 2);
+    }
+
+    #[test]
+    fn chat_messages_are_not_bounded_by_the_offline_queue() {
+        let mut s = session(60);
+        let mut b = Batch::new();
+        s.max_inflight = 0;
+        let conv: Arc<str> = "room".into();
+        for seq in 1..=5 {
+            let m = msg("chat/room", QoS::AtLeastOnce);
+            let offer = s.offer_chat(&conv, seq, m, QoS::AtLeastOnce, true, &mut b);
+            assert_eq!(offer, Offer::Queued);
+        }
+        for _ in 0..4 {
+            let m = msg("t", QoS::AtLeastOnce);
+            s.enqueue(m, QoS::AtLeastOnce, false, vec![], &mut b);
+        }
+        assert_eq!(
+            s.pending(),
+            5 + 3,
+            "every chat message and the 3 newest plain ones"
+        );
+        assert_eq!(s.dropped, 1);
+        assert_eq!(s.chat[&conv].queued, 5);
     }
 
     // [MQTT-4.3.3-*] the QoS 2 sender's states; [MQTT-4.4.0-1] resend on resume.

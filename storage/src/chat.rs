@@ -21,7 +21,15 @@ pub const CF_CURSOR: &str = "cursor";
 pub const CF_READ: &str = "read";
 pub const CF_DEDUP: &str = "dedup";
 
-pub const CHAT_CFS: [&str; 7] = [CF_MSG, CF_CONV, CF_MEMBER, CF_USER_CONV, CF_CURSOR, CF_READ, CF_DEDUP];
+pub const CHAT_CFS: [&str; 7] = [
+    CF_MSG,
+    CF_CONV,
+    CF_MEMBER,
+    CF_USER_CONV,
+    CF_CURSOR,
+    CF_READ,
+    CF_DEDUP,
+];
 
 fn pair(a: &str, b: &str) -> Vec<u8> {
     let mut key = client_prefix(a);
@@ -46,7 +54,10 @@ fn split_pair(key: &[u8]) -> Option<(String, String)> {
     let len = u16::from_be_bytes([*key.first()?, *key.get(1)?]) as usize;
     let a = key.get(2..2 + len)?;
     let b = key.get(2 + len..)?;
-    Some((String::from_utf8(a.to_vec()).ok()?, String::from_utf8(b.to_vec()).ok()?))
+    Some((
+        String::from_utf8(a.to_vec()).ok()?,
+        String::from_utf8(b.to_vec()).ok()?,
+    ))
 }
 
 fn seq_value(v: &[u8]) -> Option<u64> {
@@ -63,47 +74,89 @@ pub enum Role {
 impl Batch {
     /// Appends message `seq` of `conv`; `envelope` is the JSON subscribers get.
     pub fn put_message(&mut self, conv: &str, seq: u64, envelope: &[u8]) {
-        self.ops.push(Op::Put { cf: CF_MSG, key: msg_key(conv, seq), value: envelope.to_vec() });
+        self.ops.push(Op::Put {
+            cf: CF_MSG,
+            key: msg_key(conv, seq),
+            value: envelope.to_vec(),
+        });
     }
 
     /// Drops messages of `conv` with seq in `from..to` (retention).
     pub fn delete_messages(&mut self, conv: &str, from: u64, to: u64) {
-        self.ops.push(Op::DeleteRange { cf: CF_MSG, from: msg_key(conv, from), to: msg_key(conv, to) });
+        self.ops.push(Op::DeleteRange {
+            cf: CF_MSG,
+            from: msg_key(conv, from),
+            to: msg_key(conv, to),
+        });
     }
 
     pub fn put_conversation(&mut self, conv: &str, record: &ConversationRecord) {
-        self.ops.push(Op::Put { cf: CF_CONV, key: conv.as_bytes().to_vec(), value: record.encode() });
+        self.ops.push(Op::Put {
+            cf: CF_CONV,
+            key: conv.as_bytes().to_vec(),
+            value: record.encode(),
+        });
     }
 
     pub fn put_member(&mut self, conv: &str, user: &str, role: Role) {
         let value = vec![matches!(role, Role::Owner) as u8];
-        self.ops.push(Op::Put { cf: CF_MEMBER, key: pair(conv, user), value });
-        self.ops.push(Op::Put { cf: CF_USER_CONV, key: pair(user, conv), value: Vec::new() });
+        self.ops.push(Op::Put {
+            cf: CF_MEMBER,
+            key: pair(conv, user),
+            value,
+        });
+        self.ops.push(Op::Put {
+            cf: CF_USER_CONV,
+            key: pair(user, conv),
+            value: Vec::new(),
+        });
     }
 
     pub fn delete_member(&mut self, conv: &str, user: &str) {
-        self.ops.push(Op::Delete { cf: CF_MEMBER, key: pair(conv, user) });
-        self.ops.push(Op::Delete { cf: CF_USER_CONV, key: pair(user, conv) });
+        self.ops.push(Op::Delete {
+            cf: CF_MEMBER,
+            key: pair(conv, user),
+        });
+        self.ops.push(Op::Delete {
+            cf: CF_USER_CONV,
+            key: pair(user, conv),
+        });
     }
 
     /// The last seq of `conv` that client `client_id` acknowledged.
     pub fn put_cursor(&mut self, client_id: &str, conv: &str, seq: u64) {
-        self.ops.push(Op::Put { cf: CF_CURSOR, key: pair(client_id, conv), value: seq.to_be_bytes().to_vec() });
+        self.ops.push(Op::Put {
+            cf: CF_CURSOR,
+            key: pair(client_id, conv),
+            value: seq.to_be_bytes().to_vec(),
+        });
     }
 
     /// Forgets every cursor of a session that ended.
     pub fn delete_cursors(&mut self, client_id: &str) {
         let prefix = client_prefix(client_id);
-        self.ops.push(Op::DeleteRange { cf: CF_CURSOR, to: prefix_end(&prefix), from: prefix });
+        self.ops.push(Op::DeleteRange {
+            cf: CF_CURSOR,
+            to: prefix_end(&prefix),
+            from: prefix,
+        });
     }
 
     pub fn put_read(&mut self, user: &str, conv: &str, seq: u64) {
-        self.ops.push(Op::Put { cf: CF_READ, key: pair(user, conv), value: seq.to_be_bytes().to_vec() });
+        self.ops.push(Op::Put {
+            cf: CF_READ,
+            key: pair(user, conv),
+            value: seq.to_be_bytes().to_vec(),
+        });
     }
 
     /// Remembers that `sender`'s message `id` in `conv` got `seq`.
     pub fn put_dedup(&mut self, conv: &str, sender: &str, id: &str, seq: u64) {
-        self.ops.push(Op::Put { cf: CF_DEDUP, key: dedup_key(conv, sender, id), value: seq.to_be_bytes().to_vec() });
+        self.ops.push(Op::Put {
+            cf: CF_DEDUP,
+            key: dedup_key(conv, sender, id),
+            value: seq.to_be_bytes().to_vec(),
+        });
     }
 }
 
@@ -115,7 +168,10 @@ impl Store {
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StorageError> {
         let handle = self.cf_handle(cf)?;
-        for item in self.db().iterator_cf(handle, IteratorMode::From(prefix, Direction::Forward)) {
+        for item in self
+            .db()
+            .iterator_cf(handle, IteratorMode::From(prefix, Direction::Forward))
+        {
             let (key, value) = item?;
             if !key.starts_with(prefix) || !f(&key, &value) {
                 break;
@@ -125,7 +181,10 @@ impl Store {
     }
 
     pub fn conversation(&self, conv: &str) -> Result<Option<ConversationRecord>, StorageError> {
-        match self.db().get_cf(self.cf_handle(CF_CONV)?, conv.as_bytes())? {
+        match self
+            .db()
+            .get_cf(self.cf_handle(CF_CONV)?, conv.as_bytes())?
+        {
             Some(v) => Ok(Some(ConversationRecord::decode(&v)?)),
             None => Ok(None),
         }
@@ -140,7 +199,10 @@ impl Store {
                 (Ok(conv), Ok(record)) => out.push((conv, record)),
                 (_, Err(e)) => bad = Some(e),
                 (Err(_), _) => {
-                    bad = Some(StorageError::Corrupt { cf: CF_CONV, what: "conversation id is not UTF-8".into() })
+                    bad = Some(StorageError::Corrupt {
+                        cf: CF_CONV,
+                        what: "conversation id is not UTF-8".into(),
+                    })
                 }
             }
             bad.is_none()
@@ -156,7 +218,11 @@ impl Store {
         let mut out = Vec::new();
         self.scan_prefix(CF_MEMBER, &[], |k, v| {
             if let Some((conv, user)) = split_pair(k) {
-                let role = if v.first() == Some(&1) { Role::Owner } else { Role::Member };
+                let role = if v.first() == Some(&1) {
+                    Role::Owner
+                } else {
+                    Role::Member
+                };
                 out.push((conv, user, role));
             }
             true
@@ -185,12 +251,17 @@ impl Store {
         } else {
             (msg_key(conv, from), Direction::Forward)
         };
-        for item in self.db().iterator_cf(handle, IteratorMode::From(&start, mode)) {
+        for item in self
+            .db()
+            .iterator_cf(handle, IteratorMode::From(&start, mode))
+        {
             let (key, value) = item?;
             if !key.starts_with(&prefix) {
                 break;
             }
-            let Some(seq) = seq_value(&key[prefix.len()..]) else { break };
+            let Some(seq) = seq_value(&key[prefix.len()..]) else {
+                break;
+            };
             if seq < from || seq >= to {
                 break;
             }
@@ -258,14 +329,28 @@ mod tests {
         assert_eq!(fwd.iter().map(|m| m.0).collect::<Vec<_>>(), [4, 5, 6]);
         let back = store.messages("room", 1, 9, 3, true).unwrap();
         assert_eq!(back.iter().map(|m| m.0).collect::<Vec<_>>(), [8, 7, 6]);
-        assert_eq!(store.messages("room", 1, u64::MAX, 100, false).unwrap().len(), 10);
+        assert_eq!(
+            store
+                .messages("room", 1, u64::MAX, 100, false)
+                .unwrap()
+                .len(),
+            10
+        );
         assert_eq!(store.all_members().unwrap().len(), 2);
         assert!(store.conversations().unwrap().is_empty());
         let mut b = Batch::new();
-        let record = ConversationRecord { title: "t".into(), created_ms: 1, head: 10, first: 1 };
+        let record = ConversationRecord {
+            title: "t".into(),
+            created_ms: 1,
+            head: 10,
+            first: 1,
+        };
         b.put_conversation("room", &record);
         store.write(b).await.unwrap();
-        assert_eq!(store.conversations().unwrap(), [("room".to_string(), record)]);
+        assert_eq!(
+            store.conversations().unwrap(),
+            [("room".to_string(), record)]
+        );
         assert_eq!(store.dedup("room", "alice", "x1").unwrap(), Some(3));
         assert_eq!(store.dedup("room", "bob", "x1").unwrap(), None);
         assert_eq!(store.cursors("c1").unwrap(), [("room".to_string(), 7)]);

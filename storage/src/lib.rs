@@ -28,8 +28,8 @@ pub use chatmq_config::SyncMode;
 pub use error::StorageError;
 pub use latency::{LatencySnapshot, COMMIT_BUCKETS};
 pub use record::{
-    ConversationRecord, MessageProps, MessageRecord, OutboxEntry, OutboxState, RetainedRecord, SessionRecord,
-    SubscriptionRecord,
+    ConversationRecord, MessageProps, MessageRecord, OutboxEntry, OutboxState, RetainedRecord,
+    SessionRecord, SubscriptionRecord,
 };
 pub use store::{Store, StoredSession};
 pub use writer::{Commit, CommitSender};

@@ -209,7 +209,10 @@ impl Store {
         &self.inner.db
     }
 
-    pub(crate) fn cf_handle(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StorageError> {
+    pub(crate) fn cf_handle(
+        &self,
+        name: &'static str,
+    ) -> Result<&rocksdb::ColumnFamily, StorageError> {
         self.cf(name)
     }
 

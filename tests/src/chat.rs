@@ -33,7 +33,12 @@ pub fn token(user: &str) -> String {
 
 /// 3.1.1 options for `user` on client id `client_id`; `persistent` asks
 /// for a session that outlives the connection (Clean Session 0).
-pub fn v4_options(addr: SocketAddr, client_id: &str, user: &str, persistent: bool) -> v4::MqttOptions {
+pub fn v4_options(
+    addr: SocketAddr,
+    client_id: &str,
+    user: &str,
+    persistent: bool,
+) -> v4::MqttOptions {
     let mut o = v4::options(addr, client_id);
     o.set_credentials(user, token(user));
     o.set_clean_session(!persistent);
@@ -42,7 +47,12 @@ pub fn v4_options(addr: SocketAddr, client_id: &str, user: &str, persistent: boo
 
 /// MQTT 5 options for `user` on client id `client_id`; `persistent` asks
 /// for Clean Start 0 and a session that outlives the connection by 10 min.
-pub fn v5_options(addr: SocketAddr, client_id: &str, user: &str, persistent: bool) -> v5::MqttOptions {
+pub fn v5_options(
+    addr: SocketAddr,
+    client_id: &str,
+    user: &str,
+    persistent: bool,
+) -> v5::MqttOptions {
     let mut o = v5::options(addr, client_id);
     o.set_credentials(user, token(user));
     if persistent {
@@ -80,7 +90,9 @@ pub async fn v5_login(o: v5::MqttOptions) -> v5::Client {
 
 /// A chat envelope with id `id` and a text body.
 pub fn envelope(id: &str, text: &str) -> Vec<u8> {
-    json!({"id": id, "body": {"text": text}}).to_string().into_bytes()
+    json!({"id": id, "body": {"text": text}})
+        .to_string()
+        .into_bytes()
 }
 
 /// A payload as JSON (panics with the payload if it is not).
@@ -132,7 +144,10 @@ pub async fn v4_until(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             let topics: Vec<String> = got.iter().map(v4_topic).collect();
-            panic!("gave up after {within:?}; got {} publishes on {topics:?}", got.len());
+            panic!(
+                "gave up after {within:?}; got {} publishes on {topics:?}",
+                got.len()
+            );
         }
         got.extend(c.publishes_for(left.min(Duration::from_millis(50))).await);
     }
@@ -152,7 +167,10 @@ pub async fn v5_until(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             let topics: Vec<String> = got.iter().map(v5_topic).collect();
-            panic!("gave up after {within:?}; got {} publishes on {topics:?}", got.len());
+            panic!(
+                "gave up after {within:?}; got {} publishes on {topics:?}",
+                got.len()
+            );
         }
         got.extend(c.publishes_for(left.min(Duration::from_millis(50))).await);
     }
@@ -183,39 +201,55 @@ fn is_reply(v: &Value, id: &str) -> bool {
 /// Calls `rpc/{method}` with `params` (an object; `"id"` is added) from an
 /// MQTT 5 client already subscribed to its events, and returns the reply
 /// and every other PUBLISH that arrived meanwhile.
-pub async fn v5_rpc(c: &mut v5::Client, method: &str, id: &str, params: Value) -> (Value, Vec<v5::Publish>) {
+pub async fn v5_rpc(
+    c: &mut v5::Client,
+    method: &str,
+    id: &str,
+    params: Value,
+) -> (Value, Vec<v5::Publish>) {
     let mut req = params;
     req["id"] = json!(id);
-    c.publish_acked(&format!("rpc/{method}"), v5::QoS::AtLeastOnce, false, req.to_string().as_bytes())
+    let is_it =
+        |p: &v5::Publish| v5_topic(p).ends_with("/events") && is_reply(&json_of(&p.payload), id);
+    let (_, mut got) = c
+        .publish_acked_keeping(
+            &format!("rpc/{method}"),
+            v5::QoS::AtLeastOnce,
+            false,
+            req.to_string().as_bytes(),
+        )
         .await;
-    let mut got = v5_until(c, crate::PATIENCE, |g| {
-        g.iter()
-            .any(|p| v5_topic(p).ends_with("/events") && is_reply(&json_of(&p.payload), id))
-    })
-    .await;
-    let i = got
-        .iter()
-        .position(|p| v5_topic(p).ends_with("/events") && is_reply(&json_of(&p.payload), id))
-        .expect("reply");
+    if !got.iter().any(is_it) {
+        got.extend(v5_until(c, crate::PATIENCE, |g| g.iter().any(is_it)).await);
+    }
+    let i = got.iter().position(is_it).expect("reply");
     let reply = json_of(&got.remove(i).payload);
     (reply, got)
 }
 
 /// [`v5_rpc`] for a 3.1.1 client.
-pub async fn v4_rpc(c: &mut v4::Client, method: &str, id: &str, params: Value) -> (Value, Vec<v4::Publish>) {
+pub async fn v4_rpc(
+    c: &mut v4::Client,
+    method: &str,
+    id: &str,
+    params: Value,
+) -> (Value, Vec<v4::Publish>) {
     let mut req = params;
     req["id"] = json!(id);
-    c.publish_acked(&format!("rpc/{method}"), v4::QoS::AtLeastOnce, false, req.to_string().as_bytes())
+    let is_it =
+        |p: &v4::Publish| p.topic.ends_with("/events") && is_reply(&json_of(&p.payload), id);
+    let mut got = c
+        .publish_acked_keeping(
+            &format!("rpc/{method}"),
+            v4::QoS::AtLeastOnce,
+            false,
+            req.to_string().as_bytes(),
+        )
         .await;
-    let mut got = v4_until(c, crate::PATIENCE, |g| {
-        g.iter()
-            .any(|p| p.topic.ends_with("/events") && is_reply(&json_of(&p.payload), id))
-    })
-    .await;
-    let i = got
-        .iter()
-        .position(|p| p.topic.ends_with("/events") && is_reply(&json_of(&p.payload), id))
-        .expect("reply");
+    if !got.iter().any(is_it) {
+        got.extend(v4_until(c, crate::PATIENCE, |g| g.iter().any(is_it)).await);
+    }
+    let i = got.iter().position(is_it).expect("reply");
     let reply = json_of(&got.remove(i).payload);
     (reply, got)
 }

@@ -36,7 +36,11 @@ impl Response {
     pub fn json(&self) -> Value {
         match serde_json::from_slice(&self.body) {
             Ok(v) => v,
-            Err(e) => panic!("status {}: body is not JSON ({e}): {}", self.status, self.text()),
+            Err(e) => panic!(
+                "status {}: body is not JSON ({e}): {}",
+                self.status,
+                self.text()
+            ),
         }
     }
 
@@ -85,7 +89,9 @@ impl Http {
     /// Sends one request and reads the whole response.
     pub async fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Response {
         let exchange = async {
-            let mut stream = TcpStream::connect(self.addr).await.expect("connect to HTTP");
+            let mut stream = TcpStream::connect(self.addr)
+                .await
+                .expect("connect to HTTP");
             let mut head = format!(
                 "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
                 self.addr
@@ -101,7 +107,10 @@ impl Http {
                 ));
             }
             head.push_str("\r\n");
-            stream.write_all(head.as_bytes()).await.expect("write request");
+            stream
+                .write_all(head.as_bytes())
+                .await
+                .expect("write request");
             stream.write_all(body).await.expect("write body");
             let mut raw = Vec::new();
             stream.read_to_end(&mut raw).await.expect("read response");
@@ -134,7 +143,11 @@ fn parse(raw: &[u8]) -> Response {
     let chunked = headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_vec() };
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
     Response {
         status,
         headers,

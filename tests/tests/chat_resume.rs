@@ -26,11 +26,17 @@ struct Seen {
 }
 
 fn seen_v4(p: &v4::Publish) -> Seen {
-    Seen { seq: seq_of(&p.payload), dup: p.dup }
+    Seen {
+        seq: seq_of(&p.payload),
+        dup: p.dup,
+    }
 }
 
 fn seen_v5(p: &v5::Publish) -> Seen {
-    Seen { seq: seq_of(&p.payload), dup: p.dup }
+    Seen {
+        seq: seq_of(&p.payload),
+        dup: p.dup,
+    }
 }
 
 /// Drops redeliveries (DUP) of seqs already seen, as a client does, and
@@ -87,7 +93,10 @@ async fn dms_sent_while_bob_is_offline_survive_kill9_wildcard_v4() {
     let opts = |b: &Broker| v4_options(b.addr, "bob-phone", "bob", true);
     let mut bob = v4_login(opts(&b)).await;
     let ack = bob.subscribe("chat/+", v4::QoS::AtLeastOnce).await;
-    assert_eq!(ack.return_codes, [v4::SubscribeReasonCode::Success(v4::QoS::AtLeastOnce)]);
+    assert_eq!(
+        ack.return_codes,
+        [v4::SubscribeReasonCode::Success(v4::QoS::AtLeastOnce)]
+    );
     bob.disconnect().await;
 
     alice_sends(&b, 1, 5).await;
@@ -95,7 +104,10 @@ async fn dms_sent_while_bob_is_offline_survive_kill9_wildcard_v4() {
     b.restart();
 
     let mut bob = v4_login(opts(&b)).await;
-    assert!(bob.connack.session_present, "[MQTT-3.2.2-2] the session survived the crash");
+    assert!(
+        bob.connack.session_present,
+        "[MQTT-3.2.2-2] the session survived the crash"
+    );
     let got = v4_until(&mut bob, PATIENCE, |g| g.len() >= 5).await;
     for (i, p) in got.iter().enumerate() {
         assert_eq!(p.topic, format!("chat/{DM}"));
@@ -117,8 +129,13 @@ async fn dms_sent_while_bob_is_offline_survive_kill9_named_v5() {
     let mut b = Broker::start(&config(""));
     let opts = |b: &Broker| v5_options(b.addr, "bob-laptop", "bob", true);
     let mut bob = v5_login(opts(&b)).await;
-    let ack = bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce).await;
-    assert_eq!(ack.return_codes, [v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce)]);
+    let ack = bob
+        .subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
+        .await;
+    assert_eq!(
+        ack.return_codes,
+        [v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce)]
+    );
     bob.disconnect().await;
 
     alice_sends(&b, 1, 5).await;
@@ -126,7 +143,10 @@ async fn dms_sent_while_bob_is_offline_survive_kill9_named_v5() {
     b.restart();
 
     let mut bob = v5_login(opts(&b)).await;
-    assert!(bob.connack.session_present, "[MQTT-3.2.2-2] the session survived the crash");
+    assert!(
+        bob.connack.session_present,
+        "[MQTT-3.2.2-2] the session survived the crash"
+    );
     let got = v5_until(&mut bob, PATIENCE, |g| g.len() >= 5).await;
     for (i, p) in got.iter().enumerate() {
         assert_eq!(v5_topic(p), format!("chat/{DM}"));
@@ -149,10 +169,14 @@ async fn a_second_absence_resumes_from_the_acknowledged_cursor() {
     let mut b = Broker::start(&config(""));
     let opts = |b: &Broker| v4_options(b.addr, "bob-phone", "bob", true);
     let mut bob = v4_login(opts(&b)).await;
-    bob.subscribe(&format!("chat/{DM}"), v4::QoS::AtLeastOnce).await;
+    bob.subscribe(&format!("chat/{DM}"), v4::QoS::AtLeastOnce)
+        .await;
     alice_sends(&b, 1, 5).await;
     let got = v4_until(&mut bob, PATIENCE, |g| g.len() >= 5).await;
-    assert_eq!(got.iter().map(|p| seq_of(&p.payload)).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert_eq!(
+        got.iter().map(|p| seq_of(&p.payload)).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
     bob.disconnect().await;
 
     alice_sends(&b, 6, 8).await;
@@ -170,7 +194,12 @@ async fn a_second_absence_resumes_from_the_acknowledged_cursor() {
 async fn keep_talking_v4(mut alice: v4::Client, conv: &'static str, n: u64) {
     for i in 1..=n {
         alice
-            .publish_acked(&format!("chat/{conv}"), v4::QoS::AtLeastOnce, false, &envelope(&format!("m{i}"), "..."))
+            .publish_acked(
+                &format!("chat/{conv}"),
+                v4::QoS::AtLeastOnce,
+                false,
+                &envelope(&format!("m{i}"), "..."),
+            )
             .await;
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
@@ -181,7 +210,12 @@ async fn keep_talking_v4(mut alice: v4::Client, conv: &'static str, n: u64) {
 async fn keep_talking_v5(mut alice: v5::Client, conv: &'static str, n: u64) {
     for i in 1..=n {
         alice
-            .publish_acked(&format!("chat/{conv}"), v5::QoS::AtLeastOnce, false, &envelope(&format!("m{i}"), "..."))
+            .publish_acked(
+                &format!("chat/{conv}"),
+                v5::QoS::AtLeastOnce,
+                false,
+                &envelope(&format!("m{i}"), "..."),
+            )
             .await;
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
@@ -197,7 +231,8 @@ async fn resuming_while_alice_keeps_talking_loses_and_repeats_nothing_v5() {
     let b = Broker::start(&config(""));
     let opts = || v5_options(b.addr, "bob-laptop", "bob", true);
     let mut bob = v5_login(opts()).await;
-    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce).await;
+    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
+        .await;
     let talker = tokio::spawn(keep_talking_v4(v4_user(&b, "alice").await, DM, TALK));
 
     let mut seen = Vec::new();
@@ -214,7 +249,10 @@ async fn resuming_while_alice_keeps_talking_loses_and_repeats_nothing_v5() {
     talker.await.expect("alice");
     let last = |s: &[Seen]| s.iter().any(|s| s.seq == TALK);
     if !last(&seen) {
-        let got = v5_until(&mut bob, PATIENCE, |g| g.iter().any(|p| seq_of(&p.payload) == TALK)).await;
+        let got = v5_until(&mut bob, PATIENCE, |g| {
+            g.iter().any(|p| seq_of(&p.payload) == TALK)
+        })
+        .await;
         seen.extend(got.iter().map(seen_v5));
     }
     seen.extend(bob.publishes_for(QUIET).await.iter().map(seen_v5));
@@ -227,7 +265,9 @@ async fn resuming_while_alice_keeps_talking_loses_and_repeats_nothing_v5() {
 async fn resuming_while_a_group_keeps_talking_loses_and_repeats_nothing_v4() {
     let b = Broker::start(&config(""));
     let mut alice = v5_user(&b, "alice").await;
-    alice.subscribe("users/alice/events", v5::QoS::AtLeastOnce).await;
+    alice
+        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
+        .await;
     create_group(&mut alice, "team", &["bob"]).await;
     let opts = || v4_options(b.addr, "bob-phone", "bob", true);
     let mut bob = v4_login(opts()).await;
@@ -252,7 +292,10 @@ async fn resuming_while_a_group_keeps_talking_loses_and_repeats_nothing_v4() {
     talker.await.expect("alice");
     let last = |s: &[Seen]| s.iter().any(|s| s.seq == TALK);
     if !last(&seen) {
-        let got = v4_until(&mut bob, PATIENCE, |g| g.iter().any(|p| seq_of(&p.payload) == TALK)).await;
+        let got = v4_until(&mut bob, PATIENCE, |g| {
+            g.iter().any(|p| seq_of(&p.payload) == TALK)
+        })
+        .await;
         seen.extend(got.iter().map(seen_v4));
     }
     seen.extend(bob.publishes_for(QUIET).await.iter().map(seen_v4));
@@ -271,10 +314,14 @@ async fn unacknowledged_messages_come_back_once_marked_dup() {
     let mut o = v5_options(b.addr, "bob-laptop", "bob", true);
     o.set_manual_acks(true);
     let mut bob = v5_login(o).await;
-    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce).await;
+    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
+        .await;
     alice_sends(&b, 1, 5).await;
     let got = v5_until(&mut bob, PATIENCE, |g| g.len() >= 5).await;
-    assert_eq!(got.iter().map(|p| seq_of(&p.payload)).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert_eq!(
+        got.iter().map(|p| seq_of(&p.payload)).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
     for p in &got[..3] {
         bob.client.ack(p).await.expect("ack");
     }
@@ -298,7 +345,8 @@ async fn a_long_absence_replays_more_than_the_offline_queue_limit() {
     let b = Broker::start(&config("[mqtt]\nmax_offline_messages = 10\n"));
     let opts = |b: &Broker| v5_options(b.addr, "bob-laptop", "bob", true);
     let mut bob = v5_login(opts(&b)).await;
-    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce).await;
+    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
+        .await;
     bob.disconnect().await;
 
     alice_sends(&b, 1, 40).await;
@@ -328,7 +376,12 @@ async fn subscribing_to_a_busy_conversation_misses_nothing_sent_after_the_suback
         for i in 1..=5000u64 {
             log.lock().expect("log").push(Instant::now());
             alice
-                .publish_acked(&format!("chat/{DM}"), v4::QoS::AtLeastOnce, false, &envelope(&format!("m{i}"), "..."))
+                .publish_acked(
+                    &format!("chat/{DM}"),
+                    v4::QoS::AtLeastOnce,
+                    false,
+                    &envelope(&format!("m{i}"), "..."),
+                )
                 .await;
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -338,7 +391,8 @@ async fn subscribing_to_a_busy_conversation_misses_nothing_sent_after_the_suback
         let id = format!("bob-{round}");
         let persistent = round % 2 == 0;
         let mut bob = v5_login(v5_options(b.addr, &id, "bob", persistent)).await;
-        bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce).await;
+        bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
+            .await;
         let subacked = Instant::now();
         let got = v5_until(&mut bob, PATIENCE, |g| g.len() >= 8).await;
         let seqs: Vec<u64> = got.iter().map(|p| seq_of(&p.payload)).collect();
@@ -354,7 +408,10 @@ async fn subscribing_to_a_busy_conversation_misses_nothing_sent_after_the_suback
             seqs.windows(2).all(|w| w[1] == w[0] + 1),
             "{id}: a contiguous run: {seqs:?}"
         );
-        assert!(seqs[0] <= owed, "{id}: seq {owed} was sent after the SUBACK, but the first delivered is {seqs:?}");
+        assert!(
+            seqs[0] <= owed,
+            "{id}: seq {owed} was sent after the SUBACK, but the first delivered is {seqs:?}"
+        );
         bob.disconnect().await;
     }
     talker.abort();

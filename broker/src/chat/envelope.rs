@@ -64,13 +64,27 @@ mod tests {
         let e = Envelope::parse(br#"{"id":"m1","body":{"text":"hi"}}"#).unwrap();
         assert_eq!(e.kind, "text");
         let out: Value = serde_json::from_slice(&e.delivered("room", 7, "alice", 5)).unwrap();
-        assert_eq!(out, json!({"conv":"room","seq":7,"id":"m1","from":"alice","ts":5,"type":"text","body":{"text":"hi"}}));
+        assert_eq!(
+            out,
+            json!({"conv":"room","seq":7,"id":"m1","from":"alice","ts":5,"type":"text","body":{"text":"hi"}})
+        );
     }
 
     #[test]
     fn bad_envelopes_are_refused() {
-        for bad in [&b"nope"[..], b"[]", br#"{"body":1}"#, br#"{"id":"","body":1}"#, br#"{"id":"x"}"#, br#"{"id":5,"body":1}"#] {
-            assert!(Envelope::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"nope"[..],
+            b"[]",
+            br#"{"body":1}"#,
+            br#"{"id":"","body":1}"#,
+            br#"{"id":"x"}"#,
+            br#"{"id":5,"body":1}"#,
+        ] {
+            assert!(
+                Envelope::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let long = format!(r#"{{"id":"{}","body":1}}"#, "x".repeat(65));
         assert!(Envelope::parse(long.as_bytes()).is_err());

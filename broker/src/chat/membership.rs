@@ -19,12 +19,18 @@ impl Membership {
     pub fn add(&mut self, conv: &str, user: &str, role: Role) {
         let conv: Arc<str> = conv.into();
         let user: Arc<str> = user.into();
-        self.by_conv.entry(conv.clone()).or_default().insert(user.clone(), role);
+        self.by_conv
+            .entry(conv.clone())
+            .or_default()
+            .insert(user.clone(), role);
         self.by_user.entry(user).or_default().insert(conv);
     }
 
     pub fn remove(&mut self, conv: &str, user: &str) -> bool {
-        let removed = self.by_conv.get_mut(conv).is_some_and(|m| m.remove(user).is_some());
+        let removed = self
+            .by_conv
+            .get_mut(conv)
+            .is_some_and(|m| m.remove(user).is_some());
         if let Some(convs) = self.by_user.get_mut(user) {
             convs.remove(conv);
         }
@@ -50,12 +56,18 @@ impl Membership {
         if let Some((a, b)) = direct_members(conv) {
             return vec![a.into(), b.into()];
         }
-        self.by_conv.get(conv).map(|m| m.keys().cloned().collect()).unwrap_or_default()
+        self.by_conv
+            .get(conv)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The conversations a user is in (direct ones once they have a message).
     pub fn conversations(&self, user: &str) -> Vec<Arc<str>> {
-        self.by_user.get(user).map(|c| c.iter().cloned().collect()).unwrap_or_default()
+        self.by_user
+            .get(user)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Users who share at least one conversation with `user`.

@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use crate::broker::{Metrics, SessionCell};
 use crate::clock::now_ms;
 use crate::message::{min_qos, Message};
-use crate::session::Offer;
+use crate::session::{Offer, Session};
 pub use envelope::{BadEnvelope, Envelope};
 use membership::Membership;
 use namespace::wanted_qos;
@@ -125,7 +125,9 @@ impl Chat {
 
     fn count_dropped(&self, before: u64, after: u64) {
         if after > before {
-            self.metrics.messages_dropped.fetch_add(after - before, Ordering::Relaxed);
+            self.metrics
+                .messages_dropped
+                .fetch_add(after - before, Ordering::Relaxed);
         }
     }
 
@@ -166,18 +168,24 @@ impl Chat {
         if let Some(s) = lock(&self.convs).get(conv) {
             return Ok(s.clone());
         }
-        let record = self.store.conversation(conv)?.unwrap_or(ConversationRecord {
-            title: String::new(),
-            created_ms: now_ms(),
-            head: 0,
-            first: 1,
-        });
+        let record = self
+            .store
+            .conversation(conv)?
+            .unwrap_or(ConversationRecord {
+                title: String::new(),
+                created_ms: now_ms(),
+                head: 0,
+                first: 1,
+            });
         let state = Arc::new(tokio::sync::Mutex::new(ConvState {
             record,
             recent: VecDeque::new(),
             recent_seq: HashMap::new(),
         }));
-        Ok(lock(&self.convs).entry(conv.into()).or_insert(state).clone())
+        Ok(lock(&self.convs)
+            .entry(conv.into())
+            .or_insert(state)
+            .clone())
     }
 
     /// The head seq and oldest kept seq of a conversation.
@@ -267,7 +275,9 @@ impl Chat {
     /// Runs the dispatcher until the broker stops: commits are awaited in
     /// append order, then messages go out.
     pub async fn run_dispatcher(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let Some(mut rx) = lock(&self.dispatch_rx).take() else { return };
+        let Some(mut rx) = lock(&self.dispatch_rx).take() else {
+            return;
+        };
         loop {
             let item = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -275,7 +285,13 @@ impl Chat {
             };
             match item {
                 Dispatch::Barrier(done) => done.resolve(Ok(())),
-                Dispatch::Message { conv, seq, msg, commit, done } => match commit.await {
+                Dispatch::Message {
+                    conv,
+                    seq,
+                    msg,
+                    commit,
+                    done,
+                } => match commit.await {
                     Ok(()) => {
                         self.fan_out(&conv, seq, &msg);
                         done.resolve(Ok(()));
@@ -337,7 +353,10 @@ impl Chat {
             if from < first {
                 let owner = cell.lock().session.owner.clone();
                 if let Some(user) = owner {
-                    self.send_event(&user, json!({"type": "gap", "conv": &*conv, "from": from, "to": first - 1}));
+                    self.send_event(
+                        &user,
+                        json!({"type": "gap", "conv": &*conv, "from": from, "to": first - 1}),
+                    );
                 }
                 let mut slot = cell.lock();
                 let c = slot.session.chat.entry(conv.clone()).or_default();
@@ -349,7 +368,10 @@ impl Chat {
         loop {
             let store = self.store.clone();
             let c = conv.clone();
-            let page = tokio::task::spawn_blocking(move || store.messages(&c, from, u64::MAX, CATCH_UP_PAGE, false)).await;
+            let page = tokio::task::spawn_blocking(move || {
+                store.messages(&c, from, u64::MAX, CATCH_UP_PAGE, false)
+            })
+            .await;
             let page = match page {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
@@ -366,7 +388,9 @@ impl Chat {
                     return; // gone again; it resumes from its cursor
                 }
                 let s = &mut slot.session;
-                let Some(sub_qos) = wanted_qos(s.subscriptions.iter(), &topic) else { return };
+                let Some(sub_qos) = wanted_qos(s.subscriptions.iter(), &topic) else {
+                    return;
+                };
                 let qos = chat_qos(QoS::AtLeastOnce, sub_qos);
                 let mut batch = Batch::new();
                 let before = s.dropped;
@@ -381,7 +405,8 @@ impl Chat {
                         expires_at_ms: 0,
                         publisher: None,
                     });
-                    queued |= s.offer_chat(&conv, seq, msg, qos, false, &mut batch) == Offer::Queued;
+                    queued |=
+                        s.offer_chat(&conv, seq, msg, qos, false, &mut batch) == Offer::Queued;
                 }
                 self.count_dropped(before, s.dropped);
                 drop(self.store.submit_now(batch));
@@ -418,7 +443,13 @@ impl Chat {
             let mut slot = cell.lock();
             let s = &mut slot.session;
             if wanted_qos(s.subscriptions.iter(), &topic).is_some() && !s.chat.contains_key(conv) {
-                s.chat.insert(conv.into(), crate::session::ChatCursor { acked: head, queued: head });
+                s.chat.insert(
+                    conv.into(),
+                    crate::session::ChatCursor {
+                        acked: head,
+                        queued: head,
+                    },
+                );
                 if s.persistent() {
                     batch.put_cursor(&s.client_id, conv, head);
                 }
@@ -427,31 +458,38 @@ impl Chat {
         drop(self.store.submit_now(batch));
     }
 
-    /// After `cell` subscribed to chat topics: every conversation of `user`
-    /// it now receives gets a cursor at the current head.
-    pub async fn seed(&self, user: &str, cell: &Arc<SessionCell>) {
-        let topic_of = |c: &str| format!("chat/{c}");
-        let missing: Vec<Arc<str>> = {
-            let slot = cell.lock();
-            let s = &slot.session;
-            self.conversations_of(user)
-                .into_iter()
-                .filter(|c| !s.chat.contains_key(c) && wanted_qos(s.subscriptions.iter(), &topic_of(c)).is_some())
-                .collect()
-        };
-        let mut batch = Batch::new();
-        for conv in missing {
-            let Ok((head, _)) = self.bounds(&conv).await else { continue };
-            let mut slot = cell.lock();
-            let s = &mut slot.session;
-            if !s.chat.contains_key(&conv) {
-                s.chat.insert(conv.clone(), crate::session::ChatCursor { acked: head, queued: head });
-                if s.persistent() {
-                    batch.put_cursor(&s.client_id, &conv, head);
+    /// `session` of `user` is subscribing: every conversation of the user
+    /// it now receives and has no cursor for starts at the head committed
+    /// now, so an offline spell later is replayed on resume. Called under
+    /// the session lock that adds the subscription: a message appended
+    /// after that has a higher seq, so it is never mistaken for one the
+    /// session already had (a head read after SUBACK could be).
+    pub fn seed(&self, user: &str, session: &mut Session, batch: &mut Batch) {
+        for conv in self.conversations_of(user) {
+            let topic = format!("chat/{conv}");
+            if session.chat.contains_key(&conv)
+                || wanted_qos(session.subscriptions.iter(), &topic).is_none()
+            {
+                continue;
+            }
+            let head = match self.store.conversation(&conv) {
+                Ok(record) => record.map_or(0, |r| r.head),
+                Err(e) => {
+                    tracing::error!(error = %e, conv = %conv, "cannot read a conversation head");
+                    continue;
                 }
+            };
+            session.chat.insert(
+                conv.clone(),
+                crate::session::ChatCursor {
+                    acked: head,
+                    queued: head,
+                },
+            );
+            if session.persistent() {
+                batch.put_cursor(&session.client_id, &conv, head);
             }
         }
-        drop(self.store.submit_now(batch));
     }
 
     /// A session of `user` is connected: it is now reached by fan-out,
@@ -471,7 +509,11 @@ impl Chat {
         // After a restart `queued` is the persisted cursor.
         let resume: Vec<(Arc<str>, u64)> = {
             let slot = cell.lock();
-            slot.session.chat.iter().map(|(c, cur)| (c.clone(), cur.queued)).collect()
+            slot.session
+                .chat
+                .iter()
+                .map(|(c, cur)| (c.clone(), cur.queued))
+                .collect()
         };
         for (conv, queued) in resume {
             if self.is_member(&conv, user) {
@@ -487,7 +529,9 @@ impl Chat {
     pub fn session_offline(&self, user: &Arc<str>, cell: &Arc<SessionCell>) {
         let last = {
             let mut online = lock(&self.online);
-            let Some(cells) = online.get_mut(user) else { return };
+            let Some(cells) = online.get_mut(user) else {
+                return;
+            };
             cells.retain(|c| !Arc::ptr_eq(c, cell));
             let empty = cells.is_empty();
             if empty {
@@ -561,7 +605,13 @@ impl Chat {
                     Some(q) => {
                         let mut batch = Batch::new();
                         let before = s.dropped;
-                        s.enqueue(msg.clone(), min_qos(msg.qos, q), msg.retain, vec![], &mut batch);
+                        s.enqueue(
+                            msg.clone(),
+                            min_qos(msg.qos, q),
+                            msg.retain,
+                            vec![],
+                            &mut batch,
+                        );
                         self.count_dropped(before, s.dropped);
                         drop(self.store.submit_now(batch));
                         true
@@ -615,7 +665,13 @@ impl Chat {
 
     /// Creates a group conversation; `owner` becomes its owner, `members`
     /// its members. Fails if the id is taken or is a direct conversation.
-    pub async fn create(&self, conv: &str, title: &str, owner: Option<&str>, members: &[String]) -> Result<(), RpcError> {
+    pub async fn create(
+        &self,
+        conv: &str,
+        title: &str,
+        owner: Option<&str>,
+        members: &[String],
+    ) -> Result<(), RpcError> {
         if !namespace::valid_conv(conv) || conv.starts_with("dm:") {
             return Err(RpcError::bad("conv is not a valid group conversation id"));
         }
@@ -632,7 +688,8 @@ impl Chat {
         st.record.title = title.to_string();
         let mut batch = Batch::new();
         batch.put_conversation(conv, &st.record);
-        let mut all: Vec<(String, Role)> = members.iter().map(|m| (m.clone(), Role::Member)).collect();
+        let mut all: Vec<(String, Role)> =
+            members.iter().map(|m| (m.clone(), Role::Member)).collect();
         if let Some(o) = owner {
             all.retain(|(m, _)| m != o);
             all.push((o.to_string(), Role::Owner));
@@ -651,12 +708,20 @@ impl Chat {
             self.join(conv, m, 0);
         }
         let users: Vec<Arc<str>> = all.iter().map(|(m, _)| Arc::from(m.as_str())).collect();
-        self.announce(&users, json!({"type": "conversation.created", "conv": conv, "title": title, "by": owner}));
+        self.announce(
+            &users,
+            json!({"type": "conversation.created", "conv": conv, "title": title, "by": owner}),
+        );
         Ok(())
     }
 
     /// Adds `user` to `conv`; `by` must be its owner (`None`: an operator).
-    pub async fn add_member(&self, conv: &str, user: &str, by: Option<&str>) -> Result<(), RpcError> {
+    pub async fn add_member(
+        &self,
+        conv: &str,
+        user: &str,
+        by: Option<&str>,
+    ) -> Result<(), RpcError> {
         self.check_owner(conv, by)?;
         if !namespace::valid_user(user) {
             return Err(RpcError::bad("user is not a valid user id"));
@@ -671,14 +736,22 @@ impl Chat {
         if let Ok((head, _)) = self.bounds(conv).await {
             self.join(conv, user, head);
         }
-        self.announce(&self.members(conv), json!({"type": "member.added", "conv": conv, "user": user, "by": by}));
+        self.announce(
+            &self.members(conv),
+            json!({"type": "member.added", "conv": conv, "user": user, "by": by}),
+        );
         Ok(())
     }
 
     /// Removes `user` from `conv`, at once: its live subscriptions stop
     /// receiving the conversation. The owner removes anyone; a member may
     /// remove itself.
-    pub async fn remove_member(&self, conv: &str, user: &str, by: Option<&str>) -> Result<(), RpcError> {
+    pub async fn remove_member(
+        &self,
+        conv: &str,
+        user: &str,
+        by: Option<&str>,
+    ) -> Result<(), RpcError> {
         if by != Some(user) {
             self.check_owner(conv, by)?;
         }
@@ -690,13 +763,19 @@ impl Chat {
         self.store.write(batch).await?;
         let before = self.members(conv);
         self.members_write().remove(conv, user);
-        self.announce(&before, json!({"type": "member.removed", "conv": conv, "user": user, "by": by}));
+        self.announce(
+            &before,
+            json!({"type": "member.removed", "conv": conv, "user": user, "by": by}),
+        );
         Ok(())
     }
 
     fn check_owner(&self, conv: &str, by: Option<&str>) -> Result<(), RpcError> {
         if namespace::direct_members(conv).is_some() {
-            return Err(RpcError::new("forbidden", "direct conversations have fixed members"));
+            return Err(RpcError::new(
+                "forbidden",
+                "direct conversations have fixed members",
+            ));
         }
         if !self.members_read().exists(conv) {
             return Err(RpcError::new("not_found", "no such conversation"));
@@ -704,13 +783,22 @@ impl Chat {
         match by {
             None => Ok(()),
             Some(u) if self.role(conv, u) == Some(Role::Owner) => Ok(()),
-            Some(_) => Err(RpcError::new("forbidden", "only the owner may change members")),
+            Some(_) => Err(RpcError::new(
+                "forbidden",
+                "only the owner may change members",
+            )),
         }
     }
 
     /// History of `conv` in seq order: after `after` (ascending from there)
     /// or before `before` (the latest ones before it), at most `limit`.
-    pub async fn history(&self, conv: &str, after: Option<u64>, before: Option<u64>, limit: usize) -> Result<Value, RpcError> {
+    pub async fn history(
+        &self,
+        conv: &str,
+        after: Option<u64>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Value, RpcError> {
         let (head, first) = self.bounds(conv).await?;
         let limit = limit.clamp(1, self.history_cap);
         let store = self.store.clone();
@@ -760,8 +848,15 @@ impl Chat {
         let mut batch = Batch::new();
         batch.put_read(user, conv, seq);
         self.store.write(batch).await?;
-        let others: Vec<Arc<str>> = self.members(conv).into_iter().filter(|m| &**m != user).collect();
-        self.announce(&others, json!({"type": "read", "conv": conv, "user": user, "seq": seq}));
+        let others: Vec<Arc<str>> = self
+            .members(conv)
+            .into_iter()
+            .filter(|m| &**m != user)
+            .collect();
+        self.announce(
+            &others,
+            json!({"type": "read", "conv": conv, "user": user, "seq": seq}),
+        );
         Ok(seq)
     }
 }
@@ -782,7 +877,10 @@ pub struct RpcError {
 
 impl RpcError {
     pub fn new(code: &'static str, message: impl Into<String>) -> RpcError {
-        RpcError { code, message: message.into() }
+        RpcError {
+            code,
+            message: message.into(),
+        }
     }
     pub fn bad(message: impl Into<String>) -> RpcError {
         RpcError::new("bad_request", message)

@@ -35,13 +35,16 @@ pub fn classify(t: &str) -> Topic<'_> {
 
 /// `[A-Za-z0-9_-]{1,64}`
 pub fn valid_user(u: &str) -> bool {
-    (1..=64).contains(&u.len()) && u.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&u.len())
+        && u.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `[A-Za-z0-9_.:-]{1,128}`
 pub fn valid_conv(c: &str) -> bool {
     (1..=128).contains(&c.len())
-        && c.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
 /// The two members of a direct conversation `dm:a:b` (a < b bytewise).
@@ -120,6 +123,9 @@ mod tests {
         assert_eq!(filter_scope("#"), FilterScope::Wild);
         assert_eq!(filter_scope("+/+"), FilterScope::Wild);
         assert_eq!(filter_scope("sensors/#"), FilterScope::Plain);
-        assert!(matches!(filter_scope("chat/+"), FilterScope::Reserved(Topic::Chat("+"), _)));
+        assert!(matches!(
+            filter_scope("chat/+"),
+            FilterScope::Reserved(Topic::Chat("+"), _)
+        ));
     }
 }

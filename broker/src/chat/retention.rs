@@ -205,7 +205,7 @@ mod tests {
         );
         assert_eq!(p.count_floor(12), 8, "12 messages, the newest 5 are 8..=12");
         assert_eq!(p.count_floor(5), 1);
-        assert_eq!(p.count_floor(3), 1);
+        assert_eq!(p.count_floor(3), 0, "nothing to drop");
         assert_eq!(p.age_cutoff(10_000), Some(8000));
         let unlimited = Policy {
             max_messages: 0,
@@ -215,10 +215,12 @@ mod tests {
         assert_eq!(unlimited.age_cutoff(100), None);
     }
 
-    async fn chat_with(dir: &std::path::Path, messages: u64) -> Arc<Chat> {
+    /// A chat with `messages` in "room" and its dispatcher running while
+    /// the returned sender lives.
+    async fn chat_with(dir: &std::path::Path, messages: u64) -> (Arc<Chat>, watch::Sender<bool>) {
         let store = Store::open(dir, SyncMode::Never, Duration::from_millis(5)).unwrap();
         let chat = Arc::new(Chat::new(store, Arc::new(Metrics::default())).unwrap());
-        let (_stop, watch) = watch::channel(false);
+        let (stop, watch) = watch::channel(false);
         tokio::spawn(chat.clone().run_dispatcher(watch));
         chat.create("room", "t", Some("alice"), &[]).await.unwrap();
         let alice: Arc<str> = "alice".into();
@@ -231,7 +233,7 @@ mod tests {
             assert_eq!(seq, i);
             commit.await.unwrap();
         }
-        chat
+        (chat, stop)
     }
 
     fn seqs(history: &Value) -> Vec<u64> {
@@ -246,7 +248,7 @@ mod tests {
     #[tokio::test]
     async fn the_message_limit_keeps_the_newest() {
         let dir = tempfile::tempdir().unwrap();
-        let chat = chat_with(dir.path(), 12).await;
+        let (chat, _dispatching) = chat_with(dir.path(), 12).await;
         let policy = Policy {
             max_messages: 5,
             max_age_ms: 0,
@@ -278,7 +280,7 @@ mod tests {
     #[tokio::test]
     async fn the_age_limit_drops_what_is_older() {
         let dir = tempfile::tempdir().unwrap();
-        let chat = chat_with(dir.path(), 3).await;
+        let (chat, _dispatching) = chat_with(dir.path(), 3).await;
         let policy = Policy {
             max_messages: 0,
             max_age_ms: 60_000,

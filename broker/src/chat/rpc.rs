@@ -10,7 +10,12 @@ use super::{namespace, Chat, RpcError};
 pub async fn call(chat: &Chat, user: &str, method: &str, payload: &[u8]) -> Value {
     let request: Value = match serde_json::from_slice(payload) {
         Ok(v @ Value::Object(_)) => v,
-        _ => return reply(Value::Null, Err(RpcError::bad("the request must be a JSON object"))),
+        _ => {
+            return reply(
+                Value::Null,
+                Err(RpcError::bad("the request must be a JSON object")),
+            )
+        }
     };
     let id = request.get("id").cloned().unwrap_or(Value::Null);
     reply(id, dispatch(chat, user, method, &request).await)
@@ -19,7 +24,9 @@ pub async fn call(chat: &Chat, user: &str, method: &str, payload: &[u8]) -> Valu
 fn reply(id: Value, result: Result<Value, RpcError>) -> Value {
     match result {
         Ok(result) => json!({"type": "rpc", "id": id, "ok": true, "result": result}),
-        Err(e) => json!({"type": "rpc", "id": id, "ok": false, "error": {"code": e.code, "message": e.message}}),
+        Err(e) => {
+            json!({"type": "rpc", "id": id, "ok": false, "error": {"code": e.code, "message": e.message}})
+        }
     }
 }
 
@@ -46,7 +53,10 @@ fn member_conv<'a>(chat: &Chat, user: &str, req: &'a Value) -> Result<&'a str, R
         return Err(RpcError::bad("`conv` is not a valid conversation id"));
     }
     if !chat.is_member(conv, user) {
-        return Err(RpcError::new("not_member", "you are not a member of this conversation"));
+        return Err(RpcError::new(
+            "not_member",
+            "you are not a member of this conversation",
+        ));
     }
     Ok(conv)
 }
@@ -56,7 +66,13 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
         "history" => {
             let conv = member_conv(chat, user, req)?;
             let limit = seq_param(req, "limit")?.unwrap_or(50) as usize;
-            chat.history(conv, seq_param(req, "after")?, seq_param(req, "before")?, limit).await
+            chat.history(
+                conv,
+                seq_param(req, "after")?,
+                seq_param(req, "before")?,
+                limit,
+            )
+            .await
         }
         "conversations" => chat.list(user).await,
         "conversation.create" => {
@@ -69,7 +85,11 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
                 None => Vec::new(),
                 Some(Value::Array(a)) => a
                     .iter()
-                    .map(|m| m.as_str().map(str::to_string).ok_or_else(|| RpcError::bad("`members` must be user ids")))
+                    .map(|m| {
+                        m.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| RpcError::bad("`members` must be user ids"))
+                    })
                     .collect::<Result<_, _>>()?,
                 Some(_) => return Err(RpcError::bad("`members` must be an array of user ids")),
             };
@@ -78,12 +98,14 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
         }
         "conversation.add" => {
             let conv = str_param(req, "conv")?;
-            chat.add_member(conv, str_param(req, "user")?, Some(user)).await?;
+            chat.add_member(conv, str_param(req, "user")?, Some(user))
+                .await?;
             Ok(json!({}))
         }
         "conversation.remove" => {
             let conv = str_param(req, "conv")?;
-            chat.remove_member(conv, str_param(req, "user")?, Some(user)).await?;
+            chat.remove_member(conv, str_param(req, "user")?, Some(user))
+                .await?;
             Ok(json!({}))
         }
         "read" => {
@@ -92,6 +114,9 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
             let seq = chat.mark_read(user, conv, seq).await?;
             Ok(json!({"conv": conv, "seq": seq}))
         }
-        other => Err(RpcError::new("unknown_method", format!("no method `{other}`"))),
+        other => Err(RpcError::new(
+            "unknown_method",
+            format!("no method `{other}`"),
+        )),
     }
 }

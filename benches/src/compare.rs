@@ -151,7 +151,10 @@ impl Broker {
     /// thread can panic while the process lives on.)
     async fn healthy(&self) -> bool {
         let probe = crate::client::connect(self.addr, "chatmq-bench-health", None);
-        matches!(tokio::time::timeout(Duration::from_secs(3), probe).await, Ok(Ok(_)))
+        matches!(
+            tokio::time::timeout(Duration::from_secs(3), probe).await,
+            Ok(Ok(_))
+        )
     }
 
     /// The first line of its stderr that says why it failed, if any.
@@ -165,7 +168,12 @@ impl Broker {
 
 /// Runs `p` against `b`, first replacing `b` with a fresh process if it
 /// stopped answering; the outcome then says so.
-async fn measure(b: &mut Broker, bins: &Binaries, mut p: Params, bar: &ProgressBar) -> Result<Outcome> {
+async fn measure(
+    b: &mut Broker,
+    bins: &Binaries,
+    mut p: Params,
+    bar: &ProgressBar,
+) -> Result<Outcome> {
     let mut note = None;
     if !b.healthy().await {
         let why = b.failure().unwrap_or_else(|| "no answer to CONNECT".into());
@@ -311,7 +319,8 @@ pub async fn run(bins: &Binaries, plan: &Plan) -> Result<Vec<Outcome>> {
     }
 
     if wanted(plan, "chat") {
-        let mut chat_order: Vec<Option<usize>> = order(brokers.len(), turn).into_iter().map(Some).collect();
+        let mut chat_order: Vec<Option<usize>> =
+            order(brokers.len(), turn).into_iter().map(Some).collect();
         chat_order.insert(1, None);
         for i in chat_order {
             let b = match i {

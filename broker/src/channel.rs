@@ -679,6 +679,7 @@ impl Channel {
         if !batch.is_empty() {
             drop(self.broker.store.submit(batch).await);
         }
+        self.broker.chat.refill(cell);
     }
 
     /// A PUBLISH too large for the client was discarded: it counts as

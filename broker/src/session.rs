@@ -93,6 +93,9 @@ pub struct Session {
     pub expiry_secs: u32,
     pub subscriptions: BTreeMap<String, SubOptions>,
     queue: VecDeque<Outgoing>,
+    /// Chat messages in `queue`: the bound counts the others, and
+    /// counting them by a scan cost O(queue) per message once full.
+    chat_queued: usize,
     inflight: VecDeque<Outgoing>,
     next_n: u64,
     /// Incoming QoS 2 packet ids that got PUBREC and await PUBREL.
@@ -108,6 +111,11 @@ pub struct Session {
     pub dropped: u64,
     /// Per conversation: what was acknowledged and what is queued.
     pub chat: HashMap<Arc<str>, ChatCursor>,
+    /// Conversations being replayed from the log (one replay each).
+    pub catching_up: HashSet<Arc<str>>,
+    /// Conversations whose replay paused on a full window; resumed as the
+    /// client drains its queue.
+    pub replay_paused: HashSet<Arc<str>>,
 }
 
 impl Session {
@@ -124,6 +132,7 @@ impl Session {
             expiry_secs,
             subscriptions: BTreeMap::new(),
             queue: VecDeque::new(),
+            chat_queued: 0,
             inflight: VecDeque::new(),
             next_n: 1,
             inbound: HashSet::new(),
@@ -133,6 +142,8 @@ impl Session {
             connected: true,
             dropped: 0,
             chat: HashMap::new(),
+            catching_up: HashSet::new(),
+            replay_paused: HashSet::new(),
         }
     }
 
@@ -251,7 +262,7 @@ impl Session {
         // The bound is on plain messages (`mqtt.max_offline_messages`); chat
         // messages are in the log, and evicting one would cut a replay short.
         if chat.is_none() && self.queue.len() >= self.max_queue {
-            let plain = self.queue.iter().filter(|o| o.chat.is_none()).count();
+            let plain = self.queue.len() - self.chat_queued;
             let oldest = self.queue.iter().position(|o| o.chat.is_none());
             if let (true, Some(i)) = (plain >= self.max_queue, oldest) {
                 if let Some(old) = self.queue.remove(i) {
@@ -280,8 +291,15 @@ impl Session {
         if n != 0 && self.persistent() && out.chat.is_none() {
             batch.put_outbox(&self.client_id, n, &out.entry());
         }
+        self.chat_queued += usize::from(out.chat.is_some());
         self.queue.push_back(out);
         true
+    }
+
+    fn pop_queue(&mut self) -> Option<Outgoing> {
+        let o = self.queue.pop_front()?;
+        self.chat_queued -= usize::from(o.chat.is_some());
+        Some(o)
     }
 
     /// Messages waiting or in flight.
@@ -295,7 +313,7 @@ impl Session {
     pub fn poll_send(&mut self, now_ms: u64, out: &mut Vec<Packet>, batch: &mut Batch) {
         while let Some(front) = self.queue.front() {
             if front.msg.is_expired(now_ms) {
-                if let Some(old) = self.queue.pop_front() {
+                if let Some(old) = self.pop_queue() {
                     self.dropped += 1;
                     self.unqueue(&old, batch);
                 }
@@ -312,7 +330,7 @@ impl Session {
                     break;
                 }
             }
-            let Some(mut o) = self.queue.pop_front() else {
+            let Some(mut o) = self.pop_queue() else {
                 break;
             };
             out.push(Packet::Publish(o.msg.to_publish(

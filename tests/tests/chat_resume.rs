@@ -416,3 +416,26 @@ async fn subscribing_to_a_busy_conversation_misses_nothing_sent_after_the_suback
     }
     talker.abort();
 }
+
+/// A very long absence: bob missed more messages than a replay keeps
+/// waiting in his session at once (the replay window, 1024). The replay
+/// pauses, goes on as he acknowledges, and he still gets every message
+/// once, in order, then the next live one.
+#[tokio::test]
+async fn a_backlog_larger_than_the_replay_window_arrives_whole_and_in_order() {
+    let b = Broker::start(&config("[storage]\nsync = \"never\"\n"));
+    let opts = |b: &Broker| v5_options(b.addr, "bob-laptop", "bob", true);
+    let mut bob = v5_login(opts(&b)).await;
+    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
+        .await;
+    bob.disconnect().await;
+
+    alice_sends(&b, 1, 2500).await;
+    let mut bob = v5_login(opts(&b)).await;
+    let mut got = v5_until(&mut bob, Duration::from_secs(60), |g| g.len() >= 2500).await;
+    alice_sends(&b, 2501, 2501).await;
+    got.extend(v5_until(&mut bob, PATIENCE, |g| !g.is_empty()).await);
+    got.extend(bob.publishes_for(QUIET).await);
+    let seqs: Vec<u64> = got.iter().map(|p| seq_of(&p.payload)).collect();
+    assert_dense(&seqs, 2501, "bob");
+}

@@ -45,6 +45,9 @@ use namespace::wanted_qos;
 const RECENT_IDS: usize = 1024;
 /// Messages read from the log per step of a catch-up.
 const CATCH_UP_PAGE: usize = 256;
+/// Most messages a replay keeps waiting in one session; it continues as
+/// the client acknowledges them, so a long absence costs bounded memory.
+pub const REPLAY_WINDOW: usize = 1024;
 /// Appended messages waiting for the dispatcher.
 const DISPATCH_QUEUE: usize = 8192;
 
@@ -335,9 +338,7 @@ impl Chat {
             };
             match offer {
                 Offer::Queued => cell.wake.notify_one(),
-                Offer::Gap(from) => {
-                    tokio::spawn(self.clone().catch_up(cell.clone(), conv.clone(), from));
-                }
+                Offer::Gap(_) => self.start_catch_up(&cell, conv),
                 Offer::Duplicate => {}
             }
         }
@@ -346,10 +347,37 @@ impl Chat {
     /// Replays `conv` from `from` into a session that is behind, then lets
     /// live delivery continue. If retention already dropped part of what
     /// it missed, the session's user gets a `gap` event saying what.
-    pub async fn catch_up(self: Arc<Self>, cell: Arc<SessionCell>, conv: Arc<str>, mut from: u64) {
+    /// Starts replaying `conv` from the log into `cell`'s session, unless a
+    /// replay of it is already running there.
+    pub fn start_catch_up(self: &Arc<Self>, cell: &Arc<SessionCell>, conv: &Arc<str>) {
+        if cell.lock().session.catching_up.insert(conv.clone()) {
+            tokio::spawn(self.clone().catch_up(cell.clone(), conv.clone()));
+        }
+    }
+
+    /// Replays `conv` from the log into a session that is behind, a window
+    /// at a time (at most [`REPLAY_WINDOW`] messages waiting in the
+    /// session; it continues as the client drains them), then lets live
+    /// delivery continue. If retention already dropped part of what it
+    /// missed, the session's user gets a `gap` event saying what.
+    async fn catch_up(self: Arc<Self>, cell: Arc<SessionCell>, conv: Arc<str>) {
         let topic = format!("chat/{conv}");
-        tracing::debug!(client = %cell.client_id, conv = %conv, from, "catching up");
+        let finish = |paused: bool| {
+            let mut slot = cell.lock();
+            slot.session.catching_up.remove(&conv);
+            if paused {
+                slot.session.replay_paused.insert(conv.clone());
+            }
+        };
+        let next = || {
+            cell.lock()
+                .session
+                .chat
+                .get(&conv)
+                .map_or(1, |c| c.queued + 1)
+        };
         if let Ok((_, first)) = self.bounds(&conv).await {
+            let from = next();
             if from < first {
                 let owner = cell.lock().session.owner.clone();
                 if let Some(user) = owner {
@@ -362,10 +390,17 @@ impl Chat {
                 let c = slot.session.chat.entry(conv.clone()).or_default();
                 c.queued = c.queued.max(first - 1);
                 c.acked = c.acked.max(first - 1);
-                from = first;
             }
         }
+        // After the flag is cleared, one more read: a live message that found
+        // the replay running was committed before it was offered, so this
+        // read sees it.
+        let mut last_pass = false;
         loop {
+            let from = next();
+            if cell.lock().session.pending() >= REPLAY_WINDOW {
+                return finish(true);
+            }
             let store = self.store.clone();
             let c = conv.clone();
             let page = tokio::task::spawn_blocking(move || {
@@ -376,26 +411,27 @@ impl Chat {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "catch-up read failed");
-                    return;
+                    return finish(false);
                 }
-                Err(_) => return,
+                Err(_) => return finish(false),
             };
             let full = page.len() == CATCH_UP_PAGE;
             let mut queued = false;
             {
                 let mut slot = cell.lock();
                 if slot.link.is_none() {
-                    return; // gone again; it resumes from its cursor
+                    drop(slot);
+                    return finish(false); // gone again; it resumes from its cursor
                 }
                 let s = &mut slot.session;
                 let Some(sub_qos) = wanted_qos(s.subscriptions.iter(), &topic) else {
-                    return;
+                    drop(slot);
+                    return finish(false);
                 };
                 let qos = chat_qos(QoS::AtLeastOnce, sub_qos);
                 let mut batch = Batch::new();
                 let before = s.dropped;
                 for (seq, body) in page {
-                    from = seq + 1;
                     let msg = Arc::new(Message {
                         topic: topic.clone(),
                         payload: Bytes::from(body),
@@ -415,8 +451,28 @@ impl Chat {
                 cell.wake.notify_one();
             }
             if !full {
+                if last_pass {
+                    return;
+                }
+                finish(false);
+                last_pass = true;
+            }
+        }
+    }
+
+    /// Resumes replays that paused on a full window once the session has
+    /// drained to half of it. Called after each send.
+    pub fn refill(self: &Arc<Self>, cell: &Arc<SessionCell>) {
+        let paused: Vec<Arc<str>> = {
+            let mut slot = cell.lock();
+            let s = &mut slot.session;
+            if s.replay_paused.is_empty() || s.pending() > REPLAY_WINDOW / 2 {
                 return;
             }
+            s.replay_paused.drain().collect()
+        };
+        for conv in paused {
+            self.start_catch_up(cell, &conv);
         }
     }
 
@@ -507,17 +563,14 @@ impl Chat {
         // What is still queued or in flight goes out again from the session
         // itself (resend with DUP); the log supplies what came after it.
         // After a restart `queued` is the persisted cursor.
-        let resume: Vec<(Arc<str>, u64)> = {
-            let slot = cell.lock();
-            slot.session
-                .chat
-                .iter()
-                .map(|(c, cur)| (c.clone(), cur.queued))
-                .collect()
+        let resume: Vec<Arc<str>> = {
+            let mut slot = cell.lock();
+            slot.session.replay_paused.clear();
+            slot.session.chat.keys().cloned().collect()
         };
-        for (conv, queued) in resume {
+        for conv in resume {
             if self.is_member(&conv, user) {
-                tokio::spawn(self.clone().catch_up(cell.clone(), conv, queued + 1));
+                self.start_catch_up(cell, &conv);
             }
         }
         if first {

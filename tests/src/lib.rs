@@ -24,6 +24,10 @@ pub mod v5;
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// How long a broker may take to start: opening RocksDB on a loaded
+/// machine (parallel tests, a build next door) can take seconds.
+const STARTUP: Duration = Duration::from_secs(30);
+
 /// The `chatmq` binary built from this workspace.
 pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("CHATMQ_BIN") {
@@ -126,7 +130,7 @@ impl Broker {
                 let _ = tx.send(line);
             }
         });
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + STARTUP;
         let mut addr = None;
         let mut http_addr = None;
         loop {

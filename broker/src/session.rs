@@ -382,6 +382,32 @@ impl Session {
         }
     }
 
+    /// Does this session receive `conv` (a matching chat subscription) but
+    /// have no cursor there yet?
+    pub fn lacks_cursor(&self, conv: &str) -> bool {
+        !self.chat.contains_key(conv)
+            && crate::chat::namespace::wanted_qos(
+                self.subscriptions.iter(),
+                &format!("chat/{conv}"),
+            )
+            .is_some()
+    }
+
+    /// Starts the cursor of `conv` at `head`: what comes after it is owed
+    /// (persisted for a persistent session).
+    pub fn start_cursor(&mut self, conv: &str, head: u64, batch: &mut Batch) {
+        self.chat.insert(
+            conv.into(),
+            ChatCursor {
+                acked: head,
+                queued: head,
+            },
+        );
+        if self.persistent() {
+            batch.put_cursor(&self.client_id, conv, head);
+        }
+    }
+
     /// Offers chat message `seq` of `conv`. It is queued only if it is the
     /// next one this session lacks, so a replay from the log and live
     /// delivery meet without gap or duplicate. A session that has never

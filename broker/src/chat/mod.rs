@@ -492,23 +492,12 @@ impl Chat {
             .get(user)
             .map(|v| v.iter().filter_map(Weak::upgrade).collect())
             .unwrap_or_default();
-        let topic = format!("chat/{conv}");
         tracing::debug!(conv, user, head, sessions = cells.len(), "joining");
         let mut batch = Batch::new();
         for cell in cells {
             let mut slot = cell.lock();
-            let s = &mut slot.session;
-            if wanted_qos(s.subscriptions.iter(), &topic).is_some() && !s.chat.contains_key(conv) {
-                s.chat.insert(
-                    conv.into(),
-                    crate::session::ChatCursor {
-                        acked: head,
-                        queued: head,
-                    },
-                );
-                if s.persistent() {
-                    batch.put_cursor(&s.client_id, conv, head);
-                }
+            if slot.session.lacks_cursor(conv) {
+                slot.session.start_cursor(conv, head, &mut batch);
             }
         }
         drop(self.store.submit_now(batch));
@@ -522,28 +511,14 @@ impl Chat {
     /// session already had (a head read after SUBACK could be).
     pub fn seed(&self, user: &str, session: &mut Session, batch: &mut Batch) {
         for conv in self.conversations_of(user) {
-            let topic = format!("chat/{conv}");
-            if session.chat.contains_key(&conv)
-                || wanted_qos(session.subscriptions.iter(), &topic).is_none()
-            {
+            if !session.lacks_cursor(&conv) {
                 continue;
             }
-            let head = match self.store.conversation(&conv) {
-                Ok(record) => record.map_or(0, |r| r.head),
+            match self.store.conversation(&conv) {
+                Ok(record) => session.start_cursor(&conv, record.map_or(0, |r| r.head), batch),
                 Err(e) => {
                     tracing::error!(error = %e, conv = %conv, "cannot read a conversation head");
-                    continue;
                 }
-            };
-            session.chat.insert(
-                conv.clone(),
-                crate::session::ChatCursor {
-                    acked: head,
-                    queued: head,
-                },
-            );
-            if session.persistent() {
-                batch.put_cursor(&session.client_id, &conv, head);
             }
         }
     }

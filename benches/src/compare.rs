@@ -104,13 +104,21 @@ impl Broker {
                 c
             }
         };
-        let child = cmd
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(dir.join("stderr.log"))?))
-            .spawn()
-            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        let spawned = std::fs::File::create(dir.join("stderr.log")).and_then(|log| {
+            cmd.current_dir(&dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(log))
+                .spawn()
+        });
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e)
+                    .with_context(|| format!("starting {name} ({:?})", cmd.get_program()));
+            }
+        };
         let mut broker = Broker {
             name: name.into(),
             kind,

@@ -188,6 +188,14 @@ async fn run_compare(mut a: Args) -> Result<()> {
     };
     let json = a.get::<String>("json")?;
     a.done()?;
+    // The brokers run in their own directories: relative paths must not break.
+    let absolute =
+        |p: PathBuf| std::fs::canonicalize(&p).with_context(|| format!("{}", p.display()));
+    let bins = compare::Binaries {
+        chatmq: absolute(bins.chatmq)?,
+        mosquitto: absolute(bins.mosquitto)?,
+        rumqttd: bins.rumqttd.map(absolute).transpose()?,
+    };
     let started = std::time::Instant::now();
     let outcomes = compare::run(&bins, &plan).await?;
     println!("{}", report::table(&outcomes));

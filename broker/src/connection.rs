@@ -172,6 +172,9 @@ impl Connection {
 
         loop {
             self.encode_output();
+            if let Some(close) = self.ack_resolved().await {
+                return Some(close);
+            }
             let mut deliveries = Vec::new();
             self.channel.poll_deliveries(&mut deliveries).await;
             for p in deliveries {
@@ -270,6 +273,35 @@ impl Connection {
         }
     }
 
+    /// Moves the acks at the front of the queue whose commit has already
+    /// resolved into the write buffer, oldest first [MQTT-4.6.0-2], so one
+    /// write carries them all (a group commit resolves many at once, and a
+    /// publish with nothing to store is ready at once) instead of one
+    /// `select!` round and one write each.
+    async fn ack_resolved(&mut self) -> Option<Close> {
+        while let Some((commit, _)) = self.pending.front_mut() {
+            match resolved(commit) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "commit failed; closing so the client resends");
+                    return Some(Close {
+                        reason: Some(DisconnectReasonCode::UnspecifiedError),
+                        will: false,
+                    });
+                }
+                Some(Ok(())) => {
+                    if let Some((_, ack)) = self.pending.pop_front() {
+                        if matches!(ack, Packet::PubAck(_)) {
+                            self.channel.puback_sent();
+                        }
+                        self.encode(ack).await;
+                    }
+                }
+            }
+        }
+        None
+    }
+
     /// Moves the channel's output into the write buffer or the ack queue.
     fn encode_output(&mut self) {
         let protocol = self.protocol.unwrap_or(Protocol::V4);
@@ -313,5 +345,14 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+/// The result of `commit` if it has already resolved, without waiting.
+fn resolved(commit: &mut Commit) -> Option<Result<(), chatmq_storage::StorageError>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(std::pin::Pin::new(commit), &mut cx) {
+        std::task::Poll::Ready(r) => Some(r),
+        std::task::Poll::Pending => None,
     }
 }

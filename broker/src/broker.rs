@@ -609,14 +609,4 @@ impl Broker {
         self.route(Arc::new(msg), &mut batch);
         self.store.submit(batch).await
     }
-
-    /// Kicks every connection (shutdown) by dropping their links: each
-    /// connection's shutdown signal does the rest.
-    pub fn connected_sessions(&self) -> Vec<Arc<SessionCell>> {
-        self.lock_sessions()
-            .values()
-            .filter(|c| c.lock().link.is_some())
-            .cloned()
-            .collect()
-    }
 }

@@ -408,11 +408,6 @@ pub fn encode(
     }
 }
 
-/// The size `packet` has on the wire in MQTT 5 (an upper bound for 3.1.1).
-pub fn wire_size(packet: &Packet) -> usize {
-    packet.size()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

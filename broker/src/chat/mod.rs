@@ -572,10 +572,6 @@ impl Chat {
         }
     }
 
-    pub fn is_online(&self, user: &str) -> bool {
-        lock(&self.online).contains_key(user)
-    }
-
     fn presence_message(user: &str, online: bool, ts: u64) -> Arc<Message> {
         let status = if online { "online" } else { "offline" };
         Arc::new(Message {

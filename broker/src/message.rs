@@ -50,6 +50,25 @@ impl Message {
         }
     }
 
+    /// A message the server itself publishes (chat deliveries, events,
+    /// presence, typing): no properties, no expiry, no publisher.
+    pub fn from_server(
+        topic: String,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Message {
+        Message {
+            topic,
+            payload: payload.into(),
+            qos,
+            retain,
+            props: MessageProps::default(),
+            expires_at_ms: 0,
+            publisher: None,
+        }
+    }
+
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at_ms != 0 && now_ms >= self.expires_at_ms
     }

@@ -252,15 +252,12 @@ impl Chat {
         }
         let commit = self.store.submit(batch).await;
         self.metrics.chat_appended.fetch_add(1, Ordering::Relaxed);
-        let msg = Arc::new(Message {
-            topic: format!("chat/{conv}"),
-            payload: Bytes::from(body),
+        let msg = Arc::new(Message::from_server(
+            format!("chat/{conv}"),
+            Bytes::from(body),
             qos,
-            retain: false,
-            props: Default::default(),
-            expires_at_ms: 0,
-            publisher: None,
-        });
+            false,
+        ));
         let (done, acked) = Commit::deferred();
         let item = Dispatch::Message {
             conv: conv.into(),
@@ -432,15 +429,12 @@ impl Chat {
                 let mut batch = Batch::new();
                 let before = s.dropped;
                 for (seq, body) in page {
-                    let msg = Arc::new(Message {
-                        topic: topic.clone(),
-                        payload: Bytes::from(body),
+                    let msg = Arc::new(Message::from_server(
+                        topic.clone(),
+                        Bytes::from(body),
                         qos,
-                        retain: false,
-                        props: Default::default(),
-                        expires_at_ms: 0,
-                        publisher: None,
-                    });
+                        false,
+                    ));
                     queued |=
                         s.offer_chat(&conv, seq, msg, qos, false, &mut batch) == Offer::Queued;
                 }
@@ -574,15 +568,12 @@ impl Chat {
 
     fn presence_message(user: &str, online: bool, ts: u64) -> Arc<Message> {
         let status = if online { "online" } else { "offline" };
-        Arc::new(Message {
-            topic: format!("presence/{user}"),
-            payload: Bytes::from(json!({"status": status, "ts": ts}).to_string()),
-            qos: QoS::AtMostOnce,
-            retain: true,
-            props: Default::default(),
-            expires_at_ms: 0,
-            publisher: None,
-        })
+        Arc::new(Message::from_server(
+            format!("presence/{user}"),
+            Bytes::from(json!({"status": status, "ts": ts}).to_string()),
+            QoS::AtMostOnce,
+            true,
+        ))
     }
 
     fn set_presence(&self, user: &Arc<str>, online: bool) {
@@ -654,30 +645,24 @@ impl Chat {
     pub fn typing(&self, conv: &str, from: &str, client_id: &str, payload: &[u8]) {
         let state = serde_json::from_slice::<Value>(payload).unwrap_or(Value::Null);
         let body = json!({"conv": conv, "from": from, "ts": now_ms(), "state": state});
-        let msg = Arc::new(Message {
-            topic: format!("typing/{conv}"),
-            payload: Bytes::from(body.to_string()),
-            qos: QoS::AtMostOnce,
-            retain: false,
-            props: Default::default(),
-            expires_at_ms: 0,
-            publisher: None,
-        });
+        let msg = Arc::new(Message::from_server(
+            format!("typing/{conv}"),
+            Bytes::from(body.to_string()),
+            QoS::AtMostOnce,
+            false,
+        ));
         self.deliver(&self.members(conv), &msg, Some(client_id));
     }
 
     /// An event for `user` on `users/{user}/events` (QoS 1) to each of its
     /// connected sessions subscribed there.
     pub fn send_event(&self, user: &str, event: Value) {
-        let msg = Arc::new(Message {
-            topic: format!("users/{user}/events"),
-            payload: Bytes::from(event.to_string()),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            props: Default::default(),
-            expires_at_ms: 0,
-            publisher: None,
-        });
+        let msg = Arc::new(Message::from_server(
+            format!("users/{user}/events"),
+            Bytes::from(event.to_string()),
+            QoS::AtLeastOnce,
+            false,
+        ));
         self.deliver(&[Arc::from(user)], &msg, None);
     }
 

@@ -60,7 +60,11 @@ where
             );
         }
         if !conn.outbuf.is_empty() {
-            let _ = timeout(Duration::from_secs(1), wr.write_all(&conn.outbuf)).await;
+            let _ = timeout(Duration::from_secs(1), async {
+                wr.write_all(&conn.outbuf).await?;
+                wr.flush().await
+            })
+            .await;
         }
         let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
         Box::pin(conn.channel.close(close)).await;
@@ -181,7 +185,9 @@ impl Connection {
                 self.encode(p).await;
             }
             if !self.outbuf.is_empty() {
-                if wr.write_all(&self.outbuf).await.is_err() {
+                // flush: TLS and WebSocket buffer what they are given; for
+                // TCP it costs nothing.
+                if wr.write_all(&self.outbuf).await.is_err() || wr.flush().await.is_err() {
                     return Some(Close {
                         reason: None,
                         will: true,

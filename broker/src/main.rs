@@ -115,6 +115,9 @@ fn serve(path: &std::path::Path) -> ExitCode {
         };
         println!("chatmq: mqtt listening on {}", server.mqtt_addr);
         println!("chatmq: http listening on {}", server.http_addr);
+        for (name, addr) in &server.edges {
+            println!("chatmq: {name} listening on {addr}");
+        }
         println!("chatmq: ready");
         tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "chatmq is serving");
         wait_for_signal().await;

@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatmq_config::Settings;
+use chatmq_bridge::tls::{TlsAcceptor, TlsError};
+use chatmq_bridge::websocket::{IpLimiter, WsAcceptor};
+use chatmq_config::{Settings, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN};
 use chatmq_storage::Store;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -40,6 +42,79 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Another listener's address could not be bound; `key` names it.
+    #[error("{key} {addr}: {source}")]
+    ListenerBind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+}
+
+/// How the bytes of a listener's connections reach MQTT.
+#[derive(Clone)]
+enum Transport {
+    Tcp,
+    Tls(TlsAcceptor),
+    Ws(WsAcceptor, IpLimiter),
+    Wss(TlsAcceptor, WsAcceptor, IpLimiter),
+}
+
+/// A bound listener not yet serving: its name as `main` prints it, the key
+/// that configures it, and its transport.
+struct Listener {
+    name: &'static str,
+    socket: TcpListener,
+    transport: Transport,
+}
+
+/// Binds one listener, naming `key` in the error.
+async fn bind(
+    name: &'static str,
+    key: &'static str,
+    addr: SocketAddr,
+    transport: Transport,
+) -> Result<Listener, StartError> {
+    let bind_error = |source| StartError::ListenerBind { key, addr, source };
+    let socket = TcpListener::bind(addr).await.map_err(bind_error)?;
+    Ok(Listener {
+        name,
+        socket,
+        transport,
+    })
+}
+
+/// The TLS and WebSocket listeners the settings ask for, bound. Certificates
+/// are loaded before anything binds, so a bad pair stops start-up with its
+/// own message.
+async fn bind_edges(settings: &Settings) -> Result<Vec<Listener>, StartError> {
+    let mut listeners = Vec::new();
+    if let Some(tls) = &settings.mqtt.tls {
+        let acceptor = TlsAcceptor::from_settings("mqtt.tls", tls, &[])?;
+        let addr = tls.listen.unwrap_or(MQTT_TLS_LISTEN);
+        listeners.push(bind("mqtt-tls", "mqtt.tls.listen", addr, Transport::Tls(acceptor)).await?);
+    }
+    let ws = &settings.websocket;
+    if ws.enabled {
+        let upgrade = WsAcceptor::new(ws);
+        let limiter = IpLimiter::new(ws.max_connections_per_ip);
+        let wss = match &ws.tls {
+            Some(tls) => Some((
+                TlsAcceptor::from_settings("websocket.tls", tls, &["http/1.1"])?,
+                tls.listen.unwrap_or(WEBSOCKET_TLS_LISTEN),
+            )),
+            None => None,
+        };
+        let plain = Transport::Ws(upgrade.clone(), limiter.clone());
+        listeners.push(bind("websocket", "websocket.listen", ws.listen, plain).await?);
+        if let Some((acceptor, addr)) = wss {
+            let secure = Transport::Wss(acceptor, upgrade, limiter);
+            listeners.push(bind("websocket-tls", "websocket.tls.listen", addr, secure).await?);
+        }
+    }
+    Ok(listeners)
 }
 
 /// A running broker.
@@ -49,6 +124,9 @@ pub struct Server {
     pub mqtt_addr: SocketAddr,
     /// Where the HTTP API listens (the real port when configured as 0).
     pub http_addr: SocketAddr,
+    /// The other listeners (`mqtt-tls`, `websocket`, `websocket-tls`) and
+    /// where they listen.
+    pub edges: Vec<(&'static str, SocketAddr)>,
     /// What `/readyz` reports: set once serving, cleared at shutdown.
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
@@ -90,10 +168,23 @@ impl Server {
             .await
             .map_err(http_bind)?;
         let http_addr = http_listener.local_addr().map_err(http_bind)?;
+        let edge_listeners = bind_edges(&settings).await?;
+        let mut edges = Vec::new();
+        for edge in &edge_listeners {
+            let addr = edge.socket.local_addr().map_err(|source| StartError::ListenerBind {
+                key: edge.name,
+                addr: settings.mqtt.listen,
+                source,
+            })?;
+            edges.push((edge.name, addr));
+        }
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, watch) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        tasks.spawn(accept_loop(listener, broker.clone(), watch.clone()));
+        tasks.spawn(accept_loop(listener, Transport::Tcp, broker.clone(), watch.clone()));
+        for edge in edge_listeners {
+            tasks.spawn(accept_loop(edge.socket, edge.transport, broker.clone(), watch.clone()));
+        }
         let api = http::Api::new(broker.clone(), ready.clone());
         tasks.spawn(http::serve(http_listener, api, watch.clone()));
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
@@ -106,6 +197,7 @@ impl Server {
             broker,
             mqtt_addr,
             http_addr,
+            edges,
             ready,
             shutdown,
             tasks,
@@ -131,6 +223,7 @@ impl Server {
 
 async fn accept_loop(
     listener: TcpListener,
+    transport: Transport,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -139,9 +232,36 @@ async fn accept_loop(
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((socket, _peer)) => {
+                Ok((socket, peer)) => {
                     let _ = socket.set_nodelay(true);
-                    connections.spawn(connection::serve(socket, broker.clone(), shutdown.clone()));
+                    let (broker, shutdown) = (broker.clone(), shutdown.clone());
+                    // One task type per transport, so a plain TCP connection
+                    // carries nothing of TLS or WebSocket in its future.
+                    match &transport {
+                        Transport::Tcp => {
+                            connections.spawn(connection::serve(socket, broker, shutdown));
+                        }
+                        Transport::Tls(tls) => {
+                            connections.spawn(serve_tls(socket, tls.clone(), broker, shutdown));
+                        }
+                        Transport::Ws(ws, limiter) => {
+                            let (ws, limiter) = (ws.clone(), limiter.clone());
+                            connections.spawn(async move {
+                                serve_ws(socket, peer, &ws, &limiter, broker, shutdown).await
+                            });
+                        }
+                        Transport::Wss(tls, ws, limiter) => {
+                            let (tls, ws, limiter) = (tls.clone(), ws.clone(), limiter.clone());
+                            connections.spawn(async move {
+                                match tls.accept(socket).await {
+                                    Ok(stream) => {
+                                        serve_ws(stream, peer, &ws, &limiter, broker, shutdown).await
+                                    }
+                                    Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -154,6 +274,38 @@ async fn accept_loop(
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+}
+
+async fn serve_tls(
+    socket: TcpStream,
+    tls: TlsAcceptor,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) {
+    match tls.accept(socket).await {
+        Ok(stream) => connection::serve(stream, broker, shutdown).await,
+        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+    }
+}
+
+/// Upgrades to WebSocket (refusing with 429 over the per-IP limit), then
+/// serves MQTT on it like on any socket.
+async fn serve_ws<S>(
+    stream: S,
+    peer: SocketAddr,
+    ws: &WsAcceptor,
+    limiter: &IpLimiter,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let slot = limiter.acquire(peer.ip());
+    match ws.accept(stream, slot.is_none()).await {
+        Ok(stream) => connection::serve(stream, broker, shutdown).await,
+        Err(e) => tracing::debug!(%peer, error = %e, "websocket upgrade refused or failed"),
+    }
+    drop(slot);
 }
 
 async fn sweep_sessions(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {

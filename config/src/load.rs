@@ -234,6 +234,25 @@ fn check_value(
             ValueKind::String(s) if !s.is_empty() => Ok(()),
             _ => Err(wrong_type("a non-empty string")),
         },
+        Kind::TextList => {
+            let ValueKind::Array(items) = value else {
+                return Err(wrong_type("an array of strings"));
+            };
+            for (index, item) in items.iter().enumerate() {
+                match &item.kind {
+                    ValueKind::String(s) if !s.is_empty() => {}
+                    other => {
+                        return Err(ConfigError::WrongType {
+                            key: format!("{key}[{index}]"),
+                            expected: "a non-empty string".to_string(),
+                            found: describe(other),
+                            origin: origin.to_string(),
+                        })
+                    }
+                }
+            }
+            Ok(())
+        }
         Kind::Address => match value {
             ValueKind::String(s) if s.parse::<SocketAddr>().is_ok() => Ok(()),
             _ => Err(wrong_type(
@@ -266,7 +285,7 @@ fn check_override(key: &str, value: &Value) -> Result<(), ConfigError> {
         let found = keys.iter().find(|k| k.name == part).ok_or_else(unknown)?;
         match (found.kind, parts.peek().is_some()) {
             (Kind::Section(inner), true) => keys = inner,
-            (Kind::Section(_) | Kind::Tables(_), false) => {
+            (Kind::Section(_) | Kind::Tables(_) | Kind::TextList, false) => {
                 return Err(ConfigError::Invalid {
                     key: key.to_string(),
                     reason: format!(
@@ -321,7 +340,8 @@ mod tests {
 
     use super::*;
     use crate::settings::{
-        Access, Acl, AclRule, Auth, Chat, Http, Mqtt, Node, Storage, SyncMode, User,
+        Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, Mqtt, Node, Push, Storage, SyncMode,
+        Tls, User, Webhook, Websocket,
     };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
@@ -509,6 +529,11 @@ mod tests {
             connect_timeout_secs = 7
             session_expiry_max = 0
             topic_alias_max = 65535
+            [mqtt.tls]
+            listen = "127.0.0.1:18883"
+            cert = "certs/server.crt"
+            key = "certs/server.key"
+            handshake_timeout_secs = 12
             [auth]
             allow_anonymous = true
             jwt_secret = "hs"
@@ -541,10 +566,45 @@ mod tests {
             sync_interval_ms = 5
             [http]
             listen = "0.0.0.0:18080"
+            static_dir = "web/dist"
             [chat]
             history_limit = 9
             retention_max_messages = 10
             retention_max_age_secs = 11
+            [websocket]
+            enabled = false
+            listen = "127.0.0.1:18083"
+            path = "/ws"
+            handshake_timeout_secs = 13
+            max_frame_size = 1000
+            max_message_size = 2000
+            allowed_origins = ["https://chat.example.com", "http://localhost:3000"]
+            max_connections_per_ip = 14
+            [websocket.tls]
+            listen = "127.0.0.1:18084"
+            cert = "certs/ws.crt"
+            key = "certs/ws.key"
+            [push]
+            debounce_ms = 15
+            concurrency = 16
+            retry_max_attempts = 17
+            retry_base_ms = 18
+            retry_max_ms = 19
+            preview_max_chars = 20
+            [push.webhook]
+            url = "https://push.example.internal/notify"
+            secret = "whsec"
+            [push.apns]
+            key_file = "keys/apns.p8"
+            key_id = "KEYID"
+            team_id = "TEAMID"
+            topic = "com.example.chat"
+            sandbox = true
+            [push.fcm]
+            service_account_file = "keys/fcm.json"
+            project_id = "chat-project"
+            base_url = "http://127.0.0.1:9999"
+            token_uri = "http://127.0.0.1:9999/token"
         "#;
         let expected = Settings {
             node: Node {
@@ -561,6 +621,12 @@ mod tests {
                 connect_timeout_secs: 7,
                 session_expiry_max: 0,
                 topic_alias_max: 65535,
+                tls: Some(Tls {
+                    listen: Some("127.0.0.1:18883".parse().unwrap()),
+                    cert: PathBuf::from("certs/server.crt"),
+                    key: PathBuf::from("certs/server.key"),
+                    handshake_timeout_secs: 12,
+                }),
             },
             auth: Auth {
                 allow_anonymous: true,
@@ -592,11 +658,56 @@ mod tests {
             },
             http: Http {
                 listen: "0.0.0.0:18080".parse().unwrap(),
+                static_dir: Some(PathBuf::from("web/dist")),
             },
             chat: Chat {
                 history_limit: 9,
                 retention_max_messages: 10,
                 retention_max_age_secs: 11,
+            },
+            websocket: Websocket {
+                enabled: false,
+                listen: "127.0.0.1:18083".parse().unwrap(),
+                path: "/ws".into(),
+                handshake_timeout_secs: 13,
+                max_frame_size: 1000,
+                max_message_size: 2000,
+                allowed_origins: vec![
+                    "https://chat.example.com".into(),
+                    "http://localhost:3000".into(),
+                ],
+                max_connections_per_ip: 14,
+                tls: Some(Tls {
+                    listen: Some("127.0.0.1:18084".parse().unwrap()),
+                    cert: PathBuf::from("certs/ws.crt"),
+                    key: PathBuf::from("certs/ws.key"),
+                    handshake_timeout_secs: 10,
+                }),
+            },
+            push: Push {
+                debounce_ms: 15,
+                concurrency: 16,
+                retry_max_attempts: 17,
+                retry_base_ms: 18,
+                retry_max_ms: 19,
+                preview_max_chars: 20,
+                webhook: Some(Webhook {
+                    url: "https://push.example.internal/notify".into(),
+                    secret: Some("whsec".into()),
+                }),
+                apns: Some(Apns {
+                    key_file: PathBuf::from("keys/apns.p8"),
+                    key_id: "KEYID".into(),
+                    team_id: "TEAMID".into(),
+                    topic: "com.example.chat".into(),
+                    sandbox: true,
+                }),
+                fcm: Some(Fcm {
+                    service_account_file: PathBuf::from("keys/fcm.json"),
+                    project_id: Some("chat-project".into()),
+                    base_url: "http://127.0.0.1:9999".into(),
+                    token_uri: Some("http://127.0.0.1:9999/token".into()),
+                }),
             },
         };
         assert_eq!(parse(text, "test.toml", None).unwrap(), expected);

@@ -28,6 +28,8 @@ pub struct Settings {
     pub storage: Storage,
     pub http: Http,
     pub chat: Chat,
+    pub websocket: Websocket,
+    pub push: Push,
 }
 
 /// `[node]`: where this broker keeps its state.
@@ -80,6 +82,8 @@ pub struct Mqtt {
     pub session_expiry_max: u32,
     /// Topic Alias Maximum we accept from clients (0: no aliases).
     pub topic_alias_max: u16,
+    /// `[mqtt.tls]`: MQTT over TLS on its own listener; absent: no TLS.
+    pub tls: Option<Tls>,
 }
 
 impl Default for Mqtt {
@@ -95,6 +99,7 @@ impl Default for Mqtt {
             connect_timeout_secs: 10,
             session_expiry_max: 604_800,
             topic_alias_max: 16,
+            tls: None,
         }
     }
 }
@@ -234,12 +239,196 @@ pub struct Http {
     /// TCP address of the HTTP listener (`ip:port`; port 0 picks a free one).
     /// Loopback by default: put a TLS proxy in front to expose it.
     pub listen: SocketAddr,
+    /// A directory served at `/` (the web demo's build, say); absent: none.
+    /// The API's own routes take precedence.
+    pub static_dir: Option<PathBuf>,
 }
 
 impl Default for Http {
     fn default() -> Self {
         Http {
             listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
+            static_dir: None,
+        }
+    }
+}
+
+/// A TLS listener (`[mqtt.tls]`, `[websocket.tls]`): a certificate chain and
+/// its private key, both PEM files, checked readable at load and checked to
+/// match at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// TCP address of the TLS listener; absent: port 8883 for MQTT, 8084
+    /// for WebSocket, on all interfaces.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain, leaf first. Required.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Required.
+    pub key: PathBuf,
+    /// Seconds allowed for the TLS handshake.
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            listen: None,
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+/// The default MQTT-over-TLS address: all interfaces, port 8883.
+pub const MQTT_TLS_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8883));
+/// The default secure WebSocket address: all interfaces, port 8084.
+pub const WEBSOCKET_TLS_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8084));
+
+/// `[websocket]`: MQTT over WebSocket, for browsers. The connections it
+/// accepts are served exactly like TCP ones: same auth, same sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Websocket {
+    /// Serve MQTT over WebSocket at all.
+    pub enabled: bool,
+    /// TCP address of the `ws://` listener (`ip:port`; port 0 picks one).
+    pub listen: SocketAddr,
+    /// The HTTP path of the upgrade; `/` is accepted too, where MQTT.js goes
+    /// when a URL has no path.
+    pub path: String,
+    /// Seconds allowed from TCP accept to a completed WebSocket upgrade.
+    pub handshake_timeout_secs: u64,
+    /// Largest single WebSocket frame accepted, in bytes.
+    pub max_frame_size: usize,
+    /// Largest WebSocket message (frames reassembled), in bytes.
+    pub max_message_size: usize,
+    /// Allowed `Origin` headers (`https://chat.example.com`); empty: any.
+    pub allowed_origins: Vec<String>,
+    /// Concurrent WebSocket connections from one IP address; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// `[websocket.tls]`: `wss://` on its own listener; absent: none.
+    pub tls: Option<Tls>,
+}
+
+impl Default for Websocket {
+    fn default() -> Self {
+        Websocket {
+            enabled: true,
+            listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8083)),
+            path: "/mqtt".to_string(),
+            handshake_timeout_secs: 10,
+            max_frame_size: 1 << 20,
+            max_message_size: 16 << 20,
+            allowed_origins: Vec::new(),
+            max_connections_per_ip: 0,
+            tls: None,
+        }
+    }
+}
+
+/// `[push]`: notifications to members with no live session. Each provider
+/// is optional; with none configured, no jobs are queued.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Push {
+    /// One notification per user and conversation per this many milliseconds.
+    pub debounce_ms: u64,
+    /// Requests in flight at once, over all providers.
+    pub concurrency: usize,
+    /// Attempts per notification before it is given up (429 and 5xx retry).
+    pub retry_max_attempts: u32,
+    /// First retry delay in milliseconds; doubled per attempt, with jitter.
+    pub retry_base_ms: u64,
+    /// Longest delay between two attempts, in milliseconds (a longer
+    /// Retry-After is capped to it).
+    pub retry_max_ms: u64,
+    /// The longest message preview put in a notification, in characters.
+    pub preview_max_chars: usize,
+    pub webhook: Option<Webhook>,
+    pub apns: Option<Apns>,
+    pub fcm: Option<Fcm>,
+}
+
+impl Default for Push {
+    fn default() -> Self {
+        Push {
+            debounce_ms: 2000,
+            concurrency: 16,
+            retry_max_attempts: 5,
+            retry_base_ms: 1000,
+            retry_max_ms: 60_000,
+            preview_max_chars: 120,
+            webhook: None,
+            apns: None,
+            fcm: None,
+        }
+    }
+}
+
+/// `[push.webhook]`: POST a JSON notification to the operator's service.
+///
+/// `Debug` prints the secret as `<redacted>`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Webhook {
+    /// `http://` or `https://` URL. Required.
+    pub url: String,
+    /// When set, each request carries `X-Chatmq-Signature: sha256=<hex>`,
+    /// the HMAC-SHA256 of the body under this secret.
+    pub secret: Option<String>,
+}
+
+impl fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| REDACTED))
+            .finish()
+    }
+}
+
+/// `[push.apns]`: Apple Push Notification service, token auth (.p8 key).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Apns {
+    /// The .p8 signing key from Apple's developer portal. Required.
+    pub key_file: PathBuf,
+    /// Its key id. Required.
+    pub key_id: String,
+    /// The developer team id. Required.
+    pub team_id: String,
+    /// The app's bundle id (`apns-topic`). Required.
+    pub topic: String,
+    /// Use Apple's sandbox (development) endpoint.
+    pub sandbox: bool,
+}
+
+/// `[push.fcm]`: Firebase Cloud Messaging, HTTP v1 API, with a service
+/// account's OAuth2 flow.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Fcm {
+    /// The service account JSON downloaded from the Firebase console
+    /// (`project_id`, `client_email`, `private_key`, `token_uri`). Required.
+    pub service_account_file: PathBuf,
+    /// Overrides the file's `project_id`.
+    pub project_id: Option<String>,
+    /// Where the v1 API lives; tests point it at a local server.
+    pub base_url: String,
+    /// Overrides the file's `token_uri` (the OAuth2 token endpoint).
+    pub token_uri: Option<String>,
+}
+
+impl Default for Fcm {
+    fn default() -> Self {
+        Fcm {
+            service_account_file: PathBuf::new(),
+            project_id: None,
+            base_url: "https://fcm.googleapis.com".to_string(),
+            token_uri: None,
         }
     }
 }
@@ -290,6 +479,8 @@ pub(crate) enum Kind {
     Bool,
     /// A non-empty string: names, secrets, paths.
     Text,
+    /// An array of non-empty strings (file only).
+    TextList,
     /// An `ip:port` socket address.
     Address,
     /// One of a fixed set of words.
@@ -329,6 +520,7 @@ pub(crate) const KEYS: &[Key] = &[
             key("connect_timeout_secs", integer(1, i64::MAX)),
             key("session_expiry_max", integer(0, U32_MAX)),
             key("topic_alias_max", integer(0, U16_MAX)),
+            key("tls", Kind::Section(TLS_KEYS)),
         ]),
     ),
     key(
@@ -362,7 +554,10 @@ pub(crate) const KEYS: &[Key] = &[
             key("sync_interval_ms", integer(1, i64::MAX)),
         ]),
     ),
-    key("http", Kind::Section(&[key("listen", Kind::Address)])),
+    key(
+        "http",
+        Kind::Section(&[key("listen", Kind::Address), key("static_dir", Kind::Text)]),
+    ),
     key(
         "chat",
         Kind::Section(&[
@@ -371,6 +566,62 @@ pub(crate) const KEYS: &[Key] = &[
             key("retention_max_age_secs", integer(0, i64::MAX)),
         ]),
     ),
+    key(
+        "websocket",
+        Kind::Section(&[
+            key("enabled", Kind::Bool),
+            key("listen", Kind::Address),
+            key("path", Kind::Text),
+            key("handshake_timeout_secs", integer(1, i64::MAX)),
+            key("max_frame_size", integer(16, USIZE_MAX)),
+            key("max_message_size", integer(16, USIZE_MAX)),
+            key("allowed_origins", Kind::TextList),
+            key("max_connections_per_ip", integer(0, USIZE_MAX)),
+            key("tls", Kind::Section(TLS_KEYS)),
+        ]),
+    ),
+    key(
+        "push",
+        Kind::Section(&[
+            key("debounce_ms", integer(0, i64::MAX)),
+            key("concurrency", integer(1, USIZE_MAX)),
+            key("retry_max_attempts", integer(1, U32_MAX)),
+            key("retry_base_ms", integer(1, i64::MAX)),
+            key("retry_max_ms", integer(1, i64::MAX)),
+            key("preview_max_chars", integer(0, USIZE_MAX)),
+            key(
+                "webhook",
+                Kind::Section(&[key("url", Kind::Text), key("secret", Kind::Text)]),
+            ),
+            key(
+                "apns",
+                Kind::Section(&[
+                    key("key_file", Kind::Text),
+                    key("key_id", Kind::Text),
+                    key("team_id", Kind::Text),
+                    key("topic", Kind::Text),
+                    key("sandbox", Kind::Bool),
+                ]),
+            ),
+            key(
+                "fcm",
+                Kind::Section(&[
+                    key("service_account_file", Kind::Text),
+                    key("project_id", Kind::Text),
+                    key("base_url", Kind::Text),
+                    key("token_uri", Kind::Text),
+                ]),
+            ),
+        ]),
+    ),
+];
+
+/// The keys of a TLS listener section.
+const TLS_KEYS: &[Key] = &[
+    key("listen", Kind::Address),
+    key("cert", Kind::Text),
+    key("key", Kind::Text),
+    key("handshake_timeout_secs", integer(1, i64::MAX)),
 ];
 
 #[cfg(test)]

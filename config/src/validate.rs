@@ -13,7 +13,7 @@ use std::io;
 use std::path::Path;
 
 use crate::error::ConfigError;
-use crate::settings::{AclRule, Settings, User};
+use crate::settings::{AclRule, Push, Settings, Tls, User};
 
 /// Checks what [`Settings::load`] and [`Settings::from_toml`] cannot check by
 /// type alone; creates `node.data_dir` if it is missing.
@@ -23,7 +23,103 @@ pub(crate) fn validate(settings: &Settings) -> Result<(), ConfigError> {
     if let Some(path) = &settings.auth.jwt_public_key {
         check_readable("auth.jwt_public_key", path)?;
     }
+    if let Some(tls) = &settings.mqtt.tls {
+        check_tls("mqtt.tls", tls)?;
+    }
+    check_websocket(settings)?;
+    if let Some(dir) = &settings.http.static_dir {
+        if !dir.is_dir() {
+            return Err(ConfigError::Path {
+                key: "http.static_dir".to_string(),
+                path: dir.clone(),
+                problem: "it is not a directory".to_string(),
+            });
+        }
+    }
+    check_push(&settings.push)?;
     prepare_data_dir(&settings.node.data_dir)
+}
+
+/// A required key that was left out of a section that is present.
+fn required(key: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: "missing, and required when its section is present".to_string(),
+    }
+}
+
+fn check_required_path(key: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(required(key));
+    }
+    check_readable(key, path)
+}
+
+fn check_tls(section: &str, tls: &Tls) -> Result<(), ConfigError> {
+    check_required_path(&format!("{section}.cert"), &tls.cert)?;
+    check_required_path(&format!("{section}.key"), &tls.key)
+}
+
+fn check_websocket(settings: &Settings) -> Result<(), ConfigError> {
+    let ws = &settings.websocket;
+    if !ws.path.starts_with('/') {
+        return Err(ConfigError::Invalid {
+            key: "websocket.path".to_string(),
+            reason: format!("{:?} must start with \"/\"", ws.path),
+        });
+    }
+    if ws.max_frame_size > ws.max_message_size {
+        return Err(ConfigError::Invalid {
+            key: "websocket.max_frame_size".to_string(),
+            reason: format!(
+                "{} is larger than websocket.max_message_size ({})",
+                ws.max_frame_size, ws.max_message_size
+            ),
+        });
+    }
+    if let Some(tls) = &ws.tls {
+        check_tls("websocket.tls", tls)?;
+    }
+    Ok(())
+}
+
+fn check_push(push: &Push) -> Result<(), ConfigError> {
+    if push.retry_base_ms > push.retry_max_ms {
+        return Err(ConfigError::Invalid {
+            key: "push.retry_base_ms".to_string(),
+            reason: format!(
+                "{} is larger than push.retry_max_ms ({})",
+                push.retry_base_ms, push.retry_max_ms
+            ),
+        });
+    }
+    if let Some(webhook) = &push.webhook {
+        if webhook.url.is_empty() {
+            return Err(required("push.webhook.url"));
+        }
+        if !(webhook.url.starts_with("http://") || webhook.url.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                key: "push.webhook.url".to_string(),
+                reason: format!("{:?} is not an http:// or https:// URL", webhook.url),
+            });
+        }
+    }
+    if let Some(apns) = &push.apns {
+        check_required_path("push.apns.key_file", &apns.key_file)?;
+        for (key, value) in [
+            ("push.apns.key_id", &apns.key_id),
+            ("push.apns.team_id", &apns.team_id),
+            ("push.apns.topic", &apns.topic),
+        ] {
+            if value.is_empty() {
+                return Err(required(key));
+            }
+        }
+    }
+    if let Some(fcm) = &push.fcm {
+        check_required_path("push.fcm.service_account_file", &fcm.service_account_file)?;
+    }
+    Ok(())
 }
 
 /// A user id as the design fixes it: `[A-Za-z0-9_-]{1,64}`.

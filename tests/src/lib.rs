@@ -9,6 +9,7 @@
 //! Clients: rumqttc (v4 and v5) through [`v4`] and [`v5`] helpers, raw
 //! bytes through [`raw`], and the HTTP API through [`http`].
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,9 @@ pub struct Broker {
     pub addr: SocketAddr,
     /// Where the HTTP API listens.
     pub http_addr: SocketAddr,
+    /// Every listener by the name the broker prints (`mqtt`, `http`,
+    /// `websocket`, `mqtt-tls`, `websocket-tls`).
+    pub listeners: BTreeMap<String, SocketAddr>,
     dir: tempfile::TempDir,
     config: String,
     env: Vec<(String, String)>,
@@ -72,6 +76,7 @@ impl Broker {
             child: None,
             addr: "127.0.0.1:0".parse().expect("addr"),
             http_addr: "127.0.0.1:0".parse().expect("addr"),
+            listeners: BTreeMap::new(),
             dir,
             config: config.to_string(),
             env: env
@@ -79,8 +84,21 @@ impl Broker {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        b.spawn("127.0.0.1:0", "127.0.0.1:0");
+        b.spawn(&[]);
         b
+    }
+
+    /// Where MQTT over WebSocket listens (`ws://`).
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.listener("websocket")
+    }
+
+    /// A listener by the name the broker prints; panics if there is none.
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        match self.listeners.get(name) {
+            Some(addr) => *addr,
+            None => panic!("the broker has no {name} listener: {:?}", self.listeners),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -100,8 +118,10 @@ impl Broker {
             .arg("--config")
             .arg(&config_path)
             .env("CHATMQ__NODE__DATA_DIR", self.data_dir())
-            // Never the default port: tests run side by side.
+            // Never the default ports: tests run side by side.
+            .env("CHATMQ__MQTT__LISTEN", "127.0.0.1:0")
             .env("CHATMQ__HTTP__LISTEN", "127.0.0.1:0")
+            .env("CHATMQ__WEBSOCKET__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "warn");
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -109,16 +129,19 @@ impl Broker {
         cmd
     }
 
-    fn spawn(&mut self, listen: &str, http_listen: &str) {
+    /// Runs the binary; `listen` overrides listener addresses (a restart
+    /// keeps its ports) as (listener name, address).
+    fn spawn(&mut self, listen: &[(String, SocketAddr)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("broker.log"))
             .expect("log file");
-        let mut child = self
-            .command()
-            .env("CHATMQ__MQTT__LISTEN", listen)
-            .env("CHATMQ__HTTP__LISTEN", http_listen)
+        let mut command = self.command();
+        for (name, addr) in listen {
+            command.env(listen_variable(name), addr.to_string());
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -131,18 +154,19 @@ impl Broker {
             }
         });
         let deadline = Instant::now() + STARTUP;
-        let mut addr = None;
-        let mut http_addr = None;
+        self.listeners.clear();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) if line == "chatmq: ready" => break,
                 Ok(line) => {
-                    if let Some(a) = line.strip_prefix("chatmq: mqtt listening on ") {
-                        addr = a.parse().ok();
-                    }
-                    if let Some(a) = line.strip_prefix("chatmq: http listening on ") {
-                        http_addr = a.parse().ok();
+                    let listening = line
+                        .strip_prefix("chatmq: ")
+                        .and_then(|rest| rest.split_once(" listening on "));
+                    if let Some((name, addr)) = listening {
+                        if let Ok(addr) = addr.parse() {
+                            self.listeners.insert(name.to_string(), addr);
+                        }
                     }
                 }
                 Err(_) => {
@@ -151,8 +175,8 @@ impl Broker {
                 }
             }
         }
-        self.addr = addr.expect("listening line");
-        self.http_addr = http_addr.expect("http listening line");
+        self.addr = self.listener("mqtt");
+        self.http_addr = self.listener("http");
         self.child = Some(child);
     }
 
@@ -192,19 +216,23 @@ impl Broker {
     /// Starts again on the same data directory and the same ports.
     pub fn restart(&mut self) {
         self.kill9();
-        let listen = self.addr.to_string();
-        let http_listen = self.http_addr.to_string();
+        let listen: Vec<(String, SocketAddr)> = self
+            .listeners
+            .iter()
+            .map(|(name, addr)| (name.clone(), *addr))
+            .collect();
         let deadline = Instant::now() + PATIENCE;
         // The ports were just freed; retry briefly if the OS has not let go.
         loop {
-            let probe = std::net::TcpListener::bind(&listen)
-                .and_then(|_| std::net::TcpListener::bind(&http_listen));
-            if probe.is_ok() || Instant::now() > deadline {
+            let free = listen
+                .iter()
+                .all(|(_, addr)| std::net::TcpListener::bind(addr).is_ok());
+            if free || Instant::now() > deadline {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.spawn(&listen, &http_listen);
+        self.spawn(&listen);
     }
 
     pub fn host(&self) -> String {
@@ -214,6 +242,16 @@ impl Broker {
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
+}
+
+/// The environment variable that sets a listener's address.
+fn listen_variable(name: &str) -> String {
+    let section = match name {
+        "mqtt-tls" => "MQTT__TLS",
+        "websocket-tls" => "WEBSOCKET__TLS",
+        other => return format!("CHATMQ__{}__LISTEN", other.to_uppercase()),
+    };
+    format!("CHATMQ__{section}__LISTEN")
 }
 
 impl Drop for Broker {

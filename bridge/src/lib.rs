@@ -1,0 +1,11 @@
+//! chatmq's edges, which know nothing of the broker:
+//!
+//! - [`websocket`]: MQTT over WebSocket. [`websocket::WsAcceptor`] performs
+//!   the upgrade (path, `Origin`, subprotocol, limits) and yields a
+//!   [`websocket::WsStream`], a byte stream the broker serves exactly like a
+//!   TCP socket; [`websocket::IpLimiter`] caps connections per address.
+//! - [`tls`]: [`tls::TlsAcceptor`], rustls with the certificate and key a
+//!   `[mqtt.tls]` or `[websocket.tls]` section names, for MQTT and `wss`.
+
+pub mod tls;
+pub mod websocket;

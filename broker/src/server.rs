@@ -185,7 +185,7 @@ impl Server {
         for edge in edge_listeners {
             tasks.spawn(accept_loop(edge.socket, edge.transport, broker.clone(), watch.clone()));
         }
-        let api = http::Api::new(broker.clone(), ready.clone());
+        let api = http::Api::new(broker.clone(), ready.clone(), edges.clone());
         tasks.spawn(http::serve(http_listener, api, watch.clone()));
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
         if let Some(policy) = retention::Policy::from_settings(&settings.chat) {

@@ -15,7 +15,9 @@
 mod conversations;
 mod messages;
 mod ops;
+mod web;
 
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -44,11 +46,21 @@ pub struct Api {
     broker: Arc<Broker>,
     /// Set while the server is serving; `/readyz` reports it.
     ready: Arc<AtomicBool>,
+    /// The TLS and WebSocket listeners, for `/v1/client-config`.
+    edges: Vec<(&'static str, SocketAddr)>,
 }
 
 impl Api {
-    pub fn new(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Arc<Api> {
-        Arc::new(Api { broker, ready })
+    pub fn new(
+        broker: Arc<Broker>,
+        ready: Arc<AtomicBool>,
+        edges: Vec<(&'static str, SocketAddr)>,
+    ) -> Arc<Api> {
+        Arc::new(Api {
+            broker,
+            ready,
+            edges,
+        })
     }
 }
 
@@ -75,7 +87,8 @@ pub fn router(api: Arc<Api>) -> Router {
             "/v1/conversations/{conv}/messages",
             get(messages::history).post(messages::send),
         )
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .route("/v1/client-config", get(web::client_config))
+        .fallback(web::static_file)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(api)
 }

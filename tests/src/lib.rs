@@ -7,7 +7,8 @@
 //! with SIGKILL or stopped with SIGTERM and started again on the same data.
 //!
 //! Clients: rumqttc (v4 and v5) through [`v4`] and [`v5`] helpers, raw
-//! bytes through [`raw`], and the HTTP API through [`http`].
+//! bytes through [`raw`] (TCP) and [`ws`] (WebSocket), and the HTTP API
+//! through [`http`]. [`tls`] makes a throwaway CA for the TLS listeners.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -19,8 +20,10 @@ use std::time::{Duration, Instant};
 pub mod chat;
 pub mod http;
 pub mod raw;
+pub mod tls;
 pub mod v4;
 pub mod v5;
+pub mod ws;
 
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);

@@ -34,13 +34,15 @@ pub async fn client_config(State(api): State<Arc<Api>>) -> Json<Value> {
 
 /// The fallback route: a file under `static_dir` for GET and HEAD, else the
 /// API's JSON 404. A path with no file extension that matches nothing gets
-/// `index.html`, so a single-page app can own its URLs.
+/// `index.html`, so a single-page app can own its URLs; `/v1/...` never does.
 pub async fn static_file(State(api): State<Arc<Api>>, request: Request) -> Response {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route");
     let Some(root) = &api.broker.settings.http.static_dir else {
         return not_found().into_response();
     };
-    if request.method() != Method::GET && request.method() != Method::HEAD {
+    let is_read = request.method() == Method::GET || request.method() == Method::HEAD;
+    // A mistyped API route stays an API error, never the app's page.
+    if !is_read || request.uri().path().starts_with("/v1/") {
         return not_found().into_response();
     }
     let Some(relative) = safe_relative(request.uri().path()) else {

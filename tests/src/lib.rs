@@ -7,7 +7,8 @@
 //! with SIGKILL or stopped with SIGTERM and started again on the same data.
 //!
 //! Clients: rumqttc (v4 and v5) through [`v4`] and [`v5`] helpers, raw
-//! bytes through [`raw`], and the HTTP API through [`http`].
+//! bytes through [`raw`], the HTTP API through [`http`], and browsers
+//! (Chromium driven by Node scripts) through [`web`].
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -21,6 +22,7 @@ pub mod http;
 pub mod raw;
 pub mod v4;
 pub mod v5;
+pub mod web;
 
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);

@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # Installs what building and testing chatmq needs and is not on a fresh
 # machine: clang and libclang (RocksDB's bindings), the Mosquitto clients
-# and paho-mqtt (third-party clients the tests drive). Idempotent and quiet
+# and paho-mqtt (third-party clients the tests drive), Chromium, Node and
+# the web demo's npm packages (the browser tests). Idempotent and quiet
 # when everything is there. Needs root for apt-get (or sudo).
+#
+#   scripts/setup.sh          what building needs
+#   scripts/setup.sh --test   and what the tests need, and builds the web demo
+#   scripts/setup.sh --web    and what the web demo needs, and builds it
 set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
 command -v clang >/dev/null 2>&1 || missing+=(clang)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
-if [ "${1:-}" = "--test" ]; then
+if [ "$mode" = "--test" ]; then
   command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+fi
+if [ "$mode" = "--test" ] || [ "$mode" = "--web" ]; then
+  command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
@@ -19,11 +30,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [ "${1:-}" = "--test" ]; then
+if [ "$mode" = "--test" ]; then
   if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     echo "setup: installing paho-mqtt" >&2
     python3 -m pip install -q 'paho-mqtt>=2,<3'
   fi
+fi
+
+# The web demo (mobile-demo/web): packages from the lock file when they
+# changed, then the bundle in dist/ (esbuild: well under a second).
+if [ "$mode" = "--test" ] || [ "$mode" = "--web" ]; then
+  (
+    cd mobile-demo/web
+    if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+      echo "setup: npm ci in mobile-demo/web" >&2
+      npm ci --no-audit --no-fund --loglevel=error >/dev/null
+    fi
+    npm run build --silent >/dev/null
+  )
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install Rust (rustup) first" >&2; exit 1; }

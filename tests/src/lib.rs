@@ -7,8 +7,9 @@
 //! with SIGKILL or stopped with SIGTERM and started again on the same data.
 //!
 //! Clients: rumqttc (v4 and v5) through [`v4`] and [`v5`] helpers, raw
-//! bytes through [`raw`] (TCP) and [`ws`] (WebSocket), and the HTTP API
-//! through [`http`]. [`tls`] makes a throwaway CA for the TLS listeners.
+//! bytes through [`raw`] (TCP) and [`ws`] (WebSocket), the HTTP API
+//! through [`http`], and browsers (Chromium driven by Node scripts) through
+//! [`web`]. [`tls`] makes a throwaway CA for the TLS listeners.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -24,6 +25,7 @@ pub mod tls;
 pub mod v4;
 pub mod v5;
 pub mod ws;
+pub mod web;
 
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);

@@ -5,9 +5,11 @@
 //! envelope id, the state file is written, then the entry is published at
 //! QoS 1 if connected (at most `WINDOW` at a time). It leaves the outbox
 //! when the broker acknowledges it: its PUBACK, or the delivery of our own
-//! message back to us on `chat/+`, whichever comes first. After a
-//! reconnect every entry left is published again with the same id; the
-//! broker answers a repeat with the seq it already gave.
+//! message back to us on `chat/+`, whichever comes first. The `acked`
+//! event waits for that delivery, which carries the seq (the PUBACK comes
+//! first in practice and has none). After a reconnect every entry left is
+//! published again with the same id; the broker answers a repeat with the
+//! seq it already gave.
 //!
 //! The story of a delivery: the timeline decides whether it is shown
 //! (dedup by (conv, seq), in order), the state file records the new last
@@ -44,6 +46,8 @@ const FILL_PAGE: u64 = 100;
 /// `mqtt.session_expiry_max`): a phone may stay away for days.
 const SESSION_EXPIRY_SECS: u32 = u32::MAX;
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Sends acknowledged by PUBACK whose seq is still to come, at most.
+const AWAITING_SEQ: usize = 1024;
 /// How long `/quit` waits for its DISCONNECT to go out.
 const GOODBYE: Duration = Duration::from_secs(1);
 
@@ -82,6 +86,9 @@ pub struct App {
     out: Printer,
     link: Option<Link>,
     current: Option<String>,
+    /// Sends the broker has stored (PUBACK) whose delivery back to us, with
+    /// the seq, has not come yet: envelope id -> conversation, oldest first.
+    awaiting_seq: VecDeque<(String, String)>,
     rpcs: HashMap<String, Rpc>,
     /// Correlation ids are `{rpc_prefix}-{n}`: fresh per run, so a reply
     /// queued for the session by an earlier run is not taken for ours.
@@ -143,6 +150,7 @@ impl App {
             timeline: Timeline::default(),
             link: None,
             current: None,
+            awaiting_seq: VecDeque::new(),
             rpcs: HashMap::new(),
             rpc_prefix: format!("r{:08x}", crate::backoff::random_u64() as u32),
             next_rpc: 1,
@@ -366,7 +374,7 @@ impl App {
                 if let Some(id) = id {
                     match ack.reason {
                         PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                            self.acknowledged(&id, None)?
+                            self.stored(&id)?
                         }
                         reason => self.rejected(&id, reason)?,
                     }
@@ -413,14 +421,20 @@ impl App {
         self.timeline.live(&mut self.state.last_seq, m)
     }
 
-    /// If `m` is one of our pending sends, it is stored: acknowledge it.
+    /// Our own message delivered back: the send it proves is stored, and
+    /// this is its seq.
     fn echo(&mut self, m: &Message) {
         if m.from != self.opts.user {
             return;
         }
-        if self.state.outbox.iter().any(|p| p.id == m.id && p.conv == m.conv) {
-            self.forget(&m.id);
+        let pending = self.forget(&m.id).is_some();
+        let awaited = match self.awaiting_seq.iter().position(|(id, _)| *id == m.id) {
+            Some(i) => self.awaiting_seq.remove(i).is_some(),
+            None => false,
+        };
+        if pending || awaited {
             self.out.acked(&m.id, &m.conv, Some(m.seq));
+            self.pump();
         }
     }
 
@@ -451,10 +465,17 @@ impl App {
         self.state.take_pending(id)
     }
 
-    fn acknowledged(&mut self, id: &str, seq: Option<u64>) -> Result<()> {
+    /// A PUBACK: the send is on disk and leaves the outbox; its `acked`
+    /// event waits for the seq (see `echo`).
+    fn stored(&mut self, id: &str) -> Result<()> {
         if let Some(p) = self.forget(id) {
             self.save()?;
-            self.out.acked(&p.id, &p.conv, seq);
+            if self.awaiting_seq.len() >= AWAITING_SEQ {
+                if let Some((id, conv)) = self.awaiting_seq.pop_front() {
+                    self.out.acked(&id, &conv, None);
+                }
+            }
+            self.awaiting_seq.push_back((p.id, p.conv));
             self.pump();
         }
         Ok(())

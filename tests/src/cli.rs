@@ -42,6 +42,11 @@ impl Cli {
     /// Starts `user`'s client on the broker at `addr` with a fresh JWT and
     /// the state file `state`; its stderr goes next to the state file.
     pub fn start(addr: SocketAddr, user: &str, state: &Path) -> Cli {
+        Cli::start_with_password(addr, user, state, &crate::chat::token(user))
+    }
+
+    /// [`Cli::start`] with the password given.
+    pub fn start_with_password(addr: SocketAddr, user: &str, state: &Path, password: &str) -> Cli {
         let stderr = state.with_extension("stderr");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -56,7 +61,7 @@ impl Cli {
             .arg("--state")
             .arg(state)
             .arg("--json")
-            .env("CHATMQ_PASSWORD", crate::chat::token(user))
+            .env("CHATMQ_PASSWORD", password)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)

@@ -44,8 +44,15 @@ fn keep(kept: &mut Vec<(u64, String, String)>, publishes: &[v5::Publish]) {
         if p.dup && kept.iter().any(|(s, _, _)| *s == seq) {
             continue;
         }
-        let body = v["body"].as_str().map(str::to_string).unwrap_or_else(|| v["body"].to_string());
-        kept.push((seq, v["from"].as_str().unwrap_or_default().to_string(), body));
+        let body = v["body"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v["body"].to_string());
+        kept.push((
+            seq,
+            v["from"].as_str().unwrap_or_default().to_string(),
+            body,
+        ));
     }
 }
 
@@ -53,21 +60,35 @@ fn keep(kept: &mut Vec<(u64, String, String)>, publishes: &[v5::Publish]) {
 fn shown(cli: &Cli) -> Vec<(String, u64)> {
     cli.logged("message")
         .iter()
-        .map(|e| (e["conv"].as_str().unwrap_or_default().to_string(), e["seq"].as_u64().unwrap_or(0)))
+        .map(|e| {
+            (
+                e["conv"].as_str().unwrap_or_default().to_string(),
+                e["seq"].as_u64().unwrap_or(0),
+            )
+        })
         .collect()
 }
 
 fn assert_shown_once(cli: &Cli) {
     let all = shown(cli);
     let unique: HashSet<&(String, u64)> = all.iter().collect();
-    assert_eq!(unique.len(), all.len(), "a message was shown twice: {all:?}");
+    assert_eq!(
+        unique.len(),
+        all.len(),
+        "a message was shown twice: {all:?}"
+    );
 }
 
 /// bob sends `texts` to alice, each acknowledged (on disk).
 async fn bob_sends(bob: &mut v5::Client, texts: &[&str]) {
     for t in texts {
         let ack = bob
-            .publish_acked(&format!("chat/{DM}"), v5::QoS::AtLeastOnce, false, &envelope(t, t))
+            .publish_acked(
+                &format!("chat/{DM}"),
+                v5::QoS::AtLeastOnce,
+                false,
+                &envelope(t, t),
+            )
             .await;
         match ack {
             Some(v5::Packet::PubAck(a)) => assert_eq!(a.reason, v5::PubAckReason::Success, "{t}"),
@@ -90,9 +111,19 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
 
     let mut alice = Cli::start(b.addr, "alice", &state);
     let connected = alice.next_event("connected").await;
-    assert_eq!(connected["session_present"], false, "a first run: {connected}");
-    let client_id = connected["client_id"].as_str().expect("client id").to_string();
-    assert_eq!(state_of(&state)["client_id"], client_id.as_str(), "the client id is kept");
+    assert_eq!(
+        connected["session_present"], false,
+        "a first run: {connected}"
+    );
+    let client_id = connected["client_id"]
+        .as_str()
+        .expect("client id")
+        .to_string();
+    assert_eq!(
+        state_of(&state)["client_id"],
+        client_id.as_str(),
+        "the client id is kept"
+    );
     alice.type_line("/dm bob");
     alice.next_event("opened").await;
 
@@ -101,16 +132,28 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
         alice.type_line(&format!("a{i}"));
     }
     let mut acked = 0;
-    alice.until(PATIENCE, |e| { acked += (e["event"] == "acked") as usize; acked == 3 }).await;
+    alice
+        .until(PATIENCE, |e| {
+            acked += (e["event"] == "acked") as usize;
+            acked == 3
+        })
+        .await;
 
     // Three more, and the broker dies while they are on their way.
     for i in 4..=6 {
         alice.type_line(&format!("a{i}"));
     }
-    alice.until(PATIENCE, |e| e["event"] == "sent" && e["id"].as_str().is_some()).await;
+    alice
+        .until(PATIENCE, |e| {
+            e["event"] == "sent" && e["id"].as_str().is_some()
+        })
+        .await;
     b.kill9();
     let mut kept = Vec::new();
-    keep(&mut kept, &bob.publishes_for(Duration::from_millis(100)).await);
+    keep(
+        &mut kept,
+        &bob.publishes_for(Duration::from_millis(100)).await,
+    );
     alice.next_event("disconnected").await;
 
     // alice keeps typing while the broker is down: the outbox holds it.
@@ -120,14 +163,18 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
     let mut sent_offline = 0;
     alice
         .until(PATIENCE, |e| {
-            sent_offline += (e["event"] == "sent" && e["conv"] == DM && e["id"].is_string()) as usize;
+            sent_offline +=
+                (e["event"] == "sent" && e["conv"] == DM && e["id"].is_string()) as usize;
             // a4..a6 may still be reported; wait until a9's is among them.
             sent_offline >= 3 && outbox_bodies(&state).contains(&"a9".to_string())
         })
         .await;
     let waiting = outbox_bodies(&state);
     for t in ["a7", "a8", "a9"] {
-        assert!(waiting.contains(&t.to_string()), "{t} waits in the outbox: {waiting:?}");
+        assert!(
+            waiting.contains(&t.to_string()),
+            "{t} waits in the outbox: {waiting:?}"
+        );
     }
     let acked_ids: HashSet<String> = alice
         .logged("acked")
@@ -148,7 +195,10 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
     // The broker comes back; the CLI reconnects by itself and drains.
     b.restart();
     let connected = alice.next_event("connected").await;
-    assert_eq!(connected["session_present"], true, "the session survived: {connected}");
+    assert_eq!(
+        connected["session_present"], true,
+        "the session survived: {connected}"
+    );
     let sent_ids: HashSet<String> = alice
         .logged("sent")
         .iter()
@@ -179,8 +229,12 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
     let seq_of_send: Vec<u64> = sent_order
         .iter()
         .map(|id| {
-            let e = alice.logged("acked").into_iter().find(|e| e["id"] == id.as_str());
-            e.and_then(|e| e["seq"].as_u64()).unwrap_or_else(|| panic!("no seq acked for {id}"))
+            let e = alice
+                .logged("acked")
+                .into_iter()
+                .find(|e| e["id"] == id.as_str());
+            e.and_then(|e| e["seq"].as_u64())
+                .unwrap_or_else(|| panic!("no seq acked for {id}"))
         })
         .collect();
     assert_eq!(seq_of_send, (1..=9).collect::<Vec<u64>>());
@@ -196,14 +250,20 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
     let seqs: Vec<u64> = kept.iter().map(|(s, _, _)| *s).collect();
     assert_dense(&seqs, 9, "bob");
     let texts: Vec<&str> = kept.iter().map(|(_, _, t)| t.as_str()).collect();
-    assert_eq!(texts, ["a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9"]);
+    assert_eq!(
+        texts,
+        ["a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9"]
+    );
     assert!(kept.iter().all(|(_, from, _)| from == "alice"));
 
     // alice saw her own nine come back, once each, in order.
     while shown(&alice).len() < 9 {
         alice.next_event("message").await;
     }
-    assert_eq!(shown(&alice).iter().map(|(_, s)| *s).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+    assert_eq!(
+        shown(&alice).iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+        (1..=9).collect::<Vec<_>>()
+    );
 
     // bob writes while alice's CLI runs: shown once each, in order.
     bob_sends(&mut bob, &["b1", "b2", "b3"]).await;
@@ -215,9 +275,17 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
         .logged("message")
         .iter()
         .filter(|e| e["from"] == "bob")
-        .map(|e| (e["seq"].as_u64().unwrap_or(0), e["id"].as_str().unwrap_or_default().to_string()))
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap_or(0),
+                e["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
         .collect();
-    assert_eq!(from_bob, [(10, "b1".into()), (11, "b2".into()), (12, "b3".into())]);
+    assert_eq!(
+        from_bob,
+        [(10, "b1".into()), (11, "b2".into()), (12, "b3".into())]
+    );
     assert_shown_once(&alice);
 
     // alice stops; bob writes more; alice starts again from her state file.
@@ -227,7 +295,11 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
 
     let mut alice = Cli::start(b.addr, "alice", &state);
     let connected = alice.next_event("connected").await;
-    assert_eq!(connected["client_id"], client_id.as_str(), "the same client id");
+    assert_eq!(
+        connected["client_id"],
+        client_id.as_str(),
+        "the same client id"
+    );
     assert_eq!(connected["session_present"], true);
     while shown(&alice).len() < 3 {
         alice.next_event("message").await;
@@ -236,8 +308,122 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
     let got: Vec<(u64, String)> = alice
         .logged("message")
         .iter()
-        .map(|e| (e["seq"].as_u64().unwrap_or(0), e["id"].as_str().unwrap_or_default().to_string()))
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap_or(0),
+                e["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
         .collect();
-    assert_eq!(got, [(13, "b4".into()), (14, "b5".into()), (15, "b6".into())], "only the new ones");
+    assert_eq!(
+        got,
+        [(13, "b4".into()), (14, "b5".into()), (15, "b6".into())],
+        "only the new ones"
+    );
     assert!(alice.quit().await.success());
+}
+
+/// A session the broker no longer has (here another login of alice's took
+/// the client id with a clean start) is noticed at CONNACK: the CLI fills
+/// each known conversation from history after its stored last seq, shows
+/// the missed messages once each, in order, then goes on live.
+#[tokio::test]
+async fn a_lost_session_is_filled_from_history() {
+    let b = Broker::start(&config(""));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("alice.json");
+    let mut bob = v5_user(&b, "bob").await;
+
+    let mut alice = Cli::start(b.addr, "alice", &state);
+    alice.next_event("connected").await;
+    alice.type_line("/dm bob");
+    alice.type_line("hello bob");
+    let acked = alice.next_event("acked").await;
+    assert_eq!(acked["seq"], 1, "{acked}");
+    bob_sends(&mut bob, &["b1"]).await;
+    let m = alice
+        .until(PATIENCE, |e| e["event"] == "message" && e["from"] == "bob")
+        .await;
+    assert_eq!(m["seq"], 2, "{m}");
+    assert!(alice.quit().await.success());
+
+    let client_id = state_of(&state)["client_id"]
+        .as_str()
+        .expect("client id")
+        .to_string();
+    let other = v5_login(v5_options(b.addr, &client_id, "alice", false)).await;
+    assert!(!other.connack.session_present);
+    other.disconnect().await;
+    bob_sends(&mut bob, &["b2", "b3", "b4"]).await;
+
+    let mut alice = Cli::start(b.addr, "alice", &state);
+    let connected = alice.next_event("connected").await;
+    assert_eq!(
+        connected["session_present"], false,
+        "the broker lost it: {connected}"
+    );
+    while shown(&alice).len() < 3 {
+        alice.next_event("message").await;
+    }
+    bob_sends(&mut bob, &["b5"]).await;
+    while shown(&alice).len() < 4 {
+        alice.next_event("message").await;
+    }
+    alice.events_for(QUIET).await;
+    let got: Vec<(u64, String)> = alice
+        .logged("message")
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap_or(0),
+                e["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (3, "b2".into()),
+            (4, "b3".into()),
+            (5, "b4".into()),
+            (6, "b5".into())
+        ],
+        "the gap from history, then live"
+    );
+    assert_eq!(state_of(&state)["last_seq"][DM], 6);
+}
+
+/// A state file that is not one stops the CLI before it connects, with a
+/// line naming the file, and the file is left as it was.
+#[tokio::test]
+async fn a_corrupt_state_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("alice.json");
+    std::fs::write(&state, "{\"version\": 1, \"user\": \"al").expect("write");
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut alice = Cli::start(nobody.local_addr().expect("addr"), "alice", &state);
+    let status = alice.wait().await;
+    assert!(!status.success());
+    let stderr = alice.stderr();
+    assert!(stderr.contains(&state.display().to_string()), "{stderr}");
+    assert!(stderr.contains("not a chatmq-cli state"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&state).expect("read"),
+        "{\"version\": 1, \"user\": \"al"
+    );
+}
+
+/// A login the broker refuses is not retried forever: the CLI says why
+/// and exits.
+#[tokio::test]
+async fn a_refused_login_stops_the_cli() {
+    let b = Broker::start(&config(""));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut alice =
+        Cli::start_with_password(b.addr, "alice", &dir.path().join("a.json"), "not-a-jwt");
+    let status = alice.wait().await;
+    assert!(!status.success());
+    let stderr = alice.stderr();
+    assert!(stderr.contains("refused"), "{stderr}");
+    assert!(alice.logged("connected").is_empty());
 }

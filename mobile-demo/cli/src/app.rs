@@ -207,11 +207,15 @@ impl App {
                     let params = json!({"conv": conv, "limit": n});
                     self.rpc("history", params, Rpc::History { conv });
                 }
-                None => self.out.error("no conversation open: /open CONV or /dm USER first"),
+                None => self
+                    .out
+                    .error("no conversation open: /open CONV or /dm USER first"),
             },
             Command::Send(text) => match self.current.clone() {
                 Some(conv) => self.send(conv, Value::String(text))?,
-                None => self.out.error("no conversation open: /open CONV or /dm USER first"),
+                None => self
+                    .out
+                    .error("no conversation open: /open CONV or /dm USER first"),
             },
         }
         Ok(Flow::Continue)
@@ -263,7 +267,8 @@ impl App {
     fn rpc(&mut self, method: &str, mut params: Value, what: Rpc) {
         let Some(link) = self.link.as_mut() else {
             if !matches!(what, Rpc::Read) {
-                self.out.error(&format!("offline: /{method} needs the broker"));
+                self.out
+                    .error(&format!("offline: /{method} needs the broker"));
             }
             return;
         };
@@ -367,10 +372,7 @@ impl App {
                 }
             }
             Packet::PubAck(ack) => {
-                let id = self
-                    .link
-                    .as_mut()
-                    .and_then(|l| l.by_pkid.remove(&ack.pkid));
+                let id = self.link.as_mut().and_then(|l| l.by_pkid.remove(&ack.pkid));
                 if let Some(id) = id {
                     match ack.reason {
                         PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
@@ -386,8 +388,10 @@ impl App {
                     .iter()
                     .any(|c| !matches!(c, SubscribeReasonCode::Success(_)));
                 if refused {
-                    self.out
-                        .error(&format!("the broker refused a subscription: {:?}", ack.return_codes));
+                    self.out.error(&format!(
+                        "the broker refused a subscription: {:?}",
+                        ack.return_codes
+                    ));
                 }
             }
             _ => {}
@@ -404,7 +408,9 @@ impl App {
                     let step = self.receive(m);
                     self.apply(step)?;
                 }
-                Err(e) => self.out.error(&format!("unreadable message on {topic}: {e}")),
+                Err(e) => self
+                    .out
+                    .error(&format!("unreadable message on {topic}: {e}")),
             }
         } else if topic == self.events_topic() {
             match serde_json::from_slice::<Value>(&p.payload) {
@@ -488,7 +494,9 @@ impl App {
             self.save()?;
             let why = match reason {
                 PubAckReason::NotAuthorized => "not a member of this conversation".to_string(),
-                PubAckReason::PayloadFormatInvalid => "the broker found the envelope invalid".into(),
+                PubAckReason::PayloadFormatInvalid => {
+                    "the broker found the envelope invalid".into()
+                }
                 PubAckReason::QuotaExceeded => "rate limited or too large".into(),
                 other => format!("{other:?}"),
             };

@@ -137,7 +137,8 @@ mod tests {
 
     #[test]
     fn defaults_and_the_password_from_the_environment() {
-        let Invocation::Run(o) = parse(&args("--server h:1 --user bob"), Some("jwt".into())).unwrap()
+        let Invocation::Run(o) =
+            parse(&args("--server h:1 --user bob"), Some("jwt".into())).unwrap()
         else {
             panic!("not a run");
         };

@@ -103,7 +103,10 @@ mod tests {
         let delays: std::collections::HashSet<Duration> = (0..20)
             .map(|_| Backoff::new(CAP, CAP).next_delay())
             .collect();
-        assert!(delays.len() > 1, "20 clients would retry in lockstep: {delays:?}");
+        assert!(
+            delays.len() > 1,
+            "20 clients would retry in lockstep: {delays:?}"
+        );
     }
 
     #[test]

@@ -74,10 +74,22 @@ mod tests {
 
     #[test]
     fn commands_and_text() {
-        assert_eq!(parse("hello there", "alice"), Ok(Command::Send("hello there".into())));
-        assert_eq!(parse("/open team-1", "alice"), Ok(Command::Open("team-1".into())));
-        assert_eq!(parse("/dm bob", "alice"), Ok(Command::Open("dm:alice:bob".into())));
-        assert_eq!(parse("/dm alice", "bob"), Ok(Command::Open("dm:alice:bob".into())));
+        assert_eq!(
+            parse("hello there", "alice"),
+            Ok(Command::Send("hello there".into()))
+        );
+        assert_eq!(
+            parse("/open team-1", "alice"),
+            Ok(Command::Open("team-1".into()))
+        );
+        assert_eq!(
+            parse("/dm bob", "alice"),
+            Ok(Command::Open("dm:alice:bob".into()))
+        );
+        assert_eq!(
+            parse("/dm alice", "bob"),
+            Ok(Command::Open("dm:alice:bob".into()))
+        );
         assert_eq!(parse("/history 5", "a"), Ok(Command::History(5)));
         assert_eq!(parse("/history", "a"), Ok(Command::History(20)));
         assert_eq!(parse("/convs", "a"), Ok(Command::Convs));

@@ -32,7 +32,12 @@ impl Printer {
         let ms = retry_in.as_millis() as u64;
         self.emit(
             json!({"event": "disconnected", "error": error, "retry_in_ms": ms}),
-            || format!("* disconnected ({error}); retrying in {:.1}s", retry_in.as_secs_f64()),
+            || {
+                format!(
+                    "* disconnected ({error}); retrying in {:.1}s",
+                    retry_in.as_secs_f64()
+                )
+            },
         );
     }
 
@@ -46,19 +51,24 @@ impl Printer {
 
     pub fn sent(&self, id: &str, conv: &str, online: bool) {
         self.emit(json!({"event": "sent", "id": id, "conv": conv}), || {
-            let when = if online { "sending" } else { "queued until reconnected" };
+            let when = if online {
+                "sending"
+            } else {
+                "queued until reconnected"
+            };
             format!("  ({when} to {conv})")
         });
     }
 
+    /// In human form only when the seq is unknown: otherwise the message
+    /// line itself, with its seq, says it arrived.
     pub fn acked(&self, id: &str, conv: &str, seq: Option<u64>) {
-        self.emit(
-            json!({"event": "acked", "id": id, "conv": conv, "seq": seq}),
-            || match seq {
-                Some(s) => format!("  (delivered to {conv} as #{s})"),
-                None => format!("  (delivered to {conv})"),
-            },
-        );
+        let event = json!({"event": "acked", "id": id, "conv": conv, "seq": seq});
+        if self.json {
+            self.emit(event, String::new);
+        } else if seq.is_none() {
+            self.emit(event, || format!("  (delivered to {conv})"));
+        }
     }
 
     pub fn rejected(&self, id: &str, conv: &str, reason: &str) {
@@ -69,30 +79,40 @@ impl Printer {
     }
 
     pub fn opened(&self, conv: &str, last_seq: Option<u64>) {
-        self.emit(json!({"event": "opened", "conv": conv, "last_seq": last_seq}), || {
-            format!("* now in {conv}; type to send, /history N to look back")
-        });
+        self.emit(
+            json!({"event": "opened", "conv": conv, "last_seq": last_seq}),
+            || format!("* now in {conv}; type to send, /history N to look back"),
+        );
     }
 
     /// The `conversations` RPC result, with unread counts.
     pub fn conversations(&self, result: &Value, current: Option<&str>) {
-        let list = result["conversations"].as_array().cloned().unwrap_or_default();
-        self.emit(json!({"event": "conversations", "conversations": list}), || {
-            if list.is_empty() {
-                return "* no conversations yet".into();
-            }
-            let lines: Vec<String> = list
-                .iter()
-                .map(|c| {
-                    let conv = c["conv"].as_str().unwrap_or("?");
-                    let mark = if Some(conv) == current { '>' } else { ' ' };
-                    let title = c["title"].as_str().filter(|t| !t.is_empty());
-                    let title = title.map(|t| format!(" \"{t}\"")).unwrap_or_default();
-                    format!("{mark} {conv}{title}: {} unread", c["unread"].as_u64().unwrap_or(0))
-                })
-                .collect();
-            lines.join("\n")
-        });
+        let list = result["conversations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        self.emit(
+            json!({"event": "conversations", "conversations": list}),
+            || {
+                if list.is_empty() {
+                    return "* no conversations yet".into();
+                }
+                let lines: Vec<String> = list
+                    .iter()
+                    .map(|c| {
+                        let conv = c["conv"].as_str().unwrap_or("?");
+                        let mark = if Some(conv) == current { '>' } else { ' ' };
+                        let title = c["title"].as_str().filter(|t| !t.is_empty());
+                        let title = title.map(|t| format!(" \"{t}\"")).unwrap_or_default();
+                        format!(
+                            "{mark} {conv}{title}: {} unread",
+                            c["unread"].as_u64().unwrap_or(0)
+                        )
+                    })
+                    .collect();
+                lines.join("\n")
+            },
+        );
     }
 
     /// A `history` page asked for by `/history`.
@@ -127,9 +147,10 @@ impl Printer {
     }
 
     pub fn help(&self) {
-        self.emit(json!({"event": "help", "usage": crate::args::USAGE}), || {
-            crate::args::USAGE.to_string()
-        });
+        self.emit(
+            json!({"event": "help", "usage": crate::args::USAGE}),
+            || crate::args::USAGE.to_string(),
+        );
     }
 
     fn emit(&self, json: Value, human: impl FnOnce() -> String) {

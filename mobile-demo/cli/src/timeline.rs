@@ -212,7 +212,12 @@ mod tests {
         let step = t.live(&mut last, msg("c", 6));
         assert_eq!(step.fetch, None, "one request per gap");
 
-        let step = t.page(&mut last, "c", vec![msg("c", 3), msg("c", 4), msg("c", 5)], 5);
+        let step = t.page(
+            &mut last,
+            "c",
+            vec![msg("c", 3), msg("c", 4), msg("c", 5)],
+            5,
+        );
         assert_eq!(seqs(&step), [3, 4, 5, 6]);
         assert_eq!(step.fetch, None);
         assert_eq!(last["c"], 6);

@@ -82,6 +82,8 @@ struct Link {
 pub struct App {
     opts: Options,
     state: State,
+    /// The state as last written, to skip writes that change nothing.
+    saved: State,
     timeline: Timeline,
     out: Printer,
     link: Option<Link>,
@@ -146,6 +148,7 @@ impl App {
         App {
             out: Printer::new(opts.json),
             opts,
+            saved: state.clone(),
             state,
             timeline: Timeline::default(),
             link: None,
@@ -172,8 +175,13 @@ impl App {
         format!("users/{}/events", self.opts.user)
     }
 
-    fn save(&self) -> Result<()> {
-        self.state.save(&self.opts.state)
+    /// Writes the state file if the state changed since the last write.
+    fn save(&mut self) -> Result<()> {
+        if self.state != self.saved {
+            self.state.save(&self.opts.state)?;
+            self.saved = self.state.clone();
+        }
+        Ok(())
     }
 
     // ---- what the user types
@@ -350,11 +358,17 @@ impl App {
                     }
                 }
             }
-            let convs: Vec<String> = self.state.last_seq.keys().cloned().collect();
-            for conv in convs {
-                if let Some(fetch) = self.timeline.fill(&self.state.last_seq, &conv) {
-                    self.fetch(fetch);
-                }
+        }
+        // A lost session misses every conversation; a kept one only the
+        // gaps a dead connection was still filling.
+        let convs: Vec<String> = if session_present {
+            self.timeline.gaps()
+        } else {
+            self.state.last_seq.keys().cloned().collect()
+        };
+        for conv in convs {
+            if let Some(fetch) = self.timeline.fill(&self.state.last_seq, &conv) {
+                self.fetch(fetch);
             }
         }
         self.pump();
@@ -445,8 +459,8 @@ impl App {
     }
 
     /// Shows what the timeline released, asks for what it lacks, and
-    /// writes the state (every delivery may have moved a last seq or
-    /// emptied an outbox entry).
+    /// writes the state (a delivery may have moved a last seq or emptied
+    /// an outbox entry).
     fn apply(&mut self, step: Step) -> Result<()> {
         for m in &step.show {
             self.out.message(m);

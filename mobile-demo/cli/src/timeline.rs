@@ -129,6 +129,11 @@ impl Timeline {
         self.fetching.remove(conv);
     }
 
+    /// Conversations with messages held behind a gap.
+    pub fn gaps(&self) -> Vec<String> {
+        self.held.keys().cloned().collect()
+    }
+
     /// Forgets every outstanding request (a new connection asks again).
     pub fn abandon_all(&mut self) {
         self.fetching.clear();
@@ -211,6 +216,7 @@ mod tests {
         assert_eq!(step.fetch, Some(("c".into(), 2)));
         let step = t.live(&mut last, msg("c", 6));
         assert_eq!(step.fetch, None, "one request per gap");
+        assert_eq!(t.gaps(), ["c"]);
 
         let step = t.page(
             &mut last,
@@ -221,6 +227,7 @@ mod tests {
         assert_eq!(seqs(&step), [3, 4, 5, 6]);
         assert_eq!(step.fetch, None);
         assert_eq!(last["c"], 6);
+        assert!(t.gaps().is_empty());
     }
 
     #[test]
@@ -246,6 +253,15 @@ mod tests {
         assert!(t.live(&mut last, msg("c", 4)).show.is_empty());
         let step = t.page(&mut last, "c", vec![msg("c", 2), msg("c", 3)], 3);
         assert_eq!(seqs(&step), [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_fill_lost_with_its_connection_can_be_asked_again() {
+        let mut t = Timeline::default();
+        let mut last = BTreeMap::from([("c".to_string(), 1)]);
+        assert!(t.live(&mut last, msg("c", 3)).fetch.is_some());
+        t.abandon_all();
+        assert_eq!(t.fill(&last, "c"), Some(("c".into(), 1)));
     }
 
     #[test]

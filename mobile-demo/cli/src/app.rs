@@ -311,7 +311,6 @@ impl App {
                 if self.link.as_ref().is_none_or(|l| l.conn == conn) {
                     self.link = None;
                     self.rpcs.clear();
-                    self.timeline.abandon_all();
                 }
                 self.out.disconnected(&error, retry_in);
                 Ok(())
@@ -344,7 +343,6 @@ impl App {
             in_flight: HashSet::new(),
         });
         self.rpcs.clear();
-        self.timeline.abandon_all();
         self.out.connected(&self.state.client_id, session_present);
         if !session_present {
             // A new session, or one the broker lost: subscribe again (the
@@ -359,13 +357,14 @@ impl App {
                 }
             }
         }
-        // A lost session misses every conversation; a kept one only the
-        // gaps a dead connection was still filling.
-        let convs: Vec<String> = if session_present {
-            self.timeline.gaps()
-        } else {
-            self.state.last_seq.keys().cloned().collect()
-        };
+        // A lost session misses every conversation; a kept one only what
+        // an earlier connection asked for and did not get.
+        let mut convs = self.timeline.wanted();
+        if !session_present {
+            convs.extend(self.state.last_seq.keys().cloned());
+            convs.sort();
+            convs.dedup();
+        }
         for conv in convs {
             if let Some(fetch) = self.timeline.fill(&self.state.last_seq, &conv) {
                 self.fetch(fetch);

@@ -48,7 +48,8 @@ pub struct Step {
 pub struct Timeline {
     /// Messages ahead of a gap, per conversation, by seq.
     held: BTreeMap<String, BTreeMap<u64, Message>>,
-    /// Conversations with a history request outstanding.
+    /// Conversations with a history request unanswered (perhaps lost with
+    /// its connection).
     fetching: HashSet<String>,
 }
 
@@ -74,14 +75,13 @@ impl Timeline {
         step
     }
 
-    /// Starts filling `conv` from history after its last seq (a resume
-    /// whose session the broker no longer had); `None` if already under
-    /// way or the conversation is unknown.
+    /// Asks for history of `conv` after its last seq, whether or not a
+    /// request is outstanding (a new connection asks again what the old
+    /// one may have lost); `None` if the conversation is unknown.
     pub fn fill(&mut self, last: &BTreeMap<String, u64>, conv: &str) -> Option<(String, u64)> {
         let l = *last.get(conv)?;
-        self.fetching
-            .insert(conv.to_string())
-            .then(|| (conv.to_string(), l))
+        self.fetching.insert(conv.to_string());
+        Some((conv.to_string(), l))
     }
 
     /// A history page of `conv` answering a fill: `messages` in seq order,
@@ -123,20 +123,24 @@ impl Timeline {
         step
     }
 
-    /// A fill that failed (an error reply or a lost connection): the held
-    /// messages wait for the next attempt.
+    /// A fill the broker answered with an error: the held messages wait
+    /// for the next connection.
     pub fn abandon(&mut self, conv: &str) {
         self.fetching.remove(conv);
     }
 
-    /// Conversations with messages held behind a gap.
-    pub fn gaps(&self) -> Vec<String> {
-        self.held.keys().cloned().collect()
-    }
-
-    /// Forgets every outstanding request (a new connection asks again).
-    pub fn abandon_all(&mut self) {
-        self.fetching.clear();
+    /// Conversations still missing history: an unanswered request, or
+    /// messages held behind a gap.
+    pub fn wanted(&self) -> Vec<String> {
+        let mut convs: Vec<String> = self.fetching.iter().cloned().collect();
+        convs.extend(
+            self.held
+                .keys()
+                .filter(|c| !self.fetching.contains(*c))
+                .cloned(),
+        );
+        convs.sort();
+        convs
     }
 
     /// Shows held messages of `conv` that are now next in line.
@@ -216,7 +220,7 @@ mod tests {
         assert_eq!(step.fetch, Some(("c".into(), 2)));
         let step = t.live(&mut last, msg("c", 6));
         assert_eq!(step.fetch, None, "one request per gap");
-        assert_eq!(t.gaps(), ["c"]);
+        assert_eq!(t.wanted(), ["c"]);
 
         let step = t.page(
             &mut last,
@@ -227,7 +231,7 @@ mod tests {
         assert_eq!(seqs(&step), [3, 4, 5, 6]);
         assert_eq!(step.fetch, None);
         assert_eq!(last["c"], 6);
-        assert!(t.gaps().is_empty());
+        assert!(t.wanted().is_empty());
     }
 
     #[test]
@@ -235,8 +239,8 @@ mod tests {
         let mut t = Timeline::default();
         let mut last = BTreeMap::from([("c".to_string(), 1)]);
         assert_eq!(t.fill(&last, "c"), Some(("c".into(), 1)));
-        assert_eq!(t.fill(&last, "c"), None, "already under way");
         assert_eq!(t.fill(&last, "unknown"), None);
+        assert_eq!(t.wanted(), ["c"]);
         let step = t.page(&mut last, "c", vec![msg("c", 2), msg("c", 3)], 5);
         assert_eq!(seqs(&step), [2, 3]);
         assert_eq!(step.fetch, Some(("c".into(), 3)));
@@ -256,12 +260,18 @@ mod tests {
     }
 
     #[test]
-    fn a_fill_lost_with_its_connection_can_be_asked_again() {
+    fn what_is_still_wanted_survives_a_failed_request() {
         let mut t = Timeline::default();
-        let mut last = BTreeMap::from([("c".to_string(), 1)]);
+        let mut last = BTreeMap::from([("c".to_string(), 1), ("d".to_string(), 4)]);
         assert!(t.live(&mut last, msg("c", 3)).fetch.is_some());
-        t.abandon_all();
+        t.fill(&last, "d");
+        t.abandon("c");
+        // c still holds 3 behind a gap; d's request is unanswered.
+        assert_eq!(t.wanted(), ["c", "d"]);
         assert_eq!(t.fill(&last, "c"), Some(("c".into(), 1)));
+        let step = t.page(&mut last, "d", vec![], 4);
+        assert!(step.show.is_empty() && step.fetch.is_none());
+        assert_eq!(t.wanted(), ["c"]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, Publish, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, MqttOptions};
 use serde_json::{json, Value};
@@ -345,16 +345,23 @@ impl App {
         self.rpcs.clear();
         self.out.connected(&self.state.client_id, session_present);
         if !session_present {
-            // A new session, or one the broker lost: subscribe again (the
-            // broker starts its cursors at each conversation's head) and
-            // fetch what we missed before that head.
-            let filters = ["chat/+".to_string(), self.events_topic()];
-            if let Some(link) = &self.link {
-                for filter in filters {
-                    if link.client.try_subscribe(filter, QoS::AtLeastOnce).is_err() {
-                        return Ok(());
-                    }
-                }
+            self.state.subscribed = false;
+            self.save()?;
+        }
+        if !self.state.subscribed {
+            // A new session, or one the broker lost: subscribe (the broker
+            // starts its cursors at each conversation's head; what came
+            // before is fetched below).
+            let filters = [
+                Filter::new("chat/+", QoS::AtLeastOnce),
+                Filter::new(self.events_topic(), QoS::AtLeastOnce),
+            ];
+            let subscribing = self
+                .link
+                .as_ref()
+                .map(|l| l.client.try_subscribe_many(filters));
+            if !matches!(subscribing, Some(Ok(()))) {
+                return Ok(());
             }
         }
         // A lost session misses every conversation; a kept one only what
@@ -405,6 +412,9 @@ impl App {
                         "the broker refused a subscription: {:?}",
                         ack.return_codes
                     ));
+                } else {
+                    self.state.subscribed = true;
+                    self.save()?;
                 }
             }
             _ => {}

@@ -45,6 +45,11 @@ pub struct State {
     pub last_seq: BTreeMap<String, u64>,
     /// Unacknowledged sends, oldest first.
     pub outbox: Vec<Pending>,
+    /// The broker's session has our subscriptions (their SUBACK came).
+    /// A session created by a CONNECT whose SUBSCRIBE was lost with the
+    /// connection is present but empty: this says to subscribe again.
+    #[serde(default)]
+    pub subscribed: bool,
 }
 
 impl State {
@@ -62,6 +67,7 @@ impl State {
             next_id: 1,
             last_seq: BTreeMap::new(),
             outbox: Vec::new(),
+            subscribed: false,
         }
     }
 

@@ -19,6 +19,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod chat;
+pub mod cli;
 pub mod http;
 pub mod raw;
 pub mod tls;

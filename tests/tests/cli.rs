@@ -1,0 +1,422 @@
+//! The terminal client `chatmq-cli` (mobile-demo/cli) told as a user
+//! would tell it: alice chats from the CLI, bob from an MQTT 5 phone; the
+//! broker crashes while alice types; the CLI reconnects on its own, sends
+//! what waited in its outbox, and both see every message once, in order.
+//! Stopped and started again, the CLI shows only what is new.
+//!
+//! The CLI runs with `--json` and is read through its events (connected,
+//! disconnected, message, sent, acked); its state file is read as JSON.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use chatmq_tests::chat::*;
+use chatmq_tests::cli::Cli;
+use chatmq_tests::{v5, Broker, PATIENCE};
+use serde_json::Value;
+
+const DM: &str = "dm:alice:bob";
+const QUIET: Duration = Duration::from_millis(700);
+
+fn state_of(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("read the state file");
+    serde_json::from_str(&text).expect("the state file is JSON")
+}
+
+/// The bodies waiting in the state file's outbox.
+fn outbox_bodies(path: &Path) -> Vec<String> {
+    state_of(path)["outbox"]
+        .as_array()
+        .expect("an outbox")
+        .iter()
+        .map(|p| p["body"].as_str().expect("a text body").to_string())
+        .collect()
+}
+
+/// What bob's phone keeps of a delivery: seq, sender, text body; a
+/// redelivery (DUP) of a seq already kept is dropped, as an app does.
+fn keep(kept: &mut Vec<(u64, String, String)>, publishes: &[v5::Publish]) {
+    for p in publishes {
+        let v = json_of(&p.payload);
+        assert_eq!(v["conv"], DM, "{v}");
+        let seq = seq_of(&p.payload);
+        if p.dup && kept.iter().any(|(s, _, _)| *s == seq) {
+            continue;
+        }
+        let body = v["body"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v["body"].to_string());
+        kept.push((
+            seq,
+            v["from"].as_str().unwrap_or_default().to_string(),
+            body,
+        ));
+    }
+}
+
+/// The message events the CLI printed, as (conv, seq).
+fn shown(cli: &Cli) -> Vec<(String, u64)> {
+    cli.logged("message")
+        .iter()
+        .map(|e| {
+            (
+                e["conv"].as_str().unwrap_or_default().to_string(),
+                e["seq"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn assert_shown_once(cli: &Cli) {
+    let all = shown(cli);
+    let unique: HashSet<&(String, u64)> = all.iter().collect();
+    assert_eq!(
+        unique.len(),
+        all.len(),
+        "a message was shown twice: {all:?}"
+    );
+}
+
+/// bob sends `texts` to alice, each acknowledged (on disk).
+async fn bob_sends(bob: &mut v5::Client, texts: &[&str]) {
+    for t in texts {
+        let ack = bob
+            .publish_acked(
+                &format!("chat/{DM}"),
+                v5::QoS::AtLeastOnce,
+                false,
+                &envelope(t, t),
+            )
+            .await;
+        match ack {
+            Some(v5::Packet::PubAck(a)) => assert_eq!(a.reason, v5::PubAckReason::Success, "{t}"),
+            other => panic!("{t}: {other:?}"),
+        }
+    }
+}
+
+/// The whole story of the issue: a crash mid-stream, an outbox drained
+/// after the restart, bob's messages shown once, and a CLI restarted from
+/// its state file that shows only what is new.
+#[tokio::test]
+async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
+    let mut b = Broker::start(&config(""));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("alice.json");
+    let bob_options = |b: &Broker| v5_options(b.addr, "bob-phone", "bob", true);
+    let mut bob = v5_login(bob_options(&b)).await;
+    bob.subscribe("chat/+", v5::QoS::AtLeastOnce).await;
+
+    let mut alice = Cli::start(b.addr, "alice", &state);
+    let connected = alice.next_event("connected").await;
+    assert_eq!(
+        connected["session_present"], false,
+        "a first run: {connected}"
+    );
+    let client_id = connected["client_id"]
+        .as_str()
+        .expect("client id")
+        .to_string();
+    assert_eq!(
+        state_of(&state)["client_id"],
+        client_id.as_str(),
+        "the client id is kept"
+    );
+    alice.type_line("/dm bob");
+    alice.next_event("opened").await;
+
+    // Three messages, each acknowledged.
+    for i in 1..=3 {
+        alice.type_line(&format!("a{i}"));
+    }
+    let mut acked = 0;
+    alice
+        .until(PATIENCE, |e| {
+            acked += (e["event"] == "acked") as usize;
+            acked == 3
+        })
+        .await;
+
+    // Three more, and the broker dies while they are on their way.
+    for i in 4..=6 {
+        alice.type_line(&format!("a{i}"));
+    }
+    alice.next_event("sent").await;
+    b.kill9();
+    let mut kept = Vec::new();
+    keep(
+        &mut kept,
+        &bob.publishes_for(Duration::from_millis(100)).await,
+    );
+    alice.next_event("disconnected").await;
+
+    // alice keeps typing while the broker is down: the outbox holds it.
+    for i in 7..=9 {
+        alice.type_line(&format!("a{i}"));
+    }
+    // Each send is in the state file before its `sent` event.
+    alice
+        .until(PATIENCE, |e| {
+            e["event"] == "sent" && outbox_bodies(&state).contains(&"a9".to_string())
+        })
+        .await;
+    let waiting = outbox_bodies(&state);
+    for t in ["a7", "a8", "a9"] {
+        assert!(
+            waiting.contains(&t.to_string()),
+            "{t} waits in the outbox: {waiting:?}"
+        );
+    }
+    let acked_ids: HashSet<String> = alice
+        .logged("acked")
+        .iter()
+        .map(|e| e["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let outbox_ids: Vec<String> = state_of(&state)["outbox"]
+        .as_array()
+        .expect("outbox")
+        .iter()
+        .map(|p| p["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        outbox_ids.iter().all(|id| !acked_ids.contains(id)),
+        "only unacknowledged sends wait: {outbox_ids:?} vs acked {acked_ids:?}"
+    );
+
+    // The broker comes back; the CLI reconnects by itself and drains.
+    b.restart();
+    let connected = alice.next_event("connected").await;
+    assert_eq!(
+        connected["session_present"], true,
+        "the session survived: {connected}"
+    );
+    let sent_ids: HashSet<String> = alice
+        .logged("sent")
+        .iter()
+        .map(|e| e["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(sent_ids.len(), 9, "nine sends: {sent_ids:?}");
+    let acked = loop {
+        let acked: Vec<String> = alice
+            .logged("acked")
+            .iter()
+            .map(|e| e["id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        if acked.len() >= sent_ids.len() {
+            break acked;
+        }
+        alice.next_event("acked").await;
+    };
+    let unique: HashSet<String> = acked.iter().cloned().collect();
+    assert_eq!(unique.len(), acked.len(), "each send acked once: {acked:?}");
+    assert_eq!(unique, sent_ids, "every send acked");
+    assert!(outbox_bodies(&state).is_empty(), "the outbox is drained");
+    // Each send got the seq of its place in the conversation.
+    let sent_order: Vec<String> = alice
+        .logged("sent")
+        .iter()
+        .map(|e| e["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let seq_of_send: Vec<u64> = sent_order
+        .iter()
+        .map(|id| {
+            let e = alice
+                .logged("acked")
+                .into_iter()
+                .find(|e| e["id"] == id.as_str());
+            e.and_then(|e| e["seq"].as_u64())
+                .unwrap_or_else(|| panic!("no seq acked for {id}"))
+        })
+        .collect();
+    assert_eq!(seq_of_send, (1..=9).collect::<Vec<u64>>());
+
+    // bob's phone comes back too and has every message once, in order.
+    let mut bob = v5_login(bob_options(&b)).await;
+    assert!(bob.connack.session_present);
+    while kept.len() < 9 {
+        let got = v5_until(&mut bob, PATIENCE, |g| !g.is_empty()).await;
+        keep(&mut kept, &got);
+    }
+    keep(&mut kept, &bob.publishes_for(QUIET).await);
+    let seqs: Vec<u64> = kept.iter().map(|(s, _, _)| *s).collect();
+    assert_dense(&seqs, 9, "bob");
+    let texts: Vec<&str> = kept.iter().map(|(_, _, t)| t.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9"]
+    );
+    assert!(kept.iter().all(|(_, from, _)| from == "alice"));
+
+    // alice saw her own nine come back, once each, in order.
+    while shown(&alice).len() < 9 {
+        alice.next_event("message").await;
+    }
+    assert_eq!(
+        shown(&alice).iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+        (1..=9).collect::<Vec<_>>()
+    );
+
+    // bob writes while alice's CLI runs: shown once each, in order.
+    bob_sends(&mut bob, &["b1", "b2", "b3"]).await;
+    while shown(&alice).len() < 12 {
+        alice.next_event("message").await;
+    }
+    alice.events_for(QUIET).await;
+    let from_bob: Vec<(u64, String)> = alice
+        .logged("message")
+        .iter()
+        .filter(|e| e["from"] == "bob")
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap_or(0),
+                e["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        from_bob,
+        [(10, "b1".into()), (11, "b2".into()), (12, "b3".into())]
+    );
+    assert_shown_once(&alice);
+
+    // alice stops; bob writes more; alice starts again from her state file.
+    assert!(alice.quit().await.success(), "stderr: {}", alice.stderr());
+    assert_eq!(state_of(&state)["last_seq"][DM], 12);
+    bob_sends(&mut bob, &["b4", "b5", "b6"]).await;
+
+    let mut alice = Cli::start(b.addr, "alice", &state);
+    let connected = alice.next_event("connected").await;
+    assert_eq!(
+        connected["client_id"],
+        client_id.as_str(),
+        "the same client id"
+    );
+    assert_eq!(connected["session_present"], true);
+    while shown(&alice).len() < 3 {
+        alice.next_event("message").await;
+    }
+    alice.events_for(QUIET).await;
+    let got: Vec<(u64, String)> = alice
+        .logged("message")
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap_or(0),
+                e["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [(13, "b4".into()), (14, "b5".into()), (15, "b6".into())],
+        "only the new ones"
+    );
+    assert!(alice.quit().await.success());
+}
+
+/// A session the broker no longer has (here another login of alice's took
+/// the client id with a clean start) is noticed at CONNACK: the CLI fills
+/// each known conversation from history after its stored last seq, shows
+/// the missed messages once each, in order, then goes on live.
+#[tokio::test]
+async fn a_lost_session_is_filled_from_history() {
+    let b = Broker::start(&config(""));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("alice.json");
+    let mut bob = v5_user(&b, "bob").await;
+
+    let mut alice = Cli::start(b.addr, "alice", &state);
+    alice.next_event("connected").await;
+    alice.type_line("/dm bob");
+    alice.type_line("hello bob");
+    let acked = alice.next_event("acked").await;
+    assert_eq!(acked["seq"], 1, "{acked}");
+    bob_sends(&mut bob, &["b1"]).await;
+    let m = alice
+        .until(PATIENCE, |e| e["event"] == "message" && e["from"] == "bob")
+        .await;
+    assert_eq!(m["seq"], 2, "{m}");
+    assert!(alice.quit().await.success());
+
+    let client_id = state_of(&state)["client_id"]
+        .as_str()
+        .expect("client id")
+        .to_string();
+    let other = v5_login(v5_options(b.addr, &client_id, "alice", false)).await;
+    assert!(!other.connack.session_present);
+    other.disconnect().await;
+    bob_sends(&mut bob, &["b2", "b3", "b4"]).await;
+
+    let mut alice = Cli::start(b.addr, "alice", &state);
+    let connected = alice.next_event("connected").await;
+    assert_eq!(
+        connected["session_present"], false,
+        "the broker lost it: {connected}"
+    );
+    while shown(&alice).len() < 3 {
+        alice.next_event("message").await;
+    }
+    bob_sends(&mut bob, &["b5"]).await;
+    while shown(&alice).len() < 4 {
+        alice.next_event("message").await;
+    }
+    alice.events_for(QUIET).await;
+    let got: Vec<(u64, String)> = alice
+        .logged("message")
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap_or(0),
+                e["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (3, "b2".into()),
+            (4, "b3".into()),
+            (5, "b4".into()),
+            (6, "b5".into())
+        ],
+        "the gap from history, then live"
+    );
+    assert_eq!(state_of(&state)["last_seq"][DM], 6);
+}
+
+/// A state file that is not one stops the CLI before it connects, with a
+/// line naming the file, and the file is left as it was.
+#[tokio::test]
+async fn a_corrupt_state_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("alice.json");
+    std::fs::write(&state, "{\"version\": 1, \"user\": \"al").expect("write");
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut alice = Cli::start(nobody.local_addr().expect("addr"), "alice", &state);
+    let status = alice.wait().await;
+    assert!(!status.success());
+    let stderr = alice.stderr();
+    assert!(stderr.contains(&state.display().to_string()), "{stderr}");
+    assert!(stderr.contains("not a chatmq-cli state"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&state).expect("read"),
+        "{\"version\": 1, \"user\": \"al"
+    );
+}
+
+/// A login the broker refuses is not retried forever: the CLI says why
+/// and exits.
+#[tokio::test]
+async fn a_refused_login_stops_the_cli() {
+    let b = Broker::start(&config(""));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut alice =
+        Cli::start_with_password(b.addr, "alice", &dir.path().join("a.json"), "not-a-jwt");
+    let status = alice.wait().await;
+    assert!(!status.success());
+    let stderr = alice.stderr();
+    assert!(stderr.contains("refused"), "{stderr}");
+    assert!(alice.logged("connected").is_empty());
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing chatmq needs and is not on a fresh
 # machine: clang and libclang (RocksDB's bindings), the Mosquitto clients
-# and paho-mqtt (third-party clients the tests drive). Idempotent and quiet
+# and paho-mqtt (third-party clients the tests drive), openssl (test keys). Idempotent and quiet
 # when everything is there. Needs root for apt-get (or sudo).
 set -euo pipefail
 
@@ -12,6 +12,8 @@ command -v clang >/dev/null 2>&1 || missing+=(clang)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ "${1:-}" = "--test" ]; then
   command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+  # Push tests generate RSA (FCM) and EC (APNs) keys with it.
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 pub mod chat;
 pub mod http;
+pub mod push_mock;
 pub mod raw;
 pub mod v4;
 pub mod v5;

@@ -254,33 +254,46 @@ impl Push {
         lock(&self.registry).is_muted(user, conv)
     }
 
-    /// Message `seq` of `conv` from `from` reached `user`, who has no live
-    /// session: adds to (or opens) the job of (user, conv), writing it into
-    /// `batch`, the message's own batch. Returns whether a job was touched:
-    /// not when push is off, the user has no device on a configured
-    /// provider, or muted the conversation.
-    pub fn enqueue(
+    /// Message `seq` of `conv` from `from` reached `users`, who have no
+    /// live session: for each who has a device on a configured provider
+    /// and has not muted the conversation, adds to (or opens) the job of
+    /// (user, conv), writing it into `batch`, the message's own batch.
+    /// Returns how many jobs were touched.
+    pub fn enqueue<'u>(
         &self,
         batch: &mut Batch,
-        user: &str,
+        users: impl IntoIterator<Item = &'u str>,
         conv: &str,
         seq: u64,
         from: &str,
         body: &Value,
-    ) -> bool {
-        {
+    ) -> usize {
+        if !self.enabled() {
+            return 0;
+        }
+        let wanted: Vec<&str> = {
             let registry = lock(&self.registry);
-            if !registry.has_device(user) || registry.is_muted(user, conv) {
-                return false;
-            }
+            users
+                .into_iter()
+                .filter(|u| registry.has_device(u) && !registry.is_muted(u, conv))
+                .collect()
+        };
+        if wanted.is_empty() {
+            return 0;
         }
         let preview = preview(body, self.settings.preview_max_chars);
         let due = now_ms() + self.settings.debounce_ms;
-        let opened = lock(&self.queue).add(batch, due, user, conv, seq, from, preview);
+        let mut opened = false;
+        {
+            let mut queue = lock(&self.queue);
+            for user in &wanted {
+                opened |= queue.add(batch, due, user, conv, seq, from, preview.clone());
+            }
+        }
         if opened {
             self.wake.notify_one();
         }
-        true
+        wanted.len()
     }
 }
 
@@ -320,6 +333,65 @@ mod tests {
         assert_eq!(preview(&json!({"img": 1}), 100), "{\"img\":1}");
         assert_eq!(preview(&json!("abcdefghij"), 5), "abcd…");
         assert_eq!(preview(&json!("ééééé"), 5), "ééééé");
+    }
+
+    #[tokio::test]
+    async fn only_users_with_a_device_on_a_configured_provider_and_no_mute_get_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            chatmq_storage::SyncMode::Never,
+            std::time::Duration::from_millis(5),
+        )
+        .unwrap();
+        let settings = chatmq_config::Push {
+            webhook: Some(chatmq_config::Webhook {
+                url: "http://127.0.0.1:9/".into(),
+                secret: None,
+            }),
+            ..Default::default()
+        };
+        let push = Push::open(store.clone(), &settings).unwrap();
+        push.register("bob", Platform::Webhook, "b1", None)
+            .await
+            .unwrap();
+        push.register("cy", Platform::Apns, "c1", None)
+            .await
+            .unwrap();
+        push.register("dee", Platform::Webhook, "d1", None)
+            .await
+            .unwrap();
+        push.set_muted("dee", "room", true).await.unwrap();
+        let mut batch = Batch::new();
+        let body = json!("hi");
+        let users = ["bob", "cy", "dee", "eve"];
+        assert_eq!(push.enqueue(&mut batch, users, "room", 1, "al", &body), 1);
+        assert_eq!(push.enqueue(&mut batch, users, "room", 2, "al", &body), 1);
+        assert_eq!(push.queue_depth(), 1, "bob's two messages share a job");
+        store.write(batch).await.unwrap();
+
+        // The token moves to eve; the queue survives reopening.
+        push.register("eve", Platform::Webhook, "b1", None)
+            .await
+            .unwrap();
+        assert!(push.devices("bob").unwrap().is_empty());
+        let reopened = Push::open(store.clone(), &settings).unwrap();
+        assert_eq!(reopened.queue_depth(), 1);
+        assert!(reopened.is_muted("dee", "room"));
+        let mut batch = Batch::new();
+        assert_eq!(
+            reopened.enqueue(&mut batch, users, "room", 3, "al", &body),
+            1
+        );
+        let jobs = store.push_jobs().unwrap();
+        assert_eq!((jobs[0].user.as_str(), jobs[0].record.count), ("bob", 2));
+
+        let off = Push::open(store.clone(), &Default::default()).unwrap();
+        assert_eq!(
+            off.enqueue(&mut Batch::new(), users, "room", 4, "al", &body),
+            0
+        );
+        store.close();
     }
 
     #[test]

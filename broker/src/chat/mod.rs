@@ -286,13 +286,15 @@ impl Chat {
             return;
         }
         let members = self.members(conv);
-        let online = lock(&self.online);
-        for user in members
-            .iter()
-            .filter(|u| ***u != *from && !online.contains_key(*u))
-        {
-            self.push.enqueue(batch, user, conv, seq, from, body);
-        }
+        let offline: Vec<&str> = {
+            let online = lock(&self.online);
+            members
+                .iter()
+                .filter(|u| ***u != *from && !online.contains_key(*u))
+                .map(|u| &**u)
+                .collect()
+        };
+        self.push.enqueue(batch, offline, conv, seq, from, body);
     }
 
     /// Runs the dispatcher until the broker stops: commits are awaited in

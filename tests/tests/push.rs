@@ -513,3 +513,73 @@ async fn fcm_gets_a_verified_oauth2_assertion_and_a_v1_message() {
         "the access token was reused"
     );
 }
+
+/// Provider keys are read at start-up: a real .p8 key gives a broker that
+/// serves; a missing service-account file stops it with one line naming
+/// the key and the path.
+#[tokio::test]
+async fn provider_keys_are_checked_at_start() {
+    let keys = tempfile::tempdir().expect("temp dir");
+    let p8 = keys.path().join("AuthKey_TEST.p8");
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(&p8)
+        .status()
+        .expect("run openssl")
+        .success();
+    assert!(ok, "openssl genpkey failed");
+    let apns = config(&format!(
+        "[push.apns]\nkey_file = \"{}\"\nkey_id = \"ABC123\"\nteam_id = \"TEAM123\"\ntopic = \"com.example.chat\"\nsandbox = true\n",
+        p8.display()
+    ));
+    let b = Broker::start(&apns);
+    let r = Http::new(b.http_addr)
+        .with_token(&token("bob"))
+        .post(
+            "/v1/devices",
+            &json!({"platform": "apns", "token": "ab".repeat(32)}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    let missing = keys.path().join("missing.json");
+    let cfg = keys.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        config(&format!(
+            "[push.fcm]\nservice_account_file = \"{}\"\n",
+            missing.display()
+        )),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(chatmq_tests::binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .env("CHATMQ__NODE__DATA_DIR", keys.path().join("data"))
+        .env("CHATMQ__MQTT__LISTEN", "127.0.0.1:0")
+        .env("CHATMQ__HTTP__LISTEN", "127.0.0.1:0")
+        .env("CHATMQ__WEBSOCKET__LISTEN", "127.0.0.1:0")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run chatmq");
+    assert!(
+        !out.status.success(),
+        "a missing key file must stop the broker"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(
+        lines[0].contains("push.fcm.service_account_file"),
+        "{stderr}"
+    );
+    assert!(lines[0].contains("missing.json"), "{stderr}");
+}

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing chatmq needs and is not on a fresh
 # machine: clang and libclang (RocksDB's bindings), the Mosquitto clients
-# and paho-mqtt (third-party clients the tests drive), Chromium, Node and
-# the web demo's npm packages (the browser tests). Idempotent and quiet
-# when everything is there. Needs root for apt-get (or sudo).
+# and paho-mqtt (third-party clients the tests drive), openssl (test keys),
+# Chromium, Node and the web demo's npm packages (the browser tests).
+# Idempotent and quiet when everything is there. Needs root for apt-get (or sudo).
 #
 #   scripts/setup.sh          what building needs
 #   scripts/setup.sh --test   and what the tests need, and builds the web demo
@@ -20,6 +20,8 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ "$mode" = "--test" ]; then
   command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  # Push tests generate RSA (FCM) and EC (APNs) keys with it.
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 fi
 if [ "$mode" = "--test" ] || [ "$mode" = "--web" ]; then
   command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)

@@ -6,6 +6,10 @@
 //!   TCP socket; [`websocket::IpLimiter`] caps connections per address.
 //! - [`tls`]: [`tls::TlsAcceptor`], rustls with the certificate and key a
 //!   `[mqtt.tls]` or `[websocket.tls]` section names, for MQTT and `wss`.
+//! - [`push`]: notifications to members with no live session: the device
+//!   registry, mutes, the durable queue and the [`push::Gateway`] that
+//!   delivers it through APNs, FCM HTTP v1 or the operator's webhook.
 
+pub mod push;
 pub mod tls;
 pub mod websocket;

@@ -148,7 +148,8 @@ impl Broker {
     ) -> Result<Arc<Broker>, chatmq_storage::StorageError> {
         let acl = Acl::new(&settings.acl.rules);
         let metrics = Arc::new(Metrics::default());
-        let mut chat = Chat::new(store.clone(), metrics.clone())?;
+        let push = chatmq_bridge::push::Push::open(store.clone(), &settings.push)?;
+        let mut chat = Chat::new(store.clone(), metrics.clone(), push)?;
         chat.history_cap = settings.chat.history_limit;
         let chat = Arc::new(chat);
         let broker = Broker {

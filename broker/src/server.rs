@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chatmq_bridge::push::{Gateway, PushError};
 use chatmq_bridge::tls::{TlsAcceptor, TlsError};
 use chatmq_bridge::websocket::{IpLimiter, WsAcceptor};
 use chatmq_config::{Settings, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN};
@@ -51,6 +52,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Push(#[from] PushError),
 }
 
 /// How the bytes of a listener's connections reach MQTT.
@@ -150,6 +153,7 @@ impl Server {
         .map_err(storage_error)?;
         let auth = Authenticator::new(&settings.auth)?;
         let broker = Broker::new(settings.clone(), store, auth).map_err(storage_error)?;
+        let gateway = Gateway::new(broker.chat.push.clone(), &settings.push)?;
         let listener = TcpListener::bind(settings.mqtt.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -188,6 +192,7 @@ impl Server {
         let api = http::Api::new(broker.clone(), ready.clone(), edges.clone());
         tasks.spawn(http::serve(http_listener, api, watch.clone()));
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
+        tasks.spawn(gateway.run(watch.clone()));
         if let Some(policy) = retention::Policy::from_settings(&settings.chat) {
             tasks.spawn(retention::run(broker.chat.clone(), policy, watch.clone()));
         }

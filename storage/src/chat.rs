@@ -31,7 +31,7 @@ pub const CHAT_CFS: [&str; 7] = [
     CF_DEDUP,
 ];
 
-fn pair(a: &str, b: &str) -> Vec<u8> {
+pub(crate) fn pair(a: &str, b: &str) -> Vec<u8> {
     let mut key = client_prefix(a);
     key.extend_from_slice(b.as_bytes());
     key
@@ -50,7 +50,7 @@ fn dedup_key(conv: &str, sender: &str, id: &str) -> Vec<u8> {
     key
 }
 
-fn split_pair(key: &[u8]) -> Option<(String, String)> {
+pub(crate) fn split_pair(key: &[u8]) -> Option<(String, String)> {
     let len = u16::from_be_bytes([*key.first()?, *key.get(1)?]) as usize;
     let a = key.get(2..2 + len)?;
     let b = key.get(2 + len..)?;
@@ -60,7 +60,7 @@ fn split_pair(key: &[u8]) -> Option<(String, String)> {
     ))
 }
 
-fn seq_value(v: &[u8]) -> Option<u64> {
+pub(crate) fn seq_value(v: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(v.try_into().ok()?))
 }
 
@@ -161,7 +161,7 @@ impl Batch {
 }
 
 impl Store {
-    fn scan_prefix(
+    pub(crate) fn scan_prefix(
         &self,
         cf: &'static str,
         prefix: &[u8],

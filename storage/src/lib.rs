@@ -18,6 +18,7 @@ mod chat;
 mod error;
 mod keys;
 mod latency;
+mod push;
 mod record;
 mod store;
 mod writer;
@@ -27,9 +28,10 @@ pub use chat::Role;
 pub use chatmq_config::SyncMode;
 pub use error::StorageError;
 pub use latency::{LatencySnapshot, COMMIT_BUCKETS};
+pub use push::{Device, PushJob};
 pub use record::{
-    ConversationRecord, MessageProps, MessageRecord, OutboxEntry, OutboxState, RetainedRecord,
-    SessionRecord, SubscriptionRecord,
+    ConversationRecord, MessageProps, MessageRecord, OutboxEntry, OutboxState, PushJobRecord,
+    RetainedRecord, SessionRecord, SubscriptionRecord,
 };
 pub use store::{Store, StoredSession};
 pub use writer::{Commit, CommitSender};

@@ -316,6 +316,39 @@ impl ConversationRecord {
     }
 }
 
+/// A push notification waiting for its due time: the messages of one
+/// conversation that one user has not seen, collapsed into one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PushJobRecord {
+    /// Messages it stands for.
+    pub count: u32,
+    /// The latest message's seq, sender and preview text.
+    pub seq: u64,
+    pub from: String,
+    pub preview: String,
+}
+
+impl PushJobRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(self.count);
+        w.u64(self.seq);
+        w.bytes(self.from.as_bytes());
+        w.bytes(self.preview.as_bytes());
+        w.0
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, StorageError> {
+        let mut r = Reader::new(buf, "push")?;
+        Ok(PushJobRecord {
+            count: r.u32()?,
+            seq: r.u64()?,
+            from: r.string()?,
+            preview: r.string()?,
+        })
+    }
+}
+
 impl OutboxEntry {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();

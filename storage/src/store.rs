@@ -58,6 +58,7 @@ impl Store {
         let cfs = ALL_CFS
             .iter()
             .chain(crate::chat::CHAT_CFS.iter())
+            .chain(crate::push::PUSH_CFS.iter())
             .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db =
             DB::open_cf_descriptors(&options, dir, cfs).map_err(|source| StorageError::Open {

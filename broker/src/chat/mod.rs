@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use bytes::Bytes;
+use chatmq_bridge::push::Push;
 use chatmq_storage::{Batch, Commit, CommitSender, ConversationRecord, Role, StorageError, Store};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
@@ -85,6 +86,8 @@ pub struct Chat {
     /// The most messages one history call returns.
     pub history_cap: usize,
     metrics: Arc<Metrics>,
+    /// Devices, mutes and the push queue: offline members get a job.
+    pub push: Arc<Push>,
     /// Makes generated conversation ids unique within a millisecond.
     next_conv: AtomicU64,
 }
@@ -94,7 +97,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Chat {
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Result<Chat, StorageError> {
+    pub fn new(store: Store, metrics: Arc<Metrics>, push: Arc<Push>) -> Result<Chat, StorageError> {
         let mut membership = Membership::default();
         for (conv, user, role) in store.all_members()? {
             membership.add(&conv, &user, role);
@@ -111,6 +114,7 @@ impl Chat {
             dispatch_rx: Mutex::new(Some(rx)),
             history_cap: 200,
             metrics,
+            push,
             next_conv: AtomicU64::new(0),
         })
     }
@@ -243,6 +247,7 @@ impl Chat {
                 self.join(conv, b, 0);
             }
         }
+        self.queue_pushes(conv, from, seq, &envelope.body, &mut batch);
         st.recent.push_back(key.clone());
         st.recent_seq.insert(key, seq);
         if st.recent.len() > RECENT_IDS {
@@ -270,6 +275,26 @@ impl Chat {
             return Err(StorageError::WriterGone);
         }
         Ok((acked, seq))
+    }
+
+    /// DESIGN §3 step 8: every member but the sender with no live session
+    /// gets a push job, written in the message's own batch, so the job is
+    /// durable exactly when the message is. Who is online is judged now, at
+    /// append time (the dispatcher's fan-out follows within a commit).
+    fn queue_pushes(&self, conv: &str, from: &str, seq: u64, body: &Value, batch: &mut Batch) {
+        if !self.push.enabled() {
+            return;
+        }
+        let members = self.members(conv);
+        let offline: Vec<&str> = {
+            let online = lock(&self.online);
+            members
+                .iter()
+                .filter(|u| ***u != *from && !online.contains_key(*u))
+                .map(|u| &**u)
+                .collect()
+        };
+        self.push.enqueue(batch, offline, conv, seq, from, body);
     }
 
     /// Runs the dispatcher until the broker stops: commits are awaited in
@@ -844,7 +869,8 @@ impl Chat {
                 Some(Role::Owner) => "owner",
                 _ => "member",
             };
-            out.push(json!({"conv": &*conv, "title": title, "head": head, "read": read, "unread": head.saturating_sub(read), "role": role}));
+            let muted = self.push.is_muted(user, &conv);
+            out.push(json!({"conv": &*conv, "title": title, "head": head, "read": read, "unread": head.saturating_sub(read), "role": role, "muted": muted}));
         }
         Ok(json!({"conversations": out}))
     }

@@ -219,7 +219,8 @@ mod tests {
     /// the returned sender lives.
     async fn chat_with(dir: &std::path::Path, messages: u64) -> (Arc<Chat>, watch::Sender<bool>) {
         let store = Store::open(dir, SyncMode::Never, Duration::from_millis(5)).unwrap();
-        let chat = Arc::new(Chat::new(store, Arc::new(Metrics::default())).unwrap());
+        let push = chatmq_bridge::push::Push::open(store.clone(), &Default::default()).unwrap();
+        let chat = Arc::new(Chat::new(store, Arc::new(Metrics::default()), push).unwrap());
         let (stop, watch) = watch::channel(false);
         tokio::spawn(chat.clone().run_dispatcher(watch));
         chat.create("room", "t", Some("alice"), &[]).await.unwrap();

@@ -2,6 +2,8 @@
 //! on `rpc/{method}`, a reply `{"type":"rpc","id":...,"ok":...}`. The same
 //! operations back the HTTP API.
 
+use chatmq_bridge::push::{Platform, PushError};
+use chatmq_storage::Device;
 use serde_json::{json, Value};
 
 use super::{namespace, Chat, RpcError};
@@ -61,6 +63,58 @@ fn member_conv<'a>(chat: &Chat, user: &str, req: &'a Value) -> Result<&'a str, R
     Ok(conv)
 }
 
+fn platform(name: &str) -> Result<Platform, RpcError> {
+    Platform::parse(name).ok_or_else(|| RpcError::bad("`platform` must be apns, fcm or webhook"))
+}
+
+/// Registers a device of `user` (RPC and HTTP); a token registered to
+/// another user moves to this one.
+pub async fn register_device(
+    chat: &Chat,
+    user: &str,
+    platform_name: &str,
+    token: &str,
+    app_id: Option<&str>,
+) -> Result<Device, RpcError> {
+    let platform = platform(platform_name)?;
+    chat.push
+        .register(user, platform, token, app_id)
+        .await
+        .map_err(push_error)
+}
+
+/// Forgets a device of `user`; `not_found` if it is not one of theirs.
+pub async fn unregister_device(
+    chat: &Chat,
+    user: &str,
+    platform_name: &str,
+    token: &str,
+) -> Result<(), RpcError> {
+    let platform = platform(platform_name)?;
+    match chat.push.unregister(user, platform, token).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(RpcError::new("not_found", "no such device of yours")),
+        Err(e) => Err(push_error(e)),
+    }
+}
+
+/// The devices of `user`, as JSON.
+pub fn list_devices(chat: &Chat, user: &str) -> Result<Vec<Value>, RpcError> {
+    Ok(chat.push.devices(user)?.iter().map(device_json).collect())
+}
+
+pub fn device_json(d: &Device) -> Value {
+    json!({"platform": d.platform, "token": d.token, "app_id": d.app_id})
+}
+
+fn push_error(e: PushError) -> RpcError {
+    match e {
+        PushError::Invalid(why) => RpcError::bad(why),
+        PushError::Storage(e) => e.into(),
+        PushError::Config { .. } => RpcError::new("internal", e.to_string()),
+    }
+}
+
 async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<Value, RpcError> {
     match method {
         "history" => {
@@ -114,6 +168,46 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
             let seq = chat.mark_read(user, conv, seq).await?;
             Ok(json!({"conv": conv, "seq": seq}))
         }
+        "conversation.mute" => {
+            let conv = member_conv(chat, user, req)?;
+            let muted = match req.get("muted") {
+                None => true,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| RpcError::bad("`muted` must be true or false"))?,
+            };
+            chat.push.set_muted(user, conv, muted).await?;
+            Ok(json!({"conv": conv, "muted": muted}))
+        }
+        "device.register" => {
+            let app_id = match req.get("app_id") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_str()
+                        .ok_or_else(|| RpcError::bad("`app_id` must be a string"))?,
+                ),
+            };
+            let device = register_device(
+                chat,
+                user,
+                str_param(req, "platform")?,
+                str_param(req, "token")?,
+                app_id,
+            )
+            .await?;
+            Ok(device_json(&device))
+        }
+        "device.unregister" => {
+            unregister_device(
+                chat,
+                user,
+                str_param(req, "platform")?,
+                str_param(req, "token")?,
+            )
+            .await?;
+            Ok(json!({}))
+        }
+        "device.list" => Ok(json!({"devices": list_devices(chat, user)?})),
         other => Err(RpcError::new(
             "unknown_method",
             format!("no method `{other}`"),

@@ -1,7 +1,7 @@
 //! The HTTP API (DESIGN §4), for app servers and operators: `/healthz`,
 //! `/readyz`, `/metrics` ([`ops`]), and under `/v1` the chat operations
 //! the RPC over MQTT offers: [`conversations`] and their members,
-//! [`messages`] (history and server-side send).
+//! [`messages`] (history and server-side send), [`devices`] (push).
 //!
 //! The story of a request: axum routes it; the [`Caller`] extractor reads
 //! `Authorization: Bearer <token>` (the admin token, or a user's JWT
@@ -13,6 +13,7 @@
 //! This module owns HTTP concerns only: no chat rule lives here.
 
 mod conversations;
+mod devices;
 mod messages;
 mod ops;
 mod web;
@@ -86,6 +87,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route(
             "/v1/conversations/{conv}/messages",
             get(messages::history).post(messages::send),
+        )
+        .route("/v1/devices", get(devices::list).post(devices::register))
+        .route(
+            "/v1/devices/{platform}/{token}",
+            delete(devices::unregister),
         )
         .route("/v1/client-config", get(web::client_config))
         .fallback(web::static_file)

@@ -90,6 +90,37 @@ fn render(broker: &Broker) -> String {
         "Messages a session dropped because its queue was full or they expired.",
         count(&m.messages_dropped),
     );
+    let push = &broker.chat.push;
+    out.single(
+        "chatmq_push_sent_total",
+        "counter",
+        "Push notifications a provider (APNs, FCM, webhook) accepted.",
+        count(&push.metrics.sent),
+    );
+    out.single(
+        "chatmq_push_failed_total",
+        "counter",
+        "Push notifications given up: rejected, dead token, or out of retries.",
+        count(&push.metrics.failed),
+    );
+    out.single(
+        "chatmq_push_retried_total",
+        "counter",
+        "Push sends repeated after a 429, a 5xx or a network error.",
+        count(&push.metrics.retried),
+    );
+    out.single(
+        "chatmq_push_tokens_removed_total",
+        "counter",
+        "Devices deleted because their provider said the token is dead.",
+        count(&push.metrics.tokens_removed),
+    );
+    out.single(
+        "chatmq_push_queue_depth",
+        "gauge",
+        "Push jobs queued or being sent.",
+        push.queue_depth(),
+    );
     out.histogram(
         "chatmq_storage_commit_seconds",
         "Duration of one storage group commit (write and sync).",

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::{Api, ApiError, Caller, JsonBody};
 use crate::chat::namespace::{valid_conv, valid_user};
+use crate::chat::RpcError;
 
 /// `GET /v1/conversations`: the caller's conversations with head seq,
 /// read seq and unread count (the RPC `conversations`).
@@ -115,4 +116,33 @@ pub(super) fn check_conv(conv: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::bad("not a valid conversation id"))
     }
+}
+
+/// The body of `PUT /v1/conversations/{id}/mute`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mute {
+    muted: bool,
+}
+
+/// `PUT /v1/conversations/{id}/mute` `{"muted": bool}`: the caller's push
+/// setting for one conversation (the RPC `conversation.mute`); members only.
+pub async fn mute(
+    caller: Caller,
+    State(api): State<Arc<Api>>,
+    Path(conv): Path<String>,
+    JsonBody(req): JsonBody<Mute>,
+) -> Result<Json<Value>, ApiError> {
+    let user = caller.user().ok_or_else(|| {
+        ApiError::bad("the admin token has no push settings of its own: call with a user's token")
+    })?;
+    let chat = &api.broker.chat;
+    if !valid_conv(&conv) || !chat.is_member(&conv, user) {
+        return Err(RpcError::new("not_member", "you are not a member of this conversation").into());
+    }
+    chat.push
+        .set_muted(user, &conv, req.muted)
+        .await
+        .map_err(RpcError::from)?;
+    Ok(Json(json!({"conv": conv, "muted": req.muted})))
 }

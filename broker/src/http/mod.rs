@@ -27,7 +27,7 @@ use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -83,6 +83,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .route(
             "/v1/conversations/{conv}/members/{user}",
             delete(conversations::remove_member),
+        )
+        .route(
+            "/v1/conversations/{conv}/mute",
+            put(conversations::mute),
         )
         .route(
             "/v1/conversations/{conv}/messages",

@@ -132,7 +132,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(error.starts_with("mqtt.tls: the key does not match"), "{error}");
+        assert!(
+            error.starts_with("mqtt.tls: the key does not match"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -90,7 +90,10 @@ impl WsAcceptor {
     fn check(&self, request: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
         let path = request.uri().path();
         if path != self.path && path != "/" {
-            return Err(reject(StatusCode::NOT_FOUND, "no MQTT endpoint at this path"));
+            return Err(reject(
+                StatusCode::NOT_FOUND,
+                "no MQTT endpoint at this path",
+            ));
         }
         if !self.allowed_origins.is_empty() {
             let origin = request

@@ -97,7 +97,15 @@ async fn bind_edges(settings: &Settings) -> Result<Vec<Listener>, StartError> {
     if let Some(tls) = &settings.mqtt.tls {
         let acceptor = TlsAcceptor::from_settings("mqtt.tls", tls, &[])?;
         let addr = tls.listen.unwrap_or(MQTT_TLS_LISTEN);
-        listeners.push(bind("mqtt-tls", "mqtt.tls.listen", addr, Transport::Tls(acceptor)).await?);
+        listeners.push(
+            bind(
+                "mqtt-tls",
+                "mqtt.tls.listen",
+                addr,
+                Transport::Tls(acceptor),
+            )
+            .await?,
+        );
     }
     let ws = &settings.websocket;
     if ws.enabled {
@@ -175,19 +183,32 @@ impl Server {
         let edge_listeners = bind_edges(&settings).await?;
         let mut edges = Vec::new();
         for edge in &edge_listeners {
-            let addr = edge.socket.local_addr().map_err(|source| StartError::ListenerBind {
-                key: edge.name,
-                addr: settings.mqtt.listen,
-                source,
-            })?;
+            let addr = edge
+                .socket
+                .local_addr()
+                .map_err(|source| StartError::ListenerBind {
+                    key: edge.name,
+                    addr: settings.mqtt.listen,
+                    source,
+                })?;
             edges.push((edge.name, addr));
         }
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, watch) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        tasks.spawn(accept_loop(listener, Transport::Tcp, broker.clone(), watch.clone()));
+        tasks.spawn(accept_loop(
+            listener,
+            Transport::Tcp,
+            broker.clone(),
+            watch.clone(),
+        ));
         for edge in edge_listeners {
-            tasks.spawn(accept_loop(edge.socket, edge.transport, broker.clone(), watch.clone()));
+            tasks.spawn(accept_loop(
+                edge.socket,
+                edge.transport,
+                broker.clone(),
+                watch.clone(),
+            ));
         }
         let api = http::Api::new(broker.clone(), ready.clone(), edges.clone());
         tasks.spawn(http::serve(http_listener, api, watch.clone()));

@@ -282,7 +282,8 @@ impl Default for Tls {
 }
 
 /// The default MQTT-over-TLS address: all interfaces, port 8883.
-pub const MQTT_TLS_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8883));
+pub const MQTT_TLS_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8883));
 /// The default secure WebSocket address: all interfaces, port 8084.
 pub const WEBSOCKET_TLS_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8084));

@@ -71,8 +71,9 @@ impl Cli {
         let (tx, events) = mpsc::channel(4096);
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let event = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("chatmq-cli printed a line that is not JSON ({e}): {line}"));
+                let event = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("chatmq-cli printed a line that is not JSON ({e}): {line}")
+                });
                 if tx.blocking_send(event).is_err() {
                     return;
                 }

@@ -26,8 +26,8 @@ pub mod raw;
 pub mod tls;
 pub mod v4;
 pub mod v5;
-pub mod ws;
 pub mod web;
+pub mod ws;
 
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);

@@ -34,12 +34,15 @@ impl TestPki {
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
             .expect("self-sign the CA");
         let server_key = KeyPair::generate().expect("server key");
-        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .expect("server params");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("server params");
         params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
-        let server = params.signed_by(&server_key, &ca).expect("sign the server certificate");
+        let server = params
+            .signed_by(&server_key, &ca)
+            .expect("sign the server certificate");
         let pki = TestPki {
             ca: dir.join("ca.pem"),
             cert: dir.join("server.crt"),

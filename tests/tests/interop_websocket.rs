@@ -226,9 +226,18 @@ fn check_paho_chat(out: &Value) {
         row(dm, 4, "bob", "b0"),
         row(dm, 5, "bob", "b1"),
     ]);
-    assert_eq!(out["alice"], expected, "alice over WebSocket: every message once, in order");
-    assert_eq!(out["bob"], expected, "bob over WebSocket: every message once, in order");
-    assert_eq!(out["carol_session_present"], true, "the TCP session resumed over WebSocket");
+    assert_eq!(
+        out["alice"], expected,
+        "alice over WebSocket: every message once, in order"
+    );
+    assert_eq!(
+        out["bob"], expected,
+        "bob over WebSocket: every message once, in order"
+    );
+    assert_eq!(
+        out["carol_session_present"], true,
+        "the TCP session resumed over WebSocket"
+    );
     assert_eq!(
         out["carol"],
         json!([
@@ -297,11 +306,7 @@ fn mosquitto_clients_over_tls_with_the_test_ca() {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = TestPki::new(dir.path());
-    let config = format!(
-        "{}\n{}",
-        chatmq_tests::OPEN,
-        pki.section("mqtt.tls")
-    );
+    let config = format!("{}\n{}", chatmq_tests::OPEN, pki.section("mqtt.tls"));
     let b = Broker::start(&config);
     let port = b.listener("mqtt-tls").port().to_string();
     let ca = pki.ca.display().to_string();
@@ -317,14 +322,20 @@ fn mosquitto_clients_over_tls_with_the_test_ca() {
     }
     let sub = Command::new("mosquitto_sub")
         .args(tls_args)
-        .args(["-t", "tls/#", "-q", "1", "-C", "2", "-W", "20", "-v", "-i", "mosq-sub"])
+        .args([
+            "-t", "tls/#", "-q", "1", "-C", "2", "-W", "20", "-v", "-i", "mosq-sub",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn mosquitto_sub");
     let out = wait(sub, "mosquitto_sub");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "mosquitto_sub: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mosquitto_sub: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut lines: Vec<&str> = stdout.lines().collect();
     lines.sort();
     assert_eq!(lines, ["tls/a over tls 1", "tls/b over tls 2"]);

@@ -240,13 +240,22 @@ async fn a_muted_conversation_gets_no_push() {
     // cannot mute it.
     let http = Http::new(b.http_addr).with_token(&token("bob"));
     let body = serde_json::to_vec(&json!({"muted": false})).expect("json");
-    let r = http.request("PUT", "/v1/conversations/team/mute", Some(&body)).await;
-    assert_eq!((r.status, r.json()["muted"].clone()), (200, json!(false)), "{}", r.text());
+    let r = http
+        .request("PUT", "/v1/conversations/team/mute", Some(&body))
+        .await;
+    assert_eq!(
+        (r.status, r.json()["muted"].clone()),
+        (200, json!(false)),
+        "{}",
+        r.text()
+    );
     send(&mut alice, "team", "t2", "standup now").await;
     let got = mock.wait_for("/notify", 2, PATIENCE).await;
     assert_eq!(got[1].json()["conv"], "team");
     let carol = Http::new(b.http_addr).with_token(&token("carol"));
-    let r = carol.request("PUT", "/v1/conversations/team/mute", Some(&body)).await;
+    let r = carol
+        .request("PUT", "/v1/conversations/team/mute", Some(&body))
+        .await;
     assert_eq!((r.status, r.error_code().as_str()), (403, "not_member"));
 }
 

@@ -17,7 +17,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 fn tls_config(pki: &TestPki) -> String {
-    chat::config(&format!("{}\n{}", pki.section("mqtt.tls"), pki.section("websocket.tls")))
+    chat::config(&format!(
+        "{}\n{}",
+        pki.section("mqtt.tls"),
+        pki.section("websocket.tls")
+    ))
 }
 
 fn simple(pki: &TestPki) -> TlsConfiguration {
@@ -42,17 +46,29 @@ async fn rumqttc_chats_over_tls_and_secure_websocket() {
     o.set_credentials("alice", token("alice"));
     let mut alice = chat::v5_login(o).await;
     // bob: 3.1.1 over wss.
-    let mut o = v4::MqttOptions::new("bob-wss", format!("wss://127.0.0.1:{}/mqtt", wss.port()), wss.port());
+    let mut o = v4::MqttOptions::new(
+        "bob-wss",
+        format!("wss://127.0.0.1:{}/mqtt", wss.port()),
+        wss.port(),
+    );
     o.set_transport(Transport::wss_with_config(simple(&pki)));
     o.set_credentials("bob", token("bob"));
     let mut bob = chat::v4_login(o).await;
 
     bob.subscribe("chat/+", v4::QoS::AtLeastOnce).await;
     alice
-        .publish_acked("chat/dm:alice:bob", v5::QoS::AtLeastOnce, false, &envelope("t1", "secret"))
+        .publish_acked(
+            "chat/dm:alice:bob",
+            v5::QoS::AtLeastOnce,
+            false,
+            &envelope("t1", "secret"),
+        )
         .await;
     let got = json_of(&bob.publish().await.payload);
-    assert_eq!((got["seq"].as_u64(), got["from"].as_str()), (Some(1), Some("alice")));
+    assert_eq!(
+        (got["seq"].as_u64(), got["from"].as_str()),
+        (Some(1), Some("alice"))
+    );
     assert_eq!(got["body"]["text"], "secret");
 }
 
@@ -67,8 +83,14 @@ async fn the_server_presents_the_configured_certificate() {
     // Trusting the test CA: the handshake succeeds and MQTT works.
     let connector = TlsConnector::from(pki.client_config());
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    let mut stream = connector.connect(name.clone(), tcp).await.expect("TLS handshake");
-    stream.write_all(&raw::connect_v4("raw-tls")).await.expect("write");
+    let mut stream = connector
+        .connect(name.clone(), tcp)
+        .await
+        .expect("TLS handshake");
+    stream
+        .write_all(&raw::connect_v4("raw-tls"))
+        .await
+        .expect("write");
     let mut connack = [0u8; 4];
     tokio::time::timeout(PATIENCE, stream.read_exact(&mut connack))
         .await
@@ -82,7 +104,10 @@ async fn the_server_presents_the_configured_certificate() {
     let other = TestPki::new(&other_dir);
     let connector = TlsConnector::from(other.client_config());
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    assert!(connector.connect(name, tcp).await.is_err(), "an untrusted chain must fail");
+    assert!(
+        connector.connect(name, tcp).await.is_err(),
+        "an untrusted chain must fail"
+    );
 }
 
 #[tokio::test]
@@ -103,8 +128,14 @@ async fn a_silent_tls_socket_is_closed_after_the_handshake_timeout() {
     let section = pki.section("mqtt.tls") + "handshake_timeout_secs = 1\n";
     let b = Broker::start(&format!("{OPEN}\n{section}"));
     let mut wire = Wire::open(b.listener("mqtt-tls")).await;
-    assert!(!wire.closed_within(Duration::from_millis(400)).await, "open before the timeout");
-    assert!(wire.closed_within(Duration::from_secs(3)).await, "closed after it");
+    assert!(
+        !wire.closed_within(Duration::from_millis(400)).await,
+        "open before the timeout"
+    );
+    assert!(
+        wire.closed_within(Duration::from_secs(3)).await,
+        "closed after it"
+    );
 }
 
 /// Starts `chatmq serve` with `config` and returns its one stderr line; it
@@ -150,7 +181,10 @@ fn a_mismatched_certificate_and_key_stop_the_start_naming_the_section() {
         pki.other_key.display()
     );
     let line = failed_start(dir.path(), &config);
-    assert!(line.contains("mqtt.tls: the key does not match the certificate"), "{line}");
+    assert!(
+        line.contains("mqtt.tls: the key does not match the certificate"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -164,7 +198,10 @@ fn unreadable_or_wrong_files_are_named_by_key() {
         pki.key.display()
     );
     let line = failed_start(dir.path(), &config);
-    assert!(line.contains("mqtt.tls.cert") && line.contains("nope.crt"), "{line}");
+    assert!(
+        line.contains("mqtt.tls.cert") && line.contains("nope.crt"),
+        "{line}"
+    );
 
     // A certificate given as the key of the secure WebSocket listener.
     let config = format!(
@@ -173,11 +210,13 @@ fn unreadable_or_wrong_files_are_named_by_key() {
         pki.cert.display()
     );
     let line = failed_start(dir.path(), &config);
-    assert!(line.contains("websocket.tls.key") && line.contains("private key"), "{line}");
+    assert!(
+        line.contains("websocket.tls.key") && line.contains("private key"),
+        "{line}"
+    );
 
     // A section without its certificate.
     let config = format!("{OPEN}\n[mqtt.tls]\nkey = \"{}\"\n", pki.key.display());
     let line = failed_start(dir.path(), &config);
     assert!(line.contains("mqtt.tls.cert"), "{line}");
 }
-

@@ -138,7 +138,9 @@ pub async fn mute(
     })?;
     let chat = &api.broker.chat;
     if !valid_conv(&conv) || !chat.is_member(&conv, user) {
-        return Err(RpcError::new("not_member", "you are not a member of this conversation").into());
+        return Err(
+            RpcError::new("not_member", "you are not a member of this conversation").into(),
+        );
     }
     chat.push
         .set_muted(user, &conv, req.muted)

@@ -84,10 +84,7 @@ pub fn router(api: Arc<Api>) -> Router {
             "/v1/conversations/{conv}/members/{user}",
             delete(conversations::remove_member),
         )
-        .route(
-            "/v1/conversations/{conv}/mute",
-            put(conversations::mute),
-        )
+        .route("/v1/conversations/{conv}/mute", put(conversations::mute))
         .route(
             "/v1/conversations/{conv}/messages",
             get(messages::history).post(messages::send),

@@ -110,6 +110,9 @@ mod tests {
         assert_eq!(safe_relative("/a/b.css"), Some(PathBuf::from("a/b.css")));
         assert_eq!(safe_relative("/../etc/passwd"), None);
         assert_eq!(safe_relative("/a/../../x"), None);
-        assert_eq!(safe_relative("//etc/passwd"), Some(PathBuf::from("etc/passwd")));
+        assert_eq!(
+            safe_relative("//etc/passwd"),
+            Some(PathBuf::from("etc/passwd"))
+        );
     }
 }

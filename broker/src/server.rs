@@ -65,67 +65,79 @@ enum Transport {
     Wss(TlsAcceptor, WsAcceptor, IpLimiter),
 }
 
-/// A bound listener not yet serving: its name as `main` prints it, the key
-/// that configures it, and its transport.
-struct Listener {
-    name: &'static str,
-    socket: TcpListener,
-    transport: Transport,
-}
-
-/// Binds one listener, naming `key` in the error.
-async fn bind(
+/// A listener the settings ask for beyond MQTT and HTTP: its name as
+/// `main` prints it, the key that sets its address, the address, and its
+/// transport (certificates already loaded).
+struct Edge {
     name: &'static str,
     key: &'static str,
     addr: SocketAddr,
     transport: Transport,
-) -> Result<Listener, StartError> {
-    let bind_error = |source| StartError::ListenerBind { key, addr, source };
-    let socket = TcpListener::bind(addr).await.map_err(bind_error)?;
-    Ok(Listener {
-        name,
-        socket,
-        transport,
-    })
 }
 
-/// The TLS and WebSocket listeners the settings ask for, bound. Certificates
-/// are loaded before anything binds, so a bad pair stops start-up with its
-/// own message.
-async fn bind_edges(settings: &Settings) -> Result<Vec<Listener>, StartError> {
-    let mut listeners = Vec::new();
+/// A bound edge listener, not yet serving, and the address it got.
+struct Listener {
+    name: &'static str,
+    socket: TcpListener,
+    local: SocketAddr,
+    transport: Transport,
+}
+
+impl Edge {
+    async fn bind(self) -> Result<Listener, StartError> {
+        let (key, addr) = (self.key, self.addr);
+        let bind_error = |source| StartError::ListenerBind { key, addr, source };
+        let socket = TcpListener::bind(addr).await.map_err(bind_error)?;
+        let local = socket.local_addr().map_err(bind_error)?;
+        Ok(Listener {
+            name: self.name,
+            socket,
+            local,
+            transport: self.transport,
+        })
+    }
+}
+
+/// The TLS and WebSocket listeners the settings ask for, with their
+/// certificates loaded: called before anything else at start-up, so a bad
+/// certificate or key stops the broker with its own message before the
+/// store is opened or a port bound.
+fn plan_edges(settings: &Settings) -> Result<Vec<Edge>, StartError> {
+    let mut edges = Vec::new();
     if let Some(tls) = &settings.mqtt.tls {
-        let acceptor = TlsAcceptor::from_settings("mqtt.tls", tls, &[])?;
-        let addr = tls.listen.unwrap_or(MQTT_TLS_LISTEN);
-        listeners.push(
-            bind(
-                "mqtt-tls",
-                "mqtt.tls.listen",
-                addr,
-                Transport::Tls(acceptor),
-            )
-            .await?,
-        );
+        edges.push(Edge {
+            name: "mqtt-tls",
+            key: "mqtt.tls.listen",
+            addr: tls.listen.unwrap_or(MQTT_TLS_LISTEN),
+            transport: Transport::Tls(TlsAcceptor::from_settings("mqtt.tls", tls, &[])?),
+        });
     }
     let ws = &settings.websocket;
     if ws.enabled {
         let upgrade = WsAcceptor::new(ws);
         let limiter = IpLimiter::new(ws.max_connections_per_ip);
-        let wss = match &ws.tls {
-            Some(tls) => Some((
-                TlsAcceptor::from_settings("websocket.tls", tls, &["http/1.1"])?,
-                tls.listen.unwrap_or(WEBSOCKET_TLS_LISTEN),
-            )),
+        let secure = match &ws.tls {
+            Some(tls) => Some(Edge {
+                name: "websocket-tls",
+                key: "websocket.tls.listen",
+                addr: tls.listen.unwrap_or(WEBSOCKET_TLS_LISTEN),
+                transport: Transport::Wss(
+                    TlsAcceptor::from_settings("websocket.tls", tls, &["http/1.1"])?,
+                    upgrade.clone(),
+                    limiter.clone(),
+                ),
+            }),
             None => None,
         };
-        let plain = Transport::Ws(upgrade.clone(), limiter.clone());
-        listeners.push(bind("websocket", "websocket.listen", ws.listen, plain).await?);
-        if let Some((acceptor, addr)) = wss {
-            let secure = Transport::Wss(acceptor, upgrade, limiter);
-            listeners.push(bind("websocket-tls", "websocket.tls.listen", addr, secure).await?);
-        }
+        edges.push(Edge {
+            name: "websocket",
+            key: "websocket.listen",
+            addr: ws.listen,
+            transport: Transport::Ws(upgrade, limiter),
+        });
+        edges.extend(secure);
     }
-    Ok(listeners)
+    Ok(edges)
 }
 
 /// A running broker.
@@ -148,6 +160,7 @@ impl Server {
     /// Opens the store, restores state, binds, and starts serving.
     pub async fn start(settings: Settings) -> Result<Server, StartError> {
         let settings = Arc::new(settings);
+        let planned_edges = plan_edges(&settings)?;
         let data_dir = settings.node.data_dir.clone();
         let storage_error = |source| StartError::Storage {
             path: data_dir.display().to_string(),
@@ -180,19 +193,11 @@ impl Server {
             .await
             .map_err(http_bind)?;
         let http_addr = http_listener.local_addr().map_err(http_bind)?;
-        let edge_listeners = bind_edges(&settings).await?;
-        let mut edges = Vec::new();
-        for edge in &edge_listeners {
-            let addr = edge
-                .socket
-                .local_addr()
-                .map_err(|source| StartError::ListenerBind {
-                    key: edge.name,
-                    addr: settings.mqtt.listen,
-                    source,
-                })?;
-            edges.push((edge.name, addr));
+        let mut edge_listeners = Vec::new();
+        for edge in planned_edges {
+            edge_listeners.push(edge.bind().await?);
         }
+        let edges: Vec<_> = edge_listeners.iter().map(|l| (l.name, l.local)).collect();
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, watch) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -24,6 +24,7 @@ pub mod http;
 pub mod push_mock;
 pub mod raw;
 pub mod tls;
+pub mod tools;
 pub mod v4;
 pub mod v5;
 pub mod web;

@@ -3,29 +3,12 @@
 //! clients (`--cafile`). `scripts/setup.sh --test` installs them; a test
 //! whose tool is missing says so on stderr and checks nothing.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
 use chatmq_tests::chat::{self, token};
 use chatmq_tests::tls::TestPki;
+use chatmq_tests::tools::{available, finish, finish_within, mosquitto_available};
 use chatmq_tests::{Broker, PATIENCE};
 use serde_json::{json, Value};
-
-fn available(program: &str, probe: &[&str]) -> bool {
-    let ok = Command::new(program)
-        .args(probe)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: `{program} {}` failed: a tool is missing; run scripts/setup.sh --test",
-            probe.join(" ")
-        );
-    }
-    ok
-}
+use std::process::{Command, Stdio};
 
 /// The scenario, in Paho's own words. Its one argument is a JSON object
 /// with the addresses, tokens and protocol version; it prints one JSON
@@ -184,7 +167,7 @@ fn paho_chat(b: &Broker, version: u8, pki: Option<&TestPki>) -> Option<Value> {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn python3");
-    let out = wait(child, "the paho scenario");
+    let out = finish_within(child, "the paho scenario", PATIENCE * 4);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -192,25 +175,6 @@ fn paho_chat(b: &Broker, version: u8, pki: Option<&TestPki>) -> Option<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     Some(serde_json::from_str(stdout.trim()).expect("JSON from the paho scenario"))
-}
-
-fn wait(mut child: std::process::Child, what: &str) -> std::process::Output {
-    let deadline = Instant::now() + PATIENCE * 4;
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "{what} did not finish: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn row(conv: &str, seq: u64, from: &str, id: &str) -> Value {
@@ -294,14 +258,7 @@ fn paho_over_tls_and_secure_websocket_under_both_versions() {
 
 #[test]
 fn mosquitto_clients_over_tls_with_the_test_ca() {
-    let ok = Command::new("mosquitto_pub")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: mosquitto-clients are not installed; run scripts/setup.sh --test");
+    if !mosquitto_available() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -329,7 +286,7 @@ fn mosquitto_clients_over_tls_with_the_test_ca() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn mosquitto_sub");
-    let out = wait(sub, "mosquitto_sub");
+    let out = finish(sub, "mosquitto_sub");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

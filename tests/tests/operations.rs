@@ -7,6 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use chatmq_tests::raw::{self, p5, Silence, Wire};
+use chatmq_tests::tools::finish_within;
 use chatmq_tests::{binary, v4, v5, Broker, OPEN, PATIENCE};
 use tokio::io::AsyncWriteExt;
 
@@ -25,22 +26,8 @@ fn run_chatmq(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn chatmq");
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "chatmq {args:?} did not exit; stdout: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = cmd.spawn().expect("spawn chatmq");
+    finish_within(child, &format!("chatmq {args:?}"), PATIENCE)
 }
 
 /// The single line a failed start printed on stderr.

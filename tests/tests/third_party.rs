@@ -4,71 +4,12 @@
 //! missing says so on stderr and passes without checking anything.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use chatmq_tests::tools::{available, finish, mosquitto_available};
 use chatmq_tests::{Broker, OPEN, PATIENCE};
-
-/// True if `program` can be run; otherwise explains on stderr why the
-/// calling test checks nothing.
-fn available(program: &str, probe: &[&str]) -> bool {
-    let ok = Command::new(program)
-        .args(probe)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: `{program} {}` failed: a tool is missing; run scripts/setup.sh --test",
-            probe.join(" ")
-        );
-    }
-    ok
-}
-
-fn mosquitto_available() -> bool {
-    // `--help` exits non-zero; spawning is the test.
-    let ok = Command::new("mosquitto_pub")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-        && Command::new("mosquitto_sub")
-            .arg("--help")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-    if !ok {
-        eprintln!(
-            "SKIPPED: mosquitto_pub/mosquitto_sub are not installed (Debian: mosquitto-clients); run scripts/setup.sh --test"
-        );
-    }
-    ok
-}
-
-/// Waits for `child` to exit within PATIENCE and returns its output.
-fn finish(mut child: Child, what: &str) -> Output {
-    let deadline = Instant::now() + PATIENCE * 2;
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "{what} did not finish; stdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn mosquitto(b: &Broker, program: &str, version: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(program);

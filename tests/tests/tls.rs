@@ -4,11 +4,12 @@
 //! certificate files are wrong.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chatmq_tests::chat::{self, envelope, json_of, token};
 use chatmq_tests::raw::{self, Wire};
 use chatmq_tests::tls::TestPki;
+use chatmq_tests::tools::finish_within;
 use chatmq_tests::{binary, v4, v5, Broker, OPEN, PATIENCE};
 use rumqttc::{TlsConfiguration, Transport};
 use rustls_pki_types::ServerName;
@@ -143,7 +144,7 @@ async fn a_silent_tls_socket_is_closed_after_the_handshake_timeout() {
 fn failed_start(dir: &std::path::Path, config: &str) -> String {
     let path = dir.join("chatmq.toml");
     std::fs::write(&path, config).expect("write config");
-    let mut child = Command::new(binary())
+    let child = Command::new(binary())
         .args(["serve", "--config"])
         .arg(&path)
         .env("CHATMQ__NODE__DATA_DIR", dir.join("data"))
@@ -155,15 +156,7 @@ fn failed_start(dir: &std::path::Path, config: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn chatmq");
-    let deadline = Instant::now() + PATIENCE;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chatmq started with a broken TLS config");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
+    let out = finish_within(child, "chatmq with a broken TLS config", PATIENCE);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let lines: Vec<&str> = stderr.lines().collect();

@@ -1,0 +1,72 @@
+//! Third-party programs the tests drive (mosquitto_pub/sub, python3 with
+//! paho-mqtt, node): whether one is installed, and waiting for one to
+//! finish. `scripts/setup.sh --test` installs them all.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::PATIENCE;
+
+/// True if `program probe...` runs and succeeds; otherwise explains on
+/// stderr why the calling test checks nothing.
+pub fn available(program: &str, probe: &[&str]) -> bool {
+    let ok = Command::new(program)
+        .args(probe)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "SKIPPED: `{program} {}` failed: a tool is missing; run scripts/setup.sh --test",
+            probe.join(" ")
+        );
+    }
+    ok
+}
+
+/// True if the Mosquitto clients are installed (their `--help` exits
+/// non-zero, so spawning them is the test).
+pub fn mosquitto_available() -> bool {
+    let runs = |program: &str| {
+        Command::new(program)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    let ok = runs("mosquitto_pub") && runs("mosquitto_sub");
+    if !ok {
+        eprintln!(
+            "SKIPPED: mosquitto_pub/mosquitto_sub are not installed (Debian: mosquitto-clients); run scripts/setup.sh --test"
+        );
+    }
+    ok
+}
+
+/// Waits for `child` to exit within `within` and returns its output;
+/// panics with what it printed if it does not.
+pub fn finish_within(mut child: Child, what: &str, within: Duration) -> Output {
+    let deadline = Instant::now() + within;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{what} did not finish; stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`finish_within`] twice PATIENCE.
+pub fn finish(child: Child, what: &str) -> Output {
+    finish_within(child, what, PATIENCE * 2)
+}

@@ -70,3 +70,22 @@ pub fn finish_within(mut child: Child, what: &str, within: Duration) -> Output {
 pub fn finish(child: Child, what: &str) -> Output {
     finish_within(child, what, PATIENCE * 2)
 }
+
+/// Runs `command` to the end within `within` (stdin closed) and returns its
+/// stdout; panics with both outputs if it fails.
+pub fn succeed(command: &mut Command, what: &str, within: Duration) -> String {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let out = finish_within(child, what, within);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -69,6 +69,21 @@ fn shown(cli: &Cli) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// (seq, envelope id) of every message the CLI showed from `from`
+/// (anyone when `None`), in the order shown.
+fn seq_ids(cli: &Cli, from: Option<&str>) -> Vec<(u64, String)> {
+    cli.logged("message")
+        .iter()
+        .filter(|e| from.is_none_or(|f| e["from"] == f))
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap_or(0),
+                e["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn assert_shown_once(cli: &Cli) {
     let all = shown(cli);
     let unique: HashSet<&(String, u64)> = all.iter().collect();
@@ -264,17 +279,7 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
         alice.next_event("message").await;
     }
     alice.events_for(QUIET).await;
-    let from_bob: Vec<(u64, String)> = alice
-        .logged("message")
-        .iter()
-        .filter(|e| e["from"] == "bob")
-        .map(|e| {
-            (
-                e["seq"].as_u64().unwrap_or(0),
-                e["id"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let from_bob = seq_ids(&alice, Some("bob"));
     assert_eq!(
         from_bob,
         [(10, "b1".into()), (11, "b2".into()), (12, "b3".into())]
@@ -298,16 +303,7 @@ async fn the_cli_rides_out_a_broker_crash_and_resumes_from_its_state_file() {
         alice.next_event("message").await;
     }
     alice.events_for(QUIET).await;
-    let got: Vec<(u64, String)> = alice
-        .logged("message")
-        .iter()
-        .map(|e| {
-            (
-                e["seq"].as_u64().unwrap_or(0),
-                e["id"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let got = seq_ids(&alice, None);
     assert_eq!(
         got,
         [(13, "b4".into()), (14, "b5".into()), (15, "b6".into())],
@@ -363,16 +359,7 @@ async fn a_lost_session_is_filled_from_history() {
         alice.next_event("message").await;
     }
     alice.events_for(QUIET).await;
-    let got: Vec<(u64, String)> = alice
-        .logged("message")
-        .iter()
-        .map(|e| {
-            (
-                e["seq"].as_u64().unwrap_or(0),
-                e["id"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let got = seq_ids(&alice, None);
     assert_eq!(
         got,
         [

@@ -5,7 +5,7 @@
 
 use chatmq_tests::chat::{self, token};
 use chatmq_tests::tls::TestPki;
-use chatmq_tests::tools::{available, finish, finish_within, mosquitto_available};
+use chatmq_tests::tools::{available, mosquitto_available, succeed};
 use chatmq_tests::{Broker, PATIENCE};
 use serde_json::{json, Value};
 use std::process::{Command, Stdio};
@@ -159,20 +159,10 @@ fn paho_chat(b: &Broker, version: u8, pki: Option<&TestPki>) -> Option<Value> {
     }
     let script = b.dir().join("paho_chat.py");
     std::fs::write(&script, PAHO_CHAT).expect("write script");
-    let child = Command::new("python3")
-        .arg(&script)
-        .arg(cfg.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn python3");
-    let out = finish_within(child, "the paho scenario", PATIENCE * 4);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "paho scenario failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeed(
+        Command::new("python3").arg(&script).arg(cfg.to_string()),
+        "the paho scenario",
+        PATIENCE * 4,
     );
     Some(serde_json::from_str(stdout.trim()).expect("JSON from the paho scenario"))
 }
@@ -277,21 +267,12 @@ fn mosquitto_clients_over_tls_with_the_test_ca() {
             .expect("run mosquitto_pub");
         assert!(status.success(), "mosquitto_pub over TLS failed");
     }
-    let sub = Command::new("mosquitto_sub")
-        .args(tls_args)
-        .args([
+    let stdout = succeed(
+        Command::new("mosquitto_sub").args(tls_args).args([
             "-t", "tls/#", "-q", "1", "-C", "2", "-W", "20", "-v", "-i", "mosq-sub",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mosquitto_sub");
-    let out = finish(sub, "mosquitto_sub");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "mosquitto_sub: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        "mosquitto_sub",
+        PATIENCE * 2,
     );
     let mut lines: Vec<&str> = stdout.lines().collect();
     lines.sort();

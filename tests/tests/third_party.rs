@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use chatmq_tests::tools::{available, finish, mosquitto_available};
+use chatmq_tests::tools::{available, finish, mosquitto_available, succeed};
 use chatmq_tests::{Broker, OPEN, PATIENCE};
 
 fn mosquitto(b: &Broker, program: &str, version: &str, args: &[&str]) -> Command {
@@ -383,20 +383,14 @@ fn paho(broker: &Broker, version: &str) -> Option<serde_json::Value> {
     }
     let script = broker.dir().join("paho_scenario.py");
     std::fs::write(&script, PAHO_SCENARIO).expect("write script");
-    let child = Command::new("python3")
-        .arg(&script)
-        .args([&broker.host(), &broker.port().to_string(), version])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn python3");
-    let out = finish(child, "the paho scenario");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "paho scenario failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeed(
+        Command::new("python3").arg(&script).args([
+            &broker.host(),
+            &broker.port().to_string(),
+            version,
+        ]),
+        "the paho scenario",
+        PATIENCE * 2,
     );
     Some(serde_json::from_str(stdout.trim()).expect("JSON from the paho scenario"))
 }

@@ -47,6 +47,11 @@ impl Cli {
 
     /// [`Cli::start`] with the password given.
     pub fn start_with_password(addr: SocketAddr, user: &str, state: &Path, password: &str) -> Cli {
+        Cli::start_at(&addr.to_string(), &[], user, state, password)
+    }
+
+    /// Starts `chatmq-cli --server server extra...` for `user`.
+    pub fn start_at(server: &str, extra: &[&str], user: &str, state: &Path, password: &str) -> Cli {
         let stderr = state.with_extension("stderr");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -55,7 +60,8 @@ impl Cli {
             .expect("stderr file");
         let mut child = Command::new(binary())
             .arg("--server")
-            .arg(addr.to_string())
+            .arg(server)
+            .args(extra)
             .arg("--user")
             .arg(user)
             .arg("--state")

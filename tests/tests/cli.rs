@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use chatmq_tests::chat::*;
 use chatmq_tests::cli::Cli;
+use chatmq_tests::tls::TestPki;
 use chatmq_tests::{v5, Broker, PATIENCE};
 use serde_json::Value;
 
@@ -406,4 +407,43 @@ async fn a_refused_login_stops_the_cli() {
     let stderr = alice.stderr();
     assert!(stderr.contains("refused"), "{stderr}");
     assert!(alice.logged("connected").is_empty());
+}
+
+/// The same client over TLS and over secure WebSocket, trusting the test
+/// CA given with `--ca`: one session per transport, one conversation.
+#[tokio::test]
+async fn the_cli_chats_over_tls_and_secure_websocket() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = TestPki::new(dir.path());
+    let b = Broker::start(&config(&format!(
+        "{}\n{}",
+        pki.section("mqtt.tls"),
+        pki.section("websocket.tls")
+    )));
+    let mut bob = v5_user(&b, "bob").await;
+    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
+        .await;
+    let ca = pki.ca.display().to_string();
+    let servers = [
+        format!("mqtts://127.0.0.1:{}", b.listener("mqtt-tls").port()),
+        format!(
+            "wss://127.0.0.1:{}/mqtt",
+            b.listener("websocket-tls").port()
+        ),
+    ];
+    for (seq, server) in (1u64..).zip(&servers) {
+        let state = dir.path().join(format!("alice-{seq}.json"));
+        let mut alice = Cli::start_at(server, &["--ca", &ca], "alice", &state, &token("alice"));
+        alice.next_event("connected").await;
+        alice.type_line("/dm bob");
+        alice.type_line(&format!("over {server}"));
+        let acked = alice.next_event("acked").await;
+        assert_eq!(acked["seq"], seq, "{server}: {acked}");
+        let got = json_of(&bob.publish().await.payload);
+        assert_eq!(
+            (got["seq"].as_u64(), got["from"].as_str()),
+            (Some(seq), Some("alice"))
+        );
+        assert!(alice.quit().await.success(), "{server}");
+    }
 }

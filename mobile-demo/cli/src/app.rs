@@ -24,14 +24,15 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, Publish, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, MqttOptions};
+use rumqttc::TlsConfiguration;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::args::Options;
+use crate::args::{Options, Transport};
 use crate::command::{self, Command};
 use crate::link::{self, NetEvent};
 use crate::output::Printer;
@@ -81,6 +82,8 @@ struct Link {
 
 pub struct App {
     opts: Options,
+    /// What TLS trusts, for mqtts:// and wss://.
+    tls: TlsConfiguration,
     state: State,
     /// The state as last written, to skip writes that change nothing.
     saved: State,
@@ -103,7 +106,8 @@ pub async fn run(opts: Options) -> Result<()> {
     let state = State::open(&opts.state, &opts.user, opts.client_id.as_deref())?;
     // Written at once, so the client id is stable from the first run on.
     state.save(&opts.state)?;
-    let mut app = App::new(opts, state);
+    let tls = tls_config(&opts)?;
+    let mut app = App::new(opts, state, tls);
     let (tx, mut net) = mpsc::channel(link::REQUESTS);
     let connection = link::spawn(app.mqtt_options(), tx);
     let mut lines = stdin_lines();
@@ -128,6 +132,27 @@ pub async fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
+/// The system's CA bundle on Debian and its kin: what TLS trusts when no
+/// `--ca` is given.
+const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The certificates TLS trusts: `--ca`, else the system bundle. Read only
+/// when the transport uses TLS, so a plain client needs no file.
+fn tls_config(opts: &Options) -> Result<TlsConfiguration> {
+    let ca = match (&opts.transport, &opts.ca) {
+        (Transport::Tcp | Transport::Ws(_), _) => Vec::new(),
+        (_, Some(path)) => std::fs::read(path)
+            .with_context(|| format!("--ca {}: cannot read it", path.display()))?,
+        (_, None) => std::fs::read(SYSTEM_CAS)
+            .with_context(|| format!("no --ca given and {SYSTEM_CAS} cannot be read"))?,
+    };
+    Ok(TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth: None,
+    })
+}
+
 /// Lines typed on stdin, read on a thread of their own (a blocking read
 /// has no place on the runtime); the channel closes at end of input.
 fn stdin_lines() -> mpsc::Receiver<String> {
@@ -144,8 +169,9 @@ fn stdin_lines() -> mpsc::Receiver<String> {
 }
 
 impl App {
-    fn new(opts: Options, state: State) -> App {
+    fn new(opts: Options, state: State, tls: TlsConfiguration) -> App {
         App {
+            tls,
             out: Printer::new(opts.json),
             opts,
             saved: state.clone(),
@@ -161,7 +187,17 @@ impl App {
     }
 
     fn mqtt_options(&self) -> MqttOptions {
-        let mut o = MqttOptions::new(&self.state.client_id, &self.opts.host, self.opts.port);
+        let broker = match &self.opts.transport {
+            Transport::Ws(url) | Transport::Wss(url) => url.as_str(),
+            Transport::Tcp | Transport::Tls => self.opts.host.as_str(),
+        };
+        let mut o = MqttOptions::new(&self.state.client_id, broker, self.opts.port);
+        o.set_transport(match &self.opts.transport {
+            Transport::Tcp => rumqttc::Transport::Tcp,
+            Transport::Tls => rumqttc::Transport::tls_with_config(self.tls.clone()),
+            Transport::Ws(_) => rumqttc::Transport::Ws,
+            Transport::Wss(_) => rumqttc::Transport::wss_with_config(self.tls.clone()),
+        });
         o.set_credentials(&self.opts.user, &self.opts.password);
         o.set_clean_start(false);
         o.set_session_expiry_interval(Some(SESSION_EXPIRY_SECS));

@@ -174,7 +174,9 @@ impl Server {
         .map_err(storage_error)?;
         let auth = Authenticator::new(&settings.auth)?;
         let broker = Broker::new(settings.clone(), store, auth).map_err(storage_error)?;
-        let gateway = Gateway::new(broker.chat.push.clone(), &settings.push)?;
+        let chat = broker.chat.clone();
+        let online = Arc::new(move |user: &str| chat.is_online(user));
+        let gateway = Gateway::new(broker.chat.push.clone(), &settings.push, online)?;
         let listener = TcpListener::bind(settings.mqtt.listen)
             .await
             .map_err(|source| StartError::Bind {

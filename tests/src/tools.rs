@@ -1,7 +1,8 @@
 //! Third-party programs the tests drive (mosquitto_pub/sub, python3 with
-//! paho-mqtt, node): whether one is installed, and waiting for one to
-//! finish. `scripts/setup.sh --test` installs them all.
+//! paho-mqtt, node, openssl): whether one is installed, waiting for one to
+//! finish, and test keys made with openssl. `scripts/setup.sh --test` installs them all.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -88,4 +89,27 @@ pub fn succeed(command: &mut Command, what: &str, within: Duration) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Generates a key pair with `openssl genpkey` (`args` pick the algorithm,
+/// e.g. `["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]`) into
+/// `dir` as `{name}.key` and `{name}.pub.pem`; returns both paths.
+pub fn openssl_pair(dir: &Path, name: &str, args: &[&str]) -> (PathBuf, PathBuf) {
+    let private = dir.join(format!("{name}.key"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl is needed to generate the test keys (apt-get install openssl)");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    let private_s = private.to_str().expect("utf-8 path");
+    let mut gen = vec!["genpkey", "-out", private_s];
+    gen.extend_from_slice(args);
+    run(&gen);
+    let public_s = public.to_str().expect("utf-8 path");
+    run(&["pkey", "-in", private_s, "-pubout", "-out", public_s]);
+    (private, public)
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use chatmq_tests::chat::*;
 use chatmq_tests::http::Http;
 use chatmq_tests::push_mock::{Mock, Recorded, Reply, ACCESS_TOKEN};
+use chatmq_tests::tools::openssl_pair;
 use chatmq_tests::{v5, Broker, PATIENCE};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -154,6 +155,41 @@ async fn a_member_who_is_online_gets_no_push() {
     let got = mock.wait_for("/notify", 1, PATIENCE).await;
     assert_eq!(got[0].json()["count"], 1, "only what came while offline");
     assert_eq!(got[0].json()["preview"]["body"], "gone already");
+}
+
+/// Bob was offline when the message came, but is back before its debounce
+/// window ends: the messages reach his session, and no push follows.
+#[tokio::test]
+async fn a_member_back_within_the_window_gets_no_push() {
+    let mock = Mock::start().await;
+    let cfg = webhook_config(&mock, "").replace(
+        &format!("debounce_ms = {DEBOUNCE_MS}"),
+        "debounce_ms = 1500",
+    );
+    let b = Broker::start(&cfg);
+    offline_with_device(&b, "bob", "bob-phone").await;
+    let mut alice = v5_user(&b, "alice").await;
+    send(&mut alice, DM, "m1", "are you up?").await;
+    let bob = v5_user(&b, "bob").await;
+    tokio::time::sleep(Duration::from_millis(1500) + QUIET).await;
+    assert!(
+        mock.requests("/notify").is_empty(),
+        "bob came back within the window: {:?}",
+        mock.requests("/notify")
+    );
+    assert_eq!(
+        metric(&b, "chatmq_push_queue_depth").await,
+        0.0,
+        "the job is gone"
+    );
+
+    // Away again: the next message pushes, and counts only itself.
+    bob.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send(&mut alice, DM, "m2", "ok, later").await;
+    let got = mock.wait_for("/notify", 1, PATIENCE).await;
+    assert_eq!(got[0].json()["count"], 1);
+    assert_eq!(got[0].json()["preview"]["body"], "ok, later");
 }
 
 /// Thirty messages in a burst reach an offline member as at most a few
@@ -381,33 +417,10 @@ async fn a_token_moves_between_users_instead_of_duplicating() {
     assert_eq!(r.status, 400, "{}", r.text());
 }
 
-/// Writes an RSA key pair with openssl and returns (private PEM, public PEM).
+/// An RSA key pair from openssl: (private PEM, public PEM).
 fn rsa_key_pair(dir: &std::path::Path) -> (String, String) {
-    let private = dir.join("fcm.pem");
-    let public = dir.join("fcm.pub.pem");
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&private)
-        .status()
-        .expect("run openssl")
-        .success();
-    assert!(ok, "openssl genpkey failed");
-    let ok = std::process::Command::new("openssl")
-        .args(["pkey", "-pubout", "-in"])
-        .arg(&private)
-        .arg("-out")
-        .arg(&public)
-        .status()
-        .expect("run openssl")
-        .success();
-    assert!(ok, "openssl pkey -pubout failed");
+    let rsa = ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
+    let (private, public) = openssl_pair(dir, "fcm", &rsa);
     (
         std::fs::read_to_string(private).expect("private key"),
         std::fs::read_to_string(public).expect("public key"),
@@ -542,21 +555,8 @@ async fn fcm_gets_a_verified_oauth2_assertion_and_a_v1_message() {
 #[tokio::test]
 async fn provider_keys_are_checked_at_start() {
     let keys = tempfile::tempdir().expect("temp dir");
-    let p8 = keys.path().join("AuthKey_TEST.p8");
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-        ])
-        .arg(&p8)
-        .status()
-        .expect("run openssl")
-        .success();
-    assert!(ok, "openssl genpkey failed");
+    let p256 = ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+    let (p8, _) = openssl_pair(keys.path(), "AuthKey_TEST", &p256);
     let apns = config(&format!(
         "[push.apns]\nkey_file = \"{}\"\nkey_id = \"ABC123\"\nteam_id = \"TEAM123\"\ntopic = \"com.example.chat\"\nsandbox = true\n",
         p8.display()

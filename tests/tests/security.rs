@@ -3,11 +3,11 @@
 //! (`[[acl.rules]]`), checked with real clients over TCP.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::Argon2;
+use chatmq_tests::tools::openssl_pair;
 use chatmq_tests::{v4, v5, Broker};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 
@@ -75,49 +75,23 @@ fn token(alg: Algorithm, key: &EncodingKey, sub: &str, exp: u64) -> String {
     .expect("sign token")
 }
 
-/// Generates a key pair with `openssl genpkey` (`args` pick the
-/// algorithm) into `dir`; returns (private key PEM, public key file).
-fn openssl_pair(dir: &Path, name: &str, args: &[&str]) -> (Vec<u8>, PathBuf) {
-    let private = dir.join(format!("{name}.key"));
-    let public = dir.join(format!("{name}.pub.pem"));
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl is needed to generate the test keys (apt-get install openssl)");
-        assert!(status.success(), "openssl {args:?} failed");
-    };
-    let private_s = private.to_str().expect("utf-8 path");
-    let mut gen = vec!["genpkey", "-out", private_s];
-    gen.extend_from_slice(args);
-    run(&gen);
-    run(&[
-        "pkey",
-        "-in",
-        private_s,
-        "-pubout",
-        "-out",
-        public.to_str().expect("utf-8 path"),
-    ]);
-    (std::fs::read(&private).expect("private key"), public)
-}
-
 fn rsa_pair(dir: &Path, name: &str) -> (EncodingKey, PathBuf) {
-    let (pem, public) = openssl_pair(
+    let (private, public) = openssl_pair(
         dir,
         name,
         &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
     );
+    let pem = std::fs::read(private).expect("private key");
     (EncodingKey::from_rsa_pem(&pem).expect("RSA key"), public)
 }
 
 fn ec_pair(dir: &Path, name: &str) -> (EncodingKey, PathBuf) {
-    let (pem, public) = openssl_pair(
+    let (private, public) = openssl_pair(
         dir,
         name,
         &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
     );
+    let pem = std::fs::read(private).expect("private key");
     (EncodingKey::from_ec_pem(&pem).expect("EC key"), public)
 }
 

@@ -33,16 +33,28 @@ pub struct Gateway {
     inner: Arc<Inner>,
 }
 
+/// Tells whether a user has a live session now (the broker knows).
+pub type Presence = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 struct Inner {
     push: Arc<Push>,
     providers: HashMap<Platform, Arc<dyn Provider>>,
     permits: Semaphore,
     retry: RetryPolicy,
+    /// A user who came online while the job waited out its debounce
+    /// window gets no push: the messages reach a live session.
+    online: Presence,
 }
 
 impl Gateway {
     /// Builds the providers `[push.*]` configures (reading their keys).
-    pub fn new(push: Arc<Push>, settings: &chatmq_config::Push) -> Result<Gateway, PushError> {
+    /// `online` tells whether a user has a live session: a user who came
+    /// online while the job waited out its debounce window gets no push.
+    pub fn new(
+        push: Arc<Push>,
+        settings: &chatmq_config::Push,
+        online: Presence,
+    ) -> Result<Gateway, PushError> {
         let mut providers: HashMap<Platform, Arc<dyn Provider>> = HashMap::new();
         if let Some(s) = &settings.webhook {
             providers.insert(Platform::Webhook, Arc::new(WebhookProvider::new(s)?));
@@ -53,7 +65,7 @@ impl Gateway {
         if let Some(s) = &settings.apns {
             providers.insert(Platform::Apns, Arc::new(ApnsProvider::new(s)?));
         }
-        Ok(Self::with_providers(push, settings, providers))
+        Ok(Self::with_providers(push, settings, providers, online))
     }
 
     /// A gateway with the given providers (tests use their own).
@@ -61,6 +73,7 @@ impl Gateway {
         push: Arc<Push>,
         settings: &chatmq_config::Push,
         providers: HashMap<Platform, Arc<dyn Provider>>,
+        online: Presence,
     ) -> Gateway {
         Gateway {
             inner: Arc::new(Inner {
@@ -68,6 +81,7 @@ impl Gateway {
                 providers,
                 permits: Semaphore::new(settings.concurrency.max(1)),
                 retry: RetryPolicy::from_settings(settings),
+                online,
             }),
         }
     }
@@ -97,6 +111,10 @@ impl Gateway {
 impl Inner {
     async fn deliver(self: Arc<Self>, key: JobKey, record: PushJobRecord) {
         let (_, user, conv) = key.clone();
+        if (self.online)(&user) {
+            tracing::debug!(user, conv, "push dropped: the user is online now");
+            return self.done(&key).await;
+        }
         let store = self.push.store.clone();
         let who = user.clone();
         let read = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
@@ -127,12 +145,17 @@ impl Inner {
             Some(self.send(provider.as_ref(), platform, d, &note))
         });
         join_all(sends).await;
+        self.done(&key).await;
+    }
+
+    /// Removes a job that needs no more work, from disk and from memory.
+    async fn done(&self, key: &JobKey) {
         let mut batch = Batch::new();
         batch.delete_push_job(key.0, &key.1, &key.2);
         if let Err(e) = self.push.store.write(batch).await {
-            tracing::error!(error = %e, "cannot delete a sent push job");
+            tracing::error!(error = %e, "cannot delete a finished push job");
         }
-        lock(&self.push.queue).finish(&key);
+        lock(&self.push.queue).finish(key);
     }
 
     /// Sends to one device, retrying up to the policy's attempts.

@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 
 pub use apns::ApnsProvider;
 pub use fcm::FcmProvider;
-pub use gateway::Gateway;
+pub use gateway::{Gateway, Presence};
 pub use provider::{Notification, Outcome, Provider};
 pub use webhook::WebhookProvider;
 

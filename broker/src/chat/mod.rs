@@ -158,6 +158,11 @@ impl Chat {
         self.members_read().role(conv, user)
     }
 
+    /// Whether `user` has a connected session now.
+    pub fn is_online(&self, user: &str) -> bool {
+        lock(&self.online).contains_key(user)
+    }
+
     pub fn members(&self, conv: &str) -> Vec<Arc<str>> {
         self.members_read().members(conv)
     }

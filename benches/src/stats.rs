@@ -132,7 +132,7 @@ impl Sends {
 
 /// p50, p99, p99.9 in µs, or None if nothing was recorded.
 pub fn percentiles(h: &Histogram<u64>) -> Option<[u64; 3]> {
-    (h.len() > 0).then(|| {
+    (!h.is_empty()).then(|| {
         [
             h.value_at_quantile(0.5),
             h.value_at_quantile(0.99),

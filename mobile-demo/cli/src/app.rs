@@ -363,7 +363,7 @@ impl App {
             }
             NetEvent::Incoming { conn, packet } => {
                 if self.link.as_ref().is_some_and(|l| l.conn == conn) {
-                    self.incoming(packet)?;
+                    self.incoming(*packet)?;
                 }
                 Ok(())
             }
@@ -392,11 +392,11 @@ impl App {
                 Filter::new("chat/+", QoS::AtLeastOnce),
                 Filter::new(self.events_topic(), QoS::AtLeastOnce),
             ];
-            let subscribing = self
+            let subscribed = self
                 .link
                 .as_ref()
-                .map(|l| l.client.try_subscribe_many(filters));
-            if !matches!(subscribing, Some(Ok(()))) {
+                .is_some_and(|l| l.client.try_subscribe_many(filters).is_ok());
+            if !subscribed {
                 return Ok(());
             }
         }

@@ -36,8 +36,9 @@ pub enum NetEvent {
         client: AsyncClient,
         session_present: bool,
     },
-    /// A packet from the broker.
-    Incoming { conn: u64, packet: Packet },
+    /// A packet from the broker (boxed: a PUBLISH is large, the other
+    /// events small).
+    Incoming { conn: u64, packet: Box<Packet> },
     /// A PUBLISH went out with this packet id; these come in the order the
     /// publishes were asked for.
     Published { conn: u64, pkid: u16 },
@@ -76,7 +77,10 @@ async fn run(options: MqttOptions, events: mpsc::Sender<NetEvent>) {
                         session_present: ack.session_present,
                     }
                 }
-                Ok(Event::Incoming(packet)) => NetEvent::Incoming { conn, packet },
+                Ok(Event::Incoming(packet)) => NetEvent::Incoming {
+                    conn,
+                    packet: Box::new(packet),
+                },
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => NetEvent::Published { conn, pkid },
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => NetEvent::Closed,
                 Ok(Event::Outgoing(_)) => continue,

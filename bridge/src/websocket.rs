@@ -65,6 +65,7 @@ impl WsAcceptor {
     /// Performs the upgrade on `stream` (TCP or TLS). `over_limit` (from an
     /// [`IpLimiter`]) answers the request with 429 instead, so the client
     /// learns why rather than seeing a dropped socket.
+    #[allow(clippy::result_large_err)] // the callback's type is tungstenite's
     pub async fn accept<S>(&self, stream: S, over_limit: bool) -> Result<WsStream<S>, UpgradeError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -87,6 +88,8 @@ impl WsAcceptor {
     }
 
     /// The checks of one upgrade request: path, `Origin`, subprotocol.
+    /// (`ErrorResponse` is large, but tungstenite's callback fixes the type.)
+    #[allow(clippy::result_large_err)]
     fn check(&self, request: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
         let path = request.uri().path();
         if path != self.path && path != "/" {

@@ -383,7 +383,8 @@ impl Broker {
                     if let Some(w) = due {
                         let mut batch = Batch::new();
                         broker.route_will(w, &mut batch);
-                        let _ = broker.store.submit(batch).await;
+                        // Queued for the writer; nobody waits for it to be durable.
+                        drop(broker.store.submit(batch).await);
                     }
                 });
             }
@@ -460,7 +461,8 @@ impl Broker {
         if !batch.is_empty() {
             let store = self.store.clone();
             tokio::spawn(async move {
-                let _ = store.submit(batch).await;
+                // Queued for the writer; nobody waits for it to be durable.
+                drop(store.submit(batch).await);
             });
         }
         expired.len()
@@ -511,8 +513,10 @@ impl Broker {
             retain_as_published: bool,
             sub_ids: Vec<u32>,
         }
+        /// A matching shared group: its members, and where the rotation starts.
+        type Group = (Vec<(Arc<str>, SubOptions)>, usize);
         let mut direct: HashMap<Arc<str>, Target> = HashMap::new();
-        let mut shared: Vec<(Vec<(Arc<str>, SubOptions)>, usize)> = Vec::new();
+        let mut shared: Vec<Group> = Vec::new();
         {
             let router = read(&self.router);
             let publisher = msg.publisher.as_deref();

@@ -374,11 +374,9 @@ async fn bad_credentials_are_refused() {
 
     let right = auth.authenticate(Some("alice"), Some(b"pw"));
     assert_eq!(right, Ok(Identity::User("alice".into())));
-    let ok = fx
-        .try_connect(V5, connect("a3", true), None, right)
-        .await
-        .ok()
-        .expect("accepted");
+    let Ok(ok) = fx.try_connect(V5, connect("a3", true), None, right).await else {
+        panic!("refused");
+    };
     assert_eq!(ok.connack.code, ConnectReturnCode::Success);
 }
 
@@ -387,11 +385,12 @@ async fn bad_credentials_are_refused() {
 async fn another_users_client_id_is_refused() {
     let fx = broker();
     let alice = Ok(Identity::User("alice".into()));
-    let mut first = fx
+    let Ok(mut first) = fx
         .try_connect(V5, connect("alices-phone", true), None, alice)
         .await
-        .ok()
-        .expect("accepted");
+    else {
+        panic!("refused");
+    };
     first.channel.close(lost()).await;
     let bob = Ok(Identity::User("bob".into()));
     let (ack, _) = fx

@@ -12,7 +12,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::{self, ServerConfig};
-use tokio_rustls::server::TlsStream;
+pub use tokio_rustls::server::TlsStream;
 
 /// Why a TLS listener cannot be set up; names the key to fix.
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatmq_bridge::push::{Gateway, PushError};
-use chatmq_bridge::tls::{TlsAcceptor, TlsError};
+use chatmq_bridge::tls::{TlsAcceptor, TlsError, TlsStream};
 use chatmq_bridge::websocket::{IpLimiter, WsAcceptor};
 use chatmq_config::{Settings, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN};
 use chatmq_storage::Store;
@@ -275,7 +275,12 @@ async fn accept_loop(
                             connections.spawn(connection::serve(socket, broker, shutdown));
                         }
                         Transport::Tls(tls) => {
-                            connections.spawn(serve_tls(socket, tls.clone(), broker, shutdown));
+                            let tls = tls.clone();
+                            connections.spawn(async move {
+                                if let Some(stream) = handshake(&tls, socket, peer).await {
+                                    connection::serve(stream, broker, shutdown).await
+                                }
+                            });
                         }
                         Transport::Ws(ws, limiter) => {
                             let (ws, limiter) = (ws.clone(), limiter.clone());
@@ -286,11 +291,8 @@ async fn accept_loop(
                         Transport::Wss(tls, ws, limiter) => {
                             let (tls, ws, limiter) = (tls.clone(), ws.clone(), limiter.clone());
                             connections.spawn(async move {
-                                match tls.accept(socket).await {
-                                    Ok(stream) => {
-                                        serve_ws(stream, peer, &ws, &limiter, broker, shutdown).await
-                                    }
-                                    Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                if let Some(stream) = handshake(&tls, socket, peer).await {
+                                    serve_ws(stream, peer, &ws, &limiter, broker, shutdown).await
                                 }
                             });
                         }
@@ -309,15 +311,19 @@ async fn accept_loop(
     while connections.join_next().await.is_some() {}
 }
 
-async fn serve_tls(
+/// The server side of a TLS handshake; a failure (a plaintext client, a
+/// timeout, an untrusted chain) ends only this connection.
+async fn handshake(
+    tls: &TlsAcceptor,
     socket: TcpStream,
-    tls: TlsAcceptor,
-    broker: Arc<Broker>,
-    shutdown: watch::Receiver<bool>,
-) {
+    peer: SocketAddr,
+) -> Option<TlsStream<TcpStream>> {
     match tls.accept(socket).await {
-        Ok(stream) => connection::serve(stream, broker, shutdown).await,
-        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
     }
 }
 

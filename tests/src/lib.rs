@@ -57,6 +57,32 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// Runs `chatmq` with `args` in `cwd` until it exits (it must, within
+/// PATIENCE) and returns what it printed.
+pub fn run_chatmq(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(binary());
+    cmd.current_dir(cwd)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn chatmq");
+    tools::finish_within(child, &format!("chatmq {args:?}"), PATIENCE)
+}
+
+/// The single line a failed start printed on stderr.
+pub fn the_error_line(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "expected a non-zero exit");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one stderr line, got:\n{stderr}");
+    lines[0].to_string()
+}
+
 /// A running `chatmq serve` process.
 pub struct Broker {
     child: Option<Child>,

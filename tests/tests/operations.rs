@@ -3,41 +3,13 @@
 //! and its configured limits.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use chatmq_tests::raw::{self, p5, Silence, Wire};
-use chatmq_tests::tools::finish_within;
-use chatmq_tests::{binary, v4, v5, Broker, OPEN, PATIENCE};
+use chatmq_tests::{run_chatmq, the_error_line, v4, v5, Broker, OPEN, PATIENCE};
 use tokio::io::AsyncWriteExt;
 
 const QUIET: Duration = Duration::from_millis(500);
-
-/// Runs `chatmq` with `args` in `cwd` until it exits (it must, within
-/// PATIENCE) and returns what it printed.
-fn run_chatmq(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(binary());
-    cmd.current_dir(cwd)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("spawn chatmq");
-    finish_within(child, &format!("chatmq {args:?}"), PATIENCE)
-}
-
-/// The single line a failed start printed on stderr.
-fn the_error_line(out: &Output) -> String {
-    assert!(!out.status.success(), "expected a non-zero exit");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one stderr line, got:\n{stderr}");
-    lines[0].to_string()
-}
 
 /// A data directory override inside `dir`, so failed starts leave nothing
 /// behind in the working tree.

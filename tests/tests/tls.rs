@@ -3,14 +3,12 @@
 //! rumqttc over TLS and `wss://`, and what an operator sees when the
 //! certificate files are wrong.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chatmq_tests::chat::{self, envelope, json_of, token};
 use chatmq_tests::raw::{self, Wire};
 use chatmq_tests::tls::TestPki;
-use chatmq_tests::tools::finish_within;
-use chatmq_tests::{binary, v4, v5, Broker, OPEN, PATIENCE};
+use chatmq_tests::{run_chatmq, the_error_line, v4, v5, Broker, OPEN, PATIENCE};
 use rumqttc::{TlsConfiguration, Transport};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -144,24 +142,19 @@ async fn a_silent_tls_socket_is_closed_after_the_handshake_timeout() {
 fn failed_start(dir: &std::path::Path, config: &str) -> String {
     let path = dir.join("chatmq.toml");
     std::fs::write(&path, config).expect("write config");
-    let child = Command::new(binary())
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("CHATMQ__NODE__DATA_DIR", dir.join("data"))
-        .env("CHATMQ__MQTT__LISTEN", "127.0.0.1:0")
-        .env("CHATMQ__HTTP__LISTEN", "127.0.0.1:0")
-        .env("CHATMQ__WEBSOCKET__LISTEN", "127.0.0.1:0")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn chatmq");
-    let out = finish_within(child, "chatmq with a broken TLS config", PATIENCE);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line, got:\n{stderr}");
-    lines[0].to_string()
+    let data = dir.join("data").display().to_string();
+    let config = path.display().to_string();
+    let out = run_chatmq(
+        dir,
+        &["serve", "--config", &config],
+        &[
+            ("CHATMQ__NODE__DATA_DIR", &data),
+            ("CHATMQ__MQTT__LISTEN", "127.0.0.1:0"),
+            ("CHATMQ__HTTP__LISTEN", "127.0.0.1:0"),
+            ("CHATMQ__WEBSOCKET__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    the_error_line(&out)
 }
 
 #[test]

@@ -21,7 +21,7 @@ pub mod channel;
 mod channel_tests;
 pub mod chat;
 mod clock;
-pub mod codec;
+pub use chatmq_protocol::codec;
 pub mod connection;
 pub mod http;
 pub mod message;

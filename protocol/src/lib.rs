@@ -1,0 +1,7 @@
+//! chatmq-protocol: what arrives on the wire, before any broker state.
+//!
+//! [`codec`] frames MQTT packets and maps 3.1.1 onto the MQTT 5 model. The
+//! crate depends on no storage and no runtime, so fuzz targets and other
+//! tools can link it in seconds; the broker re-exports it as `codec`.
+
+pub mod codec;

@@ -216,6 +216,8 @@ max_inflight = {INFLIGHT}
 max_offline_messages = {QUEUED}
 [http]
 listen = "127.0.0.1:0"
+[websocket]
+enabled = false
 [auth]
 allow_anonymous = true
 jwt_secret = "{JWT_SECRET}"

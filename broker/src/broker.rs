@@ -27,16 +27,35 @@ use crate::router::{Router, SubOptions};
 use crate::session::Session;
 
 /// Why a connection is told to go away by the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Kick {
-    /// Another connection took the client id over (0x8E).
-    TakenOver,
+    /// Another connection takes the client id over (0x8E). The old one
+    /// first handles what its client already sent (a DISCONNECT sent just
+    /// before reconnecting must count), closes, and then drops `closed`:
+    /// the new connection waits for that before it attaches.
+    TakenOver { closed: oneshot::Sender<()> },
 }
+
+/// How long a new connection waits for the one it takes over to close:
+/// its drain (`connection::DRAIN_MAX`) and its release of the session.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// The connection currently attached to a session.
 pub struct Link {
     pub conn_id: u64,
-    kick: oneshot::Sender<Kick>,
+    /// `None` once the takeover was announced.
+    kick: Option<oneshot::Sender<Kick>>,
+}
+
+impl Link {
+    /// Tells the connection it is taken over; the receiver resolves when
+    /// it has closed (or will never say).
+    fn kick(&mut self) -> Option<oneshot::Receiver<()>> {
+        let kick = self.kick.take()?;
+        let (closed, done) = oneshot::channel();
+        kick.send(Kick::TakenOver { closed }).ok()?;
+        Some(done)
+    }
 }
 
 /// A will waiting for its delay to pass (MQTT 5 Will Delay Interval).
@@ -228,15 +247,16 @@ impl Broker {
         let (tx, kicked) = oneshot::channel();
         let link = Link {
             conn_id: a.conn_id,
-            kick: tx,
+            kick: Some(tx),
         };
         let mut ended_will = None;
         let mut sessions = self.lock_sessions();
         let existing = sessions.get(&a.client_id).cloned();
         if let Some(cell) = existing {
             let mut slot = cell.lock();
-            if let Some(old) = slot.link.take() {
-                let _ = old.kick.send(Kick::TakenOver);
+            if let Some(mut old) = slot.link.take() {
+                // Not waited for here: `evict` did, if the client may.
+                drop(old.kick());
             }
             let pending = slot.pending_will.take();
             if !a.clean_start && slot.session.persistent() {
@@ -290,6 +310,23 @@ impl Broker {
             present: false,
             kicked,
         }
+    }
+
+    /// Before `owner` attaches to `client_id`: tells the connection
+    /// attached there, if any, to close, and returns what resolves when it
+    /// has. Only a connection of the same owner is told: a refused CONNECT
+    /// must not disturb anyone.
+    pub fn evict(
+        &self,
+        client_id: &str,
+        owner: Option<&Arc<str>>,
+    ) -> Option<oneshot::Receiver<()>> {
+        let cell = self.session(client_id)?;
+        let mut slot = cell.lock();
+        if slot.session.owner.as_ref() != owner {
+            return None;
+        }
+        slot.link.as_mut()?.kick()
     }
 
     /// The connection `conn_id` has ended. A session that does not outlive

@@ -14,15 +14,17 @@ use chatmq_storage::{Batch, Commit};
 use rumqttc::v5::mqttbytes::v5::*;
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::oneshot;
+use tokio::time::timeout;
 
 use crate::access::{Identity, Refusal};
-use crate::broker::{Attach, Broker, Kick, SessionCell};
+use crate::broker::{Attach, Broker, Kick, SessionCell, TAKEOVER_WAIT};
 use crate::chat::namespace::{classify, filter_scope, valid_conv, valid_user, FilterScope, Topic};
 use crate::chat::{rpc, Envelope};
 use crate::clock::now_ms;
 use crate::codec::Protocol;
 use crate::message::{min_qos, Message};
 use crate::router::SubOptions;
+use crate::session::{Ack, Session};
 use crate::topic::{parse_shared, valid_filter, valid_topic};
 
 /// A packet to write, now or once its writes are durable.
@@ -115,6 +117,17 @@ impl Channel {
         self.out.push(Out::Now(p));
     }
 
+    /// Refuses a CONNECT the client should not have sent. MQTT 5 is told
+    /// why; 3.1.1 has no code for it (the closest would claim "server
+    /// unavailable"), so the connection closes without CONNACK
+    /// [MQTT-3.1.4-1].
+    fn refuse_invalid(&mut self, v5_code: ConnectReturnCode) -> Close {
+        match self.protocol {
+            Protocol::V5 => self.refuse_connect(v5_code),
+            Protocol::V4 => Close::refused(),
+        }
+    }
+
     fn refuse_connect(&mut self, code: ConnectReturnCode) -> Close {
         self.send(Packet::ConnAck(ConnAck {
             session_present: false,
@@ -142,6 +155,10 @@ impl Channel {
             .properties
             .clone()
             .unwrap_or_else(empty_connect_props);
+        if props.authentication_method.is_some() {
+            // [MQTT-4.12.0-1] enhanced authentication is not offered.
+            return Err(self.refuse_connect(Rc::BadAuthenticationMethod));
+        }
 
         let mut assigned = None;
         let client_id: Arc<str> = if connect.client_id.is_empty() {
@@ -186,12 +203,18 @@ impl Channel {
 
         if let Some(w) = will {
             let topic = match String::from_utf8(w.topic.to_vec()) {
-                // Chat topics are published by members, never by wills.
-                Ok(t) if valid_topic(&t) && classify(&t) == Topic::Plain => t,
-                _ => return Err(self.refuse_connect(Rc::TopicNameInvalid)),
+                Ok(t) if valid_topic(&t) => t,
+                _ => return Err(self.refuse_invalid(Rc::TopicNameInvalid)),
             };
+            if classify(&topic) != Topic::Plain {
+                // Chat topics are published by members, never by wills.
+                return Err(self.refuse_connect(match protocol {
+                    Protocol::V4 => Rc::NotAuthorized,
+                    Protocol::V5 => Rc::TopicNameInvalid,
+                }));
+            }
             if w.message.len() > mqtt.max_payload {
-                return Err(self.refuse_connect(Rc::PacketTooLarge));
+                return Err(self.refuse_invalid(Rc::PacketTooLarge));
             }
             let delay = w
                 .properties
@@ -244,6 +267,41 @@ impl Channel {
             server_keep_alive = Some(mqtt.keepalive_max);
         }
 
+        let full = (protocol == Protocol::V5).then(|| ConnAckProperties {
+            session_expiry_interval: (capped_expiry != expiry_secs).then_some(capped_expiry),
+            receive_max: Some(mqtt.max_inflight),
+            max_qos: None,
+            retain_available: Some(1),
+            max_packet_size: Some(max_packet_size(mqtt.max_payload) as u32),
+            assigned_client_identifier: assigned,
+            topic_alias_max: Some(mqtt.topic_alias_max),
+            reason_string: None,
+            user_properties: vec![],
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(1),
+            shared_subscription_available: Some(1),
+            server_keep_alive,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        let Some(properties) = fit_connack(full, self.client_max_packet) else {
+            // Not even the CONNACK fits the client's Maximum Packet Size:
+            // nothing can be said to it [MQTT-3.1.2-24].
+            tracing::debug!(client = %client_id, "CONNACK larger than the client accepts");
+            return Err(Close::refused());
+        };
+
+        // A connection still attached to the client id goes first: what its
+        // client sent before reconnecting (DISCONNECT, its session expiry)
+        // is applied before the new connection sees the session.
+        if let Some(closed) = self.broker.evict(&client_id, identity.user()) {
+            if timeout(TAKEOVER_WAIT, closed).await.is_err() {
+                tracing::warn!(client = %client_id, "the connection taken over did not close in time");
+            }
+        }
+
         let attached = self.broker.attach(
             Attach {
                 client_id: client_id.clone(),
@@ -265,25 +323,6 @@ impl Channel {
             return Err(self.refuse_connect(Rc::ServerUnavailable));
         }
 
-        let properties = (protocol == Protocol::V5).then(|| ConnAckProperties {
-            session_expiry_interval: (capped_expiry != expiry_secs).then_some(capped_expiry),
-            receive_max: Some(mqtt.max_inflight),
-            max_qos: None,
-            retain_available: Some(1),
-            max_packet_size: Some(max_packet_size(mqtt.max_payload) as u32),
-            assigned_client_identifier: assigned,
-            topic_alias_max: Some(mqtt.topic_alias_max),
-            reason_string: None,
-            user_properties: vec![],
-            wildcard_subscription_available: Some(1),
-            subscription_identifiers_available: Some(1),
-            shared_subscription_available: Some(1),
-            server_keep_alive,
-            response_information: None,
-            server_reference: None,
-            authentication_method: None,
-            authentication_data: None,
-        });
         self.send(Packet::ConnAck(ConnAck {
             // [MQTT-3.2.2-2] Clean Start always answers Session Present 0.
             session_present: attached.present && !connect.clean_start,
@@ -308,39 +347,39 @@ impl Channel {
     pub async fn handle(&mut self, packet: Packet) -> Result<(), Close> {
         match packet {
             Packet::Publish(p) => self.publish(p).await,
-            Packet::PubAck(a) => {
-                self.settle(|s, b| {
-                    s.puback(a.pkid, b);
-                })
-                .await;
-                Ok(())
-            }
+            Packet::PubAck(a) => self.acked(|s, b| s.puback(a.pkid, b)).await.map(drop),
             Packet::PubRec(a) => {
-                let mut known = false;
-                self.settle(|s, b| known = s.pubrec(a.pkid, b)).await;
+                let refused = !matches!(
+                    a.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                );
+                let ack = self.acked(|s, b| s.pubrec(a.pkid, refused, b)).await?;
+                if refused {
+                    // [MQTT-4.3.3-4] PUBREL answers only a PUBREC below 0x80.
+                    return Ok(());
+                }
                 let mut rel = PubRel::new(a.pkid, None);
-                if !known && self.protocol == Protocol::V5 {
+                if ack == Ack::Unknown && self.protocol == Protocol::V5 {
                     rel.reason = PubRelReason::PacketIdentifierNotFound;
                 }
                 self.send(Packet::PubRel(rel));
                 Ok(())
             }
-            Packet::PubComp(a) => {
-                self.settle(|s, b| {
-                    s.pubcomp(a.pkid, b);
-                })
-                .await;
-                Ok(())
-            }
+            Packet::PubComp(a) => self.acked(|s, b| s.pubcomp(a.pkid, b)).await.map(drop),
             Packet::PubRel(r) => {
                 let mut known = false;
-                self.settle(|s, b| known = s.release_inbound(r.pkid, b))
+                let commit = self
+                    .settle(|s, b| known = s.release_inbound(r.pkid, b))
                     .await;
                 let mut comp = PubComp::new(r.pkid, None);
                 if !known && self.protocol == Protocol::V5 {
                     comp.reason = PubCompReason::PacketIdentifierNotFound;
                 }
-                self.send(Packet::PubComp(comp));
+                // Only once the packet id is free on disk too: after a crash
+                // a stale id would make the client's next message with it
+                // look like a resend, and it would be dropped.
+                self.out
+                    .push(Out::AfterCommit(commit, Packet::PubComp(comp)));
                 Ok(())
             }
             Packet::Subscribe(s) => self.subscribe(s).await,
@@ -355,13 +394,31 @@ impl Channel {
         }
     }
 
-    /// Applies an ack to the session and writes what it changed.
-    async fn settle(&mut self, f: impl FnOnce(&mut crate::session::Session, &mut Batch)) {
-        let Some(cell) = &self.cell else { return };
+    /// Applies a change to the session and submits what it wrote; the
+    /// commit resolves when that is durable.
+    async fn settle(&mut self, f: impl FnOnce(&mut Session, &mut Batch)) -> Commit {
+        let Some(cell) = &self.cell else {
+            return Commit::ready();
+        };
         let mut batch = Batch::new();
         f(&mut cell.lock().session, &mut batch);
-        // Acks need not wait: the worst a crash does is resend (DUP).
-        drop(self.broker.store.submit(batch).await);
+        self.broker.store.submit(batch).await
+    }
+
+    /// Applies an acknowledgement from the client (PUBACK, PUBREC,
+    /// PUBCOMP). One of the wrong kind for its packet id is a protocol
+    /// error (MQTT 5: DISCONNECT 0x82; 3.1.1: close) [MQTT-4.8.0-1].
+    async fn acked(
+        &mut self,
+        f: impl FnOnce(&mut Session, &mut Batch) -> Ack,
+    ) -> Result<Ack, Close> {
+        let mut ack = Ack::Unknown;
+        // Not awaited: the worst a crash does is a resend with DUP.
+        drop(self.settle(|s, b| ack = f(s, b)).await);
+        match ack {
+            Ack::WrongType => Err(Close::violation(DisconnectReasonCode::ProtocolError)),
+            ack => Ok(ack),
+        }
     }
 
     fn refuse_publish(&mut self, p: &Publish, v5_code: PubAckReason) {
@@ -627,8 +684,10 @@ impl Channel {
                 batch.put_session(&session.client_id, &session.record());
             }
         }
+        // The removal is on disk before UNSUBACK confirms it.
         if let Err(e) = self.broker.store.write(batch).await {
             tracing::error!(error = %e, "cannot persist unsubscribe");
+            return Err(Close::violation(DisconnectReasonCode::UnspecifiedError));
         }
         self.send(Packet::UnsubAck(UnsubAck {
             pkid: u.pkid,
@@ -639,25 +698,37 @@ impl Channel {
     }
 
     fn disconnect(&mut self, d: Disconnect) -> Result<(), Close> {
-        if let Some(expiry) = d
+        // [MQTT-3.14.4-3] a normal DISCONNECT discards the will; 0x04 keeps it.
+        let close =
+            Close::by_client(d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage);
+        let expiry = d
             .properties
             .as_ref()
-            .and_then(|p| p.session_expiry_interval)
-        {
-            if let Some(cell) = &self.cell {
-                let mut slot = cell.lock();
-                // [MQTT-3.14.2-2] a session that ends with its connection
-                // cannot be made persistent at DISCONNECT.
-                if slot.session.expiry_secs == 0 && expiry != 0 {
-                    return Err(Close::violation(DisconnectReasonCode::ProtocolError));
-                }
-                slot.session.expiry_secs = expiry.min(self.broker.settings.mqtt.session_expiry_max);
-            }
+            .and_then(|p| p.session_expiry_interval);
+        let (Some(expiry), Some(cell)) = (expiry, &self.cell) else {
+            return Err(close);
+        };
+        let mut slot = cell.lock();
+        if slot.link.as_ref().map(|l| l.conn_id) != Some(self.conn_id) {
+            // Taken over meanwhile: the session and its expiry belong to
+            // the new connection now.
+            return Err(close);
         }
-        // [MQTT-3.14.4-3] a normal DISCONNECT discards the will; 0x04 keeps it.
-        Err(Close::by_client(
-            d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
-        ))
+        // [MQTT-3.14.2-2] a session that ends with its connection cannot be
+        // made persistent at DISCONNECT.
+        if slot.session.expiry_secs == 0 && expiry != 0 {
+            return Err(Close::violation(DisconnectReasonCode::ProtocolError));
+        }
+        let was_stored = slot.session.persistent();
+        slot.session.expiry_secs = expiry.min(self.broker.settings.mqtt.session_expiry_max);
+        if was_stored && !slot.session.persistent() {
+            // It ends with this connection: off the disk too, or a restart
+            // would bring it back.
+            let mut batch = Batch::new();
+            batch.delete_session(&slot.session.client_id);
+            drop(self.broker.store.submit_now(batch));
+        }
+        Err(close)
     }
 
     /// Moves what the session may send now into `packets`.
@@ -685,7 +756,7 @@ impl Channel {
     /// A PUBLISH too large for the client was discarded: it counts as
     /// delivered [MQTT-3.1.2-25].
     pub async fn discarded(&mut self, pkid: u16) {
-        self.settle(|s, b| s.forget(pkid, b)).await;
+        drop(self.settle(|s, b| s.forget(pkid, b)).await);
     }
 
     /// The connection is gone: release the session, publish the will if due.
@@ -899,6 +970,51 @@ impl Channel {
     pub fn session(&self) -> Option<&Arc<SessionCell>> {
         self.cell.as_ref()
     }
+}
+
+/// The CONNACK properties in a form that fits the client's Maximum Packet
+/// Size [MQTT-3.1.2-24]: all of them, or else only those whose absence
+/// would mislead the client (its assigned id, the session expiry and
+/// keepalive in force, our receive maximum and packet size). The others
+/// may go: absent, the availability flags mean what ours say, a missing
+/// Topic Alias Maximum means none, and reason strings and user properties
+/// are optional by definition [MQTT-3.2.2-19, -20]. `None`: even that
+/// does not fit.
+fn fit_connack(
+    full: Option<ConnAckProperties>,
+    max: Option<u32>,
+) -> Option<Option<ConnAckProperties>> {
+    let fits = |p: &Option<ConnAckProperties>| {
+        let connack = Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+            properties: p.clone(),
+        });
+        max.is_none_or(|m| connack.size() <= m as usize)
+    };
+    if fits(&full) {
+        return Some(full);
+    }
+    let essential = full.map(|p| ConnAckProperties {
+        session_expiry_interval: p.session_expiry_interval,
+        receive_max: p.receive_max,
+        max_qos: p.max_qos,
+        retain_available: None,
+        max_packet_size: p.max_packet_size,
+        assigned_client_identifier: p.assigned_client_identifier,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: vec![],
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: p.server_keep_alive,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    });
+    fits(&essential).then_some(essential)
 }
 
 fn empty_connect_props() -> ConnectProperties {

@@ -215,6 +215,30 @@ mod support {
         }
     }
 
+    impl Client {
+        /// Plays the old connection of a takeover: waits to be told, ends
+        /// as `close` (after whatever it still had to read), and lets the
+        /// new connection attach, as `connection::serve` does.
+        pub async fn closes_on_takeover(&mut self, close: Close) {
+            match (&mut self.kicked).await {
+                Ok(Kick::TakenOver { closed }) => {
+                    self.channel.close(close).await;
+                    drop(closed);
+                }
+                Err(_) => panic!("the old connection was not told of the takeover"),
+            }
+        }
+    }
+
+    /// Stops the store's writer: every commit from now on fails, as a
+    /// failing disk would make it.
+    pub async fn fail_commits(fx: &Fixture) {
+        let store = fx.broker.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .expect("writer stops");
+    }
+
     /// The connection ended without DISCONNECT (network loss).
     pub fn lost() -> Close {
         Close {
@@ -1020,8 +1044,13 @@ async fn takeover_moves_the_session_to_the_new_connection() {
         .publish(publish("inbox/dev", QoS::AtLeastOnce, 2, b"m2"))
         .await;
 
-    let mut second = fx.connect(V5, persistent("dev", false, 60)).await;
-    assert_eq!(first.kicked.try_recv(), Ok(Kick::TakenOver));
+    let (mut second, ()) = tokio::join!(
+        fx.connect(V5, persistent("dev", false, 60)),
+        first.closes_on_takeover(Close {
+            reason: Some(DisconnectReasonCode::SessionTakenOver),
+            will: true,
+        })
+    );
     assert!(second.connack.session_present);
     match second.resent.as_slice() {
         [Packet::Publish(p)] => {
@@ -1033,14 +1062,7 @@ async fn takeover_moves_the_session_to_the_new_connection() {
     }
     assert_eq!(payloads(&second.received().await), [b"m2"]);
 
-    // The old connection ending does not take the session with it.
-    first
-        .channel
-        .close(Close {
-            reason: Some(DisconnectReasonCode::SessionTakenOver),
-            will: true,
-        })
-        .await;
+    // The old connection's end did not take the session with it.
     publisher
         .publish(publish("inbox/dev", QoS::AtLeastOnce, 3, b"m3"))
         .await;
@@ -1056,15 +1078,13 @@ async fn takeover_publishes_the_old_connections_will() {
     let mut first = fx
         .connect_with_will(V5, connect("dev", true), will("wills/dev"))
         .await;
-    let _second = fx.connect(V5, connect("dev", true)).await;
-    assert_eq!(first.kicked.try_recv(), Ok(Kick::TakenOver));
-    first
-        .channel
-        .close(Close {
+    let (_second, ()) = tokio::join!(
+        fx.connect(V5, connect("dev", true)),
+        first.closes_on_takeover(Close {
             reason: Some(DisconnectReasonCode::SessionTakenOver),
             will: true,
         })
-        .await;
+    );
     assert_eq!(payloads(&watcher.received().await), [b"gone"]);
 }
 
@@ -1089,14 +1109,253 @@ async fn takeover_that_resumes_cancels_a_delayed_will() {
     let mut first = fx
         .connect_with_will(V5, persistent("dev", false, 60), delayed)
         .await;
-    let second = fx.connect(V5, persistent("dev", false, 60)).await;
-    assert!(second.connack.session_present);
-    first
-        .channel
-        .close(Close {
+    let (second, ()) = tokio::join!(
+        fx.connect(V5, persistent("dev", false, 60)),
+        first.closes_on_takeover(Close {
             reason: Some(DisconnectReasonCode::SessionTakenOver),
             will: true,
         })
-        .await;
+    );
+    assert!(second.connack.session_present);
     assert!(watcher.received().await.is_empty());
+}
+
+// Issue #10 item 6: a client that sends DISCONNECT (Session Expiry 0) and
+// reconnects at once must find the DISCONNECT applied. The new connection
+// waits for the old one, which still reads what its client sent, to close.
+#[tokio::test]
+async fn a_takeover_waits_for_the_old_connection_to_apply_its_disconnect() {
+    let fx = broker();
+    let mut watcher = fx.subscriber("watcher", "wills/#", QoS::AtLeastOnce).await;
+    let mut first = fx
+        .connect_with_will(V5, persistent("phone", false, 60), will("wills/phone"))
+        .await;
+    let old = async {
+        let Ok(Kick::TakenOver { closed }) = (&mut first.kicked).await else {
+            panic!("the old connection was not told");
+        };
+        // Still in its socket buffer when the takeover came: DISCONNECT
+        // with Session Expiry 0.
+        let close = first.send_closing(disconnect_with_expiry(0)).await;
+        first.channel.close(close).await;
+        drop(closed);
+    };
+    let (second, ()) = tokio::join!(fx.connect(V5, persistent("phone", false, 60)), old);
+    assert!(
+        !second.connack.session_present,
+        "the session ended with the DISCONNECT before the new connection"
+    );
+    assert!(
+        watcher.received().await.is_empty(),
+        "a normal DISCONNECT discards the will"
+    );
+}
+
+// A connection refused (another user's client id) must not disturb the
+// one attached.
+#[tokio::test]
+async fn a_connect_of_another_owner_does_not_evict_the_attached_connection() {
+    let fx = broker();
+    let mut alice = fx
+        .try_connect(
+            V5,
+            persistent("alices-phone", false, 60),
+            None,
+            Ok(Identity::User("alice".into())),
+        )
+        .await
+        .unwrap_or_else(|(ack, _)| panic!("refused: {ack:?}"));
+    assert!(fx.broker.evict("alices-phone", None).is_none());
+    assert!(
+        alice.kicked.try_recv().is_err(),
+        "alice was not told anything"
+    );
+}
+
+// Issue #10 item 7: PUBCOMP tells the client the packet id is free; it
+// must be free on disk too, or after a crash the client's next QoS 2
+// message with that id is taken for a resend and dropped.
+#[tokio::test]
+async fn pubcomp_waits_for_the_packet_id_to_be_released_on_disk() {
+    let fx = broker();
+    let mut publisher = fx.connect(V5, persistent("pub", true, 60)).await;
+    publisher
+        .publish(publish("q2/t", QoS::ExactlyOnce, 5, b"once"))
+        .await;
+    fail_commits(&fx).await;
+    publisher
+        .channel
+        .handle(Packet::PubRel(PubRel::new(5, None)))
+        .await
+        .expect("PUBREL is accepted");
+    match publisher.channel.take_output().as_slice() {
+        [Out::AfterCommit(_, Packet::PubComp(c))] => assert_eq!(c.pkid, 5),
+        [Out::Now(p)] => panic!("{p:?} went out before the release was durable"),
+        other => panic!("expected one PUBCOMP, got {} outputs", other.len()),
+    }
+}
+
+// Issue #10 item 7: UNSUBACK only after the removal is on disk; a failed
+// write closes the connection instead of confirming.
+#[tokio::test]
+async fn unsuback_is_not_sent_when_its_write_fails() {
+    let fx = broker();
+    let mut c = fx.connect(V5, persistent("c", true, 60)).await;
+    c.subscribe(vec![Filter::new("news/#", QoS::AtLeastOnce)], None)
+        .await;
+    fail_commits(&fx).await;
+    let mut unsub = Unsubscribe::new("news/#", None);
+    unsub.pkid = 2;
+    let close = c.send_closing(Packet::Unsubscribe(unsub)).await;
+    assert_eq!(close.reason, Some(DisconnectReasonCode::UnspecifiedError));
+    assert!(
+        c.channel.take_output().is_empty(),
+        "no UNSUBACK for a removal that is not durable"
+    );
+}
+
+// [MQTT-4.3.2-*], [MQTT-4.3.3-*]: each QoS has its own acknowledgements; a
+// PUBACK for a QoS 2 delivery, or a PUBCOMP before PUBREC, is a protocol
+// error (MQTT 5: DISCONNECT 0x82).
+#[tokio::test]
+async fn an_ack_of_the_wrong_type_is_a_protocol_error() {
+    let fx = broker();
+    let mut sub = fx.subscriber("sub", "w/t", QoS::ExactlyOnce).await;
+    let mut publisher = fx.connect(V5, connect("pub", true)).await;
+    publisher
+        .publish(publish("w/t", QoS::ExactlyOnce, 1, b"x"))
+        .await;
+    let id = sub.received().await[0].pkid;
+    let close = sub
+        .send_closing(Packet::PubComp(PubComp::new(id, None)))
+        .await;
+    assert_eq!(close.reason, Some(DisconnectReasonCode::ProtocolError));
+
+    let mut sub = fx.subscriber("sub1", "w1/t", QoS::ExactlyOnce).await;
+    publisher
+        .publish(publish("w1/t", QoS::ExactlyOnce, 2, b"x"))
+        .await;
+    let id = sub.received().await[0].pkid;
+    let close = sub
+        .send_closing(Packet::PubAck(PubAck::new(id, None)))
+        .await;
+    assert_eq!(close.reason, Some(DisconnectReasonCode::ProtocolError));
+}
+
+// [MQTT-4.3.3-4] PUBREL answers only a PUBREC below 0x80: a subscriber
+// refusing a QoS 2 message ends its delivery.
+#[tokio::test]
+async fn a_refusing_pubrec_gets_no_pubrel() {
+    let fx = broker();
+    let mut sub = fx.subscriber("sub", "r/t", QoS::ExactlyOnce).await;
+    let mut publisher = fx.connect(V5, connect("pub", true)).await;
+    publisher
+        .publish(publish("r/t", QoS::ExactlyOnce, 1, b"x"))
+        .await;
+    let id = sub.received().await[0].pkid;
+    let mut rec = PubRec::new(id, None);
+    rec.reason = PubRecReason::QuotaExceeded;
+    assert!(sub.send(Packet::PubRec(rec)).await.is_empty(), "no PUBREL");
+    let pending = sub
+        .channel
+        .session()
+        .expect("session")
+        .lock()
+        .session
+        .pending();
+    assert_eq!(pending, 0, "the message is done");
+}
+
+// [MQTT-2.2.1-3] packet ids are non-zero, and the first one is 1.
+#[tokio::test]
+async fn the_first_packet_id_of_a_session_is_1() {
+    let fx = broker();
+    let mut sub = fx.subscriber("sub", "ids/t", QoS::AtLeastOnce).await;
+    let mut publisher = fx.connect(V5, connect("pub", true)).await;
+    publisher
+        .publish(publish("ids/t", QoS::AtLeastOnce, 1, b"x"))
+        .await;
+    assert_eq!(sub.received().await[0].pkid, 1);
+}
+
+// [MQTT-4.12.0-1] an Authentication Method the server does not support is
+// refused with 0x8C.
+#[tokio::test]
+async fn an_unsupported_authentication_method_gets_0x8c() {
+    let fx = broker();
+    let mut c = connect("c", true);
+    let mut props = ConnectProperties::new();
+    props.authentication_method = Some("SCRAM-SHA-256".into());
+    c.properties = Some(props);
+    let (ack, _) = fx
+        .try_connect(V5, c, None, Ok(Identity::Anonymous))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(ack.code, ConnectReturnCode::BadAuthenticationMethod);
+}
+
+// [MQTT-3.1.4-1] a 3.1.1 CONNECT that does not conform closes the
+// connection without a CONNACK: 3.1.1 has no code for a bad will, and
+// rc 3 would tell the client the server is unavailable.
+#[tokio::test]
+async fn a_v4_will_on_an_invalid_topic_closes_without_connack() {
+    let fx = broker();
+    let mut channel = fx.channel();
+    let result = channel
+        .connect(
+            V4,
+            connect("c", true),
+            will("wills/+"),
+            Ok(Identity::Anonymous),
+        )
+        .await;
+    assert!(result.is_err());
+    assert!(answers(&mut channel).await.is_empty(), "no CONNACK");
+}
+
+// [MQTT-3.1.2-24], [MQTT-3.1.2-25] nothing larger than the client's
+// Maximum Packet Size is sent: a CONNACK that is too large loses its
+// optional properties; one that cannot fit at all closes the connection.
+#[tokio::test]
+async fn a_connack_too_large_for_the_client_drops_what_it_may() {
+    let fx = broker();
+    let with_max = |max: u32| {
+        let mut props = ConnectProperties::new();
+        props.max_packet_size = Some(max);
+        Connect {
+            properties: Some(props),
+            ..connect("", true)
+        }
+    };
+    let small = fx.connect(V5, with_max(40)).await;
+    let size = Packet::ConnAck(small.connack.clone()).size();
+    assert!(size <= 40, "CONNACK of {size} bytes");
+    let p = small.connack.properties.expect("properties");
+    assert!(
+        p.assigned_client_identifier.is_some(),
+        "the assigned id stays"
+    );
+    assert_eq!(p.receive_max, Some(100));
+    assert_eq!(p.topic_alias_max, None, "optional: dropped");
+
+    let mut channel = fx.channel();
+    let result = channel
+        .connect(V5, with_max(8), None, Ok(Identity::Anonymous))
+        .await;
+    assert!(result.is_err(), "not even the short CONNACK fits");
+    assert!(answers(&mut channel).await.is_empty());
+}
+
+// DISCONNECT with Session Expiry 0 ends a stored session: it must leave
+// the disk too, or a restart brings it back (Session Present 1).
+#[tokio::test]
+async fn a_session_ended_at_disconnect_is_deleted_from_disk() {
+    let fx = broker();
+    let mut c = fx.connect(V5, persistent("c", true, 60)).await;
+    let close = c.send_closing(disconnect_with_expiry(0)).await;
+    c.channel.close(close).await;
+    fx.broker.store.flush().await.expect("flush");
+    let stored = fx.broker.store.load_sessions().expect("sessions");
+    assert!(stored.iter().all(|s| s.client_id != "c"), "still on disk");
 }

@@ -18,7 +18,7 @@ use rumqttc::v5::mqttbytes::v5::{
 };
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::broker::{Broker, Kick, Metrics};
@@ -29,6 +29,12 @@ const READ_CHUNK: usize = 16 * 1024;
 /// The read buffer of a quiet connection: most connections are idle most
 /// of the time, and their memory is what a broker of many clients pays.
 const READ_SMALL: usize = 1024;
+/// A connection taken over keeps reading what its client already sent
+/// until it has been quiet this long (a DISCONNECT sent just before the
+/// client reconnected is then applied first)...
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+/// ...but no longer than this, however much the old client keeps sending.
+const DRAIN_MAX: Duration = Duration::from_secs(1);
 
 /// Serves one client connection until it ends.
 pub async fn serve<S>(stream: S, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
@@ -45,10 +51,15 @@ where
         pending: VecDeque::new(),
         protocol: None,
         metrics: broker.metrics.clone(),
+        taken_over: None,
     };
     let (mut rd, mut wr) = tokio::io::split(stream);
     let close = conn.run(&mut rd, &mut wr, &broker, shutdown).await;
     if let Some(close) = close {
+        // The session is released first, then the connection taking it
+        // over (if any) may attach: it must not wait for our socket.
+        Box::pin(conn.channel.close(close)).await;
+        conn.taken_over = None;
         if let (Some(reason), Some(Protocol::V5)) = (close.reason, conn.protocol) {
             conn.outbuf.clear();
             let d = Packet::Disconnect(Disconnect::new(reason));
@@ -67,7 +78,6 @@ where
             .await;
         }
         let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
-        Box::pin(conn.channel.close(close)).await;
         // Lingering close: a socket dropped while the client is still
         // sending (acks for what we wrote, more publishes) answers it with
         // a TCP reset; its next write fails, and some stacks discard what
@@ -101,6 +111,9 @@ struct Connection {
     pending: VecDeque<(Commit, Packet)>,
     protocol: Option<Protocol>,
     metrics: Arc<Metrics>,
+    /// Set once taken over: dropped when the session is released, which
+    /// lets the new connection attach.
+    taken_over: Option<oneshot::Sender<()>>,
 }
 
 impl Connection {
@@ -168,6 +181,8 @@ impl Connection {
                 return Some(close);
             }
         };
+        // While draining after a takeover: the latest the drain ends.
+        let mut drain_end: Option<Instant> = None;
         let keep_alive = u64::from(self.channel.keep_alive);
         // [MQTT-3.1.2-24] one and a half keepalive periods without a packet.
         let idle = (keep_alive > 0).then(|| Duration::from_millis(keep_alive * 1500));
@@ -207,11 +222,14 @@ impl Connection {
                     return Some(Close { reason: Some(DisconnectReasonCode::ServerShuttingDown), will: false });
                 }
                 k = async { match kicked.as_mut() { Some(k) => k.await, None => std::future::pending().await } } => {
-                    match k {
-                        Ok(Kick::TakenOver) => {
-                            return Some(Close { reason: Some(DisconnectReasonCode::SessionTakenOver), will: true });
-                        }
-                        Err(_) => kicked = None,
+                    kicked = None;
+                    if let Ok(Kick::TakenOver { closed }) = k {
+                        // Drain: read on until the client is quiet, it
+                        // disconnects, or DRAIN_MAX passes.
+                        self.taken_over = Some(closed);
+                        let now = Instant::now();
+                        drain_end = Some(now + DRAIN_MAX);
+                        deadline = Some(now + DRAIN_QUIET);
                     }
                 }
                 done = async { match self.pending.front_mut() { Some((c, _)) => c.await, None => std::future::pending().await } } => {
@@ -228,6 +246,9 @@ impl Connection {
                 }
                 _ = async { match &wake { Some(c) => c.wake.notified().await, None => std::future::pending().await } } => {}
                 _ = async { match deadline { Some(d) => sleep_until(d).await, None => std::future::pending().await } } => {
+                    if drain_end.is_some() {
+                        return Some(Close { reason: Some(DisconnectReasonCode::SessionTakenOver), will: true });
+                    }
                     return Some(Close::violation(DisconnectReasonCode::KeepAliveTimeout));
                 }
                 read = rd.read_buf(&mut self.inbuf) => {
@@ -235,7 +256,10 @@ impl Connection {
                         Ok(0) | Err(_) => return Some(Close { reason: None, will: true }),
                         Ok(n) => self.last_read = n,
                     }
-                    deadline = idle.map(|d| Instant::now() + d);
+                    deadline = match drain_end {
+                        Some(end) => Some((Instant::now() + DRAIN_QUIET).min(end)),
+                        None => idle.map(|d| Instant::now() + d),
+                    };
                     loop {
                         match codec::decode(&mut self.inbuf, Some(protocol), self.max_in) {
                             Ok(Some((_, packet))) => {

@@ -60,8 +60,23 @@ impl Outgoing {
     }
 }
 
+/// The packet id of the `n`-th QoS 1/2 message: 1, 2, ... 65535, 1, ...
+/// (0 is not a packet id [MQTT-2.2.1-3]).
 fn pkid_of(n: u64) -> u16 {
-    (n % PKID_SPACE) as u16 + 1
+    (n.saturating_sub(1) % PKID_SPACE) as u16 + 1
+}
+
+/// What an acknowledgement from the client did to the message it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// It moved the message on (or repeated the last step).
+    Applied,
+    /// Nothing is in flight with that packet id.
+    Unknown,
+    /// The packet id is in flight but waits for another kind of ack
+    /// (PUBACK for QoS 2, PUBREC for QoS 1, PUBCOMP before PUBREC): a
+    /// protocol error.
+    WrongType,
 }
 
 /// How far a session has come in one conversation.
@@ -325,7 +340,7 @@ impl Session {
                 let id_wraps = self
                     .inflight
                     .front()
-                    .is_some_and(|f| front.n - f.n >= PKID_SPACE);
+                    .is_some_and(|f| front.n.saturating_sub(f.n) >= PKID_SPACE);
                 if window_full || id_wraps {
                     break;
                 }
@@ -477,43 +492,68 @@ impl Session {
             .position(|o| o.pkid() == pkid && o.qos == qos && o.state == state)
     }
 
-    /// PUBACK for a QoS 1 message. False if nothing was waiting for it.
-    pub fn puback(&mut self, pkid: u16, batch: &mut Batch) -> bool {
-        let Some(i) = self.position(pkid, QoS::AtLeastOnce, OutboxState::Publish) else {
-            return false;
-        };
+    /// `Unknown`, or `WrongType` if `pkid` is in flight in another state.
+    fn not_expected(&self, pkid: u16) -> Ack {
+        if self.inflight.iter().any(|o| o.pkid() == pkid) {
+            Ack::WrongType
+        } else {
+            Ack::Unknown
+        }
+    }
+
+    /// Removes the in-flight message at `i`: it is delivered.
+    fn finish(&mut self, i: usize, batch: &mut Batch) {
         if let Some(o) = self.inflight.remove(i) {
             self.settled(&o, batch);
         }
-        true
     }
 
-    /// PUBREC for a QoS 2 message: from now on only PUBREL is owed.
-    pub fn pubrec(&mut self, pkid: u16, batch: &mut Batch) -> bool {
+    /// PUBACK for a QoS 1 message.
+    pub fn puback(&mut self, pkid: u16, batch: &mut Batch) -> Ack {
+        match self.position(pkid, QoS::AtLeastOnce, OutboxState::Publish) {
+            Some(i) => {
+                self.finish(i, batch);
+                Ack::Applied
+            }
+            None => self.not_expected(pkid),
+        }
+    }
+
+    /// PUBREC for a QoS 2 message: from now on only PUBREL is owed. A
+    /// PUBREC with a failure reason (`refused`) ends the delivery: no
+    /// PUBREL follows [MQTT-4.3.3-4], the message is done.
+    pub fn pubrec(&mut self, pkid: u16, refused: bool, batch: &mut Batch) -> Ack {
         let persistent = self.persistent();
         if let Some(i) = self.position(pkid, QoS::ExactlyOnce, OutboxState::Publish) {
-            if let Some(o) = self.inflight.get_mut(i) {
+            if refused {
+                self.finish(i, batch);
+            } else if let Some(o) = self.inflight.get_mut(i) {
                 o.state = OutboxState::Release;
                 if persistent {
                     batch.put_outbox(&self.client_id, o.n, &o.entry());
                 }
             }
-            return true;
+            return Ack::Applied;
         }
         // A repeated PUBREC for a message already released is answered again.
-        self.position(pkid, QoS::ExactlyOnce, OutboxState::Release)
+        if self
+            .position(pkid, QoS::ExactlyOnce, OutboxState::Release)
             .is_some()
+        {
+            return Ack::Applied;
+        }
+        self.not_expected(pkid)
     }
 
     /// PUBCOMP ends a QoS 2 delivery.
-    pub fn pubcomp(&mut self, pkid: u16, batch: &mut Batch) -> bool {
-        let Some(i) = self.position(pkid, QoS::ExactlyOnce, OutboxState::Release) else {
-            return false;
-        };
-        if let Some(o) = self.inflight.remove(i) {
-            self.settled(&o, batch);
+    pub fn pubcomp(&mut self, pkid: u16, batch: &mut Batch) -> Ack {
+        match self.position(pkid, QoS::ExactlyOnce, OutboxState::Release) {
+            Some(i) => {
+                self.finish(i, batch);
+                Ack::Applied
+            }
+            None => self.not_expected(pkid),
         }
-        true
     }
 
     /// An incoming QoS 2 PUBLISH: true if it is new and must be routed,
@@ -539,10 +579,8 @@ impl Session {
     /// when it can never be delivered (larger than the client accepts).
     pub fn forget(&mut self, pkid: u16, batch: &mut Batch) {
         if let Some(i) = self.inflight.iter().position(|o| o.pkid() == pkid) {
-            if let Some(o) = self.inflight.remove(i) {
-                self.dropped += 1;
-                self.settled(&o, batch);
-            }
+            self.dropped += 1;
+            self.finish(i, batch);
         }
     }
 
@@ -602,14 +640,18 @@ mod tests {
         }
         let mut out = vec![];
         s.poll_send(0, &mut out, &mut b);
-        assert_eq!(pkids(&out), [2, 3]);
+        assert_eq!(pkids(&out), [1, 2], "packet ids start at 1");
         out.clear();
         s.poll_send(0, &mut out, &mut b);
         assert!(out.is_empty(), "window is full");
-        assert!(s.puback(2, &mut b));
-        assert!(!s.puback(2, &mut b), "a second PUBACK is ignored");
+        assert_eq!(s.puback(1, &mut b), Ack::Applied);
+        assert_eq!(
+            s.puback(1, &mut b),
+            Ack::Unknown,
+            "a second PUBACK is ignored"
+        );
         s.poll_send(0, &mut out, &mut b);
-        assert_eq!(pkids(&out), [4]);
+        assert_eq!(pkids(&out), [3]);
         assert!(b.is_empty(), "a clean session writes nothing");
     }
 
@@ -703,22 +745,23 @@ mod tests {
         );
         let mut out = vec![];
         s.poll_send(0, &mut out, &mut b);
-        assert!(s.pubrec(2, &mut b));
+        assert_eq!(s.pubrec(1, false, &mut b), Ack::Applied);
         out.clear();
         s.resend(&mut out);
         match (&out[0], &out[1]) {
             (Packet::PubRel(r), Packet::Publish(p)) => {
-                assert_eq!(r.pkid, 2);
-                assert_eq!(p.pkid, 3);
+                assert_eq!(r.pkid, 1);
+                assert_eq!(p.pkid, 2);
                 assert!(p.dup);
             }
             other => panic!("{other:?}"),
         }
-        assert!(
-            !s.pubcomp(3, &mut b),
-            "PUBCOMP before PUBREC is not accepted"
+        assert_eq!(
+            s.pubcomp(2, &mut b),
+            Ack::WrongType,
+            "PUBCOMP before PUBREC is a protocol error"
         );
-        assert!(s.pubcomp(2, &mut b));
+        assert_eq!(s.pubcomp(1, &mut b), Ack::Applied);
         assert_eq!(s.pending(), 1);
         assert!(!b.is_empty(), "a persistent session records each step");
     }
@@ -754,6 +797,59 @@ mod tests {
         assert_eq!(out.len() as u64, PKID_SPACE);
         let ids: HashSet<u16> = pkids(&out).into_iter().collect();
         assert_eq!(ids.len() as u64, PKID_SPACE);
+    }
+
+    // [MQTT-4.3.2-*], [MQTT-4.3.3-*]: each QoS has its own acks.
+    #[test]
+    fn an_ack_of_the_wrong_kind_is_told_apart_from_an_unknown_id() {
+        let mut s = session(0);
+        let mut b = Batch::new();
+        for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            s.enqueue(msg("t", qos), qos, false, vec![], &mut b);
+        }
+        let mut out = vec![];
+        s.poll_send(0, &mut out, &mut b);
+        assert_eq!(pkids(&out), [1, 2]);
+        assert_eq!(
+            s.pubrec(1, false, &mut b),
+            Ack::WrongType,
+            "PUBREC for QoS 1"
+        );
+        assert_eq!(s.pubcomp(1, &mut b), Ack::WrongType, "PUBCOMP for QoS 1");
+        assert_eq!(s.puback(2, &mut b), Ack::WrongType, "PUBACK for QoS 2");
+        assert_eq!(s.puback(9, &mut b), Ack::Unknown);
+        assert_eq!(s.pubcomp(9, &mut b), Ack::Unknown);
+        assert_eq!(s.pending(), 2, "nothing was settled by a wrong ack");
+    }
+
+    // [MQTT-4.3.3-4] PUBREL follows only a PUBREC below 0x80: a refused
+    // QoS 2 delivery is over.
+    #[test]
+    fn a_refusing_pubrec_ends_the_delivery() {
+        let mut s = session(60);
+        let mut b = Batch::new();
+        s.enqueue(
+            msg("t", QoS::ExactlyOnce),
+            QoS::ExactlyOnce,
+            false,
+            vec![],
+            &mut b,
+        );
+        let mut out = vec![];
+        s.poll_send(0, &mut out, &mut b);
+        assert_eq!(s.pubrec(1, true, &mut b), Ack::Applied);
+        assert_eq!(s.pending(), 0);
+        out.clear();
+        s.resend(&mut out);
+        assert!(out.is_empty(), "no PUBREL is owed on resume");
+    }
+
+    #[test]
+    fn packet_ids_run_from_1_to_65535_and_wrap_to_1() {
+        assert_eq!(pkid_of(1), 1);
+        assert_eq!(pkid_of(PKID_SPACE), 65_535);
+        assert_eq!(pkid_of(PKID_SPACE + 1), 1);
+        assert_eq!(pkid_of(0), 1, "never 0, even for a corrupt record");
     }
 
     #[test]

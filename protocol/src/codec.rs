@@ -15,6 +15,8 @@ use rumqttc::mqttbytes::{self as m4, v4};
 use rumqttc::v5::mqttbytes::v5::{self, *};
 use rumqttc::v5::mqttbytes::QoS;
 
+use crate::strict;
+
 /// The MQTT version a connection speaks, fixed by its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -90,16 +92,25 @@ pub fn decode(
         Some(p) => p,
         None => connect_protocol(&buf[header_len..size])?,
     };
-    if kind == 1 {
-        check_connect_flags(&buf[header_len..size])?;
+    match kind {
+        1 => strict::check_connect(&buf[header_len..size], protocol)?,
+        8 => strict::check_subscribe(&buf[header_len..size], protocol)?,
+        _ => {}
     }
     let frame = buf.split_to(size);
-    // MQTT 5 allows a DISCONNECT with no body (reason 0x00); the codec does not.
-    if protocol == Protocol::V5 && kind == 14 && remaining == 0 {
+    // MQTT 5 allows a DISCONNECT with no body (reason 0x00) or with a
+    // reason code and no property length [MQTT-3.14.2-1]; the codec
+    // reads neither.
+    if protocol == Protocol::V5 && kind == 14 && remaining <= 1 {
+        let reason_code = match frame.get(header_len) {
+            None => DisconnectReasonCode::NormalDisconnection,
+            Some(&code) => DisconnectReasonCode::try_from(code)
+                .map_err(|_| DecodeError::Malformed(format!("DISCONNECT reason {code:#04x}")))?,
+        };
         return Ok(Some((
             protocol,
             Packet::Disconnect(Disconnect {
-                reason_code: DisconnectReasonCode::NormalDisconnection,
+                reason_code,
                 properties: None,
             }),
         )));
@@ -184,27 +195,6 @@ fn connect_protocol(body: &[u8]) -> Result<Protocol, DecodeError> {
             "unknown protocol name [MQTT-3.1.2-1]".into(),
         )),
     }
-}
-
-/// The CONNECT reserved flag must be 0 [MQTT-3.1.2-3]; a password needs a
-/// user name in 3.1.1 [MQTT-3.1.2-22].
-fn check_connect_flags(body: &[u8]) -> Result<(), DecodeError> {
-    let name_len = u16::from_be_bytes([body[0], body[1]]) as usize;
-    let Some(&flags) = body.get(2 + name_len + 1) else {
-        return Err(DecodeError::Malformed("CONNECT too short".into()));
-    };
-    if flags & 1 != 0 {
-        return Err(DecodeError::Malformed(
-            "CONNECT reserved flag set [MQTT-3.1.2-3]".into(),
-        ));
-    }
-    let level = body.get(2 + name_len).copied().unwrap_or(0);
-    if level == 4 && flags & 0x40 != 0 && flags & 0x80 == 0 {
-        return Err(DecodeError::Malformed(
-            "password without user name [MQTT-3.1.2-22]".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// Rules the codecs leave to the receiver.
@@ -499,6 +489,19 @@ mod tests {
         assert!(
             matches!(got, Packet::Disconnect(d) if d.reason_code == DisconnectReasonCode::NormalDisconnection)
         );
+    }
+
+    // [MQTT-3.14.2-1] a reason code with no property length is complete.
+    #[test]
+    fn a_v5_disconnect_of_one_byte_carries_its_reason() {
+        let got = decode_all(&[0xE0, 0x01, 0x04], Some(Protocol::V5))
+            .unwrap()
+            .unwrap()
+            .1;
+        assert!(
+            matches!(got, Packet::Disconnect(d) if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage)
+        );
+        assert!(decode_all(&[0xE0, 0x01, 0x03], Some(Protocol::V5)).is_err());
     }
 
     #[test]

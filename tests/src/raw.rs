@@ -174,3 +174,52 @@ impl Wire {
         }
     }
 }
+
+// Packets built byte by byte, for what even rumqttc's encoder cannot be
+// made to write (a field its flag does not announce, reserved bits,
+// U+0000 in a string).
+
+/// A length-prefixed field (UTF-8 string or binary data).
+pub fn field(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// A variable byte integer (Remaining Length, property lengths).
+pub fn varint(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return out;
+        }
+    }
+}
+
+/// A packet: first byte, Remaining Length, body.
+pub fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![byte1];
+    out.extend(varint(body.len()));
+    out.extend_from_slice(body);
+    out
+}
+
+/// A CONNECT of protocol `level` (4 or 5) with keepalive 60, written as
+/// given: `flags` as they are, MQTT 5 `properties` (without their length),
+/// then `payload` (client id first, then what the flags announce, or not).
+pub fn connect_bytes(level: u8, flags: u8, properties: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = field(b"MQTT");
+    body.extend([level, flags, 0, 60]);
+    if level == 5 {
+        body.extend(varint(properties.len()));
+        body.extend_from_slice(properties);
+    }
+    body.extend_from_slice(payload);
+    packet(0x10, &body)
+}

@@ -23,7 +23,7 @@ pub mod retention;
 pub mod rpc;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use bytes::Bytes;
@@ -56,6 +56,10 @@ struct ConvState {
     record: ConversationRecord,
     recent: VecDeque<(Arc<str>, String)>,
     recent_seq: HashMap<(Arc<str>, String), u64>,
+    /// Set by the dispatcher when a commit of this conversation failed:
+    /// `record.head` and `recent` may then count messages that are not on
+    /// disk, and the next append reloads them ([`Chat::reload`]).
+    failed: Arc<AtomicBool>,
 }
 
 enum Dispatch {
@@ -65,6 +69,8 @@ enum Dispatch {
         msg: Arc<Message>,
         commit: Commit,
         done: CommitSender,
+        /// The conversation's [`ConvState::failed`].
+        failed: Arc<AtomicBool>,
     },
     /// Resolves once everything appended before it is durable and out.
     Barrier(CommitSender),
@@ -193,6 +199,7 @@ impl Chat {
             record,
             recent: VecDeque::new(),
             recent_seq: HashMap::new(),
+            failed: Arc::default(),
         }));
         Ok(lock(&self.convs)
             .entry(conv.into())
@@ -202,9 +209,21 @@ impl Chat {
 
     /// The head seq and oldest kept seq of a conversation.
     pub async fn bounds(&self, conv: &str) -> Result<(u64, u64), StorageError> {
-        let state = self.conv_state(conv)?;
-        let s = state.lock().await;
+        let s = self.locked(conv).await?;
         Ok((s.record.head, s.record.first))
+    }
+
+    /// The conversation's state under its lock, reloaded from disk first
+    /// if one of its commits failed.
+    async fn locked(
+        &self,
+        conv: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<ConvState>, StorageError> {
+        let mut st = self.conv_state(conv)?.lock_owned().await;
+        if st.failed.load(Ordering::Acquire) {
+            self.reload(conv, &mut st).await?;
+        }
+        Ok(st)
     }
 
     /// Appends a member's message. Returns the commit to acknowledge after
@@ -217,8 +236,7 @@ impl Chat {
         envelope: &Envelope,
         qos: QoS,
     ) -> Result<(Commit, u64), StorageError> {
-        let state = self.conv_state(conv)?;
-        let mut st = state.lock().await;
+        let mut st = self.locked(conv).await?;
         let key = (from.clone(), envelope.id.clone());
         let earlier = match st.recent_seq.get(&key) {
             Some(seq) => Some(*seq),
@@ -275,11 +293,36 @@ impl Chat {
             msg,
             commit,
             done,
+            failed: st.failed.clone(),
         };
         if self.dispatch.send(item).await.is_err() {
             return Err(StorageError::WriterGone);
         }
         Ok((acked, seq))
+    }
+
+    /// After a failed commit: waits until every append submitted before
+    /// has settled, then takes the head and the idempotency keys from disk
+    /// again, so a retry of the lost message is appended anew (not acked
+    /// as a duplicate of nothing) and gets the seq that was lost (no hole).
+    /// Called under the conversation's lock, so no append runs meanwhile.
+    async fn reload(&self, conv: &str, st: &mut ConvState) -> Result<(), StorageError> {
+        let (done, settled) = Commit::deferred();
+        if self.dispatch.send(Dispatch::Barrier(done)).await.is_err() {
+            return Err(StorageError::WriterGone);
+        }
+        // Its outcome does not matter, only that everything before it is done.
+        let _ = settled.await;
+        let stored = self.store.conversation(conv)?;
+        st.record = stored.unwrap_or(ConversationRecord {
+            head: 0,
+            first: 1,
+            ..st.record.clone()
+        });
+        st.recent.clear();
+        st.recent_seq.clear();
+        st.failed = Arc::default();
+        Ok(())
     }
 
     /// DESIGN §3 step 8: every member but the sender with no live session
@@ -321,6 +364,7 @@ impl Chat {
                     msg,
                     commit,
                     done,
+                    failed,
                 } => match commit.await {
                     Ok(()) => {
                         self.fan_out(&conv, seq, &msg);
@@ -328,6 +372,7 @@ impl Chat {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, conv = %conv, seq, "chat commit failed");
+                        failed.store(true, Ordering::Release);
                         done.resolve(Err(e));
                     }
                 },
@@ -931,5 +976,68 @@ impl From<StorageError> for RpcError {
     fn from(e: StorageError) -> Self {
         tracing::error!(error = %e, "storage error in a chat call");
         RpcError::new("internal", "storage error")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chatmq_storage::SyncMode;
+
+    use super::*;
+
+    fn envelope(id: &str) -> Envelope {
+        Envelope::parse(format!(r#"{{"id":"{id}","body":"hi"}}"#).as_bytes()).expect("envelope")
+    }
+
+    // Issue #10 item 7: a commit of an append fails (here: the writer is
+    // gone, as on a failing disk). A retry of the same envelope id must not
+    // be acknowledged as a duplicate of a message that is not on disk, and
+    // the next message must not leave a hole where the lost one was.
+    #[tokio::test]
+    async fn a_failed_commit_rolls_the_conversation_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            Store::open(dir.path(), SyncMode::Never, Duration::from_millis(5)).expect("store");
+        let push = Push::open(store.clone(), &Default::default()).expect("push");
+        let chat =
+            Arc::new(Chat::new(store.clone(), Arc::new(Metrics::default()), push).expect("chat"));
+        let (_stop, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(chat.clone().run_dispatcher(watch));
+        chat.create("room", "t", Some("alice"), &[])
+            .await
+            .expect("room");
+        let alice: Arc<str> = "alice".into();
+        let send = |id: &'static str| {
+            let chat = chat.clone();
+            let alice = alice.clone();
+            async move {
+                let (commit, seq) = chat
+                    .append("room", &alice, &envelope(id), QoS::AtLeastOnce)
+                    .await
+                    .expect("appended");
+                (seq, commit.await)
+            }
+        };
+        let (seq, acked) = send("m1").await;
+        assert_eq!((seq, acked.is_ok()), (1, true));
+
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .expect("writer stops");
+        let (seq, acked) = send("m2").await;
+        assert_eq!(seq, 2);
+        assert!(acked.is_err(), "m2 is not on disk");
+
+        let (seq, acked) = send("m2").await;
+        assert!(
+            acked.is_err(),
+            "the retry of m2 was acknowledged with nothing on disk"
+        );
+        assert_eq!(seq, 2);
+        let (seq, _) = send("m3").await;
+        assert_eq!(seq, 2, "the head counted the lost message: a hole at 2");
+        assert_eq!(chat.bounds("room").await.expect("bounds").0, 1);
     }
 }

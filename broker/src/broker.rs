@@ -337,7 +337,12 @@ impl Broker {
                 router.unsubscribe(&a.client_id, f);
             }
         }
-        let mut session = Session::new(a.client_id.clone(), a.owner, a.protocol, a.expiry_secs);
+        let mut session = Session::new(
+            a.client_id.clone(),
+            a.owner.clone(),
+            a.protocol,
+            a.expiry_secs,
+        );
         session.max_inflight = a.max_inflight;
         session.max_queue = self.settings.mqtt.max_offline_messages;
         if session.persistent() {

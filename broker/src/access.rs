@@ -4,8 +4,11 @@
 //! Authentication accepts a static user (`[[auth.users]]`, plaintext or an
 //! argon2 PHC string) or a JWT in the password field whose `sub` is the
 //! user name, signed HS256 with `jwt_secret` or RS256/ES256 with the key in
-//! `jwt_public_key`. Authorisation is default-deny; a deny rule wins over
-//! any grant. This module decides; it never talks to a client.
+//! `jwt_public_key` (`exp` and `nbf` checked, `iss` and `aud` when
+//! configured). A user name is a user id of DESIGN §4 or nothing: it is
+//! substituted into topics (`%u`, `users/{u}/events`), so a name like `#` or
+//! `a/b` never authenticates. Authorisation is default-deny; a deny rule
+//! wins over any grant. This module decides; it never talks to a client.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +17,8 @@ use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use chatmq_config::{Access, AclRule, Auth};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
+use crate::chat::namespace::valid_user;
+use crate::login_guard::LoginGuard;
 use crate::topic;
 
 /// Why the broker cannot start its access control.
@@ -41,13 +46,27 @@ impl Identity {
     }
 }
 
+/// Who a CONNECT turned out to be, and until when: a JWT login lasts until
+/// the token's `exp` (unix seconds), a password login for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    pub identity: Identity,
+    pub expires_at: Option<u64>,
+}
+
 /// Why a CONNECT was refused; maps to CONNACK codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// Wrong password or invalid token (0x04 / 0x86).
+    /// Wrong password, invalid token, or a user name that is not a user id
+    /// (0x04 / 0x86).
     BadCredentials,
     /// No credentials and anonymous access is off (0x05 / 0x87).
     NotAuthorized,
+    /// Too many failed logins from this address or for this user name; the
+    /// credentials were not checked (3.1.1 0x05 / MQTT 5 0x9F).
+    RateLimited,
+    /// The password-check pool and its queue are full (0x03 / 0x89).
+    ServerBusy,
 }
 
 enum Secret {
@@ -63,15 +82,20 @@ struct Jwt {
 pub struct Authenticator {
     users: HashMap<String, Secret>,
     jwt: Vec<Jwt>,
+    issuer: Option<String>,
+    audience: Option<String>,
     allow_anonymous: bool,
     admin_token: Option<String>,
+    /// The failed-login limits and the password-check pool.
+    pub guard: LoginGuard,
 }
 
-/// The claims chatmq reads from a user JWT (`exp` is checked by the
-/// validation itself).
+/// The claims chatmq reads from a user JWT (`exp`, `nbf`, `iss`, `aud` are
+/// checked by the validation itself).
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
 }
 
 impl Authenticator {
@@ -117,25 +141,41 @@ impl Authenticator {
         Ok(Authenticator {
             users,
             jwt,
+            issuer: auth.jwt_issuer.clone(),
+            audience: auth.jwt_audience.clone(),
             allow_anonymous: auth.allow_anonymous,
             admin_token: auth.admin_token.clone(),
+            guard: LoginGuard::new(&auth.limits),
         })
     }
 
     /// Checks CONNECT credentials. May take milliseconds (argon2): call it
-    /// off the async runtime.
+    /// off the async runtime, through the password-check pool when
+    /// [`Authenticator::hashes`] says so.
     pub fn authenticate(
         &self,
         username: Option<&str>,
         password: Option<&[u8]>,
     ) -> Result<Identity, Refusal> {
+        self.login(username, password).map(|l| l.identity)
+    }
+
+    /// [`Authenticator::authenticate`], also saying until when the login holds.
+    pub fn login(&self, username: Option<&str>, password: Option<&[u8]>) -> Result<Login, Refusal> {
         let Some(username) = username.filter(|u| !u.is_empty()) else {
             return if self.allow_anonymous && password.is_none() {
-                Ok(Identity::Anonymous)
+                Ok(Login {
+                    identity: Identity::Anonymous,
+                    expires_at: None,
+                })
             } else {
                 Err(Refusal::NotAuthorized)
             };
         };
+        // Before any hashing: a name that is not a user id can be no one.
+        if !valid_user(username) {
+            return Err(Refusal::BadCredentials);
+        }
         let password = password.unwrap_or_default();
         if let Some(secret) = self.users.get(username) {
             let ok = match secret {
@@ -145,28 +185,34 @@ impl Authenticator {
                     .unwrap_or(false),
             };
             if ok {
-                return Ok(Identity::User(username.into()));
+                return Ok(Login {
+                    identity: Identity::User(username.into()),
+                    expires_at: None,
+                });
             }
         }
-        if self.verify_jwt(username, password) {
-            return Ok(Identity::User(username.into()));
+        let token = std::str::from_utf8(password).map_err(|_| Refusal::BadCredentials)?;
+        match self.jwt_claims(token, Some(username)) {
+            Some(claims) => Ok(Login {
+                identity: Identity::User(username.into()),
+                expires_at: Some(claims.exp),
+            }),
+            None => Err(Refusal::BadCredentials),
         }
-        Err(Refusal::BadCredentials)
     }
 
-    /// A token whose `sub` is `username`, unexpired, signed by a key we hold.
-    pub fn verify_jwt(&self, username: &str, token: &[u8]) -> bool {
-        let Ok(token) = std::str::from_utf8(token) else {
-            return false;
-        };
-        self.jwt_subject(token, Some(username)).is_some()
+    /// Would checking this user name's password run argon2 (about 19 MiB
+    /// and tens of milliseconds)? Such checks go through the bounded pool.
+    pub fn hashes(&self, username: &str) -> bool {
+        matches!(self.users.get(username), Some(Secret::Argon2(_)))
     }
 
     /// The user a bearer token (HTTP API) stands for: a JWT checked as a
     /// CONNECT password is, whose `sub` is a valid user id.
     pub fn user_from_token(&self, token: &str) -> Option<String> {
-        self.jwt_subject(token, None)
-            .filter(|sub| crate::chat::namespace::valid_user(sub))
+        self.jwt_claims(token, None)
+            .map(|c| c.sub)
+            .filter(|sub| valid_user(sub))
     }
 
     /// Is `token` the configured `auth.admin_token`? Compared in constant
@@ -177,19 +223,38 @@ impl Authenticator {
             .is_some_and(|admin| constant_time_eq(admin.as_bytes(), token.as_bytes()))
     }
 
-    /// The `sub` of an unexpired token signed by a key we hold (and equal to
-    /// `sub` when one is required).
-    fn jwt_subject(&self, token: &str, sub: Option<&str>) -> Option<String> {
+    /// The claims of a token signed by a key we hold, unexpired and already
+    /// valid (`nbf`), from the configured issuer and for the configured
+    /// audience, whose `sub` equals `sub` when one is required. Without a
+    /// configured audience a token that names one is refused: it was issued
+    /// for another service.
+    fn jwt_claims(&self, token: &str, sub: Option<&str>) -> Option<Claims> {
         self.jwt.iter().find_map(|j| {
             let mut v = Validation::new(j.algorithm);
-            v.set_required_spec_claims(&["exp", "sub"]);
+            let mut required = vec!["exp", "sub"];
+            if let Some(iss) = &self.issuer {
+                v.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            if let Some(aud) = &self.audience {
+                v.set_audience(&[aud]);
+                required.push("aud");
+            }
+            v.set_required_spec_claims(&required);
+            v.validate_nbf = true;
             v.sub = sub.map(str::to_string);
             v.leeway = 0;
             jsonwebtoken::decode::<Claims>(token, &j.key, &v)
                 .ok()
-                .map(|data| data.claims.sub)
+                .map(|data| data.claims)
         })
     }
+}
+
+/// `value` if it fills exactly one topic level: not empty, no `/`, no
+/// wildcard, no NUL. What `%u` and `%c` may stand for.
+fn one_level(value: &str) -> Option<&str> {
+    (!value.is_empty() && !value.contains(['/', '+', '#', '\0'])).then_some(value)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -243,14 +308,10 @@ impl Acl {
             }
             let mut filter = r.topic.clone();
             if filter.contains("%u") {
-                let u = user?;
-                filter = filter.replace("%u", u);
+                filter = filter.replace("%u", one_level(user?)?);
             }
             if filter.contains("%c") {
-                if client_id.contains(['/', '+', '#']) || client_id.is_empty() {
-                    return None;
-                }
-                filter = filter.replace("%c", client_id);
+                filter = filter.replace("%c", one_level(client_id)?);
             }
             Some((filter, r.access))
         })
@@ -354,11 +415,94 @@ mod tests {
         Authenticator::new(&Auth {
             allow_anonymous: anon,
             jwt_secret: secret.map(Into::into),
-            jwt_public_key: None,
-            admin_token: None,
             users,
+            ..Auth::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn user_substitution_cannot_inject_wildcards_or_levels() {
+        let acl = Acl::new(&[rule("*", "sensors/%u/#", Access::PubSub)]);
+        assert!(acl.can_subscribe(Some("erin"), "c", "sensors/erin/#"));
+        for user in ["#", "+", "a/b", ""] {
+            assert!(!acl.can_subscribe(Some(user), "c", "sensors/#"), "{user:?}");
+            assert!(
+                !acl.can_publish(Some(user), "c", "sensors/dana/t"),
+                "{user:?}"
+            );
+        }
+    }
+
+    fn hs256(claims: serde_json::Value) -> String {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"k"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_jwt_subject_that_is_not_a_user_id_never_logs_in() {
+        let a = auth(vec![], Some("k"), false);
+        let exp = jsonwebtoken::get_current_timestamp() + 60;
+        for sub in ["#", "+", "a/b", "al ice", "sensors/+"] {
+            let t = hs256(serde_json::json!({"sub": sub, "exp": exp}));
+            assert_eq!(
+                a.authenticate(Some(sub), Some(t.as_bytes())),
+                Err(Refusal::BadCredentials),
+                "{sub:?}"
+            );
+            assert_eq!(a.user_from_token(&t), None, "{sub:?}");
+        }
+    }
+
+    #[test]
+    fn jwt_not_before_issuer_and_audience() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let plain = auth(vec![], Some("k"), false);
+        let later = hs256(serde_json::json!({"sub": "alice", "exp": now + 600, "nbf": now + 300}));
+        assert_eq!(plain.user_from_token(&later), None, "not valid yet");
+        let for_other =
+            hs256(serde_json::json!({"sub": "alice", "exp": now + 60, "aud": "billing"}));
+        assert_eq!(
+            plain.user_from_token(&for_other),
+            None,
+            "an audience we were not configured for"
+        );
+        let login = plain
+            .login(
+                Some("alice"),
+                Some(hs256(serde_json::json!({"sub": "alice", "exp": now + 60})).as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(login.expires_at, Some(now + 60));
+
+        let strict = Authenticator::new(&Auth {
+            jwt_secret: Some("k".into()),
+            jwt_issuer: Some("https://id.example".into()),
+            jwt_audience: Some("chatmq".into()),
+            ..Auth::default()
+        })
+        .unwrap();
+        let good = hs256(serde_json::json!({
+            "sub": "alice", "exp": now + 60, "iss": "https://id.example", "aud": "chatmq"
+        }));
+        assert_eq!(strict.user_from_token(&good).as_deref(), Some("alice"));
+        for claims in [
+            serde_json::json!({"sub": "alice", "exp": now + 60, "aud": "chatmq"}),
+            serde_json::json!({"sub": "alice", "exp": now + 60, "iss": "https://id.example"}),
+            serde_json::json!({"sub": "alice", "exp": now + 60, "iss": "https://evil", "aud": "chatmq"}),
+            serde_json::json!({"sub": "alice", "exp": now + 60, "iss": "https://id.example", "aud": "billing"}),
+        ] {
+            assert_eq!(
+                strict.user_from_token(&hs256(claims.clone())),
+                None,
+                "{claims}"
+            );
+        }
     }
 
     #[test]

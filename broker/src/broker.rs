@@ -23,6 +23,7 @@ use crate::chat::Chat;
 use crate::clock::now_ms;
 use crate::codec::Protocol;
 use crate::message::{min_qos, Message};
+use crate::ownership::{self, Ownership};
 use crate::router::{Router, SubOptions};
 use crate::session::Session;
 
@@ -111,6 +112,19 @@ pub struct Attach {
     pub conn_id: u64,
 }
 
+/// Why a CONNECT may not have the session of its client id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The client id belongs to another user, or to an anonymous session
+    /// (0x87 / 3.1.1 0x05).
+    NotOwner,
+    /// The user already holds `mqtt.max_sessions_per_user` persistent
+    /// sessions (0x97 / 3.1.1 0x03).
+    SessionQuota,
+    /// The claim could not be read (0x88 / 3.1.1 0x03).
+    Unavailable,
+}
+
 /// The result of attaching: the session, whether it existed (Session
 /// Present), and the channel on which a takeover will be announced.
 pub struct Attached {
@@ -135,6 +149,11 @@ pub struct Metrics {
     pub chat_appended: AtomicU64,
     /// Messages a session dropped: its queue was full or they expired.
     pub messages_dropped: AtomicU64,
+    // abuse limits: identity
+    /// CONNECTs refused: the client id belongs to someone else.
+    pub client_id_refused: AtomicU64,
+    /// CONNECTs refused: the user holds its maximum of persistent sessions.
+    pub session_quota_refused: AtomicU64,
 }
 
 pub struct Broker {
@@ -144,6 +163,8 @@ pub struct Broker {
     pub auth: Authenticator,
     pub acl: Acl,
     pub metrics: Arc<Metrics>,
+    /// Who may use which client id.
+    pub owners: Ownership,
     router: RwLock<Router>,
     sessions: Mutex<HashMap<Arc<str>, Arc<SessionCell>>>,
     retained: RwLock<HashMap<String, Arc<Message>>>,
@@ -171,7 +192,9 @@ impl Broker {
         let mut chat = Chat::new(store.clone(), metrics.clone(), push)?;
         chat.history_cap = settings.chat.history_limit;
         let chat = Arc::new(chat);
+        let owners = Ownership::new(settings.mqtt.client_owner_ttl_secs);
         let broker = Broker {
+            owners,
             settings,
             chat,
             store,
@@ -242,16 +265,58 @@ impl Broker {
 
     /// Attaches a new connection to the session of its client id: resumes
     /// it, or replaces it when Clean Start is set or it was not persistent.
-    /// A connection already attached is kicked [MQTT-3.1.4-3].
-    pub fn attach(&self, a: Attach, batch: &mut Batch) -> Attached {
+    /// A connection already attached is kicked [MQTT-3.1.4-3]. Refused,
+    /// before anything changes, when the client id is not the caller's
+    /// (see [`crate::ownership`]) or a new persistent session would exceed
+    /// the user's quota; the claim is written into `batch`.
+    pub fn attach(&self, a: Attach, batch: &mut Batch) -> Result<Attached, Refused> {
+        // Held until the new session is in the map: the check and the claim
+        // are one step for every CONNECT of this client id.
+        let _claim = self.owners.lock(&a.client_id);
+        let stored = self.store.client_owner(&a.client_id).map_err(|e| {
+            tracing::error!(error = %e, "cannot read client owner");
+            Refused::Unavailable
+        })?;
+        let who = a.owner.as_deref();
+        let mut sessions = self.lock_sessions();
+        let existing = sessions.get(&a.client_id).cloned();
+        let (session_owner, resumable) = match &existing {
+            Some(cell) => {
+                let slot = cell.lock();
+                (Some(slot.session.owner.clone()), slot.session.persistent())
+            }
+            None => (None, false),
+        };
+        if !ownership::admits(
+            stored.as_ref(),
+            session_owner.as_ref().map(|o| o.as_deref()),
+            who,
+        ) {
+            self.metrics
+                .client_id_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Refused::NotOwner);
+        }
+        let resumes = resumable && !a.clean_start;
+        if let (Some(user), false, true) = (&a.owner, resumes, a.expiry_secs > 0) {
+            if self.persistent_sessions_of(&sessions, user, &a.client_id)
+                >= self.settings.mqtt.max_sessions_per_user
+            {
+                self.metrics
+                    .session_quota_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Refused::SessionQuota);
+            }
+        }
+        self.owners
+            .stamp(&a.client_id, stored.as_ref(), who, now_ms(), batch);
+
         let (tx, kicked) = oneshot::channel();
         let link = Link {
             conn_id: a.conn_id,
             kick: Some(tx),
         };
         let mut ended_will = None;
-        let mut sessions = self.lock_sessions();
-        let existing = sessions.get(&a.client_id).cloned();
         if let Some(cell) = existing {
             let mut slot = cell.lock();
             if let Some(mut old) = slot.link.take() {
@@ -274,11 +339,11 @@ impl Broker {
                 }
                 slot.link = Some(link);
                 drop(slot);
-                return Attached {
+                return Ok(Attached {
                     cell,
                     present: true,
                     kicked,
-                };
+                });
             }
             // The old session ends here, so does a will waiting on it.
             ended_will = pending;
@@ -292,7 +357,12 @@ impl Broker {
                 router.unsubscribe(&a.client_id, f);
             }
         }
-        let mut session = Session::new(a.client_id.clone(), a.owner, a.protocol, a.expiry_secs);
+        let mut session = Session::new(
+            a.client_id.clone(),
+            a.owner.clone(),
+            a.protocol,
+            a.expiry_secs,
+        );
         session.max_inflight = a.max_inflight;
         session.max_queue = self.settings.mqtt.max_offline_messages;
         if session.persistent() {
@@ -301,15 +371,41 @@ impl Broker {
         let cell = SessionCell::new(session);
         cell.lock().link = Some(link);
         sessions.insert(a.client_id.clone(), cell.clone());
+        if let Some(user) = &a.owner {
+            // Counted from now on by the user's session quota.
+            self.chat.register(user, &cell);
+        }
         drop(sessions);
         if let Some(w) = ended_will {
             self.route_will(w, batch);
         }
-        Attached {
+        Ok(Attached {
             cell,
             present: false,
             kicked,
-        }
+        })
+    }
+
+    /// The persistent sessions `user` holds under other client ids than
+    /// `except`. Called with the session map locked (`sessions`), so two
+    /// CONNECTs cannot both take the last place.
+    fn persistent_sessions_of(
+        &self,
+        sessions: &HashMap<Arc<str>, Arc<SessionCell>>,
+        user: &str,
+        except: &str,
+    ) -> usize {
+        self.chat
+            .sessions_of(user)
+            .iter()
+            .filter(|cell| {
+                *cell.client_id != *except
+                    && sessions
+                        .get(&cell.client_id)
+                        .is_some_and(|c| Arc::ptr_eq(c, cell))
+                    && cell.lock().session.persistent()
+            })
+            .count()
     }
 
     /// Before `owner` attaches to `client_id`: tells the connection

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tokio::time::timeout;
 
 use crate::access::{Identity, Refusal};
-use crate::broker::{Attach, Broker, Kick, SessionCell, TAKEOVER_WAIT};
+use crate::broker::{Attach, Broker, Kick, Refused, SessionCell, TAKEOVER_WAIT};
 use crate::chat::namespace::{classify, filter_scope, valid_conv, valid_user, FilterScope, Topic};
 use crate::chat::{rpc, Envelope};
 use crate::clock::now_ms;
@@ -179,6 +179,12 @@ impl Channel {
                 return Err(self.refuse_connect(Rc::BadUserNamePassword))
             }
             Err(Refusal::NotAuthorized) => return Err(self.refuse_connect(Rc::NotAuthorized)),
+            // MQTT 5 can say why; 3.1.1's "not authorized" stops a retry loop.
+            Err(Refusal::RateLimited) if protocol == Protocol::V5 => {
+                return Err(self.refuse_connect(Rc::ConnectionRateExceeded))
+            }
+            Err(Refusal::RateLimited) => return Err(self.refuse_connect(Rc::NotAuthorized)),
+            Err(Refusal::ServerBusy) => return Err(self.refuse_connect(Rc::ServerBusy)),
         };
 
         if self.broker.metrics.connections.load(Ordering::Relaxed) > mqtt.max_connections {
@@ -186,20 +192,6 @@ impl Channel {
         }
 
         let mut batch = Batch::new();
-        if let Identity::User(user) = &identity {
-            // A client id belongs to the user who first used it.
-            match self.broker.store.client_owner(&client_id) {
-                Ok(Some(owner)) if owner != **user => {
-                    return Err(self.refuse_connect(Rc::NotAuthorized))
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => batch.put_client_owner(&client_id, user),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read client owner");
-                    return Err(self.refuse_connect(Rc::ServerUnavailable));
-                }
-            }
-        }
 
         if let Some(w) = will {
             let topic = match String::from_utf8(w.topic.to_vec()) {
@@ -314,6 +306,12 @@ impl Channel {
             },
             &mut batch,
         );
+        let attached = match attached {
+            Ok(a) => a,
+            Err(Refused::NotOwner) => return Err(self.refuse_connect(Rc::NotAuthorized)),
+            Err(Refused::SessionQuota) => return Err(self.refuse_connect(Rc::QuotaExceeded)),
+            Err(Refused::Unavailable) => return Err(self.refuse_connect(Rc::ServerUnavailable)),
+        };
         self.client_id = client_id;
         self.identity = identity;
         self.cell = Some(attached.cell.clone());
@@ -922,14 +920,27 @@ impl Channel {
                 Ok(())
             }
             Topic::Rpc(method) => {
-                let reply = rpc::call(&chat, &user, method, &p.payload).await;
                 let response_topic = p
                     .properties
                     .as_ref()
-                    .and_then(|pp| pp.response_topic.clone())
-                    .filter(|t| valid_topic(t) && classify(t) == Topic::Plain);
-                match response_topic {
-                    Some(t) => {
+                    .and_then(|pp| pp.response_topic.as_deref());
+                let route = match rpc::reply_route(
+                    &self.broker.acl,
+                    &user,
+                    &self.client_id,
+                    response_topic,
+                ) {
+                    rpc::ReplyRoute::Refused => {
+                        // Not run: its reply could not go where it was asked to.
+                        self.refuse_publish(p, PubAckReason::NotAuthorized);
+                        chat.send_event(&user, rpc::refused_response_topic(&p.payload));
+                        return Ok(());
+                    }
+                    route => route,
+                };
+                let reply = rpc::call(&chat, &user, method, &p.payload).await;
+                match route {
+                    rpc::ReplyRoute::ResponseTopic(t) => {
                         // MQTT 5 request/response: the reply goes to the
                         // Response Topic with the Correlation Data.
                         let mut msg = Message::from_publish(t, p, None);
@@ -939,7 +950,7 @@ impl Channel {
                         msg.props.response_topic = None;
                         drop(self.broker.publish(msg).await);
                     }
-                    None => chat.send_event(&user, reply),
+                    _ => chat.send_event(&user, reply),
                 }
                 self.ack_now(p);
                 Ok(())

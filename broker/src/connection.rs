@@ -7,6 +7,7 @@
 //! connection only.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use crate::broker::{Broker, Kick, Metrics};
 use crate::channel::{max_packet_size, Channel, Close, Out};
 use crate::codec::{self, DecodeError, Protocol};
+use crate::login_guard;
 
 const READ_CHUNK: usize = 16 * 1024;
 /// The read buffer of a quiet connection: most connections are idle most
@@ -36,8 +38,8 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// ...but no longer than this, however much the old client keeps sending.
 const DRAIN_MAX: Duration = Duration::from_secs(1);
 
-/// Serves one client connection until it ends.
-pub async fn serve<S>(stream: S, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
+/// Serves one client connection from `peer` until it ends.
+pub async fn serve<S>(stream: S, peer: IpAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -54,7 +56,7 @@ where
         taken_over: None,
     };
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let close = conn.run(&mut rd, &mut wr, &broker, shutdown).await;
+    let close = conn.run(&mut rd, &mut wr, &broker, peer, shutdown).await;
     if let Some(close) = close {
         // The session is released first, then the connection taking it
         // over (if any) may attach: it must not wait for our socket.
@@ -124,6 +126,7 @@ impl Connection {
         rd: &mut R,
         wr: &mut W,
         broker: &Arc<Broker>,
+        peer: IpAddr,
         mut shutdown: watch::Receiver<bool>,
     ) -> Option<Close>
     where
@@ -159,18 +162,11 @@ impl Connection {
         let auth = match login {
             // No credentials, nothing to hash: no hop to a blocking thread
             // (each one holds a stack and a malloc arena).
-            None => broker.auth.authenticate(None, None),
-            Some(l) => {
-                let broker = broker.clone();
-                tokio::task::spawn_blocking(move || {
-                    broker
-                        .auth
-                        .authenticate(Some(&l.username), Some(l.password.as_bytes()))
-                })
-                .await
-                .unwrap_or(Err(crate::access::Refusal::NotAuthorized))
-            }
+            None => broker.auth.login(None, None),
+            Some(l) => Box::pin(login_guard::login(broker, peer, l.username, l.password)).await,
         };
+        let token_expiry = auth.as_ref().ok().and_then(|l| l.expires_at);
+        let auth = auth.map(|l| l.identity);
         // Boxed, like `handle` and `close` below: an await keeps its future
         // inside this task's state for the connection's whole life, and an
         // idle connection should pay only for the wait in `select!`.
@@ -186,7 +182,11 @@ impl Connection {
         let keep_alive = u64::from(self.channel.keep_alive);
         // [MQTT-3.1.2-24] one and a half keepalive periods without a packet.
         let idle = (keep_alive > 0).then(|| Duration::from_millis(keep_alive * 1500));
-        let mut deadline = idle.map(|d| Instant::now() + d);
+        // A JWT login lasts until its token expires: one more deadline,
+        // checked where keepalive is.
+        let expires = token_expiry.and_then(token_deadline);
+        let next_deadline = || earliest(idle.map(|d| Instant::now() + d), expires);
+        let mut deadline = next_deadline();
         let wake = self.channel.session().cloned();
 
         loop {
@@ -249,6 +249,9 @@ impl Connection {
                     if drain_end.is_some() {
                         return Some(Close { reason: Some(DisconnectReasonCode::SessionTakenOver), will: true });
                     }
+                    if expires.is_some_and(|e| e <= Instant::now()) {
+                        return Some(Close::violation(DisconnectReasonCode::MaximumConnectTime));
+                    }
                     return Some(Close::violation(DisconnectReasonCode::KeepAliveTimeout));
                 }
                 read = rd.read_buf(&mut self.inbuf) => {
@@ -258,7 +261,7 @@ impl Connection {
                     }
                     deadline = match drain_end {
                         Some(end) => Some((Instant::now() + DRAIN_QUIET).min(end)),
-                        None => idle.map(|d| Instant::now() + d),
+                        None => next_deadline(),
                     };
                     loop {
                         match codec::decode(&mut self.inbuf, Some(protocol), self.max_in) {
@@ -375,6 +378,22 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+/// When a token expiring at `exp` (unix seconds) ends its connection; `None`
+/// if that is too far away to represent.
+fn token_deadline(exp: u64) -> Option<Instant> {
+    let left_ms = exp
+        .saturating_mul(1000)
+        .saturating_sub(crate::clock::now_ms());
+    Instant::now().checked_add(Duration::from_millis(left_ms))
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -224,6 +224,7 @@ impl Server {
         if let Some(policy) = retention::Policy::from_settings(&settings.chat) {
             tasks.spawn(retention::run(broker.chat.clone(), policy, watch.clone()));
         }
+        tasks.spawn(crate::ownership::sweep(broker.clone(), watch.clone()));
         tasks.spawn(sweep_sessions(broker.clone(), watch));
         ready.store(true, Ordering::Release);
         Ok(Server {
@@ -272,13 +273,13 @@ async fn accept_loop(
                     // carries nothing of TLS or WebSocket in its future.
                     match &transport {
                         Transport::Tcp => {
-                            connections.spawn(connection::serve(socket, broker, shutdown));
+                            connections.spawn(connection::serve(socket, peer.ip(), broker, shutdown));
                         }
                         Transport::Tls(tls) => {
                             let tls = tls.clone();
                             connections.spawn(async move {
                                 if let Some(stream) = handshake(&tls, socket, peer).await {
-                                    connection::serve(stream, broker, shutdown).await
+                                    connection::serve(stream, peer.ip(), broker, shutdown).await
                                 }
                             });
                         }
@@ -341,7 +342,7 @@ async fn serve_ws<S>(
 {
     let slot = limiter.acquire(peer.ip());
     match ws.accept(stream, slot.is_none()).await {
-        Ok(stream) => connection::serve(stream, broker, shutdown).await,
+        Ok(stream) => connection::serve(stream, peer.ip(), broker, shutdown).await,
         Err(e) => tracing::debug!(%peer, error = %e, "websocket upgrade refused or failed"),
     }
     drop(slot);

@@ -26,6 +26,6 @@ mod validate;
 
 pub use error::ConfigError;
 pub use settings::{
-    Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, Mqtt, Node, Push, Settings, Storage,
-    SyncMode, Tls, User, Webhook, Websocket, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN,
+    Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, LoginLimits, Mqtt, Node, Push, Settings,
+    Storage, SyncMode, Tls, User, Webhook, Websocket, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN,
 };

@@ -340,8 +340,8 @@ mod tests {
 
     use super::*;
     use crate::settings::{
-        Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, Mqtt, Node, Push, Storage, SyncMode,
-        Tls, User, Webhook, Websocket,
+        Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, LoginLimits, Mqtt, Node, Push, Storage,
+        SyncMode, Tls, User, Webhook, Websocket,
     };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
@@ -529,6 +529,8 @@ mod tests {
             connect_timeout_secs = 7
             session_expiry_max = 0
             topic_alias_max = 65535
+            max_sessions_per_user = 21
+            client_owner_ttl_secs = 22
             [mqtt.tls]
             listen = "127.0.0.1:18883"
             cert = "certs/server.crt"
@@ -539,6 +541,14 @@ mod tests {
             jwt_secret = "hs"
             jwt_public_key = "keys/jwt.pem"
             admin_token = "admin"
+            jwt_issuer = "https://issuer.example"
+            jwt_audience = "chatmq"
+            [auth.limits]
+            failed_logins_per_ip = 23
+            failed_logins_per_user = 24
+            failed_login_window_secs = 25
+            password_checks = 26
+            password_check_queue = 27
             [[auth.users]]
             name = "alice"
             password = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA"
@@ -627,6 +637,8 @@ mod tests {
                     key: PathBuf::from("certs/server.key"),
                     handshake_timeout_secs: 12,
                 }),
+                max_sessions_per_user: 21,
+                client_owner_ttl_secs: 22,
             },
             auth: Auth {
                 allow_anonymous: true,
@@ -643,6 +655,15 @@ mod tests {
                         password: "plain".into(),
                     },
                 ],
+                jwt_issuer: Some("https://issuer.example".into()),
+                jwt_audience: Some("chatmq".into()),
+                limits: LoginLimits {
+                    failed_logins_per_ip: 23,
+                    failed_logins_per_user: 24,
+                    failed_login_window_secs: 25,
+                    password_checks: 26,
+                    password_check_queue: 27,
+                },
             },
             acl: Acl {
                 rules: vec![

@@ -84,6 +84,16 @@ pub struct Mqtt {
     pub topic_alias_max: u16,
     /// `[mqtt.tls]`: MQTT over TLS on its own listener; absent: no TLS.
     pub tls: Option<Tls>,
+    // abuse limits: identity
+    /// Persistent sessions one user may hold (connected or waiting); a
+    /// CONNECT that would create one more is refused (MQTT 5 0x97 Quota
+    /// exceeded, 3.1.1 rc 3). Sessions that end with their connection are
+    /// not counted.
+    pub max_sessions_per_user: usize,
+    /// How long a user's claim on a client id outlives its last session, in
+    /// seconds; then the id is free for anyone. A claim is never dropped
+    /// while a session of that id exists.
+    pub client_owner_ttl_secs: u64,
 }
 
 impl Default for Mqtt {
@@ -100,6 +110,8 @@ impl Default for Mqtt {
             session_expiry_max: 604_800,
             topic_alias_max: 16,
             tls: None,
+            max_sessions_per_user: 100,
+            client_owner_ttl_secs: 30 * 24 * 3600,
         }
     }
 }
@@ -122,6 +134,45 @@ pub struct Auth {
     pub admin_token: Option<String>,
     /// Static users, from `[[auth.users]]`.
     pub users: Vec<User>,
+    // abuse limits: identity
+    /// Required `iss` of user JWTs; unset: not checked.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of user JWTs; unset: a token that carries an `aud` is
+    /// refused (it was meant for another service).
+    pub jwt_audience: Option<String>,
+    /// `[auth.limits]`: failed-login rate limits and the password-check pool.
+    pub limits: LoginLimits,
+}
+
+/// `[auth.limits]`: what failed logins and password hashing may cost.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoginLimits {
+    /// Failed logins from one IP address within `failed_login_window_secs`
+    /// after which its CONNECTs are refused without checking credentials
+    /// until the window ends (0: no limit).
+    pub failed_logins_per_ip: u32,
+    /// The same, per user name (0: no limit).
+    pub failed_logins_per_user: u32,
+    /// The window the two counts above are kept for, in seconds.
+    pub failed_login_window_secs: u64,
+    /// argon2 password checks running at once (each takes about 19 MiB).
+    pub password_checks: usize,
+    /// CONNECTs that may wait for a password check; beyond them a CONNECT is
+    /// refused as Server busy (MQTT 5 0x89, 3.1.1 rc 3).
+    pub password_check_queue: usize,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        LoginLimits {
+            failed_logins_per_ip: 100,
+            failed_logins_per_user: 20,
+            failed_login_window_secs: 60,
+            password_checks: 2,
+            password_check_queue: 64,
+        }
+    }
 }
 
 /// How secrets appear in `Debug` output.
@@ -135,6 +186,9 @@ impl fmt::Debug for Auth {
             .field("jwt_public_key", &self.jwt_public_key)
             .field("admin_token", &self.admin_token.as_ref().map(|_| REDACTED))
             .field("users", &self.users)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -522,6 +576,8 @@ pub(crate) const KEYS: &[Key] = &[
             key("session_expiry_max", integer(0, U32_MAX)),
             key("topic_alias_max", integer(0, U16_MAX)),
             key("tls", Kind::Section(TLS_KEYS)),
+            key("max_sessions_per_user", integer(1, USIZE_MAX)),
+            key("client_owner_ttl_secs", integer(1, U32_MAX)),
         ]),
     ),
     key(
@@ -534,6 +590,18 @@ pub(crate) const KEYS: &[Key] = &[
             key(
                 "users",
                 Kind::Tables(&[key("name", Kind::Text), key("password", Kind::Text)]),
+            ),
+            key("jwt_issuer", Kind::Text),
+            key("jwt_audience", Kind::Text),
+            key(
+                "limits",
+                Kind::Section(&[
+                    key("failed_logins_per_ip", integer(0, U32_MAX)),
+                    key("failed_logins_per_user", integer(0, U32_MAX)),
+                    key("failed_login_window_secs", integer(1, U32_MAX)),
+                    key("password_checks", integer(1, 1024)),
+                    key("password_check_queue", integer(0, 1 << 20)),
+                ]),
             ),
         ]),
     ),

@@ -99,13 +99,4 @@ impl Batch {
     pub fn delete_retained(&mut self, topic: &str) {
         self.delete(CF_RETAINED, topic.as_bytes().to_vec());
     }
-
-    /// Binds a client id to the user who first used it.
-    pub fn put_client_owner(&mut self, client_id: &str, user: &str) {
-        self.put(
-            CF_CLIENT,
-            client_id.as_bytes().to_vec(),
-            user.as_bytes().to_vec(),
-        );
-    }
 }

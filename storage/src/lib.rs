@@ -18,6 +18,7 @@ mod chat;
 mod error;
 mod keys;
 mod latency;
+mod owner;
 mod push;
 mod record;
 mod store;
@@ -28,6 +29,7 @@ pub use chat::Role;
 pub use chatmq_config::SyncMode;
 pub use error::StorageError;
 pub use latency::{LatencySnapshot, COMMIT_BUCKETS};
+pub use owner::ClientOwner;
 pub use push::{Device, PushJob};
 pub use record::{
     ConversationRecord, MessageProps, MessageRecord, OutboxEntry, OutboxState, PushJobRecord,

@@ -288,15 +288,6 @@ impl Store {
         }
         Ok(out)
     }
-
-    /// The user a client id belongs to, if any user has used it.
-    pub fn client_owner(&self, client_id: &str) -> Result<Option<String>, StorageError> {
-        let value = self
-            .inner
-            .db
-            .get_cf(self.cf(CF_CLIENT)?, client_id.as_bytes())?;
-        Ok(value.and_then(|v| String::from_utf8(v).ok()))
-    }
 }
 
 fn tail_u64(b: &[u8]) -> Option<u64> {
@@ -380,7 +371,7 @@ mod tests {
             b.put_outbox("c1", 300, &entry("two"));
             b.put_outbox("c10", 1, &entry("other client"));
             b.put_inbound("c1", 7);
-            b.put_client_owner("c1", "alice");
+            b.put_client_owner("c1", "alice", 1);
             store.write(b).await.unwrap();
             let mut b = Batch::new();
             b.delete_outbox("c1", 1);
@@ -396,7 +387,10 @@ mod tests {
         assert_eq!(s.outbox.len(), 1);
         assert_eq!(s.outbox[0].0, 300);
         assert_eq!(s.inbound, vec![7]);
-        assert_eq!(store.client_owner("c1").unwrap().as_deref(), Some("alice"));
+        assert_eq!(
+            store.client_owner("c1").unwrap().map(|o| o.user).as_deref(),
+            Some("alice")
+        );
         assert_eq!(store.client_owner("c2").unwrap(), None);
 
         let mut b = Batch::new();

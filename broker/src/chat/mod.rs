@@ -553,14 +553,20 @@ impl Chat {
         cells.push(Arc::downgrade(cell));
     }
 
+    /// Every session of `user` still alive, connected or not (a replaced
+    /// one may linger while its connection closes).
+    pub fn sessions_of(&self, user: &str) -> Vec<Arc<SessionCell>> {
+        lock(&self.sessions)
+            .get(user)
+            .map(|v| v.iter().filter_map(Weak::upgrade).collect())
+            .unwrap_or_default()
+    }
+
     /// `user` is now in `conv`, whose head is `head`: each of its sessions
     /// that subscribes to the conversation starts its cursor there, so one
     /// that is offline now replays from it when it comes back.
     fn join(&self, conv: &str, user: &str, head: u64) {
-        let cells: Vec<Arc<SessionCell>> = lock(&self.sessions)
-            .get(user)
-            .map(|v| v.iter().filter_map(Weak::upgrade).collect())
-            .unwrap_or_default();
+        let cells = self.sessions_of(user);
         tracing::debug!(conv, user, head, sessions = cells.len(), "joining");
         let mut batch = Batch::new();
         for cell in cells {

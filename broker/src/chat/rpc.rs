@@ -1,12 +1,87 @@
 //! RPC over MQTT (DESIGN §4): a request `{"id": ..., ...params}` published
 //! on `rpc/{method}`, a reply `{"type":"rpc","id":...,"ok":...}`. The same
 //! operations back the HTTP API.
+//!
+//! A reply goes to `users/{me}/events`, or to the MQTT 5 Response Topic
+//! when the requester may publish there itself: a plain topic its ACL
+//! grants, or its own events topic. Any other Response Topic refuses the
+//! request unrun, so a reply can never carry the server's voice where the
+//! requester has none. The correlation `id` echoed back is a string of at
+//! most [`MAX_ID_BYTES`]; a request with another `id` is refused unrun.
 
 use chatmq_bridge::push::{Platform, PushError};
 use chatmq_storage::Device;
 use serde_json::{json, Value};
 
-use super::{namespace, Chat, RpcError};
+use super::namespace::{self, classify, Topic};
+use super::{Chat, RpcError};
+use crate::access::Acl;
+use crate::topic::valid_topic;
+
+/// The longest correlation `id` a request may carry (it is echoed back).
+pub const MAX_ID_BYTES: usize = 128;
+
+/// Where the reply to a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyRoute {
+    /// The MQTT 5 Response Topic, a plain topic the requester may publish to.
+    ResponseTopic(String),
+    /// `users/{me}/events`.
+    Events,
+    /// A Response Topic the requester may not publish to: the request is
+    /// refused (PUBACK 0x87) and not run.
+    Refused,
+}
+
+/// Where `user`'s reply goes, given the request's Response Topic.
+pub fn reply_route(
+    acl: &Acl,
+    user: &str,
+    client_id: &str,
+    response_topic: Option<&str>,
+) -> ReplyRoute {
+    let Some(t) = response_topic else {
+        return ReplyRoute::Events;
+    };
+    if !valid_topic(t) {
+        return ReplyRoute::Refused;
+    }
+    match classify(t) {
+        Topic::Plain if acl.can_publish(Some(user), client_id, t) => {
+            ReplyRoute::ResponseTopic(t.to_string())
+        }
+        Topic::Events(owner) if owner == user => ReplyRoute::Events,
+        _ => ReplyRoute::Refused,
+    }
+}
+
+/// The reply (on `users/{me}/events`) to a request refused for its
+/// Response Topic.
+pub fn refused_response_topic(payload: &[u8]) -> Value {
+    let id = serde_json::from_slice::<Value>(payload)
+        .ok()
+        .and_then(|request| correlation_id(&request).ok())
+        .unwrap_or(Value::Null);
+    reply(
+        id,
+        Err(RpcError::new(
+            "forbidden",
+            "the Response Topic is not one you may publish to; the request was not run",
+        )),
+    )
+}
+
+/// The request's `id` to echo: absent (null) or a string of at most
+/// [`MAX_ID_BYTES`].
+fn correlation_id(request: &Value) -> Result<Value, RpcError> {
+    match request.get("id") {
+        None | Some(Value::Null) => Ok(Value::Null),
+        Some(Value::String(id)) if id.len() <= MAX_ID_BYTES => Ok(Value::String(id.clone())),
+        Some(_) => Err(RpcError::bad(format!(
+            "`id` must be a string of at most {MAX_ID_BYTES} bytes"
+        ))),
+    }
+}
 
 /// Runs `method` for `user` and returns the reply to send back.
 pub async fn call(chat: &Chat, user: &str, method: &str, payload: &[u8]) -> Value {
@@ -19,8 +94,10 @@ pub async fn call(chat: &Chat, user: &str, method: &str, payload: &[u8]) -> Valu
             )
         }
     };
-    let id = request.get("id").cloned().unwrap_or(Value::Null);
-    reply(id, dispatch(chat, user, method, &request).await)
+    match correlation_id(&request) {
+        Ok(id) => reply(id, dispatch(chat, user, method, &request).await),
+        Err(e) => reply(Value::Null, Err(e)),
+    }
 }
 
 fn reply(id: Value, result: Result<Value, RpcError>) -> Value {

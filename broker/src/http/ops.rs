@@ -132,7 +132,50 @@ fn render(broker: &Broker) -> String {
         "Write batches waiting for the storage writer.",
         broker.store.queue_depth(),
     );
+    identity(broker, &mut out);
     out.0
+}
+
+/// Logins and client-id ownership.
+fn identity(broker: &Broker, out: &mut Exposition) {
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let logins = &broker.auth.guard.metrics;
+    out.single(
+        "chatmq_login_failures_total",
+        "counter",
+        "CONNECTs refused for a wrong password or token.",
+        count(&logins.failures),
+    );
+    out.single(
+        "chatmq_logins_rate_limited_total",
+        "counter",
+        "CONNECTs refused unchecked: too many failed logins from their address or for their user name.",
+        count(&logins.rate_limited),
+    );
+    out.single(
+        "chatmq_logins_busy_total",
+        "counter",
+        "CONNECTs refused as Server busy: the password-check queue was full.",
+        count(&logins.busy),
+    );
+    out.single(
+        "chatmq_client_id_refused_total",
+        "counter",
+        "CONNECTs refused: the client id belongs to another user or an anonymous session.",
+        count(&broker.metrics.client_id_refused),
+    );
+    out.single(
+        "chatmq_session_quota_refused_total",
+        "counter",
+        "CONNECTs refused: the user already holds mqtt.max_sessions_per_user persistent sessions.",
+        count(&broker.metrics.session_quota_refused),
+    );
+    out.single(
+        "chatmq_client_owners_removed_total",
+        "counter",
+        "Client-id claims removed after client_owner_ttl_secs without a session.",
+        count(&broker.owners.removed),
+    );
 }
 
 /// A Prometheus text exposition being written.

@@ -116,6 +116,8 @@ pub struct Metrics {
     pub chat_appended: AtomicU64,
     /// Messages a session dropped: its queue was full or they expired.
     pub messages_dropped: AtomicU64,
+    /// Connections refused before CONNECT was accepted, by reason.
+    pub refused: crate::admission::Refusals,
 }
 
 pub struct Broker {

@@ -164,10 +164,6 @@ impl Channel {
             Err(Refusal::NotAuthorized) => return Err(self.refuse_connect(Rc::NotAuthorized)),
         };
 
-        if self.broker.metrics.connections.load(Ordering::Relaxed) > mqtt.max_connections {
-            return Err(self.refuse_connect(Rc::ServerUnavailable));
-        }
-
         let mut batch = Batch::new();
         if let Identity::User(user) = &identity {
             // A client id belongs to the user who first used it.

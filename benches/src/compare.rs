@@ -214,6 +214,9 @@ data_dir = "{data}"
 listen = "{addr}"
 max_inflight = {INFLIGHT}
 max_offline_messages = {QUEUED}
+# Every load client comes from 127.0.0.1: no per-address limits.
+max_connections_per_ip = 0
+accept_rate_per_ip = 0
 [http]
 listen = "127.0.0.1:0"
 [websocket]

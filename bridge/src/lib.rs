@@ -3,7 +3,7 @@
 //! - [`websocket`]: MQTT over WebSocket. [`websocket::WsAcceptor`] performs
 //!   the upgrade (path, `Origin`, subprotocol, limits) and yields a
 //!   [`websocket::WsStream`], a byte stream the broker serves exactly like a
-//!   TCP socket; [`websocket::IpLimiter`] caps connections per address.
+//!   TCP socket, whose messages never exceed the MQTT packet limits.
 //! - [`tls`]: [`tls::TlsAcceptor`], rustls with the certificate and key a
 //!   `[mqtt.tls]` or `[websocket.tls]` section names, for MQTT and `wss`.
 //! - [`push`]: notifications to members with no live session: the device

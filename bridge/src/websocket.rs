@@ -5,12 +5,14 @@
 //! MQTT packets may be split across messages or packed several to one; the
 //! byte stream makes both the same. Text frames are refused with close code
 //! 1003, as the specification requires binary data [MQTT-6.0.0-1].
+//!
+//! A message is never larger than the largest MQTT packet, and before the
+//! first packet (CONNECT) has arrived, never larger than the CONNECT limit:
+//! an unauthenticated client cannot make the broker hold more for it than
+//! it could over TCP.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -29,6 +31,10 @@ use tokio_tungstenite::WebSocketStream;
 /// and 5) and `mqttv3.1`, which older clients still offer.
 const SUBPROTOCOLS: &[&str] = &["mqtt", "mqttv3.1"];
 
+/// What the raw bytes of a message may exceed its payload by: frame
+/// headers, and the start of the next message read in the same chunk.
+const FRAMING_SLACK: usize = 4096;
+
 /// Why an upgrade did not produce a connection.
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -38,6 +44,15 @@ pub enum UpgradeError {
     Handshake(#[from] WsError),
 }
 
+/// The MQTT sizes a WebSocket message must stay within, from `[mqtt]`.
+#[derive(Debug, Clone, Copy)]
+pub struct PacketLimits {
+    /// The largest MQTT packet the broker reads.
+    pub max_packet: usize,
+    /// The largest CONNECT, the first packet, read before authentication.
+    pub max_connect: usize,
+}
+
 /// Accepts WebSocket upgrades as `[websocket]` configures them.
 #[derive(Debug, Clone)]
 pub struct WsAcceptor {
@@ -45,26 +60,31 @@ pub struct WsAcceptor {
     allowed_origins: Vec<String>,
     handshake_timeout: Duration,
     config: WebSocketConfig,
+    max_connect: usize,
 }
 
 impl WsAcceptor {
-    pub fn new(settings: &Websocket) -> WsAcceptor {
+    /// `[websocket]`'s frame and message limits apply, capped at
+    /// `limits.max_packet`: a message larger than any packet the broker
+    /// would read is refused (1009) before it is assembled.
+    pub fn new(settings: &Websocket, limits: PacketLimits) -> WsAcceptor {
         let config = WebSocketConfig::default()
             // The read chunk, allocated per connection: most are idle.
             .read_buffer_size(4096)
-            .max_frame_size(Some(settings.max_frame_size))
-            .max_message_size(Some(settings.max_message_size));
+            .max_frame_size(Some(settings.max_frame_size.min(limits.max_packet)))
+            .max_message_size(Some(settings.max_message_size.min(limits.max_packet)));
         WsAcceptor {
             path: settings.path.clone(),
             allowed_origins: settings.allowed_origins.clone(),
             handshake_timeout: Duration::from_secs(settings.handshake_timeout_secs),
             config,
+            max_connect: limits.max_connect,
         }
     }
 
-    /// Performs the upgrade on `stream` (TCP or TLS). `over_limit` (from an
-    /// [`IpLimiter`]) answers the request with 429 instead, so the client
-    /// learns why rather than seeing a dropped socket.
+    /// Performs the upgrade on `stream` (TCP or TLS). `over_limit` (the
+    /// address holds `max_connections_per_ip`) answers the request with 429
+    /// instead, so the client learns why rather than seeing a dropped socket.
     #[allow(clippy::result_large_err)] // the callback's type is tungstenite's
     pub async fn accept<S>(&self, stream: S, over_limit: bool) -> Result<WsStream<S>, UpgradeError>
     where
@@ -79,11 +99,16 @@ impl WsAcceptor {
             }
             self.check(request, response)
         };
+        // tungstenite bounds the upgrade request itself (64 KiB).
+        let metered = Metered::new(stream);
         let upgrade =
-            tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(self.config));
-        let ws = tokio::time::timeout(self.handshake_timeout, upgrade)
+            tokio_tungstenite::accept_hdr_async_with_config(metered, check, Some(self.config));
+        let mut ws = tokio::time::timeout(self.handshake_timeout, upgrade)
             .await
             .map_err(|_| UpgradeError::Timeout)??;
+        let metered = ws.get_mut();
+        metered.since_message = 0;
+        metered.limit = Some(self.max_connect.saturating_add(FRAMING_SLACK));
         Ok(WsStream::new(ws))
     }
 
@@ -146,21 +171,155 @@ fn reject(status: StatusCode, why: &str) -> ErrorResponse {
 /// binary messages in order; each write goes out as one binary message.
 /// Pings are answered by tungstenite as it reads.
 pub struct WsStream<S> {
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Metered<S>>,
     /// What is left of the last binary message read.
     pending: Bytes,
+    /// How far the first MQTT packet has been read: until it is complete,
+    /// messages are held to the CONNECT limit.
+    connect: FirstPacket,
     /// The close code our close frame will carry.
     close_code: CloseCode,
     close_sent: bool,
 }
 
 impl<S> WsStream<S> {
-    fn new(ws: WebSocketStream<S>) -> WsStream<S> {
+    fn new(ws: WebSocketStream<Metered<S>>) -> WsStream<S> {
         WsStream {
             ws,
             pending: Bytes::new(),
+            connect: FirstPacket::default(),
             close_code: CloseCode::Normal,
             close_sent: false,
+        }
+    }
+}
+
+/// The socket under tungstenite, counting the bytes read since the last
+/// complete message. tungstenite's message limit is fixed when the stream
+/// is made, so the tighter limit that holds until CONNECT has arrived is
+/// enforced here, on the bytes of a message still being assembled.
+struct Metered<S> {
+    inner: S,
+    /// Bytes read since tungstenite last yielded a message (frame headers
+    /// included; up to one read chunk of the next message too).
+    since_message: usize,
+    /// The most `since_message` may reach; `None`: tungstenite's limit only.
+    limit: Option<usize>,
+    exceeded: bool,
+}
+
+impl<S> Metered<S> {
+    fn new(inner: S) -> Metered<S> {
+        Metered {
+            inner,
+            since_message: 0,
+            limit: None,
+            exceeded: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let read = buf.filled().len().saturating_sub(before);
+        self.since_message = self.since_message.saturating_add(read);
+        if self.limit.is_some_and(|limit| self.since_message > limit) {
+            self.exceeded = true;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "websocket message over the limit before CONNECT",
+            )));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Where the first MQTT packet ends, learnt from its fixed header (a type
+/// byte, then a remaining length of 1 to 4 bytes, MQTT 5 §2.1.4) as the
+/// byte stream passes. A malformed header ends the watch: the broker's
+/// decoder refuses the packet anyway.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum FirstPacket {
+    /// Nothing of it yet.
+    #[default]
+    Start,
+    /// Its type byte and `length_bytes` bytes of its remaining length,
+    /// decoded so far into `remaining`.
+    Header {
+        length_bytes: u8,
+        remaining: usize,
+    },
+    /// Bytes of the packet still to come.
+    Body(usize),
+    Done,
+}
+
+impl FirstPacket {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match *self {
+                FirstPacket::Done => return,
+                FirstPacket::Start => {
+                    bytes = &bytes[1..];
+                    *self = FirstPacket::Header {
+                        length_bytes: 0,
+                        remaining: 0,
+                    };
+                }
+                FirstPacket::Header {
+                    length_bytes,
+                    remaining,
+                } => {
+                    let byte = bytes[0];
+                    bytes = &bytes[1..];
+                    let remaining = remaining | (usize::from(byte & 0x7F) << (7 * length_bytes));
+                    *self = if byte & 0x80 == 0 {
+                        FirstPacket::Body(remaining)
+                    } else if length_bytes >= 3 {
+                        FirstPacket::Done
+                    } else {
+                        FirstPacket::Header {
+                            length_bytes: length_bytes + 1,
+                            remaining,
+                        }
+                    };
+                }
+                FirstPacket::Body(left) => {
+                    let taken = left.min(bytes.len());
+                    bytes = &bytes[taken..];
+                    *self = FirstPacket::Body(left - taken);
+                }
+            }
+            if *self == FirstPacket::Body(0) {
+                *self = FirstPacket::Done;
+            }
+        }
+        if *self == FirstPacket::Body(0) {
+            *self = FirstPacket::Done;
         }
     }
 }
@@ -186,7 +345,11 @@ where
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         while this.pending.is_empty() {
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+            let next = ready!(Pin::new(&mut this.ws).poll_next(cx));
+            if let Some(Ok(_)) = next {
+                this.ws.get_mut().since_message = 0;
+            }
+            match next {
                 // The end of the stream, or the peer's close frame: EOF.
                 None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(())),
                 Some(Ok(Message::Binary(data))) => this.pending = data,
@@ -206,11 +369,24 @@ where
                     this.close_code = CloseCode::Protocol;
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
                 }
-                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                Some(Err(e)) => {
+                    if this.ws.get_ref().exceeded {
+                        this.close_code = CloseCode::Size;
+                    }
+                    return Poll::Ready(Err(to_io(e)));
+                }
             }
         }
         let n = this.pending.len().min(buf.remaining());
         buf.put_slice(&this.pending[..n]);
+        if this.connect != FirstPacket::Done {
+            this.connect.feed(&this.pending[..n]);
+            if this.connect == FirstPacket::Done {
+                // CONNECT is in: from now on tungstenite's limits (at most
+                // the largest packet) apply.
+                this.ws.get_mut().limit = None;
+            }
+        }
         this.pending.advance(n);
         Poll::Ready(Ok(()))
     }
@@ -257,79 +433,38 @@ where
     }
 }
 
-/// Counts connections per IP address against `[websocket]
-/// max_connections_per_ip`. A [`Slot`] holds one place until dropped.
-#[derive(Debug, Clone)]
-pub struct IpLimiter {
-    max: usize,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-/// One connection's place in an [`IpLimiter`].
-#[derive(Debug)]
-pub struct Slot {
-    ip: IpAddr,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl IpLimiter {
-    /// `max` 0 means no limit.
-    pub fn new(max: usize) -> IpLimiter {
-        IpLimiter {
-            max,
-            counts: Arc::default(),
-        }
-    }
-
-    /// A place for one more connection from `ip`, or `None` at the limit.
-    pub fn acquire(&self, ip: IpAddr) -> Option<Slot> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let count = counts.entry(ip).or_insert(0);
-        if self.max != 0 && *count >= self.max {
-            return None;
-        }
-        *count += 1;
-        Some(Slot {
-            ip,
-            counts: self.counts.clone(),
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.ip);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn limiter_counts_per_address_and_frees_on_drop() {
-        let limiter = IpLimiter::new(2);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = limiter.acquire(a).unwrap();
-        let _second = limiter.acquire(a).unwrap();
-        assert!(limiter.acquire(a).is_none());
-        assert!(limiter.acquire(b).is_some());
-        drop(first);
-        assert!(limiter.acquire(a).is_some());
+    fn fed(chunks: &[&[u8]]) -> FirstPacket {
+        let mut first = FirstPacket::default();
+        for chunk in chunks {
+            first.feed(chunk);
+        }
+        first
     }
 
     #[test]
-    fn zero_means_no_limit() {
-        let limiter = IpLimiter::new(0);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let slots: Vec<Slot> = (0..100).filter_map(|_| limiter.acquire(a)).collect();
-        assert_eq!(slots.len(), 100);
+    fn the_first_packet_ends_where_its_remaining_length_says() {
+        // CONNECT with a remaining length of 3.
+        assert_eq!(fed(&[&[0x10, 3, 1, 2]]), FirstPacket::Body(1));
+        assert_eq!(fed(&[&[0x10, 3, 1, 2, 3]]), FirstPacket::Done);
+        assert_eq!(
+            fed(&[&[0x10], &[3], &[1, 2], &[3, 0xC0]]),
+            FirstPacket::Done
+        );
+        // 200 = 0xC8 0x01 as a variable byte integer.
+        assert_eq!(fed(&[&[0x10, 0xC8], &[0x01]]), FirstPacket::Body(200));
+        assert_eq!(fed(&[&[0x10, 0xC8, 0x01], &[0u8; 200]]), FirstPacket::Done);
+    }
+
+    #[test]
+    fn a_remaining_length_over_four_bytes_ends_the_watch() {
+        assert_eq!(fed(&[&[0x10, 0xFF, 0xFF, 0xFF, 0xFF]]), FirstPacket::Done);
+        assert_eq!(
+            fed(&[&[0x10, 0xFF, 0xFF, 0xFF, 0x7F]]),
+            FirstPacket::Body(268_435_455)
+        );
     }
 }

@@ -154,6 +154,8 @@ pub struct Metrics {
     pub client_id_refused: AtomicU64,
     /// CONNECTs refused: the user holds its maximum of persistent sessions.
     pub session_quota_refused: AtomicU64,
+    /// Connections refused before CONNECT was accepted, by reason.
+    pub refused: crate::admission::Refusals,
 }
 
 pub struct Broker {

@@ -187,10 +187,6 @@ impl Channel {
             Err(Refusal::ServerBusy) => return Err(self.refuse_connect(Rc::ServerBusy)),
         };
 
-        if self.broker.metrics.connections.load(Ordering::Relaxed) > mqtt.max_connections {
-            return Err(self.refuse_connect(Rc::ServerUnavailable));
-        }
-
         let mut batch = Batch::new();
 
         if let Some(w) = will {

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 
+use crate::admission::Refusal;
 use crate::broker::{Broker, Kick, Metrics};
 use crate::channel::{max_packet_size, Channel, Close, Out};
 use crate::codec::{self, DecodeError, Protocol};
@@ -134,7 +135,8 @@ impl Connection {
         W: AsyncWrite + Unpin,
     {
         let connect_timeout = Duration::from_secs(broker.settings.mqtt.connect_timeout_secs);
-        let first = match timeout(connect_timeout, self.read_connect(rd)).await {
+        let max_connect = broker.settings.mqtt.max_connect_packet;
+        let first = match timeout(connect_timeout, self.read_connect(rd, max_connect)).await {
             Ok(Ok(Some(p))) => p,
             Ok(Err(DecodeError::UnsupportedProtocol(_))) => {
                 // [MQTT-3.1.2-2] answer 0x01 in the 3.1.1 form, then close.
@@ -151,9 +153,16 @@ impl Connection {
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "bad CONNECT");
+                if let DecodeError::TooLarge { .. } = e {
+                    self.metrics.refused.count(Refusal::ConnectTooLarge);
+                }
                 return None;
             }
-            Ok(Ok(None)) | Err(_) => return None,
+            Ok(Ok(None)) => return None,
+            Err(_) => {
+                self.metrics.refused.count(Refusal::ConnectTimeout);
+                return None;
+            }
         };
         let (protocol, Packet::Connect(connect, will, login)) = first else {
             return None;
@@ -291,12 +300,17 @@ impl Connection {
         }
     }
 
+    /// The first packet, which must be a CONNECT of at most `max_connect`
+    /// bytes: it is read before the client is authenticated, so it is held
+    /// to far less than the packets that follow.
     async fn read_connect<R: AsyncRead + Unpin>(
         &mut self,
         rd: &mut R,
+        max_connect: usize,
     ) -> Result<Option<(Protocol, Packet)>, DecodeError> {
+        let limit = self.max_in.min(max_connect);
         loop {
-            if let Some(p) = codec::decode(&mut self.inbuf, None, self.max_in)? {
+            if let Some(p) = codec::decode(&mut self.inbuf, None, limit)? {
                 return Ok(Some(p));
             }
             match rd.read_buf(&mut self.inbuf).await {

@@ -1,7 +1,8 @@
 //! chatmq-broker: an MQTT 3.1.1 and 5.0 broker specialised for chat.
 //!
-//! The story of a packet: [`server`] accepts a socket and hands it to
-//! [`connection`], which reads bytes and lets [`codec`] turn them into
+//! The story of a packet: [`server`] accepts a socket, once [`admission`]
+//! has let it in (a connection permit, the limits of its address), and
+//! hands it to [`connection`], which reads bytes and lets [`codec`] turn them into
 //! packets (MQTT 3.1.1 is mapped onto the MQTT 5 model there). The
 //! [`channel`] is the per-connection protocol state machine: it checks each
 //! packet against the rules and [`access`] control, and asks the
@@ -15,6 +16,7 @@
 //! program and `Server::shutdown` stops it.
 
 pub mod access;
+pub mod admission;
 pub mod broker;
 pub mod channel;
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Start-up and shutdown: open the store, bind the listeners (MQTT and
-//! HTTP), accept connections, sweep expired sessions, apply retention, and
-//! stop cleanly.
+//! HTTP), accept connections (each admitted by [`admission`] first), sweep
+//! expired sessions, apply retention, and stop cleanly.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chatmq_bridge::push::{Gateway, PushError};
 use chatmq_bridge::tls::{TlsAcceptor, TlsError, TlsStream};
-use chatmq_bridge::websocket::{IpLimiter, WsAcceptor};
+use chatmq_bridge::websocket::{PacketLimits, WsAcceptor};
 use chatmq_config::{Settings, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN};
 use chatmq_storage::Store;
 use tokio::net::{TcpListener, TcpStream};
@@ -17,7 +17,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::access::{AccessError, Authenticator};
+use crate::admission::{AddressLimiter, AddressLimits, Admission, Admitted, Refusal};
 use crate::broker::Broker;
+use crate::channel::max_packet_size;
 use crate::chat::retention;
 use crate::clock::now_ms;
 use crate::connection;
@@ -61,8 +63,8 @@ pub enum StartError {
 enum Transport {
     Tcp,
     Tls(TlsAcceptor),
-    Ws(WsAcceptor, IpLimiter),
-    Wss(TlsAcceptor, WsAcceptor, IpLimiter),
+    Ws(WsAcceptor, AddressLimiter),
+    Wss(TlsAcceptor, WsAcceptor, AddressLimiter),
 }
 
 /// A listener the settings ask for beyond MQTT and HTTP: its name as
@@ -114,8 +116,17 @@ fn plan_edges(settings: &Settings) -> Result<Vec<Edge>, StartError> {
     }
     let ws = &settings.websocket;
     if ws.enabled {
-        let upgrade = WsAcceptor::new(ws);
-        let limiter = IpLimiter::new(ws.max_connections_per_ip);
+        let limits = PacketLimits {
+            max_packet: max_packet_size(settings.mqtt.max_payload),
+            max_connect: settings.mqtt.max_connect_packet,
+        };
+        let upgrade = WsAcceptor::new(ws, limits);
+        // `websocket.max_connections_per_ip`, answered 429 by the upgrade.
+        let limiter = AddressLimiter::new(AddressLimits {
+            max_open: ws.max_connections_per_ip,
+            rate_per_sec: 0,
+            burst: 0,
+        });
         let secure = match &ws.tls {
             Some(tls) => Some(Edge {
                 name: "websocket-tls",
@@ -203,9 +214,13 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, watch) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        // One budget for every MQTT listener: `mqtt.max_connections` counts
+        // connections, whatever their transport.
+        let admission = Admission::new(&settings.mqtt);
         tasks.spawn(accept_loop(
             listener,
             Transport::Tcp,
+            admission.clone(),
             broker.clone(),
             watch.clone(),
         ));
@@ -213,6 +228,7 @@ impl Server {
             tasks.spawn(accept_loop(
                 edge.socket,
                 edge.transport,
+                admission.clone(),
                 broker.clone(),
                 watch.clone(),
             ));
@@ -255,49 +271,40 @@ impl Server {
     }
 }
 
+/// Accepts connections while there are permits: a permit is taken before
+/// `accept`, so beyond `mqtt.max_connections` new connections wait in the
+/// kernel's backlog and cost nothing here. An admitted connection holds its
+/// permit and address place until its task ends.
 async fn accept_loop(
     listener: TcpListener,
     transport: Transport,
+    admission: Admission,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    let mut permit = None;
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
-            accepted = listener.accept() => match accepted {
+            p = admission.permit(), if permit.is_none() => match p {
+                Some(p) => permit = Some(p),
+                None => break,
+            },
+            accepted = listener.accept(), if permit.is_some() => match accepted {
                 Ok((socket, peer)) => {
-                    let _ = socket.set_nodelay(true);
-                    let (broker, shutdown) = (broker.clone(), shutdown.clone());
-                    // One task type per transport, so a plain TCP connection
-                    // carries nothing of TLS or WebSocket in its future.
-                    match &transport {
-                        Transport::Tcp => {
-                            connections.spawn(connection::serve(socket, peer.ip(), broker, shutdown));
+                    let Some(p) = permit.take() else { continue };
+                    let admitted = match admission.admit(p, &socket, peer.ip()) {
+                        Ok(a) => a,
+                        Err(why) => {
+                            // Closed before a byte is read: a flood from one
+                            // address costs an accept and a close.
+                            tracing::debug!(%peer, reason = why.label(), "connection refused");
+                            broker.metrics.refused.count(why);
+                            continue;
                         }
-                        Transport::Tls(tls) => {
-                            let tls = tls.clone();
-                            connections.spawn(async move {
-                                if let Some(stream) = handshake(&tls, socket, peer).await {
-                                    connection::serve(stream, peer.ip(), broker, shutdown).await
-                                }
-                            });
-                        }
-                        Transport::Ws(ws, limiter) => {
-                            let (ws, limiter) = (ws.clone(), limiter.clone());
-                            connections.spawn(async move {
-                                serve_ws(socket, peer, &ws, &limiter, broker, shutdown).await
-                            });
-                        }
-                        Transport::Wss(tls, ws, limiter) => {
-                            let (tls, ws, limiter) = (tls.clone(), ws.clone(), limiter.clone());
-                            connections.spawn(async move {
-                                if let Some(stream) = handshake(&tls, socket, peer).await {
-                                    serve_ws(stream, peer, &ws, &limiter, broker, shutdown).await
-                                }
-                            });
-                        }
-                    }
+                    };
+                    spawn_connection(&mut connections, &transport, socket, peer, admitted, broker.clone(), shutdown.clone());
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -312,40 +319,93 @@ async fn accept_loop(
     while connections.join_next().await.is_some() {}
 }
 
+/// Serves one admitted connection in its own task. One task type per
+/// transport, so a plain TCP connection carries nothing of TLS or
+/// WebSocket in its future.
+fn spawn_connection(
+    connections: &mut JoinSet<()>,
+    transport: &Transport,
+    socket: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) {
+    match transport {
+        Transport::Tcp => {
+            connections.spawn(async move {
+                connection::serve(socket, peer.ip(), broker, shutdown).await;
+                drop(admitted);
+            });
+        }
+        Transport::Tls(tls) => {
+            let tls = tls.clone();
+            connections.spawn(async move {
+                if let Some(stream) = handshake(&tls, socket, peer, &broker).await {
+                    connection::serve(stream, peer.ip(), broker, shutdown).await
+                }
+                drop(admitted);
+            });
+        }
+        Transport::Ws(ws, limiter) => {
+            let (ws, limiter) = (ws.clone(), limiter.clone());
+            connections.spawn(async move {
+                serve_ws(socket, peer, &ws, &limiter, broker, shutdown).await;
+                drop(admitted);
+            });
+        }
+        Transport::Wss(tls, ws, limiter) => {
+            let (tls, ws, limiter) = (tls.clone(), ws.clone(), limiter.clone());
+            connections.spawn(async move {
+                if let Some(stream) = handshake(&tls, socket, peer, &broker).await {
+                    serve_ws(stream, peer, &ws, &limiter, broker, shutdown).await
+                }
+                drop(admitted);
+            });
+        }
+    }
+}
+
 /// The server side of a TLS handshake; a failure (a plaintext client, a
 /// timeout, an untrusted chain) ends only this connection.
 async fn handshake(
     tls: &TlsAcceptor,
     socket: TcpStream,
     peer: SocketAddr,
+    broker: &Broker,
 ) -> Option<TlsStream<TcpStream>> {
     match tls.accept(socket).await {
         Ok(stream) => Some(stream),
         Err(e) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            broker.metrics.refused.count(Refusal::Handshake);
             None
         }
     }
 }
 
-/// Upgrades to WebSocket (refusing with 429 over the per-IP limit), then
-/// serves MQTT on it like on any socket.
+/// Upgrades to WebSocket (refusing with 429 over
+/// `websocket.max_connections_per_ip`), then serves MQTT on it like on any
+/// socket.
 async fn serve_ws<S>(
     stream: S,
     peer: SocketAddr,
     ws: &WsAcceptor,
-    limiter: &IpLimiter,
+    limiter: &AddressLimiter,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let slot = limiter.acquire(peer.ip());
-    match ws.accept(stream, slot.is_none()).await {
+    let place = limiter.enter(peer.ip(), std::time::Instant::now()).ok();
+    match ws.accept(stream, place.is_none()).await {
         Ok(stream) => connection::serve(stream, peer.ip(), broker, shutdown).await,
-        Err(e) => tracing::debug!(%peer, error = %e, "websocket upgrade refused or failed"),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "websocket upgrade refused or failed");
+            broker.metrics.refused.count(Refusal::Handshake);
+        }
     }
-    drop(slot);
+    drop(place);
 }
 
 async fn sweep_sessions(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {

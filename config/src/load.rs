@@ -529,8 +529,13 @@ mod tests {
             connect_timeout_secs = 7
             session_expiry_max = 0
             topic_alias_max = 65535
-            max_sessions_per_user = 21
-            client_owner_ttl_secs = 22
+            max_sessions_per_user = 26
+            client_owner_ttl_secs = 27
+            max_connections_per_ip = 21
+            accept_rate_per_ip = 22
+            accept_burst_per_ip = 23
+            max_connect_packet = 2400
+            tcp_keepalive_secs = 25
             [mqtt.tls]
             listen = "127.0.0.1:18883"
             cert = "certs/server.crt"
@@ -577,6 +582,9 @@ mod tests {
             [http]
             listen = "0.0.0.0:18080"
             static_dir = "web/dist"
+            header_timeout_secs = 26
+            request_timeout_secs = 27
+            max_connections = 28
             [chat]
             history_limit = 9
             retention_max_messages = 10
@@ -637,8 +645,13 @@ mod tests {
                     key: PathBuf::from("certs/server.key"),
                     handshake_timeout_secs: 12,
                 }),
-                max_sessions_per_user: 21,
-                client_owner_ttl_secs: 22,
+                max_sessions_per_user: 26,
+                client_owner_ttl_secs: 27,
+                max_connections_per_ip: 21,
+                accept_rate_per_ip: 22,
+                accept_burst_per_ip: 23,
+                max_connect_packet: 2400,
+                tcp_keepalive_secs: 25,
             },
             auth: Auth {
                 allow_anonymous: true,
@@ -680,6 +693,9 @@ mod tests {
             http: Http {
                 listen: "0.0.0.0:18080".parse().unwrap(),
                 static_dir: Some(PathBuf::from("web/dist")),
+                header_timeout_secs: 26,
+                request_timeout_secs: 27,
+                max_connections: 28,
             },
             chat: Chat {
                 history_limit: 9,

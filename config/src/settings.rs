@@ -94,6 +94,26 @@ pub struct Mqtt {
     /// seconds; then the id is free for anyone. A claim is never dropped
     /// while a session of that id exists.
     pub client_owner_ttl_secs: u64,
+    // abuse limits: edges
+    /// Concurrent connections from one address (an IPv6 /64 counts as one),
+    /// over every MQTT listener; 0: no limit. Over it, a new connection is
+    /// closed as soon as it is accepted.
+    pub max_connections_per_ip: usize,
+    /// New connections per second one address may open, over every MQTT
+    /// listener, once its burst is spent; 0: no limit.
+    pub accept_rate_per_ip: u32,
+    /// New connections one address may open at once after a quiet spell.
+    pub accept_burst_per_ip: u32,
+    /// Largest CONNECT packet in bytes (client id, credentials, will with
+    /// its payload, properties). It is read before the client is
+    /// authenticated, so it is kept far below `max_payload`; a larger one
+    /// closes the connection. Also the largest WebSocket message before
+    /// CONNECT.
+    pub max_connect_packet: usize,
+    /// Seconds a TCP connection may be silent before the OS probes the peer
+    /// (then every 10 s, 3 probes), so a client that vanished without
+    /// closing is found even with MQTT keepalive 0; 0: no TCP keepalive.
+    pub tcp_keepalive_secs: u64,
 }
 
 impl Default for Mqtt {
@@ -112,6 +132,11 @@ impl Default for Mqtt {
             tls: None,
             max_sessions_per_user: 100,
             client_owner_ttl_secs: 30 * 24 * 3600,
+            max_connections_per_ip: 1000,
+            accept_rate_per_ip: 100,
+            accept_burst_per_ip: 500,
+            max_connect_packet: 65_536,
+            tcp_keepalive_secs: 60,
         }
     }
 }
@@ -296,6 +321,16 @@ pub struct Http {
     /// A directory served at `/` (the web demo's build, say); absent: none.
     /// The API's own routes take precedence.
     pub static_dir: Option<PathBuf>,
+    // abuse limits: edges
+    /// Seconds a client has to send a request's head (request line and
+    /// headers); also how long an idle keep-alive connection stays open.
+    pub header_timeout_secs: u64,
+    /// Seconds from a request's head to its answer, reading the body
+    /// included; over it the answer is 408.
+    pub request_timeout_secs: u64,
+    /// Concurrent HTTP connections; further ones wait in the listen backlog
+    /// until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for Http {
@@ -303,6 +338,9 @@ impl Default for Http {
         Http {
             listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
             static_dir: None,
+            header_timeout_secs: 10,
+            request_timeout_secs: 30,
+            max_connections: 1024,
         }
     }
 }
@@ -356,9 +394,12 @@ pub struct Websocket {
     pub path: String,
     /// Seconds allowed from TCP accept to a completed WebSocket upgrade.
     pub handshake_timeout_secs: u64,
-    /// Largest single WebSocket frame accepted, in bytes.
+    /// Largest single WebSocket frame accepted, in bytes; never more than
+    /// the largest MQTT packet (`mqtt.max_payload` + 65 KiB).
     pub max_frame_size: usize,
-    /// Largest WebSocket message (frames reassembled), in bytes.
+    /// Largest WebSocket message (frames reassembled), in bytes; never more
+    /// than the largest MQTT packet, and before CONNECT never more than
+    /// `mqtt.max_connect_packet`.
     pub max_message_size: usize,
     /// Allowed `Origin` headers (`https://chat.example.com`); empty: any.
     pub allowed_origins: Vec<String>,
@@ -578,6 +619,12 @@ pub(crate) const KEYS: &[Key] = &[
             key("tls", Kind::Section(TLS_KEYS)),
             key("max_sessions_per_user", integer(1, USIZE_MAX)),
             key("client_owner_ttl_secs", integer(1, U32_MAX)),
+            // abuse limits: edges
+            key("max_connections_per_ip", integer(0, USIZE_MAX)),
+            key("accept_rate_per_ip", integer(0, U32_MAX)),
+            key("accept_burst_per_ip", integer(1, U32_MAX)),
+            key("max_connect_packet", integer(256, MAX_PAYLOAD_LIMIT as i64)),
+            key("tcp_keepalive_secs", integer(0, U32_MAX)),
         ]),
     ),
     key(
@@ -625,7 +672,14 @@ pub(crate) const KEYS: &[Key] = &[
     ),
     key(
         "http",
-        Kind::Section(&[key("listen", Kind::Address), key("static_dir", Kind::Text)]),
+        Kind::Section(&[
+            key("listen", Kind::Address),
+            key("static_dir", Kind::Text),
+            // abuse limits: edges
+            key("header_timeout_secs", integer(1, U32_MAX)),
+            key("request_timeout_secs", integer(1, U32_MAX)),
+            key("max_connections", integer(1, USIZE_MAX)),
+        ]),
     ),
     key(
         "chat",

@@ -8,7 +8,13 @@
 //! checked as a CONNECT password would be); the handler checks what that
 //! caller may do and calls the same [`Chat`](crate::chat::Chat) methods the
 //! RPC uses, so both paths share one set of rules. Every error is JSON,
-//! `{"error":{"code":"...","message":"..."}}`, with a fitting status.
+//! `{"error":{"code":"...","message":"..."}}`, with a fitting status: the
+//! handlers' own, axum's (405, rejections) through [`json_errors`], and
+//! those hyper writes by itself through [`wire`].
+//!
+//! Connections are [`server`]'s: a permit each, a header timeout; a request
+//! whose head is in must be answered within `http.request_timeout_secs`
+//! ([`limits`]), reading its body included.
 //!
 //! This module owns HTTP concerns only: no chat rule lives here.
 
@@ -16,27 +22,32 @@ mod conversations;
 mod devices;
 mod messages;
 mod ops;
+mod server;
 mod web;
+mod wire;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
-use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::Semaphore;
 
 use crate::broker::Broker;
 use crate::chat::RpcError;
+
+pub use server::serve;
 
 /// Room for the JSON around a message body: a send may carry a payload of
 /// `mqtt.max_payload` like an MQTT publish, plus its envelope.
@@ -49,6 +60,18 @@ pub struct Api {
     ready: Arc<AtomicBool>,
     /// The TLS and WebSocket listeners, for `/v1/client-config`.
     edges: Vec<(&'static str, SocketAddr)>,
+    /// `http.max_connections` permits, one per open connection.
+    connections: Arc<Semaphore>,
+    timeouts: Timeouts,
+}
+
+/// Requests cut short by a timeout, for `/metrics`.
+#[derive(Debug, Default)]
+struct Timeouts {
+    /// Connections closed because a request's head did not arrive in time.
+    header: AtomicU64,
+    /// Requests answered 408 after `http.request_timeout_secs`.
+    request: AtomicU64,
 }
 
 impl Api {
@@ -57,17 +80,35 @@ impl Api {
         ready: Arc<AtomicBool>,
         edges: Vec<(&'static str, SocketAddr)>,
     ) -> Arc<Api> {
+        let connections = Arc::new(Semaphore::new(broker.settings.http.max_connections));
         Arc::new(Api {
             broker,
             ready,
             edges,
+            connections,
+            timeouts: Timeouts::default(),
         })
+    }
+
+    /// The largest request body any route reads.
+    fn body_limit(&self) -> usize {
+        self.broker
+            .settings
+            .mqtt
+            .max_payload
+            .saturating_add(BODY_SLACK)
+    }
+
+    /// HTTP connections open now.
+    fn open_connections(&self) -> usize {
+        let max = self.broker.settings.http.max_connections;
+        max.saturating_sub(self.connections.available_permits())
     }
 }
 
 /// The routes.
 pub fn router(api: Arc<Api>) -> Router {
-    let body_limit = api.broker.settings.mqtt.max_payload + BODY_SLACK;
+    let body_limit = api.body_limit();
     Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
@@ -97,22 +138,71 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/client-config", get(web::client_config))
         .fallback(web::static_file)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(api.clone(), limits))
+        .layer(middleware::map_response(json_errors))
         .with_state(api)
 }
 
-/// Serves HTTP on `listener` until `shutdown`, then lets requests in
-/// progress finish.
-pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: watch::Receiver<bool>) {
-    let app = router(api);
-    let stop = async move {
-        let _ = shutdown.changed().await;
-    };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
-        tracing::error!(error = %e, "the HTTP server stopped");
+/// What any request may ask of the server. A body announced larger than
+/// any route accepts is refused (413) at once, before waiting for bytes
+/// that would be refused anyway. A request not answered within
+/// `http.request_timeout_secs`, its body included (a client may send the
+/// headers and then trickle or never finish the body), is answered 408;
+/// hyper then closes the connection, since the body was not read to its end.
+async fn limits(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let announced = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body_limit = api.body_limit();
+    if announced.is_some_and(|n| n > body_limit as u64) {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body may be at most {body_limit} bytes"),
+        )
+        .into_response();
     }
+    let limit = Duration::from_secs(api.broker.settings.http.request_timeout_secs);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            api.timeouts.request.fetch_add(1, Ordering::Relaxed);
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request was not complete within http.request_timeout_secs",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Gives an error answer that is not the API's JSON (axum's own 405, an
+/// extractor's plain-text rejection) the JSON shape, keeping its headers
+/// (`Allow` on a 405) and its text as the message.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // axum's texts are a line or two; a longer one is not worth keeping.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let (json, body) = ApiError::for_status(status, &text)
+        .into_response()
+        .into_parts();
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.extend(json.headers);
+    Response::from_parts(parts, body)
 }
 
 /// A refused request: status, a stable code, and a sentence.
@@ -143,6 +233,36 @@ impl ApiError {
     fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
+
+    /// An error known only by its status (answers axum or hyper made):
+    /// the API's code for it, and `message`, or the status's reason.
+    fn for_status(status: StatusCode, message: &str) -> ApiError {
+        let code = match status.as_u16() {
+            400 => "bad_request",
+            401 => "unauthorized",
+            403 => "forbidden",
+            404 => "not_found",
+            405 => "method_not_allowed",
+            408 => "timeout",
+            413 => "too_large",
+            414 => "uri_too_long",
+            431 => "headers_too_large",
+            503 => "unavailable",
+            400..=499 => "bad_request",
+            _ => "internal",
+        };
+        let message = if message.is_empty() {
+            status.canonical_reason().unwrap_or("error").to_lowercase()
+        } else {
+            message.to_string()
+        };
+        ApiError::new(status, code, message)
+    }
+
+    /// The body every error answer carries.
+    fn body(&self) -> serde_json::Value {
+        json!({"error": {"code": self.code, "message": self.message}})
+    }
 }
 
 impl From<RpcError> for ApiError {
@@ -160,7 +280,7 @@ impl From<RpcError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let body = Json(self.body());
         let mut response = (self.status, body).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response

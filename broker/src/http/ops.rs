@@ -15,7 +15,6 @@ use chatmq_storage::LatencySnapshot;
 use serde_json::{json, Value};
 
 use super::{Api, ApiError};
-use crate::broker::Broker;
 
 /// 200 while the process runs.
 pub async fn healthz() -> Json<Value> {
@@ -39,12 +38,13 @@ pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
 pub async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        render(&api.broker),
+        render(&api),
     )
 }
 
 /// Every metric, in the Prometheus text exposition format.
-fn render(broker: &Broker) -> String {
+fn render(api: &Api) -> String {
+    let broker = &api.broker;
     let m = &broker.metrics;
     let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let mut out = Exposition::default();
@@ -89,6 +89,34 @@ fn render(broker: &Broker) -> String {
         "counter",
         "Messages a session dropped because its queue was full or they expired.",
         count(&m.messages_dropped),
+    );
+    out.labelled(
+        "chatmq_connections_refused_total",
+        "counter",
+        "Connections closed before CONNECT was accepted, by reason: address_limit, \
+         address_rate (mqtt.*_per_ip), handshake (TLS or WebSocket), connect_timeout, \
+         connect_too_large.",
+        "reason",
+        &m.refused.snapshot(),
+    );
+    out.single(
+        "chatmq_http_connections",
+        "gauge",
+        "Open HTTP API connections (at most http.max_connections).",
+        api.open_connections(),
+    );
+    let timeouts = &api.timeouts;
+    out.labelled(
+        "chatmq_http_timeouts_total",
+        "counter",
+        "HTTP requests cut short: header (connection closed, the request line and \
+         headers did not arrive within http.header_timeout_secs), request (answered 408 \
+         after http.request_timeout_secs).",
+        "phase",
+        &[
+            ("header", count(&timeouts.header)),
+            ("request", count(&timeouts.request)),
+        ],
     );
     let push = &broker.chat.push;
     out.single(
@@ -137,7 +165,7 @@ fn render(broker: &Broker) -> String {
 }
 
 /// Logins and client-id ownership.
-fn identity(broker: &Broker, out: &mut Exposition) {
+fn identity(broker: &crate::broker::Broker, out: &mut Exposition) {
     let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let logins = &broker.auth.guard.metrics;
     out.single(
@@ -194,6 +222,21 @@ impl Exposition {
         let _ = writeln!(self.0, "{name} {value}");
     }
 
+    /// A counter or gauge with one label, one sample per label value.
+    fn labelled(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        label: &str,
+        samples: &[(&str, impl Display)],
+    ) {
+        self.header(name, kind, help);
+        for (value, sample) in samples {
+            let _ = writeln!(self.0, "{name}{{{label}=\"{value}\"}} {sample}");
+        }
+    }
+
     fn histogram(&mut self, name: &str, help: &str, h: &LatencySnapshot) {
         self.header(name, "histogram", help);
         for (bound, n) in &h.buckets {
@@ -213,6 +256,13 @@ mod tests {
     fn the_exposition_has_help_type_and_samples() {
         let mut out = Exposition::default();
         out.single("chatmq_x_total", "counter", "Things.", 3u64);
+        out.labelled(
+            "chatmq_y_total",
+            "counter",
+            "Kinds.",
+            "reason",
+            &[("a", 1u64), ("b", 0)],
+        );
         out.histogram(
             "chatmq_h_seconds",
             "Time.",
@@ -227,6 +277,10 @@ mod tests {
             "# HELP chatmq_x_total Things.\n\
              # TYPE chatmq_x_total counter\n\
              chatmq_x_total 3\n\
+             # HELP chatmq_y_total Kinds.\n\
+             # TYPE chatmq_y_total counter\n\
+             chatmq_y_total{reason=\"a\"} 1\n\
+             chatmq_y_total{reason=\"b\"} 0\n\
              # HELP chatmq_h_seconds Time.\n\
              # TYPE chatmq_h_seconds histogram\n\
              chatmq_h_seconds_bucket{le=\"0.0005\"} 1\n\

@@ -271,10 +271,13 @@ impl Server {
     }
 }
 
-/// Accepts connections while there are permits: a permit is taken before
-/// `accept`, so beyond `mqtt.max_connections` new connections wait in the
-/// kernel's backlog and cost nothing here. An admitted connection holds its
-/// permit and address place until its task ends.
+/// Accepts connections while there are permits: beyond
+/// `mqtt.max_connections` a listener holds the one socket it accepted,
+/// unread, until a permit frees, and further connections wait in the
+/// kernel's backlog and cost nothing here. (A listener waiting holds no
+/// permit, so an idle listener never takes a place from a busy one.) An
+/// admitted connection holds its permit and address place until its task
+/// ends.
 async fn accept_loop(
     listener: TcpListener,
     transport: Transport,
@@ -283,17 +286,18 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
-    let mut permit = None;
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
-            p = admission.permit(), if permit.is_none() => match p {
-                Some(p) => permit = Some(p),
-                None => break,
-            },
-            accepted = listener.accept(), if permit.is_some() => match accepted {
+            accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
-                    let Some(p) = permit.take() else { continue };
+                    let p = tokio::select! {
+                        _ = shutdown.changed() => break,
+                        p = admission.permit() => match p {
+                            Some(p) => p,
+                            None => break,
+                        },
+                    };
                     let admitted = match admission.admit(p, &socket, peer.ip()) {
                         Ok(a) => a,
                         Err(why) => {

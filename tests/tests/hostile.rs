@@ -62,24 +62,24 @@ fn v4_session(client_id: &str, clean: bool) -> Session {
     connect.last_will = Some(p4::LastWill::new(
         "fuzz/will",
         "gone",
-        p4::QoS::AtLeastOnce,
+        v4::QoS::AtLeastOnce,
         false,
     ));
     // Topics of its own, so that thousands of persistent sessions left behind
     // do not all receive each other's messages.
     let mine = format!("fuzz/{client_id}");
     let mut subscribe = p4::Subscribe::new_many([
-        p4::SubscribeFilter::new(format!("{mine}/+"), p4::QoS::ExactlyOnce),
-        p4::SubscribeFilter::new("chat/+".into(), p4::QoS::AtLeastOnce),
+        p4::SubscribeFilter::new(format!("{mine}/+"), v4::QoS::ExactlyOnce),
+        p4::SubscribeFilter::new("chat/+".into(), v4::QoS::AtLeastOnce),
     ]);
     subscribe.pkid = 1;
-    let mut qos1 = p4::Publish::new(format!("{mine}/a"), p4::QoS::AtLeastOnce, b"one".to_vec());
+    let mut qos1 = p4::Publish::new(format!("{mine}/a"), v4::QoS::AtLeastOnce, b"one".to_vec());
     qos1.pkid = 2;
-    let mut qos2 = p4::Publish::new(format!("{mine}/b"), p4::QoS::ExactlyOnce, b"two".to_vec());
+    let mut qos2 = p4::Publish::new(format!("{mine}/b"), v4::QoS::ExactlyOnce, b"two".to_vec());
     qos2.pkid = 3;
     let mut chat = p4::Publish::new(
         format!("chat/{DM}"),
-        p4::QoS::AtLeastOnce,
+        v4::QoS::AtLeastOnce,
         envelope("intruder", "hi"),
     );
     chat.pkid = 4;
@@ -94,7 +94,7 @@ fn v4_session(client_id: &str, clean: bool) -> Session {
         p4::Packet::Publish(chat),
         p4::Packet::Publish(p4::Publish::new(
             "rpc/history",
-            p4::QoS::AtMostOnce,
+            v4::QoS::AtMostOnce,
             br#"{"id":"r","conv":"dm:alice:bob"}"#.to_vec(),
         )),
         p4::Packet::Unsubscribe(unsubscribe),
@@ -128,7 +128,7 @@ fn v5_session(client_id: &str, clean: bool) -> Session {
         Some(p5::LastWill::new(
             "fuzz/will",
             "gone",
-            p5::QoS::AtMostOnce,
+            v5::QoS::AtMostOnce,
             false,
             None,
         )),
@@ -136,15 +136,15 @@ fn v5_session(client_id: &str, clean: bool) -> Session {
     );
     let mut subscribe = p5::Subscribe::new_many(
         [
-            p5::Filter::new(format!("{mine}/#"), p5::QoS::ExactlyOnce),
-            p5::Filter::new("$share/g/fuzz/+", p5::QoS::AtLeastOnce),
+            p5::Filter::new(format!("{mine}/#"), v5::QoS::ExactlyOnce),
+            p5::Filter::new("$share/g/fuzz/+", v5::QoS::AtLeastOnce),
         ],
         None,
     );
     subscribe.pkid = 1;
     let mut aliased = p5::Publish::new(
         format!("{mine}/alias"),
-        p5::QoS::AtLeastOnce,
+        v5::QoS::AtLeastOnce,
         b"a".to_vec(),
         Some(p5::PublishProperties {
             topic_alias: Some(1),
@@ -157,7 +157,7 @@ fn v5_session(client_id: &str, clean: bool) -> Session {
     aliased.pkid = 2;
     let mut by_alias = p5::Publish::new(
         "",
-        p5::QoS::ExactlyOnce,
+        v5::QoS::ExactlyOnce,
         b"b".to_vec(),
         Some(p5::PublishProperties {
             topic_alias: Some(1),
@@ -167,7 +167,7 @@ fn v5_session(client_id: &str, clean: bool) -> Session {
     by_alias.pkid = 3;
     let mut rpc = p5::Publish::new(
         "rpc/conversations",
-        p5::QoS::AtLeastOnce,
+        v5::QoS::AtLeastOnce,
         br#"{"id":"r"}"#.to_vec(),
         Some(p5::PublishProperties {
             response_topic: Some("fuzz/r".into()),

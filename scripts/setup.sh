@@ -2,7 +2,8 @@
 # Installs what building and testing chatmq needs and is not on a fresh
 # machine: clang and libclang (RocksDB's bindings), the Mosquitto clients
 # and paho-mqtt (third-party clients the tests drive), openssl (test keys),
-# Chromium, Node and the web demo's npm packages (the browser tests).
+# Chromium, Node and the web demo's npm packages (the browser tests), and
+# cargo-fuzz when the nightly toolchain is there (the fuzz smoke run).
 # Idempotent and quiet when everything is there. Needs root for apt-get (or sudo).
 #
 #   scripts/setup.sh          what building needs
@@ -53,3 +54,12 @@ if [ "$mode" = "--test" ] || [ "$mode" = "--web" ]; then
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install Rust (rustup) first" >&2; exit 1; }
+
+# The fuzz smoke run of scripts/test.sh: cargo-fuzz (from crates.io), when
+# the nightly toolchain it drives is there.
+if [ "$mode" = "--test" ] && command -v rustup >/dev/null 2>&1 \
+  && rustup run nightly rustc --version >/dev/null 2>&1 \
+  && ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz" >&2
+  cargo +stable install --quiet --locked cargo-fuzz
+fi

@@ -8,8 +8,11 @@
 //!   `[mqtt.tls]` or `[websocket.tls]` section names, for MQTT and `wss`.
 //! - [`push`]: notifications to members with no live session: the device
 //!   registry, mutes, the durable queue and the [`push::Gateway`] that
-//!   delivers it through APNs, FCM HTTP v1 or the operator's webhook.
+//!   delivers it through APNs, FCM HTTP v1 or the operator's webhook. It
+//!   needs storage, so it sits behind the default feature `push`; without
+//!   it the crate builds with no RocksDB (the fuzz targets use that).
 
+#[cfg(feature = "push")]
 pub mod push;
 pub mod tls;
 pub mod websocket;

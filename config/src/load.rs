@@ -41,6 +41,14 @@ impl Settings {
         validate(&settings)?;
         Ok(settings)
     }
+
+    /// [`Settings::from_toml`] without the validation step, which reads the
+    /// files the settings name and creates `node.data_dir`: the syntax, key,
+    /// type and range checks only, with no side effect. For the fuzz target,
+    /// which must not create directories that its inputs name.
+    pub fn from_toml_unvalidated(text: &str) -> Result<Settings, ConfigError> {
+        parse(text, "the TOML text", None)
+    }
 }
 
 /// The environment source. Values are kept as strings (no `try_parsing`):

@@ -207,6 +207,17 @@ fn check_packet(packet: &Packet) -> Result<(), DecodeError> {
             "UNSUBSCRIBE with no filters [MQTT-3.10.3-2]".into(),
         )),
         Packet::Subscribe(s) if s.pkid == 0 => Err(DecodeError::Protocol("packet id 0".into())),
+        // rumqttc also miscounts this property's length, so the rest of the
+        // properties would be read as payload (found by fuzz/mqtt_decode).
+        Packet::Publish(p)
+            if p.properties
+                .as_ref()
+                .is_some_and(|props| !props.subscription_identifiers.is_empty()) =>
+        {
+            Err(DecodeError::Protocol(
+                "Subscription Identifier in a client PUBLISH [MQTT-3.3.4-6]".into(),
+            ))
+        }
         Packet::Unsubscribe(u) if u.pkid == 0 => Err(DecodeError::Protocol("packet id 0".into())),
         Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp(_) => Err(
             DecodeError::Protocol("a server-to-client packet was sent by the client".into()),
@@ -529,6 +540,23 @@ mod tests {
                 let _ = decode_all(&bytes, p);
             }
         }
+    }
+
+    // [MQTT-3.3.4-6], found by fuzz/mqtt_decode: rumqttc counts the property
+    // byte of a Subscription Identifier twice, so here it stops reading the
+    // properties early and takes the Payload Format Indicator for payload: the
+    // PUBLISH was forwarded altered, as `01 01 78`.
+    #[test]
+    fn a_client_publish_with_a_subscription_identifier_is_a_protocol_error() {
+        // QoS 0 PUBLISH "a": properties (6 bytes) = Subscription Identifiers
+        // 5 and 6, Payload Format Indicator 1; payload "x".
+        let publish = [
+            0x30, 0x0B, 0x00, 0x01, b'a', 0x06, 0x0B, 0x05, 0x0B, 0x06, 0x01, 0x01, b'x',
+        ];
+        assert!(matches!(
+            decode_all(&publish, Some(Protocol::V5)),
+            Err(DecodeError::Protocol(_))
+        ));
     }
 
     // MQTT 5 2.1.4: the Remaining Length counts exactly the bytes that follow.

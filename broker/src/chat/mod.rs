@@ -16,7 +16,6 @@
 //! decides who receives them, by membership, so no wildcard can leak a
 //! conversation to a non-member.
 
-pub mod envelope;
 pub mod membership;
 pub mod namespace;
 pub mod retention;
@@ -37,7 +36,7 @@ use crate::broker::{Metrics, SessionCell};
 use crate::clock::now_ms;
 use crate::message::{min_qos, Message};
 use crate::session::{Offer, Session};
-pub use envelope::{BadEnvelope, Envelope};
+pub use chatmq_protocol::envelope::{BadEnvelope, Envelope};
 use membership::Membership;
 use namespace::wanted_qos;
 

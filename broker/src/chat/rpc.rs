@@ -1,6 +1,7 @@
 //! RPC over MQTT (DESIGN §4): a request `{"id": ..., ...params}` published
 //! on `rpc/{method}`, a reply `{"type":"rpc","id":...,"ok":...}`. The same
-//! operations back the HTTP API.
+//! operations back the HTTP API. The request and its parameters are parsed
+//! by `chatmq_protocol::rpc_request`, which the fuzz targets exercise.
 //!
 //! A reply goes to `users/{me}/events`, or to the MQTT 5 Response Topic
 //! when the requester may publish there itself: a plain topic its ACL
@@ -10,6 +11,9 @@
 //! most [`MAX_ID_BYTES`]; a request with another `id` is refused unrun.
 
 use chatmq_bridge::push::{Platform, PushError};
+use chatmq_protocol::rpc_request::{
+    self, bool_param, opt_str_param, seq_param, str_param, users_param, BadRequest,
+};
 use chatmq_storage::Device;
 use serde_json::{json, Value};
 
@@ -85,14 +89,9 @@ fn correlation_id(request: &Value) -> Result<Value, RpcError> {
 
 /// Runs `method` for `user` and returns the reply to send back.
 pub async fn call(chat: &Chat, user: &str, method: &str, payload: &[u8]) -> Value {
-    let request: Value = match serde_json::from_slice(payload) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => {
-            return reply(
-                Value::Null,
-                Err(RpcError::bad("the request must be a JSON object")),
-            )
-        }
+    let request = match rpc_request::parse(payload) {
+        Ok(request) => request,
+        Err(bad) => return reply(Value::Null, Err(bad.into())),
     };
     match correlation_id(&request) {
         Ok(id) => reply(id, dispatch(chat, user, method, &request).await),
@@ -109,19 +108,9 @@ fn reply(id: Value, result: Result<Value, RpcError>) -> Value {
     }
 }
 
-fn str_param<'a>(req: &'a Value, name: &str) -> Result<&'a str, RpcError> {
-    req.get(name)
-        .and_then(Value::as_str)
-        .ok_or_else(|| RpcError::bad(format!("`{name}` (a string) is required")))
-}
-
-fn seq_param(req: &Value, name: &str) -> Result<Option<u64>, RpcError> {
-    match req.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| RpcError::bad(format!("`{name}` must be a non-negative integer"))),
+impl From<BadRequest> for RpcError {
+    fn from(BadRequest(why): BadRequest) -> Self {
+        RpcError::bad(why)
     }
 }
 
@@ -212,18 +201,7 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
                 None => chat.fresh_conv_id(),
             };
             let title = req.get("title").and_then(Value::as_str).unwrap_or_default();
-            let members: Vec<String> = match req.get("members") {
-                None => Vec::new(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .map(|m| {
-                        m.as_str()
-                            .map(str::to_string)
-                            .ok_or_else(|| RpcError::bad("`members` must be user ids"))
-                    })
-                    .collect::<Result<_, _>>()?,
-                Some(_) => return Err(RpcError::bad("`members` must be an array of user ids")),
-            };
+            let members = users_param(req, "members")?;
             chat.create(&conv, title, Some(user), &members).await?;
             Ok(json!({"conv": conv}))
         }
@@ -247,23 +225,12 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
         }
         "conversation.mute" => {
             let conv = member_conv(chat, user, req)?;
-            let muted = match req.get("muted") {
-                None => true,
-                Some(v) => v
-                    .as_bool()
-                    .ok_or_else(|| RpcError::bad("`muted` must be true or false"))?,
-            };
+            let muted = bool_param(req, "muted", true)?;
             chat.push.set_muted(user, conv, muted).await?;
             Ok(json!({"conv": conv, "muted": muted}))
         }
         "device.register" => {
-            let app_id = match req.get("app_id") {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(
-                    v.as_str()
-                        .ok_or_else(|| RpcError::bad("`app_id` must be a string"))?,
-                ),
-            };
+            let app_id = opt_str_param(req, "app_id")?;
             let device = register_device(
                 chat,
                 user,

@@ -1,5 +1,6 @@
 //! The chat envelope (DESIGN §4): what a client publishes on `chat/{conv}`
-//! and what subscribers receive.
+//! and what subscribers receive. Parsing and formatting only: sequencing,
+//! storing and fan-out are the broker's `chat` module.
 
 use serde_json::{json, Map, Value};
 

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use chatmq_bridge::websocket::WsAcceptor;
-use chatmq_config::Websocket;
+use chatmq_bridge::websocket::{PacketLimits, WsAcceptor};
+use chatmq_config::{Mqtt, Websocket};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::runtime::Runtime;
@@ -80,7 +80,17 @@ fn runtime() -> &'static Runtime {
 
 fn acceptor() -> &'static WsAcceptor {
     static ACCEPTOR: OnceLock<WsAcceptor> = OnceLock::new();
-    ACCEPTOR.get_or_init(|| WsAcceptor::new(&Websocket::default()))
+    ACCEPTOR.get_or_init(|| {
+        // The limits the broker derives from the default `[mqtt]` section
+        // (`channel::max_packet_size`: payload + room for topic and
+        // properties).
+        let mqtt = Mqtt::default();
+        let limits = PacketLimits {
+            max_packet: mqtt.max_payload + 65_536 + 1_024,
+            max_connect: mqtt.max_connect_packet,
+        };
+        WsAcceptor::new(&Websocket::default(), limits)
+    })
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -14,8 +14,6 @@
 //! What the fuzz targets (`fuzz/`, docs/FUZZING.md) found is checked here
 //! too, against the real binary.
 
-use std::time::Duration;
-
 use chatmq_tests::chat::*;
 use chatmq_tests::raw::{p4, p5, v4_bytes, v5_bytes, Silence, Wire};
 use chatmq_tests::{v4, v5, Broker, OPEN, PATIENCE};

@@ -24,8 +24,10 @@ use crate::clock::now_ms;
 use crate::codec::Protocol;
 use crate::message::{min_qos, Message};
 use crate::ownership::{self, Ownership};
+use crate::retained::{Change, RetainedStore};
 use crate::router::{Router, SubOptions};
 use crate::session::Session;
+use crate::topic::TopicLimits;
 
 /// Why a connection is told to go away by the broker.
 #[derive(Debug)]
@@ -156,6 +158,15 @@ pub struct Metrics {
     pub session_quota_refused: AtomicU64,
     /// Connections refused before CONNECT was accepted, by reason.
     pub refused: crate::admission::Refusals,
+    // topics and retained messages (trie)
+    /// Topic names and filters refused for passing `mqtt.max_topic_levels`
+    /// or `mqtt.max_topic_length`.
+    pub topics_refused: AtomicU64,
+    /// Retained publishes not retained: the store was at its caps.
+    pub retained_refused: AtomicU64,
+    /// Retained messages a new subscription was not sent: more matched
+    /// than `mqtt.max_retained_per_subscription`.
+    pub retained_not_sent: AtomicU64,
 }
 
 pub struct Broker {
@@ -169,7 +180,7 @@ pub struct Broker {
     pub owners: Ownership,
     router: RwLock<Router>,
     sessions: Mutex<HashMap<Arc<str>, Arc<SessionCell>>>,
-    retained: RwLock<HashMap<String, Arc<Message>>>,
+    retained: RwLock<RetainedStore>,
     next_id: AtomicU64,
 }
 
@@ -195,6 +206,10 @@ impl Broker {
         chat.history_cap = settings.chat.history_limit;
         let chat = Arc::new(chat);
         let owners = Ownership::new(settings.mqtt.client_owner_ttl_secs);
+        let retained = RetainedStore::new(
+            settings.mqtt.max_retained_messages,
+            settings.mqtt.max_retained_bytes,
+        );
         let broker = Broker {
             owners,
             settings,
@@ -205,7 +220,7 @@ impl Broker {
             metrics,
             router: RwLock::new(Router::default()),
             sessions: Mutex::new(HashMap::new()),
-            retained: RwLock::new(HashMap::new()),
+            retained: RwLock::new(retained),
             next_id: AtomicU64::new(1),
         };
         broker.restore()?;
@@ -242,8 +257,7 @@ impl Broker {
         drop(sessions);
         let mut retained = write(&self.retained);
         for record in self.store.load_retained()? {
-            let m = Message::from_record(record);
-            retained.insert(m.topic.clone(), Arc::new(m));
+            retained.restore(Arc::new(Message::from_record(record)));
         }
         Ok(())
     }
@@ -603,6 +617,14 @@ impl Broker {
         expired.len()
     }
 
+    /// The bounds on topic names and filters, from `[mqtt]`.
+    pub fn topic_limits(&self) -> TopicLimits {
+        TopicLimits {
+            max_levels: self.settings.mqtt.max_topic_levels,
+            max_length: self.settings.mqtt.max_topic_length,
+        }
+    }
+
     /// Adds subscriptions to the index.
     pub fn index_subscription(&self, client_id: &Arc<str>, filter: &str, options: SubOptions) {
         write(&self.router).subscribe(client_id, filter, options);
@@ -612,14 +634,35 @@ impl Broker {
         write(&self.router).unsubscribe(client_id, filter)
     }
 
-    /// The retained messages a new subscription to `filter` gets.
+    /// The retained messages a new subscription to `filter` gets: all that
+    /// match, up to `mqtt.max_retained_per_subscription`; the rest are
+    /// counted and logged.
     pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
-        let now = now_ms();
-        read(&self.retained)
-            .values()
-            .filter(|m| crate::topic::matches(filter, &m.topic) && !m.is_expired(now))
-            .cloned()
-            .collect()
+        let limit = self.settings.mqtt.max_retained_per_subscription;
+        let (found, beyond) = read(&self.retained).matching(filter, now_ms(), limit);
+        if beyond > 0 {
+            self.metrics
+                .retained_not_sent
+                .fetch_add(beyond as u64, Ordering::Relaxed);
+            tracing::warn!(
+                filter,
+                sent = found.len(),
+                not_sent = beyond,
+                "more retained messages match a new subscription than mqtt.max_retained_per_subscription"
+            );
+        }
+        found
+    }
+
+    /// Would `msg` be retained, or is the retained store at its caps?
+    pub fn retained_fits(&self, msg: &Message) -> bool {
+        read(&self.retained).fits(msg)
+    }
+
+    /// Retained messages held, and their bytes (for metrics).
+    pub fn retained_size(&self) -> (usize, usize) {
+        let retained = read(&self.retained);
+        (retained.len(), retained.bytes())
     }
 
     /// Takes `msg` to every session subscribed to its topic, and keeps it
@@ -628,16 +671,19 @@ impl Broker {
     pub fn route(&self, msg: Arc<Message>, batch: &mut Batch) {
         self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
         if msg.retain {
-            let mut retained = write(&self.retained);
-            if msg.payload.is_empty() {
-                if retained.remove(&msg.topic).is_some() {
-                    batch.delete_retained(&msg.topic);
+            let mut kept = (*msg).clone();
+            kept.publisher = None;
+            let kept = Arc::new(kept);
+            match write(&self.retained).update(kept.clone()) {
+                Change::Kept => batch.put_retained(&kept.to_record()),
+                Change::Cleared => batch.delete_retained(&msg.topic),
+                Change::Nothing => {}
+                // Still delivered to today's subscribers, just not kept.
+                Change::Refused => {
+                    self.metrics
+                        .retained_refused
+                        .fetch_add(1, Ordering::Relaxed);
                 }
-            } else {
-                let mut kept = (*msg).clone();
-                kept.publisher = None;
-                batch.put_retained(&kept.to_record());
-                retained.insert(msg.topic.clone(), Arc::new(kept));
             }
         }
 

@@ -25,7 +25,7 @@ use crate::codec::Protocol;
 use crate::message::{min_qos, Message};
 use crate::router::SubOptions;
 use crate::session::{Ack, Session};
-use crate::topic::{parse_shared, valid_filter, valid_topic};
+use crate::topic::{check_filter, check_topic, parse_shared, valid_topic, Refusal as TopicRefusal};
 
 /// A packet to write, now or once its writes are durable.
 pub enum Out {
@@ -191,7 +191,7 @@ impl Channel {
 
         if let Some(w) = will {
             let topic = match String::from_utf8(w.topic.to_vec()) {
-                Ok(t) if valid_topic(&t) => t,
+                Ok(t) if check_topic(&t, &self.broker.topic_limits()).is_ok() => t,
                 _ => return Err(self.refuse_invalid(Rc::TopicNameInvalid)),
             };
             if classify(&topic) != Topic::Plain {
@@ -442,7 +442,8 @@ impl Channel {
     }
 
     async fn publish(&mut self, mut p: Publish) -> Result<(), Close> {
-        let mqtt = &self.broker.settings.mqtt;
+        let settings = self.broker.settings.clone();
+        let mqtt = &settings.mqtt;
         let alias = p.properties.as_mut().and_then(|pp| pp.topic_alias.take());
         if let Some(alias) = alias {
             if alias == 0 || alias > mqtt.topic_alias_max {
@@ -461,8 +462,8 @@ impl Channel {
             Ok(t) => t.to_string(),
             Err(_) => return Err(Close::violation(DisconnectReasonCode::MalformedPacket)),
         };
-        if !valid_topic(&topic) {
-            return Err(Close::violation(DisconnectReasonCode::TopicNameInvalid));
+        if let Err(refusal) = check_topic(&topic, &self.broker.topic_limits()) {
+            return self.refuse_topic(&p, refusal);
         }
         let cell = self
             .cell
@@ -500,6 +501,18 @@ impl Channel {
         }
 
         let msg = Message::from_publish(topic, &p, Some(self.client_id.clone()));
+        // An MQTT 5 QoS 1/2 client can be told the retained store is full
+        // before anything happens; others are routed and just not retained.
+        if p.retain
+            && p.qos != QoS::AtMostOnce
+            && self.protocol == Protocol::V5
+            && !self.broker.retained_fits(&msg)
+        {
+            let refused = &self.broker.metrics.retained_refused;
+            refused.fetch_add(1, Ordering::Relaxed);
+            self.refuse_publish(&p, PubAckReason::QuotaExceeded);
+            return Ok(());
+        }
         let mut batch = Batch::new();
         match p.qos {
             QoS::AtMostOnce => {
@@ -531,6 +544,28 @@ impl Channel {
         Ok(())
     }
 
+    /// A PUBLISH topic name that is not accepted. NUL is a malformed packet
+    /// [MQTT-1.5.4-2]; a wildcard breaks [MQTT-3.3.2-2] (DISCONNECT 0x90).
+    /// A name over `mqtt.max_topic_levels`/`max_topic_length` is valid MQTT:
+    /// an MQTT 5 QoS 1/2 publish is refused alone (PUBACK/PUBREC 0x90);
+    /// QoS 0 and MQTT 3.1.1 have no ack to say it in, so they are closed.
+    fn refuse_topic(&mut self, p: &Publish, refusal: TopicRefusal) -> Result<(), Close> {
+        match refusal {
+            TopicRefusal::Malformed => Err(Close::violation(DisconnectReasonCode::MalformedPacket)),
+            TopicRefusal::Invalid => Err(Close::violation(DisconnectReasonCode::TopicNameInvalid)),
+            TopicRefusal::OverLimit => {
+                let refused = &self.broker.metrics.topics_refused;
+                refused.fetch_add(1, Ordering::Relaxed);
+                if self.protocol == Protocol::V5 && p.qos != QoS::AtMostOnce {
+                    self.refuse_publish(p, PubAckReason::TopicNameInvalid);
+                    Ok(())
+                } else {
+                    Err(Close::violation(DisconnectReasonCode::TopicNameInvalid))
+                }
+            }
+        }
+    }
+
     /// The connection wrote a PUBACK that waited for a commit.
     pub fn puback_sent(&mut self) {
         self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
@@ -546,13 +581,24 @@ impl Channel {
             .cell
             .clone()
             .ok_or(Close::violation(DisconnectReasonCode::ProtocolError))?;
+        // [MQTT-1.5.4-2] checked before any filter takes effect.
+        if s.filters.iter().any(|f| f.path.contains('\0')) {
+            return Err(Close::violation(DisconnectReasonCode::MalformedPacket));
+        }
         let mqtt = &self.broker.settings.mqtt;
+        let limits = self.broker.topic_limits();
         let user = self.identity.user().cloned();
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut batch = Batch::new();
+        // Only a filter that can reach chat topics gives a conversation a
+        // cursor: a SUBSCRIBE of plain filters skips that scan.
+        let mut reaches_chat = false;
+        // A SUBSCRIBE whose filters were all refused rewrites nothing.
+        let mut changed = false;
         {
             let mut slot = cell.lock();
             let session = &mut slot.session;
+            let dropped_before = session.dropped;
             for f in &s.filters {
                 let (inner, shared) = match parse_shared(&f.path) {
                     Some(Ok((_, inner))) => (inner, true),
@@ -562,7 +608,11 @@ impl Channel {
                     }
                     None => (f.path.as_str(), false),
                 };
-                if !valid_filter(inner) {
+                if let Err(refusal) = check_filter(inner, &limits) {
+                    if refusal == TopicRefusal::OverLimit {
+                        let refused = &self.broker.metrics.topics_refused;
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
                     codes.push(Rc::TopicFilterInvalid);
                     continue;
                 }
@@ -591,6 +641,7 @@ impl Channel {
                     identifier: identifier as u32,
                 };
                 session.subscriptions.insert(f.path.clone(), options);
+                changed = true;
                 // Indexed under the session lock: a message published now
                 // queues behind the retained ones below.
                 self.broker
@@ -614,13 +665,8 @@ impl Channel {
                             .can_receive(user.as_deref(), &self.client_id, &m.topic)
                         {
                             // [MQTT-3.3.1-8] retained on subscribe keep RETAIN set.
-                            session.enqueue(
-                                m.clone(),
-                                min_qos(m.qos, f.qos),
-                                true,
-                                ids.clone(),
-                                &mut batch,
-                            );
+                            let qos = min_qos(m.qos, f.qos);
+                            session.enqueue_retained(m.clone(), qos, ids.clone(), &mut batch);
                         }
                     }
                     if let (Some(u), true) = (&user, filter_scope(inner) != FilterScope::Plain) {
@@ -630,14 +676,20 @@ impl Channel {
                         }
                     }
                 }
+                reaches_chat |= filter_scope(inner) != FilterScope::Plain;
                 codes.push(Rc::Success(f.qos));
             }
-            if let Some(u) = &user {
+            let dropped = session.dropped - dropped_before;
+            if dropped > 0 {
+                let counter = &self.broker.metrics.messages_dropped;
+                counter.fetch_add(dropped, Ordering::Relaxed);
+            }
+            if let (Some(u), true) = (&user, reaches_chat) {
                 // Conversations the new subscriptions reach get a cursor,
                 // written with them.
                 self.broker.chat.seed(u, session, &mut batch);
             }
-            if session.persistent() {
+            if changed && session.persistent() {
                 batch.put_session(&session.client_id, &session.record());
             }
         }
@@ -659,22 +711,29 @@ impl Channel {
             .cell
             .clone()
             .ok_or(Close::violation(DisconnectReasonCode::ProtocolError))?;
+        // [MQTT-1.5.4-2]
+        if u.filters.iter().any(|f| f.contains('\0')) {
+            return Err(Close::violation(DisconnectReasonCode::MalformedPacket));
+        }
+        let limits = self.broker.topic_limits();
         let mut reasons = Vec::with_capacity(u.filters.len());
         let mut batch = Batch::new();
         {
             let mut slot = cell.lock();
             let session = &mut slot.session;
+            let mut changed = false;
             for f in &u.filters {
                 if session.subscriptions.remove(f).is_some() {
                     self.broker.unindex_subscription(&self.client_id, f);
                     reasons.push(UnsubAckReason::Success);
-                } else if parse_shared(f).is_none() && !valid_filter(f) {
+                    changed = true;
+                } else if parse_shared(f).is_none() && check_filter(f, &limits).is_err() {
                     reasons.push(UnsubAckReason::TopicFilterInvalid);
                 } else {
                     reasons.push(UnsubAckReason::NoSubscriptionExisted);
                 }
             }
-            if session.persistent() {
+            if changed && session.persistent() {
                 batch.put_session(&session.client_id, &session.record());
             }
         }

@@ -29,6 +29,7 @@ pub mod http;
 pub mod login_guard;
 pub mod message;
 pub mod ownership;
+pub mod retained;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -33,6 +33,31 @@ struct Node {
     groups: HashMap<String, SharedGroup>,
 }
 
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.subscribers.is_empty() && self.groups.is_empty()
+    }
+
+    /// Holds nothing of its own and leads to one child only: a link in a
+    /// chain that removing the chain's last subscription empties.
+    fn is_link(&self) -> bool {
+        self.children.len() == 1 && self.subscribers.is_empty() && self.groups.is_empty()
+    }
+}
+
+/// Dropping a node drops its subtree without recursion: a chain of
+/// thousands of levels would otherwise overflow the stack of whoever
+/// dropped it (an unsubscribe, the end of a session, shutdown).
+impl Drop for Node {
+    fn drop(&mut self) {
+        let mut orphans: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        while let Some(mut node) = orphans.pop() {
+            orphans.extend(node.children.drain().map(|(_, n)| n));
+            // `node` goes here with no children left.
+        }
+    }
+}
+
 #[derive(Default)]
 struct SharedGroup {
     members: Vec<(Arc<str>, SubOptions)>,
@@ -46,6 +71,8 @@ pub struct SharedMatch<'a> {
     pub start: usize,
 }
 
+/// The index. Insert, remove and match walk the trie in loops: a topic's
+/// depth is the client's choice, so none of them recurses.
 #[derive(Default)]
 pub struct Router {
     root: Node,
@@ -77,6 +104,7 @@ impl Router {
     }
 
     /// Removes `client`'s subscription to `filter`; true if there was one.
+    /// Nodes left empty are pruned.
     pub fn unsubscribe(&mut self, client: &str, filter: &str) -> bool {
         let (path, group) = match parse_shared(filter) {
             Some(Ok((group, inner))) => (inner, Some(group)),
@@ -84,7 +112,45 @@ impl Router {
             None => (filter, None),
         };
         let levels: Vec<&str> = path.split('/').collect();
-        remove(&mut self.root, &levels, client, group)
+        // The deepest node that outlives the removal whatever it empties
+        // (the root, or one holding something besides the path below it):
+        // if the leaf ends up empty, the chain under it is cut there.
+        let mut keep = 0;
+        let mut node = &self.root;
+        for (depth, level) in levels.iter().enumerate() {
+            if depth == 0 || !node.is_link() {
+                keep = depth;
+            }
+            match node.children.get(*level) {
+                Some(child) => node = child,
+                None => return false,
+            }
+        }
+        let Some(leaf) = self.node_at_mut(&levels) else {
+            return false;
+        };
+        let removed = match group {
+            None => leaf.subscribers.remove(client).is_some(),
+            Some(g) => match leaf.groups.get_mut(g) {
+                None => false,
+                Some(grp) => {
+                    let before = grp.members.len();
+                    grp.members.retain(|(c, _)| &**c != client);
+                    let removed = grp.members.len() != before;
+                    if grp.members.is_empty() {
+                        leaf.groups.remove(g);
+                    }
+                    removed
+                }
+            },
+        };
+        if leaf.is_empty() {
+            if let Some(anchor) = self.node_at_mut(&levels[..keep]) {
+                // Dropped without recursion (see `Drop for Node`).
+                anchor.children.remove(levels[keep]);
+            }
+        }
+        removed
     }
 
     fn node_mut(&mut self, filter: &str) -> &mut Node {
@@ -93,6 +159,14 @@ impl Router {
             node = node.children.entry(level.to_string()).or_default();
         }
         node
+    }
+
+    fn node_at_mut(&mut self, levels: &[&str]) -> Option<&mut Node> {
+        let mut node = &mut self.root;
+        for level in levels {
+            node = node.children.get_mut(*level)?;
+        }
+        Some(node)
     }
 
     /// Calls `direct` for every plain subscription and `shared` for every
@@ -104,8 +178,33 @@ impl Router {
         shared: &mut dyn FnMut(SharedMatch<'a>),
     ) {
         let levels: Vec<&str> = topic.split('/').collect();
+        // Wildcards may not match the first level of a `$` topic
+        // [MQTT-4.7.2-1].
         let dollar = topic.starts_with('$');
-        visit(&self.root, &levels, !dollar, direct, shared);
+        // Depth-first over (node, levels consumed). Each node pushes at most
+        // two children, the literal one and `+`, so the stack holds at most
+        // one pending branch per level.
+        let mut pending: Vec<(&'a Node, usize)> = vec![(&self.root, 0)];
+        while let Some((node, depth)) = pending.pop() {
+            let wild = depth > 0 || !dollar;
+            if wild {
+                if let Some(hash) = node.children.get("#") {
+                    emit(hash, direct, shared);
+                }
+            }
+            let Some(level) = levels.get(depth) else {
+                emit(node, direct, shared);
+                continue;
+            };
+            if let Some(child) = node.children.get(*level) {
+                pending.push((child, depth + 1));
+            }
+            if wild {
+                if let Some(plus) = node.children.get("+") {
+                    pending.push((plus, depth + 1));
+                }
+            }
+        }
     }
 }
 
@@ -126,66 +225,6 @@ fn emit<'a>(
             });
         }
     }
-}
-
-/// `wild` is false at the root of a `$` topic: wildcards may not match its
-/// first level [MQTT-4.7.2-1].
-fn visit<'a>(
-    node: &'a Node,
-    levels: &[&str],
-    wild: bool,
-    direct: &mut dyn FnMut(&'a Arc<str>, &'a SubOptions),
-    shared: &mut dyn FnMut(SharedMatch<'a>),
-) {
-    if wild {
-        if let Some(hash) = node.children.get("#") {
-            emit(hash, direct, shared);
-        }
-    }
-    let Some((first, rest)) = levels.split_first() else {
-        emit(node, direct, shared);
-        return;
-    };
-    if let Some(child) = node.children.get(*first) {
-        visit(child, rest, true, direct, shared);
-    }
-    if wild {
-        if let Some(plus) = node.children.get("+") {
-            visit(plus, rest, true, direct, shared);
-        }
-    }
-}
-
-fn remove(node: &mut Node, levels: &[&str], client: &str, group: Option<&str>) -> bool {
-    let removed = match levels.split_first() {
-        None => match group {
-            None => node.subscribers.remove(client).is_some(),
-            Some(g) => {
-                let Some(grp) = node.groups.get_mut(g) else {
-                    return false;
-                };
-                let before = grp.members.len();
-                grp.members.retain(|(c, _)| &**c != client);
-                let removed = grp.members.len() != before;
-                if grp.members.is_empty() {
-                    node.groups.remove(g);
-                }
-                removed
-            }
-        },
-        Some((first, rest)) => {
-            let Some(child) = node.children.get_mut(*first) else {
-                return false;
-            };
-            let removed = remove(child, rest, client, group);
-            if child.children.is_empty() && child.subscribers.is_empty() && child.groups.is_empty()
-            {
-                node.children.remove(*first);
-            }
-            removed
-        }
-    };
-    removed
 }
 
 #[cfg(test)]
@@ -261,5 +300,53 @@ mod tests {
         assert!(r.unsubscribe("y", "$share/g/jobs/+"));
         assert!(matched(&r, "jobs/1").is_empty());
         assert!(r.root.children.is_empty(), "empty nodes are pruned");
+    }
+
+    /// A filter of 60,000 levels is indexed, matched, removed and dropped
+    /// on a small stack: nothing walks the trie by recursion.
+    #[test]
+    fn deep_filters_need_no_deep_stack() {
+        let deep = format!("sensors/erin/{}", "/".repeat(60_000));
+        let run = move || {
+            let mut r = Router::default();
+            let a: Arc<str> = "a".into();
+            let b: Arc<str> = "b".into();
+            r.subscribe(&a, &deep, opts(QoS::AtLeastOnce));
+            r.subscribe(&b, &format!("{deep}/#"), opts(QoS::AtLeastOnce));
+            r.subscribe(&b, &format!("$share/g/{deep}"), opts(QoS::AtLeastOnce));
+            assert_eq!(matched(&r, &deep), ["a", "b", "shared:b"]);
+            assert!(r.unsubscribe("a", &deep));
+            assert_eq!(matched(&r, &deep), ["b", "shared:b"]);
+            assert!(r.unsubscribe("b", &format!("$share/g/{deep}")));
+            assert!(r.unsubscribe("b", &format!("{deep}/#")));
+            assert!(r.root.children.is_empty(), "the whole chain is pruned");
+            // And a router dropped while it still holds a deep chain.
+            r.subscribe(&a, &deep, opts(QoS::AtMostOnce));
+            drop(r);
+        };
+        let small_stack = std::thread::Builder::new().stack_size(256 * 1024);
+        let outcome = small_stack.spawn(run).map(|t| t.join());
+        assert!(matches!(outcome, Ok(Ok(()))), "the deep filter overflowed");
+    }
+
+    #[test]
+    fn pruning_keeps_what_other_subscriptions_need() {
+        let mut r = Router::default();
+        let a: Arc<str> = "a".into();
+        let b: Arc<str> = "b".into();
+        r.subscribe(&a, "x/y/z/w", opts(QoS::AtMostOnce));
+        r.subscribe(&b, "x/y", opts(QoS::AtMostOnce));
+        r.subscribe(&b, "x/q/r", opts(QoS::AtMostOnce));
+        assert!(r.unsubscribe("a", "x/y/z/w"));
+        assert!(!r.unsubscribe("a", "x/y/z/w"));
+        assert!(!r.unsubscribe("a", "x/y/nothing"));
+        assert_eq!(matched(&r, "x/y"), ["b"]);
+        assert_eq!(matched(&r, "x/q/r"), ["b"]);
+        let x = &r.root.children["x"];
+        assert!(!x.children["y"].children.contains_key("z"), "z/w pruned");
+        assert!(r.unsubscribe("b", "x/y"));
+        assert!(!r.root.children["x"].children.contains_key("y"));
+        assert!(r.unsubscribe("b", "x/q/r"));
+        assert!(r.root.children.is_empty());
     }
 }

@@ -39,6 +39,11 @@ pub struct Outgoing {
     /// A chat message (conversation, seq): kept in the message log, not in
     /// the session's outbox; its acknowledgement moves the cursor.
     chat: Option<(Arc<str>, u64)>,
+    /// Outside the `max_queue` bound: a chat message (it is in the log), or
+    /// a retained message sent on subscribe (the retained store and
+    /// `mqtt.max_retained_per_subscription` bound those). A live message
+    /// never evicts one.
+    unbounded: bool,
 }
 
 impl Outgoing {
@@ -108,9 +113,10 @@ pub struct Session {
     pub expiry_secs: u32,
     pub subscriptions: BTreeMap<String, SubOptions>,
     queue: VecDeque<Outgoing>,
-    /// Chat messages in `queue`: the bound counts the others, and
-    /// counting them by a scan cost O(queue) per message once full.
-    chat_queued: usize,
+    /// Unbounded messages in `queue` (see `Outgoing::unbounded`): the bound
+    /// counts the others, and counting them by a scan cost O(queue) per
+    /// message once full.
+    unbounded_queued: usize,
     inflight: VecDeque<Outgoing>,
     next_n: u64,
     /// Incoming QoS 2 packet ids that got PUBREC and await PUBREL.
@@ -147,7 +153,7 @@ impl Session {
             expiry_secs,
             subscriptions: BTreeMap::new(),
             queue: VecDeque::new(),
-            chat_queued: 0,
+            unbounded_queued: 0,
             inflight: VecDeque::new(),
             next_n: 1,
             inbound: HashSet::new(),
@@ -214,6 +220,7 @@ impl Session {
                 state: entry.state,
                 sent: true,
                 chat: None,
+                unbounded: false,
             };
             // A message on disk may have been sent before the restart: it goes
             // out again with DUP and its original packet id, through the
@@ -259,7 +266,21 @@ impl Session {
         sub_ids: Vec<u32>,
         batch: &mut Batch,
     ) {
-        self.push(msg, qos, retain, sub_ids, None, batch);
+        self.push(msg, qos, retain, sub_ids, None, false, batch);
+    }
+
+    /// Queues a retained message for a new subscription, with RETAIN set
+    /// [MQTT-3.3.1-8]. It does not count against `max_queue`: a wildcard
+    /// over many retained topics gets all of them, and live messages do not
+    /// evict them.
+    pub fn enqueue_retained(
+        &mut self,
+        msg: Arc<Message>,
+        qos: QoS,
+        sub_ids: Vec<u32>,
+        batch: &mut Batch,
+    ) {
+        self.push(msg, qos, true, sub_ids, None, true, batch);
     }
 
     fn push(
@@ -269,6 +290,7 @@ impl Session {
         retain: bool,
         sub_ids: Vec<u32>,
         chat: Option<(Arc<str>, u64)>,
+        unbounded: bool,
         batch: &mut Batch,
     ) -> bool {
         if qos == QoS::AtMostOnce && !self.connected {
@@ -276,9 +298,10 @@ impl Session {
         }
         // The bound is on plain messages (`mqtt.max_offline_messages`); chat
         // messages are in the log, and evicting one would cut a replay short.
-        if chat.is_none() && self.queue.len() >= self.max_queue {
-            let plain = self.queue.len() - self.chat_queued;
-            let oldest = self.queue.iter().position(|o| o.chat.is_none());
+        let unbounded = unbounded || chat.is_some();
+        if !unbounded && self.queue.len() >= self.max_queue {
+            let plain = self.queue.len() - self.unbounded_queued;
+            let oldest = self.queue.iter().position(|o| !o.unbounded);
             if let (true, Some(i)) = (plain >= self.max_queue, oldest) {
                 if let Some(old) = self.queue.remove(i) {
                     self.dropped += 1;
@@ -302,18 +325,19 @@ impl Session {
             state: OutboxState::Publish,
             sent: false,
             chat,
+            unbounded,
         };
         if n != 0 && self.persistent() && out.chat.is_none() {
             batch.put_outbox(&self.client_id, n, &out.entry());
         }
-        self.chat_queued += usize::from(out.chat.is_some());
+        self.unbounded_queued += usize::from(out.unbounded);
         self.queue.push_back(out);
         true
     }
 
     fn pop_queue(&mut self) -> Option<Outgoing> {
         let o = self.queue.pop_front()?;
-        self.chat_queued -= usize::from(o.chat.is_some());
+        self.unbounded_queued -= usize::from(o.unbounded);
         Some(o)
     }
 
@@ -464,6 +488,7 @@ impl Session {
             false,
             Vec::new(),
             Some((conv.clone(), seq)),
+            true,
             batch,
         );
         Offer::Queued
@@ -698,6 +723,32 @@ mod tests {
         }
         assert_eq!(s.pending(), 3);
         assert_eq!(s.dropped, 2);
+    }
+
+    #[test]
+    fn retained_on_subscribe_is_not_bounded_by_the_offline_queue() {
+        let mut s = session(60);
+        let mut b = Batch::new();
+        s.max_inflight = 0;
+        for _ in 0..10 {
+            let m = msg("r", QoS::AtLeastOnce);
+            s.enqueue_retained(m, QoS::AtLeastOnce, vec![], &mut b);
+        }
+        for _ in 0..4 {
+            let m = msg("t", QoS::AtLeastOnce);
+            s.enqueue(m, QoS::AtLeastOnce, false, vec![], &mut b);
+        }
+        // All ten retained stay; the plain bound (3) applies to the rest.
+        assert_eq!(s.pending(), 13);
+        assert_eq!(s.dropped, 1);
+        s.max_inflight = 100;
+        let mut out = vec![];
+        s.poll_send(0, &mut out, &mut b);
+        let retained = out
+            .iter()
+            .filter(|p| matches!(p, Packet::Publish(p) if p.retain))
+            .count();
+        assert_eq!(retained, 10, "each with RETAIN set [MQTT-3.3.1-8]");
     }
 
     #[test]

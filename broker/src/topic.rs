@@ -2,10 +2,67 @@
 //!
 //! Owns the rules for what a topic or filter may look like and which topics
 //! a filter matches, including the `$`-topic rule and `$share/` parsing.
-//! It must never allocate on the matching path.
+//! It must never allocate on the matching path. Everything here is
+//! iterative: a client chooses how many levels a topic has, never how deep
+//! the broker's stack goes.
 
 /// Longest topic or filter we accept (the MQTT string limit).
 const MAX_LEN: usize = 65_535;
+
+/// The operator's bounds on topic names and filters (`mqtt.max_topic_levels`,
+/// `mqtt.max_topic_length`): what one name may cost the trie, the retained
+/// store and every match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicLimits {
+    pub max_levels: usize,
+    pub max_length: usize,
+}
+
+impl TopicLimits {
+    /// Is `name` (a topic or a filter) within the bounds?
+    pub fn admit(&self, name: &str) -> bool {
+        // Checked first, so the level count below is bounded by it.
+        name.len() <= self.max_length && levels(name) <= self.max_levels
+    }
+}
+
+/// How many levels `name` has: one more than it has separators.
+pub fn levels(name: &str) -> usize {
+    name.bytes().filter(|&b| b == b'/').count() + 1
+}
+
+/// Why a topic name or filter from the network is not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// U+0000 inside: the packet is malformed [MQTT-1.5.4-2].
+    Malformed,
+    /// Breaks a topic rule (empty, misplaced wildcard) [MQTT-4.7.3-1].
+    Invalid,
+    /// Valid MQTT, but longer or deeper than the operator allows.
+    OverLimit,
+}
+
+/// Checks a PUBLISH (or will) topic name.
+pub fn check_topic(topic: &str, limits: &TopicLimits) -> Result<(), Refusal> {
+    check(topic, limits, valid_topic)
+}
+
+/// Checks a SUBSCRIBE or UNSUBSCRIBE filter (the part after `$share/g/`).
+pub fn check_filter(filter: &str, limits: &TopicLimits) -> Result<(), Refusal> {
+    check(filter, limits, valid_filter)
+}
+
+fn check(name: &str, limits: &TopicLimits, valid: fn(&str) -> bool) -> Result<(), Refusal> {
+    if name.contains('\0') {
+        Err(Refusal::Malformed)
+    } else if !valid(name) {
+        Err(Refusal::Invalid)
+    } else if !limits.admit(name) {
+        Err(Refusal::OverLimit)
+    } else {
+        Ok(())
+    }
+}
 
 /// A valid topic name for PUBLISH: non-empty, no wildcards, no NUL
 /// [MQTT-4.7.3-1], [MQTT-3.3.2-2], [MQTT-4.7.3-2].
@@ -162,6 +219,24 @@ mod tests {
         assert!(overlaps("secret/#", "#"));
         assert!(overlaps("a/+/c", "a/b/#"));
         assert!(!overlaps("a/b", "a/c"));
+    }
+
+    #[test]
+    fn limits_bound_levels_and_length_and_nul_is_malformed() {
+        let limits = TopicLimits {
+            max_levels: 3,
+            max_length: 10,
+        };
+        assert_eq!(check_topic("a/b/c", &limits), Ok(()));
+        assert_eq!(check_topic("a/b/c/d", &limits), Err(Refusal::OverLimit));
+        assert_eq!(check_topic("abcdefghijk", &limits), Err(Refusal::OverLimit));
+        assert_eq!(check_topic("a/+", &limits), Err(Refusal::Invalid));
+        assert_eq!(check_topic("a\0b", &limits), Err(Refusal::Malformed));
+        assert_eq!(check_filter("a/+/#", &limits), Ok(()));
+        assert_eq!(check_filter("a///", &limits), Err(Refusal::OverLimit));
+        assert_eq!(check_filter("a/#/b", &limits), Err(Refusal::Invalid));
+        assert_eq!(check_filter("#\0", &limits), Err(Refusal::Malformed));
+        assert_eq!(levels("/"), 2);
     }
 
     #[test]

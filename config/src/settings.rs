@@ -114,6 +114,23 @@ pub struct Mqtt {
     /// (then every 10 s, 3 probes), so a client that vanished without
     /// closing is found even with MQTT keepalive 0; 0: no TCP keepalive.
     pub tcp_keepalive_secs: u64,
+    // topics and retained messages (trie)
+    /// Levels a topic name or filter may have (PUBLISH, SUBSCRIBE,
+    /// UNSUBSCRIBE, will); more is refused (SUBACK 0x8F, PUBACK 0x90).
+    pub max_topic_levels: usize,
+    /// Bytes a topic name or filter may have; longer is refused like too
+    /// many levels.
+    pub max_topic_length: usize,
+    /// Retained messages the broker keeps; a retained publish on a new topic
+    /// beyond it is not retained (MQTT 5 QoS 1/2: refused with 0x97).
+    pub max_retained_messages: usize,
+    /// Bytes (topic plus payload) of all retained messages together; a
+    /// retained publish that would pass it is treated like one over
+    /// `max_retained_messages`.
+    pub max_retained_bytes: usize,
+    /// Retained messages one new subscription is sent; the rest are counted
+    /// as dropped and logged.
+    pub max_retained_per_subscription: usize,
 }
 
 impl Default for Mqtt {
@@ -137,6 +154,14 @@ impl Default for Mqtt {
             accept_burst_per_ip: 500,
             max_connect_packet: 65_536,
             tcp_keepalive_secs: 60,
+            // Real topics are a few levels and well under 256 bytes (AWS IoT
+            // caps them at 8 levels and 256 bytes); these leave ample room
+            // and still bound what one name costs the trie and each match.
+            max_topic_levels: 128,
+            max_topic_length: 4096,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 1 << 30,
+            max_retained_per_subscription: 100_000,
         }
     }
 }
@@ -625,6 +650,11 @@ pub(crate) const KEYS: &[Key] = &[
             key("accept_burst_per_ip", integer(1, U32_MAX)),
             key("max_connect_packet", integer(256, MAX_PAYLOAD_LIMIT as i64)),
             key("tcp_keepalive_secs", integer(0, U32_MAX)),
+            key("max_topic_levels", integer(1, 65_536)),
+            key("max_topic_length", integer(1, 65_535)),
+            key("max_retained_messages", integer(0, USIZE_MAX)),
+            key("max_retained_bytes", integer(0, USIZE_MAX)),
+            key("max_retained_per_subscription", integer(0, USIZE_MAX)),
         ]),
     ),
     key(

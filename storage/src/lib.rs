@@ -19,6 +19,7 @@ mod error;
 mod keys;
 mod latency;
 mod owner;
+mod options;
 mod push;
 mod record;
 mod store;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, DB};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, DB};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::Batch;
@@ -50,16 +50,15 @@ impl Store {
         sync: SyncMode,
         sync_interval: Duration,
     ) -> Result<Store, StorageError> {
-        let mut options = Options::default();
-        options.create_if_missing(true);
-        options.create_missing_column_families(true);
-        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        options.set_keep_log_file_num(4);
+        let options = crate::options::database();
+        let cache = crate::options::block_cache();
         let cfs = ALL_CFS
             .iter()
             .chain(crate::chat::CHAT_CFS.iter())
             .chain(crate::push::PUSH_CFS.iter())
-            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+            .map(|name| {
+                ColumnFamilyDescriptor::new(*name, crate::options::column_family(name, &cache))
+            });
         let db =
             DB::open_cf_descriptors(&options, dir, cfs).map_err(|source| StorageError::Open {
                 path: dir.to_path_buf(),
@@ -397,6 +396,82 @@ mod tests {
         b.delete_session("c1");
         store.write(b).await.unwrap();
         assert!(store.load_sessions().unwrap().is_empty());
+        store.close();
+    }
+
+    /// The options RocksDB runs with, as it recorded them in the newest
+    /// OPTIONS file of the database: section name -> its lines.
+    fn options_in_force(dir: &Path) -> std::collections::HashMap<String, Vec<String>> {
+        let newest = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("OPTIONS-"))
+            .max_by_key(|n| n["OPTIONS-".len()..].parse::<u64>().unwrap_or(0))
+            .expect("RocksDB writes an OPTIONS file");
+        let text = std::fs::read_to_string(dir.join(newest)).unwrap();
+        let mut sections = std::collections::HashMap::new();
+        let mut current = String::new();
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                current = line.to_string();
+            } else if !line.is_empty() && !line.starts_with('#') {
+                sections
+                    .entry(current.clone())
+                    .or_insert_with(Vec::new)
+                    .push(line.to_string());
+            }
+        }
+        sections
+    }
+
+    #[tokio::test]
+    async fn every_column_family_is_compressed_and_point_lookups_have_bloom_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), SyncMode::Always);
+        let sections = options_in_force(dir.path());
+        let has = |section: &str, line: &str| {
+            sections
+                .get(section)
+                .is_some_and(|lines| lines.iter().any(|l| l == line))
+        };
+        let db = "[DBOptions]";
+        let budget = crate::options::WRITE_BUFFER_BUDGET;
+        assert!(has(db, &format!("db_write_buffer_size={budget}")));
+        let wal = crate::options::MAX_TOTAL_WAL;
+        assert!(has(db, &format!("max_total_wal_size={wal}")));
+        let all = ALL_CFS
+            .iter()
+            .chain(crate::chat::CHAT_CFS.iter())
+            .chain(crate::push::PUSH_CFS.iter());
+        for cf in all {
+            let options = format!("[CFOptions \"{cf}\"]");
+            assert!(has(&options, "compression=kLZ4Compression"), "{cf}");
+            let table = format!("[TableOptions/BlockBasedTable \"{cf}\"]");
+            let bloom = sections[&table]
+                .iter()
+                .any(|l| l.starts_with("filter_policy=bloomfilter"));
+            let point = crate::options::POINT_LOOKUP_CFS.contains(cf);
+            assert_eq!(bloom, point, "{cf}: a bloom filter only for point lookups");
+        }
+        // And the tables written really are LZ4: flushed, then asked.
+        let mut b = Batch::new();
+        b.put_client_owner("c1", "alice");
+        store.write(b).await.unwrap();
+        let cf = store.cf(CF_CLIENT).unwrap();
+        store.db().flush_cf(cf).unwrap();
+        let tables = store
+            .db()
+            .property_value_cf(cf, rocksdb::properties::SSTABLES)
+            .unwrap()
+            .unwrap_or_default();
+        assert!(!tables.is_empty());
+        let ratio = store
+            .db()
+            .property_value_cf(cf, rocksdb::properties::AGGREGATED_TABLE_PROPERTIES)
+            .unwrap()
+            .unwrap_or_default();
+        assert!(ratio.contains("filter block size"), "{ratio}");
         store.close();
     }
 

@@ -118,6 +118,38 @@ fn render(api: &Api) -> String {
             ("request", count(&timeouts.request)),
         ],
     );
+    // topics and retained messages (trie)
+    out.single(
+        "chatmq_topics_refused_total",
+        "counter",
+        "Topic names and filters refused for passing mqtt.max_topic_levels or mqtt.max_topic_length.",
+        count(&m.topics_refused),
+    );
+    let (retained, retained_bytes) = broker.retained_size();
+    out.single(
+        "chatmq_retained_messages",
+        "gauge",
+        "Retained messages held (capped by mqtt.max_retained_messages).",
+        retained,
+    );
+    out.single(
+        "chatmq_retained_bytes",
+        "gauge",
+        "Bytes of retained messages held (capped by mqtt.max_retained_bytes).",
+        retained_bytes,
+    );
+    out.single(
+        "chatmq_retained_refused_total",
+        "counter",
+        "Retained publishes not retained because the retained store was at its caps.",
+        count(&m.retained_refused),
+    );
+    out.single(
+        "chatmq_retained_not_sent_total",
+        "counter",
+        "Retained messages a new subscription was not sent (beyond mqtt.max_retained_per_subscription).",
+        count(&m.retained_not_sent),
+    );
     let push = &broker.chat.push;
     out.single(
         "chatmq_push_sent_total",

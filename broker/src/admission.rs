@@ -20,6 +20,8 @@ use chatmq_config::Mqtt;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::limits::TokenBucket;
+
 /// Seconds between TCP keepalive probes once they start, and how many go
 /// unanswered before the OS drops the connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -185,9 +187,9 @@ struct Table {
 #[derive(Debug)]
 struct Entry {
     open: usize,
-    /// Accepts left in the bucket, refilled at `rate_per_sec` up to `burst`.
-    tokens: f64,
-    refilled: Instant,
+    /// Accepts left, refilled at `rate_per_sec` up to `burst`; none when
+    /// the rate is off.
+    accepts: Option<TokenBucket>,
 }
 
 /// One connection's place in an [`AddressLimiter`], freed on drop.
@@ -210,21 +212,20 @@ impl AddressLimiter {
         let address = group(peer);
         let limits = self.limits;
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.sweep(&limits, now);
-        let entry = table.by_address.entry(address).or_insert(Entry {
+        table.sweep(now);
+        let entry = table.by_address.entry(address).or_insert_with(|| Entry {
             open: 0,
-            tokens: f64::from(limits.burst),
-            refilled: now,
+            accepts: (limits.rate_per_sec != 0).then(|| {
+                TokenBucket::new(limits.rate_per_sec.into(), limits.burst.into(), now)
+            }),
         });
         if limits.max_open != 0 && entry.open >= limits.max_open {
             return Err(Refusal::AddressLimit);
         }
-        if limits.rate_per_sec != 0 {
-            entry.refill(&limits, now);
-            if entry.tokens < 1.0 {
+        if let Some(accepts) = &mut entry.accepts {
+            if !accepts.take(1, now) {
                 return Err(Refusal::AddressRate);
             }
-            entry.tokens -= 1.0;
         }
         entry.open = entry.open.saturating_add(1);
         Ok(Place {
@@ -241,23 +242,9 @@ impl AddressLimiter {
 }
 
 impl Entry {
-    fn refill(&mut self, limits: &AddressLimits, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        let full = f64::from(limits.burst);
-        self.tokens = (self.tokens + elapsed * f64::from(limits.rate_per_sec)).min(full);
-        self.refilled = now;
-    }
-
     /// Holds nothing a fresh entry would not: no connection, a full bucket.
-    fn idle(&mut self, limits: &AddressLimits, now: Instant) -> bool {
-        if self.open > 0 {
-            return false;
-        }
-        if limits.rate_per_sec == 0 {
-            return true;
-        }
-        self.refill(limits, now);
-        self.tokens >= f64::from(limits.burst)
+    fn idle(&mut self, now: Instant) -> bool {
+        self.open == 0 && self.accepts.as_mut().is_none_or(|b| b.is_full(now))
     }
 }
 
@@ -266,11 +253,11 @@ impl Table {
     /// sweep: the table stays proportional to the addresses that hold
     /// connections or connected within the last `burst / rate` seconds,
     /// at an amortised constant cost per accept.
-    fn sweep(&mut self, limits: &AddressLimits, now: Instant) {
+    fn sweep(&mut self, now: Instant) {
         if self.by_address.len() < self.swept_len.saturating_mul(2).max(SWEEP_FLOOR) {
             return;
         }
-        self.by_address.retain(|_, e| !e.idle(limits, now));
+        self.by_address.retain(|_, e| !e.idle(now));
         self.swept_len = self.by_address.len();
     }
 }
@@ -284,8 +271,10 @@ impl Drop for Place {
     }
 }
 
-/// The unit an address limit counts: an IPv4 address, or an IPv6 /64.
-fn group(peer: IpAddr) -> IpAddr {
+/// The unit an address limit counts (connections here, failed logins in
+/// `login_guard`): an IPv4 address, or an IPv6 /64, which one host
+/// usually holds whole; an IPv4-mapped IPv6 address is its IPv4 one.
+pub fn group(peer: IpAddr) -> IpAddr {
     match peer.to_canonical() {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => {

@@ -22,6 +22,7 @@ use crate::access::{Acl, Authenticator};
 use crate::chat::Chat;
 use crate::clock::now_ms;
 use crate::codec::Protocol;
+use crate::limits::{RateLimit, UserRates};
 use crate::message::{min_qos, Message};
 use crate::ownership::{self, Ownership};
 use crate::retained::{Change, RetainedStore};
@@ -167,6 +168,25 @@ pub struct Metrics {
     /// Retained messages a new subscription was not sent: more matched
     /// than `mqtt.max_retained_per_subscription`.
     pub retained_not_sent: AtomicU64,
+    // flow control: slow clients, rates, caches
+    /// Connections closed because a write did not finish within
+    /// `mqtt.write_timeout_secs` (the client stopped reading).
+    pub write_timeouts: AtomicU64,
+    /// Connections closed because their session went over its byte budget.
+    pub overload_disconnects: AtomicU64,
+    /// Publishes refused by a per-connection or per-user rate.
+    pub publishes_rate_limited: AtomicU64,
+    /// Live chat messages not queued in a full session: replayed from the
+    /// log once the client drains (deferred, not lost).
+    pub chat_deferred_to_log: AtomicU64,
+    /// Typing indicators dropped by the per-user throttle.
+    pub typing_throttled: AtomicU64,
+    /// Typing indicators refused for their size.
+    pub typing_too_large: AtomicU64,
+    /// Conversation states evicted from memory.
+    pub conv_cache_evicted: AtomicU64,
+    /// Idempotency keys deleted after `chat.dedup_ttl_secs`.
+    pub dedup_expired: AtomicU64,
 }
 
 pub struct Broker {
@@ -182,6 +202,9 @@ pub struct Broker {
     sessions: Mutex<HashMap<Arc<str>, Arc<SessionCell>>>,
     retained: RwLock<RetainedStore>,
     next_id: AtomicU64,
+    // flow control
+    /// Each user's publish rate, shared by its connections.
+    pub user_rates: UserRates,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -200,10 +223,12 @@ impl Broker {
         auth: Authenticator,
     ) -> Result<Arc<Broker>, chatmq_storage::StorageError> {
         let acl = Acl::new(&settings.acl.rules);
+        let user_rates = UserRates::new(RateLimit::user(&settings.mqtt));
         let metrics = Arc::new(Metrics::default());
         let push = chatmq_bridge::push::Push::open(store.clone(), &settings.push)?;
         let mut chat = Chat::new(store.clone(), metrics.clone(), push)?;
         chat.history_cap = settings.chat.history_limit;
+        chat.limit(&settings.chat);
         let chat = Arc::new(chat);
         let owners = Ownership::new(settings.mqtt.client_owner_ttl_secs);
         let retained = RetainedStore::new(
@@ -222,6 +247,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             retained: RwLock::new(retained),
             next_id: AtomicU64::new(1),
+            user_rates,
         };
         broker.restore()?;
         Ok(Arc::new(broker))
@@ -234,6 +260,7 @@ impl Broker {
         for stored in self.store.load_sessions()? {
             let mut session = Session::restore(stored, now);
             session.max_queue = self.settings.mqtt.max_offline_messages;
+            session.max_bytes = self.settings.mqtt.session_queue_bytes;
             for (conv, seq) in self.store.cursors(&session.client_id)? {
                 session.chat.insert(
                     conv.into(),
@@ -277,6 +304,15 @@ impl Broker {
 
     pub fn session_count(&self) -> usize {
         self.lock_sessions().len()
+    }
+
+    /// Bytes of messages every session holds in memory, queued or in
+    /// flight (each bounded by `mqtt.session_queue_bytes`).
+    pub fn held_bytes(&self) -> usize {
+        self.lock_sessions()
+            .values()
+            .map(|c| c.lock().session.held_bytes())
+            .fold(0, usize::saturating_add)
     }
 
     /// Attaches a new connection to the session of its client id: resumes
@@ -346,6 +382,7 @@ impl Broker {
                 s.expiry_secs = a.expiry_secs;
                 s.max_inflight = a.max_inflight;
                 s.connected = true;
+                s.overloaded = false;
                 s.disconnected_at_ms = 0;
                 if s.persistent() {
                     batch.put_session(&s.client_id, &s.record());
@@ -381,6 +418,7 @@ impl Broker {
         );
         session.max_inflight = a.max_inflight;
         session.max_queue = self.settings.mqtt.max_offline_messages;
+        session.max_bytes = self.settings.mqtt.session_queue_bytes;
         if session.persistent() {
             batch.put_session(&session.client_id, &session.record());
         }
@@ -579,7 +617,9 @@ impl Broker {
                 let s = &slot.session;
                 if !s.connected
                     && slot.link.is_none()
-                    && now_ms >= s.disconnected_at_ms + u64::from(s.expiry_secs) * 1000
+                    && now_ms
+                        >= s.disconnected_at_ms
+                            .saturating_add(u64::from(s.expiry_secs) * 1000)
                 {
                     expired.push(cell.clone());
                 }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use chatmq_storage::{Batch, Commit};
 use rumqttc::v5::mqttbytes::v5::*;
@@ -19,13 +20,14 @@ use tokio::time::timeout;
 use crate::access::{Identity, Refusal};
 use crate::broker::{Attach, Broker, Kick, Refused, SessionCell, TAKEOVER_WAIT};
 use crate::chat::namespace::{classify, filter_scope, valid_conv, valid_user, FilterScope, Topic};
-use crate::chat::{rpc, Envelope};
+use crate::chat::{rpc, Envelope, Typing};
 use crate::clock::now_ms;
 use crate::codec::Protocol;
+use crate::limits::{self, PublishRate, RateLimit, UserRate};
 use crate::message::{min_qos, Message};
 use crate::router::SubOptions;
 use crate::session::{Ack, Session};
-use crate::topic::{check_filter, check_topic, parse_shared, valid_topic, Refusal as TopicRefusal};
+use crate::topic::{check_filter, check_topic, parse_shared, Refusal as TopicRefusal};
 
 /// A packet to write, now or once its writes are durable.
 pub enum Out {
@@ -85,12 +87,15 @@ pub struct Channel {
     /// Incoming QoS 1 PUBLISHes whose PUBACK is not yet sent.
     unacked_qos1: usize,
     out: Vec<Out>,
+    /// This connection's publish rate (`mqtt.publish_*`).
+    rate: PublishRate,
+    /// Its user's, shared with the user's other connections.
+    user_rate: Option<UserRate>,
 }
 
 impl Channel {
     pub fn new(broker: Arc<Broker>, conn_id: u64) -> Channel {
         Channel {
-            broker,
             conn_id,
             protocol: Protocol::V4,
             client_id: "".into(),
@@ -102,6 +107,9 @@ impl Channel {
             client_max_packet: None,
             unacked_qos1: 0,
             out: Vec::new(),
+            rate: PublishRate::new(RateLimit::connection(&broker.settings.mqtt), Instant::now()),
+            user_rate: None,
+            broker,
         }
     }
 
@@ -248,11 +256,14 @@ impl Channel {
 
         let mut server_keep_alive = None;
         self.keep_alive = connect.keep_alive;
-        if protocol == Protocol::V5
-            && (connect.keep_alive == 0 || connect.keep_alive > mqtt.keepalive_max)
-        {
+        if connect.keep_alive == 0 || connect.keep_alive > mqtt.keepalive_max {
+            // MQTT 5 is told (Server Keep Alive); 3.1.1 cannot be, but its
+            // connection is closed all the same after 1.5 x keepalive_max
+            // without a packet: no connection is kept forever in silence.
             self.keep_alive = mqtt.keepalive_max;
-            server_keep_alive = Some(mqtt.keepalive_max);
+            if protocol == Protocol::V5 {
+                server_keep_alive = Some(mqtt.keepalive_max);
+            }
         }
 
         let full = (protocol == Protocol::V5).then(|| ConnAckProperties {
@@ -309,6 +320,7 @@ impl Channel {
             Err(Refused::Unavailable) => return Err(self.refuse_connect(Rc::ServerUnavailable)),
         };
         self.client_id = client_id;
+        self.user_rate = identity.user().map(|u| self.broker.user_rates.of(u));
         self.identity = identity;
         self.cell = Some(attached.cell.clone());
         // The session and the client id's owner are on disk before CONNACK.
@@ -491,6 +503,9 @@ impl Channel {
             self.refuse_publish(&p, PubAckReason::PayloadFormatInvalid);
             return Ok(());
         }
+        if !self.within_rate(p.payload.len()) {
+            return self.refuse_rate(&p, &topic);
+        }
         if classify(&topic) != Topic::Plain {
             return self.publish_reserved(&topic, &p).await;
         }
@@ -564,6 +579,48 @@ impl Channel {
                 }
             }
         }
+    }
+
+    /// Charges a publish of `bytes` to this connection's rate and its
+    /// user's; false (and nothing charged) if either is spent.
+    fn within_rate(&mut self, bytes: usize) -> bool {
+        let now = Instant::now();
+        match &self.user_rate {
+            Some(user) => limits::admit(
+                &mut [&mut self.rate, &mut limits::lock_rate(user)],
+                bytes,
+                now,
+            ),
+            None => limits::admit(&mut [&mut self.rate], bytes, now),
+        }
+    }
+
+    /// A publish over its rate, counted. MQTT 5 QoS 1/2 get PUBACK/PUBREC
+    /// 0x97 Quota exceeded: 0x96 Message rate too high is not a PUBACK or
+    /// PUBREC reason code in MQTT 5 (3.4.2.1), only a DISCONNECT one, so a
+    /// QoS 0 flood, which has no ack, ends with DISCONNECT 0x96. MQTT
+    /// 3.1.1 gets its normal ack and a `rate_limited` error event.
+    fn refuse_rate(&mut self, p: &Publish, topic: &str) -> Result<(), Close> {
+        self.broker
+            .metrics
+            .publishes_rate_limited
+            .fetch_add(1, Ordering::Relaxed);
+        if p.qos == QoS::AtMostOnce && self.protocol == Protocol::V5 {
+            return Err(Close::violation(DisconnectReasonCode::MessageRateTooHigh));
+        }
+        self.refuse_chat(p, topic, PubAckReason::QuotaExceeded, "rate_limited");
+        Ok(())
+    }
+
+    /// Whether this connection's session went over its byte budget (the
+    /// client reads too slowly for what it is sent): then the connection
+    /// closes, MQTT 5 with DISCONNECT 0x97 Quota exceeded.
+    pub fn overloaded(&self) -> Option<Close> {
+        let cell = self.cell.as_ref()?;
+        let slot = cell.lock();
+        let mine = slot.link.as_ref().map(|l| l.conn_id) == Some(self.conn_id);
+        (mine && slot.session.overloaded)
+            .then_some(Close::violation(DisconnectReasonCode::QuotaExceeded))
     }
 
     /// The connection wrote a PUBACK that waited for a commit.
@@ -970,8 +1027,14 @@ impl Channel {
                     self.refuse_chat(p, topic, PubAckReason::NotAuthorized, "not_member");
                     return Ok(());
                 }
-                chat.typing(conv, &user, &self.client_id, &p.payload);
-                self.ack_now(p);
+                match chat.typing(conv, &user, &self.client_id, &p.payload) {
+                    Typing::TooLarge => {
+                        self.refuse_chat(p, topic, PubAckReason::QuotaExceeded, "too_large")
+                    }
+                    // A throttled indicator is acknowledged and dropped:
+                    // it is QoS 0 chatter, the next one will tell the same.
+                    Typing::Forwarded | Typing::Throttled => self.ack_now(p),
+                }
                 Ok(())
             }
             Topic::Rpc(method) => {
@@ -1081,6 +1144,23 @@ fn fit_connack(
         authentication_data: None,
     });
     fits(&essential).then_some(essential)
+}
+
+/// A connection task that ends without `close` (it panicked, or its future
+/// was dropped) still releases its session and its user's presence, and
+/// its will is due as after any abrupt loss.
+impl Drop for Channel {
+    fn drop(&mut self) {
+        let Some(cell) = self.cell.take() else { return };
+        let mut batch = Batch::new();
+        let owned = self
+            .broker
+            .detach(&cell, self.conn_id, self.will.take(), &mut batch);
+        if let (true, Some(user)) = (owned, self.identity.user()) {
+            self.broker.chat.session_offline(user, &cell);
+        }
+        drop(self.broker.store.submit_now(batch));
+    }
 }
 
 fn empty_connect_props() -> ConnectProperties {

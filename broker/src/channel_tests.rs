@@ -1359,3 +1359,23 @@ async fn a_session_ended_at_disconnect_is_deleted_from_disk() {
     let stored = fx.broker.store.load_sessions().expect("sessions");
     assert!(stored.iter().all(|s| s.client_id != "c"), "still on disk");
 }
+
+// A connection task that dies without closing (a panic unwinds through
+// it, or its future is dropped) must not leave its user online or its
+// session attached: the channel's drop releases both.
+#[tokio::test]
+async fn a_channel_dropped_without_close_releases_session_and_presence() {
+    let fx = broker();
+    let alice = Ok(Identity::User("alice".into()));
+    let Ok(client) = fx
+        .try_connect(V5, connect("alices-phone", true), None, alice)
+        .await
+    else {
+        panic!("refused");
+    };
+    assert!(fx.broker.chat.is_online("alice"));
+    assert_eq!(fx.broker.session_count(), 1);
+    drop(client);
+    assert!(!fx.broker.chat.is_online("alice"), "presence released");
+    assert_eq!(fx.broker.session_count(), 0, "the clean session ended");
+}

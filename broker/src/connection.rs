@@ -4,7 +4,10 @@
 //! Generic over the byte stream, so TCP, TLS and WebSocket connections are
 //! served by the same code. Acks that wait for a commit are written in the
 //! order their packets arrived [MQTT-4.6.0-2]. Malformed input closes this
-//! connection only.
+//! connection only. Every write has a deadline (`mqtt.write_timeout_secs`):
+//! a client that stops reading is closed, and while a write waits, a
+//! takeover, shutdown, keepalive expiry or an overloaded session still end
+//! the connection.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -23,7 +26,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::admission::Refusal;
-use crate::broker::{Broker, Kick, Metrics};
+use crate::broker::{Broker, Kick, Metrics, SessionCell};
 use crate::channel::{max_packet_size, Channel, Close, Out};
 use crate::codec::{self, DecodeError, Protocol};
 use crate::login_guard;
@@ -44,7 +47,7 @@ pub async fn serve<S>(stream: S, peer: IpAddr, broker: Arc<Broker>, shutdown: wa
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    broker.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    let _counted = Counted::new(&broker.metrics);
     let mut conn = Connection {
         channel: Channel::new(broker.clone(), broker.next_id()),
         max_in: max_packet_size(broker.settings.mqtt.max_payload),
@@ -99,7 +102,85 @@ where
         })
         .await;
     }
-    broker.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Counts an open connection for as long as its task lives, even if the
+/// task panics (the counter gates `mqtt.max_connections`).
+struct Counted(Arc<Metrics>);
+
+impl Counted {
+    fn new(metrics: &Arc<Metrics>) -> Counted {
+        metrics.connections.fetch_add(1, Ordering::Relaxed);
+        Counted(metrics.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The close of a connection whose session another one took over.
+fn taken_over() -> Close {
+    Close {
+        reason: Some(DisconnectReasonCode::SessionTakenOver),
+        will: true,
+    }
+}
+
+/// The close of every connection when the server stops.
+fn shutting_down() -> Close {
+    Close {
+        reason: Some(DisconnectReasonCode::ServerShuttingDown),
+        will: false,
+    }
+}
+
+/// Resolves when the session is taken over, with what the new connection
+/// waits on; never if it cannot be any more. Cancel-safe, so it can sit in
+/// every `select!`.
+async fn kicked_off(kicked: &mut Option<oneshot::Receiver<Kick>>) -> oneshot::Sender<()> {
+    loop {
+        match kicked.as_mut() {
+            Some(k) => {
+                let kick = k.await;
+                *kicked = None;
+                if let Ok(Kick::TakenOver { closed }) = kick {
+                    return closed;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// How a connection ends when its deadline passes: the end of its drain
+/// after a takeover, its login's expiry, or else keepalive.
+fn deadline_passed(draining: bool, expires: Option<Instant>) -> Close {
+    if draining {
+        taken_over()
+    } else if expires.is_some_and(|e| e <= Instant::now()) {
+        Close::violation(DisconnectReasonCode::MaximumConnectTime)
+    } else {
+        Close::violation(DisconnectReasonCode::KeepAliveTimeout)
+    }
+}
+
+/// Waits for `deadline`, or forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until `cell`'s session has something new, or forever without one.
+async fn woken(cell: &Option<Arc<SessionCell>>) {
+    match cell {
+        Some(c) => c.wake.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 struct Connection {
@@ -197,6 +278,7 @@ impl Connection {
         let next_deadline = || earliest(idle.map(|d| Instant::now() + d), expires);
         let mut deadline = next_deadline();
         let wake = self.channel.session().cloned();
+        let write_timeout = Duration::from_secs(broker.settings.mqtt.write_timeout_secs);
 
         loop {
             self.encode_output();
@@ -208,14 +290,44 @@ impl Connection {
             for p in deliveries {
                 self.encode(p).await;
             }
+            if let Some(close) = self.overloaded() {
+                return Some(close);
+            }
             if !self.outbuf.is_empty() {
-                // flush: TLS and WebSocket buffer what they are given; for
-                // TCP it costs nothing.
-                if wr.write_all(&self.outbuf).await.is_err() || wr.flush().await.is_err() {
-                    return Some(Close {
-                        reason: None,
-                        will: true,
-                    });
+                // No deadline only if the configured one is past the clock's range.
+                let give_up = Instant::now().checked_add(write_timeout);
+                let mut written = 0;
+                let mut flushed = false;
+                // One `write` or `flush` per round, both cancel-safe: the
+                // other arms may end the connection while the client is not
+                // reading, and waking up loses nothing. Flush: TLS and
+                // WebSocket buffer what they are given (for TCP it costs
+                // nothing), so a stuck client may block there too.
+                while !flushed {
+                    let out = &self.outbuf;
+                    let step = async {
+                        if written < out.len() {
+                            wr.write(&out[written..]).await.map(Some)
+                        } else {
+                            wr.flush().await.map(|()| None)
+                        }
+                    };
+                    tokio::select! {
+                        step = step => match step {
+                            Ok(Some(0)) | Err(_) => return Some(Close { reason: None, will: true }),
+                            Ok(Some(n)) => written += n,
+                            Ok(None) => flushed = true,
+                        },
+                        _ = until(give_up) => return Some(self.write_timed_out(write_timeout)),
+                        _ = shutdown.changed() => return Some(shutting_down()),
+                        closed = kicked_off(&mut kicked) => (drain_end, deadline) = self.drain(closed),
+                        _ = until(deadline) => return Some(deadline_passed(drain_end.is_some(), expires)),
+                        _ = woken(&wake) => {
+                            if let Some(close) = self.overloaded() {
+                                return Some(close);
+                            }
+                        }
+                    }
                 }
                 self.outbuf.clear();
             }
@@ -227,20 +339,8 @@ impl Connection {
                 self.inbuf.reserve(want);
             }
             tokio::select! {
-                _ = shutdown.changed() => {
-                    return Some(Close { reason: Some(DisconnectReasonCode::ServerShuttingDown), will: false });
-                }
-                k = async { match kicked.as_mut() { Some(k) => k.await, None => std::future::pending().await } } => {
-                    kicked = None;
-                    if let Ok(Kick::TakenOver { closed }) = k {
-                        // Drain: read on until the client is quiet, it
-                        // disconnects, or DRAIN_MAX passes.
-                        self.taken_over = Some(closed);
-                        let now = Instant::now();
-                        drain_end = Some(now + DRAIN_MAX);
-                        deadline = Some(now + DRAIN_QUIET);
-                    }
-                }
+                _ = shutdown.changed() => return Some(shutting_down()),
+                closed = kicked_off(&mut kicked) => (drain_end, deadline) = self.drain(closed),
                 done = async { match self.pending.front_mut() { Some((c, _)) => c.await, None => std::future::pending().await } } => {
                     if let Err(e) = done {
                         tracing::error!(error = %e, "commit failed; closing so the client resends");
@@ -253,15 +353,9 @@ impl Connection {
                         self.encode(ack).await;
                     }
                 }
-                _ = async { match &wake { Some(c) => c.wake.notified().await, None => std::future::pending().await } } => {}
-                _ = async { match deadline { Some(d) => sleep_until(d).await, None => std::future::pending().await } } => {
-                    if drain_end.is_some() {
-                        return Some(Close { reason: Some(DisconnectReasonCode::SessionTakenOver), will: true });
-                    }
-                    if expires.is_some_and(|e| e <= Instant::now()) {
-                        return Some(Close::violation(DisconnectReasonCode::MaximumConnectTime));
-                    }
-                    return Some(Close::violation(DisconnectReasonCode::KeepAliveTimeout));
+                _ = woken(&wake) => {}
+                _ = until(deadline) => {
+                    return Some(deadline_passed(drain_end.is_some(), expires));
                 }
                 read = rd.read_buf(&mut self.inbuf) => {
                     match read {
@@ -297,6 +391,43 @@ impl Connection {
                     }
                 }
             }
+        }
+    }
+
+    /// Taken over: read on what the client already sent until it is quiet
+    /// for DRAIN_QUIET, it disconnects, or DRAIN_MAX passes. Returns the
+    /// drain's end and the next deadline.
+    fn drain(&mut self, closed: oneshot::Sender<()>) -> (Option<Instant>, Option<Instant>) {
+        self.taken_over = Some(closed);
+        let now = Instant::now();
+        (Some(now + DRAIN_MAX), Some(now + DRAIN_QUIET))
+    }
+
+    /// The session went over its byte budget: counted, logged, closed.
+    fn overloaded(&self) -> Option<Close> {
+        let close = self.channel.overloaded()?;
+        self.metrics
+            .overload_disconnects
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            client = self.channel.client_id(),
+            "session over mqtt.session_queue_bytes: the client reads too slowly; disconnecting"
+        );
+        Some(close)
+    }
+
+    /// A write the client did not take within the deadline: counted,
+    /// logged, closed (nothing more can be written to tell it why).
+    fn write_timed_out(&self, after: Duration) -> Close {
+        self.metrics.write_timeouts.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            client = self.channel.client_id(),
+            secs = after.as_secs(),
+            "client stopped reading; closing"
+        );
+        Close {
+            reason: None,
+            will: true,
         }
     }
 

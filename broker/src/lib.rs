@@ -27,6 +27,7 @@ pub use chatmq_protocol::codec;
 pub mod connection;
 pub mod http;
 pub mod login_guard;
+pub mod limits;
 pub mod message;
 pub mod ownership;
 pub mod retained;

@@ -19,6 +19,7 @@ use chatmq_config::LoginLimits;
 use tokio::sync::Semaphore;
 
 use crate::access::{Login, Refusal};
+use crate::admission::group;
 use crate::broker::Broker;
 use crate::chat::namespace::valid_user;
 use crate::clock::now_ms;
@@ -100,21 +101,6 @@ impl<K: Hash + Eq> Failures<K> {
     }
 }
 
-/// The address a failure is counted against: an IPv6 client usually holds
-/// a whole /64, so that is one key; an IPv4-mapped address is its IPv4.
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
-}
-
 /// At most `checks` argon2 verifications at once; at most `queue` more
 /// waiting for one.
 struct PasswordPool {
@@ -189,13 +175,13 @@ impl LoginGuard {
     }
 
     fn blocked(&self, source: IpAddr, username: &str, now: u64) -> bool {
-        lock(&self.by_source).blocked(&source_key(source), now, self.window_ms)
+        lock(&self.by_source).blocked(&group(source), now, self.window_ms)
             || lock(&self.by_user).blocked(&username.to_string(), now, self.window_ms)
     }
 
     fn failed(&self, source: IpAddr, username: &str, now: u64) {
         self.metrics.failures.fetch_add(1, Ordering::Relaxed);
-        lock(&self.by_source).fail(source_key(source), now, self.window_ms);
+        lock(&self.by_source).fail(group(source), now, self.window_ms);
         // Only user ids are tracked by name: any other name is refused
         // without a check, and an unbounded name must not become a key.
         if valid_user(username) {
@@ -285,9 +271,9 @@ mod tests {
     fn an_ipv6_client_is_counted_by_its_64_prefix() {
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
-        assert_eq!(source_key(a), source_key(b));
+        assert_eq!(group(a), group(b));
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(source_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_eq!(group(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ impl Message {
             props.correlation_data = pp.correlation_data.as_ref().map(|b| b.to_vec());
             props.user_properties = pp.user_properties.clone();
             if let Some(secs) = pp.message_expiry_interval {
-                expires_at_ms = now_ms() + u64::from(secs) * 1000;
+                expires_at_ms = now_ms().saturating_add(u64::from(secs) * 1000);
             }
         }
         Message {

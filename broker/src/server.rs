@@ -20,7 +20,7 @@ use crate::access::{AccessError, Authenticator};
 use crate::admission::{AddressLimiter, AddressLimits, Admission, Admitted, Refusal};
 use crate::broker::Broker;
 use crate::channel::max_packet_size;
-use crate::chat::retention;
+use crate::chat::{self, retention};
 use crate::clock::now_ms;
 use crate::connection;
 use crate::http;
@@ -241,6 +241,11 @@ impl Server {
             tasks.spawn(retention::run(broker.chat.clone(), policy, watch.clone()));
         }
         tasks.spawn(crate::ownership::sweep(broker.clone(), watch.clone()));
+        tasks.spawn(chat::dedup::run(
+            broker.chat.clone(),
+            settings.chat.dedup_ttl_secs,
+            watch.clone(),
+        ));
         tasks.spawn(sweep_sessions(broker.clone(), watch));
         ready.store(true, Ordering::Release);
         Ok(Server {

@@ -51,6 +51,11 @@ impl Outgoing {
         pkid_of(self.n)
     }
 
+    /// What it costs the session's byte budget.
+    fn size(&self) -> usize {
+        self.msg.topic.len().saturating_add(self.msg.payload.len())
+    }
+
     fn entry(&self) -> OutboxEntry {
         OutboxEntry {
             state: self.state,
@@ -101,6 +106,10 @@ pub enum Offer {
     Duplicate,
     /// Messages before it are missing here: read the log from this seq.
     Gap(u64),
+    /// The session holds all it may (messages or bytes): not queued, the
+    /// log keeps it, and the paused replay delivers it once the client
+    /// has drained its queue.
+    Full,
 }
 
 /// The state of one client id.
@@ -137,6 +146,13 @@ pub struct Session {
     /// Conversations whose replay paused on a full window; resumed as the
     /// client drains its queue.
     pub replay_paused: HashSet<Arc<str>>,
+    /// Bytes (topic and payload) of the messages queued and in flight.
+    held_bytes: usize,
+    /// The byte budget of `held_bytes` (`mqtt.session_queue_bytes`).
+    pub max_bytes: usize,
+    /// A connected client fell so far behind that messages had to be
+    /// dropped for the byte budget: its connection closes as overloaded.
+    pub overloaded: bool,
 }
 
 impl Session {
@@ -165,6 +181,9 @@ impl Session {
             chat: HashMap::new(),
             catching_up: HashSet::new(),
             replay_paused: HashSet::new(),
+            held_bytes: 0,
+            max_bytes: usize::MAX,
+            overloaded: false,
         }
     }
 
@@ -225,6 +244,7 @@ impl Session {
             // A message on disk may have been sent before the restart: it goes
             // out again with DUP and its original packet id, through the
             // window like any other. Only PUBREL is owed for released ones.
+            s.held_bytes = s.held_bytes.saturating_add(outgoing.size());
             match outgoing.state {
                 OutboxState::Publish => s.queue.push_back(outgoing),
                 OutboxState::Release => s.inflight.push_back(outgoing),
@@ -299,13 +319,18 @@ impl Session {
         // The bound is on plain messages (`mqtt.max_offline_messages`); chat
         // messages are in the log, and evicting one would cut a replay short.
         let unbounded = unbounded || chat.is_some();
-        if !unbounded && self.queue.len() >= self.max_queue {
-            let plain = self.queue.len() - self.unbounded_queued;
-            let oldest = self.queue.iter().position(|o| !o.unbounded);
-            if let (true, Some(i)) = (plain >= self.max_queue, oldest) {
-                if let Some(old) = self.queue.remove(i) {
+        if !unbounded && self.queue.len() - self.unbounded_queued >= self.max_queue {
+            self.drop_oldest_plain(batch);
+        }
+        let size = msg.topic.len().saturating_add(msg.payload.len());
+        if chat.is_none() {
+            // The byte budget: the oldest plain messages make room; a
+            // connected client that let it fill up is disconnected.
+            while self.held_bytes.saturating_add(size) > self.max_bytes {
+                self.overloaded |= self.connected;
+                if !self.drop_oldest_plain(batch) {
                     self.dropped += 1;
-                    self.unqueue(&old, batch);
+                    return false;
                 }
             }
         }
@@ -331,7 +356,22 @@ impl Session {
             batch.put_outbox(&self.client_id, n, &out.entry());
         }
         self.unbounded_queued += usize::from(out.unbounded);
+        self.held_bytes = self.held_bytes.saturating_add(size);
         self.queue.push_back(out);
+        true
+    }
+
+    /// Drops the oldest waiting plain message (counted); false if none.
+    fn drop_oldest_plain(&mut self, batch: &mut Batch) -> bool {
+        let Some(i) = self.queue.iter().position(|o| !o.unbounded) else {
+            return false;
+        };
+        let Some(old) = self.queue.remove(i) else {
+            return false;
+        };
+        self.dropped += 1;
+        self.released(&old);
+        self.unqueue(&old, batch);
         true
     }
 
@@ -339,6 +379,27 @@ impl Session {
         let o = self.queue.pop_front()?;
         self.unbounded_queued -= usize::from(o.unbounded);
         Some(o)
+    }
+
+    /// `o` left the session (sent at QoS 0, acknowledged, dropped): its
+    /// bytes no longer count against the budget.
+    fn released(&mut self, o: &Outgoing) {
+        self.held_bytes = self.held_bytes.saturating_sub(o.size());
+    }
+
+    /// Bytes of messages the session holds in memory.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Holds as many messages or bytes as it may: replays wait.
+    pub fn is_full(&self) -> bool {
+        self.pending() >= crate::chat::REPLAY_WINDOW || self.held_bytes >= self.max_bytes
+    }
+
+    /// Drained to half of both bounds: a paused replay may go on.
+    pub fn has_room_for_replay(&self) -> bool {
+        self.pending() <= crate::chat::REPLAY_WINDOW / 2 && self.held_bytes <= self.max_bytes / 2
     }
 
     /// Messages waiting or in flight.
@@ -354,6 +415,7 @@ impl Session {
             if front.msg.is_expired(now_ms) {
                 if let Some(old) = self.pop_queue() {
                     self.dropped += 1;
+                    self.released(&old);
                     self.unqueue(&old, batch);
                 }
                 continue;
@@ -384,6 +446,7 @@ impl Session {
                 self.inflight.push_back(o);
             } else {
                 // QoS 0 is done once sent.
+                self.released(&o);
                 self.settled(&o, batch);
             }
         }
@@ -450,7 +513,9 @@ impl Session {
     /// Offers chat message `seq` of `conv`. It is queued only if it is the
     /// next one this session lacks, so a replay from the log and live
     /// delivery meet without gap or duplicate. A session that has never
-    /// seen `conv` starts at `seq` when `start_here`.
+    /// seen `conv` starts at `seq` when `start_here`. A full session takes
+    /// nothing (`Offer::Full`): chat is never dropped, the log has it, and
+    /// the conversation's replay resumes as the client drains its queue.
     pub fn offer_chat(
         &mut self,
         conv: &Arc<str>,
@@ -463,17 +528,27 @@ impl Session {
         let cursor = match self.chat.get(conv) {
             Some(c) => *c,
             None if start_here => ChatCursor {
-                acked: seq - 1,
-                queued: seq - 1,
+                acked: seq.saturating_sub(1),
+                queued: seq.saturating_sub(1),
             },
             None => return Offer::Duplicate,
         };
         if seq <= cursor.queued {
             return Offer::Duplicate;
         }
-        if seq > cursor.queued + 1 {
+        let full = self.is_full()
+            || self
+                .held_bytes
+                .saturating_add(msg.topic.len() + msg.payload.len())
+                > self.max_bytes;
+        if full || self.replay_paused.contains(conv) {
             self.chat.insert(conv.clone(), cursor);
-            return Offer::Gap(cursor.queued + 1);
+            self.replay_paused.insert(conv.clone());
+            return Offer::Full;
+        }
+        if seq > cursor.queued.saturating_add(1) {
+            self.chat.insert(conv.clone(), cursor);
+            return Offer::Gap(cursor.queued.saturating_add(1));
         }
         self.chat.insert(
             conv.clone(),
@@ -529,6 +604,7 @@ impl Session {
     /// Removes the in-flight message at `i`: it is delivered.
     fn finish(&mut self, i: usize, batch: &mut Batch) {
         if let Some(o) = self.inflight.remove(i) {
+            self.released(&o);
             self.settled(&o, batch);
         }
     }
@@ -773,6 +849,62 @@ mod tests {
         );
         assert_eq!(s.dropped, 1);
         assert_eq!(s.chat[&conv].queued, 5);
+    }
+
+    #[test]
+    fn live_chat_beyond_the_byte_budget_stays_in_the_log_and_pauses_the_conversation() {
+        let mut s = session(60);
+        let mut b = Batch::new();
+        s.max_inflight = 0;
+        s.max_bytes = 30; // "chat/room" + "x" = 10 bytes a message
+        let conv: Arc<str> = "room".into();
+        let offers: Vec<Offer> = (1..=5)
+            .map(|seq| {
+                let m = msg("chat/room", QoS::AtLeastOnce);
+                s.offer_chat(&conv, seq, m, QoS::AtLeastOnce, true, &mut b)
+            })
+            .collect();
+        assert_eq!(
+            offers,
+            [
+                Offer::Queued,
+                Offer::Queued,
+                Offer::Queued,
+                Offer::Full,
+                Offer::Full
+            ]
+        );
+        assert_eq!(s.chat[&conv].queued, 3, "the replay resumes at 4");
+        assert!(s.replay_paused.contains(&conv));
+        assert!(!s.overloaded, "chat never overloads: it waits in the log");
+        assert_eq!(s.held_bytes(), 30);
+    }
+
+    #[test]
+    fn plain_messages_beyond_the_byte_budget_drop_the_oldest_and_overload_a_connected_client() {
+        let mut s = session(0);
+        let mut b = Batch::new();
+        s.max_inflight = 0;
+        s.max_queue = 100;
+        s.max_bytes = 4; // "t" + "x" = 2 bytes a message
+        for _ in 0..3 {
+            s.enqueue(
+                msg("t", QoS::AtLeastOnce),
+                QoS::AtLeastOnce,
+                false,
+                vec![],
+                &mut b,
+            );
+        }
+        assert_eq!(s.pending(), 2);
+        assert_eq!(s.dropped, 1);
+        assert!(s.overloaded);
+        assert_eq!(s.held_bytes(), 4);
+        s.max_inflight = 10;
+        let mut out = vec![];
+        s.poll_send(0, &mut out, &mut b);
+        assert_eq!(s.puback(pkids(&out)[0], &mut b), Ack::Applied);
+        assert_eq!(s.held_bytes(), 2, "an acknowledged message frees its bytes");
     }
 
     // [MQTT-4.3.3-*] the QoS 2 sender's states; [MQTT-4.4.0-1] resend on resume.

@@ -544,6 +544,21 @@ mod tests {
             accept_burst_per_ip = 23
             max_connect_packet = 2400
             tcp_keepalive_secs = 25
+            write_timeout_secs = 21
+            session_queue_bytes = 2048
+            publish_rate = 22
+            publish_burst = 23
+            publish_bytes_rate = 24
+            publish_bytes_burst = 25
+            user_publish_rate = 26
+            user_publish_burst = 27
+            user_publish_bytes_rate = 28
+            user_publish_bytes_burst = 29
+            max_topic_levels = 31
+            max_topic_length = 32
+            max_retained_messages = 33
+            max_retained_bytes = 34
+            max_retained_per_subscription = 35
             [mqtt.tls]
             listen = "127.0.0.1:18883"
             cert = "certs/server.crt"
@@ -597,6 +612,11 @@ mod tests {
             history_limit = 9
             retention_max_messages = 10
             retention_max_age_secs = 11
+            typing_interval_ms = 30
+            typing_max_bytes = 31
+            conv_cache_max = 32
+            conv_idle_secs = 33
+            dedup_ttl_secs = 34
             [websocket]
             enabled = false
             listen = "127.0.0.1:18083"
@@ -660,6 +680,21 @@ mod tests {
                 accept_burst_per_ip: 23,
                 max_connect_packet: 2400,
                 tcp_keepalive_secs: 25,
+                write_timeout_secs: 21,
+                session_queue_bytes: 2048,
+                publish_rate: 22,
+                publish_burst: 23,
+                publish_bytes_rate: 24,
+                publish_bytes_burst: 25,
+                user_publish_rate: 26,
+                user_publish_burst: 27,
+                user_publish_bytes_rate: 28,
+                user_publish_bytes_burst: 29,
+                max_topic_levels: 31,
+                max_topic_length: 32,
+                max_retained_messages: 33,
+                max_retained_bytes: 34,
+                max_retained_per_subscription: 35,
             },
             auth: Auth {
                 allow_anonymous: true,
@@ -709,6 +744,11 @@ mod tests {
                 history_limit: 9,
                 retention_max_messages: 10,
                 retention_max_age_secs: 11,
+                typing_interval_ms: 30,
+                typing_max_bytes: 31,
+                conv_cache_max: 32,
+                conv_idle_secs: 33,
+                dedup_ttl_secs: 34,
             },
             websocket: Websocket {
                 enabled: false,

@@ -131,6 +131,32 @@ pub struct Mqtt {
     /// Retained messages one new subscription is sent; the rest are counted
     /// as dropped and logged.
     pub max_retained_per_subscription: usize,
+    // flow control: slow clients, byte budget, publish rates
+    /// Seconds a write to a client may take; a client that stops reading
+    /// is closed after this.
+    pub write_timeout_secs: u64,
+    /// Bytes of messages one session may hold in memory (queued and in
+    /// flight). Chat beyond it is replayed from the log later; other
+    /// messages beyond it drop the oldest, and a connected client is
+    /// disconnected as overloaded (MQTT 5: 0x97).
+    pub session_queue_bytes: usize,
+    /// Publishes per second one connection may send (refill rate).
+    pub publish_rate: u64,
+    /// Publishes one connection may send at once after a pause.
+    pub publish_burst: u64,
+    /// Payload bytes per second one connection may publish.
+    pub publish_bytes_rate: u64,
+    /// Payload bytes one connection may publish at once; at least
+    /// `max_payload`, so that one largest message always passes.
+    pub publish_bytes_burst: u64,
+    /// Publishes per second one user may send over all its connections.
+    pub user_publish_rate: u64,
+    /// Publishes one user may send at once after a pause.
+    pub user_publish_burst: u64,
+    /// Payload bytes per second one user may publish.
+    pub user_publish_bytes_rate: u64,
+    /// Payload bytes one user may publish at once; at least `max_payload`.
+    pub user_publish_bytes_burst: u64,
 }
 
 impl Default for Mqtt {
@@ -162,6 +188,16 @@ impl Default for Mqtt {
             max_retained_messages: 1_000_000,
             max_retained_bytes: 1 << 30,
             max_retained_per_subscription: 100_000,
+            write_timeout_secs: 30,
+            session_queue_bytes: 16 * 1024 * 1024,
+            publish_rate: 1000,
+            publish_burst: 2000,
+            publish_bytes_rate: 16 * 1024 * 1024,
+            publish_bytes_burst: 32 * 1024 * 1024,
+            user_publish_rate: 2000,
+            user_publish_burst: 4000,
+            user_publish_bytes_rate: 32 * 1024 * 1024,
+            user_publish_bytes_burst: 64 * 1024 * 1024,
         }
     }
 }
@@ -564,6 +600,20 @@ pub struct Chat {
     pub retention_max_messages: u64,
     /// Messages older than this many seconds are dropped; 0 keeps them forever.
     pub retention_max_age_secs: u64,
+    // flow control: typing, conversation cache, idempotency keys
+    /// Typing indicators forwarded per user and conversation: at most one
+    /// per this many milliseconds; the others are dropped and counted.
+    pub typing_interval_ms: u64,
+    /// Largest typing indicator payload in bytes; larger ones are refused.
+    pub typing_max_bytes: usize,
+    /// Conversations whose state is kept in memory; idle ones beyond it
+    /// are evicted (and read from disk again when used).
+    pub conv_cache_max: usize,
+    /// Seconds after which an unused conversation's state leaves memory.
+    pub conv_idle_secs: u64,
+    /// Seconds an idempotency key (conv, sender, envelope id) is kept; a
+    /// retry after that is a new message with a new seq.
+    pub dedup_ttl_secs: u64,
 }
 
 impl Default for Chat {
@@ -572,6 +622,11 @@ impl Default for Chat {
             history_limit: 200,
             retention_max_messages: 0,
             retention_max_age_secs: 0,
+            typing_interval_ms: 500,
+            typing_max_bytes: 256,
+            conv_cache_max: 10_000,
+            conv_idle_secs: 600,
+            dedup_ttl_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -655,6 +710,17 @@ pub(crate) const KEYS: &[Key] = &[
             key("max_retained_messages", integer(0, USIZE_MAX)),
             key("max_retained_bytes", integer(0, USIZE_MAX)),
             key("max_retained_per_subscription", integer(0, USIZE_MAX)),
+            // flow control
+            key("write_timeout_secs", integer(1, i64::MAX)),
+            key("session_queue_bytes", integer(1024, USIZE_MAX)),
+            key("publish_rate", integer(1, i64::MAX)),
+            key("publish_burst", integer(1, i64::MAX)),
+            key("publish_bytes_rate", integer(1, i64::MAX)),
+            key("publish_bytes_burst", integer(1, i64::MAX)),
+            key("user_publish_rate", integer(1, i64::MAX)),
+            key("user_publish_burst", integer(1, i64::MAX)),
+            key("user_publish_bytes_rate", integer(1, i64::MAX)),
+            key("user_publish_bytes_burst", integer(1, i64::MAX)),
         ]),
     ),
     key(
@@ -717,6 +783,12 @@ pub(crate) const KEYS: &[Key] = &[
             key("history_limit", integer(1, USIZE_MAX)),
             key("retention_max_messages", integer(0, i64::MAX)),
             key("retention_max_age_secs", integer(0, i64::MAX)),
+            // flow control
+            key("typing_interval_ms", integer(0, i64::MAX)),
+            key("typing_max_bytes", integer(1, USIZE_MAX)),
+            key("conv_cache_max", integer(1, USIZE_MAX)),
+            key("conv_idle_secs", integer(1, i64::MAX)),
+            key("dedup_ttl_secs", integer(1, i64::MAX)),
         ]),
     ),
     key(

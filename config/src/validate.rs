@@ -13,7 +13,7 @@ use std::io;
 use std::path::Path;
 
 use crate::error::ConfigError;
-use crate::settings::{AclRule, Push, Settings, Tls, User};
+use crate::settings::{AclRule, Mqtt, Push, Settings, Tls, User};
 
 /// Checks what [`Settings::load`] and [`Settings::from_toml`] cannot check by
 /// type alone; creates `node.data_dir` if it is missing.
@@ -37,6 +37,7 @@ pub(crate) fn validate(settings: &Settings) -> Result<(), ConfigError> {
         }
     }
     check_push(&settings.push)?;
+    check_publish_bursts(&settings.mqtt)?;
     prepare_data_dir(&settings.node.data_dir)
 }
 
@@ -118,6 +119,29 @@ fn check_push(push: &Push) -> Result<(), ConfigError> {
     }
     if let Some(fcm) = &push.fcm {
         check_required_path("push.fcm.service_account_file", &fcm.service_account_file)?;
+    }
+    Ok(())
+}
+
+/// A byte burst below `max_payload` would refuse the largest message a
+/// client may send on every try, however slowly it sent.
+fn check_publish_bursts(mqtt: &Mqtt) -> Result<(), ConfigError> {
+    for (key, burst) in [
+        ("mqtt.publish_bytes_burst", mqtt.publish_bytes_burst),
+        (
+            "mqtt.user_publish_bytes_burst",
+            mqtt.user_publish_bytes_burst,
+        ),
+    ] {
+        if burst < mqtt.max_payload as u64 {
+            return Err(ConfigError::Invalid {
+                key: key.to_string(),
+                reason: format!(
+                    "{burst} is smaller than mqtt.max_payload ({}): the largest message could never be published",
+                    mqtt.max_payload
+                ),
+            });
+        }
     }
     Ok(())
 }
@@ -263,6 +287,21 @@ mod tests {
 
     fn error(settings: &Settings) -> String {
         validate(settings).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_byte_burst_below_the_payload_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings_in(&dir);
+        s.mqtt.publish_bytes_burst = s.mqtt.max_payload as u64 - 1;
+        assert!(
+            error(&s).contains("mqtt.publish_bytes_burst"),
+            "{}",
+            error(&s)
+        );
+        let mut s = settings_in(&dir);
+        s.mqtt.user_publish_bytes_burst = 1;
+        assert!(error(&s).contains("mqtt.user_publish_bytes_burst"));
     }
 
     #[test]

@@ -150,14 +150,59 @@ impl Batch {
         });
     }
 
-    /// Remembers that `sender`'s message `id` in `conv` got `seq`.
+    /// Remembers that `sender`'s message `id` in `conv` got `seq`, and
+    /// when (the key expires `chat.dedup_ttl_secs` later).
     pub fn put_dedup(&mut self, conv: &str, sender: &str, id: &str, seq: u64) {
         self.ops.push(Op::Put {
             cf: CF_DEDUP,
             key: dedup_key(conv, sender, id),
-            value: seq.to_be_bytes().to_vec(),
+            value: dedup_value(seq, unix_ms()),
         });
     }
+
+    /// Applies one page of the idempotency-key sweep: expired keys go,
+    /// keys written before keys had a time get one now (so they expire a
+    /// whole window later, never at once after an upgrade).
+    pub fn expire_dedup(&mut self, page: &DedupPage, now_ms: u64) {
+        for key in &page.expired {
+            self.ops.push(Op::Delete {
+                cf: CF_DEDUP,
+                key: key.clone(),
+            });
+        }
+        for (key, seq) in &page.unstamped {
+            self.ops.push(Op::Put {
+                cf: CF_DEDUP,
+                key: key.clone(),
+                value: dedup_value(*seq, now_ms),
+            });
+        }
+    }
+}
+
+/// An idempotency key's value: the seq, then the unix ms it was written.
+/// Keys written before the time was recorded hold the seq alone.
+fn dedup_value(seq: u64, written_ms: u64) -> Vec<u8> {
+    let mut v = seq.to_be_bytes().to_vec();
+    v.extend_from_slice(&written_ms.to_be_bytes());
+    v
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// One page of the `dedup` column family, read for the expiry sweep.
+#[derive(Debug, Default)]
+pub struct DedupPage {
+    /// Keys written before the cutoff.
+    pub expired: Vec<Vec<u8>>,
+    /// Keys with no write time, and their seq.
+    pub unstamped: Vec<(Vec<u8>, u64)>,
+    /// Where the next page starts; `None` at the end of the column family.
+    pub next: Option<Vec<u8>>,
 }
 
 impl Store {
@@ -299,7 +344,42 @@ impl Store {
         Ok(self
             .db()
             .get_cf(self.cf_handle(CF_DEDUP)?, dedup_key(conv, sender, id))?
-            .and_then(|v| seq_value(&v)))
+            .and_then(|v| seq_value(v.get(..8)?)))
+    }
+
+    /// Reads up to `limit` idempotency keys from `from` (the start when
+    /// `None`) and sorts out those written before `cutoff_ms`. A scan, for
+    /// the blocking pool.
+    pub fn dedup_page(
+        &self,
+        from: Option<&[u8]>,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<DedupPage, StorageError> {
+        let handle = self.cf_handle(CF_DEDUP)?;
+        let mode = match from {
+            Some(k) => IteratorMode::From(k, Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut page = DedupPage::default();
+        for (n, item) in self.db().iterator_cf(handle, mode).enumerate() {
+            let (key, value) = item?;
+            if n == limit {
+                page.next = Some(key.to_vec());
+                break;
+            }
+            match (
+                value.get(..8).and_then(seq_value),
+                value.get(8..16).and_then(seq_value),
+            ) {
+                (Some(_), Some(written)) if written < cutoff_ms => page.expired.push(key.to_vec()),
+                (Some(seq), None) => page.unstamped.push((key.to_vec(), seq)),
+                (Some(_), Some(_)) => {}
+                // Not a value this schema writes: nothing to dedup with.
+                (None, _) => page.expired.push(key.to_vec()),
+            }
+        }
+        Ok(page)
     }
 }
 
@@ -308,6 +388,44 @@ mod tests {
     use super::*;
     use crate::SyncMode;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn idempotency_keys_expire_after_their_window_and_old_ones_get_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Never, Duration::from_millis(5)).unwrap();
+        let mut b = Batch::new();
+        b.put_dedup("room", "alice", "new", 1);
+        b.ops.push(Op::Put {
+            cf: CF_DEDUP,
+            key: dedup_key("room", "alice", "old-format"),
+            value: 2u64.to_be_bytes().to_vec(),
+        });
+        b.ops.push(Op::Put {
+            cf: CF_DEDUP,
+            key: dedup_key("room", "bob", "stale"),
+            value: dedup_value(3, 1000),
+        });
+        store.write(b).await.unwrap();
+        let page = store.dedup_page(None, 5000, 10).unwrap();
+        assert_eq!(page.expired, vec![dedup_key("room", "bob", "stale")]);
+        assert_eq!(
+            page.unstamped,
+            vec![(dedup_key("room", "alice", "old-format"), 2)]
+        );
+        assert!(page.next.is_none());
+        let mut b = Batch::new();
+        b.expire_dedup(&page, 9000);
+        store.write(b).await.unwrap();
+        assert_eq!(store.dedup("room", "bob", "stale").unwrap(), None);
+        assert_eq!(store.dedup("room", "alice", "old-format").unwrap(), Some(2));
+        assert_eq!(store.dedup("room", "alice", "new").unwrap(), Some(1));
+        let later = store.dedup_page(None, 9001, 10).unwrap();
+        assert_eq!(
+            later.expired,
+            vec![dedup_key("room", "alice", "old-format")],
+            "a restamped key expires a window after its stamp; a fresh one does not"
+        );
+    }
 
     #[tokio::test]
     async fn the_log_pages_both_ways_and_membership_is_indexed_both_ways() {

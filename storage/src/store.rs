@@ -456,7 +456,7 @@ mod tests {
         }
         // And the tables written really are LZ4: flushed, then asked.
         let mut b = Batch::new();
-        b.put_client_owner("c1", "alice");
+        b.put_client_owner("c1", "alice", 1);
         store.write(b).await.unwrap();
         let cf = store.cf(CF_CLIENT).unwrap();
         store.db().flush_cf(cf).unwrap();

@@ -101,8 +101,13 @@ pub struct Wire {
 
 impl Wire {
     pub async fn open(addr: SocketAddr) -> Wire {
+        Wire::over(open(addr).await)
+    }
+
+    /// A wire over a socket the test set up itself (buffer sizes, ...).
+    pub fn over(stream: TcpStream) -> Wire {
         Wire {
-            stream: open(addr).await,
+            stream,
             buf: bytes::BytesMut::new(),
         }
     }

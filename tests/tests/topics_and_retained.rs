@@ -147,7 +147,7 @@ fn publish_v5(topic: &str, qos: v5::QoS, pkid: u16) -> p5::Packet {
 }
 
 fn subscribe_v5(pkid: u16, filters: &[&str]) -> p5::Packet {
-    let filters = filters
+    let filters: Vec<p5::Filter> = filters
         .iter()
         .map(|f| p5::Filter::new(*f, v5::QoS::AtMostOnce))
         .collect();

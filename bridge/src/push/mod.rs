@@ -282,7 +282,7 @@ impl Push {
             return 0;
         }
         let preview = preview(body, self.settings.preview_max_chars);
-        let due = now_ms() + self.settings.debounce_ms;
+        let due = now_ms().saturating_add(self.settings.debounce_ms);
         let mut opened = false;
         {
             let mut queue = lock(&self.queue);

@@ -95,7 +95,8 @@ fn imf_fixdate(value: &str) -> Option<u64> {
     let [h, m, s] = hms.as_slice() else {
         return None;
     };
-    if !(1..=31).contains(&day) || year < 1970 || *h > 23 || *m > 59 || *s > 60 {
+    // Years beyond 9999 are not dates (and would overflow the arithmetic).
+    if !(1..=31).contains(&day) || !(1970..=9999).contains(&year) || *h > 23 || *m > 59 || *s > 60 {
         return None;
     }
     // Days from 1970-01-01 to the date (Howard Hinnant's days_from_civil).
@@ -165,8 +166,15 @@ mod tests {
             "Sun, 32 Nov 1994 08:49:37 GMT",
             "-5",
             "",
+            "Sun, 06 Nov 18446744073709551615 08:49:37 GMT",
+            "Sun, 06 Nov 99999 08:49:37 GMT",
         ] {
             assert_eq!(secs(bad), None, "{bad}");
         }
+        assert_eq!(
+            secs("18446744073709551615"),
+            Some(u64::MAX),
+            "a huge delay is capped by push.retry_max_ms, not an overflow"
+        );
     }
 }

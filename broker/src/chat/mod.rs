@@ -16,12 +16,15 @@
 //! decides who receives them, by membership, so no wildcard can leak a
 //! conversation to a non-member.
 
+pub mod dedup;
 pub mod membership;
 pub mod namespace;
 pub mod retention;
 pub mod rpc;
+pub mod typing;
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
@@ -39,6 +42,7 @@ use crate::session::{Offer, Session};
 pub use chatmq_protocol::envelope::{BadEnvelope, Envelope};
 use membership::Membership;
 use namespace::wanted_qos;
+use typing::TypingThrottle;
 
 /// Idempotency keys remembered in memory per conversation, on top of the
 /// durable ones (covers retries that arrive before the original commits).
@@ -61,6 +65,68 @@ struct ConvState {
     failed: Arc<AtomicBool>,
 }
 
+/// A conversation's state in memory, with what its eviction must know.
+/// Derefs to the per-conversation lock that orders appends.
+struct ConvSlot {
+    state: Arc<tokio::sync::Mutex<ConvState>>,
+    /// The highest seq whose commit resolved (set by the dispatcher). The
+    /// state leaves memory only when its head is durable: reloaded from
+    /// disk, it must be the same head, or a seq would be given twice.
+    durable_head: AtomicU64,
+    /// Unix ms of the last use.
+    used_ms: AtomicU64,
+}
+
+impl Deref for ConvSlot {
+    type Target = tokio::sync::Mutex<ConvState>;
+    fn deref(&self) -> &Self::Target {
+        &self.state
+    }
+}
+
+/// A conversation's state under its lock. It holds the slot too: a slot
+/// someone holds is never evicted, so no second state of the same
+/// conversation can be loaded while this one is in use.
+struct Locked {
+    guard: tokio::sync::OwnedMutexGuard<ConvState>,
+    _slot: Arc<ConvSlot>,
+}
+
+impl Deref for Locked {
+    type Target = ConvState;
+    fn deref(&self) -> &ConvState {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Locked {
+    fn deref_mut(&mut self) -> &mut ConvState {
+        &mut self.guard
+    }
+}
+
+/// The bounds of the conversation cache (`chat.conv_cache_max`,
+/// `chat.conv_idle_secs`).
+struct ConvCache {
+    max: usize,
+    idle_ms: u64,
+    /// When idle entries were last swept, and how many entries were left:
+    /// a sweep runs when the map has grown by a tenth of `max` since, or
+    /// half the idle time has passed.
+    swept_ms: u64,
+    swept_len: usize,
+}
+
+/// What became of a typing indicator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Typing {
+    Forwarded,
+    /// Another one went out less than `chat.typing_interval_ms` ago.
+    Throttled,
+    /// Larger than `chat.typing_max_bytes`.
+    TooLarge,
+}
+
 enum Dispatch {
     Message {
         conv: Arc<str>,
@@ -79,7 +145,10 @@ enum Dispatch {
 pub struct Chat {
     store: Store,
     membership: RwLock<Membership>,
-    convs: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<ConvState>>>>,
+    convs: Mutex<HashMap<Arc<str>, Arc<ConvSlot>>>,
+    conv_cache: Mutex<ConvCache>,
+    typing: TypingThrottle,
+    typing_max_bytes: usize,
     /// Connected sessions of each user.
     online: Mutex<HashMap<Arc<str>, Vec<Arc<SessionCell>>>>,
     /// Every session of each user, connected or not (to seed cursors).
@@ -112,6 +181,14 @@ impl Chat {
             store,
             membership: RwLock::new(membership),
             convs: Mutex::new(HashMap::new()),
+            conv_cache: Mutex::new(ConvCache {
+                max: usize::MAX,
+                idle_ms: u64::MAX,
+                swept_ms: now_ms(),
+                swept_len: 0,
+            }),
+            typing: TypingThrottle::new(0),
+            typing_max_bytes: usize::MAX,
             online: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
@@ -122,6 +199,16 @@ impl Chat {
             push,
             next_conv: AtomicU64::new(0),
         })
+    }
+
+    /// Applies the flow-control settings of `[chat]`: typing throttle and
+    /// size cap, the bounds of the conversation cache.
+    pub fn limit(&mut self, settings: &chatmq_config::Chat) {
+        self.typing = TypingThrottle::new(settings.typing_interval_ms);
+        self.typing_max_bytes = settings.typing_max_bytes;
+        let cache = self.conv_cache.get_mut().unwrap_or_else(|e| e.into_inner());
+        cache.max = settings.conv_cache_max;
+        cache.idle_ms = settings.conv_idle_secs.saturating_mul(1000);
     }
 
     /// A fresh id for a group conversation created without one.
@@ -181,9 +268,15 @@ impl Chat {
         viewer == user || self.members_read().contacts(viewer).contains(user)
     }
 
-    fn conv_state(&self, conv: &str) -> Result<Arc<tokio::sync::Mutex<ConvState>>, StorageError> {
-        if let Some(s) = lock(&self.convs).get(conv) {
-            return Ok(s.clone());
+    fn conv_state(&self, conv: &str) -> Result<Arc<ConvSlot>, StorageError> {
+        let now = now_ms();
+        {
+            let mut convs = lock(&self.convs);
+            if let Some(s) = convs.get(conv).cloned() {
+                s.used_ms.store(now, Ordering::Relaxed);
+                self.evict_idle(&mut convs, now);
+                return Ok(s);
+            }
         }
         let record = self
             .store
@@ -194,16 +287,73 @@ impl Chat {
                 head: 0,
                 first: 1,
             });
-        let state = Arc::new(tokio::sync::Mutex::new(ConvState {
-            record,
-            recent: VecDeque::new(),
-            recent_seq: HashMap::new(),
-            failed: Arc::default(),
-        }));
-        Ok(lock(&self.convs)
-            .entry(conv.into())
-            .or_insert(state)
-            .clone())
+        let state = Arc::new(ConvSlot {
+            durable_head: AtomicU64::new(record.head),
+            used_ms: AtomicU64::new(now),
+            state: Arc::new(tokio::sync::Mutex::new(ConvState {
+                record,
+                recent: VecDeque::new(),
+                recent_seq: HashMap::new(),
+                failed: Arc::default(),
+            })),
+        });
+        let mut convs = lock(&self.convs);
+        let slot = convs.entry(conv.into()).or_insert(state).clone();
+        self.evict_idle(&mut convs, now);
+        Ok(slot)
+    }
+
+    /// Bounds the conversation cache: drops entries unused for
+    /// `chat.conv_idle_secs`, and, above `chat.conv_cache_max`, the least
+    /// recently used down to nine tenths of it. Only an entry nobody holds
+    /// (no call in progress), whose lock is free and whose head is durable
+    /// may go: reading it back from disk then gives the same state (the
+    /// idempotency keys of its recent messages are in the `dedup` column
+    /// family once durable).
+    fn evict_idle(&self, convs: &mut HashMap<Arc<str>, Arc<ConvSlot>>, now: u64) {
+        let mut cache = lock(&self.conv_cache);
+        let grown = convs.len() > cache.swept_len.saturating_add(cache.max / 10);
+        let over = convs.len() > cache.max;
+        let stale = now.saturating_sub(cache.swept_ms) >= cache.idle_ms / 2;
+        if !(stale || (over && grown)) {
+            return;
+        }
+        let evictable = |slot: &Arc<ConvSlot>| {
+            Arc::strong_count(slot) == 1
+                && slot
+                    .state
+                    .try_lock()
+                    .is_ok_and(|st| st.record.head <= slot.durable_head.load(Ordering::Acquire))
+        };
+        let before = convs.len();
+        convs.retain(|_, slot| {
+            now.saturating_sub(slot.used_ms.load(Ordering::Relaxed)) < cache.idle_ms
+                || !evictable(slot)
+        });
+        if convs.len() > cache.max {
+            let mut lru: Vec<(u64, Arc<str>)> = convs
+                .iter()
+                .filter(|(_, slot)| evictable(slot))
+                .map(|(k, slot)| (slot.used_ms.load(Ordering::Relaxed), k.clone()))
+                .collect();
+            lru.sort_unstable();
+            let target = cache.max - cache.max / 10;
+            let excess = convs.len().saturating_sub(target);
+            for (_, k) in lru.into_iter().take(excess) {
+                convs.remove(&k);
+            }
+        }
+        let evicted = before.saturating_sub(convs.len());
+        self.metrics
+            .conv_cache_evicted
+            .fetch_add(evicted as u64, Ordering::Relaxed);
+        cache.swept_ms = now;
+        cache.swept_len = convs.len();
+    }
+
+    /// Conversations whose state is in memory now.
+    pub fn cached_conversations(&self) -> usize {
+        lock(&self.convs).len()
     }
 
     /// The head seq and oldest kept seq of a conversation.
@@ -217,8 +367,12 @@ impl Chat {
     async fn locked(
         &self,
         conv: &str,
-    ) -> Result<tokio::sync::OwnedMutexGuard<ConvState>, StorageError> {
-        let mut st = self.conv_state(conv)?.lock_owned().await;
+    ) -> Result<Locked, StorageError> {
+        let slot = self.conv_state(conv)?;
+        let mut st = Locked {
+            guard: slot.state.clone().lock_owned().await,
+            _slot: slot,
+        };
         if st.failed.load(Ordering::Acquire) {
             self.reload(conv, &mut st).await?;
         }
@@ -366,6 +520,9 @@ impl Chat {
                     failed,
                 } => match commit.await {
                     Ok(()) => {
+                        if let Some(slot) = lock(&self.convs).get(&conv) {
+                            slot.durable_head.fetch_max(seq, Ordering::AcqRel);
+                        }
                         self.fan_out(&conv, seq, &msg);
                         done.resolve(Ok(()));
                     }
@@ -410,6 +567,11 @@ impl Chat {
             match offer {
                 Offer::Queued => cell.wake.notify_one(),
                 Offer::Gap(_) => self.start_catch_up(&cell, conv),
+                Offer::Full => {
+                    self.metrics
+                        .chat_deferred_to_log
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 Offer::Duplicate => {}
             }
         }
@@ -454,13 +616,13 @@ impl Chat {
                 if let Some(user) = owner {
                     self.send_event(
                         &user,
-                        json!({"type": "gap", "conv": &*conv, "from": from, "to": first - 1}),
+                        json!({"type": "gap", "conv": &*conv, "from": from, "to": first.saturating_sub(1)}),
                     );
                 }
                 let mut slot = cell.lock();
                 let c = slot.session.chat.entry(conv.clone()).or_default();
-                c.queued = c.queued.max(first - 1);
-                c.acked = c.acked.max(first - 1);
+                c.queued = c.queued.max(first.saturating_sub(1));
+                c.acked = c.acked.max(first.saturating_sub(1));
             }
         }
         // After the flag is cleared, one more read: a live message that found
@@ -469,7 +631,7 @@ impl Chat {
         let mut last_pass = false;
         loop {
             let from = next();
-            if cell.lock().session.pending() >= REPLAY_WINDOW {
+            if cell.lock().session.is_full() {
                 return finish(true);
             }
             let store = self.store.clone();
@@ -488,6 +650,7 @@ impl Chat {
             };
             let full = page.len() == CATCH_UP_PAGE;
             let mut queued = false;
+            let mut session_full = false;
             {
                 let mut slot = cell.lock();
                 if slot.link.is_none() {
@@ -509,14 +672,24 @@ impl Chat {
                         qos,
                         false,
                     ));
-                    queued |=
-                        s.offer_chat(&conv, seq, msg, qos, false, &mut batch) == Offer::Queued;
+                    match s.offer_chat(&conv, seq, msg, qos, false, &mut batch) {
+                        Offer::Queued => queued = true,
+                        Offer::Full => {
+                            session_full = true;
+                            break;
+                        }
+                        Offer::Duplicate | Offer::Gap(_) => {}
+                    }
                 }
                 self.count_dropped(before, s.dropped);
                 drop(self.store.submit_now(batch));
             }
             if queued {
                 cell.wake.notify_one();
+            }
+            if session_full {
+                // The rest waits in the log until the client drains.
+                return finish(true);
             }
             if !full {
                 if last_pass {
@@ -534,7 +707,7 @@ impl Chat {
         let paused: Vec<Arc<str>> = {
             let mut slot = cell.lock();
             let s = &mut slot.session;
-            if s.replay_paused.is_empty() || s.pending() > REPLAY_WINDOW / 2 {
+            if s.replay_paused.is_empty() || !s.has_room_for_replay() {
                 return;
             }
             s.replay_paused.drain().collect()
@@ -721,8 +894,21 @@ impl Chat {
     }
 
     /// A typing indicator from `from` in `conv`: to the other members
-    /// online now, QoS 0, never stored.
-    pub fn typing(&self, conv: &str, from: &str, client_id: &str, payload: &[u8]) {
+    /// online now, QoS 0, never stored; size-capped and throttled per user
+    /// and conversation (what is not forwarded is counted).
+    pub fn typing(&self, conv: &str, from: &str, client_id: &str, payload: &[u8]) -> Typing {
+        if payload.len() > self.typing_max_bytes {
+            self.metrics
+                .typing_too_large
+                .fetch_add(1, Ordering::Relaxed);
+            return Typing::TooLarge;
+        }
+        if !self.typing.admit(conv, from, now_ms()) {
+            self.metrics
+                .typing_throttled
+                .fetch_add(1, Ordering::Relaxed);
+            return Typing::Throttled;
+        }
         let state = serde_json::from_slice::<Value>(payload).unwrap_or(Value::Null);
         let body = json!({"conv": conv, "from": from, "ts": now_ms(), "state": state});
         let msg = Arc::new(Message::from_server(
@@ -732,6 +918,7 @@ impl Chat {
             false,
         ));
         self.deliver(&self.members(conv), &msg, Some(client_id));
+        Typing::Forwarded
     }
 
     /// An event for `user` on `users/{user}/events` (QoS 1) to each of its
@@ -893,7 +1080,11 @@ impl Chat {
         let store = self.store.clone();
         let c = conv.to_string();
         let page = tokio::task::spawn_blocking(move || match (after, before) {
-            (Some(a), b) => store.messages(&c, a + 1, b.unwrap_or(u64::MAX), limit, false),
+            // after = u64::MAX: nothing comes after it.
+            (Some(a), b) => match a.checked_add(1) {
+                Some(from) => store.messages(&c, from, b.unwrap_or(u64::MAX), limit, false),
+                None => Ok(Vec::new()),
+            },
             (None, b) => store
                 .messages(&c, first, b.unwrap_or(u64::MAX), limit, true)
                 .map(|mut v| {

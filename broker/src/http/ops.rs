@@ -193,6 +193,63 @@ fn render(api: &Api) -> String {
         broker.store.queue_depth(),
     );
     identity(broker, &mut out);
+    // flow control: slow clients, rates, caches
+    for (name, help, counter) in [
+        (
+            "chatmq_write_timeouts_total",
+            "Connections closed because the client stopped reading (mqtt.write_timeout_secs).",
+            &m.write_timeouts,
+        ),
+        (
+            "chatmq_overload_disconnects_total",
+            "Connections closed because their session went over mqtt.session_queue_bytes.",
+            &m.overload_disconnects,
+        ),
+        (
+            "chatmq_publishes_rate_limited_total",
+            "Publishes refused by a per-connection or per-user publish rate.",
+            &m.publishes_rate_limited,
+        ),
+        (
+            "chatmq_chat_deferred_to_log_total",
+            "Live chat messages a full session did not take; replayed from the log later.",
+            &m.chat_deferred_to_log,
+        ),
+        (
+            "chatmq_typing_throttled_total",
+            "Typing indicators dropped by the per-user throttle (chat.typing_interval_ms).",
+            &m.typing_throttled,
+        ),
+        (
+            "chatmq_typing_too_large_total",
+            "Typing indicators refused for their size (chat.typing_max_bytes).",
+            &m.typing_too_large,
+        ),
+        (
+            "chatmq_conv_cache_evicted_total",
+            "Conversation states evicted from memory.",
+            &m.conv_cache_evicted,
+        ),
+        (
+            "chatmq_dedup_expired_total",
+            "Idempotency keys deleted after chat.dedup_ttl_secs.",
+            &m.dedup_expired,
+        ),
+    ] {
+        out.single(name, "counter", help, count(counter));
+    }
+    out.single(
+        "chatmq_session_held_bytes",
+        "gauge",
+        "Bytes of messages all sessions hold in memory, queued or in flight.",
+        broker.held_bytes(),
+    );
+    out.single(
+        "chatmq_conv_cache_size",
+        "gauge",
+        "Conversation states held in memory.",
+        broker.chat.cached_conversations(),
+    );
     out.0
 }
 

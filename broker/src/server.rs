@@ -168,7 +168,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the store, restores state, binds, and starts serving.
+    /// Binds, opens the store, restores state, and starts serving.
     pub async fn start(settings: Settings) -> Result<Server, StartError> {
         let settings = Arc::new(settings);
         let planned_edges = plan_edges(&settings)?;
@@ -177,17 +177,6 @@ impl Server {
             path: data_dir.display().to_string(),
             source,
         };
-        let store = Store::open(
-            &data_dir,
-            settings.storage.sync,
-            Duration::from_millis(settings.storage.sync_interval_ms),
-        )
-        .map_err(storage_error)?;
-        let auth = Authenticator::new(&settings.auth)?;
-        let broker = Broker::new(settings.clone(), store, auth).map_err(storage_error)?;
-        let chat = broker.chat.clone();
-        let online = Arc::new(move |user: &str| chat.is_online(user));
-        let gateway = Gateway::new(broker.chat.push.clone(), &settings.push, online)?;
         let listener = TcpListener::bind(settings.mqtt.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -210,6 +199,32 @@ impl Server {
         for edge in planned_edges {
             edge_listeners.push(edge.bind().await?);
         }
+        let auth = Authenticator::new(&settings.auth)?;
+        // The store last: once it is open, a failure must close it (its
+        // writer thread would otherwise still be in RocksDB while the
+        // process exits), so what can fail without it comes first.
+        let store = Store::open(
+            &data_dir,
+            settings.storage.sync,
+            Duration::from_millis(settings.storage.sync_interval_ms),
+        )
+        .map_err(storage_error)?;
+        let broker = match Broker::new(settings.clone(), store.clone(), auth) {
+            Ok(b) => b,
+            Err(e) => {
+                store.close();
+                return Err(storage_error(e));
+            }
+        };
+        let chat = broker.chat.clone();
+        let online = Arc::new(move |user: &str| chat.is_online(user));
+        let gateway = match Gateway::new(broker.chat.push.clone(), &settings.push, online) {
+            Ok(g) => g,
+            Err(e) => {
+                broker.store.close();
+                return Err(e.into());
+            }
+        };
         let edges: Vec<_> = edge_listeners.iter().map(|l| (l.name, l.local)).collect();
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, watch) = watch::channel(false);

@@ -438,7 +438,12 @@ async fn receive_retained(c: &mut v5::Client, expected: usize) -> Vec<String> {
 /// get 1,000 (the offline-queue bound) and the rest vanished, uncounted.
 #[tokio::test]
 async fn a_wildcard_subscriber_gets_all_10000_retained_topics_once_each() {
-    let broker = Broker::start(&format!("{OPEN}\n[storage]\nsync = \"never\"\n"));
+    // The fleet's gateway writes all 10,000 at once: its operator lets a
+    // publisher burst that far (the default publish_burst is 2,000).
+    let broker = Broker::start(&format!(
+        "{OPEN}\n[mqtt]\npublish_burst = 20000\nuser_publish_burst = 20000\n\n\
+         [storage]\nsync = \"never\"\n"
+    ));
     retain_fleet(&broker, 10_000).await;
     assert_eq!(metric(&broker, "chatmq_retained_messages").await, 10_000);
 

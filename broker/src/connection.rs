@@ -279,6 +279,12 @@ impl Connection {
         let mut deadline = next_deadline();
         let wake = self.channel.session().cloned();
         let write_timeout = Duration::from_secs(broker.settings.mqtt.write_timeout_secs);
+        // A client may send packets right after CONNECT without waiting
+        // for CONNACK [MQTT-3.1.4-7]: what came with it is handled now,
+        // not when (if ever) the next read returns.
+        if let Some(close) = self.handle_buffered(protocol).await {
+            return Some(close);
+        }
 
         loop {
             self.encode_output();
@@ -366,29 +372,37 @@ impl Connection {
                         Some(end) => Some((Instant::now() + DRAIN_QUIET).min(end)),
                         None => next_deadline(),
                     };
-                    loop {
-                        match codec::decode(&mut self.inbuf, Some(protocol), self.max_in) {
-                            Ok(Some((_, packet))) => {
-                                if matches!(packet, Packet::Publish(_)) {
-                                    self.metrics.publishes_received.fetch_add(1, Ordering::Relaxed);
-                                }
-                                if let Err(close) = Box::pin(self.channel.handle(packet)).await {
-                                    self.encode_output();
-                                    return Some(close);
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::debug!(client = self.channel.client_id(), error = %e, "closing");
-                                self.encode_output();
-                                return Some(Close::violation(match e {
-                                    DecodeError::TooLarge { .. } => DisconnectReasonCode::PacketTooLarge,
-                                    DecodeError::Protocol(_) => DisconnectReasonCode::ProtocolError,
-                                    _ => DisconnectReasonCode::MalformedPacket,
-                                }));
-                            }
-                        }
+                    if let Some(close) = self.handle_buffered(protocol).await {
+                        return Some(close);
                     }
+                }
+            }
+        }
+    }
+
+    /// Handles every whole packet in the input buffer; how the connection
+    /// ends if one ends it.
+    async fn handle_buffered(&mut self, protocol: Protocol) -> Option<Close> {
+        loop {
+            match codec::decode(&mut self.inbuf, Some(protocol), self.max_in) {
+                Ok(Some((_, packet))) => {
+                    if matches!(packet, Packet::Publish(_)) {
+                        self.metrics.publishes_received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Err(close) = Box::pin(self.channel.handle(packet)).await {
+                        self.encode_output();
+                        return Some(close);
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::debug!(client = self.channel.client_id(), error = %e, "closing");
+                    self.encode_output();
+                    return Some(Close::violation(match e {
+                        DecodeError::TooLarge { .. } => DisconnectReasonCode::PacketTooLarge,
+                        DecodeError::Protocol(_) => DisconnectReasonCode::ProtocolError,
+                        _ => DisconnectReasonCode::MalformedPacket,
+                    }));
                 }
             }
         }

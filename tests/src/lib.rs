@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 pub mod chat;
 pub mod cli;
 pub mod http;
+pub mod metrics;
 pub mod push_mock;
 pub mod raw;
 pub mod tls;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use chatmq_tests::http::Http;
 use chatmq_tests::raw::{self, p4, Silence, Wire};
 use chatmq_tests::{Broker, PATIENCE};
+use chatmq_tests::metrics::{metric, metric_becomes};
 use rumqttc::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -116,31 +117,6 @@ fn assert_still_served(idle: Duration, busy: Duration) {
         busy <= bound,
         "the healthy client's round trip went from {idle:?} idle to {busy:?} under attack"
     );
-}
-
-/// A series' value from `/metrics` (`name` includes any labels).
-async fn metric(b: &Broker, name: &str) -> f64 {
-    let text = Http::new(b.http_addr).get("/metrics").await.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-}
-
-/// Waits until `name` reads `want`; panics with the last value after PATIENCE.
-async fn metric_becomes(b: &Broker, name: &str, want: f64) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let got = metric(b, name).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} is {got}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn status_field(b: &Broker, field: &str) -> u64 {

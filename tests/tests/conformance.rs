@@ -348,3 +348,26 @@ async fn mqtt_2_2_1_3_the_first_packet_id_is_1() {
         other => panic!("expected the PUBLISH, got {other:?}"),
     }
 }
+
+// [MQTT-3.1.4-7] (3.1.1: [MQTT-3.1.4-5]'s note) a client may send packets
+// right after CONNECT, before CONNACK. A client that writes CONNECT,
+// SUBSCRIBE and PINGREQ in one go, then only waits, gets CONNACK, SUBACK
+// and PINGRESP: what came with the CONNECT is handled at once, not when
+// the next bytes arrive.
+#[tokio::test]
+async fn mqtt_3_1_4_7_packets_sent_with_the_connect_are_handled_at_once() {
+    let b = Broker::start(OPEN);
+    let mut w = Wire::open(b.addr).await;
+    let mut burst = raw::connect_v4("pipelined");
+    let mut subscribe = p4::Subscribe::new("pipe/t", rumqttc::QoS::AtLeastOnce);
+    subscribe.pkid = 1;
+    burst.extend(raw::v4_bytes(&p4::Packet::Subscribe(subscribe)));
+    burst.extend(raw::v4_bytes(&p4::Packet::PingReq));
+    w.send(&burst).await;
+    assert!(matches!(w.next_v4(PATIENCE).await, Ok(p4::Packet::ConnAck(_))));
+    match w.next_v4(PATIENCE).await {
+        Ok(p4::Packet::SubAck(a)) => assert_eq!(a.pkid, 1),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    assert!(matches!(w.next_v4(PATIENCE).await, Ok(p4::Packet::PingResp)));
+}

@@ -5,7 +5,6 @@
 //! numbers at the edge of u64, and the caches that must not only grow.
 //! Every limit is observed on the wire and in `/metrics`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use chatmq_tests::chat::{
@@ -16,43 +15,10 @@ use chatmq_tests::http::Http;
 use chatmq_tests::raw::{p4, p5, Silence, Wire};
 use chatmq_tests::v5::{Packet, PubAckReason, QoS};
 use chatmq_tests::{Broker, PATIENCE};
+use chatmq_tests::metrics::{metric, metric_reaches};
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
-
-/// Every sample of `/metrics`, by series.
-async fn metrics(b: &Broker) -> HashMap<String, f64> {
-    let text = Http::new(b.http_addr).get("/metrics").await.text();
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect()
-}
-
-/// One metric; panics if the broker does not export it.
-async fn metric(b: &Broker, name: &str) -> f64 {
-    match metrics(b).await.get(name) {
-        Some(v) => *v,
-        None => panic!("the broker exports no {name}"),
-    }
-}
-
-/// Waits until `name` reaches `at_least`; panics after `within`.
-async fn metric_reaches(b: &Broker, name: &str, at_least: f64, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let v = metric(b, name).await;
-        if v >= at_least {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} is {v}, not {at_least}, after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// A raw MQTT 5 CONNECT of `user` (JWT) as `client_id`; persistent asks
 /// for Clean Start 0 and a 10 minute session expiry.

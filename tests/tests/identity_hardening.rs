@@ -14,6 +14,7 @@ use chatmq_tests::chat::{json_of, v5_topic};
 use chatmq_tests::http::Http;
 use chatmq_tests::raw::{p5, Wire};
 use chatmq_tests::{v4, v5, Broker, PATIENCE};
+use chatmq_tests::metrics::metric;
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 
@@ -98,14 +99,6 @@ fn jwt(claims: Value) -> String {
 
 fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
-}
-
-async fn metric(b: &Broker, name: &str) -> f64 {
-    let text = Http::new(b.http_addr).get("/metrics").await.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
 // ---- Item 2: a client id belongs to its owner, anonymous included --------

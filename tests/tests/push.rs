@@ -12,6 +12,7 @@ use chatmq_tests::http::Http;
 use chatmq_tests::push_mock::{Mock, Recorded, Reply, ACCESS_TOKEN};
 use chatmq_tests::tools::openssl_pair;
 use chatmq_tests::{v5, Broker, PATIENCE};
+use chatmq_tests::metrics::metric;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -80,15 +81,6 @@ fn hmac_hex(body: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// A metric's value from `/metrics`.
-async fn metric(b: &Broker, name: &str) -> f64 {
-    let text = Http::new(b.http_addr).get("/metrics").await.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
 async fn devices_of(b: &Broker, user: &str) -> Vec<Value> {

@@ -6,9 +6,9 @@
 
 use std::collections::HashSet;
 
-use chatmq_tests::http::Http;
 use chatmq_tests::raw::{p4, p5, Silence, Wire};
 use chatmq_tests::{v4, v5, Broker, OPEN, PATIENCE};
+use chatmq_tests::metrics::metric;
 use rumqttc::v5::mqttbytes::v5::{
     DisconnectReasonCode, PubAckReason, PubRecReason, SubscribeReasonCode, UnsubAckReason,
 };
@@ -89,14 +89,6 @@ async fn healthy_round_trip(b: &Broker, id: &str) {
     }
     assert_eq!(&got[0].payload[..], b"ping");
     c.disconnect().await;
-}
-
-/// The value of an unlabelled metric on `/metrics`.
-async fn metric(b: &Broker, name: &str) -> u64 {
-    let text = Http::new(b.http_addr).get("/metrics").await.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not on /metrics:\n{text}"))
 }
 
 /// A raw MQTT 5 connection with a clean start.
@@ -195,7 +187,7 @@ async fn erins_5000_level_filter_is_refused_by_default_and_the_broker_stays_up()
     );
     erin.disconnect().await;
     healthy_round_trip(&broker, "after-5").await;
-    assert!(metric(&broker, "chatmq_topics_refused_total").await >= 2);
+    assert!(metric(&broker, "chatmq_topics_refused_total").await >= 2.0);
 }
 
 /// With the limits raised so that erin's 5,000-level filter is accepted,
@@ -307,7 +299,7 @@ async fn a_topic_name_past_the_limits_is_refused_with_0x90() {
     w.send_v4(&p4::Packet::Publish(p)).await;
     assert_eq!(w.next_v4(PATIENCE).await, Err(Silence::Closed));
     healthy_round_trip(&broker, "after-limits").await;
-    assert_eq!(metric(&broker, "chatmq_topics_refused_total").await, 4);
+    assert_eq!(metric(&broker, "chatmq_topics_refused_total").await, 4.0);
 }
 
 /// A filter past the limits gets 0x8F in its own SUBACK slot; the other
@@ -445,7 +437,7 @@ async fn a_wildcard_subscriber_gets_all_10000_retained_topics_once_each() {
          [storage]\nsync = \"never\"\n"
     ));
     retain_fleet(&broker, 10_000).await;
-    assert_eq!(metric(&broker, "chatmq_retained_messages").await, 10_000);
+    assert_eq!(metric(&broker, "chatmq_retained_messages").await, 10_000.0);
 
     let mut dashboard = v5::connect_ok(broker.addr, "dashboard").await;
     dashboard
@@ -458,8 +450,8 @@ async fn a_wildcard_subscriber_gets_all_10000_retained_topics_once_each() {
     assert_eq!(topics.len(), 10_000, "each retained topic exactly once");
     assert_eq!(distinct.len(), 10_000);
     assert!(distinct.contains(&"fleet/9999/state".to_string()));
-    assert_eq!(metric(&broker, "chatmq_messages_dropped_total").await, 0);
-    assert_eq!(metric(&broker, "chatmq_retained_not_sent_total").await, 0);
+    assert_eq!(metric(&broker, "chatmq_messages_dropped_total").await, 0.0);
+    assert_eq!(metric(&broker, "chatmq_retained_not_sent_total").await, 0.0);
     dashboard.disconnect().await;
     healthy_round_trip(&broker, "after-fleet").await;
 }
@@ -482,7 +474,7 @@ async fn retained_beyond_the_per_subscription_limit_are_counted() {
         .expect("subscribe");
     let topics = receive_retained(&mut dashboard, 50).await;
     assert_eq!(topics.len(), 50);
-    assert_eq!(metric(&broker, "chatmq_retained_not_sent_total").await, 30);
+    assert_eq!(metric(&broker, "chatmq_retained_not_sent_total").await, 30.0);
     assert!(broker.log().contains("max_retained_per_subscription"));
 }
 
@@ -555,8 +547,8 @@ async fn the_retained_store_is_capped_by_count_and_bytes() {
     let mut retained = receive_retained(&mut newcomer, 3).await;
     retained.sort();
     assert_eq!(retained, ["t/1", "t/3", "t/4"], "t/5 was not retained");
-    assert_eq!(metric(&broker, "chatmq_retained_refused_total").await, 3);
-    assert_eq!(metric(&broker, "chatmq_retained_messages").await, 3);
+    assert_eq!(metric(&broker, "chatmq_retained_refused_total").await, 3.0);
+    assert_eq!(metric(&broker, "chatmq_retained_messages").await, 3.0);
 }
 
 // --- Many subscriptions ----------------------------------------------------

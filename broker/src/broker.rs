@@ -157,6 +157,8 @@ pub struct Metrics {
     pub client_id_refused: AtomicU64,
     /// CONNECTs refused: the user holds its maximum of persistent sessions.
     pub session_quota_refused: AtomicU64,
+    /// Logins moved on by an MQTT 5 re-authentication (AUTH 0x19).
+    pub reauthentications: AtomicU64,
     /// Connections refused before CONNECT was accepted, by reason.
     pub refused: crate::admission::Refusals,
     // topics and retained messages (trie)

@@ -70,12 +70,20 @@ pub fn max_packet_size(max_payload: usize) -> usize {
     (max_payload + 65_536 + 1_024).min(268_435_460)
 }
 
+/// The one Authentication Method offered [MQTT-4.12]: a JWT login that
+/// the client refreshes with AUTH (reason 0x19, the new token as
+/// Authentication Data) before it expires, instead of reconnecting.
+pub const JWT_METHOD: &str = "JWT";
+
 pub struct Channel {
     broker: Arc<Broker>,
     pub conn_id: u64,
     pub protocol: Protocol,
     client_id: Arc<str>,
     identity: Identity,
+    /// The Authentication Method of the CONNECT, when the client asked
+    /// for one we offer ([`JWT_METHOD`]): it may re-authenticate with AUTH.
+    auth_method: Option<&'static str>,
     cell: Option<Arc<SessionCell>>,
     /// The will and its delay in seconds.
     will: Option<(Message, u32)>,
@@ -100,6 +108,7 @@ impl Channel {
             protocol: Protocol::V4,
             client_id: "".into(),
             identity: Identity::Anonymous,
+            auth_method: None,
             cell: None,
             will: None,
             keep_alive: 0,
@@ -111,6 +120,16 @@ impl Channel {
             user_rate: None,
             broker,
         }
+    }
+
+    /// The Authentication Method negotiated at CONNECT, if any.
+    pub fn auth_method(&self) -> Option<&'static str> {
+        self.auth_method
+    }
+
+    /// The authenticated user, if any.
+    pub fn user(&self) -> Option<&Arc<str>> {
+        self.identity.user()
     }
 
     pub fn client_id(&self) -> &str {
@@ -163,9 +182,13 @@ impl Channel {
             .properties
             .clone()
             .unwrap_or_else(empty_connect_props);
-        if props.authentication_method.is_some() {
-            // [MQTT-4.12.0-1] enhanced authentication is not offered.
-            return Err(self.refuse_connect(Rc::BadAuthenticationMethod));
+        match props.authentication_method.as_deref() {
+            None => {}
+            // The token is the password (or the Authentication Data); the
+            // method announces that the client will refresh it with AUTH.
+            Some(JWT_METHOD) => self.auth_method = Some(JWT_METHOD),
+            // [MQTT-4.12.0-1] no other method is offered.
+            Some(_) => return Err(self.refuse_connect(Rc::BadAuthenticationMethod)),
         }
 
         let mut assigned = None;
@@ -282,7 +305,7 @@ impl Channel {
             server_keep_alive,
             response_information: None,
             server_reference: None,
-            authentication_method: None,
+            authentication_method: self.auth_method.map(str::to_string),
             authentication_data: None,
         });
         let Some(properties) = fit_connack(full, self.client_max_packet) else {
@@ -1140,7 +1163,7 @@ fn fit_connack(
         server_keep_alive: p.server_keep_alive,
         response_information: None,
         server_reference: None,
-        authentication_method: None,
+        authentication_method: p.authentication_method,
         authentication_data: None,
     });
     fits(&essential).then_some(essential)

@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use chatmq_protocol::auth::{self, Auth, AuthReason};
 use chatmq_storage::Commit;
 use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet,
+    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,8 +28,8 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::admission::Refusal;
 use crate::broker::{Broker, Kick, Metrics, SessionCell};
-use crate::channel::{max_packet_size, Channel, Close, Out};
-use crate::codec::{self, DecodeError, Protocol};
+use crate::channel::{max_packet_size, Channel, Close, Out, JWT_METHOD};
+use crate::codec::{self, DecodeError, Frame, Protocol};
 use crate::login_guard;
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -58,6 +59,7 @@ where
         protocol: None,
         metrics: broker.metrics.clone(),
         taken_over: None,
+        expires: None,
     };
     let (mut rd, mut wr) = tokio::io::split(stream);
     let close = conn.run(&mut rd, &mut wr, &broker, peer, shutdown).await;
@@ -198,6 +200,9 @@ struct Connection {
     /// Set once taken over: dropped when the session is released, which
     /// lets the new connection attach.
     taken_over: Option<oneshot::Sender<()>>,
+    /// When the login ends: its token's expiry, moved on by each
+    /// re-authentication (AUTH); checked where keepalive is.
+    expires: Option<Instant>,
 }
 
 impl Connection {
@@ -249,6 +254,16 @@ impl Connection {
             return None;
         };
         self.protocol = Some(protocol);
+        let login = login.map(|mut l| {
+            // With the JWT method the token may come as Authentication
+            // Data instead of the password.
+            if l.password.is_empty() {
+                if let Some(token) = jwt_data(&connect) {
+                    l.password = token;
+                }
+            }
+            l
+        });
         let auth = match login {
             // No credentials, nothing to hash: no hop to a blocking thread
             // (each one holds a stack and a malloc arena).
@@ -272,19 +287,20 @@ impl Connection {
         let keep_alive = u64::from(self.channel.keep_alive);
         // [MQTT-3.1.2-24] one and a half keepalive periods without a packet.
         let idle = (keep_alive > 0).then(|| Duration::from_millis(keep_alive * 1500));
-        // A JWT login lasts until its token expires: one more deadline,
-        // checked where keepalive is.
-        let expires = token_expiry.and_then(token_deadline);
-        let next_deadline = || earliest(idle.map(|d| Instant::now() + d), expires);
-        let mut deadline = next_deadline();
+        // A JWT login lasts until its token expires (or a re-authentication
+        // moves that on): one more deadline, checked where keepalive is.
+        self.expires = token_expiry.and_then(token_deadline);
+        let next_deadline =
+            |expires: Option<Instant>| earliest(idle.map(|d| Instant::now() + d), expires);
         let wake = self.channel.session().cloned();
         let write_timeout = Duration::from_secs(broker.settings.mqtt.write_timeout_secs);
         // A client may send packets right after CONNECT without waiting
         // for CONNACK [MQTT-3.1.4-7]: what came with it is handled now,
         // not when (if ever) the next read returns.
-        if let Some(close) = self.handle_buffered(protocol).await {
+        if let Some(close) = self.handle_buffered(broker, peer, protocol).await {
             return Some(close);
         }
+        let mut deadline = next_deadline(self.expires);
 
         loop {
             self.encode_output();
@@ -327,7 +343,7 @@ impl Connection {
                         _ = until(give_up) => return Some(self.write_timed_out(write_timeout)),
                         _ = shutdown.changed() => return Some(shutting_down()),
                         closed = kicked_off(&mut kicked) => (drain_end, deadline) = self.drain(closed),
-                        _ = until(deadline) => return Some(deadline_passed(drain_end.is_some(), expires)),
+                        _ = until(deadline) => return Some(deadline_passed(drain_end.is_some(), self.expires)),
                         _ = woken(&wake) => {
                             if let Some(close) = self.overloaded() {
                                 return Some(close);
@@ -361,20 +377,20 @@ impl Connection {
                 }
                 _ = woken(&wake) => {}
                 _ = until(deadline) => {
-                    return Some(deadline_passed(drain_end.is_some(), expires));
+                    return Some(deadline_passed(drain_end.is_some(), self.expires));
                 }
                 read = rd.read_buf(&mut self.inbuf) => {
                     match read {
                         Ok(0) | Err(_) => return Some(Close { reason: None, will: true }),
                         Ok(n) => self.last_read = n,
                     }
-                    deadline = match drain_end {
-                        Some(end) => Some((Instant::now() + DRAIN_QUIET).min(end)),
-                        None => next_deadline(),
-                    };
-                    if let Some(close) = self.handle_buffered(protocol).await {
+                    if let Some(close) = self.handle_buffered(broker, peer, protocol).await {
                         return Some(close);
                     }
+                    deadline = match drain_end {
+                        Some(end) => Some((Instant::now() + DRAIN_QUIET).min(end)),
+                        None => next_deadline(self.expires),
+                    };
                 }
             }
         }
@@ -382,10 +398,21 @@ impl Connection {
 
     /// Handles every whole packet in the input buffer; how the connection
     /// ends if one ends it.
-    async fn handle_buffered(&mut self, protocol: Protocol) -> Option<Close> {
+    async fn handle_buffered(
+        &mut self,
+        broker: &Arc<Broker>,
+        peer: IpAddr,
+        protocol: Protocol,
+    ) -> Option<Close> {
         loop {
-            match codec::decode(&mut self.inbuf, Some(protocol), self.max_in) {
-                Ok(Some((_, packet))) => {
+            match codec::decode_frame(&mut self.inbuf, Some(protocol), self.max_in) {
+                Ok(Some((_, Frame::Auth(auth)))) => {
+                    if let Err(close) = Box::pin(self.reauthenticate(broker, peer, auth)).await {
+                        self.encode_output();
+                        return Some(close);
+                    }
+                }
+                Ok(Some((_, Frame::Packet(packet)))) => {
                     if matches!(packet, Packet::Publish(_)) {
                         self.metrics.publishes_received.fetch_add(1, Ordering::Relaxed);
                     }
@@ -404,6 +431,51 @@ impl Connection {
                         _ => DisconnectReasonCode::MalformedPacket,
                     }));
                 }
+            }
+        }
+    }
+
+    /// Re-authentication [MQTT-4.12.1]: a client that connected with the
+    /// JWT method sends AUTH 0x19 with a new token of the same user. A
+    /// valid one moves the connection's end to its expiry and is answered
+    /// AUTH 0x00; anything else ends the connection: AUTH without a method
+    /// at CONNECT, another method, or another reason code is a protocol
+    /// error, a token that does not check out (wrong, expired, another
+    /// user's) is DISCONNECT 0x87. Failures count against the login
+    /// limits like a bad password at CONNECT.
+    async fn reauthenticate(
+        &mut self,
+        broker: &Arc<Broker>,
+        peer: IpAddr,
+        auth: Auth,
+    ) -> Result<(), Close> {
+        let protocol_error = Close::violation(DisconnectReasonCode::ProtocolError);
+        let Some(method) = self.channel.auth_method() else {
+            return Err(protocol_error);
+        };
+        if auth.reason != AuthReason::ReAuthenticate || auth.method.as_deref() != Some(method) {
+            return Err(protocol_error);
+        }
+        let refused = Close::violation(DisconnectReasonCode::NotAuthorized);
+        let token = auth.data.as_deref().and_then(|d| std::str::from_utf8(d).ok());
+        let (Some(user), Some(token)) = (self.channel.user().cloned(), token) else {
+            return Err(refused);
+        };
+        let login = login_guard::login(broker, peer, user.to_string(), token.to_string()).await;
+        match login {
+            Ok(l) if l.identity.user() == Some(&user) => {
+                self.expires = l.expires_at.and_then(token_deadline);
+                self.metrics.reauthentications.fetch_add(1, Ordering::Relaxed);
+                self.encode_output();
+                let ok = Auth::new(AuthReason::Success, method);
+                if !auth::write(&ok, &mut self.outbuf, self.channel.client_max_packet) {
+                    return Err(refused);
+                }
+                Ok(())
+            }
+            _ => {
+                tracing::info!(client = self.channel.client_id(), "re-authentication refused");
+                Err(refused)
             }
         }
     }
@@ -547,6 +619,16 @@ fn token_deadline(exp: u64) -> Option<Instant> {
         .saturating_mul(1000)
         .saturating_sub(crate::clock::now_ms());
     Instant::now().checked_add(Duration::from_millis(left_ms))
+}
+
+/// The token a JWT-method CONNECT carries as Authentication Data.
+fn jwt_data(connect: &Connect) -> Option<String> {
+    let props = connect.properties.as_ref()?;
+    if props.authentication_method.as_deref() != Some(JWT_METHOD) {
+        return None;
+    }
+    let data = props.authentication_data.as_ref()?;
+    String::from_utf8(data.to_vec()).ok()
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {

@@ -2,7 +2,8 @@
 //! connection does, and the codec properties checked on every packet.
 
 use bytes::BytesMut;
-use chatmq_protocol::codec::{self, Protocol};
+use chatmq_protocol::auth::{self, Auth};
+use chatmq_protocol::codec::{self, Frame, Protocol};
 use rumqttc::v5::mqttbytes::v5::Packet;
 
 /// At least the broker's default packet limit (`mqtt.max_payload` plus
@@ -15,11 +16,12 @@ pub const MAX_PACKET: usize = 1 << 20;
 /// come) or at the first error (the connection would close).
 pub fn read_packets(buf: &mut BytesMut, protocol: &mut Option<Protocol>) -> Result<(), ()> {
     loop {
-        match codec::decode(buf, *protocol, MAX_PACKET) {
-            Ok(Some((version, packet))) => {
+        match codec::decode_frame(buf, *protocol, MAX_PACKET) {
+            Ok(Some((version, Frame::Packet(packet)))) => {
                 *protocol = Some(version);
                 check_round_trip(version, &packet);
             }
+            Ok(Some((_, Frame::Auth(a)))) => check_auth_round_trip(&a),
             Ok(None) => return Ok(()),
             Err(_) => return Err(()),
         }
@@ -54,5 +56,21 @@ fn check_round_trip(version: Protocol, packet: &Packet) {
             );
         }
         other => panic!("the codec cannot read what it wrote ({other:?}): {written:02x?}"),
+    }
+}
+
+/// An AUTH the reader accepted is written and read back unchanged.
+fn check_auth_round_trip(a: &Auth) {
+    let mut wire = BytesMut::new();
+    if !auth::write(a, &mut wire, None) {
+        return;
+    }
+    let written = wire.clone();
+    match codec::decode_frame(&mut wire, Some(Protocol::V5), MAX_PACKET) {
+        Ok(Some((_, Frame::Auth(again)))) => {
+            assert_eq!(&again, a, "round trip changed the AUTH: {written:02x?}");
+            assert!(wire.is_empty(), "trailing bytes: {written:02x?}");
+        }
+        other => panic!("cannot read the AUTH it wrote ({other:?}): {written:02x?}"),
     }
 }

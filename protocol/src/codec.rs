@@ -15,6 +15,7 @@ use rumqttc::mqttbytes::{self as m4, v4};
 use rumqttc::v5::mqttbytes::v5::{self, *};
 use rumqttc::v5::mqttbytes::QoS;
 
+use crate::auth::{self, Auth};
 use crate::strict;
 
 /// The MQTT version a connection speaks, fixed by its CONNECT.
@@ -58,6 +59,29 @@ pub fn decode(
     protocol: Option<Protocol>,
     max_size: usize,
 ) -> Result<Option<(Protocol, Packet)>, DecodeError> {
+    match decode_frame(buf, protocol, max_size)? {
+        None => Ok(None),
+        Some((protocol, Frame::Packet(p))) => Ok(Some((protocol, p))),
+        Some((_, Frame::Auth(_))) => Err(DecodeError::Protocol(
+            "AUTH where no authentication exchange is possible".into(),
+        )),
+    }
+}
+
+/// What a client sent: a packet of rumqttc's model, or an MQTT 5 AUTH,
+/// which that model cannot carry (see [`crate::auth`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Packet(Packet),
+    Auth(Auth),
+}
+
+/// [`decode`], with AUTH: what a connection reads once it is established.
+pub fn decode_frame(
+    buf: &mut BytesMut,
+    protocol: Option<Protocol>,
+    max_size: usize,
+) -> Result<Option<(Protocol, Frame)>, DecodeError> {
     let Some((byte1, header_len, remaining)) = fixed_header(buf)? else {
         return Ok(None);
     };
@@ -98,6 +122,10 @@ pub fn decode(
         _ => {}
     }
     let frame = buf.split_to(size);
+    if protocol == Protocol::V5 && kind == 15 {
+        let auth = auth::read(&frame[header_len..])?;
+        return Ok(Some((protocol, Frame::Auth(auth))));
+    }
     // MQTT 5 allows a DISCONNECT with no body (reason 0x00) or with a
     // reason code and no property length [MQTT-3.14.2-1]; the codec
     // reads neither.
@@ -109,10 +137,10 @@ pub fn decode(
         };
         return Ok(Some((
             protocol,
-            Packet::Disconnect(Disconnect {
+            Frame::Packet(Packet::Disconnect(Disconnect {
                 reason_code,
                 properties: None,
-            }),
+            })),
         )));
     }
     let mut frame = frame;
@@ -130,7 +158,7 @@ pub fn decode(
         Err(_) => return Err(DecodeError::Malformed("codec failure".into())),
     };
     check_packet(&packet)?;
-    Ok(Some((protocol, packet)))
+    Ok(Some((protocol, Frame::Packet(packet))))
 }
 
 /// (first byte, fixed header length, remaining length), or `None` while
@@ -222,9 +250,8 @@ fn check_packet(packet: &Packet) -> Result<(), DecodeError> {
         Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp(_) => Err(
             DecodeError::Protocol("a server-to-client packet was sent by the client".into()),
         ),
-        Packet::Auth(_) => Err(DecodeError::Protocol(
-            "enhanced authentication is not supported".into(),
-        )),
+        // Never: an MQTT 5 AUTH is read by `auth`, and 3.1.1 has none.
+        Packet::Auth(_) => Err(DecodeError::Protocol("AUTH in 3.1.1".into())),
         _ => Ok(()),
     }
 }

@@ -1,5 +1,6 @@
 //! chatmq-protocol: what arrives on the wire, before any broker state.
 //!
+//! - [`auth`] reads and writes MQTT 5 AUTH (rumqttc's cannot be used);
 //! - [`codec`] frames MQTT packets and maps 3.1.1 onto the MQTT 5 model;
 //! - [`strict`] checks what the codecs read past (trailing fields,
 //!   reserved bits, U+0000);
@@ -11,6 +12,7 @@
 //! and other tools link it in seconds; the broker re-exports the codec as
 //! `codec` and uses the parsers from its `chat` module.
 
+pub mod auth;
 pub mod codec;
 pub mod envelope;
 pub mod rpc_request;

@@ -10,17 +10,17 @@
 use crate::codec::{DecodeError, Protocol};
 
 /// A cursor over a packet body; every read is bounds-checked.
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     body: &'a [u8],
     at: usize,
 }
 
 impl<'a> Fields<'a> {
-    fn new(body: &'a [u8]) -> Self {
+    pub(crate) fn new(body: &'a [u8]) -> Self {
         Fields { body, at: 0 }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.body.len());
         let Some(end) = end else {
             return Err(malformed("a field runs past the end of the packet"));
@@ -31,24 +31,24 @@ impl<'a> Fields<'a> {
         Ok(bytes)
     }
 
-    fn byte(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn byte(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         let b = self.take(2)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
     /// A length-prefixed string or binary field.
-    fn prefixed(&mut self) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn prefixed(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.u16()?;
         self.take(usize::from(n))
     }
 
     /// A UTF-8 string field: no encoding of U+0000 [MQTT-1.5.4-2]
     /// (3.1.1: [MQTT-1.5.3-2]). UTF-8 validity is the codec's check.
-    fn string(&mut self, what: &str) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn string(&mut self, what: &str) -> Result<&'a [u8], DecodeError> {
         let s = self.prefixed()?;
         if s.contains(&0) {
             return Err(malformed(&format!("{what} contains U+0000 [MQTT-1.5.4-2]")));
@@ -58,25 +58,29 @@ impl<'a> Fields<'a> {
 
     /// Skips an MQTT 5 property block (its length is a variable byte
     /// integer); the codec reads what is inside.
-    fn properties(&mut self) -> Result<(), DecodeError> {
+    pub(crate) fn properties(&mut self) -> Result<(), DecodeError> {
+        self.property_block().map(drop)
+    }
+
+    /// An MQTT 5 property block: its bytes, after its length.
+    pub(crate) fn property_block(&mut self) -> Result<&'a [u8], DecodeError> {
         let mut len = 0usize;
         for i in 0..4 {
             let b = self.byte()?;
             len |= usize::from(b & 0x7F) << (7 * i);
             if b & 0x80 == 0 {
-                self.take(len)?;
-                return Ok(());
+                return self.take(len);
             }
         }
         Err(malformed("property length longer than 4 bytes"))
     }
 
-    fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.at == self.body.len()
     }
 }
 
-fn malformed(why: &str) -> DecodeError {
+pub(crate) fn malformed(why: &str) -> DecodeError {
     DecodeError::Malformed(why.to_string())
 }
 

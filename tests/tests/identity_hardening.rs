@@ -12,11 +12,12 @@ use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::Argon2;
 use chatmq_tests::chat::{json_of, v5_topic};
 use chatmq_tests::http::Http;
-use chatmq_tests::raw::{p5, Wire};
+use chatmq_tests::raw::{connect_bytes, field, p5, packet, varint, Wire};
 use chatmq_tests::{v4, v5, Broker, PATIENCE};
 use chatmq_tests::metrics::metric;
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
 
 const QUIET: Duration = Duration::from_millis(700);
 const SECRET: &str = "identity-tests-secret";
@@ -517,8 +518,8 @@ async fn jwt_issuer_audience_and_not_before_are_checked() {
 // alice logs in with a token that expires in two seconds and stays idle
 // (keepalive 60 s). When the token expires the broker ends the connection:
 // MQTT 5 gets DISCONNECT 0xA0 (Maximum connect time); a 3.1.1 connection
-// is closed. (No re-authentication with MQTT 5 AUTH: the client reconnects
-// with a fresh token.)
+// is closed. (A client that wants to stay refreshes its token with AUTH:
+// next test.)
 #[tokio::test]
 async fn a_connection_ends_when_its_token_expires() {
     let broker = Broker::start(&format!("[auth]\njwt_secret = \"{SECRET}\"\n"));
@@ -781,4 +782,117 @@ async fn a_client_id_claim_lapses_only_after_its_session_is_gone() {
         .await
         .expect("alice's home phone");
     assert!(home.connack.session_present);
+}
+
+/// An MQTT 5 CONNECT of alice with `properties` (without their length) and
+/// `password`, keepalive 60.
+fn alice_connect(client_id: &str, properties: &[u8], password: Option<&str>) -> Vec<u8> {
+    let mut payload = field(client_id.as_bytes());
+    payload.extend(field(b"alice"));
+    let mut flags = 0x02 | 0x80;
+    if let Some(p) = password {
+        flags |= 0x40;
+        payload.extend(field(p.as_bytes()));
+    }
+    connect_bytes(5, flags, properties, &payload)
+}
+
+/// The Authentication Method property "JWT".
+fn jwt_method() -> Vec<u8> {
+    let mut p = vec![0x15];
+    p.extend(field(b"JWT"));
+    p
+}
+
+/// AUTH with `reason`, the JWT method and `token` as Authentication Data.
+fn auth_bytes(reason: u8, method: &[u8], token: &str) -> Vec<u8> {
+    let mut props = vec![0x15];
+    props.extend(field(method));
+    props.push(0x16);
+    props.extend(field(token.as_bytes()));
+    let mut body = vec![reason];
+    body.extend(varint(props.len()));
+    body.extend(props);
+    packet(0xF0, &body)
+}
+
+/// Reads exactly `want.len()` bytes (or what arrives within PATIENCE).
+async fn read_exactly(w: &mut Wire, want: &[u8]) -> Vec<u8> {
+    let mut got = vec![0; want.len()];
+    let read = tokio::time::timeout(PATIENCE, w.stream.read_exact(&mut got)).await;
+    assert!(matches!(read, Ok(Ok(_))), "expected {want:02x?}, got {read:?}");
+    got
+}
+
+// [MQTT-4.12.1] alice connects with the Authentication Method "JWT" and a
+// token that expires in two seconds. Before it does, she sends AUTH 0x19
+// with a fresh token and is answered AUTH 0x00: her connection outlives the
+// first token. A token of another user ends it with DISCONNECT 0x87; AUTH
+// on a connection that named no method at CONNECT, or with another method,
+// is a protocol error (0x82).
+#[tokio::test]
+async fn a_jwt_connection_refreshes_its_token_with_auth_instead_of_ending() {
+    let broker = Broker::start(&format!("[auth]\njwt_secret = \"{SECRET}\"\n"));
+    let short = jwt(json!({"sub": "alice", "exp": now() + 2}));
+    let mut w = Wire::open(broker.addr).await;
+    w.send(&alice_connect("refresher", &jwt_method(), Some(&short)))
+        .await;
+    match w.next_v5(PATIENCE).await {
+        Ok(p5::Packet::ConnAck(a)) => {
+            assert_eq!(a.code, p5::ConnectReturnCode::Success);
+            let method = a.properties.and_then(|p| p.authentication_method);
+            assert_eq!(method.as_deref(), Some("JWT"), "CONNACK names the method");
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let fresh = jwt(json!({"sub": "alice", "exp": now() + 600}));
+    w.send(&auth_bytes(0x19, b"JWT", &fresh)).await;
+    // AUTH, reason 0x00 Success, properties: the method "JWT".
+    let success = [0xF0, 0x08, 0x00, 0x06, 0x15, 0x00, 0x03, b'J', b'W', b'T'];
+    assert_eq!(read_exactly(&mut w, &success).await, success);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    w.send(&[0xC0, 0x00]).await;
+    assert!(
+        matches!(w.next_v5(PATIENCE).await, Ok(p5::Packet::PingResp(_))),
+        "still connected after the first token expired"
+    );
+    assert_eq!(metric(&broker, "chatmq_reauthentications_total").await, 1.0);
+
+    let bobs = jwt(json!({"sub": "bob", "exp": now() + 600}));
+    w.send(&auth_bytes(0x19, b"JWT", &bobs)).await;
+    match w.next_v5(PATIENCE).await {
+        Ok(p5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, p5::DisconnectReasonCode::NotAuthorized)
+        }
+        other => panic!("expected DISCONNECT 0x87, got {other:?}"),
+    }
+
+    // The token may also come as Authentication Data instead of a password.
+    let mut props = jwt_method();
+    props.push(0x16);
+    props.extend(field(fresh.as_bytes()));
+    let mut w = Wire::open(broker.addr).await;
+    w.send(&alice_connect("data-token", &props, None)).await;
+    match w.next_v5(PATIENCE).await {
+        Ok(p5::Packet::ConnAck(a)) => assert_eq!(a.code, p5::ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    w.send(&auth_bytes(0x19, b"SCRAM-SHA-1", &fresh)).await;
+    match w.next_v5(PATIENCE).await {
+        Ok(p5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, p5::DisconnectReasonCode::ProtocolError)
+        }
+        other => panic!("another method: expected DISCONNECT 0x82, got {other:?}"),
+    }
+
+    let mut w = Wire::open(broker.addr).await;
+    w.send(&alice_connect("no-method", &[], Some(&fresh))).await;
+    assert!(matches!(w.next_v5(PATIENCE).await, Ok(p5::Packet::ConnAck(_))));
+    w.send(&auth_bytes(0x19, b"JWT", &fresh)).await;
+    match w.next_v5(PATIENCE).await {
+        Ok(p5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, p5::DisconnectReasonCode::ProtocolError)
+        }
+        other => panic!("no method at CONNECT: expected DISCONNECT 0x82, got {other:?}"),
+    }
 }

@@ -288,6 +288,12 @@ fn identity(broker: &crate::broker::Broker, out: &mut Exposition) {
         count(&broker.metrics.session_quota_refused),
     );
     out.single(
+        "chatmq_reauthentications_total",
+        "counter",
+        "Logins moved on by an MQTT 5 re-authentication (AUTH 0x19 with a new token).",
+        count(&broker.metrics.reauthentications),
+    );
+    out.single(
         "chatmq_client_owners_removed_total",
         "counter",
         "Client-id claims removed after client_owner_ttl_secs without a session.",

@@ -76,9 +76,42 @@ pub struct Slot {
     pending_will: Option<PendingWill>,
 }
 
+/// Every session by client id, and how many of them anonymous clients
+/// created (for `mqtt.max_anonymous_sessions`). Read through `Deref`;
+/// changed only by `insert` and `remove`, which keep the count.
+#[derive(Default)]
+pub struct Sessions {
+    map: HashMap<Arc<str>, Arc<SessionCell>>,
+    anonymous: usize,
+}
+
+impl Sessions {
+    fn insert(&mut self, client_id: Arc<str>, cell: Arc<SessionCell>) {
+        self.anonymous += usize::from(cell.anonymous);
+        if let Some(old) = self.map.insert(client_id, cell) {
+            self.anonymous -= usize::from(old.anonymous);
+        }
+    }
+
+    fn remove(&mut self, client_id: &str) {
+        if let Some(old) = self.map.remove(client_id) {
+            self.anonymous -= usize::from(old.anonymous);
+        }
+    }
+}
+
+impl std::ops::Deref for Sessions {
+    type Target = HashMap<Arc<str>, Arc<SessionCell>>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
 /// One client id's session, shared by the broker and its connection.
 pub struct SessionCell {
     pub client_id: Arc<str>,
+    /// Created by an anonymous client (a session's owner never changes).
+    anonymous: bool,
     slot: Mutex<Slot>,
     /// Woken when the session has something new to send.
     pub wake: Notify,
@@ -88,6 +121,7 @@ impl SessionCell {
     fn new(session: Session) -> Arc<SessionCell> {
         Arc::new(SessionCell {
             client_id: session.client_id.clone(),
+            anonymous: session.owner.is_none(),
             slot: Mutex::new(Slot {
                 session,
                 link: None,
@@ -201,7 +235,7 @@ pub struct Broker {
     /// Who may use which client id.
     pub owners: Ownership,
     router: RwLock<Router>,
-    sessions: Mutex<HashMap<Arc<str>, Arc<SessionCell>>>,
+    sessions: Mutex<Sessions>,
     retained: RwLock<RetainedStore>,
     next_id: AtomicU64,
     // flow control
@@ -246,7 +280,7 @@ impl Broker {
             acl,
             metrics,
             router: RwLock::new(Router::default()),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             retained: RwLock::new(retained),
             next_id: AtomicU64::new(1),
             user_rates,
@@ -291,7 +325,7 @@ impl Broker {
         Ok(())
     }
 
-    fn lock_sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<SessionCell>>> {
+    fn lock_sessions(&self) -> MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -352,6 +386,19 @@ impl Broker {
             return Err(Refused::NotOwner);
         }
         let resumes = resumable && !a.clean_start;
+        // Anonymous clients have no quota of their own: together they may
+        // hold `mqtt.max_anonymous_sessions`, and beyond it a new
+        // persistent one is refused (one that replaces a session is not new).
+        if a.owner.is_none()
+            && existing.is_none()
+            && a.expiry_secs > 0
+            && sessions.anonymous >= self.settings.mqtt.max_anonymous_sessions
+        {
+            self.metrics
+                .session_quota_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Refused::SessionQuota);
+        }
         if let (Some(user), false, true) = (&a.owner, resumes, a.expiry_secs > 0) {
             if self.persistent_sessions_of(&sessions, user, &a.client_id)
                 >= self.settings.mqtt.max_sessions_per_user

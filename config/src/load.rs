@@ -539,6 +539,7 @@ mod tests {
             topic_alias_max = 65535
             max_sessions_per_user = 26
             client_owner_ttl_secs = 27
+            max_anonymous_sessions = 36
             max_connections_per_ip = 21
             accept_rate_per_ip = 22
             accept_burst_per_ip = 23
@@ -675,6 +676,7 @@ mod tests {
                 }),
                 max_sessions_per_user: 26,
                 client_owner_ttl_secs: 27,
+                max_anonymous_sessions: 36,
                 max_connections_per_ip: 21,
                 accept_rate_per_ip: 22,
                 accept_burst_per_ip: 23,

@@ -94,6 +94,10 @@ pub struct Mqtt {
     /// seconds; then the id is free for anyone. A claim is never dropped
     /// while a session of that id exists.
     pub client_owner_ttl_secs: u64,
+    /// Sessions anonymous clients may hold together (connected or
+    /// stored); beyond it a new persistent anonymous session is refused
+    /// like one over a user's quota (0x97 / 3.1.1 rc 3).
+    pub max_anonymous_sessions: usize,
     // abuse limits: edges
     /// Concurrent connections from one address (an IPv6 /64 counts as one),
     /// over every MQTT listener; 0: no limit. Over it, a new connection is
@@ -175,6 +179,7 @@ impl Default for Mqtt {
             tls: None,
             max_sessions_per_user: 100,
             client_owner_ttl_secs: 30 * 24 * 3600,
+            max_anonymous_sessions: 100_000,
             max_connections_per_ip: 1000,
             accept_rate_per_ip: 100,
             accept_burst_per_ip: 500,
@@ -699,6 +704,7 @@ pub(crate) const KEYS: &[Key] = &[
             key("tls", Kind::Section(TLS_KEYS)),
             key("max_sessions_per_user", integer(1, USIZE_MAX)),
             key("client_owner_ttl_secs", integer(1, U32_MAX)),
+            key("max_anonymous_sessions", integer(0, USIZE_MAX)),
             // abuse limits: edges
             key("max_connections_per_ip", integer(0, USIZE_MAX)),
             key("accept_rate_per_ip", integer(0, U32_MAX)),

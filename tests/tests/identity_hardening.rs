@@ -733,6 +733,49 @@ async fn a_user_holds_at_most_max_sessions_per_user_persistent_sessions() {
         .expect("room for p3");
 }
 
+// Anonymous clients have no user to count against: together they hold at
+// most mqtt.max_anonymous_sessions sessions, so a loop of anonymous
+// CONNECTs with fresh client ids cannot pile up stored sessions forever.
+// At the cap a new persistent one is refused (0x97 / 3.1.1 rc 3); resuming
+// one and clean sessions below the cap still work, and ending one makes room.
+#[tokio::test]
+async fn anonymous_clients_hold_at_most_max_anonymous_sessions() {
+    let broker = Broker::start(&format!("{OPEN}\n[mqtt]\nmax_anonymous_sessions = 2\n"));
+    v5_try(v5_opts(&broker, "anon-1", None, 600))
+        .await
+        .expect("anon-1")
+        .disconnect()
+        .await;
+    let mut clean = v5_opts(&broker, "anon-clean", None, 0);
+    clean.set_clean_start(true);
+    let connected = v5_try(clean).await.expect("a clean session below the cap");
+    assert_eq!(
+        refusal(v5_try(v5_opts(&broker, "anon-2", None, 600)).await),
+        v5::ConnectReturnCode::QuotaExceeded,
+        "two sessions held: one stored, one connected"
+    );
+    connected.disconnect().await;
+    v5_try(v5_opts(&broker, "anon-2", None, 600))
+        .await
+        .expect("the clean session ended: room for anon-2")
+        .disconnect()
+        .await;
+    assert_eq!(
+        refusal(v4_try(v4_opts(&broker, "anon-3", None, false)).await),
+        v4::ConnectReturnCode::ServiceUnavailable
+    );
+    let resumed = v5_try(v5_opts(&broker, "anon-1", None, 600))
+        .await
+        .expect("resuming is not a new session");
+    assert!(resumed.connack.session_present);
+    resumed.disconnect().await;
+    // alice is not anonymous: her quota is her own.
+    v5_try(v5_opts(&broker, "alices", Some(("alice", "wonderland")), 600))
+        .await
+        .expect("a user's session");
+    assert!(metric(&broker, "chatmq_session_quota_refused_total").await >= 2.0);
+}
+
 // alice's old phone had a short session (expiry 2 s) and is never seen
 // again. With `client_owner_ttl_secs = 1` her claim on `old-phone` lapses
 // after the session ends and the time passes, and bob may then use the id.

@@ -320,6 +320,9 @@ impl Connection {
                 let give_up = Instant::now().checked_add(write_timeout);
                 let mut written = 0;
                 let mut flushed = false;
+                // A wake-up taken here (to check the byte budget) is owed
+                // to the delivery poll at the top of the loop.
+                let mut woke = false;
                 // One `write` or `flush` per round, both cancel-safe: the
                 // other arms may end the connection while the client is not
                 // reading, and waking up loses nothing. Flush: TLS and
@@ -345,6 +348,7 @@ impl Connection {
                         closed = kicked_off(&mut kicked) => (drain_end, deadline) = self.drain(closed),
                         _ = until(deadline) => return Some(deadline_passed(drain_end.is_some(), self.expires)),
                         _ = woken(&wake) => {
+                            woke = true;
                             if let Some(close) = self.overloaded() {
                                 return Some(close);
                             }
@@ -352,6 +356,14 @@ impl Connection {
                     }
                 }
                 self.outbuf.clear();
+                if let (true, Some(cell)) = (woke, &wake) {
+                    // Given back: the wait below returns at once and the
+                    // loop polls the session. Without it, a message queued
+                    // while this write was pending waited for the next
+                    // wake-up (a subscriber missed a publish that arrived
+                    // while its SUBACK was being written).
+                    cell.wake.notify_one();
+                }
             }
             let busy = self.last_read * 2 >= READ_SMALL;
             let want = if busy { READ_CHUNK } else { READ_SMALL };

@@ -217,6 +217,16 @@ max_offline_messages = {QUEUED}
 # Every load client comes from 127.0.0.1: no per-address limits.
 max_connections_per_ip = 0
 accept_rate_per_ip = 0
+# Neither peer limits publish rates: these are far above what the load
+# can reach, so the engines are compared, not a limit.
+publish_rate = 1000000000
+publish_burst = 1000000000
+publish_bytes_rate = 1000000000000
+publish_bytes_burst = 1000000000000
+user_publish_rate = 1000000000
+user_publish_burst = 1000000000
+user_publish_bytes_rate = 1000000000000
+user_publish_bytes_burst = 1000000000000
 [http]
 listen = "127.0.0.1:0"
 [websocket]

@@ -12,7 +12,9 @@
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -154,6 +156,28 @@ async fn kicked_off(kicked: &mut Option<oneshot::Receiver<Kick>>) -> oneshot::Se
             }
             None => std::future::pending::<()>().await,
         }
+    }
+}
+
+/// Writes and flushes as much of `out` as `wr` takes without waiting:
+/// (bytes written, whether all of it is written and flushed), or `Err`
+/// if the connection failed. Each step is polled once; a step that would
+/// wait is dropped unstarted (tokio's writes are cancel-safe), and the
+/// caller waits for it properly.
+fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> Result<(usize, bool), ()> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut written = 0;
+    while written < out.len() {
+        match Pin::new(&mut *wr).poll_write(&mut cx, &out[written..]) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
+            Poll::Ready(Ok(n)) => written += n,
+            Poll::Pending => return Ok((written, false)),
+        }
+    }
+    match Pin::new(&mut *wr).poll_flush(&mut cx) {
+        Poll::Ready(Ok(())) => Ok((written, true)),
+        Poll::Ready(Err(_)) => Err(()),
+        Poll::Pending => Ok((written, false)),
     }
 }
 
@@ -318,8 +342,13 @@ impl Connection {
             if !self.outbuf.is_empty() {
                 // No deadline only if the configured one is past the clock's range.
                 let give_up = Instant::now().checked_add(write_timeout);
-                let mut written = 0;
-                let mut flushed = false;
+                // First without waiting: a socket with room (nearly every
+                // write) takes the buffer at once, and the wait below, with
+                // its timers, is only set up for a client that is slow.
+                let (mut written, mut flushed) = match write_now(wr, &self.outbuf) {
+                    Ok(done) => done,
+                    Err(()) => return Some(Close { reason: None, will: true }),
+                };
                 // A wake-up taken here (to check the byte budget) is owed
                 // to the delivery poll at the top of the loop.
                 let mut woke = false;

@@ -151,7 +151,7 @@ pub fn check_subscribe(body: &[u8], protocol: Protocol) -> Result<(), DecodeErro
     let mut f = Fields::new(body);
     f.u16()?; // packet id
     if protocol == Protocol::V5 {
-        f.properties()?;
+        check_subscribe_properties(f.property_block()?)?;
     }
     let reserved = match protocol {
         Protocol::V5 => 0xC0,
@@ -168,9 +168,76 @@ pub fn check_subscribe(body: &[u8], protocol: Protocol) -> Result<(), DecodeErro
     Ok(())
 }
 
+/// A SUBSCRIBE may carry one Subscription Identifier (a variable byte
+/// integer, 1 to 268,435,455) and User Properties, nothing else; a second
+/// identifier is a protocol error [MQTT-3.8.2.1.2]. Checked here because
+/// rumqttc's reader counts the identifier's property byte twice and reads
+/// a SUBSCRIBE with two of them differently from what was sent.
+fn check_subscribe_properties(block: &[u8]) -> Result<(), DecodeError> {
+    let mut p = Fields::new(block);
+    let mut identifiers = 0;
+    while !p.is_done() {
+        match p.byte()? {
+            0x0B => {
+                identifiers += 1;
+                if identifiers > 1 {
+                    return Err(DecodeError::Protocol(
+                        "two Subscription Identifiers in SUBSCRIBE [MQTT-3.8.2.1.2]".into(),
+                    ));
+                }
+                let mut value = 0u32;
+                for i in 0..4 {
+                    let b = p.byte()?;
+                    value |= u32::from(b & 0x7F) << (7 * i);
+                    if b & 0x80 == 0 {
+                        break;
+                    }
+                    if i == 3 {
+                        return Err(malformed("Subscription Identifier longer than 4 bytes"));
+                    }
+                }
+                if value == 0 {
+                    return Err(DecodeError::Protocol(
+                        "Subscription Identifier 0 [MQTT-3.8.2.1.2]".into(),
+                    ));
+                }
+            }
+            0x26 => {
+                p.string("User Property")?;
+                p.string("User Property")?;
+            }
+            other => {
+                return Err(malformed(&format!("property {other:#04x} in SUBSCRIBE")));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subscribe_carries_at_most_one_subscription_identifier() {
+        // Packet id 1, properties, one filter "a" with QoS 0.
+        let subscribe = |props: &[u8]| {
+            let mut b = vec![0, 1, props.len() as u8];
+            b.extend_from_slice(props);
+            b.extend_from_slice(&[0, 1, b'a', 0]);
+            b
+        };
+        assert!(check_subscribe(&subscribe(&[0x0B, 0x05]), Protocol::V5).is_ok());
+        assert!(check_subscribe(&subscribe(&[0x0B, 0xFF, 0x7F]), Protocol::V5).is_ok());
+        let two = subscribe(&[0x0B, 0x05, 0x0B, 0x06]);
+        assert!(matches!(check_subscribe(&two, Protocol::V5), Err(DecodeError::Protocol(_))));
+        let zero = subscribe(&[0x0B, 0x00]);
+        assert!(matches!(check_subscribe(&zero, Protocol::V5), Err(DecodeError::Protocol(_))));
+        let other = subscribe(&[0x01, 0x01]);
+        assert!(matches!(check_subscribe(&other, Protocol::V5), Err(DecodeError::Malformed(_))));
+        let user = subscribe(&[0x26, 0, 1, b'k', 0, 1, b'v']);
+        assert!(check_subscribe(&user, Protocol::V5).is_ok());
+    }
 
     /// A CONNECT body: name, level, flags, keepalive 60, then `rest`.
     fn connect(level: u8, flags: u8, rest: &[u8]) -> Vec<u8> {

@@ -371,3 +371,18 @@ async fn mqtt_3_1_4_7_packets_sent_with_the_connect_are_handled_at_once() {
     }
     assert!(matches!(w.next_v4(PATIENCE).await, Ok(p4::Packet::PingResp)));
 }
+
+// [MQTT-3.8.2.1.2] a SUBSCRIBE carries at most one Subscription
+// Identifier. With two, rumqttc's reader took the second for something
+// else; the broker now answers DISCONNECT 0x82 and subscribes nothing.
+#[tokio::test]
+async fn mqtt_3_8_2_1_2_two_subscription_identifiers_are_a_protocol_error() {
+    let b = Broker::start(OPEN);
+    let mut w = v5_session(&b, "two-ids").await;
+    // Packet id 1; properties: identifier 5, identifier 6; filter "ids/t" QoS 0.
+    let mut body = vec![0, 1, 4, 0x0B, 0x05, 0x0B, 0x06];
+    body.extend(field(b"ids/t"));
+    body.push(0);
+    w.send(&packet(0x82, &body)).await;
+    expect_disconnect(&mut w, DisconnectReasonCode::ProtocolError).await;
+}

@@ -8,7 +8,7 @@
 //! session, then the router; nothing holds the router while taking another
 //! lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -236,11 +236,52 @@ pub struct Broker {
     pub owners: Ownership,
     router: RwLock<Router>,
     sessions: Mutex<Sessions>,
+    /// When disconnected persistent sessions expire (see [`Expiries`]).
+    expiries: Mutex<Expiries>,
     retained: RwLock<RetainedStore>,
     next_id: AtomicU64,
     // flow control
     /// Each user's publish rate, shared by its connections.
     pub user_rates: UserRates,
+}
+
+/// When disconnected persistent sessions expire, earliest first, one
+/// entry per client id (a client that leaves again moves its entry, so
+/// reconnecting in a loop cannot grow the index). The sweep takes what is
+/// due instead of scanning every session. An entry can be stale (the
+/// session resumed, or was replaced): the sweep checks the session itself
+/// before ending it.
+#[derive(Default)]
+struct Expiries {
+    by_time: BTreeSet<(u64, Arc<str>)>,
+    by_client: HashMap<Arc<str>, u64>,
+}
+
+impl Expiries {
+    fn schedule(&mut self, client_id: &Arc<str>, deadline: u64) {
+        if let Some(old) = self.by_client.insert(client_id.clone(), deadline) {
+            self.by_time.remove(&(old, client_id.clone()));
+        }
+        self.by_time.insert((deadline, client_id.clone()));
+    }
+
+    /// The client ids due at `now_ms`, taken out of the index.
+    fn take_due(&mut self, now_ms: u64) -> Vec<Arc<str>> {
+        let mut due = Vec::new();
+        while self.by_time.first().is_some_and(|(t, _)| *t <= now_ms) {
+            if let Some((_, client_id)) = self.by_time.pop_first() {
+                self.by_client.remove(&client_id);
+                due.push(client_id);
+            }
+        }
+        due
+    }
+}
+
+/// When a disconnected session expires (unix ms).
+fn expiry_deadline(s: &Session) -> u64 {
+    s.disconnected_at_ms
+        .saturating_add(u64::from(s.expiry_secs).saturating_mul(1000))
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -281,6 +322,7 @@ impl Broker {
             metrics,
             router: RwLock::new(Router::default()),
             sessions: Mutex::new(Sessions::default()),
+            expiries: Mutex::new(Expiries::default()),
             retained: RwLock::new(retained),
             next_id: AtomicU64::new(1),
             user_rates,
@@ -314,6 +356,7 @@ impl Broker {
             if let Some(user) = owner {
                 self.chat.register(&user, &cell);
             }
+            self.schedule_expiry(&cell.client_id, &cell.lock().session);
             sessions.insert(cell.client_id.clone(), cell);
         }
         drop(router);
@@ -582,6 +625,7 @@ impl Broker {
             return true;
         }
         batch.put_session(&cell.client_id, &slot.session.record());
+        self.schedule_expiry(&cell.client_id, &slot.session);
         match will {
             Some((message, 0)) => {
                 drop(slot);
@@ -657,21 +701,47 @@ impl Broker {
 
     /// Removes persistent sessions whose expiry has passed; a will waiting
     /// on one is published [MQTT-3.1.2-8]. Returns how many were removed.
+    /// Indexes when the disconnected session `s` expires.
+    fn schedule_expiry(&self, client_id: &Arc<str>, s: &Session) {
+        if s.connected {
+            return;
+        }
+        let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
+        expiries.schedule(client_id, expiry_deadline(s));
+    }
+
+    /// Ends the disconnected sessions whose expiry has passed at `now_ms`
+    /// (their wills, if pending, are published); returns how many. Only
+    /// the sessions the index says are due are looked at.
     pub fn expire_sessions(&self, now_ms: u64) -> usize {
+        let due = self
+            .expiries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_due(now_ms);
         let mut expired = Vec::new();
+        let mut later = Vec::new();
         {
             let sessions = self.lock_sessions();
-            for cell in sessions.values() {
+            for client_id in &due {
+                let Some(cell) = sessions.get(client_id) else { continue };
                 let slot = cell.lock();
                 let s = &slot.session;
-                if !s.connected
-                    && slot.link.is_none()
-                    && now_ms
-                        >= s.disconnected_at_ms
-                            .saturating_add(u64::from(s.expiry_secs) * 1000)
-                {
-                    expired.push(cell.clone());
+                if s.connected || slot.link.is_some() {
+                    continue; // resumed: indexed again when it leaves
                 }
+                if now_ms >= expiry_deadline(s) {
+                    expired.push(cell.clone());
+                } else {
+                    // Not due after all: kept, never dropped by a stale entry.
+                    later.push((client_id.clone(), expiry_deadline(s)));
+                }
+            }
+        }
+        if !later.is_empty() {
+            let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
+            for (client_id, deadline) in &later {
+                expiries.schedule(client_id, *deadline);
             }
         }
         let mut batch = Batch::new();
@@ -883,5 +953,27 @@ impl Broker {
         let mut batch = Batch::new();
         self.route(Arc::new(msg), &mut batch);
         self.store.submit(batch).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_expiry_index_holds_one_entry_per_client_and_yields_what_is_due() {
+        let mut e = Expiries::default();
+        let a: Arc<str> = "a".into();
+        let b: Arc<str> = "b".into();
+        for t in 0..1000 {
+            e.schedule(&a, 10_000 + t);
+        }
+        e.schedule(&b, 5_000);
+        assert_eq!(e.by_time.len(), 2, "a client that leaves again moves its entry");
+        assert!(e.take_due(4_999).is_empty());
+        assert_eq!(e.take_due(5_000), [b.clone()]);
+        assert!(e.take_due(10_998).is_empty(), "a's latest deadline counts");
+        assert_eq!(e.take_due(u64::MAX), [a]);
+        assert!(e.by_client.is_empty() && e.by_time.is_empty());
     }
 }

@@ -649,6 +649,48 @@ async fn v5_a_session_is_discarded_when_its_expiry_interval_passes() {
     assert_eq!(text(&member.publish().await.payload), "hello");
 }
 
+// Expiry comes from an index of deadlines, not a scan. A session left
+// before a restart is indexed again from disk and still expires; a session
+// that comes back and leaves again expires from its last departure, not
+// its first.
+#[tokio::test]
+async fn v5_sessions_expire_from_their_last_departure_and_across_a_restart() {
+    let mut broker = Broker::start(OPEN);
+    let with_expiry = |b: &Broker, id: &str, secs: u32| {
+        let mut o = persistent_v5(b, id);
+        o.set_session_expiry_interval(Some(secs));
+        o
+    };
+    connect_v5(with_expiry(&broker, "before-restart", 2))
+        .await
+        .disconnect()
+        .await;
+    broker.restart();
+    connect_v5(with_expiry(&broker, "commuter", 3))
+        .await
+        .disconnect()
+        .await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let back = connect_v5(with_expiry(&broker, "commuter", 3)).await;
+    assert!(back.connack.session_present, "within its 3 s");
+    back.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // 3.5 s after the first departure, 1.5 s after the last.
+    let again = connect_v5(with_expiry(&broker, "commuter", 3)).await;
+    assert!(again.connack.session_present, "counted from the last departure");
+    again.disconnect().await;
+
+    let gone = connect_v5(with_expiry(&broker, "before-restart", 2)).await;
+    assert!(
+        !gone.connack.session_present,
+        "the session restored from disk expired"
+    );
+    gone.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(3800)).await;
+    let late = connect_v5(with_expiry(&broker, "commuter", 3)).await;
+    assert!(!late.connack.session_present, "expired 3 s after it left");
+}
+
 // The operator caps session expiry at 5 s (mqtt.session_expiry_max). A
 // client asking for 100 s is told in CONNACK that 5 s is in force
 // (MQTT 5 3.2.2.3.2); one asking for 3 s keeps its own value.

@@ -209,6 +209,14 @@ async fn woken(cell: &Option<Arc<SessionCell>>) {
     }
 }
 
+/// What a write shares with the connection's loop: a takeover during the
+/// write starts the drain, and the drain's or keepalive's deadline ends it.
+struct WriteState<'a> {
+    kicked: &'a mut Option<oneshot::Receiver<Kick>>,
+    drain_end: &'a mut Option<Instant>,
+    deadline: &'a mut Option<Instant>,
+}
+
 struct Connection {
     channel: Channel,
     max_in: usize,
@@ -340,58 +348,25 @@ impl Connection {
                 return Some(close);
             }
             if !self.outbuf.is_empty() {
-                // No deadline only if the configured one is past the clock's range.
-                let give_up = Instant::now().checked_add(write_timeout);
                 // First without waiting: a socket with room (nearly every
-                // write) takes the buffer at once, and the wait below, with
-                // its timers, is only set up for a client that is slow.
-                let (mut written, mut flushed) = match write_now(wr, &self.outbuf) {
-                    Ok(done) => done,
-                    Err(()) => return Some(Close { reason: None, will: true }),
+                // write) takes the buffer at once.
+                let Ok((written, flushed)) = write_now(wr, &self.outbuf) else {
+                    return Some(Close { reason: None, will: true });
                 };
-                // A wake-up taken here (to check the byte budget) is owed
-                // to the delivery poll at the top of the loop.
-                let mut woke = false;
-                // One `write` or `flush` per round, both cancel-safe: the
-                // other arms may end the connection while the client is not
-                // reading, and waking up loses nothing. Flush: TLS and
-                // WebSocket buffer what they are given (for TCP it costs
-                // nothing), so a stuck client may block there too.
-                while !flushed {
-                    let out = &self.outbuf;
-                    let step = async {
-                        if written < out.len() {
-                            wr.write(&out[written..]).await.map(Some)
-                        } else {
-                            wr.flush().await.map(|()| None)
-                        }
+                if flushed {
+                    self.outbuf.clear();
+                } else {
+                    // Boxed: the wait for a slow client is a large future,
+                    // and an idle connection should not carry its space.
+                    let mut state = WriteState {
+                        kicked: &mut kicked,
+                        drain_end: &mut drain_end,
+                        deadline: &mut deadline,
                     };
-                    tokio::select! {
-                        step = step => match step {
-                            Ok(Some(0)) | Err(_) => return Some(Close { reason: None, will: true }),
-                            Ok(Some(n)) => written += n,
-                            Ok(None) => flushed = true,
-                        },
-                        _ = until(give_up) => return Some(self.write_timed_out(write_timeout)),
-                        _ = shutdown.changed() => return Some(shutting_down()),
-                        closed = kicked_off(&mut kicked) => (drain_end, deadline) = self.drain(closed),
-                        _ = until(deadline) => return Some(deadline_passed(drain_end.is_some(), self.expires)),
-                        _ = woken(&wake) => {
-                            woke = true;
-                            if let Some(close) = self.overloaded() {
-                                return Some(close);
-                            }
-                        }
+                    let rest = self.write_rest(wr, written, &mut shutdown, &wake, write_timeout, &mut state);
+                    if let Err(close) = Box::pin(rest).await {
+                        return Some(close);
                     }
-                }
-                self.outbuf.clear();
-                if let (true, Some(cell)) = (woke, &wake) {
-                    // Given back: the wait below returns at once and the
-                    // loop polls the session. Without it, a message queued
-                    // while this write was pending waited for the next
-                    // wake-up (a subscriber missed a publish that arrived
-                    // while its SUBACK was being written).
-                    cell.wake.notify_one();
                 }
             }
             let busy = self.last_read * 2 >= READ_SMALL;
@@ -435,6 +410,68 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Writes the rest of the output buffer (from `written`) to a client
+    /// that did not take it at once: within the write deadline, while a
+    /// takeover, shutdown, keepalive or the byte budget may still end the
+    /// connection. A wake-up taken meanwhile is given back, so the loop
+    /// polls the session again: without it, a message queued while a
+    /// write was pending waited for the next wake-up (a subscriber missed
+    /// a publish that arrived while its SUBACK was being written).
+    async fn write_rest<W: AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        mut written: usize,
+        shutdown: &mut watch::Receiver<bool>,
+        wake: &Option<Arc<SessionCell>>,
+        write_timeout: Duration,
+        state: &mut WriteState<'_>,
+    ) -> Result<(), Close> {
+        let broken = Close { reason: None, will: true };
+        // No deadline only if the configured one is past the clock's range.
+        let give_up = Instant::now().checked_add(write_timeout);
+        let mut flushed = false;
+        let mut woke = false;
+        // One `write` or `flush` per round, both cancel-safe. Flush: TLS
+        // and WebSocket buffer what they are given (for TCP it costs
+        // nothing), so a stuck client may block there too.
+        while !flushed {
+            let out = &self.outbuf;
+            let step = async {
+                if written < out.len() {
+                    wr.write(&out[written..]).await.map(Some)
+                } else {
+                    wr.flush().await.map(|()| None)
+                }
+            };
+            tokio::select! {
+                step = step => match step {
+                    Ok(Some(0)) | Err(_) => return Err(broken),
+                    Ok(Some(n)) => written += n,
+                    Ok(None) => flushed = true,
+                },
+                _ = until(give_up) => return Err(self.write_timed_out(write_timeout)),
+                _ = shutdown.changed() => return Err(shutting_down()),
+                closed = kicked_off(state.kicked) => {
+                    (*state.drain_end, *state.deadline) = self.drain(closed);
+                }
+                _ = until(*state.deadline) => {
+                    return Err(deadline_passed(state.drain_end.is_some(), self.expires));
+                }
+                _ = woken(wake) => {
+                    woke = true;
+                    if let Some(close) = self.overloaded() {
+                        return Err(close);
+                    }
+                }
+            }
+        }
+        self.outbuf.clear();
+        if let (true, Some(cell)) = (woke, wake) {
+            cell.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Handles every whole packet in the input buffer; how the connection

@@ -116,9 +116,12 @@ pub fn decode_frame(
         Some(p) => p,
         None => connect_protocol(&buf[header_len..size])?,
     };
-    match kind {
-        1 => strict::check_connect(&buf[header_len..size], protocol)?,
-        8 => strict::check_subscribe(&buf[header_len..size], protocol)?,
+    match (kind, protocol) {
+        (1, _) => strict::check_connect(&buf[header_len..size], protocol)?,
+        (8, _) => strict::check_subscribe(&buf[header_len..size], protocol)?,
+        (3..=7 | 10 | 14, Protocol::V5) => {
+            strict::check_properties(kind, byte1 & 0x0F, &buf[header_len..size])?
+        }
         _ => {}
     }
     let frame = buf.split_to(size);

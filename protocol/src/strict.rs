@@ -56,10 +56,59 @@ impl<'a> Fields<'a> {
         Ok(s)
     }
 
-    /// Skips an MQTT 5 property block (its length is a variable byte
-    /// integer); the codec reads what is inside.
+    /// An MQTT 5 property block, each property checked to lie inside it
+    /// (the codec reads what they say). rumqttc reads a block until its
+    /// count reaches the declared length, so a property that runs past the
+    /// end made it read into the fields after the block, while this walk
+    /// took them where the length said: the two disagreed on what the
+    /// packet holds (fuzz/mqtt_decode found a CONNECT whose user name the
+    /// two read differently).
     pub(crate) fn properties(&mut self) -> Result<(), DecodeError> {
-        self.property_block().map(drop)
+        let mut p = Fields::new(self.property_block()?);
+        while !p.is_done() {
+            let id = p.byte()?;
+            let size = match id {
+                // Byte.
+                0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => Some(1),
+                // Two-byte integer.
+                0x13 | 0x21 | 0x22 | 0x23 => Some(2),
+                // Four-byte integer.
+                0x02 | 0x11 | 0x18 | 0x27 => Some(4),
+                _ => None,
+            };
+            match (id, size) {
+                (_, Some(n)) => {
+                    p.take(n)?;
+                }
+                // Variable byte integer: the Subscription Identifier.
+                (0x0B, None) => p.varint()?,
+                // UTF-8 strings.
+                (0x03 | 0x08 | 0x12 | 0x15 | 0x1A | 0x1C | 0x1F, None) => {
+                    p.string("a property")?;
+                }
+                // Binary data.
+                (0x09 | 0x16, None) => {
+                    p.prefixed()?;
+                }
+                // A string pair.
+                (0x26, None) => {
+                    p.string("User Property")?;
+                    p.string("User Property")?;
+                }
+                (other, None) => return Err(malformed(&format!("unknown property {other:#04x}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// A variable byte integer of at most four bytes.
+    pub(crate) fn varint(&mut self) -> Result<(), DecodeError> {
+        for _ in 0..4 {
+            if self.byte()? & 0x80 == 0 {
+                return Ok(());
+            }
+        }
+        Err(malformed("variable byte integer longer than 4 bytes"))
     }
 
     /// An MQTT 5 property block: its bytes, after its length.
@@ -168,6 +217,46 @@ pub fn check_subscribe(body: &[u8], protocol: Protocol) -> Result<(), DecodeErro
     Ok(())
 }
 
+/// The property blocks of MQTT 5 packets other than CONNECT and
+/// SUBSCRIBE, walked as [`Fields::properties`] does: PUBLISH (after its
+/// topic and packet id), the four acks and UNSUBACK-side UNSUBSCRIBE (after
+/// the packet id and reason code, when present), DISCONNECT. Packets
+/// without properties pass.
+pub fn check_properties(kind: u8, flags: u8, body: &[u8]) -> Result<(), DecodeError> {
+    let mut f = Fields::new(body);
+    match kind {
+        3 => {
+            f.prefixed()?; // topic: the topic rules check it
+            if (flags >> 1) & 0b11 != 0 {
+                f.u16()?;
+            }
+            f.properties()
+        }
+        // PUBACK, PUBREC, PUBREL, PUBCOMP: packet id, then reason code and
+        // properties only if there is room for them [MQTT-3.4.2.1].
+        4..=7 => {
+            f.u16()?;
+            if f.is_done() {
+                return Ok(());
+            }
+            f.byte()?;
+            if f.is_done() {
+                return Ok(());
+            }
+            f.properties()
+        }
+        10 => {
+            f.u16()?;
+            f.properties()
+        }
+        14 if body.len() > 1 => {
+            f.byte()?;
+            f.properties()
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A SUBSCRIBE may carry one Subscription Identifier (a variable byte
 /// integer, 1 to 268,435,455) and User Properties, nothing else; a second
 /// identifier is a protocol error [MQTT-3.8.2.1.2]. Checked here because
@@ -217,6 +306,24 @@ fn check_subscribe_properties(block: &[u8]) -> Result<(), DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Found by fuzz/mqtt_decode: a User Property whose key runs past the
+    // property block. rumqttc read on into the client id and the fields
+    // after it, this walk did not: the user name the channel saw was not
+    // the one checked for U+0000. Now the packet is malformed.
+    #[test]
+    fn a_property_running_past_its_block_is_malformed() {
+        // Properties: length 3, a User Property whose key claims 5 bytes.
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 3, 0x26, 0, 5];
+        body.extend_from_slice(&[0, 2, b'i', b'd']);
+        assert!(matches!(check_connect(&body, Protocol::V5), Err(DecodeError::Malformed(_))));
+        // A PUBLISH likewise: topic "t", QoS 0, properties of length 2 with
+        // a Content Type that claims 9 bytes.
+        let publish = [0, 1, b't', 2, 0x03, 0, 9, b'x'];
+        assert!(matches!(check_properties(3, 0, &publish), Err(DecodeError::Malformed(_))));
+        let fine = [0, 1, b't', 4, 0x03, 0, 1, b'x', b'p'];
+        assert!(check_properties(3, 0, &fine).is_ok());
+    }
 
     #[test]
     fn a_subscribe_carries_at_most_one_subscription_identifier() {

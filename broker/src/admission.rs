@@ -215,9 +215,8 @@ impl AddressLimiter {
         table.sweep(now);
         let entry = table.by_address.entry(address).or_insert_with(|| Entry {
             open: 0,
-            accepts: (limits.rate_per_sec != 0).then(|| {
-                TokenBucket::new(limits.rate_per_sec.into(), limits.burst.into(), now)
-            }),
+            accepts: (limits.rate_per_sec != 0)
+                .then(|| TokenBucket::new(limits.rate_per_sec.into(), limits.burst.into(), now)),
         });
         if limits.max_open != 0 && entry.open >= limits.max_open {
             return Err(Refusal::AddressLimit);

@@ -724,7 +724,9 @@ impl Broker {
         {
             let sessions = self.lock_sessions();
             for client_id in &due {
-                let Some(cell) = sessions.get(client_id) else { continue };
+                let Some(cell) = sessions.get(client_id) else {
+                    continue;
+                };
                 let slot = cell.lock();
                 let s = &slot.session;
                 if s.connected || slot.link.is_some() {
@@ -969,7 +971,11 @@ mod tests {
             e.schedule(&a, 10_000 + t);
         }
         e.schedule(&b, 5_000);
-        assert_eq!(e.by_time.len(), 2, "a client that leaves again moves its entry");
+        assert_eq!(
+            e.by_time.len(),
+            2,
+            "a client that leaves again moves its entry"
+        );
         assert!(e.take_due(4_999).is_empty());
         assert_eq!(e.take_due(5_000), [b.clone()]);
         assert!(e.take_due(10_998).is_empty(), "a's latest deadline counts");

@@ -11,8 +11,8 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -351,7 +351,10 @@ impl Connection {
                 // First without waiting: a socket with room (nearly every
                 // write) takes the buffer at once.
                 let Ok((written, flushed)) = write_now(wr, &self.outbuf) else {
-                    return Some(Close { reason: None, will: true });
+                    return Some(Close {
+                        reason: None,
+                        will: true,
+                    });
                 };
                 if flushed {
                     self.outbuf.clear();
@@ -363,7 +366,14 @@ impl Connection {
                         drain_end: &mut drain_end,
                         deadline: &mut deadline,
                     };
-                    let rest = self.write_rest(wr, written, &mut shutdown, &wake, write_timeout, &mut state);
+                    let rest = self.write_rest(
+                        wr,
+                        written,
+                        &mut shutdown,
+                        &wake,
+                        write_timeout,
+                        &mut state,
+                    );
                     if let Err(close) = Box::pin(rest).await {
                         return Some(close);
                     }
@@ -428,7 +438,10 @@ impl Connection {
         write_timeout: Duration,
         state: &mut WriteState<'_>,
     ) -> Result<(), Close> {
-        let broken = Close { reason: None, will: true };
+        let broken = Close {
+            reason: None,
+            will: true,
+        };
         // No deadline only if the configured one is past the clock's range.
         let give_up = Instant::now().checked_add(write_timeout);
         let mut flushed = false;
@@ -492,7 +505,9 @@ impl Connection {
                 }
                 Ok(Some((_, Frame::Packet(packet)))) => {
                     if matches!(packet, Packet::Publish(_)) {
-                        self.metrics.publishes_received.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .publishes_received
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     if let Err(close) = Box::pin(self.channel.handle(packet)).await {
                         self.encode_output();
@@ -535,7 +550,10 @@ impl Connection {
             return Err(protocol_error);
         }
         let refused = Close::violation(DisconnectReasonCode::NotAuthorized);
-        let token = auth.data.as_deref().and_then(|d| std::str::from_utf8(d).ok());
+        let token = auth
+            .data
+            .as_deref()
+            .and_then(|d| std::str::from_utf8(d).ok());
         let (Some(user), Some(token)) = (self.channel.user().cloned(), token) else {
             return Err(refused);
         };
@@ -543,7 +561,9 @@ impl Connection {
         match login {
             Ok(l) if l.identity.user() == Some(&user) => {
                 self.expires = l.expires_at.and_then(token_deadline);
-                self.metrics.reauthentications.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .reauthentications
+                    .fetch_add(1, Ordering::Relaxed);
                 self.encode_output();
                 let ok = Auth::new(AuthReason::Success, method);
                 if !auth::write(&ok, &mut self.outbuf, self.channel.client_max_packet) {
@@ -552,7 +572,10 @@ impl Connection {
                 Ok(())
             }
             _ => {
-                tracing::info!(client = self.channel.client_id(), "re-authentication refused");
+                tracing::info!(
+                    client = self.channel.client_id(),
+                    "re-authentication refused"
+                );
                 Err(refused)
             }
         }

@@ -79,7 +79,10 @@ pub fn read(body: &[u8]) -> Result<Auth, DecodeError> {
     while !props.is_done() {
         match props.byte()? {
             0x15 => {
-                let m = text(props.string("Authentication Method")?, "Authentication Method")?;
+                let m = text(
+                    props.string("Authentication Method")?,
+                    "Authentication Method",
+                )?;
                 if auth.method.replace(m).is_some() {
                     return Err(twice("Authentication Method"));
                 }
@@ -195,7 +198,10 @@ mod tests {
     #[test]
     fn a_short_auth_is_success_and_bad_ones_are_refused() {
         assert_eq!(read(&[]).unwrap().reason, AuthReason::Success);
-        assert!(matches!(read(&[0x42, 0x00]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            read(&[0x42, 0x00]),
+            Err(DecodeError::Malformed(_))
+        ));
         let twice = [0x19, 0x0A, 0x15, 0, 3, b'J', b'W', b'T', 0x15, 0, 1, b'x'];
         assert!(matches!(read(&twice), Err(DecodeError::Protocol(_))));
         let nul = [0x19, 0x06, 0x15, 0, 3, b'J', 0, b'T'];

@@ -316,11 +316,17 @@ mod tests {
         // Properties: length 3, a User Property whose key claims 5 bytes.
         let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 3, 0x26, 0, 5];
         body.extend_from_slice(&[0, 2, b'i', b'd']);
-        assert!(matches!(check_connect(&body, Protocol::V5), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            check_connect(&body, Protocol::V5),
+            Err(DecodeError::Malformed(_))
+        ));
         // A PUBLISH likewise: topic "t", QoS 0, properties of length 2 with
         // a Content Type that claims 9 bytes.
         let publish = [0, 1, b't', 2, 0x03, 0, 9, b'x'];
-        assert!(matches!(check_properties(3, 0, &publish), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            check_properties(3, 0, &publish),
+            Err(DecodeError::Malformed(_))
+        ));
         let fine = [0, 1, b't', 4, 0x03, 0, 1, b'x', b'p'];
         assert!(check_properties(3, 0, &fine).is_ok());
     }
@@ -337,11 +343,20 @@ mod tests {
         assert!(check_subscribe(&subscribe(&[0x0B, 0x05]), Protocol::V5).is_ok());
         assert!(check_subscribe(&subscribe(&[0x0B, 0xFF, 0x7F]), Protocol::V5).is_ok());
         let two = subscribe(&[0x0B, 0x05, 0x0B, 0x06]);
-        assert!(matches!(check_subscribe(&two, Protocol::V5), Err(DecodeError::Protocol(_))));
+        assert!(matches!(
+            check_subscribe(&two, Protocol::V5),
+            Err(DecodeError::Protocol(_))
+        ));
         let zero = subscribe(&[0x0B, 0x00]);
-        assert!(matches!(check_subscribe(&zero, Protocol::V5), Err(DecodeError::Protocol(_))));
+        assert!(matches!(
+            check_subscribe(&zero, Protocol::V5),
+            Err(DecodeError::Protocol(_))
+        ));
         let other = subscribe(&[0x01, 0x01]);
-        assert!(matches!(check_subscribe(&other, Protocol::V5), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            check_subscribe(&other, Protocol::V5),
+            Err(DecodeError::Malformed(_))
+        ));
         let user = subscribe(&[0x26, 0, 1, b'k', 0, 1, b'v']);
         assert!(check_subscribe(&user, Protocol::V5).is_ok());
     }

@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use chatmq_tests::http::Http;
+use chatmq_tests::metrics::{metric, metric_becomes};
 use chatmq_tests::raw::{self, p4, Silence, Wire};
 use chatmq_tests::{Broker, PATIENCE};
-use chatmq_tests::metrics::{metric, metric_becomes};
 use rumqttc::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -677,7 +677,10 @@ async fn v5_sessions_expire_from_their_last_departure_and_across_a_restart() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // 3.5 s after the first departure, 1.5 s after the last.
     let again = connect_v5(with_expiry(&broker, "commuter", 3)).await;
-    assert!(again.connack.session_present, "counted from the last departure");
+    assert!(
+        again.connack.session_present,
+        "counted from the last departure"
+    );
     again.disconnect().await;
 
     let gone = connect_v5(with_expiry(&broker, "before-restart", 2)).await;

@@ -12,10 +12,10 @@ use chatmq_tests::chat::{
     v5_topic, v5_until,
 };
 use chatmq_tests::http::Http;
+use chatmq_tests::metrics::{metric, metric_reaches};
 use chatmq_tests::raw::{p4, p5, Silence, Wire};
 use chatmq_tests::v5::{Packet, PubAckReason, QoS};
 use chatmq_tests::{Broker, PATIENCE};
-use chatmq_tests::metrics::{metric, metric_reaches};
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;

@@ -388,13 +388,20 @@ async fn mutated_packets_of_both_versions_never_stop_the_chat() {
 
     for reason in ["address_limit", "address_rate"] {
         let series = format!("chatmq_connections_refused_total{{reason=\"{reason}\"}}");
-        assert_eq!(metric(&b, &series).await, 0.0, "no input was refused at accept");
+        assert_eq!(
+            metric(&b, &series).await,
+            0.0,
+            "no input was refused at accept"
+        );
     }
     // And they got past CONNECT: the hostile sessions' own publishes were
     // decoded and handled (about 4,900 of this seed's inputs carry one that
     // survives its mutation), not only alice's 20.
     let handled = metric(&b, "chatmq_mqtt_publishes_received_total").await;
-    assert!(handled > 2_000.0, "only {handled} publishes reached the broker");
+    assert!(
+        handled > 2_000.0,
+        "only {handled} publishes reached the broker"
+    );
 
     let (reply, _) = v5_rpc(
         &mut alice,

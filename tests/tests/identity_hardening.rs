@@ -12,9 +12,9 @@ use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::Argon2;
 use chatmq_tests::chat::{json_of, v5_topic};
 use chatmq_tests::http::Http;
+use chatmq_tests::metrics::metric;
 use chatmq_tests::raw::{connect_bytes, field, p5, packet, varint, Wire};
 use chatmq_tests::{v4, v5, Broker, PATIENCE};
-use chatmq_tests::metrics::metric;
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
@@ -770,9 +770,14 @@ async fn anonymous_clients_hold_at_most_max_anonymous_sessions() {
     assert!(resumed.connack.session_present);
     resumed.disconnect().await;
     // alice is not anonymous: her quota is her own.
-    v5_try(v5_opts(&broker, "alices", Some(("alice", "wonderland")), 600))
-        .await
-        .expect("a user's session");
+    v5_try(v5_opts(
+        &broker,
+        "alices",
+        Some(("alice", "wonderland")),
+        600,
+    ))
+    .await
+    .expect("a user's session");
     assert!(metric(&broker, "chatmq_session_quota_refused_total").await >= 2.0);
 }
 
@@ -863,7 +868,10 @@ fn auth_bytes(reason: u8, method: &[u8], token: &str) -> Vec<u8> {
 async fn read_exactly(w: &mut Wire, want: &[u8]) -> Vec<u8> {
     let mut got = vec![0; want.len()];
     let read = tokio::time::timeout(PATIENCE, w.stream.read_exact(&mut got)).await;
-    assert!(matches!(read, Ok(Ok(_))), "expected {want:02x?}, got {read:?}");
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "expected {want:02x?}, got {read:?}"
+    );
     got
 }
 
@@ -930,7 +938,10 @@ async fn a_jwt_connection_refreshes_its_token_with_auth_instead_of_ending() {
 
     let mut w = Wire::open(broker.addr).await;
     w.send(&alice_connect("no-method", &[], Some(&fresh))).await;
-    assert!(matches!(w.next_v5(PATIENCE).await, Ok(p5::Packet::ConnAck(_))));
+    assert!(matches!(
+        w.next_v5(PATIENCE).await,
+        Ok(p5::Packet::ConnAck(_))
+    ));
     w.send(&auth_bytes(0x19, b"JWT", &fresh)).await;
     match w.next_v5(PATIENCE).await {
         Ok(p5::Packet::Disconnect(d)) => {

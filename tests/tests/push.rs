@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use chatmq_tests::chat::*;
 use chatmq_tests::http::Http;
+use chatmq_tests::metrics::metric;
 use chatmq_tests::push_mock::{Mock, Recorded, Reply, ACCESS_TOKEN};
 use chatmq_tests::tools::openssl_pair;
 use chatmq_tests::{v5, Broker, PATIENCE};
-use chatmq_tests::metrics::metric;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;

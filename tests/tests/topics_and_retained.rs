@@ -6,9 +6,9 @@
 
 use std::collections::HashSet;
 
+use chatmq_tests::metrics::metric;
 use chatmq_tests::raw::{p4, p5, Silence, Wire};
 use chatmq_tests::{v4, v5, Broker, OPEN, PATIENCE};
-use chatmq_tests::metrics::metric;
 use rumqttc::v5::mqttbytes::v5::{
     DisconnectReasonCode, PubAckReason, PubRecReason, SubscribeReasonCode, UnsubAckReason,
 };
@@ -474,7 +474,10 @@ async fn retained_beyond_the_per_subscription_limit_are_counted() {
         .expect("subscribe");
     let topics = receive_retained(&mut dashboard, 50).await;
     assert_eq!(topics.len(), 50);
-    assert_eq!(metric(&broker, "chatmq_retained_not_sent_total").await, 30.0);
+    assert_eq!(
+        metric(&broker, "chatmq_retained_not_sent_total").await,
+        30.0
+    );
     assert!(broker.log().contains("max_retained_per_subscription"));
 }
 

@@ -364,10 +364,7 @@ impl Chat {
 
     /// The conversation's state under its lock, reloaded from disk first
     /// if one of its commits failed.
-    async fn locked(
-        &self,
-        conv: &str,
-    ) -> Result<Locked, StorageError> {
+    async fn locked(&self, conv: &str) -> Result<Locked, StorageError> {
         let slot = self.conv_state(conv)?;
         let mut st = Locked {
             guard: slot.state.clone().lock_owned().await,

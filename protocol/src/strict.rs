@@ -64,9 +64,19 @@ impl<'a> Fields<'a> {
     /// packet holds (fuzz/mqtt_decode found a CONNECT whose user name the
     /// two read differently).
     pub(crate) fn properties(&mut self) -> Result<(), DecodeError> {
+        self.properties_each(|_, _| Ok(()))
+    }
+
+    /// [`Self::properties`], calling `each` with every property's
+    /// identifier and value bytes.
+    pub(crate) fn properties_each(
+        &mut self,
+        mut each: impl FnMut(u8, &[u8]) -> Result<(), DecodeError>,
+    ) -> Result<(), DecodeError> {
         let mut p = Fields::new(self.property_block()?);
         while !p.is_done() {
             let id = p.byte()?;
+            let start = p.at;
             let size = match id {
                 // Byte.
                 0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => Some(1),
@@ -97,6 +107,7 @@ impl<'a> Fields<'a> {
                 }
                 (other, None) => return Err(malformed(&format!("unknown property {other:#04x}"))),
             }
+            each(id, &p.body[start..p.at])?;
         }
         Ok(())
     }
@@ -200,7 +211,7 @@ pub fn check_subscribe(body: &[u8], protocol: Protocol) -> Result<(), DecodeErro
     let mut f = Fields::new(body);
     f.u16()?; // packet id
     if protocol == Protocol::V5 {
-        check_subscribe_properties(f.property_block()?)?;
+        check_subscribe_properties(&mut f)?;
     }
     let reserved = match protocol {
         Protocol::V5 => 0xC0,
@@ -262,45 +273,30 @@ pub fn check_properties(kind: u8, flags: u8, body: &[u8]) -> Result<(), DecodeEr
 /// identifier is a protocol error [MQTT-3.8.2.1.2]. Checked here because
 /// rumqttc's reader counts the identifier's property byte twice and reads
 /// a SUBSCRIBE with two of them differently from what was sent.
-fn check_subscribe_properties(block: &[u8]) -> Result<(), DecodeError> {
-    let mut p = Fields::new(block);
+fn check_subscribe_properties(f: &mut Fields<'_>) -> Result<(), DecodeError> {
     let mut identifiers = 0;
-    while !p.is_done() {
-        match p.byte()? {
-            0x0B => {
-                identifiers += 1;
-                if identifiers > 1 {
-                    return Err(DecodeError::Protocol(
-                        "two Subscription Identifiers in SUBSCRIBE [MQTT-3.8.2.1.2]".into(),
-                    ));
-                }
-                let mut value = 0u32;
-                for i in 0..4 {
-                    let b = p.byte()?;
-                    value |= u32::from(b & 0x7F) << (7 * i);
-                    if b & 0x80 == 0 {
-                        break;
-                    }
-                    if i == 3 {
-                        return Err(malformed("Subscription Identifier longer than 4 bytes"));
-                    }
-                }
-                if value == 0 {
-                    return Err(DecodeError::Protocol(
-                        "Subscription Identifier 0 [MQTT-3.8.2.1.2]".into(),
-                    ));
-                }
+    f.properties_each(|id, value| match id {
+        0x0B => {
+            identifiers += 1;
+            if identifiers > 1 {
+                return Err(DecodeError::Protocol(
+                    "two Subscription Identifiers in SUBSCRIBE [MQTT-3.8.2.1.2]".into(),
+                ));
             }
-            0x26 => {
-                p.string("User Property")?;
-                p.string("User Property")?;
+            let number = value
+                .iter()
+                .rev()
+                .fold(0u32, |n, b| (n << 7) | u32::from(b & 0x7F));
+            if number == 0 {
+                return Err(DecodeError::Protocol(
+                    "Subscription Identifier 0 [MQTT-3.8.2.1.2]".into(),
+                ));
             }
-            other => {
-                return Err(malformed(&format!("property {other:#04x} in SUBSCRIBE")));
-            }
+            Ok(())
         }
-    }
-    Ok(())
+        0x26 => Ok(()),
+        other => Err(malformed(&format!("property {other:#04x} in SUBSCRIBE"))),
+    })
 }
 
 #[cfg(test)]
@@ -352,6 +348,8 @@ mod tests {
             check_subscribe(&zero, Protocol::V5),
             Err(DecodeError::Protocol(_))
         ));
+        let long_zero = subscribe(&[0x0B, 0x80, 0x00]);
+        assert!(check_subscribe(&long_zero, Protocol::V5).is_err());
         let other = subscribe(&[0x01, 0x01]);
         assert!(matches!(
             check_subscribe(&other, Protocol::V5),

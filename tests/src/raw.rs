@@ -228,3 +228,44 @@ pub fn connect_bytes(level: u8, flags: u8, properties: &[u8], payload: &[u8]) ->
     body.extend_from_slice(payload);
     packet(0x10, &body)
 }
+
+/// A raw MQTT 5 session (clean start, keepalive 0) past its CONNACK.
+pub async fn connected_v5(addr: SocketAddr, client_id: &str) -> Wire {
+    let mut w = Wire::open(addr).await;
+    w.send_v5(&p5::Packet::Connect(
+        p5::Connect {
+            keep_alive: 0,
+            client_id: client_id.into(),
+            clean_start: true,
+            properties: None,
+        },
+        None,
+        None,
+    ))
+    .await;
+    match w.next_v5(PATIENCE).await {
+        Ok(p5::Packet::ConnAck(a)) => assert_eq!(a.code, p5::ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    w
+}
+
+/// A raw 3.1.1 session (clean session) past its CONNACK.
+pub async fn connected_v4(addr: SocketAddr, client_id: &str) -> Wire {
+    let mut w = Wire::open(addr).await;
+    w.send(&connect_v4(client_id)).await;
+    match w.next_v4(PATIENCE).await {
+        Ok(p4::Packet::ConnAck(a)) => assert_eq!(a.code, p4::ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    w
+}
+
+/// Expects an MQTT 5 DISCONNECT with `reason`, then the close.
+pub async fn expect_disconnect(w: &mut Wire, reason: p5::DisconnectReasonCode) {
+    match w.next_v5(PATIENCE).await {
+        Ok(p5::Packet::Disconnect(d)) => assert_eq!(d.reason_code, reason),
+        other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
+    }
+    assert_eq!(w.next_v5(PATIENCE).await, Err(Silence::Closed));
+}

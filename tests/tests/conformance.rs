@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use chatmq_tests::raw::{self, connect_bytes, field, p4, p5, packet, Silence, Wire};
+use chatmq_tests::raw::{
+    self, connect_bytes, connected_v4, expect_disconnect, field, p4, p5, packet, Silence, Wire,
+};
 use chatmq_tests::v5::{self, QoS};
 use chatmq_tests::{Broker, OPEN, PATIENCE};
 use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, PubRecReason};
@@ -52,17 +54,6 @@ async fn v5_session(b: &Broker, client_id: &str) -> Wire {
     w
 }
 
-/// A raw 3.1.1 session that completed CONNECT / CONNACK.
-async fn v4_session(b: &Broker, client_id: &str) -> Wire {
-    let mut w = Wire::open(b.addr).await;
-    w.send(&raw::connect_v4(client_id)).await;
-    match w.next_v4(PATIENCE).await {
-        Ok(p4::Packet::ConnAck(a)) => assert_eq!(a.code, p4::ConnectReturnCode::Success),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-    w
-}
-
 /// An MQTT 5 SUBSCRIBE (packet id 1, no properties) of one filter with
 /// the options byte as given.
 fn subscribe_v5(filter: &str, options: u8) -> Vec<u8> {
@@ -70,15 +61,6 @@ fn subscribe_v5(filter: &str, options: u8) -> Vec<u8> {
     body.extend(field(filter.as_bytes()));
     body.push(options);
     packet(0x82, &body)
-}
-
-/// Expects a DISCONNECT with `reason`, then the close.
-async fn expect_disconnect(w: &mut Wire, reason: DisconnectReasonCode) {
-    match w.next_v5(PATIENCE).await {
-        Ok(p5::Packet::Disconnect(d)) => assert_eq!(d.reason_code, reason),
-        other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
-    }
-    assert_eq!(w.next_v5(PATIENCE).await, Err(Silence::Closed));
 }
 
 /// A raw MQTT 5 subscriber to `topic` at QoS 2 and a publisher of one QoS 2
@@ -241,7 +223,7 @@ async fn mqtt_3_8_3_5_reserved_subscription_option_bits_are_malformed() {
     expect_disconnect(&mut w, DisconnectReasonCode::MalformedPacket).await;
 
     // 3.1.1 [MQTT-3.8.3-4]: the upper 6 bits of the requested QoS byte.
-    let mut w = v4_session(&b, "c2").await;
+    let mut w = connected_v4(b.addr, "c2").await;
     let mut body = vec![0, 1];
     body.extend(field(b"a/b"));
     body.push(0x41);
@@ -307,7 +289,7 @@ async fn mqtt_4_8_0_1_an_ack_of_the_wrong_type_is_a_protocol_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_4_8_0_1_v4_a_pubrec_for_qos1_closes() {
     let b = Broker::start(OPEN);
-    let mut sub = v4_session(&b, "sub").await;
+    let mut sub = connected_v4(b.addr, "sub").await;
     let mut subscribe = p4::Subscribe::new("q1/t", rumqttc::mqttbytes::QoS::AtLeastOnce);
     subscribe.pkid = 1;
     sub.send_v4(&p4::Packet::Subscribe(subscribe)).await;

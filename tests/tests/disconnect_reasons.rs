@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use chatmq_tests::raw::{p5, Silence, Wire};
+use chatmq_tests::raw::{connected_v5, p5, Silence, Wire};
 use chatmq_tests::{Broker, OPEN, PATIENCE};
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 use rumqttc::v5::mqttbytes::QoS;
@@ -15,26 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A broker that accepts two unacknowledged QoS 1/2 publishes per client.
 fn receive_maximum_two() -> Broker {
     Broker::start(&format!("{OPEN}\n[mqtt]\nmax_inflight = 2\n"))
-}
-
-async fn connect(b: &Broker, id: &str) -> Wire {
-    let mut w = Wire::open(b.addr).await;
-    w.send_v5(&p5::Packet::Connect(
-        p5::Connect {
-            keep_alive: 0,
-            client_id: id.into(),
-            clean_start: true,
-            properties: None,
-        },
-        None,
-        None,
-    ))
-    .await;
-    match w.next_v5(PATIENCE).await {
-        Ok(p5::Packet::ConnAck(a)) => assert_eq!(a.code, p5::ConnectReturnCode::Success),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-    w
 }
 
 /// Three QoS 2 publishes, never released: one more than Receive Maximum.
@@ -67,7 +47,7 @@ async fn disconnect_reason(w: &mut Wire) -> DisconnectReasonCode {
 #[tokio::test]
 async fn exceeding_receive_maximum_is_told_with_reason_0x93() {
     let b = receive_maximum_two();
-    let mut w = connect(&b, "flow1").await;
+    let mut w = connected_v5(b.addr, "flow1").await;
     exceed_receive_maximum(&mut w).await;
     assert_eq!(
         disconnect_reason(&mut w).await,
@@ -82,7 +62,7 @@ async fn exceeding_receive_maximum_is_told_with_reason_0x93() {
 #[tokio::test]
 async fn a_client_still_writing_after_the_disconnect_is_not_reset() {
     let b = receive_maximum_two();
-    let mut w = connect(&b, "flow2").await;
+    let mut w = connected_v5(b.addr, "flow2").await;
     exceed_receive_maximum(&mut w).await;
     disconnect_reason(&mut w).await;
     let pubrel = chatmq_tests::raw::v5_bytes(&p5::Packet::PubRel(p5::PubRel::new(1, None)));

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chatmq_tests::raw::{p5, Silence, Wire};
+use chatmq_tests::raw::{expect_disconnect, p5, Wire};
 use chatmq_tests::v5::{
     self, ConnectReturnCode, Filter, LastWill, LastWillProperties, Packet, PubAckReason, Publish,
     PublishProperties, QoS, RetainForwardRule, SubscribeProperties, SubscribeReasonCode,
@@ -87,15 +87,6 @@ async fn raw_session(b: &Broker, connect: p5::Packet) -> (Wire, p5::ConnAck) {
         }
         other => panic!("expected CONNACK, got {other:?}"),
     }
-}
-
-/// Expects a DISCONNECT with `reason`, then the close.
-async fn expect_disconnect(w: &mut Wire, reason: DisconnectReasonCode) {
-    match w.next_v5(PATIENCE).await {
-        Ok(p5::Packet::Disconnect(d)) => assert_eq!(d.reason_code, reason),
-        other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
-    }
-    assert_eq!(w.next_v5(PATIENCE).await, Err(Silence::Closed));
 }
 
 fn will_props(delay: u32) -> LastWillProperties {

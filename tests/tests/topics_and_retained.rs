@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 
 use chatmq_tests::metrics::metric;
-use chatmq_tests::raw::{p4, p5, Silence, Wire};
+use chatmq_tests::raw::{connected_v4, connected_v5, expect_disconnect, p4, p5, Silence};
 use chatmq_tests::{v4, v5, Broker, OPEN, PATIENCE};
 use rumqttc::v5::mqttbytes::v5::{
     DisconnectReasonCode, PubAckReason, PubRecReason, SubscribeReasonCode, UnsubAckReason,
@@ -89,47 +89,6 @@ async fn healthy_round_trip(b: &Broker, id: &str) {
     }
     assert_eq!(&got[0].payload[..], b"ping");
     c.disconnect().await;
-}
-
-/// A raw MQTT 5 connection with a clean start.
-async fn raw_v5(b: &Broker, id: &str) -> Wire {
-    let mut w = Wire::open(b.addr).await;
-    w.send_v5(&p5::Packet::Connect(
-        p5::Connect {
-            keep_alive: 0,
-            client_id: id.into(),
-            clean_start: true,
-            properties: None,
-        },
-        None,
-        None,
-    ))
-    .await;
-    match w.next_v5(PATIENCE).await {
-        Ok(p5::Packet::ConnAck(a)) => assert_eq!(a.code, p5::ConnectReturnCode::Success),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-    w
-}
-
-/// A raw 3.1.1 connection with a clean session.
-async fn raw_v4(b: &Broker, id: &str) -> Wire {
-    let mut w = Wire::open(b.addr).await;
-    w.send(&chatmq_tests::raw::connect_v4(id)).await;
-    match w.next_v4(PATIENCE).await {
-        Ok(p4::Packet::ConnAck(a)) => assert_eq!(a.code, p4::ConnectReturnCode::Success),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-    w
-}
-
-/// Expects a DISCONNECT with `reason`, then the close.
-async fn expect_disconnect(w: &mut Wire, reason: DisconnectReasonCode) {
-    match w.next_v5(PATIENCE).await {
-        Ok(p5::Packet::Disconnect(d)) => assert_eq!(d.reason_code, reason),
-        other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
-    }
-    assert_eq!(w.next_v5(PATIENCE).await, Err(Silence::Closed));
 }
 
 fn publish_v5(topic: &str, qos: v5::QoS, pkid: u16) -> p5::Packet {
@@ -269,7 +228,7 @@ async fn a_topic_name_past_the_limits_is_refused_with_0x90() {
     let broker = Broker::start(OPEN);
     let too_deep = format!("{}end", "a/".repeat(128));
     let too_long = "x".repeat(4_097);
-    let mut w = raw_v5(&broker, "limits-5").await;
+    let mut w = connected_v5(broker.addr, "limits-5").await;
     w.send_v5(&publish_v5(&too_deep, v5::QoS::AtLeastOnce, 1))
         .await;
     match w.next_v5(PATIENCE).await {
@@ -293,7 +252,7 @@ async fn a_topic_name_past_the_limits_is_refused_with_0x90() {
         .await;
     expect_disconnect(&mut w, DisconnectReasonCode::TopicNameInvalid).await;
 
-    let mut w = raw_v4(&broker, "limits-4").await;
+    let mut w = connected_v4(broker.addr, "limits-4").await;
     let mut p = p4::Publish::new(&too_deep, v4::QoS::AtLeastOnce, "x");
     p.pkid = 1;
     w.send_v4(&p4::Packet::Publish(p)).await;
@@ -310,7 +269,7 @@ async fn a_filter_past_the_limits_gets_0x8f_for_that_filter_only() {
         OPEN,
         "max_topic_levels = 4\nmax_topic_length = 20",
     ));
-    let mut w = raw_v5(&broker, "filters").await;
+    let mut w = connected_v5(broker.addr, "filters").await;
     w.send_v5(&subscribe_v5(
         1,
         &[
@@ -345,22 +304,22 @@ async fn a_filter_past_the_limits_gets_0x8f_for_that_filter_only() {
 async fn nul_in_a_topic_or_filter_is_a_malformed_packet_mqtt_1_5_4_2() {
     let broker = Broker::start(OPEN);
 
-    let mut w = raw_v5(&broker, "nul-publish").await;
+    let mut w = connected_v5(broker.addr, "nul-publish").await;
     w.send_v5(&publish_v5("a\0b", v5::QoS::AtLeastOnce, 1))
         .await;
     expect_disconnect(&mut w, DisconnectReasonCode::MalformedPacket).await;
 
-    let mut w = raw_v5(&broker, "nul-subscribe").await;
+    let mut w = connected_v5(broker.addr, "nul-subscribe").await;
     w.send_v5(&subscribe_v5(1, &["fine/x", "a\0b"])).await;
     expect_disconnect(&mut w, DisconnectReasonCode::MalformedPacket).await;
 
-    let mut w = raw_v5(&broker, "nul-unsubscribe").await;
+    let mut w = connected_v5(broker.addr, "nul-unsubscribe").await;
     let mut u = p5::Unsubscribe::new("a\0b", None);
     u.pkid = 1;
     w.send_v5(&p5::Packet::Unsubscribe(u)).await;
     expect_disconnect(&mut w, DisconnectReasonCode::MalformedPacket).await;
 
-    let mut w = raw_v4(&broker, "nul-subscribe-4").await;
+    let mut w = connected_v4(broker.addr, "nul-subscribe-4").await;
     let mut s = p4::Subscribe::new("a\0b", v4::QoS::AtMostOnce);
     s.pkid = 1;
     w.send_v4(&p4::Packet::Subscribe(s)).await;

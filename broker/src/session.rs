@@ -696,6 +696,19 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    /// Queues `n` plain QoS 1 messages on `t`.
+    fn queue_plain(s: &mut Session, n: u64, b: &mut Batch) {
+        for _ in 0..n {
+            s.enqueue(
+                msg("t", QoS::AtLeastOnce),
+                QoS::AtLeastOnce,
+                false,
+                vec![],
+                b,
+            );
+        }
+    }
+
     fn msg(topic: &str, qos: QoS) -> Arc<Message> {
         Arc::new(Message {
             topic: topic.into(),
@@ -730,15 +743,7 @@ mod tests {
     fn the_window_limits_what_is_in_flight() {
         let mut s = session(0);
         let mut b = Batch::new();
-        for _ in 0..3 {
-            s.enqueue(
-                msg("t", QoS::AtLeastOnce),
-                QoS::AtLeastOnce,
-                false,
-                vec![],
-                &mut b,
-            );
-        }
+        queue_plain(&mut s, 3, &mut b);
         let mut out = vec![];
         s.poll_send(0, &mut out, &mut b);
         assert_eq!(pkids(&out), [1, 2], "packet ids start at 1");
@@ -788,15 +793,7 @@ mod tests {
         let mut s = session(60);
         let mut b = Batch::new();
         s.max_inflight = 0;
-        for _ in 0..5 {
-            s.enqueue(
-                msg("t", QoS::AtLeastOnce),
-                QoS::AtLeastOnce,
-                false,
-                vec![],
-                &mut b,
-            );
-        }
+        queue_plain(&mut s, 5, &mut b);
         assert_eq!(s.pending(), 3);
         assert_eq!(s.dropped, 2);
     }
@@ -887,15 +884,7 @@ mod tests {
         s.max_inflight = 0;
         s.max_queue = 100;
         s.max_bytes = 4; // "t" + "x" = 2 bytes a message
-        for _ in 0..3 {
-            s.enqueue(
-                msg("t", QoS::AtLeastOnce),
-                QoS::AtLeastOnce,
-                false,
-                vec![],
-                &mut b,
-            );
-        }
+        queue_plain(&mut s, 3, &mut b);
         assert_eq!(s.pending(), 2);
         assert_eq!(s.dropped, 1);
         assert!(s.overloaded);
@@ -967,15 +956,7 @@ mod tests {
         s.max_queue = usize::MAX;
         let mut b = Batch::new();
         let mut out = vec![];
-        for _ in 0..(PKID_SPACE + 5) {
-            s.enqueue(
-                msg("t", QoS::AtLeastOnce),
-                QoS::AtLeastOnce,
-                false,
-                vec![],
-                &mut b,
-            );
-        }
+        queue_plain(&mut s, PKID_SPACE + 5, &mut b);
         s.poll_send(0, &mut out, &mut b);
         assert_eq!(out.len() as u64, PKID_SPACE);
         let ids: HashSet<u16> = pkids(&out).into_iter().collect();

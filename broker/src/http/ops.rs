@@ -46,7 +46,7 @@ pub async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
 fn render(api: &Api) -> String {
     let broker = &api.broker;
     let m = &broker.metrics;
-    let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let count = |c: &dyn crate::counter::Total| c.total();
     let mut out = Exposition::default();
     out.single(
         "chatmq_connections",
@@ -255,7 +255,7 @@ fn render(api: &Api) -> String {
 
 /// Logins and client-id ownership.
 fn identity(broker: &crate::broker::Broker, out: &mut Exposition) {
-    let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let count = |c: &dyn crate::counter::Total| c.total();
     let logins = &broker.auth.guard.metrics;
     out.single(
         "chatmq_login_failures_total",

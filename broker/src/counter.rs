@@ -1,0 +1,87 @@
+//! Counters for `/metrics` that many cores bump: one slot per cache line,
+//! a thread always bumps its own slot, and a read sums them. A single
+//! shared `AtomicU64` would bounce its cache line between cores on every
+//! message routed or delivered.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Slots per counter: more than the cores a broker usually runs on, so
+/// threads rarely share one.
+const SLOTS: usize = 16;
+
+#[repr(align(64))]
+#[derive(Default)]
+struct Slot(AtomicU64);
+
+/// A monotonic counter, sharded by thread.
+#[derive(Default)]
+pub struct Counter([Slot; SLOTS]);
+
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's slot, handed out round-robin as threads first count.
+    static MY_SLOT: usize = NEXT_SLOT.fetch_add(1, Ordering::Relaxed) % SLOTS;
+}
+
+impl Counter {
+    /// Adds `n`. The name and the (ignored) ordering follow `AtomicU64`,
+    /// so a counter reads like one; every bump is `Relaxed`, and nothing is
+    /// returned, since no slot holds the total.
+    pub fn fetch_add(&self, n: u64, _ordering: Ordering) {
+        let i = MY_SLOT.with(|s| *s);
+        if let Some(slot) = self.0.get(i) {
+            slot.0.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The total (a sum of slots read one by one: exact once bumps stop).
+    pub fn load(&self, _ordering: Ordering) -> u64 {
+        self.0
+            .iter()
+            .fold(0, |sum, s| sum.wrapping_add(s.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// What `/metrics` reads of a counter, sharded or a plain atomic.
+pub trait Total {
+    fn total(&self) -> u64;
+}
+
+impl Total for Counter {
+    fn total(&self) -> u64 {
+        self.load(Ordering::Relaxed)
+    }
+}
+
+impl Total for AtomicU64 {
+    fn total(&self) -> u64 {
+        self.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn bumps_from_many_threads_add_up() {
+        let c = Arc::new(Counter::default());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            assert!(t.join().is_ok());
+        }
+        assert_eq!(c.load(Ordering::Relaxed), 80_000);
+        assert_eq!(std::mem::align_of::<Slot>(), 64, "one slot per cache line");
+    }
+}

@@ -21,7 +21,7 @@ fn options() -> SubOptions {
     }
 }
 
-fn router() -> Router {
+fn router() -> Router<()> {
     let mut r = Router::default();
     for i in 0..SUBSCRIPTIONS {
         let client: Arc<str> = format!("client-{i}").into();
@@ -30,7 +30,7 @@ fn router() -> Router {
             1 => format!("devices/{}/#", i / 10),
             _ => format!("rooms/{}/messages", i),
         };
-        r.subscribe(&client, &filter, options());
+        r.subscribe(&client, &filter, options(), ());
     }
     // A few broad wildcard subscribers, as monitoring clients have.
     for i in 0..10 {
@@ -38,6 +38,7 @@ fn router() -> Router {
             &format!("monitor-{i}").into(),
             "rooms/+/messages",
             options(),
+            (),
         );
     }
     r

@@ -4,12 +4,14 @@
 //! Routing lives here: [`Broker::route`] takes one message to every
 //! matching session, applying subscription options, QoS reduction, No Local
 //! and shared-subscription choice, and collects the writes that make it
-//! durable. Lock order, to stay deadlock-free: the session map, then one
-//! session, then the router; nothing holds the router while taking another
-//! lock.
+//! durable. The router holds each subscriber's session handle, so a
+//! publisher takes no lock but the router's read lock and, one at a time,
+//! the sessions it delivers to: never the session map. Lock order, to stay
+//! deadlock-free: the session map, then one session, then the router;
+//! nothing holds the router while taking another lock.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -22,12 +24,13 @@ use crate::access::{Acl, Authenticator};
 use crate::chat::Chat;
 use crate::clock::now_ms;
 use crate::codec::Protocol;
+use crate::counter::Counter;
 use crate::limits::{RateLimit, UserRates};
 use crate::message::{min_qos, Message};
 use crate::ownership::{self, Ownership};
 use crate::retained::{Change, RetainedStore};
-use crate::router::{Router, SubOptions};
-use crate::session::Session;
+use crate::router::{Router, Sub, SubOptions};
+use crate::session::{Session, CURSOR_SAVE_ACKS};
 use crate::topic::TopicLimits;
 
 /// Why a connection is told to go away by the broker.
@@ -62,9 +65,9 @@ impl Link {
     }
 }
 
-/// A will waiting for its delay to pass (MQTT 5 Will Delay Interval).
+/// A will waiting for its delay to pass (MQTT 5 Will Delay Interval);
+/// when it is due is in [`Broker`]'s will index.
 pub struct PendingWill {
-    token: u64,
     message: Message,
     owner: Option<Arc<str>>,
 }
@@ -115,6 +118,9 @@ pub struct SessionCell {
     slot: Mutex<Slot>,
     /// Woken when the session has something new to send.
     pub wake: Notify,
+    /// The session left the broker (ended, expired or replaced): a handle
+    /// the router still holds for an instant delivers nothing to it.
+    ended: AtomicBool,
 }
 
 impl SessionCell {
@@ -128,6 +134,7 @@ impl SessionCell {
                 pending_will: None,
             }),
             wake: Notify::new(),
+            ended: AtomicBool::new(false),
         })
     }
 
@@ -177,52 +184,52 @@ pub struct Metrics {
     /// Open MQTT connections.
     pub connections: AtomicUsize,
     /// PUBLISH packets received from clients (any topic).
-    pub publishes_received: AtomicU64,
+    pub publishes_received: Counter,
     /// Plain-MQTT messages routed (publishes and wills).
-    pub messages_in: AtomicU64,
+    pub messages_in: Counter,
     /// PUBLISH packets written to clients (first sends and resends).
-    pub messages_delivered: AtomicU64,
+    pub messages_delivered: Counter,
     /// Chat messages given a seq (MQTT and HTTP senders).
-    pub chat_appended: AtomicU64,
+    pub chat_appended: Counter,
     /// Messages a session dropped: its queue was full or they expired.
-    pub messages_dropped: AtomicU64,
+    pub messages_dropped: Counter,
     // abuse limits: identity
     /// CONNECTs refused: the client id belongs to someone else.
-    pub client_id_refused: AtomicU64,
+    pub client_id_refused: Counter,
     /// CONNECTs refused: the user holds its maximum of persistent sessions.
-    pub session_quota_refused: AtomicU64,
+    pub session_quota_refused: Counter,
     /// Logins moved on by an MQTT 5 re-authentication (AUTH 0x19).
-    pub reauthentications: AtomicU64,
+    pub reauthentications: Counter,
     /// Connections refused before CONNECT was accepted, by reason.
     pub refused: crate::admission::Refusals,
     // topics and retained messages (trie)
     /// Topic names and filters refused for passing `mqtt.max_topic_levels`
     /// or `mqtt.max_topic_length`.
-    pub topics_refused: AtomicU64,
+    pub topics_refused: Counter,
     /// Retained publishes not retained: the store was at its caps.
-    pub retained_refused: AtomicU64,
+    pub retained_refused: Counter,
     /// Retained messages a new subscription was not sent: more matched
     /// than `mqtt.max_retained_per_subscription`.
-    pub retained_not_sent: AtomicU64,
+    pub retained_not_sent: Counter,
     // flow control: slow clients, rates, caches
     /// Connections closed because a write did not finish within
     /// `mqtt.write_timeout_secs` (the client stopped reading).
-    pub write_timeouts: AtomicU64,
+    pub write_timeouts: Counter,
     /// Connections closed because their session went over its byte budget.
-    pub overload_disconnects: AtomicU64,
+    pub overload_disconnects: Counter,
     /// Publishes refused by a per-connection or per-user rate.
-    pub publishes_rate_limited: AtomicU64,
+    pub publishes_rate_limited: Counter,
     /// Live chat messages not queued in a full session: replayed from the
     /// log once the client drains (deferred, not lost).
-    pub chat_deferred_to_log: AtomicU64,
+    pub chat_deferred_to_log: Counter,
     /// Typing indicators dropped by the per-user throttle.
-    pub typing_throttled: AtomicU64,
+    pub typing_throttled: Counter,
     /// Typing indicators refused for their size.
-    pub typing_too_large: AtomicU64,
+    pub typing_too_large: Counter,
     /// Conversation states evicted from memory.
-    pub conv_cache_evicted: AtomicU64,
+    pub conv_cache_evicted: Counter,
     /// Idempotency keys deleted after `chat.dedup_ttl_secs`.
-    pub dedup_expired: AtomicU64,
+    pub dedup_expired: Counter,
 }
 
 pub struct Broker {
@@ -234,10 +241,14 @@ pub struct Broker {
     pub metrics: Arc<Metrics>,
     /// Who may use which client id.
     pub owners: Ownership,
-    router: RwLock<Router>,
+    router: RwLock<Router<Arc<SessionCell>>>,
     sessions: Mutex<Sessions>,
-    /// When disconnected persistent sessions expire (see [`Expiries`]).
-    expiries: Mutex<Expiries>,
+    /// When disconnected persistent sessions expire (see [`Deadlines`]).
+    expiries: Mutex<Deadlines>,
+    /// When delayed wills are due.
+    wills: Mutex<Deadlines>,
+    /// Woken when a deadline earlier than all others is set.
+    pub timers: Notify,
     retained: RwLock<RetainedStore>,
     next_id: AtomicU64,
     // flow control
@@ -245,24 +256,32 @@ pub struct Broker {
     pub user_rates: UserRates,
 }
 
-/// When disconnected persistent sessions expire, earliest first, one
-/// entry per client id (a client that leaves again moves its entry, so
-/// reconnecting in a loop cannot grow the index). The sweep takes what is
-/// due instead of scanning every session. An entry can be stale (the
-/// session resumed, or was replaced): the sweep checks the session itself
-/// before ending it.
+/// Deadlines by client id, earliest first, one entry per client id (a
+/// client that leaves again moves its entry, so reconnecting in a loop
+/// cannot grow the index): when disconnected persistent sessions expire,
+/// and when delayed wills are due. The timer task takes what is due
+/// instead of scanning every session. An entry can be stale (the session
+/// resumed, or was replaced): the task checks the session itself before
+/// acting.
 #[derive(Default)]
-struct Expiries {
+struct Deadlines {
     by_time: BTreeSet<(u64, Arc<str>)>,
     by_client: HashMap<Arc<str>, u64>,
 }
 
-impl Expiries {
-    fn schedule(&mut self, client_id: &Arc<str>, deadline: u64) {
+impl Deadlines {
+    /// Sets `client_id`'s deadline; true if it is now the earliest.
+    fn schedule(&mut self, client_id: &Arc<str>, deadline: u64) -> bool {
         if let Some(old) = self.by_client.insert(client_id.clone(), deadline) {
             self.by_time.remove(&(old, client_id.clone()));
         }
         self.by_time.insert((deadline, client_id.clone()));
+        self.next() == Some(deadline)
+    }
+
+    /// The earliest deadline.
+    fn next(&self) -> Option<u64> {
+        self.by_time.first().map(|(t, _)| *t)
     }
 
     /// The client ids due at `now_ms`, taken out of the index.
@@ -322,7 +341,9 @@ impl Broker {
             metrics,
             router: RwLock::new(Router::default()),
             sessions: Mutex::new(Sessions::default()),
-            expiries: Mutex::new(Expiries::default()),
+            expiries: Mutex::new(Deadlines::default()),
+            wills: Mutex::new(Deadlines::default()),
+            timers: Notify::new(),
             retained: RwLock::new(retained),
             next_id: AtomicU64::new(1),
             user_rates,
@@ -336,23 +357,24 @@ impl Broker {
         let mut sessions = self.lock_sessions();
         let mut router = write(&self.router);
         for stored in self.store.load_sessions()? {
+            // Connected when the broker died: its last acknowledgements may
+            // be newer than the cursors written (see `CURSOR_SAVE_ACKS`).
+            let crashed = stored.record.disconnected_at_ms == 0;
             let mut session = Session::restore(stored, now);
             session.max_queue = self.settings.mqtt.max_offline_messages;
             session.max_bytes = self.settings.mqtt.session_queue_bytes;
             for (conv, seq) in self.store.cursors(&session.client_id)? {
-                session.chat.insert(
-                    conv.into(),
-                    crate::session::ChatCursor {
-                        acked: seq,
-                        queued: seq,
-                    },
-                );
-            }
-            for (filter, options) in &session.subscriptions {
-                router.subscribe(&session.client_id, filter, *options);
+                let mut cursor = crate::session::ChatCursor::at(seq);
+                if crashed {
+                    cursor.dup_until = seq.saturating_add(u64::from(CURSOR_SAVE_ACKS));
+                }
+                session.chat.insert(conv.into(), cursor);
             }
             let owner = session.owner.clone();
             let cell = SessionCell::new(session);
+            for (filter, options) in &cell.lock().session.subscriptions {
+                router.subscribe(&cell.client_id, filter, *options, cell.clone());
+            }
             if let Some(user) = owner {
                 self.chat.register(&user, &cell);
             }
@@ -400,14 +422,28 @@ impl Broker {
     /// before anything changes, when the client id is not the caller's
     /// (see [`crate::ownership`]) or a new persistent session would exceed
     /// the user's quota; the claim is written into `batch`.
-    pub fn attach(&self, a: Attach, batch: &mut Batch) -> Result<Attached, Refused> {
+    pub async fn attach(&self, a: Attach, batch: &mut Batch) -> Result<Attached, Refused> {
         // Held until the new session is in the map: the check and the claim
         // are one step for every CONNECT of this client id.
-        let _claim = self.owners.lock(&a.client_id);
-        let stored = self.store.client_owner(&a.client_id).map_err(|e| {
-            tracing::error!(error = %e, "cannot read client owner");
-            Refused::Unavailable
-        })?;
+        let _claim = self.owners.lock(&a.client_id).await;
+        let id = a.client_id.clone();
+        let stored = crate::blocking::read(&self.store, move |s| s.client_owner(&id))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot read client owner");
+                Refused::Unavailable
+            })?;
+        self.attach_claimed(a, stored, batch)
+    }
+
+    /// The rest of [`Broker::attach`], under the claim lock, with the
+    /// stored claim read.
+    fn attach_claimed(
+        &self,
+        a: Attach,
+        stored: Option<chatmq_storage::ClientOwner>,
+        batch: &mut Batch,
+    ) -> Result<Attached, Refused> {
         let who = a.owner.as_deref();
         let mut sessions = self.lock_sessions();
         let existing = sessions.get(&a.client_id).cloned();
@@ -497,6 +533,7 @@ impl Broker {
                 batch.delete_session(&slot.session.client_id);
             }
             drop(slot);
+            cell.ended.store(true, Ordering::Release);
             let mut router = write(&self.router);
             for f in &filters {
                 router.unsubscribe(&a.client_id, f);
@@ -594,11 +631,7 @@ impl Broker {
                     .session(&cell.client_id)
                     .is_some_and(|c| Arc::ptr_eq(&c, cell));
                 if delay == 0 || !resumed {
-                    let w = PendingWill {
-                        token: 0,
-                        message,
-                        owner,
-                    };
+                    let w = PendingWill { message, owner };
                     self.route_will(w, batch);
                 }
             }
@@ -613,60 +646,29 @@ impl Broker {
             drop(slot);
             self.remove_session(cell, &filters);
             if let Some((message, _)) = will {
-                self.route_will(
-                    PendingWill {
-                        token: 0,
-                        message,
-                        owner,
-                    },
-                    batch,
-                );
+                self.route_will(PendingWill { message, owner }, batch);
             }
             return true;
         }
+        slot.session.flush_cursors(batch);
         batch.put_session(&cell.client_id, &slot.session.record());
         self.schedule_expiry(&cell.client_id, &slot.session);
         match will {
             Some((message, 0)) => {
                 drop(slot);
-                self.route_will(
-                    PendingWill {
-                        token: 0,
-                        message,
-                        owner,
-                    },
-                    batch,
-                );
+                self.route_will(PendingWill { message, owner }, batch);
             }
             Some((message, delay)) => {
-                let token = self.next_id();
                 // A will waits for the delay or the end of the session,
                 // whichever comes first [MQTT-3.1.3-9].
                 let wait = delay.min(slot.session.expiry_secs);
-                slot.pending_will = Some(PendingWill {
-                    token,
-                    message,
-                    owner,
-                });
+                slot.pending_will = Some(PendingWill { message, owner });
+                let due = slot
+                    .session
+                    .disconnected_at_ms
+                    .saturating_add(u64::from(wait).saturating_mul(1000));
                 drop(slot);
-                let broker = Arc::clone(self);
-                let cell = Arc::clone(cell);
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(wait))).await;
-                    let due = {
-                        let mut slot = cell.lock();
-                        match &slot.pending_will {
-                            Some(w) if w.token == token => slot.pending_will.take(),
-                            _ => None,
-                        }
-                    };
-                    if let Some(w) = due {
-                        let mut batch = Batch::new();
-                        broker.route_will(w, &mut batch);
-                        // Queued for the writer; nobody waits for it to be durable.
-                        drop(broker.store.submit(batch).await);
-                    }
-                });
+                self.schedule(&self.wills, &cell.client_id, due);
             }
             None => {}
         }
@@ -681,6 +683,7 @@ impl Broker {
         {
             sessions.remove(&cell.client_id);
             drop(sessions);
+            cell.ended.store(true, Ordering::Release);
             let mut router = write(&self.router);
             for f in filters {
                 router.unsubscribe(&cell.client_id, f);
@@ -706,8 +709,58 @@ impl Broker {
         if s.connected {
             return;
         }
-        let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
-        expiries.schedule(client_id, expiry_deadline(s));
+        self.schedule(&self.expiries, client_id, expiry_deadline(s));
+    }
+
+    /// Sets a deadline in `index`, waking the timer task if it comes first.
+    fn schedule(&self, index: &Mutex<Deadlines>, client_id: &Arc<str>, deadline: u64) {
+        let first = index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .schedule(client_id, deadline);
+        if first {
+            self.timers.notify_one();
+        }
+    }
+
+    /// The earliest deadline of a session expiry or a delayed will.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let next = |d: &Mutex<Deadlines>| d.lock().unwrap_or_else(|e| e.into_inner()).next();
+        match (next(&self.expiries), next(&self.wills)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Publishes the delayed wills due at `now_ms` whose session is still
+    /// disconnected; returns how many.
+    pub fn fire_wills(&self, now_ms: u64) -> usize {
+        let due = self
+            .wills
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_due(now_ms);
+        let mut batch = Batch::new();
+        let mut fired = 0;
+        for client_id in due {
+            let Some(cell) = self.session(&client_id) else {
+                continue; // the session ended, and its will with it
+            };
+            // Taken only if still pending: a resumed session took it already.
+            let will = cell.lock().pending_will.take();
+            if let Some(w) = will {
+                self.route_will(w, &mut batch);
+                fired += 1;
+            }
+        }
+        if !batch.is_empty() {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                // Queued for the writer; nobody waits for it to be durable.
+                drop(store.submit(batch).await);
+            });
+        }
+        fired
     }
 
     /// Ends the disconnected sessions whose expiry has passed at `now_ms`
@@ -786,9 +839,9 @@ impl Broker {
         }
     }
 
-    /// Adds subscriptions to the index.
-    pub fn index_subscription(&self, client_id: &Arc<str>, filter: &str, options: SubOptions) {
-        write(&self.router).subscribe(client_id, filter, options);
+    /// Adds `cell`'s subscription to `filter` to the index.
+    pub fn index_subscription(&self, cell: &Arc<SessionCell>, filter: &str, options: SubOptions) {
+        write(&self.router).subscribe(&cell.client_id, filter, options, cell.clone());
     }
 
     pub fn unindex_subscription(&self, client_id: &str, filter: &str) -> bool {
@@ -851,12 +904,13 @@ impl Broker {
         // One delivery per client, at the highest QoS of its matching
         // subscriptions, with all their identifiers [MQTT-3.3.5-1].
         struct Target {
+            cell: Arc<SessionCell>,
             qos: QoS,
             retain_as_published: bool,
             sub_ids: Vec<u32>,
         }
         /// A matching shared group: its members, and where the rotation starts.
-        type Group = (Vec<(Arc<str>, SubOptions)>, usize);
+        type Group = (Vec<(Arc<str>, Sub<Arc<SessionCell>>)>, usize);
         let mut direct: HashMap<Arc<str>, Target> = HashMap::new();
         let mut shared: Vec<Group> = Vec::new();
         {
@@ -864,11 +918,13 @@ impl Broker {
             let publisher = msg.publisher.as_deref();
             router.for_each_match(
                 &msg.topic,
-                &mut |client, o| {
+                &mut |client, sub| {
+                    let o = &sub.options;
                     if o.no_local && publisher == Some(&**client) {
                         return; // [MQTT-3.8.3-3]
                     }
-                    let t = direct.entry(client.clone()).or_insert(Target {
+                    let t = direct.entry(client.clone()).or_insert_with(|| Target {
+                        cell: sub.handle.clone(),
                         qos: QoS::AtMostOnce,
                         retain_as_published: false,
                         sub_ids: Vec::new(),
@@ -887,36 +943,29 @@ impl Broker {
         if direct.is_empty() && shared.is_empty() {
             return;
         }
-        let sessions = self.lock_sessions();
         let mut targets = Vec::with_capacity(direct.len() + shared.len());
-        for (client, t) in direct {
-            if let Some(cell) = sessions.get(&client) {
-                targets.push((cell.clone(), t.qos, t.retain_as_published, t.sub_ids));
-            }
+        for (_, t) in direct {
+            targets.push((t.cell, t.qos, t.retain_as_published, t.sub_ids));
         }
         for (members, start) in shared {
             // Prefer a connected member, starting from the rotating index.
             let n = members.len();
             let pick = (0..n)
-                .map(|i| &members[(start + i) % n])
-                .find(|(c, _)| {
-                    sessions
-                        .get(c)
-                        .is_some_and(|cell| cell.lock().link.is_some())
-                })
-                .unwrap_or(&members[start % n]);
-            if let Some(cell) = sessions.get(&pick.0) {
-                let o = pick.1;
-                let ids = if o.identifier != 0 {
-                    vec![o.identifier]
-                } else {
-                    vec![]
-                };
-                targets.push((cell.clone(), o.qos, o.retain_as_published, ids));
-            }
+                .map(|i| &members[(start + i) % n].1)
+                .find(|sub| sub.handle.lock().link.is_some())
+                .unwrap_or(&members[start % n].1);
+            let o = pick.options;
+            let ids = if o.identifier != 0 {
+                vec![o.identifier]
+            } else {
+                vec![]
+            };
+            targets.push((pick.handle.clone(), o.qos, o.retain_as_published, ids));
         }
-        drop(sessions);
         for (cell, sub_qos, rap, ids) in targets {
+            if cell.ended.load(Ordering::Acquire) {
+                continue;
+            }
             let mut slot = cell.lock();
             let s = &mut slot.session;
             if !self
@@ -964,7 +1013,7 @@ mod tests {
 
     #[test]
     fn the_expiry_index_holds_one_entry_per_client_and_yields_what_is_due() {
-        let mut e = Expiries::default();
+        let mut e = Deadlines::default();
         let a: Arc<str> = "a".into();
         let b: Arc<str> = "b".into();
         for t in 0..1000 {

@@ -324,18 +324,21 @@ impl Channel {
             }
         }
 
-        let attached = self.broker.attach(
-            Attach {
-                client_id: client_id.clone(),
-                owner: identity.user().cloned(),
-                protocol,
-                clean_start: connect.clean_start,
-                expiry_secs: capped_expiry,
-                max_inflight,
-                conn_id: self.conn_id,
-            },
-            &mut batch,
-        );
+        let attached = self
+            .broker
+            .attach(
+                Attach {
+                    client_id: client_id.clone(),
+                    owner: identity.user().cloned(),
+                    protocol,
+                    clean_start: connect.clean_start,
+                    expiry_secs: capped_expiry,
+                    max_inflight,
+                    conn_id: self.conn_id,
+                },
+                &mut batch,
+            )
+            .await;
         let attached = match attached {
             Ok(a) => a,
             Err(Refused::NotOwner) => return Err(self.refuse_connect(Rc::NotAuthorized)),
@@ -675,6 +678,12 @@ impl Channel {
         let mut reaches_chat = false;
         // A SUBSCRIBE whose filters were all refused rewrites nothing.
         let mut changed = false;
+        let heads = match &user {
+            Some(u) if s.filters.iter().any(|f| may_reach_chat(&f.path)) => {
+                self.broker.chat.heads_for_seed(u, &cell).await
+            }
+            _ => Default::default(),
+        };
         {
             let mut slot = cell.lock();
             let session = &mut slot.session;
@@ -724,8 +733,7 @@ impl Channel {
                 changed = true;
                 // Indexed under the session lock: a message published now
                 // queues behind the retained ones below.
-                self.broker
-                    .index_subscription(&self.client_id, &f.path, options);
+                self.broker.index_subscription(&cell, &f.path, options);
                 let send_retained = !shared
                     && match options.retain_handling {
                         0 => true,
@@ -767,7 +775,7 @@ impl Channel {
             if let (Some(u), true) = (&user, reaches_chat) {
                 // Conversations the new subscriptions reach get a cursor,
                 // written with them.
-                self.broker.chat.seed(u, session, &mut batch);
+                self.broker.chat.seed(u, session, &heads, &mut batch);
             }
             if changed && session.persistent() {
                 batch.put_session(&session.client_id, &session.record());
@@ -881,7 +889,9 @@ impl Channel {
                 .fetch_add(expired, Ordering::Relaxed);
         }
         if !batch.is_empty() {
-            drop(self.broker.store.submit(batch).await);
+            // Boxed: rare (expired messages of a persistent session), and
+            // the connection's idle state should not carry its space.
+            drop(Box::pin(self.broker.store.submit(batch)).await);
         }
         self.broker.chat.refill(cell);
     }
@@ -1198,4 +1208,15 @@ fn empty_connect_props() -> ConnectProperties {
         authentication_method: None,
         authentication_data: None,
     }
+}
+
+/// Could `filter` (shared or not) receive chat topics? Then a SUBSCRIBE
+/// reads conversation heads first (see [`crate::chat::Chat::seed`]).
+fn may_reach_chat(filter: &str) -> bool {
+    let inner = match parse_shared(filter) {
+        Some(Ok((_, inner))) => inner,
+        Some(Err(())) => return false,
+        None => filter,
+    };
+    filter_scope(inner) != FilterScope::Plain
 }

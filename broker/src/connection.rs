@@ -35,8 +35,10 @@ use crate::codec::{self, DecodeError, Frame, Protocol};
 use crate::login_guard;
 
 const READ_CHUNK: usize = 16 * 1024;
-/// The read buffer of a quiet connection: most connections are idle most
-/// of the time, and their memory is what a broker of many clients pays.
+/// Reads that return at least this much keep a read buffer of their own
+/// ([`READ_CHUNK`]); a quieter connection reads into its worker's scratch
+/// buffer and holds none while idle: most connections are idle most of the
+/// time, and their memory is what a broker of many clients pays.
 const READ_SMALL: usize = 1024;
 /// A connection taken over keeps reading what its client already sent
 /// until it has been quiet this long (a DISCONNECT sent just before the
@@ -54,7 +56,7 @@ where
     let mut conn = Connection {
         channel: Channel::new(broker.clone(), broker.next_id()),
         max_in: max_packet_size(broker.settings.mqtt.max_payload),
-        inbuf: BytesMut::with_capacity(READ_SMALL),
+        inbuf: BytesMut::new(),
         outbuf: BytesMut::new(),
         last_read: 0,
         pending: VecDeque::new(),
@@ -63,9 +65,23 @@ where
         taken_over: None,
         expires: None,
     };
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let close = conn.run(&mut rd, &mut wr, &broker, peer, shutdown).await;
+    // One stream that the task both reads and writes: no `split`, whose
+    // halves share the stream behind an `Arc` and a lock.
+    let mut io = stream;
+    let close = conn.run(&mut io, &broker, peer, shutdown).await;
     if let Some(close) = close {
+        Box::pin(finish(conn, io, close)).await;
+    }
+}
+
+/// Ends a connection that got past CONNECT: releases the session, says
+/// why (MQTT 5), and closes the socket gently. Its own future, boxed by
+/// the caller: a connection's idle state should not carry its space.
+async fn finish<S>(mut conn: Connection, mut io: S, close: Close)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    {
         // The session is released first, then the connection taking it
         // over (if any) may attach: it must not wait for our socket.
         Box::pin(conn.channel.close(close)).await;
@@ -82,12 +98,12 @@ where
         }
         if !conn.outbuf.is_empty() {
             let _ = timeout(Duration::from_secs(1), async {
-                wr.write_all(&conn.outbuf).await?;
-                wr.flush().await
+                io.write_all(&conn.outbuf).await?;
+                io.flush().await
             })
             .await;
         }
-        let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
+        let _ = timeout(Duration::from_secs(1), io.shutdown()).await;
         // Lingering close: a socket dropped while the client is still
         // sending (acks for what we wrote, more publishes) answers it with
         // a TCP reset; its next write fails, and some stacks discard what
@@ -98,7 +114,7 @@ where
             loop {
                 conn.inbuf.clear();
                 conn.inbuf.reserve(READ_CHUNK);
-                match rd.read_buf(&mut conn.inbuf).await {
+                match io.read_buf(&mut conn.inbuf).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
@@ -193,6 +209,47 @@ fn deadline_passed(draining: bool, expires: Option<Instant>) -> Close {
     }
 }
 
+thread_local! {
+    /// The read buffer every quiet connection on this worker shares; a
+    /// read borrows it only while it is polled, never across a wait.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; READ_CHUNK]);
+}
+
+/// Reads what `io` has into `inbuf`, through the worker's [`SCRATCH`]:
+/// `inbuf` gets only the bytes read, so a connection waiting for input
+/// holds no buffer of its own (the one copy per read costs far less than
+/// the read itself).
+fn read_some<'a, S: AsyncRead + Unpin>(
+    io: &'a mut S,
+    inbuf: &'a mut BytesMut,
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        SCRATCH.with(|scratch| {
+            let mut own;
+            let mut shared = scratch.try_borrow_mut();
+            // Not reachable (no read polls another one), but were it so:
+            // a buffer of this read's own, not a failure.
+            let space: &mut [u8] = match shared.as_deref_mut() {
+                Ok(v) => v,
+                Err(_) => {
+                    own = vec![0; READ_SMALL];
+                    &mut own
+                }
+            };
+            let mut buf = tokio::io::ReadBuf::new(space);
+            match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {
+                    let got = buf.filled();
+                    inbuf.extend_from_slice(got);
+                    Poll::Ready(Ok(got.len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+}
+
 /// Waits for `deadline`, or forever without one.
 async fn until(deadline: Option<Instant>) {
     match deadline {
@@ -240,48 +297,47 @@ struct Connection {
 impl Connection {
     /// Runs the connection; returns how it ended (`None` if it never got
     /// past CONNECT and there is nothing to clean up beyond the socket).
-    async fn run<R, W>(
+    async fn run<S>(
         &mut self,
-        rd: &mut R,
-        wr: &mut W,
+        io: &mut S,
         broker: &Arc<Broker>,
         peer: IpAddr,
         mut shutdown: watch::Receiver<bool>,
     ) -> Option<Close>
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         let connect_timeout = Duration::from_secs(broker.settings.mqtt.connect_timeout_secs);
         let max_connect = broker.settings.mqtt.max_connect_packet;
-        let first = match timeout(connect_timeout, self.read_connect(rd, max_connect)).await {
-            Ok(Ok(Some(p))) => p,
-            Ok(Err(DecodeError::UnsupportedProtocol(_))) => {
-                // [MQTT-3.1.2-2] answer 0x01 in the 3.1.1 form, then close.
-                let refuse = Packet::ConnAck(ConnAck {
-                    session_present: false,
-                    code: ConnectReturnCode::UnsupportedProtocolVersion,
-                    properties: None,
-                });
-                codec::encode(&refuse, Protocol::V4, &mut self.outbuf, None);
-                return Some(Close {
-                    reason: None,
-                    will: false,
-                });
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "bad CONNECT");
-                if let DecodeError::TooLarge { .. } = e {
-                    self.metrics.refused.count(Refusal::ConnectTooLarge);
+        let first =
+            match Box::pin(timeout(connect_timeout, self.read_connect(io, max_connect))).await {
+                Ok(Ok(Some(p))) => p,
+                Ok(Err(DecodeError::UnsupportedProtocol(_))) => {
+                    // [MQTT-3.1.2-2] answer 0x01 in the 3.1.1 form, then close.
+                    let refuse = Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::UnsupportedProtocolVersion,
+                        properties: None,
+                    });
+                    codec::encode(&refuse, Protocol::V4, &mut self.outbuf, None);
+                    return Some(Close {
+                        reason: None,
+                        will: false,
+                    });
                 }
-                return None;
-            }
-            Ok(Ok(None)) => return None,
-            Err(_) => {
-                self.metrics.refused.count(Refusal::ConnectTimeout);
-                return None;
-            }
-        };
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "bad CONNECT");
+                    if let DecodeError::TooLarge { .. } = e {
+                        self.metrics.refused.count(Refusal::ConnectTooLarge);
+                    }
+                    return None;
+                }
+                Ok(Ok(None)) => return None,
+                Err(_) => {
+                    self.metrics.refused.count(Refusal::ConnectTimeout);
+                    return None;
+                }
+            };
         let (protocol, Packet::Connect(connect, will, login)) = first else {
             return None;
         };
@@ -329,7 +385,7 @@ impl Connection {
         // A client may send packets right after CONNECT without waiting
         // for CONNACK [MQTT-3.1.4-7]: what came with it is handled now,
         // not when (if ever) the next read returns.
-        if let Some(close) = self.handle_buffered(broker, peer, protocol).await {
+        if let Some(close) = Box::pin(self.handle_buffered(broker, peer, protocol)).await {
             return Some(close);
         }
         let mut deadline = next_deadline(self.expires);
@@ -342,7 +398,7 @@ impl Connection {
             let mut deliveries = Vec::new();
             self.channel.poll_deliveries(&mut deliveries).await;
             for p in deliveries {
-                self.encode(p).await;
+                self.send(p).await;
             }
             if let Some(close) = self.overloaded() {
                 return Some(close);
@@ -350,7 +406,7 @@ impl Connection {
             if !self.outbuf.is_empty() {
                 // First without waiting: a socket with room (nearly every
                 // write) takes the buffer at once.
-                let Ok((written, flushed)) = write_now(wr, &self.outbuf) else {
+                let Ok((written, flushed)) = write_now(io, &self.outbuf) else {
                     return Some(Close {
                         reason: None,
                         will: true,
@@ -367,7 +423,7 @@ impl Connection {
                         deadline: &mut deadline,
                     };
                     let rest = self.write_rest(
-                        wr,
+                        io,
                         written,
                         &mut shutdown,
                         &wake,
@@ -379,12 +435,12 @@ impl Connection {
                     }
                 }
             }
+            // Nothing left over from the last read (no partial packet):
+            // the buffer goes, unless the connection is busy enough to
+            // refill it at once.
             let busy = self.last_read * 2 >= READ_SMALL;
-            let want = if busy { READ_CHUNK } else { READ_SMALL };
-            if !busy && self.inbuf.is_empty() && self.inbuf.capacity() > 2 * READ_SMALL {
-                self.inbuf = BytesMut::with_capacity(READ_SMALL);
-            } else if self.inbuf.capacity() - self.inbuf.len() < want / 4 {
-                self.inbuf.reserve(want);
+            if self.inbuf.is_empty() && (!busy || self.inbuf.capacity() > 4 * READ_CHUNK) {
+                self.inbuf = BytesMut::new();
             }
             tokio::select! {
                 _ = shutdown.changed() => return Some(shutting_down()),
@@ -398,19 +454,19 @@ impl Connection {
                         if matches!(ack, Packet::PubAck(_)) {
                             self.channel.puback_sent();
                         }
-                        self.encode(ack).await;
+                        self.send(ack).await;
                     }
                 }
                 _ = woken(&wake) => {}
                 _ = until(deadline) => {
                     return Some(deadline_passed(drain_end.is_some(), self.expires));
                 }
-                read = rd.read_buf(&mut self.inbuf) => {
+                read = read_some(io, &mut self.inbuf) => {
                     match read {
                         Ok(0) | Err(_) => return Some(Close { reason: None, will: true }),
                         Ok(n) => self.last_read = n,
                     }
-                    if let Some(close) = self.handle_buffered(broker, peer, protocol).await {
+                    if let Some(close) = Box::pin(self.handle_buffered(broker, peer, protocol)).await {
                         return Some(close);
                     }
                     deadline = match drain_end {
@@ -631,7 +687,7 @@ impl Connection {
             if let Some(p) = codec::decode(&mut self.inbuf, None, limit)? {
                 return Ok(Some(p));
             }
-            match rd.read_buf(&mut self.inbuf).await {
+            match read_some(rd, &mut self.inbuf).await {
                 Ok(0) | Err(_) => return Ok(None),
                 Ok(_) => {}
             }
@@ -659,7 +715,7 @@ impl Connection {
                         if matches!(ack, Packet::PubAck(_)) {
                             self.channel.puback_sent();
                         }
-                        self.encode(ack).await;
+                        self.send(ack).await;
                     }
                 }
             }
@@ -690,7 +746,11 @@ impl Connection {
         }
     }
 
-    async fn encode(&mut self, p: Packet) {
+    /// Encodes `p` into the write buffer. A QoS 1/2 PUBLISH too large for
+    /// the client is not written: its packet id is returned, for
+    /// [`Connection::discard`]. (Not async itself: the packet would then be
+    /// held in the connection's state across every wait.)
+    fn encode(&mut self, p: Packet) -> Option<u16> {
         let protocol = self.protocol.unwrap_or(Protocol::V4);
         let written = codec::encode(
             &p,
@@ -703,12 +763,20 @@ impl Connection {
                 .messages_delivered
                 .fetch_add(1, Ordering::Relaxed);
         }
-        if !written {
-            if let Packet::Publish(publish) = &p {
-                if publish.qos != QoS::AtMostOnce {
-                    self.channel.discarded(publish.pkid).await;
-                }
+        match &p {
+            Packet::Publish(publish) if !written && publish.qos != QoS::AtMostOnce => {
+                Some(publish.pkid)
             }
+            _ => None,
+        }
+    }
+
+    /// Encodes `p`; a message too large for the client counts as delivered.
+    async fn send(&mut self, p: Packet) {
+        if let Some(pkid) = self.encode(p) {
+            // Boxed: rare, and the connection's idle state should not
+            // carry its space.
+            Box::pin(self.channel.discarded(pkid)).await;
         }
     }
 }

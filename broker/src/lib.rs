@@ -17,6 +17,7 @@
 
 pub mod access;
 pub mod admission;
+mod blocking;
 pub mod broker;
 pub mod channel;
 #[cfg(test)]
@@ -25,6 +26,7 @@ pub mod chat;
 mod clock;
 pub use chatmq_protocol::codec;
 pub mod connection;
+pub mod counter;
 pub mod http;
 pub mod limits;
 pub mod login_guard;

@@ -25,11 +25,11 @@
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chatmq_storage::{Batch, ClientOwner};
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex, MutexGuard};
 
 use crate::broker::Broker;
 use crate::clock::now_ms;
@@ -79,10 +79,11 @@ impl Ownership {
     }
 
     /// Held while deciding who owns `client_id`, until the attach that
-    /// passed has its session in the broker's map.
-    pub fn lock(&self, client_id: &str) -> MutexGuard<'_, ()> {
+    /// passed has its session in the broker's map. An async lock: the
+    /// stored claim is read under it, off the async workers.
+    pub async fn lock(&self, client_id: &str) -> MutexGuard<'_, ()> {
         let i = (self.hasher.hash_one(client_id) % STRIPES as u64) as usize;
-        self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())
+        self.stripes[i].lock().await
     }
 
     /// The write that claims `client_id` for `who`, or refreshes a claim
@@ -168,7 +169,7 @@ async fn sweep_once(broker: &Arc<Broker>) {
         for (client_id, claim) in &page {
             // Under the claim lock, and queued in order before releasing it:
             // an attach of this id after us reads and writes after our write.
-            let _claim = broker.owners.lock(client_id);
+            let _claim = broker.owners.lock(client_id).await;
             let has_session = broker.session(client_id).is_some();
             let mut batch = Batch::new();
             match broker.owners.judge(claim, has_session, now) {

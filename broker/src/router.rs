@@ -3,8 +3,10 @@
 //! A trie over topic levels with `+` and `#` children, so a lookup costs
 //! the topic's depth, not the number of subscriptions. Shared subscriptions
 //! (`$share/{group}/{filter}`) live at their filter's node as groups; the
-//! broker picks one member per group. The router only indexes: it knows
-//! nothing of sessions, queues or delivery.
+//! broker picks one member per group. Each subscription holds a handle `H`
+//! to its subscriber (the broker's is the session itself), so a publisher
+//! reaches the sessions a topic matches without any other lookup. The
+//! router only indexes: it knows nothing of sessions, queues or delivery.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,14 +28,31 @@ pub struct SubOptions {
     pub identifier: u32,
 }
 
-#[derive(Default)]
-struct Node {
-    children: HashMap<String, Node>,
-    subscribers: HashMap<Arc<str>, SubOptions>,
-    groups: HashMap<String, SharedGroup>,
+/// One subscription as indexed: what it asked for, and its subscriber.
+#[derive(Clone)]
+pub struct Sub<H> {
+    pub options: SubOptions,
+    pub handle: H,
 }
 
-impl Node {
+struct Node<H> {
+    children: HashMap<String, Node<H>>,
+    /// Plain subscriptions by client id.
+    subscribers: HashMap<Arc<str>, Sub<H>>,
+    groups: HashMap<String, SharedGroup<H>>,
+}
+
+impl<H> Default for Node<H> {
+    fn default() -> Self {
+        Node {
+            children: HashMap::new(),
+            subscribers: HashMap::new(),
+            groups: HashMap::new(),
+        }
+    }
+}
+
+impl<H> Node<H> {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.subscribers.is_empty() && self.groups.is_empty()
     }
@@ -48,9 +67,9 @@ impl Node {
 /// Dropping a node drops its subtree without recursion: a chain of
 /// thousands of levels would otherwise overflow the stack of whoever
 /// dropped it (an unsubscribe, the end of a session, shutdown).
-impl Drop for Node {
+impl<H> Drop for Node<H> {
     fn drop(&mut self) {
-        let mut orphans: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        let mut orphans: Vec<Node<H>> = self.children.drain().map(|(_, n)| n).collect();
         while let Some(mut node) = orphans.pop() {
             orphans.extend(node.children.drain().map(|(_, n)| n));
             // `node` goes here with no children left.
@@ -58,39 +77,64 @@ impl Drop for Node {
     }
 }
 
-#[derive(Default)]
-struct SharedGroup {
-    members: Vec<(Arc<str>, SubOptions)>,
+struct SharedGroup<H> {
+    members: Vec<(Arc<str>, Sub<H>)>,
+    /// Where the next pick starts. Written once per message that reaches
+    /// the group (not per message routed), and only for shared groups.
     next: AtomicUsize,
+}
+
+impl<H> Default for SharedGroup<H> {
+    fn default() -> Self {
+        SharedGroup {
+            members: Vec::new(),
+            next: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// One shared group that matched: the broker delivers to one member,
 /// trying them in order from `start`.
-pub struct SharedMatch<'a> {
-    pub members: &'a [(Arc<str>, SubOptions)],
+pub struct SharedMatch<'a, H> {
+    pub members: &'a [(Arc<str>, Sub<H>)],
     pub start: usize,
 }
 
 /// The index. Insert, remove and match walk the trie in loops: a topic's
 /// depth is the client's choice, so none of them recurses.
-#[derive(Default)]
-pub struct Router {
-    root: Node,
+pub struct Router<H> {
+    root: Node<H>,
 }
 
-impl Router {
+impl<H> Default for Router<H> {
+    fn default() -> Self {
+        Router {
+            root: Node::default(),
+        }
+    }
+}
+
+impl<H> Router<H> {
     /// Adds or replaces `client`'s subscription to `filter` (already
-    /// validated). Returns true if it did not exist before.
-    pub fn subscribe(&mut self, client: &Arc<str>, filter: &str, options: SubOptions) -> bool {
+    /// validated), reached through `handle`. Returns true if it did not
+    /// exist before.
+    pub fn subscribe(
+        &mut self,
+        client: &Arc<str>,
+        filter: &str,
+        options: SubOptions,
+        handle: H,
+    ) -> bool {
+        let sub = Sub { options, handle };
         match parse_shared(filter) {
             Some(Ok((group, inner))) => {
                 let node = self.node_mut(inner);
                 let group = node.groups.entry(group.to_string()).or_default();
                 if let Some(m) = group.members.iter_mut().find(|(c, _)| c == client) {
-                    m.1 = options;
+                    m.1 = sub;
                     false
                 } else {
-                    group.members.push((client.clone(), options));
+                    group.members.push((client.clone(), sub));
                     true
                 }
             }
@@ -98,7 +142,7 @@ impl Router {
             None => self
                 .node_mut(filter)
                 .subscribers
-                .insert(client.clone(), options)
+                .insert(client.clone(), sub)
                 .is_none(),
         }
     }
@@ -153,7 +197,7 @@ impl Router {
         removed
     }
 
-    fn node_mut(&mut self, filter: &str) -> &mut Node {
+    fn node_mut(&mut self, filter: &str) -> &mut Node<H> {
         let mut node = &mut self.root;
         for level in filter.split('/') {
             node = node.children.entry(level.to_string()).or_default();
@@ -161,7 +205,7 @@ impl Router {
         node
     }
 
-    fn node_at_mut(&mut self, levels: &[&str]) -> Option<&mut Node> {
+    fn node_at_mut(&mut self, levels: &[&str]) -> Option<&mut Node<H>> {
         let mut node = &mut self.root;
         for level in levels {
             node = node.children.get_mut(*level)?;
@@ -174,8 +218,8 @@ impl Router {
     pub fn for_each_match<'a>(
         &'a self,
         topic: &str,
-        direct: &mut dyn FnMut(&'a Arc<str>, &'a SubOptions),
-        shared: &mut dyn FnMut(SharedMatch<'a>),
+        direct: &mut dyn FnMut(&'a Arc<str>, &'a Sub<H>),
+        shared: &mut dyn FnMut(SharedMatch<'a, H>),
     ) {
         let levels: Vec<&str> = topic.split('/').collect();
         // Wildcards may not match the first level of a `$` topic
@@ -184,7 +228,7 @@ impl Router {
         // Depth-first over (node, levels consumed). Each node pushes at most
         // two children, the literal one and `+`, so the stack holds at most
         // one pending branch per level.
-        let mut pending: Vec<(&'a Node, usize)> = vec![(&self.root, 0)];
+        let mut pending: Vec<(&'a Node<H>, usize)> = vec![(&self.root, 0)];
         while let Some((node, depth)) = pending.pop() {
             let wild = depth > 0 || !dollar;
             if wild {
@@ -208,13 +252,13 @@ impl Router {
     }
 }
 
-fn emit<'a>(
-    node: &'a Node,
-    direct: &mut dyn FnMut(&'a Arc<str>, &'a SubOptions),
-    shared: &mut dyn FnMut(SharedMatch<'a>),
+fn emit<'a, H>(
+    node: &'a Node<H>,
+    direct: &mut dyn FnMut(&'a Arc<str>, &'a Sub<H>),
+    shared: &mut dyn FnMut(SharedMatch<'a, H>),
 ) {
-    for (client, options) in &node.subscribers {
-        direct(client, options);
+    for (client, sub) in &node.subscribers {
+        direct(client, sub);
     }
     for group in node.groups.values() {
         if !group.members.is_empty() {
@@ -241,7 +285,7 @@ mod tests {
         }
     }
 
-    fn matched(r: &Router, topic: &str) -> Vec<String> {
+    fn matched(r: &Router<()>, topic: &str) -> Vec<String> {
         let out = std::cell::RefCell::new(Vec::new());
         r.for_each_match(
             topic,
@@ -258,13 +302,13 @@ mod tests {
 
     #[test]
     fn wildcards_match_through_the_trie() {
-        let mut r = Router::default();
+        let mut r = Router::<()>::default();
         let a: Arc<str> = "a".into();
         let b: Arc<str> = "b".into();
         let c: Arc<str> = "c".into();
-        r.subscribe(&a, "sport/+/player1", opts(QoS::AtMostOnce));
-        r.subscribe(&b, "sport/#", opts(QoS::AtMostOnce));
-        r.subscribe(&c, "#", opts(QoS::AtMostOnce));
+        r.subscribe(&a, "sport/+/player1", opts(QoS::AtMostOnce), ());
+        r.subscribe(&b, "sport/#", opts(QoS::AtMostOnce), ());
+        r.subscribe(&c, "#", opts(QoS::AtMostOnce), ());
         assert_eq!(matched(&r, "sport/tennis/player1"), ["a", "b", "c"]);
         assert_eq!(matched(&r, "sport"), ["b", "c"]);
         assert_eq!(matched(&r, "other"), ["c"]);
@@ -276,21 +320,21 @@ mod tests {
 
     #[test]
     fn resubscribing_replaces_options() {
-        let mut r = Router::default();
+        let mut r = Router::<()>::default();
         let a: Arc<str> = "a".into();
-        assert!(r.subscribe(&a, "t", opts(QoS::AtMostOnce)));
-        assert!(!r.subscribe(&a, "t", opts(QoS::ExactlyOnce)));
+        assert!(r.subscribe(&a, "t", opts(QoS::AtMostOnce), ()));
+        assert!(!r.subscribe(&a, "t", opts(QoS::ExactlyOnce), ()));
         let mut qos = vec![];
-        r.for_each_match("t", &mut |_, o| qos.push(o.qos), &mut |_| {});
+        r.for_each_match("t", &mut |_, s| qos.push(s.options.qos), &mut |_| {});
         assert_eq!(qos, [QoS::ExactlyOnce]);
     }
 
     #[test]
     fn shared_groups_rotate_between_members() {
-        let mut r = Router::default();
+        let mut r = Router::<()>::default();
         for c in ["x", "y"] {
             let c: Arc<str> = c.into();
-            r.subscribe(&c, "$share/g/jobs/+", opts(QoS::AtLeastOnce));
+            r.subscribe(&c, "$share/g/jobs/+", opts(QoS::AtLeastOnce), ());
         }
         let first = matched(&r, "jobs/1");
         let second = matched(&r, "jobs/2");
@@ -308,12 +352,12 @@ mod tests {
     fn deep_filters_need_no_deep_stack() {
         let deep = format!("sensors/erin/{}", "/".repeat(60_000));
         let run = move || {
-            let mut r = Router::default();
+            let mut r = Router::<()>::default();
             let a: Arc<str> = "a".into();
             let b: Arc<str> = "b".into();
-            r.subscribe(&a, &deep, opts(QoS::AtLeastOnce));
-            r.subscribe(&b, &format!("{deep}/#"), opts(QoS::AtLeastOnce));
-            r.subscribe(&b, &format!("$share/g/{deep}"), opts(QoS::AtLeastOnce));
+            r.subscribe(&a, &deep, opts(QoS::AtLeastOnce), ());
+            r.subscribe(&b, &format!("{deep}/#"), opts(QoS::AtLeastOnce), ());
+            r.subscribe(&b, &format!("$share/g/{deep}"), opts(QoS::AtLeastOnce), ());
             assert_eq!(matched(&r, &deep), ["a", "b", "shared:b"]);
             assert!(r.unsubscribe("a", &deep));
             assert_eq!(matched(&r, &deep), ["b", "shared:b"]);
@@ -321,7 +365,7 @@ mod tests {
             assert!(r.unsubscribe("b", &format!("{deep}/#")));
             assert!(r.root.children.is_empty(), "the whole chain is pruned");
             // And a router dropped while it still holds a deep chain.
-            r.subscribe(&a, &deep, opts(QoS::AtMostOnce));
+            r.subscribe(&a, &deep, opts(QoS::AtMostOnce), ());
             drop(r);
         };
         let small_stack = std::thread::Builder::new().stack_size(256 * 1024);
@@ -331,12 +375,12 @@ mod tests {
 
     #[test]
     fn pruning_keeps_what_other_subscriptions_need() {
-        let mut r = Router::default();
+        let mut r = Router::<()>::default();
         let a: Arc<str> = "a".into();
         let b: Arc<str> = "b".into();
-        r.subscribe(&a, "x/y/z/w", opts(QoS::AtMostOnce));
-        r.subscribe(&b, "x/y", opts(QoS::AtMostOnce));
-        r.subscribe(&b, "x/q/r", opts(QoS::AtMostOnce));
+        r.subscribe(&a, "x/y/z/w", opts(QoS::AtMostOnce), ());
+        r.subscribe(&b, "x/y", opts(QoS::AtMostOnce), ());
+        r.subscribe(&b, "x/q/r", opts(QoS::AtMostOnce), ());
         assert!(r.unsubscribe("a", "x/y/z/w"));
         assert!(!r.unsubscribe("a", "x/y/z/w"));
         assert!(!r.unsubscribe("a", "x/y/nothing"));

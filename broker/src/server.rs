@@ -433,13 +433,23 @@ async fn serve_ws<S>(
 }
 
 async fn sweep_sessions(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
+        let now = now_ms();
+        broker.expire_sessions(now);
+        broker.fire_wills(now);
+        // Asleep until the earliest deadline, or until an earlier one is
+        // set; at most a minute, so a clock stepped back is caught up.
+        let wait = broker
+            .next_deadline()
+            .map_or(TIMER_IDLE, |t| Duration::from_millis(t.saturating_sub(now)))
+            .min(TIMER_IDLE);
         tokio::select! {
             _ = shutdown.changed() => break,
-            _ = tick.tick() => {
-                broker.expire_sessions(now_ms());
-            }
+            _ = broker.timers.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
+
+/// The longest the timer task sleeps with no deadline due.
+const TIMER_IDLE: Duration = Duration::from_secs(60);

@@ -23,6 +23,14 @@ use crate::router::SubOptions;
 
 /// Packet ids cycle through 1..=65535.
 const PKID_SPACE: u64 = 65_535;
+/// A persistent session's chat cursors are written once this many
+/// acknowledgements moved them, or at the first acknowledgement this long
+/// after an unsaved one ([`Session::flush_cursors`]), and always when the
+/// connection ends. A broker killed in between replays at most this many
+/// acknowledged messages per session, marked DUP (see
+/// [`ChatCursor::dup_until`]).
+pub const CURSOR_SAVE_ACKS: u32 = 32;
+pub const CURSOR_SAVE_MS: u64 = 1000;
 
 /// A message owed to the client.
 #[derive(Debug, Clone)]
@@ -96,6 +104,21 @@ pub struct ChatCursor {
     pub acked: u64,
     /// The last seq queued for sending.
     pub queued: u64,
+    /// Seqs up to this one go out with DUP set: the broker restarted after
+    /// a crash while the session was connected, so the client may have
+    /// acknowledged them after the cursor was last written.
+    pub dup_until: u64,
+}
+
+impl ChatCursor {
+    /// A cursor at `seq`, nothing owed before it.
+    pub fn at(seq: u64) -> ChatCursor {
+        ChatCursor {
+            acked: seq,
+            queued: seq,
+            dup_until: 0,
+        }
+    }
 }
 
 /// What became of a chat message offered to a session.
@@ -153,6 +176,12 @@ pub struct Session {
     /// A connected client fell so far behind that messages had to be
     /// dropped for the byte budget: its connection closes as overloaded.
     pub overloaded: bool,
+    /// Conversations whose cursor moved since it was last written.
+    unsaved_cursors: HashSet<Arc<str>>,
+    /// Acknowledgements since the cursors were last written, and when the
+    /// first of them came (unix ms).
+    unsaved_acks: u32,
+    unsaved_since_ms: u64,
 }
 
 impl Session {
@@ -184,6 +213,9 @@ impl Session {
             held_bytes: 0,
             max_bytes: usize::MAX,
             overloaded: false,
+            unsaved_cursors: HashSet::new(),
+            unsaved_acks: 0,
+            unsaved_since_ms: 0,
         }
     }
 
@@ -466,7 +498,8 @@ impl Session {
     }
 
     /// A message was delivered: forget it, or advance its conversation's
-    /// cursor (persisted for a persistent session).
+    /// cursor (persisted for a persistent session, coalesced: see
+    /// [`CURSOR_SAVE_ACKS`]).
     fn settled(&mut self, o: &Outgoing, batch: &mut Batch) {
         match &o.chat {
             Some((conv, seq)) => {
@@ -475,13 +508,42 @@ impl Session {
                 if *seq > c.acked {
                     c.acked = *seq;
                     if persistent {
-                        batch.put_cursor(&self.client_id, conv, *seq);
+                        self.cursor_moved(conv, batch);
                     }
                 }
             }
             None if o.n != 0 && self.persistent() => batch.delete_outbox(&self.client_id, o.n),
             None => {}
         }
+    }
+
+    /// Counts a moved cursor; writes the unsaved ones when enough
+    /// acknowledgements or enough time have gathered.
+    fn cursor_moved(&mut self, conv: &Arc<str>, batch: &mut Batch) {
+        let now = crate::clock::now_ms();
+        if self.unsaved_acks == 0 {
+            self.unsaved_since_ms = now;
+        }
+        self.unsaved_acks = self.unsaved_acks.saturating_add(1);
+        if !self.unsaved_cursors.contains(conv) {
+            self.unsaved_cursors.insert(conv.clone());
+        }
+        if self.unsaved_acks >= CURSOR_SAVE_ACKS
+            || now.saturating_sub(self.unsaved_since_ms) >= CURSOR_SAVE_MS
+        {
+            self.flush_cursors(batch);
+        }
+    }
+
+    /// Writes every chat cursor that moved since it was last written (when
+    /// the connection ends, and as acknowledgements gather).
+    pub fn flush_cursors(&mut self, batch: &mut Batch) {
+        for conv in self.unsaved_cursors.drain() {
+            if let Some(c) = self.chat.get(&conv) {
+                batch.put_cursor(&self.client_id, &conv, c.acked);
+            }
+        }
+        self.unsaved_acks = 0;
     }
 
     /// Does this session receive `conv` (a matching chat subscription) but
@@ -498,13 +560,7 @@ impl Session {
     /// Starts the cursor of `conv` at `head`: what comes after it is owed
     /// (persisted for a persistent session).
     pub fn start_cursor(&mut self, conv: &str, head: u64, batch: &mut Batch) {
-        self.chat.insert(
-            conv.into(),
-            ChatCursor {
-                acked: head,
-                queued: head,
-            },
-        );
+        self.chat.insert(conv.into(), ChatCursor::at(head));
         if self.persistent() {
             batch.put_cursor(&self.client_id, conv, head);
         }
@@ -527,10 +583,7 @@ impl Session {
     ) -> Offer {
         let cursor = match self.chat.get(conv) {
             Some(c) => *c,
-            None if start_here => ChatCursor {
-                acked: seq.saturating_sub(1),
-                queued: seq.saturating_sub(1),
-            },
+            None if start_here => ChatCursor::at(seq.saturating_sub(1)),
             None => return Offer::Duplicate,
         };
         if seq <= cursor.queued {
@@ -557,7 +610,7 @@ impl Session {
                 ..cursor
             },
         );
-        self.push(
+        let queued = self.push(
             msg,
             qos,
             false,
@@ -566,6 +619,11 @@ impl Session {
             true,
             batch,
         );
+        if queued && seq <= cursor.dup_until {
+            if let Some(o) = self.queue.back_mut() {
+                o.sent = true; // may have reached the client before the crash
+            }
+        }
         Offer::Queued
     }
 
@@ -1027,5 +1085,78 @@ mod tests {
         s.poll_send(11, &mut out, &mut b);
         assert!(out.is_empty());
         assert_eq!(s.dropped, 1);
+    }
+
+    /// Delivers chat seqs `from..=to` of `conv` and has the client ack
+    /// each; returns the writes the acks made.
+    fn deliver_and_ack(s: &mut Session, conv: &Arc<str>, from: u64, to: u64) -> Batch {
+        let mut b = Batch::new();
+        for seq in from..=to {
+            let m = msg("chat/room", QoS::AtLeastOnce);
+            assert_eq!(
+                s.offer_chat(conv, seq, m, QoS::AtLeastOnce, true, &mut b),
+                Offer::Queued
+            );
+            let mut out = Vec::new();
+            s.poll_send(0, &mut out, &mut b);
+            for p in out {
+                if let Packet::Publish(p) = p {
+                    assert_eq!(s.puback(p.pkid, &mut b), Ack::Applied);
+                }
+            }
+        }
+        b
+    }
+
+    // Issue #11 item 3: a persistent session's cursor is written once per
+    // CURSOR_SAVE_ACKS acknowledgements (or when the connection ends), not
+    // once per message.
+    #[test]
+    fn chat_cursor_writes_are_coalesced() {
+        let mut s = session(60);
+        s.max_inflight = 100;
+        s.max_queue = 100;
+        let conv: Arc<str> = "room".into();
+        let n = u64::from(CURSOR_SAVE_ACKS);
+        let b = deliver_and_ack(&mut s, &conv, 1, n - 1);
+        assert!(b.is_empty(), "{} acks wrote {} times", n - 1, b.len());
+        let b = deliver_and_ack(&mut s, &conv, n, n);
+        assert_eq!(b.len(), 1, "the {n}th ack writes the cursor once");
+        let b = deliver_and_ack(&mut s, &conv, n + 1, n + 3);
+        assert!(b.is_empty());
+        let mut end = Batch::new();
+        s.flush_cursors(&mut end);
+        assert_eq!(end.len(), 1, "the end of the connection writes the rest");
+        let mut again = Batch::new();
+        s.flush_cursors(&mut again);
+        assert!(again.is_empty(), "nothing moved since");
+        assert_eq!(s.chat.get(&conv).map(|c| c.acked), Some(n + 3));
+    }
+
+    // After a crash the cursor may be older than what the client acked:
+    // what it replays up to `dup_until` goes out with DUP set.
+    #[test]
+    fn seqs_the_client_may_have_acked_before_a_crash_come_back_marked_dup() {
+        let mut s = session(60);
+        s.max_inflight = 100;
+        let conv: Arc<str> = "room".into();
+        let mut cursor = ChatCursor::at(10);
+        cursor.dup_until = 12;
+        s.chat.insert(conv.clone(), cursor);
+        let mut b = Batch::new();
+        for seq in 11..=14 {
+            let m = msg("chat/room", QoS::AtLeastOnce);
+            assert_eq!(
+                s.offer_chat(&conv, seq, m, QoS::AtLeastOnce, false, &mut b),
+                Offer::Queued
+            );
+        }
+        let mut out = Vec::new();
+        s.poll_send(0, &mut out, &mut b);
+        let dups: Vec<bool> = out
+            .iter()
+            .map(|p| matches!(p, Packet::Publish(p) if p.dup))
+            .collect();
+        assert_eq!(dups, [true, true, false, false]);
     }
 }

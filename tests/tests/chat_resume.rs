@@ -439,3 +439,44 @@ async fn a_backlog_larger_than_the_replay_window_arrives_whole_and_in_order() {
     let seqs: Vec<u64> = got.iter().map(|p| seq_of(&p.payload)).collect();
     assert_dense(&seqs, 2501, "bob");
 }
+
+/// Issue #11: cursors are written once per 32 acknowledgements (and when
+/// the connection ends), not per message. bob acknowledges five messages
+/// and the broker is killed while he is still connected, before his cursor
+/// was written: after the restart he may get those five again, but each
+/// marked DUP, so his app drops them by (conv, seq); the sixth comes once.
+#[tokio::test]
+async fn acked_messages_replayed_after_a_crash_come_marked_dup() {
+    let mut b = Broker::start(&config(""));
+    let opts = |b: &Broker| v5_options(b.addr, "bob-laptop", "bob", true);
+    let mut bob = v5_login(opts(&b)).await;
+    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
+        .await;
+    alice_sends(&b, 1, 5).await;
+    let first = v5_until(&mut bob, PATIENCE, |g| g.len() >= 5).await;
+    let mut seen: Vec<Seen> = first.iter().map(seen_v5).collect();
+    assert!(seen.iter().all(|s| !s.dup), "first deliveries: {seen:?}");
+    // His PUBACKs reach the broker; then it dies with him connected.
+    seen.extend(bob.publishes_for(QUIET).await.iter().map(seen_v5));
+    b.kill9();
+    drop(bob);
+    b.restart();
+
+    let mut bob = v5_login(opts(&b)).await;
+    assert!(bob.connack.session_present);
+    let again: Vec<Seen> = bob.publishes_for(QUIET).await.iter().map(seen_v5).collect();
+    for s in &again {
+        assert!(
+            s.seq <= 5 && s.dup,
+            "a replay of an acked seq without DUP: {again:?}"
+        );
+    }
+    // Five acks are fewer than a cursor write needs: all five come again.
+    assert_eq!(again.len(), 5, "{again:?}");
+    seen.extend(again);
+    alice_sends(&b, 6, 6).await;
+    let live = v5_until(&mut bob, PATIENCE, |g| !g.is_empty()).await;
+    seen.extend(live.iter().map(seen_v5));
+    seen.extend(bob.publishes_for(QUIET).await.iter().map(seen_v5));
+    assert_exactly_once(&seen, 6, "bob");
+}

@@ -4,11 +4,13 @@
 //! [`Envelope`] from a member to [`Chat::append`]. Under the conversation's
 //! lock it is checked against the idempotency keys, gets the next seq, and
 //! its writes (message, head, idempotency key) are submitted to the
-//! group-commit writer, in seq order. The dispatcher task takes appended
-//! messages in that same order, waits for each commit, and only then fans
-//! the message out to the online members' sessions and resolves the
-//! publisher's ack: acked means on disk, and every receiver sees seqs in
-//! order. A session that lacks earlier seqs (it resumed, or fell behind)
+//! group-commit writer, in seq order. The conversation's dispatcher shard
+//! takes appended messages in that same order, waits for each commit, and
+//! only then fans the message out to the online members' sessions and
+//! resolves the publisher's ack: acked means on disk, and every receiver
+//! sees seqs in order. Conversations are spread over [`DISPATCH_SHARDS`]
+//! shards, each its own task, so a large group's fan-out (or a slow commit)
+//! holds up only the conversations of its shard. A session that lacks earlier seqs (it resumed, or fell behind)
 //! reads them from the log first ([`Offer::Gap`]), so replay and live
 //! delivery meet without gap or duplicate.
 //!
@@ -35,6 +37,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use crate::blocking;
 use crate::broker::{Metrics, SessionCell};
 use crate::clock::now_ms;
 use crate::message::{min_qos, Message};
@@ -52,8 +55,14 @@ const CATCH_UP_PAGE: usize = 256;
 /// Most messages a replay keeps waiting in one session; it continues as
 /// the client acknowledges them, so a long absence costs bounded memory.
 pub const REPLAY_WINDOW: usize = 1024;
-/// Appended messages waiting for the dispatcher.
-const DISPATCH_QUEUE: usize = 8192;
+/// Appended messages waiting in each dispatcher shard.
+const DISPATCH_QUEUE: usize = 1024;
+/// Dispatcher shards: one task each, conversations spread by hash.
+pub const DISPATCH_SHARDS: usize = 16;
+/// Sessions a fan-out offers a message to before it lets the worker run
+/// other tasks: a 10,000-member group does not hold a worker for the
+/// whole fan-out.
+const FAN_OUT_STEP: usize = 256;
 
 struct ConvState {
     record: ConversationRecord,
@@ -155,8 +164,9 @@ pub struct Chat {
     sessions: Mutex<HashMap<Arc<str>, Vec<Weak<SessionCell>>>>,
     /// Last known presence of each user: (online, unix ms).
     presence: Mutex<HashMap<Arc<str>, (bool, u64)>>,
-    dispatch: mpsc::Sender<Dispatch>,
-    dispatch_rx: Mutex<Option<mpsc::Receiver<Dispatch>>>,
+    /// One queue per dispatcher shard (see [`Chat::shard`]).
+    dispatch: Vec<mpsc::Sender<Dispatch>>,
+    dispatch_rx: Mutex<Vec<mpsc::Receiver<Dispatch>>>,
     /// The most messages one history call returns.
     pub history_cap: usize,
     metrics: Arc<Metrics>,
@@ -176,7 +186,9 @@ impl Chat {
         for (conv, user, role) in store.all_members()? {
             membership.add(&conv, &user, role);
         }
-        let (dispatch, rx) = mpsc::channel(DISPATCH_QUEUE);
+        let (dispatch, rx) = (0..DISPATCH_SHARDS)
+            .map(|_| mpsc::channel(DISPATCH_QUEUE))
+            .unzip();
         Ok(Chat {
             store,
             membership: RwLock::new(membership),
@@ -193,7 +205,7 @@ impl Chat {
             sessions: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             dispatch,
-            dispatch_rx: Mutex::new(Some(rx)),
+            dispatch_rx: Mutex::new(rx),
             history_cap: 200,
             metrics,
             push,
@@ -268,7 +280,7 @@ impl Chat {
         viewer == user || self.members_read().contacts(viewer).contains(user)
     }
 
-    fn conv_state(&self, conv: &str) -> Result<Arc<ConvSlot>, StorageError> {
+    async fn conv_state(&self, conv: &str) -> Result<Arc<ConvSlot>, StorageError> {
         let now = now_ms();
         {
             let mut convs = lock(&self.convs);
@@ -278,15 +290,14 @@ impl Chat {
                 return Ok(s);
             }
         }
-        let record = self
-            .store
-            .conversation(conv)?
-            .unwrap_or(ConversationRecord {
-                title: String::new(),
-                created_ms: now_ms(),
-                head: 0,
-                first: 1,
-            });
+        let name = conv.to_string();
+        let stored = blocking::read(&self.store, move |s| s.conversation(&name)).await?;
+        let record = stored.unwrap_or(ConversationRecord {
+            title: String::new(),
+            created_ms: now_ms(),
+            head: 0,
+            first: 1,
+        });
         let state = Arc::new(ConvSlot {
             durable_head: AtomicU64::new(record.head),
             used_ms: AtomicU64::new(now),
@@ -365,7 +376,7 @@ impl Chat {
     /// The conversation's state under its lock, reloaded from disk first
     /// if one of its commits failed.
     async fn locked(&self, conv: &str) -> Result<Locked, StorageError> {
-        let slot = self.conv_state(conv)?;
+        let slot = self.conv_state(conv).await?;
         let mut st = Locked {
             guard: slot.state.clone().lock_owned().await,
             _slot: slot,
@@ -390,12 +401,15 @@ impl Chat {
         let key = (from.clone(), envelope.id.clone());
         let earlier = match st.recent_seq.get(&key) {
             Some(seq) => Some(*seq),
-            None => self.store.dedup(conv, from, &envelope.id)?,
+            None => {
+                let (c, f, id) = (conv.to_string(), from.clone(), envelope.id.clone());
+                blocking::read(&self.store, move |s| s.dedup(&c, &f, &id)).await?
+            }
         };
         if let Some(seq) = earlier {
             // Acknowledged no earlier than the original.
             let (done, commit) = Commit::deferred();
-            let _ = self.dispatch.send(Dispatch::Barrier(done)).await;
+            let _ = self.shard(conv).send(Dispatch::Barrier(done)).await;
             return Ok((commit, seq));
         }
         let seq = st.record.head + 1;
@@ -445,7 +459,7 @@ impl Chat {
             done,
             failed: st.failed.clone(),
         };
-        if self.dispatch.send(item).await.is_err() {
+        if self.shard(conv).send(item).await.is_err() {
             return Err(StorageError::WriterGone);
         }
         Ok((acked, seq))
@@ -458,12 +472,18 @@ impl Chat {
     /// Called under the conversation's lock, so no append runs meanwhile.
     async fn reload(&self, conv: &str, st: &mut ConvState) -> Result<(), StorageError> {
         let (done, settled) = Commit::deferred();
-        if self.dispatch.send(Dispatch::Barrier(done)).await.is_err() {
+        if self
+            .shard(conv)
+            .send(Dispatch::Barrier(done))
+            .await
+            .is_err()
+        {
             return Err(StorageError::WriterGone);
         }
         // Its outcome does not matter, only that everything before it is done.
         let _ = settled.await;
-        let stored = self.store.conversation(conv)?;
+        let name = conv.to_string();
+        let stored = blocking::read(&self.store, move |s| s.conversation(&name)).await?;
         st.record = stored.unwrap_or(ConversationRecord {
             head: 0,
             first: 1,
@@ -495,12 +515,32 @@ impl Chat {
         self.push.enqueue(batch, offline, conv, seq, from, body);
     }
 
-    /// Runs the dispatcher until the broker stops: commits are awaited in
-    /// append order, then messages go out.
-    pub async fn run_dispatcher(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let Some(mut rx) = lock(&self.dispatch_rx).take() else {
-            return;
-        };
+    /// The dispatcher shard of `conv`: every append and barrier of one
+    /// conversation goes through the same queue, so they stay in order.
+    fn shard(&self, conv: &str) -> &mpsc::Sender<Dispatch> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        conv.hash(&mut h);
+        let i = (h.finish() % self.dispatch.len() as u64) as usize;
+        &self.dispatch[i]
+    }
+
+    /// Runs the dispatcher shards until the broker stops: in each, commits
+    /// are awaited in append order, then messages go out.
+    pub async fn run_dispatcher(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        let queues: Vec<_> = lock(&self.dispatch_rx).drain(..).collect();
+        let mut shards = tokio::task::JoinSet::new();
+        for rx in queues {
+            shards.spawn(self.clone().run_shard(rx, shutdown.clone()));
+        }
+        while shards.join_next().await.is_some() {}
+    }
+
+    async fn run_shard(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Dispatch>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         loop {
             let item = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -520,7 +560,7 @@ impl Chat {
                         if let Some(slot) = lock(&self.convs).get(&conv) {
                             slot.durable_head.fetch_max(seq, Ordering::AcqRel);
                         }
-                        self.fan_out(&conv, seq, &msg);
+                        self.fan_out(&conv, seq, &msg).await;
                         done.resolve(Ok(()));
                     }
                     Err(e) => {
@@ -544,9 +584,12 @@ impl Chat {
             .collect()
     }
 
-    fn fan_out(self: &Arc<Self>, conv: &Arc<str>, seq: u64, msg: &Arc<Message>) {
+    async fn fan_out(self: &Arc<Self>, conv: &Arc<str>, seq: u64, msg: &Arc<Message>) {
         let members = self.members(conv);
-        for cell in self.audience(&members) {
+        for (i, cell) in self.audience(&members).into_iter().enumerate() {
+            if i > 0 && i % FAN_OUT_STEP == 0 {
+                tokio::task::yield_now().await;
+            }
             let offer = {
                 let mut slot = cell.lock();
                 let s = &mut slot.session;
@@ -747,23 +790,56 @@ impl Chat {
         drop(self.store.submit_now(batch));
     }
 
+    /// The committed heads of `user`'s conversations that `cell` has no
+    /// cursor for, read off the async workers before a SUBSCRIBE takes the
+    /// session lock (see [`Chat::seed`]).
+    pub async fn heads_for_seed(&self, user: &str, cell: &SessionCell) -> Heads {
+        let convs: Vec<Arc<str>> = {
+            let slot = cell.lock();
+            self.conversations_of(user)
+                .into_iter()
+                .filter(|c| !slot.session.chat.contains_key(c))
+                .collect()
+        };
+        if convs.is_empty() {
+            return Heads::default();
+        }
+        let read = blocking::read(&self.store, move |s| {
+            convs
+                .into_iter()
+                .map(|c| Ok((s.conversation(&c)?.map_or(0, |r| r.head), c)))
+                .map(|r: Result<_, StorageError>| r.map(|(h, c)| (c, h)))
+                .collect::<Result<HashMap<_, _>, _>>()
+        })
+        .await;
+        match read {
+            Ok(heads) => Heads(heads),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read conversation heads");
+                Heads::default()
+            }
+        }
+    }
+
     /// `session` of `user` is subscribing: every conversation of the user
-    /// it now receives and has no cursor for starts at the head committed
-    /// now, so an offline spell later is replayed on resume. Called under
-    /// the session lock that adds the subscription: a message appended
-    /// after that has a higher seq, so it is never mistaken for one the
-    /// session already had (a head read after SUBACK could be).
-    pub fn seed(&self, user: &str, session: &mut Session, batch: &mut Batch) {
+    /// it now receives and has no cursor for starts at its committed head,
+    /// so an offline spell later is replayed on resume. `heads` were read
+    /// just before the session lock was taken; a message committed in
+    /// between has a higher seq and reaches the session through a
+    /// catch-up, so nothing appended after SUBACK is ever mistaken for one
+    /// the session already had. A conversation joined in that instant
+    /// (absent from `heads`) starts from its cached state, or the log.
+    pub fn seed(&self, user: &str, session: &mut Session, heads: &Heads, batch: &mut Batch) {
         for conv in self.conversations_of(user) {
             if !session.lacks_cursor(&conv) {
                 continue;
             }
-            match self.store.conversation(&conv) {
-                Ok(record) => session.start_cursor(&conv, record.map_or(0, |r| r.head), batch),
-                Err(e) => {
-                    tracing::error!(error = %e, conv = %conv, "cannot read a conversation head");
-                }
-            }
+            let head = heads.0.get(&conv).copied().unwrap_or_else(|| {
+                lock(&self.convs)
+                    .get(&conv)
+                    .map_or(0, |slot| slot.durable_head.load(Ordering::Acquire))
+            });
+            session.start_cursor(&conv, head, batch);
         }
     }
 
@@ -953,7 +1029,7 @@ impl Chat {
                 return Err(RpcError::bad("members must be user ids"));
             }
         }
-        let state = self.conv_state(conv)?;
+        let state = self.conv_state(conv).await?;
         let mut st = state.lock().await;
         if self.members_read().exists(conv) || st.record.head > 0 {
             return Err(RpcError::new("exists", "the conversation already exists"));
@@ -1100,14 +1176,25 @@ impl Chat {
 
     /// The user's conversations with head seq, read seq and unread count.
     pub async fn list(&self, user: &str) -> Result<Value, RpcError> {
+        let convs = self.conversations_of(user);
+        // Every read seq in one trip to the blocking pool.
+        let reads = {
+            let (user, convs) = (user.to_string(), convs.clone());
+            blocking::read(&self.store, move |s| {
+                convs
+                    .iter()
+                    .map(|c| s.read_seq(&user, c))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?
+        };
         let mut out = Vec::new();
-        for conv in self.conversations_of(user) {
-            let state = self.conv_state(&conv)?;
+        for (conv, read) in convs.into_iter().zip(reads) {
+            let state = self.conv_state(&conv).await?;
             let (head, title) = {
                 let s = state.lock().await;
                 (s.record.head, s.record.title.clone())
             };
-            let read = self.store.read_seq(user, &conv)?;
             let role = match self.role(&conv, user) {
                 Some(Role::Owner) => "owner",
                 _ => "member",
@@ -1122,7 +1209,11 @@ impl Chat {
     /// members (a read receipt). The read seq never goes backwards.
     pub async fn mark_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64, RpcError> {
         let (head, _) = self.bounds(conv).await?;
-        let seq = seq.min(head).max(self.store.read_seq(user, conv)?);
+        let read = {
+            let (user, conv) = (user.to_string(), conv.to_string());
+            blocking::read(&self.store, move |s| s.read_seq(&user, &conv)).await?
+        };
+        let seq = seq.min(head).max(read);
         let mut batch = Batch::new();
         batch.put_read(user, conv, seq);
         self.store.write(batch).await?;
@@ -1138,6 +1229,10 @@ impl Chat {
         Ok(seq)
     }
 }
+
+/// Conversation heads read for [`Chat::seed`].
+#[derive(Default)]
+pub struct Heads(HashMap<Arc<str>, u64>);
 
 /// Chat deliveries are at most QoS 1: the (conv, seq) pair already gives
 /// exactly-once to a client that deduplicates, and a QoS 2 packet id must
@@ -1232,5 +1327,66 @@ mod tests {
         let (seq, _) = send("m3").await;
         assert_eq!(seq, 2, "the head counted the lost message: a hole at 2");
         assert_eq!(chat.bounds("room").await.expect("bounds").0, 1);
+    }
+
+    // Issue #11 item 3: conversations are sequenced and fanned out in
+    // shards. A conversation whose commit hangs (here: one that never
+    // resolves) holds up its own shard only: another conversation's
+    // message is acknowledged meanwhile.
+    #[tokio::test]
+    async fn a_stuck_conversation_does_not_hold_up_the_others() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            Store::open(dir.path(), SyncMode::Never, Duration::from_millis(5)).expect("store");
+        let push = Push::open(store.clone(), &Default::default()).expect("push");
+        let chat = Arc::new(Chat::new(store, Arc::new(Metrics::default()), push).expect("chat"));
+        let (_stop, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(chat.clone().run_dispatcher(watch));
+
+        let stuck = "stuck";
+        let (_never, hanging) = Commit::deferred();
+        let (done, stuck_acked) = Commit::deferred();
+        let item = Dispatch::Message {
+            conv: stuck.into(),
+            seq: 1,
+            msg: Arc::new(Message::from_server(
+                "chat/stuck".into(),
+                Bytes::new(),
+                QoS::AtLeastOnce,
+                false,
+            )),
+            commit: hanging,
+            done,
+            failed: Arc::default(),
+        };
+        assert!(chat.shard(stuck).send(item).await.is_ok());
+
+        let other = (0..DISPATCH_SHARDS * 8)
+            .map(|i| format!("room-{i}"))
+            .find(|c| !std::ptr::eq(chat.shard(c), chat.shard(stuck)))
+            .expect("a conversation on another shard");
+        chat.create(&other, "t", Some("alice"), &[])
+            .await
+            .expect("room");
+        let (commit, seq) = chat
+            .append(&other, &"alice".into(), &envelope("m1"), QoS::AtLeastOnce)
+            .await
+            .expect("appended");
+        assert_eq!(seq, 1);
+        let acked = tokio::time::timeout(Duration::from_secs(10), commit).await;
+        assert!(matches!(acked, Ok(Ok(()))), "held up by the stuck shard");
+
+        // The stuck conversation's own shard still waits, in order.
+        let mut stuck_acked = stuck_acked;
+        assert!(resolved_now(&mut stuck_acked).is_none());
+    }
+
+    fn resolved_now(c: &mut Commit) -> Option<Result<(), StorageError>> {
+        use std::future::Future;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::Pin::new(c).poll(&mut cx) {
+            std::task::Poll::Ready(r) => Some(r),
+            std::task::Poll::Pending => None,
+        }
     }
 }

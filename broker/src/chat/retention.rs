@@ -157,7 +157,7 @@ impl Chat {
             // Read outside the lock; messages appended meanwhile are newer.
             keep_from = first_young(self, conv, keep_from, cutoff, usize::MAX).await?;
         }
-        let state = self.conv_state(conv)?;
+        let state = self.conv_state(conv).await?;
         let mut st = state.lock().await;
         let first = st.record.first;
         let keep_from = keep_from.min(st.record.head + 1);

@@ -70,6 +70,14 @@ impl Membership {
             .unwrap_or_default()
     }
 
+    /// Do `a` and `b` share a conversation? One membership lookup per
+    /// conversation of `a`, not a walk over every member of them.
+    pub fn share(&self, a: &str, b: &str) -> bool {
+        self.by_user
+            .get(a)
+            .is_some_and(|convs| convs.iter().any(|c| self.is_member(c, b)))
+    }
+
     /// Users who share at least one conversation with `user`.
     pub fn contacts(&self, user: &str) -> BTreeSet<Arc<str>> {
         let mut out = BTreeSet::new();
@@ -77,5 +85,31 @@ impl Membership {
             out.extend(self.members(conv));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_share_a_conversation_exactly_when_one_lists_the_other_as_contact() {
+        let mut m = Membership::default();
+        m.add("team", "alice", Role::Owner);
+        m.add("team", "bob", Role::Member);
+        m.add("dm:alice:carol", "alice", Role::Member);
+        m.add("dm:alice:carol", "carol", Role::Member);
+        m.add("other", "dave", Role::Member);
+        for (a, b) in [
+            ("alice", "bob"),
+            ("alice", "carol"),
+            ("bob", "carol"),
+            ("dave", "alice"),
+        ] {
+            assert_eq!(m.share(a, b), m.contacts(a).contains(b), "{a} and {b}");
+        }
+        assert!(m.share("carol", "alice") && !m.share("bob", "carol"));
+        m.remove("team", "bob");
+        assert!(!m.share("alice", "bob"));
     }
 }

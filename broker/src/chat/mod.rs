@@ -277,7 +277,7 @@ impl Chat {
 
     /// Does `viewer` see `user`'s presence (they share a conversation)?
     pub fn shares_conversation(&self, viewer: &str, user: &str) -> bool {
-        viewer == user || self.members_read().contacts(viewer).contains(user)
+        viewer == user || self.members_read().share(viewer, user)
     }
 
     async fn conv_state(&self, conv: &str) -> Result<Arc<ConvSlot>, StorageError> {

@@ -29,3 +29,4 @@ pub use settings::{
     Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, LoginLimits, Mqtt, Node, Push, Settings,
     Storage, SyncMode, Tls, User, Webhook, Websocket, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN,
 };
+pub use validate::is_user_id;

@@ -146,8 +146,10 @@ fn check_publish_bursts(mqtt: &Mqtt) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A user id as the design fixes it: `[A-Za-z0-9_-]{1,64}`.
-fn is_user_id(name: &str) -> bool {
+/// A user id as the design fixes it (DESIGN §4): `[A-Za-z0-9_-]{1,64}`.
+/// The one definition: configured users, JWT subjects and chat topics
+/// are all checked with it.
+pub fn is_user_id(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()

@@ -33,11 +33,9 @@ pub fn classify(t: &str) -> Topic<'_> {
     }
 }
 
-/// `[A-Za-z0-9_-]{1,64}`
+/// `[A-Za-z0-9_-]{1,64}` ([`chatmq_config::is_user_id`], the one grammar).
 pub fn valid_user(u: &str) -> bool {
-    (1..=64).contains(&u.len())
-        && u.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    chatmq_config::is_user_id(u)
 }
 
 /// `[A-Za-z0-9_.:-]{1,128}`

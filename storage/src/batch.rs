@@ -1,7 +1,10 @@
 //! A batch of typed writes that commit together, atomically.
 
-use crate::keys::*;
 use crate::record::{MessageRecord, OutboxEntry, SessionRecord};
+use crate::schema::{
+    client_prefix, inbound_key, outbox_key, prefix_end, CF_CURSOR, CF_INBOUND, CF_OUTBOX,
+    CF_RETAINED, CF_SESSION,
+};
 
 pub(crate) enum Op {
     Put {
@@ -61,7 +64,7 @@ impl Batch {
     pub fn delete_session(&mut self, client_id: &str) {
         self.delete(CF_SESSION, client_id.as_bytes().to_vec());
         let prefix = client_prefix(client_id);
-        for cf in [CF_OUTBOX, CF_INBOUND, crate::chat::CF_CURSOR] {
+        for cf in [CF_OUTBOX, CF_INBOUND, CF_CURSOR] {
             self.ops.push(Op::DeleteRange {
                 cf,
                 from: prefix.clone(),
@@ -195,13 +198,33 @@ mod tests {
             ("put", "member", cat(&[room, b"bo"]), vec![0]),
             ("put", "user_conv", cat(&[b"\x00\x02bo", b"room"]), vec![]),
             ("delete", "member", cat(&[room, b"bo"]), vec![]),
-            ("delete", "user_conv", cat(&[b"\x00\x02bo", b"room"]), vec![]),
+            (
+                "delete",
+                "user_conv",
+                cat(&[b"\x00\x02bo", b"room"]),
+                vec![],
+            ),
             ("put", "cursor", cat(&[c, b"room"]), seven.to_vec()),
             ("range", "cursor", c.to_vec(), b"\x00\x01d".to_vec()),
             ("put", "read", cat(&[al, b"room"]), seven.to_vec()),
-            ("put", "device", cat(&[al, b"\x00\x03fcm", b"tk"]), b"app".to_vec()),
-            ("put", "device_token", b"\x00\x03fcmtk".to_vec(), b"al".to_vec()),
-            ("delete", "device", cat(&[al, b"\x00\x03fcm", b"tk"]), vec![]),
+            (
+                "put",
+                "device",
+                cat(&[al, b"\x00\x03fcm", b"tk"]),
+                b"app".to_vec(),
+            ),
+            (
+                "put",
+                "device_token",
+                b"\x00\x03fcmtk".to_vec(),
+                b"al".to_vec(),
+            ),
+            (
+                "delete",
+                "device",
+                cat(&[al, b"\x00\x03fcm", b"tk"]),
+                vec![],
+            ),
             ("delete", "device_token", b"\x00\x03fcmtk".to_vec(), vec![]),
             ("put", "mute", cat(&[al, b"room"]), vec![]),
             ("delete", "mute", cat(&[al, b"room"]), vec![]),
@@ -222,7 +245,8 @@ mod tests {
     fn an_idempotency_key_holds_its_seq_then_when_it_was_written() {
         let mut b = Batch::new();
         b.put_dedup("room", "al", "m1", 7);
-        let [("put", "dedup", key, value)] = written(&b).as_slice() else {
+        let ops = written(&b);
+        let [("put", "dedup", key, value)] = ops.as_slice() else {
             panic!("one put into dedup");
         };
         assert_eq!(key, &cat(&[b"\x00\x04room", b"\x00\x02al", b"m1"]));

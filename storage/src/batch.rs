@@ -1,7 +1,10 @@
 //! A batch of typed writes that commit together, atomically.
 
-use crate::keys::*;
 use crate::record::{MessageRecord, OutboxEntry, SessionRecord};
+use crate::schema::{
+    client_prefix, inbound_key, outbox_key, prefix_end, CF_CURSOR, CF_INBOUND, CF_OUTBOX,
+    CF_RETAINED, CF_SESSION,
+};
 
 pub(crate) enum Op {
     Put {
@@ -61,7 +64,7 @@ impl Batch {
     pub fn delete_session(&mut self, client_id: &str) {
         self.delete(CF_SESSION, client_id.as_bytes().to_vec());
         let prefix = client_prefix(client_id);
-        for cf in [CF_OUTBOX, CF_INBOUND, crate::chat::CF_CURSOR] {
+        for cf in [CF_OUTBOX, CF_INBOUND, CF_CURSOR] {
             self.ops.push(Op::DeleteRange {
                 cf,
                 from: prefix.clone(),
@@ -98,5 +101,156 @@ impl Batch {
 
     pub fn delete_retained(&mut self, topic: &str) {
         self.delete(CF_RETAINED, topic.as_bytes().to_vec());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{ConversationRecord, PushJobRecord};
+    use crate::{Device, Role};
+
+    /// What a batch writes, as (kind, column family, key, value or range end).
+    fn written(batch: &Batch) -> Vec<(&'static str, &'static str, Vec<u8>, Vec<u8>)> {
+        batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { cf, key, value } => ("put", *cf, key.clone(), value.clone()),
+                Op::Delete { cf, key } => ("delete", *cf, key.clone(), Vec::new()),
+                Op::DeleteRange { cf, from, to } => ("range", *cf, from.clone(), to.clone()),
+            })
+            .collect()
+    }
+
+    fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    /// The bytes every write puts on disk, spelled out: data directories
+    /// written by earlier versions must read the same, so a change here is
+    /// a change of the on-disk format.
+    #[test]
+    fn every_write_keeps_its_on_disk_layout() {
+        let seven = 7u64.to_be_bytes();
+        let entry = OutboxEntry {
+            state: crate::OutboxState::Release,
+            subscription_ids: vec![],
+            message: None,
+        };
+        let mut b = Batch::new();
+        b.put_outbox("c", 7, &entry);
+        b.delete_outbox("c", 7);
+        b.put_inbound("c", 0x0102);
+        b.delete_inbound("c", 0x0102);
+        b.delete_session("c");
+        b.put_message("room", 7, b"{}");
+        b.delete_messages("room", 1, 7);
+        b.put_conversation("room", &ConversationRecord::default());
+        b.put_member("room", "al", Role::Owner);
+        b.put_member("room", "bo", Role::Member);
+        b.delete_member("room", "bo");
+        b.put_cursor("c", "room", 7);
+        b.delete_cursors("c");
+        b.put_read("al", "room", 7);
+        b.put_device(
+            "al",
+            &Device {
+                platform: "fcm".into(),
+                token: "tk".into(),
+                app_id: Some("app".into()),
+            },
+        );
+        b.delete_device("al", "fcm", "tk");
+        b.put_mute("al", "room", true);
+        b.put_mute("al", "room", false);
+        b.put_push_job(7, "al", "room", &PushJobRecord::default());
+        b.delete_push_job(7, "al", "room");
+        b.put_client_owner("c", "al", 7);
+        b.delete_client_owner("c");
+        let c = b"\x00\x01c".as_slice();
+        let room = b"\x00\x04room".as_slice();
+        let al = b"\x00\x02al".as_slice();
+        let expected = vec![
+            ("put", "offline", cat(&[c, &seven]), entry.encode()),
+            ("delete", "offline", cat(&[c, &seven]), vec![]),
+            ("put", "inbound", cat(&[c, &[1, 2]]), vec![]),
+            ("delete", "inbound", cat(&[c, &[1, 2]]), vec![]),
+            ("delete", "session", b"c".to_vec(), vec![]),
+            ("range", "offline", c.to_vec(), b"\x00\x01d".to_vec()),
+            ("range", "inbound", c.to_vec(), b"\x00\x01d".to_vec()),
+            ("range", "cursor", c.to_vec(), b"\x00\x01d".to_vec()),
+            ("put", "msg", cat(&[room, &seven]), b"{}".to_vec()),
+            (
+                "range",
+                "msg",
+                cat(&[room, &1u64.to_be_bytes()]),
+                cat(&[room, &seven]),
+            ),
+            (
+                "put",
+                "conv",
+                b"room".to_vec(),
+                ConversationRecord::default().encode(),
+            ),
+            ("put", "member", cat(&[room, b"al"]), vec![1]),
+            ("put", "user_conv", cat(&[al, b"room"]), vec![]),
+            ("put", "member", cat(&[room, b"bo"]), vec![0]),
+            ("put", "user_conv", cat(&[b"\x00\x02bo", b"room"]), vec![]),
+            ("delete", "member", cat(&[room, b"bo"]), vec![]),
+            (
+                "delete",
+                "user_conv",
+                cat(&[b"\x00\x02bo", b"room"]),
+                vec![],
+            ),
+            ("put", "cursor", cat(&[c, b"room"]), seven.to_vec()),
+            ("range", "cursor", c.to_vec(), b"\x00\x01d".to_vec()),
+            ("put", "read", cat(&[al, b"room"]), seven.to_vec()),
+            (
+                "put",
+                "device",
+                cat(&[al, b"\x00\x03fcm", b"tk"]),
+                b"app".to_vec(),
+            ),
+            (
+                "put",
+                "device_token",
+                b"\x00\x03fcmtk".to_vec(),
+                b"al".to_vec(),
+            ),
+            (
+                "delete",
+                "device",
+                cat(&[al, b"\x00\x03fcm", b"tk"]),
+                vec![],
+            ),
+            ("delete", "device_token", b"\x00\x03fcmtk".to_vec(), vec![]),
+            ("put", "mute", cat(&[al, b"room"]), vec![]),
+            ("delete", "mute", cat(&[al, b"room"]), vec![]),
+            (
+                "put",
+                "push",
+                cat(&[&seven, al, b"room"]),
+                PushJobRecord::default().encode(),
+            ),
+            ("delete", "push", cat(&[&seven, al, b"room"]), vec![]),
+            ("put", "client", b"c".to_vec(), cat(&[&[1], &seven, b"al"])),
+            ("delete", "client", b"c".to_vec(), vec![]),
+        ];
+        assert_eq!(written(&b), expected);
+    }
+
+    #[test]
+    fn an_idempotency_key_holds_its_seq_then_when_it_was_written() {
+        let mut b = Batch::new();
+        b.put_dedup("room", "al", "m1", 7);
+        let ops = written(&b);
+        let [("put", "dedup", key, value)] = ops.as_slice() else {
+            panic!("one put into dedup");
+        };
+        assert_eq!(key, &cat(&[b"\x00\x04room", b"\x00\x02al", b"m1"]));
+        assert_eq!(value.len(), 16);
+        assert_eq!(value[..8], 7u64.to_be_bytes());
     }
 }

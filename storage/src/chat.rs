@@ -1,68 +1,18 @@
-//! The chat schema: conversations, members, the message log, cursors,
-//! read state and idempotency keys (DESIGN §5).
-//!
-//! Keys start with a length-prefixed id so that a prefix scan returns one
-//! conversation's (or user's, or client's) entries, in order: messages by
-//! big-endian seq, members by user id.
+//! The chat data: conversations, members, the message log, cursors,
+//! read state and idempotency keys (DESIGN §5): the writes a batch can
+//! carry and the reads the chat layer makes. The layout is `schema.rs`'s.
 
 use rocksdb::{Direction, IteratorMode};
 
 use crate::batch::{Batch, Op};
-use crate::keys::{client_prefix, prefix_end};
 use crate::record::ConversationRecord;
+use crate::schema::{
+    client_prefix, dedup_key, dedup_value, is_owner, msg_key, pair, prefix_end, role_byte,
+    seq_after, seq_bytes, seq_value, split_dedup_value, split_pair, CF_CONV, CF_CURSOR, CF_DEDUP,
+    CF_MEMBER, CF_MSG, CF_READ, CF_USER_CONV,
+};
 use crate::store::Store;
 use crate::StorageError;
-
-pub const CF_MSG: &str = "msg";
-pub const CF_CONV: &str = "conv";
-pub const CF_MEMBER: &str = "member";
-pub const CF_USER_CONV: &str = "user_conv";
-pub const CF_CURSOR: &str = "cursor";
-pub const CF_READ: &str = "read";
-pub const CF_DEDUP: &str = "dedup";
-
-pub const CHAT_CFS: [&str; 7] = [
-    CF_MSG,
-    CF_CONV,
-    CF_MEMBER,
-    CF_USER_CONV,
-    CF_CURSOR,
-    CF_READ,
-    CF_DEDUP,
-];
-
-pub(crate) fn pair(a: &str, b: &str) -> Vec<u8> {
-    let mut key = client_prefix(a);
-    key.extend_from_slice(b.as_bytes());
-    key
-}
-
-fn msg_key(conv: &str, seq: u64) -> Vec<u8> {
-    let mut key = client_prefix(conv);
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
-}
-
-fn dedup_key(conv: &str, sender: &str, id: &str) -> Vec<u8> {
-    let mut key = client_prefix(conv);
-    key.extend_from_slice(&client_prefix(sender));
-    key.extend_from_slice(id.as_bytes());
-    key
-}
-
-pub(crate) fn split_pair(key: &[u8]) -> Option<(String, String)> {
-    let len = u16::from_be_bytes([*key.first()?, *key.get(1)?]) as usize;
-    let a = key.get(2..2 + len)?;
-    let b = key.get(2 + len..)?;
-    Some((
-        String::from_utf8(a.to_vec()).ok()?,
-        String::from_utf8(b.to_vec()).ok()?,
-    ))
-}
-
-pub(crate) fn seq_value(v: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(v.try_into().ok()?))
-}
 
 /// A member's role in a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,11 +49,10 @@ impl Batch {
     }
 
     pub fn put_member(&mut self, conv: &str, user: &str, role: Role) {
-        let value = vec![matches!(role, Role::Owner) as u8];
         self.ops.push(Op::Put {
             cf: CF_MEMBER,
             key: pair(conv, user),
-            value,
+            value: role_byte(role == Role::Owner),
         });
         self.ops.push(Op::Put {
             cf: CF_USER_CONV,
@@ -128,7 +77,7 @@ impl Batch {
         self.ops.push(Op::Put {
             cf: CF_CURSOR,
             key: pair(client_id, conv),
-            value: seq.to_be_bytes().to_vec(),
+            value: seq_bytes(seq),
         });
     }
 
@@ -146,7 +95,7 @@ impl Batch {
         self.ops.push(Op::Put {
             cf: CF_READ,
             key: pair(user, conv),
-            value: seq.to_be_bytes().to_vec(),
+            value: seq_bytes(seq),
         });
     }
 
@@ -180,14 +129,6 @@ impl Batch {
     }
 }
 
-/// An idempotency key's value: the seq, then the unix ms it was written.
-/// Keys written before the time was recorded hold the seq alone.
-fn dedup_value(seq: u64, written_ms: u64) -> Vec<u8> {
-    let mut v = seq.to_be_bytes().to_vec();
-    v.extend_from_slice(&written_ms.to_be_bytes());
-    v
-}
-
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -206,25 +147,6 @@ pub struct DedupPage {
 }
 
 impl Store {
-    pub(crate) fn scan_prefix(
-        &self,
-        cf: &'static str,
-        prefix: &[u8],
-        mut f: impl FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), StorageError> {
-        let handle = self.cf_handle(cf)?;
-        for item in self
-            .db()
-            .iterator_cf(handle, IteratorMode::From(prefix, Direction::Forward))
-        {
-            let (key, value) = item?;
-            if !key.starts_with(prefix) || !f(&key, &value) {
-                break;
-            }
-        }
-        Ok(())
-    }
-
     pub fn conversation(&self, conv: &str) -> Result<Option<ConversationRecord>, StorageError> {
         match self
             .db()
@@ -263,7 +185,7 @@ impl Store {
         let mut out = Vec::new();
         self.scan_prefix(CF_MEMBER, &[], |k, v| {
             if let Some((conv, user)) = split_pair(k) {
-                let role = if v.first() == Some(&1) {
+                let role = if is_owner(v) {
                     Role::Owner
                 } else {
                     Role::Member
@@ -304,7 +226,7 @@ impl Store {
             if !key.starts_with(&prefix) {
                 break;
             }
-            let Some(seq) = seq_value(&key[prefix.len()..]) else {
+            let Some(seq) = seq_after(&key, &prefix) else {
                 break;
             };
             if seq < from || seq >= to {
@@ -344,7 +266,8 @@ impl Store {
         Ok(self
             .db()
             .get_cf(self.cf_handle(CF_DEDUP)?, dedup_key(conv, sender, id))?
-            .and_then(|v| seq_value(v.get(..8)?)))
+            .and_then(|v| split_dedup_value(&v))
+            .map(|(seq, _)| seq))
     }
 
     /// Reads up to `limit` idempotency keys from `from` (the start when
@@ -368,15 +291,12 @@ impl Store {
                 page.next = Some(key.to_vec());
                 break;
             }
-            match (
-                value.get(..8).and_then(seq_value),
-                value.get(8..16).and_then(seq_value),
-            ) {
-                (Some(_), Some(written)) if written < cutoff_ms => page.expired.push(key.to_vec()),
-                (Some(seq), None) => page.unstamped.push((key.to_vec(), seq)),
-                (Some(_), Some(_)) => {}
+            match split_dedup_value(&value) {
+                Some((_, Some(written))) if written < cutoff_ms => page.expired.push(key.to_vec()),
+                Some((seq, None)) => page.unstamped.push((key.to_vec(), seq)),
+                Some((_, Some(_))) => {}
                 // Not a value this schema writes: nothing to dedup with.
-                (None, _) => page.expired.push(key.to_vec()),
+                None => page.expired.push(key.to_vec()),
             }
         }
         Ok(page)

@@ -16,12 +16,12 @@
 mod batch;
 mod chat;
 mod error;
-mod keys;
 mod latency;
 mod options;
 mod owner;
 mod push;
 mod record;
+mod schema;
 mod store;
 mod writer;
 

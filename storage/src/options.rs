@@ -10,9 +10,7 @@
 
 use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Options};
 
-use crate::chat::{CF_CONV, CF_DEDUP, CF_READ};
-use crate::keys::{CF_CLIENT, CF_META};
-use crate::push::CF_DEVICE_TOKEN;
+use crate::schema::POINT_LOOKUP_CFS;
 
 /// Memory all memtables share; a column family past its share is flushed.
 /// RocksDB's own default is 64 MiB per memtable per column family, with 17
@@ -28,16 +26,6 @@ const BLOCK_CACHE: usize = 64 << 20;
 
 /// About 1% false positives.
 const BLOOM_BITS_PER_KEY: f64 = 10.0;
-
-/// Column families read with point lookups (`get`).
-pub(crate) const POINT_LOOKUP_CFS: [&str; 6] = [
-    CF_META,
-    CF_CLIENT,
-    CF_CONV,
-    CF_READ,
-    CF_DEDUP,
-    CF_DEVICE_TOKEN,
-];
 
 /// The options of the database as a whole.
 pub(crate) fn database() -> Options {

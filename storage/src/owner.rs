@@ -10,7 +10,7 @@
 use rocksdb::{Direction, IteratorMode};
 
 use crate::batch::{Batch, Op};
-use crate::keys::CF_CLIENT;
+use crate::schema::CF_CLIENT;
 use crate::store::Store;
 use crate::StorageError;
 

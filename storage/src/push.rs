@@ -1,27 +1,20 @@
-//! The push schema (DESIGN §5): the devices users registered, the
+//! The push data (DESIGN §5): the devices users registered, the
 //! conversations they muted, and the durable queue of notifications due.
 //!
-//! `device` (user, platform, token) → app id, with `device_token`
-//! (platform, token) → user as its index, so that a token registered by a
-//! second user moves to it instead of notifying both. `mute` (user, conv).
-//! `push` (due ms, user, conv) → [`PushJobRecord`]: keys sort by due time,
-//! so the queue is read in the order it falls due.
-//!
-//! This module knows the layout only; the push gateway decides what to write.
+//! `device` has `device_token` (platform, token) → user as its index, so
+//! that a token registered by a second user moves to it instead of
+//! notifying both. `push` keys sort by due time, so the queue is read in
+//! the order it falls due. The layout is `schema.rs`'s; the push gateway
+//! decides what to write.
 
 use crate::batch::{Batch, Op};
-use crate::chat::{pair, seq_value, split_pair, CF_CONV, CF_READ, CF_USER_CONV};
-use crate::keys::client_prefix;
-use crate::record::{ConversationRecord, PushJobRecord};
+use crate::record::PushJobRecord;
+use crate::schema::{
+    client_prefix, device_key, job_key, pair, split_device_key, split_job_key, split_pair,
+    CF_DEVICE, CF_DEVICE_TOKEN, CF_MUTE, CF_PUSH, CF_USER_CONV,
+};
 use crate::store::Store;
 use crate::StorageError;
-
-pub const CF_DEVICE: &str = "device";
-pub const CF_DEVICE_TOKEN: &str = "device_token";
-pub const CF_MUTE: &str = "mute";
-pub const CF_PUSH: &str = "push";
-
-pub const PUSH_CFS: [&str; 4] = [CF_DEVICE, CF_DEVICE_TOKEN, CF_MUTE, CF_PUSH];
 
 /// A device a user registered: where its notifications go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,19 +33,6 @@ pub struct PushJob {
     pub user: String,
     pub conv: String,
     pub record: PushJobRecord,
-}
-
-fn device_key(user: &str, platform: &str, token: &str) -> Vec<u8> {
-    let mut key = client_prefix(user);
-    key.extend_from_slice(&client_prefix(platform));
-    key.extend_from_slice(token.as_bytes());
-    key
-}
-
-fn job_key(due_ms: u64, user: &str, conv: &str) -> Vec<u8> {
-    let mut key = due_ms.to_be_bytes().to_vec();
-    key.extend_from_slice(&pair(user, conv));
-    key
 }
 
 impl Batch {
@@ -174,12 +154,8 @@ impl Store {
         let mut out = Vec::new();
         let mut bad = None;
         self.scan_prefix(CF_PUSH, &[], |k, v| {
-            let job = k
-                .get(..8)
-                .and_then(seq_value)
-                .zip(k.get(8..).and_then(split_pair));
-            match (job, PushJobRecord::decode(v)) {
-                (Some((due_ms, (user, conv))), Ok(record)) => out.push(PushJob {
+            match (split_job_key(k), PushJobRecord::decode(v)) {
+                (Some((due_ms, user, conv)), Ok(record)) => out.push(PushJob {
                     due_ms,
                     user,
                     conv,
@@ -208,19 +184,11 @@ impl Store {
             }
             true
         })?;
-        let conv_cf = self.cf_handle(CF_CONV)?;
         let mut total = 0u64;
         for conv in convs {
-            let head = match self.db().get_cf(conv_cf, conv.as_bytes())? {
-                Some(v) => ConversationRecord::decode(&v)?.head,
-                None => 0,
-            };
-            let read = self
-                .db()
-                .get_cf(self.cf_handle(CF_READ)?, pair(user, &conv))?
-                .and_then(|v| seq_value(&v))
-                .unwrap_or(0);
-            total += head.saturating_sub(read);
+            let head = self.conversation(&conv)?.map_or(0, |c| c.head);
+            let read = self.read_seq(user, &conv)?;
+            total = total.saturating_add(head.saturating_sub(read));
         }
         Ok(total)
     }
@@ -231,8 +199,7 @@ fn decode_device(key: &[u8], value: &[u8]) -> Result<(String, Device), StorageEr
         cf: CF_DEVICE,
         what: "bad key".into(),
     };
-    let (user, rest) = split_pair(key).ok_or_else(corrupt)?;
-    let (platform, token) = split_pair(rest.as_bytes()).ok_or_else(corrupt)?;
+    let (user, platform, token) = split_device_key(key).ok_or_else(corrupt)?;
     let app_id = utf8(CF_DEVICE, value)?;
     Ok((
         user,
@@ -247,6 +214,7 @@ fn decode_device(key: &[u8], value: &[u8]) -> Result<(String, Device), StorageEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::ConversationRecord;
     use crate::{Role, SyncMode};
     use std::time::Duration;
 

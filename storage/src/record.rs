@@ -5,6 +5,7 @@
 //! a u32. A record that does not decode is reported as corrupt, never
 //! guessed at.
 
+use crate::schema::{CF_CONV, CF_OUTBOX, CF_PUSH, CF_RETAINED, CF_SESSION};
 use crate::StorageError;
 
 const VERSION: u8 = 1;
@@ -207,7 +208,7 @@ impl SessionRecord {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, StorageError> {
-        let mut r = Reader::new(buf, crate::keys::CF_SESSION)?;
+        let mut r = Reader::new(buf, CF_SESSION)?;
         let owner = r.opt_string()?;
         let protocol = r.u8()?;
         let expiry_secs = r.u32()?;
@@ -291,7 +292,7 @@ impl MessageRecord {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, StorageError> {
-        Self::read(&mut Reader::new(buf, crate::keys::CF_RETAINED)?)
+        Self::read(&mut Reader::new(buf, CF_RETAINED)?)
     }
 }
 
@@ -306,7 +307,7 @@ impl ConversationRecord {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, StorageError> {
-        let mut r = Reader::new(buf, "conv")?;
+        let mut r = Reader::new(buf, CF_CONV)?;
         Ok(ConversationRecord {
             title: r.string()?,
             created_ms: r.u64()?,
@@ -339,7 +340,7 @@ impl PushJobRecord {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, StorageError> {
-        let mut r = Reader::new(buf, "push")?;
+        let mut r = Reader::new(buf, CF_PUSH)?;
         Ok(PushJobRecord {
             count: r.u32()?,
             seq: r.u64()?,
@@ -371,7 +372,7 @@ impl OutboxEntry {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, StorageError> {
-        let mut r = Reader::new(buf, crate::keys::CF_OUTBOX)?;
+        let mut r = Reader::new(buf, CF_OUTBOX)?;
         let state = match r.u8()? {
             0 => OutboxState::Publish,
             1 => OutboxState::Release,

@@ -11,9 +11,12 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, DB};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::Batch;
-use crate::keys::*;
 use crate::latency::{CommitLatency, LatencySnapshot};
 use crate::record::{MessageRecord, OutboxEntry, SessionRecord};
+use crate::schema::{
+    client_prefix, pkid_after, seq_after, ALL_CFS, CF_INBOUND, CF_META, CF_OUTBOX, CF_RETAINED,
+    CF_SESSION, META_EPOCH, META_SCHEMA, SCHEMA_VERSION,
+};
 use crate::writer::{self, Commit, Job};
 use crate::{StorageError, SyncMode};
 
@@ -52,13 +55,9 @@ impl Store {
     ) -> Result<Store, StorageError> {
         let options = crate::options::database();
         let cache = crate::options::block_cache();
-        let cfs = ALL_CFS
-            .iter()
-            .chain(crate::chat::CHAT_CFS.iter())
-            .chain(crate::push::PUSH_CFS.iter())
-            .map(|name| {
-                ColumnFamilyDescriptor::new(*name, crate::options::column_family(name, &cache))
-            });
+        let cfs = ALL_CFS.iter().map(|name| {
+            ColumnFamilyDescriptor::new(*name, crate::options::column_family(name, &cache))
+        });
         let db =
             DB::open_cf_descriptors(&options, dir, cfs).map_err(|source| StorageError::Open {
                 path: dir.to_path_buf(),
@@ -205,6 +204,27 @@ impl Store {
         }
     }
 
+    /// Calls `f` with each entry of `cf` whose key starts with `prefix`, in
+    /// key order, until it returns false. A scan: blocking.
+    pub(crate) fn scan_prefix(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let handle = self.cf_handle(cf)?;
+        for item in self
+            .db()
+            .iterator_cf(handle, IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) || !f(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn db(&self) -> &DB {
         &self.inner.db
     }
@@ -244,7 +264,7 @@ impl Store {
                 if !key.starts_with(&prefix) {
                     break;
                 }
-                let n = tail_u64(&key[prefix.len()..]).ok_or(StorageError::Corrupt {
+                let n = seq_after(&key, &prefix).ok_or(StorageError::Corrupt {
                     cf: CF_OUTBOX,
                     what: "bad key".into(),
                 })?;
@@ -259,9 +279,8 @@ impl Store {
                 if !key.starts_with(&prefix) {
                     break;
                 }
-                let rest = &key[prefix.len()..];
-                if rest.len() == 2 {
-                    inbound.push(u16::from_be_bytes([rest[0], rest[1]]));
+                if let Some(pkid) = pkid_after(&key, &prefix) {
+                    inbound.push(pkid);
                 }
             }
             sessions.push(StoredSession {
@@ -287,11 +306,6 @@ impl Store {
         }
         Ok(out)
     }
-}
-
-fn tail_u64(b: &[u8]) -> Option<u64> {
-    let a: [u8; 8] = b.try_into().ok()?;
-    Some(u64::from_be_bytes(a))
 }
 
 fn ensure_epoch(db: &DB) -> Result<String, StorageError> {
@@ -440,25 +454,21 @@ mod tests {
         assert!(has(db, &format!("db_write_buffer_size={budget}")));
         let wal = crate::options::MAX_TOTAL_WAL;
         assert!(has(db, &format!("max_total_wal_size={wal}")));
-        let all = ALL_CFS
-            .iter()
-            .chain(crate::chat::CHAT_CFS.iter())
-            .chain(crate::push::PUSH_CFS.iter());
-        for cf in all {
+        for cf in ALL_CFS {
             let options = format!("[CFOptions \"{cf}\"]");
             assert!(has(&options, "compression=kLZ4Compression"), "{cf}");
             let table = format!("[TableOptions/BlockBasedTable \"{cf}\"]");
             let bloom = sections[&table]
                 .iter()
                 .any(|l| l.starts_with("filter_policy=bloomfilter"));
-            let point = crate::options::POINT_LOOKUP_CFS.contains(cf);
+            let point = crate::schema::POINT_LOOKUP_CFS.contains(&cf);
             assert_eq!(bloom, point, "{cf}: a bloom filter only for point lookups");
         }
         // And the tables written really are LZ4: flushed, then asked.
         let mut b = Batch::new();
         b.put_client_owner("c1", "alice", 1);
         store.write(b).await.unwrap();
-        let cf = store.cf(CF_CLIENT).unwrap();
+        let cf = store.cf(crate::schema::CF_CLIENT).unwrap();
         store.db().flush_cf(cf).unwrap();
         let tables = store
             .db()

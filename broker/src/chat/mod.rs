@@ -174,6 +174,8 @@ pub struct Chat {
     pub push: Arc<Push>,
     /// Makes generated conversation ids unique within a millisecond.
     next_conv: AtomicU64,
+    /// When each conversation is next due for a trim (`chat/retention.rs`).
+    retention: retention::Retention,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -210,6 +212,7 @@ impl Chat {
             metrics,
             push,
             next_conv: AtomicU64::new(0),
+            retention: retention::Retention::default(),
         })
     }
 
@@ -444,6 +447,7 @@ impl Chat {
         }
         let commit = self.store.submit(batch).await;
         self.metrics.chat_appended.fetch_add(1, Ordering::Relaxed);
+        self.retention_due(conv, &st.record, ts);
         let msg = Arc::new(Message::from_server(
             format!("chat/{conv}"),
             Bytes::from(body),

@@ -4,19 +4,32 @@
 //! seqs: the log keeps its numbering, history starts at `first`, and a
 //! session that comes back having missed trimmed messages gets a `gap`
 //! event from [`Chat::catch_up`].
+//!
+//! The task never walks every conversation after start-up. It keeps
+//! [`Deadlines`], when each conversation next has something to drop, and
+//! sleeps until the earliest: one pass over the stored conversations seeds
+//! them, then each append feeds them ([`Chat::retention_due`]): a
+//! conversation past the message limit is due at once, and one whose
+//! oldest kept message is new is due `max_age` after that message's `ts`.
+//! A trim reschedules its conversation from the new oldest message.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use chatmq_storage::{Batch, ConversationRecord, StorageError};
+use chatmq_storage::{Batch, ConversationRecord, StorageError, Store};
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::Chat;
 use crate::clock::now_ms;
 
-/// How often the conversations are checked.
-const PERIOD: Duration = Duration::from_secs(2);
+/// The least time between two passes, so that a busy conversation at its
+/// message limit is trimmed once for what that time brought, not once
+/// (one range delete) per message.
+const MIN_GAP: Duration = Duration::from_secs(2);
+/// How soon a conversation whose trim failed is tried again.
+const RETRY_MS: u64 = 2_000;
 /// Messages read per step while looking for the first one young enough.
 const SCAN_PAGE: usize = 256;
 
@@ -44,95 +57,222 @@ impl Policy {
         if self.max_messages == 0 {
             return 0;
         }
-        (head + 1).saturating_sub(self.max_messages)
+        head.saturating_add(1).saturating_sub(self.max_messages)
     }
 
     /// Messages stamped before this are too old (`None`: no age limit).
     fn age_cutoff(&self, now_ms: u64) -> Option<u64> {
         (self.max_age_ms > 0).then(|| now_ms.saturating_sub(self.max_age_ms))
     }
+
+    /// When a conversation whose oldest kept message was stamped `ts` is
+    /// due for the age limit: the first ms that message is older than the
+    /// limit (`None`: no age limit).
+    fn age_deadline(&self, ts: u64) -> Option<u64> {
+        (self.max_age_ms > 0).then(|| ts.saturating_add(self.max_age_ms).saturating_add(1))
+    }
 }
 
-/// Trims every conversation every [`PERIOD`] until the broker stops.
+/// When each conversation next has something to drop, earliest first, one
+/// entry per conversation (a conversation due again keeps the earlier of
+/// its deadlines). Holds the conversations with kept messages under an age
+/// limit, and those past the message limit until they are trimmed: at most
+/// one entry per conversation. An entry can be early (a failed commit was
+/// rolled back, a trim raced an append): the trim then finds nothing to
+/// drop and the conversation is rescheduled.
+#[derive(Debug, Default)]
+struct Deadlines {
+    by_time: BTreeSet<(u64, Arc<str>)>,
+    by_conv: HashMap<Arc<str>, u64>,
+}
+
+impl Deadlines {
+    /// Makes `conv` due at `at` at the latest. Returns whether `at` is now
+    /// the earliest deadline of all (a sleeping task must be woken).
+    fn due_by(&mut self, conv: &str, at: u64) -> bool {
+        let conv: Arc<str> = match self.by_conv.get_key_value(conv) {
+            Some((_, &t)) if t <= at => return false,
+            Some((key, &t)) => {
+                let key = key.clone();
+                self.by_time.remove(&(t, key.clone()));
+                key
+            }
+            None => conv.into(),
+        };
+        let earliest = self.next().is_none_or(|t| at < t);
+        self.by_conv.insert(conv.clone(), at);
+        self.by_time.insert((at, conv));
+        earliest
+    }
+
+    /// The earliest deadline.
+    fn next(&self) -> Option<u64> {
+        self.by_time.first().map(|(t, _)| *t)
+    }
+
+    /// The conversations due at `now_ms`, taken out of the index.
+    fn take_due(&mut self, now_ms: u64) -> Vec<Arc<str>> {
+        let mut due = Vec::new();
+        while self.by_time.first().is_some_and(|(t, _)| *t <= now_ms) {
+            if let Some((_, conv)) = self.by_time.pop_first() {
+                self.by_conv.remove(&conv);
+                due.push(conv);
+            }
+        }
+        due
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_conv.len()
+    }
+}
+
+/// What [`Chat`] holds for retention: the policy once the task runs (until
+/// then appends schedule nothing) and the deadlines.
+#[derive(Default)]
+pub(super) struct Retention {
+    policy: OnceLock<Policy>,
+    deadlines: Mutex<Deadlines>,
+    /// Woken when a deadline earlier than every other is set.
+    wake: Notify,
+}
+
+impl Retention {
+    fn deadlines(&self) -> MutexGuard<'_, Deadlines> {
+        self.deadlines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Trims conversations as they fall due until the broker stops.
 pub async fn run(chat: Arc<Chat>, policy: Policy, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    while let Err(e) = start(&chat, policy).await {
+        tracing::warn!(error = %e, "retention could not read the conversations; retrying");
         tokio::select! {
             _ = shutdown.changed() => return,
-            _ = tick.tick() => {
-                if let Err(e) = sweep(&chat, &policy).await {
-                    tracing::warn!(error = %e, "retention sweep failed; retrying next period");
-                }
+            _ = tokio::time::sleep(Duration::from_millis(RETRY_MS)) => {}
+        }
+    }
+    loop {
+        if pass(&chat, &policy, now_ms()).await > 0 {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(MIN_GAP) => {}
             }
+        }
+        let wait = chat
+            .retention
+            .deadlines()
+            .next()
+            .map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+        let until_due = async {
+            match wait {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = chat.retention.wake.notified() => {}
+            _ = until_due => {}
         }
     }
 }
 
-/// One pass over every conversation.
-async fn sweep(chat: &Chat, policy: &Policy) -> Result<(), StorageError> {
+/// Turns retention on for `chat` (appends schedule from now on), then
+/// seeds the deadlines with one pass over the stored conversations.
+async fn start(chat: &Chat, policy: Policy) -> Result<(), StorageError> {
+    let _ = chat.retention.policy.set(policy);
     let store = chat.store.clone();
-    let records = tokio::task::spawn_blocking(move || store.conversations())
-        .await
-        .map_err(|_| StorageError::WriterGone)??;
-    for (conv, record) in records {
-        if might_trim(chat, &conv, &record, policy, now_ms()).await? {
-            chat.trim(&conv, policy, now_ms()).await?;
+    let now = now_ms();
+    let due = tokio::task::spawn_blocking(move || {
+        let mut due = Vec::new();
+        for (conv, record) in store.conversations()? {
+            let kept = (record.head, record.first);
+            if let Some(at) = deadline(&store, &conv, kept, &policy, now)? {
+                due.push((conv, at));
+            }
         }
+        Ok::<_, StorageError>(due)
+    })
+    .await
+    .map_err(|_| StorageError::WriterGone)??;
+    for (conv, at) in due {
+        chat.schedule(&conv, at);
     }
     Ok(())
 }
 
-/// A cheap look at the stored record (and the oldest message), so that
-/// conversations with nothing to drop are not loaded into memory.
-async fn might_trim(
-    chat: &Chat,
+/// Trims every conversation due at `now` and reschedules it. Returns how
+/// many conversations it looked at: only those due.
+async fn pass(chat: &Chat, policy: &Policy, now: u64) -> usize {
+    let due = chat.retention.deadlines().take_due(now);
+    for conv in &due {
+        let next = match chat.trim(conv, policy, now).await {
+            Ok(_) => chat.next_deadline(conv, policy, now).await,
+            Err(e) => Err(e),
+        };
+        match next {
+            Ok(Some(at)) => chat.schedule(conv, at),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, conv = %conv, "retention trim failed; retrying");
+                chat.schedule(conv, now.saturating_add(RETRY_MS));
+            }
+        }
+    }
+    due.len()
+}
+
+/// When `conv`, with seqs `first..=head` kept, next has something to drop
+/// at time `now`: now if it holds more messages than the limit, else
+/// `max_age` after its oldest message's `ts`; `None` if nothing it holds
+/// will ever be dropped without another append. Reads one message:
+/// blocking.
+fn deadline(
+    store: &Store,
     conv: &str,
-    record: &ConversationRecord,
+    (head, first): (u64, u64),
     policy: &Policy,
     now: u64,
-) -> Result<bool, StorageError> {
-    if record.first > record.head {
-        return Ok(false);
+) -> Result<Option<u64>, StorageError> {
+    if first > head {
+        return Ok(None);
     }
-    if policy.count_floor(record.head) > record.first {
-        return Ok(true);
+    if policy.count_floor(head) > first {
+        return Ok(Some(now));
     }
-    let Some(cutoff) = policy.age_cutoff(now) else {
-        return Ok(false);
-    };
-    let oldest = first_young(chat, conv, record.first, cutoff, 1).await?;
-    Ok(oldest > record.first)
+    if policy.max_age_ms == 0 {
+        return Ok(None);
+    }
+    let oldest = store.messages(conv, first, u64::MAX, 1, false)?;
+    // A message without a `ts` is never too old, nor is anything after it.
+    Ok(oldest
+        .first()
+        .and_then(|(_, body)| stamp(body))
+        .and_then(|ts| policy.age_deadline(ts)))
 }
 
 /// The first seq from `from` on whose message is stamped at or after
-/// `cutoff` (one past the last message read when all are older), reading
-/// at most `max_pages` pages.
-async fn first_young(
-    chat: &Chat,
-    conv: &str,
-    from: u64,
-    cutoff: u64,
-    max_pages: usize,
-) -> Result<u64, StorageError> {
+/// `cutoff` (one past the last message read when all are older).
+async fn first_young(chat: &Chat, conv: &str, from: u64, cutoff: u64) -> Result<u64, StorageError> {
     let store = chat.store.clone();
     let conv = conv.to_string();
     tokio::task::spawn_blocking(move || {
         let mut next = from;
-        for _ in 0..max_pages {
+        loop {
             let page = store.messages(&conv, next, u64::MAX, SCAN_PAGE, false)?;
             let full = page.len() == SCAN_PAGE;
             for (seq, body) in page {
                 if stamp(&body).is_none_or(|ts| ts >= cutoff) {
                     return Ok(seq);
                 }
-                next = seq + 1;
+                next = seq.saturating_add(1);
             }
             if !full {
-                break;
+                return Ok(next);
             }
         }
-        Ok(next)
     })
     .await
     .map_err(|_| StorageError::WriterGone)?
@@ -155,12 +295,12 @@ impl Chat {
         let mut keep_from = policy.count_floor(head).max(first);
         if let Some(cutoff) = policy.age_cutoff(now) {
             // Read outside the lock; messages appended meanwhile are newer.
-            keep_from = first_young(self, conv, keep_from, cutoff, usize::MAX).await?;
+            keep_from = first_young(self, conv, keep_from, cutoff).await?;
         }
         let state = self.conv_state(conv).await?;
         let mut st = state.lock().await;
         let first = st.record.first;
-        let keep_from = keep_from.min(st.record.head + 1);
+        let keep_from = keep_from.min(st.record.head.saturating_add(1));
         if keep_from <= first {
             return Ok(0);
         }
@@ -174,6 +314,46 @@ impl Chat {
         drop(st);
         commit.await?;
         Ok(keep_from - first)
+    }
+
+    /// The retention hook of [`Chat::append`], called under the
+    /// conversation's lock with the record it wrote and the new message's
+    /// `ts`: schedules the conversation when the message gave it something
+    /// to drop (one message too many, or a first kept message that will
+    /// age). Any older message already has the conversation scheduled.
+    pub(super) fn retention_due(&self, conv: &str, record: &ConversationRecord, ts: u64) {
+        let Some(policy) = self.retention.policy.get() else {
+            return;
+        };
+        if policy.count_floor(record.head) > record.first {
+            self.schedule(conv, ts);
+        } else if record.first == record.head {
+            if let Some(at) = policy.age_deadline(ts) {
+                self.schedule(conv, at);
+            }
+        }
+    }
+
+    /// Makes `conv` due at `at` at the latest, waking the task if that is
+    /// sooner than it meant to wake.
+    fn schedule(&self, conv: &str, at: u64) {
+        if self.retention.deadlines().due_by(conv, at) {
+            self.retention.wake.notify_one();
+        }
+    }
+
+    /// When `conv` next has something to drop, from its state now.
+    async fn next_deadline(
+        &self,
+        conv: &str,
+        policy: &Policy,
+        now: u64,
+    ) -> Result<Option<u64>, StorageError> {
+        let kept = self.bounds(conv).await?;
+        let (store, conv, policy) = (self.store.clone(), conv.to_string(), *policy);
+        tokio::task::spawn_blocking(move || deadline(&store, &conv, kept, &policy, now))
+            .await
+            .map_err(|_| StorageError::WriterGone)?
     }
 }
 
@@ -287,9 +467,15 @@ mod tests {
             max_age_ms: 60_000,
         };
         let (_, record) = chat.store.conversations().unwrap().remove(0);
-        assert!(!might_trim(&chat, "room", &record, &policy, now_ms())
-            .await
-            .unwrap());
+        let kept = (record.head, record.first);
+        let due = deadline(&chat.store, "room", kept, &policy, now_ms()).unwrap();
+        let oldest = chat.store.messages("room", 1, 2, 1, false).unwrap();
+        let ts = stamp(&oldest[0].1).unwrap();
+        assert_eq!(
+            due,
+            Some(ts + 60_001),
+            "due once the oldest is over a minute old"
+        );
         assert_eq!(
             chat.trim("room", &policy, now_ms()).await.unwrap(),
             0,
@@ -298,13 +484,102 @@ mod tests {
         // A minute and more later, all three are too old: the conversation
         // is empty but keeps its head.
         let later = now_ms() + 120_000;
-        assert!(might_trim(&chat, "room", &record, &policy, later)
-            .await
-            .unwrap());
         assert_eq!(chat.trim("room", &policy, later).await.unwrap(), 3);
         assert_eq!(chat.bounds("room").await.unwrap(), (3, 4));
         let h = chat.history("room", None, None, 100).await.unwrap();
         assert!(seqs(&h).is_empty());
         assert_eq!(h["head"], 3);
+        assert_eq!(
+            deadline(&chat.store, "room", (3, 4), &policy, later).unwrap(),
+            None,
+            "an empty conversation is not due until its next message"
+        );
+    }
+
+    #[test]
+    fn deadlines_keep_the_earliest_per_conversation_and_are_taken_when_due() {
+        let mut d = Deadlines::default();
+        assert!(d.due_by("a", 500), "the first deadline is the earliest");
+        assert!(!d.due_by("b", 700));
+        assert!(!d.due_by("a", 900), "a later deadline does not move a's");
+        assert!(
+            d.due_by("b", 100),
+            "an earlier one does, and is the earliest"
+        );
+        assert_eq!((d.len(), d.next()), (2, Some(100)));
+        assert!(d.take_due(99).is_empty());
+        assert_eq!(d.take_due(100), [Arc::<str>::from("b")]);
+        assert_eq!(d.next(), Some(500));
+        assert!(!d.due_by("b", 800), "taken, b is new again (after a)");
+        assert_eq!(d.take_due(10_000).len(), 2);
+        assert_eq!((d.len(), d.next()), (0, None));
+    }
+
+    /// Appends `n` new messages from alice to `conv`, each committed.
+    async fn send(chat: &Chat, conv: &str, n: u64) {
+        let alice: Arc<str> = "alice".into();
+        for _ in 0..n {
+            let (head, _) = chat.bounds(conv).await.unwrap();
+            let id = format!("{conv}-{}", head + 1);
+            let e = Envelope::parse(format!(r#"{{"id":"{id}","body":1}}"#).as_bytes()).unwrap();
+            let (commit, _) = chat
+                .append(conv, &alice, &e, QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            commit.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pass_trims_the_conversations_due_and_looks_at_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        // "room" has 12 messages before retention starts: the seed pass
+        // finds it past the limit.
+        let (chat, _dispatching) = chat_with(dir.path(), 12).await;
+        let hour = 3_600_000;
+        let policy = Policy {
+            max_messages: 5,
+            max_age_ms: hour,
+        };
+        start(&chat, policy).await.unwrap();
+        let quiet: Vec<String> = (0..20).map(|i| format!("quiet{i}")).collect();
+        for conv in &quiet {
+            chat.create(conv, "t", Some("alice"), &[]).await.unwrap();
+            send(&chat, conv, 2).await;
+        }
+        let now = now_ms();
+        assert_eq!(
+            chat.retention.deadlines().len(),
+            21,
+            "every conversation with messages has a deadline"
+        );
+        assert_eq!(pass(&chat, &policy, now).await, 1, "only room was due");
+        assert_eq!(chat.bounds("room").await.unwrap(), (12, 8));
+        assert_eq!(chat.bounds("quiet0").await.unwrap(), (2, 1));
+        assert!(
+            chat.retention.deadlines().next() > Some(now),
+            "room is rescheduled for its new oldest message, an hour on"
+        );
+        assert_eq!(pass(&chat, &policy, now).await, 0, "nothing else is due");
+
+        // An append past the limit makes its conversation due at once.
+        send(&chat, "quiet3", 4).await;
+        let next = chat.retention.deadlines().next();
+        assert!(next <= Some(now_ms()), "{next:?}");
+        assert_eq!(pass(&chat, &policy, now_ms()).await, 1);
+        assert_eq!(chat.bounds("quiet3").await.unwrap(), (6, 2));
+
+        // Two hours on, every message is too old: all are due, and trimmed.
+        let later = now + 2 * hour;
+        assert_eq!(pass(&chat, &policy, later).await, 21);
+        assert_eq!(chat.bounds("room").await.unwrap(), (12, 13));
+        assert_eq!(chat.bounds("quiet3").await.unwrap(), (6, 7));
+        assert_eq!(
+            chat.retention.deadlines().len(),
+            0,
+            "empty ones wait for a message"
+        );
+        send(&chat, "quiet0", 1).await;
+        assert_eq!(chat.retention.deadlines().len(), 1);
     }
 }

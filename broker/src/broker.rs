@@ -10,7 +10,7 @@
 //! deadlock-free: the session map, then one session, then the router;
 //! nothing holds the router while taking another lock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -25,6 +25,7 @@ use crate::chat::Chat;
 use crate::clock::now_ms;
 use crate::codec::Protocol;
 use crate::counter::Counter;
+use crate::deadlines::Deadlines;
 use crate::limits::{RateLimit, UserRates};
 use crate::message::{min_qos, Message};
 use crate::ownership::{self, Ownership};
@@ -254,47 +255,6 @@ pub struct Broker {
     // flow control
     /// Each user's publish rate, shared by its connections.
     pub user_rates: UserRates,
-}
-
-/// Deadlines by client id, earliest first, one entry per client id (a
-/// client that leaves again moves its entry, so reconnecting in a loop
-/// cannot grow the index): when disconnected persistent sessions expire,
-/// and when delayed wills are due. The timer task takes what is due
-/// instead of scanning every session. An entry can be stale (the session
-/// resumed, or was replaced): the task checks the session itself before
-/// acting.
-#[derive(Default)]
-struct Deadlines {
-    by_time: BTreeSet<(u64, Arc<str>)>,
-    by_client: HashMap<Arc<str>, u64>,
-}
-
-impl Deadlines {
-    /// Sets `client_id`'s deadline; true if it is now the earliest.
-    fn schedule(&mut self, client_id: &Arc<str>, deadline: u64) -> bool {
-        if let Some(old) = self.by_client.insert(client_id.clone(), deadline) {
-            self.by_time.remove(&(old, client_id.clone()));
-        }
-        self.by_time.insert((deadline, client_id.clone()));
-        self.next() == Some(deadline)
-    }
-
-    /// The earliest deadline.
-    fn next(&self) -> Option<u64> {
-        self.by_time.first().map(|(t, _)| *t)
-    }
-
-    /// The client ids due at `now_ms`, taken out of the index.
-    fn take_due(&mut self, now_ms: u64) -> Vec<Arc<str>> {
-        let mut due = Vec::new();
-        while self.by_time.first().is_some_and(|(t, _)| *t <= now_ms) {
-            if let Some((_, client_id)) = self.by_time.pop_first() {
-                self.by_client.remove(&client_id);
-                due.push(client_id);
-            }
-        }
-        due
-    }
 }
 
 /// When a disconnected session expires (unix ms).
@@ -1004,31 +964,5 @@ impl Broker {
         let mut batch = Batch::new();
         self.route(Arc::new(msg), &mut batch);
         self.store.submit(batch).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_expiry_index_holds_one_entry_per_client_and_yields_what_is_due() {
-        let mut e = Deadlines::default();
-        let a: Arc<str> = "a".into();
-        let b: Arc<str> = "b".into();
-        for t in 0..1000 {
-            e.schedule(&a, 10_000 + t);
-        }
-        e.schedule(&b, 5_000);
-        assert_eq!(
-            e.by_time.len(),
-            2,
-            "a client that leaves again moves its entry"
-        );
-        assert!(e.take_due(4_999).is_empty());
-        assert_eq!(e.take_due(5_000), [b.clone()]);
-        assert!(e.take_due(10_998).is_empty(), "a's latest deadline counts");
-        assert_eq!(e.take_due(u64::MAX), [a]);
-        assert!(e.by_client.is_empty() && e.by_time.is_empty());
     }
 }

@@ -27,6 +27,7 @@ mod clock;
 pub use chatmq_protocol::codec;
 pub mod connection;
 pub mod counter;
+mod deadlines;
 pub mod http;
 pub mod limits;
 pub mod login_guard;

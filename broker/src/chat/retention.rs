@@ -13,7 +13,6 @@
 //! oldest kept message is new is due `max_age` after that message's `ts`.
 //! A trim reschedules its conversation from the new oldest message.
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -23,6 +22,7 @@ use tokio::sync::{watch, Notify};
 
 use super::Chat;
 use crate::clock::now_ms;
+use crate::deadlines::Deadlines;
 
 /// The least time between two passes, so that a busy conversation at its
 /// message limit is trimmed once for what that time brought, not once
@@ -70,61 +70,6 @@ impl Policy {
     /// limit (`None`: no age limit).
     fn age_deadline(&self, ts: u64) -> Option<u64> {
         (self.max_age_ms > 0).then(|| ts.saturating_add(self.max_age_ms).saturating_add(1))
-    }
-}
-
-/// When each conversation next has something to drop, earliest first, one
-/// entry per conversation (a conversation due again keeps the earlier of
-/// its deadlines). Holds the conversations with kept messages under an age
-/// limit, and those past the message limit until they are trimmed: at most
-/// one entry per conversation. An entry can be early (a failed commit was
-/// rolled back, a trim raced an append): the trim then finds nothing to
-/// drop and the conversation is rescheduled.
-#[derive(Debug, Default)]
-struct Deadlines {
-    by_time: BTreeSet<(u64, Arc<str>)>,
-    by_conv: HashMap<Arc<str>, u64>,
-}
-
-impl Deadlines {
-    /// Makes `conv` due at `at` at the latest. Returns whether `at` is now
-    /// the earliest deadline of all (a sleeping task must be woken).
-    fn due_by(&mut self, conv: &str, at: u64) -> bool {
-        let conv: Arc<str> = match self.by_conv.get_key_value(conv) {
-            Some((_, &t)) if t <= at => return false,
-            Some((key, &t)) => {
-                let key = key.clone();
-                self.by_time.remove(&(t, key.clone()));
-                key
-            }
-            None => conv.into(),
-        };
-        let earliest = self.next().is_none_or(|t| at < t);
-        self.by_conv.insert(conv.clone(), at);
-        self.by_time.insert((at, conv));
-        earliest
-    }
-
-    /// The earliest deadline.
-    fn next(&self) -> Option<u64> {
-        self.by_time.first().map(|(t, _)| *t)
-    }
-
-    /// The conversations due at `now_ms`, taken out of the index.
-    fn take_due(&mut self, now_ms: u64) -> Vec<Arc<str>> {
-        let mut due = Vec::new();
-        while self.by_time.first().is_some_and(|(t, _)| *t <= now_ms) {
-            if let Some((_, conv)) = self.by_time.pop_first() {
-                self.by_conv.remove(&conv);
-                due.push(conv);
-            }
-        }
-        due
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.by_conv.len()
     }
 }
 
@@ -494,25 +439,6 @@ mod tests {
             None,
             "an empty conversation is not due until its next message"
         );
-    }
-
-    #[test]
-    fn deadlines_keep_the_earliest_per_conversation_and_are_taken_when_due() {
-        let mut d = Deadlines::default();
-        assert!(d.due_by("a", 500), "the first deadline is the earliest");
-        assert!(!d.due_by("b", 700));
-        assert!(!d.due_by("a", 900), "a later deadline does not move a's");
-        assert!(
-            d.due_by("b", 100),
-            "an earlier one does, and is the earliest"
-        );
-        assert_eq!((d.len(), d.next()), (2, Some(100)));
-        assert!(d.take_due(99).is_empty());
-        assert_eq!(d.take_due(100), [Arc::<str>::from("b")]);
-        assert_eq!(d.next(), Some(500));
-        assert!(!d.due_by("b", 800), "taken, b is new again (after a)");
-        assert_eq!(d.take_due(10_000).len(), 2);
-        assert_eq!((d.len(), d.next()), (0, None));
     }
 
     /// Appends `n` new messages from alice to `conv`, each committed.

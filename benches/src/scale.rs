@@ -72,6 +72,10 @@ impl Default for Limits {
 pub async fn run(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
     let limits = p.scale;
     let step = limits.step.max(1);
+    // Keep a few descriptors for /proc reads and the runtime: hitting
+    // this process's own limit would measure the load generator.
+    let own_limit = open_files_limit().map(|l| l.saturating_sub(64));
+    let target = own_limit.map_or(p.clients, |l| p.clients.min(l));
     let base = Sample::take(p.pid)?;
     let held: Arc<Mutex<Vec<std::net::TcpStream>>> =
         Arc::new(Mutex::new(Vec::with_capacity(p.clients.min(2_000_000))));
@@ -81,9 +85,9 @@ pub async fn run(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
     let mut open = 0usize;
     let tag: String = p.run_id.chars().rev().take(6).collect();
     let mut step_started = (Instant::now(), 0usize);
-    while open < p.clients && stopped.is_none() {
+    while open < target && stopped.is_none() {
         let next_checkpoint = ((open / step) + 1) * step;
-        let chunk_end = (open + GUARD_EVERY).min(next_checkpoint).min(p.clients);
+        let chunk_end = (open + GUARD_EVERY).min(next_checkpoint).min(target);
         stopped = open_range(p, &tag, open, chunk_end, &held).await;
         open = lock(&held).len();
         let now = Sample::take(p.pid)?;
@@ -91,7 +95,7 @@ pub async fn run(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
             "scale: {open} connections, {:.1} GiB available",
             now.available as f64 / (1u64 << 30) as f64
         ));
-        if open >= next_checkpoint || open >= p.clients || stopped.is_some() {
+        if open >= next_checkpoint || open >= target || stopped.is_some() {
             let secs = step_started.0.elapsed().as_secs_f64();
             let rate = (open - step_started.1) as f64 / secs.max(1e-3);
             // Let the broker finish what the last connects started.
@@ -108,6 +112,12 @@ pub async fn run(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
                 limits.min_free_bytes >> 20
             ));
         }
+    }
+    if stopped.is_none() && open < p.clients {
+        stopped = Some(format!(
+            "stopped at {open} connections: this process may open {} files (ulimit -n)",
+            own_limit.map_or(0, |l| l + 64)
+        ));
     }
     let total_s = started.elapsed().as_secs_f64();
     let last = checkpoints.last();
@@ -240,6 +250,18 @@ fn mem_available() -> Result<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .ok_or_else(|| anyhow!("no MemAvailable in /proc/meminfo"))
+}
+
+/// This process's soft limit on open files (`ulimit -n`).
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }
 
 /// The open-file limits of this process and of the broker, which bound

@@ -23,11 +23,36 @@ target=${CARGO_TARGET_DIR:-$root/target}
 (cd "$root" && cargo build --release --workspace --bins)
 (cd "$here/rumqttd-baseline" && CARGO_TARGET_DIR="$here/rumqttd-baseline/target" cargo build --release)
 
-# Thousands of sockets for the storm and idle scenarios.
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+# `--only restart` and `--only scale` write their own file, so that
+# latest.json keeps the full comparison.
+only=""
+prev=""
+for a in "$@"; do
+  case "$a" in --only=*) only=${a#--only=} ;; esac
+  if [ "$prev" = "--only" ]; then only=$a; fi
+  prev=$a
+done
+case "$only" in
+  restart | scale) results="$here/results/$only.json" ;;
+  *) results="$here/results/latest.json" ;;
+esac
+
+# The scale run holds as many sockets as it can, twice (both ends on this
+# machine): lift the kernel's limits where we may, and say what changed.
+if [ "$only" = scale ] && [ "$(id -u)" = 0 ]; then
+  for kv in fs.nr_open=2200000 fs.file-max=4400000 net.ipv4.ip_local_port_range="1024 65535"; do
+    key=${kv%%=*}
+    echo "compare: sysctl $key: $(sysctl -n "$key" | tr '\t' ' ') -> ${kv#*=}" >&2
+    sysctl -q -w "$kv" || echo "compare: could not set $key" >&2
+  done
+  ulimit -n 2100000 2>/dev/null || echo "compare: open files stay at $(ulimit -Hn) (hard limit; raising it needs CAP_SYS_RESOURCE)" >&2
+fi
+# Thousands of sockets for the storm, idle and group scenarios.
+ulimit -n 2100000 2>/dev/null || ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 mkdir -p "$here/results"
-exec "$target/release/chatmq-load" compare \
+"$target/release/chatmq-load" compare \
   --chatmq-bin "$target/release/chatmq" \
   --mosquitto-bin "$mosquitto" \
   --rumqttd-bin "$here/rumqttd-baseline/target/release/rumqttd-baseline" \
-  --json "$here/results/latest.json" "$@"
+  --json "$results" "$@"
+cd "$root" && "$target/release/chatmq-load" plot

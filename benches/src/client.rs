@@ -7,7 +7,7 @@
 //! by default, and rumqttc's `AsyncClient` (`--client rumqttc`), kept to
 //! show what the client library costs on a 2-core machine.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +15,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::probe::{self, now_ns, Probe};
-use crate::stats::{Receipts, Sends, Window};
+use crate::stats::{Receipts, Sends, Tally, Window};
 use crate::wire;
 
 pub const KEEP_ALIVE: u16 = 60;
@@ -55,15 +55,79 @@ pub struct Handshaken {
     next_pkid: u16,
 }
 
-/// Opens a TCP connection and completes CONNECT/CONNACK.
+/// How a connection is opened: from which local address, with which
+/// credentials, session and keep-alive.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial<'a> {
+    /// Local address to bind before connecting (spreads ports over
+    /// loopback addresses); `None`: the kernel's choice.
+    pub source: Option<IpAddr>,
+    /// (username, password)
+    pub login: Option<(&'a str, &'a str)>,
+    /// MQTT 3.1.1 clean session; `false` asks for a persistent session.
+    pub clean: bool,
+    /// Seconds; 0 asks for none (the broker may impose its maximum).
+    pub keep_alive: u16,
+}
+
+impl Default for Dial<'_> {
+    fn default() -> Self {
+        Dial {
+            source: None,
+            login: None,
+            clean: true,
+            keep_alive: KEEP_ALIVE,
+        }
+    }
+}
+
+/// The local address the `i`-th of many connections to `broker` binds:
+/// 127.0.0.2 to 127.0.0.40 in turn when the broker is on IPv4 loopback,
+/// so that hundreds of thousands of connections do not run out of
+/// ephemeral ports on one source address.
+pub fn spread_source(i: usize, broker: SocketAddr) -> Option<IpAddr> {
+    match broker.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() => {
+            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 39) as u8)))
+        }
+        _ => None,
+    }
+}
+
+/// Opens a TCP connection and completes CONNECT/CONNACK (clean session,
+/// keep-alive [`KEEP_ALIVE`]).
 pub async fn connect(
     addr: SocketAddr,
     client_id: &str,
     login: Option<(&str, &str)>,
 ) -> Result<Handshaken> {
-    let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
+    connect_with(
+        addr,
+        client_id,
+        Dial {
+            login,
+            ..Dial::default()
+        },
+    )
+    .await
+}
+
+/// Opens a TCP connection as `dial` says and completes CONNECT/CONNACK.
+pub async fn connect_with(addr: SocketAddr, client_id: &str, dial: Dial<'_>) -> Result<Handshaken> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = dial.source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("binding the local address {ip}"))?;
+    }
+    let stream = tokio::time::timeout(IO_TIMEOUT, socket.connect(addr))
         .await
-        .map_err(|_| anyhow!("connect to {addr} timed out"))??;
+        .map_err(|_| anyhow!("connect to {addr} timed out"))?
+        .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
     let mut h = Handshaken {
         stream,
@@ -71,7 +135,7 @@ pub async fn connect(
         next_pkid: 1,
     };
     let mut out = BytesMut::new();
-    wire::connect(&mut out, client_id, login, true, KEEP_ALIVE);
+    wire::connect(&mut out, client_id, dial.login, dial.clean, dial.keep_alive);
     h.stream.write_all(&out).await?;
     let f = h.expect(wire::CONNACK).await?;
     match f.body.get(1) {
@@ -179,6 +243,29 @@ impl Handshaken {
         }
     }
 
+    /// Publishes `payload` on `topic` at QoS 1 and waits for its PUBACK.
+    pub async fn publish_acked(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+        let mut out = BytesMut::new();
+        let pkid = self.pkid();
+        wire::publish(&mut out, topic, 1, pkid, payload);
+        self.stream.write_all(&out).await?;
+        loop {
+            let f = self.expect(wire::PUBACK).await?;
+            if wire::packet_id(&f) == pkid {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends DISCONNECT and closes: a persistent session stays stored.
+    pub async fn disconnect(mut self) -> Result<()> {
+        let mut out = BytesMut::new();
+        wire::disconnect(&mut out);
+        self.stream.write_all(&out).await?;
+        self.stream.shutdown().await?;
+        Ok(())
+    }
+
     /// Starts the reader and writer tasks.
     pub fn run(self, window: Arc<Window>, payload: PayloadKind, inflight: usize) -> Link {
         let (rd, wr) = self.stream.into_split();
@@ -213,6 +300,48 @@ impl Handshaken {
     /// Keeps the connection open doing nothing (idle and storm scenarios).
     pub fn into_stream(self) -> TcpStream {
         self.stream
+    }
+
+    /// The receiving side of a member that only listens (the large
+    /// group's thousands): one task, a small buffer that grows only for a
+    /// burst, QoS 1 deliveries acked in one write per read, every receipt
+    /// counted into the shared `tally`. Abort the task to stop it.
+    pub fn receive(
+        mut self,
+        window: Arc<Window>,
+        tally: Arc<Tally>,
+        payload: PayloadKind,
+    ) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut acks = BytesMut::new();
+            let mut due = Vec::new();
+            loop {
+                if self.buf.capacity() - self.buf.len() < 1024 {
+                    self.buf.reserve(4096);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                while let Ok(Some(f)) = wire::next_frame(&mut self.buf) {
+                    if f.kind != wire::PUBLISH {
+                        continue;
+                    }
+                    let Ok((_, qos, pkid, body)) = wire::parse_publish(&f) else {
+                        return;
+                    };
+                    if qos > 0 {
+                        wire::puback(&mut acks, pkid);
+                    }
+                    due.push(payload.parse(&body).map(|p| p.due_ns));
+                }
+                tally.record(&window, &due);
+                due.clear();
+                if !acks.is_empty() && self.stream.write_all(&acks.split()).await.is_err() {
+                    return;
+                }
+            }
+        })
     }
 }
 
@@ -375,6 +504,20 @@ impl Link {
             }
             _ => want,
         }
+    }
+
+    /// Waits until every message sent at QoS 1 was acknowledged (the
+    /// whole in-flight window of `inflight` is free again).
+    pub async fn settle(&mut self, inflight: usize) -> Result<()> {
+        if let Link::Raw(l) = self {
+            let all = l
+                .permits
+                .acquire_many(inflight as u32)
+                .await
+                .map_err(|_| anyhow!("connection closed"))?;
+            drop(all);
+        }
+        Ok(())
     }
 
     /// Queues one PUBLISH (rumqttc: hands it to the client).

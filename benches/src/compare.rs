@@ -44,6 +44,9 @@ pub struct Broker {
     pub name: String,
     pub kind: Kind,
     pub addr: SocketAddr,
+    /// The CPUs it is pinned to (`taskset -c`), if any.
+    cpus: Option<String>,
+    program: PathBuf,
     child: Child,
     dir: PathBuf,
 }
@@ -62,6 +65,12 @@ impl Broker {
     }
 
     pub fn start(kind: Kind, bins: &Binaries) -> Result<Broker> {
+        Broker::start_pinned(kind, bins, None)
+    }
+
+    /// Starts `kind` on a free loopback port in a fresh directory, pinned
+    /// to `cpus` (a `taskset -c` list) if given, and waits until it listens.
+    pub fn start_pinned(kind: Kind, bins: &Binaries, cpus: Option<&str>) -> Result<Broker> {
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let name = match kind {
@@ -74,55 +83,38 @@ impl Broker {
             std::env::temp_dir().join(format!("chatmq-bench-{}-{name}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut cmd = match kind {
-            Kind::Chatmq { sync_always } => {
-                let conf = dir.join("chatmq.toml");
-                std::fs::write(&conf, chatmq_config(&dir, addr, sync_always))?;
-                let mut c = Command::new(&bins.chatmq);
-                c.arg("serve")
-                    .arg("--config")
-                    .arg(&conf)
-                    .env("RUST_LOG", "warn");
-                c
-            }
-            Kind::Mosquitto => {
-                let conf = dir.join("mosquitto.conf");
-                std::fs::write(&conf, mosquitto_config(addr))?;
-                let mut c = Command::new(&bins.mosquitto);
-                c.arg("-c").arg(&conf);
-                c
-            }
-            Kind::Rumqttd => {
-                let conf = dir.join("rumqttd.toml");
-                std::fs::write(&conf, rumqttd_config(addr))?;
-                let bin = bins
-                    .rumqttd
-                    .as_ref()
-                    .ok_or_else(|| anyhow!("no rumqttd binary given"))?;
-                let mut c = Command::new(bin);
-                c.arg(&conf);
-                c
-            }
+        let program = match kind {
+            Kind::Chatmq { .. } => bins.chatmq.clone(),
+            Kind::Mosquitto => bins.mosquitto.clone(),
+            Kind::Rumqttd => bins
+                .rumqttd
+                .clone()
+                .ok_or_else(|| anyhow!("no rumqttd binary given"))?,
         };
-        let spawned = std::fs::File::create(dir.join("stderr.log")).and_then(|log| {
-            cmd.current_dir(&dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::from(log))
-                .spawn()
-        });
+        let configured = match kind {
+            Kind::Chatmq { sync_always } => std::fs::write(
+                dir.join("chatmq.toml"),
+                chatmq_config(&dir, addr, sync_always),
+            ),
+            Kind::Mosquitto => std::fs::write(dir.join("mosquitto.conf"), mosquitto_config(addr)),
+            Kind::Rumqttd => std::fs::write(dir.join("rumqttd.toml"), rumqttd_config(addr)),
+        };
+        let spawned = configured
+            .map_err(anyhow::Error::from)
+            .and_then(|()| spawn(kind, &program, &dir, cpus));
         let child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(e)
-                    .with_context(|| format!("starting {name} ({:?})", cmd.get_program()));
+                return Err(e.context(format!("starting {name} ({})", program.display())));
             }
         };
         let mut broker = Broker {
             name: name.into(),
             kind,
             addr,
+            cpus: cpus.map(str::to_string),
+            program,
             child,
             dir,
         };
@@ -130,11 +122,68 @@ impl Broker {
         Ok(broker)
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
-        // Drain stdout in the background so the broker never blocks on it.
+    /// The broker's directory (its data directory is `data/` inside).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stops the process: SIGKILL if `hard`, else SIGTERM and a wait for
+    /// it to exit (30 s, then SIGKILL).
+    pub fn stop(&mut self, hard: bool) -> Result<()> {
+        if hard {
+            self.child.kill().context("kill -9")?;
+            self.child.wait()?;
+            return Ok(());
+        }
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.pid());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                self.child.wait()?;
+                bail!("{} did not exit within 30 s of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Starts the stopped process again on the same directory, port and
+    /// configuration, and returns at once (the caller times the start).
+    pub fn respawn(&mut self) -> Result<()> {
+        self.child = spawn(self.kind, &self.program, &self.dir, self.cpus.as_deref())?;
+        self.drain_stdout();
+        Ok(())
+    }
+
+    /// Reads stdout in the background so the broker never blocks on it.
+    fn drain_stdout(&mut self) {
         if let Some(out) = self.child.stdout.take() {
             std::thread::spawn(move || for _ in BufReader::new(out).lines() {});
         }
+    }
+
+    /// Rewrites chatmq's configuration with another `storage.sync`
+    /// (applies at the next start).
+    pub fn set_sync(&mut self, sync_always: bool) -> Result<()> {
+        if let Kind::Chatmq { .. } = self.kind {
+            std::fs::write(
+                self.dir.join("chatmq.toml"),
+                chatmq_config(&self.dir, self.addr, sync_always),
+            )?;
+            self.kind = Kind::Chatmq { sync_always };
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        self.drain_stdout();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
@@ -176,7 +225,7 @@ impl Broker {
 
 /// Runs `p` against `b`, first replacing `b` with a fresh process if it
 /// stopped answering; the outcome then says so.
-async fn measure(
+pub(crate) async fn measure(
     b: &mut Broker,
     bins: &Binaries,
     mut p: Params,
@@ -186,7 +235,7 @@ async fn measure(
     if !b.healthy().await {
         let why = b.failure().unwrap_or_else(|| "no answer to CONNECT".into());
         note = Some(format!("{} was restarted before this run: {why}", b.name));
-        *b = Broker::start(b.kind, bins)?;
+        *b = Broker::start_pinned(b.kind, bins, b.cpus.as_deref())?;
     }
     p.addr = b.addr;
     let mut o = scenarios::run(&p, &b.name, bar).await;
@@ -202,6 +251,43 @@ async fn measure(
     Ok(o)
 }
 
+/// Spawns `kind` from its configuration in `dir` (written by
+/// `start_pinned`), through `taskset -c` when pinned.
+fn spawn(kind: Kind, program: &Path, dir: &Path, cpus: Option<&str>) -> Result<Child> {
+    let mut cmd = match cpus {
+        Some(list) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(list).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    match kind {
+        Kind::Chatmq { .. } => {
+            cmd.arg("serve")
+                .arg("--config")
+                .arg(dir.join("chatmq.toml"))
+                .env("RUST_LOG", "warn");
+        }
+        Kind::Mosquitto => {
+            cmd.arg("-c").arg(dir.join("mosquitto.conf"));
+        }
+        Kind::Rumqttd => {
+            cmd.arg(dir.join("rumqttd.toml"));
+        }
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))?;
+    cmd.current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("spawning {:?}", cmd.get_program()))
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -214,9 +300,15 @@ data_dir = "{data}"
 listen = "{addr}"
 max_inflight = {INFLIGHT}
 max_offline_messages = {QUEUED}
-# Every load client comes from 127.0.0.1: no per-address limits.
+# Every load client comes from loopback: no per-address limits.
 max_connections_per_ip = 0
 accept_rate_per_ip = 0
+# The scale run aims at 1,000,000 idle anonymous connections that ask for
+# no keep-alive; the restart run stores 100,000 sessions. Neither peer
+# caps these.
+max_connections = 2000000
+max_anonymous_sessions = 2000000
+keepalive_max = 65535
 # Neither peer limits publish rates: these are far above what the load
 # can reach, so the engines are compared, not a limit.
 publish_rate = 1000000000
@@ -283,12 +375,26 @@ pub struct Plan {
     pub duration: Duration,
     pub storm_max: usize,
     pub idle_connections: usize,
-    /// Scenario names to run; empty: all.
+    /// Large groups: their sizes.
+    pub group_sizes: Vec<usize>,
+    /// Connection scale: the target, checkpoint step and free-memory floor.
+    pub scale_clients: usize,
+    pub scale: crate::scale::Limits,
+    /// Restart: what the data directory holds before the restart.
+    pub restart: crate::restart::Fill,
+    /// Scenario names to run; empty: all but [`ON_REQUEST`].
     pub only: Vec<String>,
 }
 
+/// Scenarios that take minutes, and run only when `--only` names them.
+pub const ON_REQUEST: [&str; 2] = ["restart", "scale"];
+
 fn wanted(plan: &Plan, name: &str) -> bool {
-    plan.only.is_empty() || plan.only.iter().any(|o| o == name)
+    if plan.only.is_empty() {
+        !ON_REQUEST.contains(&name)
+    } else {
+        plan.only.iter().any(|o| o == name)
+    }
 }
 
 /// Runs every scenario against every broker; returns the outcomes.
@@ -357,6 +463,17 @@ pub async fn run(bins: &Binaries, plan: &Plan) -> Result<Vec<Outcome>> {
         turn += 1;
     }
 
+    // Large groups: chatmq only (the others have no chat layer).
+    if wanted(plan, "groups") {
+        for &size in &plan.group_sizes {
+            let b = &mut brokers[0];
+            let mut p = base(Scenario::Group, b);
+            p.group_size = size;
+            bar.set_prefix(format!("group of {size} on {}", b.name));
+            out.push(measure(b, bins, p, &bar).await?);
+        }
+    }
+
     // Latency at half of Mosquitto's highest QoS 1 1:1 rate, open loop.
     if wanted(plan, "latency") {
         let max = out
@@ -391,6 +508,27 @@ pub async fn run(bins: &Binaries, plan: &Plan) -> Result<Vec<Outcome>> {
     drop(never);
     let kinds: Vec<Kind> = brokers.iter().map(|b| b.kind).collect();
     drop(brokers);
+
+    if wanted(plan, "cores") {
+        out.extend(crate::cores::run(bins, plan, &bar).await?);
+    }
+    if wanted(plan, "restart") {
+        out.extend(crate::restart::run(bins, &plan.restart, &bar).await?);
+    }
+    // Connection scale, each broker on a fresh process, one at a time.
+    if wanted(plan, "scale") {
+        // rumqttd is left out: its connections go through its router at
+        // under 1,000 per second (see storm) and it holds 43 KiB each.
+        for kind in kinds.iter().filter(|k| **k != Kind::Rumqttd) {
+            let mut b = Broker::start(*kind, bins)?;
+            let mut p = base(Scenario::Scale, &b);
+            p.clients = plan.scale_clients;
+            p.scale = plan.scale;
+            p.pid = Some(b.pid());
+            bar.set_prefix(format!("scale on {}", b.name));
+            out.push(measure(&mut b, bins, p, &bar).await?);
+        }
+    }
 
     // Memory per idle connection, each on a fresh process, one at a time.
     if wanted(plan, "idle") {
@@ -433,20 +571,30 @@ pub fn targets(all: &[Outcome]) -> String {
                 && o.scenario == scenario
                 && o.qos == qos
                 && o.rate.is_some() == rate
+                && o.variant.is_none()
+                && o.error.is_none()
+        })
+    };
+    let variant = |scenario: &str, qos: u8, v: &str| {
+        all.iter().find(|o| {
+            o.broker == "chatmq"
+                && o.scenario == scenario
+                && o.qos == qos
+                && o.variant.as_deref() == Some(v)
                 && o.error.is_none()
         })
     };
     let mut s = String::from("targets (chatmq vs mosquitto):\n");
-    let mut check = |name: &str, value: Option<f64>, goal: f64, at_least: bool| {
+    let mut check_in = |name: &str, value: Option<f64>, goal: f64, at_least: bool, unit: &str| {
         let verdict = match value {
             Some(v) if (at_least && v >= goal) || (!at_least && v <= goal) => {
-                format!("{v:.2}x  met")
+                format!("{v:.2}{unit}  met")
             }
-            Some(v) => format!("{v:.2}x  MISSED"),
+            Some(v) => format!("{v:.2}{unit}  MISSED"),
             None => "not measured".into(),
         };
         let op = if at_least { ">=" } else { "<=" };
-        s.push_str(&format!("  {name:<52} {op} {goal:.1}x: {verdict}\n"));
+        s.push_str(&format!("  {name:<56} {op} {goal:.1}{unit}: {verdict}\n"));
     };
     let ratio = |a: Option<&Outcome>, b: Option<&Outcome>, f: fn(&Outcome) -> Option<f64>| match (
         a.and_then(f),
@@ -456,6 +604,7 @@ pub fn targets(all: &[Outcome]) -> String {
         _ => None,
     };
     let tput = |o: &Outcome| o.throughput;
+    let mut check = |name: &str, value, goal, at_least| check_in(name, value, goal, at_least, "x");
     check(
         "QoS 1 1:1 throughput",
         ratio(
@@ -505,6 +654,38 @@ pub fn targets(all: &[Outcome]) -> String {
         ),
         2.0,
         false,
+    );
+    for size in [1_000, 10_000] {
+        let name = format!("group of {size}: small conv ack p99, fan-out / alone");
+        let o = variant("group", 1, &format!("{size} members"));
+        let v = o.and_then(|o| match (o.small_ack_loaded_us, o.small_ack_idle_us) {
+            (Some(l), Some(i)) => Some(l[1] as f64 / i[1].max(1) as f64),
+            _ => None,
+        });
+        check(&name, v, 2.0, false);
+    }
+    for (name, scenario, qos) in [
+        ("QoS 1 pairs throughput, 2 cores / 1 core", "pairs", 1),
+        ("QoS 0 fan-in throughput, 2 cores / 1 core", "fanin", 0),
+    ] {
+        check(
+            name,
+            ratio(
+                variant(scenario, qos, "2 cores"),
+                variant(scenario, qos, "1 core"),
+                tput,
+            ),
+            1.7,
+            true,
+        );
+    }
+    let served = variant("restart", 0, "after kill -9").and_then(|o| o.restart.as_ref());
+    check_in(
+        "restart after kill -9: process start until served",
+        served.map(|t| t.served_ms / 1e3),
+        2.0,
+        false,
+        " s",
     );
     s
 }

@@ -3,8 +3,13 @@
 
 mod client;
 mod compare;
+mod cores;
+mod group;
+mod plot;
 mod probe;
 mod report;
+mod restart;
+mod scale;
 mod scenarios;
 mod stats;
 mod wire;
@@ -22,22 +27,31 @@ use scenarios::{Params, Scenario};
 
 const USAGE: &str = "usage:
   chatmq-load run SCENARIO --addr HOST:PORT [options]
-      SCENARIO: pairs | fanin | fanout | chat | storm | idle
+      SCENARIO: pairs | fanin | fanout | chat | storm | idle | group | scale
       --qos 0|1            (default: pairs/fanin/chat 1, fanout 0)
-      --clients N          pairs, publishers (fanin), subscribers (fanout), connections (storm cap, idle)
-      --groups K --group-size G    chat (default 10 x 5)
+      --clients N          pairs, publishers (fanin), subscribers (fanout),
+                           connections (storm cap, idle, scale target)
+      --groups K --group-size G    chat (default 10 x 5); group: its size (needs --jwt-secret)
+      --step N --min-free-mb M     scale: checkpoint every N connections (50000),
+                           stop when the machine has under M MiB available (2048)
       --size BYTES         payload size (default 64)
       --warmup S --duration S      (default 0.5 and 3)
       --rate MSG_PER_S     open loop at a fixed total rate (latency); default closed loop
       --inflight N         QoS 1 window per publisher (default 100)
       --client raw|rumqttc (default raw)
       --jwt-secret S       chatmq: members log in with HS256 JWTs and groups are created by RPC
-      --pid PID            the broker's process (idle: RSS per connection)
+      --pid PID            the broker's process (idle, scale: RSS per connection)
       --label NAME         the broker's name in the report
       --json FILE          also write the outcome as JSON
   chatmq-load compare --chatmq-bin PATH [--mosquitto-bin PATH] [--rumqttd-bin PATH]
       [--warmup S] [--duration S] [--storm-max N] [--idle-connections N]
-      [--only pairs,fanin,fanout,chat,latency,storm,idle] [--json FILE]
+      [--group-sizes 1000,10000] [--clients N (scale target)] [--step N] [--min-free-mb M]
+      [--restart-messages N] [--restart-sessions N]
+      [--only pairs,fanin,fanout,chat,groups,latency,storm,cores,idle,restart,scale]
+      [--json FILE]     (restart and scale run only when --only names them)
+  chatmq-load plot [--compare FILE] [--scale FILE] [--out DIR]
+      SVG charts (compare.svg, scale.svg) from compare's JSON
+      (defaults: benches/results/latest.json, benches/results/scale.json, benches/results)
   benches/compare.sh installs and builds what compare needs, then runs it.";
 
 struct Args {
@@ -144,6 +158,12 @@ async fn run_one(mut a: Args) -> Result<()> {
     };
     p.jwt_secret = a.get("jwt-secret")?;
     p.pid = a.get("pid")?;
+    if let Some(v) = a.get("step")? {
+        p.scale.step = v;
+    }
+    if let Some(v) = a.get::<u64>("min-free-mb")? {
+        p.scale.min_free_bytes = v << 20;
+    }
     let label = a
         .get::<String>("label")?
         .unwrap_or_else(|| addr.to_string());
@@ -176,11 +196,36 @@ async fn run_compare(mut a: Args) -> Result<()> {
             .unwrap_or_else(|| PathBuf::from("/usr/sbin/mosquitto")),
         rumqttd: a.get("rumqttd-bin")?,
     };
+    let mut scale = scale::Limits::default();
+    if let Some(v) = a.get("step")? {
+        scale.step = v;
+    }
+    if let Some(v) = a.get::<u64>("min-free-mb")? {
+        scale.min_free_bytes = v << 20;
+    }
+    let fill = restart::Fill::default();
     let plan = compare::Plan {
         warmup: a.secs("warmup")?.unwrap_or(Duration::from_millis(500)),
         duration: a.secs("duration")?.unwrap_or(Duration::from_secs(3)),
         storm_max: a.get("storm-max")?.unwrap_or(10_000),
         idle_connections: a.get("idle-connections")?.unwrap_or(2_000),
+        group_sizes: match a.get::<String>("group-sizes")? {
+            None => vec![1_000, 10_000],
+            Some(list) => list
+                .split(',')
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .map_err(|e| anyhow!("--group-sizes {n}: {e}"))
+                })
+                .collect::<Result<_>>()?,
+        },
+        scale_clients: a.get("clients")?.unwrap_or(1_000_000),
+        scale,
+        restart: restart::Fill {
+            messages: a.get("restart-messages")?.unwrap_or(fill.messages),
+            sessions: a.get("restart-sessions")?.unwrap_or(fill.sessions),
+        },
         only: a
             .get::<String>("only")?
             .map(|s| s.split(',').map(str::to_string).collect())
@@ -202,6 +247,30 @@ async fn run_compare(mut a: Args) -> Result<()> {
     println!("{}", compare::targets(&outcomes));
     println!("compare took {:.0} s", started.elapsed().as_secs_f64());
     write_json(json, &outcomes)?;
+    Ok(())
+}
+
+fn run_plot(mut a: Args) -> Result<()> {
+    let results = PathBuf::from("benches/results");
+    let compare = a
+        .get::<PathBuf>("compare")?
+        .unwrap_or_else(|| results.join("latest.json"));
+    let scale = a
+        .get::<PathBuf>("scale")?
+        .unwrap_or_else(|| results.join("scale.json"));
+    let out = a.get::<PathBuf>("out")?.unwrap_or(results);
+    a.done()?;
+    let written = plot::write(&compare, &scale, &out)?;
+    if written.is_empty() {
+        bail!(
+            "nothing to plot: neither {} nor {} exists",
+            compare.display(),
+            scale.display()
+        );
+    }
+    for w in written {
+        println!("wrote {w}");
+    }
     Ok(())
 }
 
@@ -227,6 +296,7 @@ fn main() -> ExitCode {
         match args.words.first().map(String::as_str) {
             Some("run") => run_one(args).await,
             Some("compare") => run_compare(args).await,
+            Some("plot") => run_plot(args),
             Some("help") | None => {
                 println!("{USAGE}");
                 Ok(())

@@ -33,6 +33,12 @@ fn fmt_us(v: Option<[u64; 3]>) -> String {
 
 /// The figure a row is judged by, and whether more is better.
 pub fn headline(o: &Outcome) -> Option<(f64, bool)> {
+    if let Some(r) = &o.restart {
+        return Some((r.served_ms, false));
+    }
+    if o.small_ack_loaded_us.is_some() {
+        return o.throughput.map(|t| (t, true));
+    }
     if let Some(b) = o.rss_per_connection_bytes {
         return Some((b, false));
     }
@@ -47,7 +53,14 @@ pub fn headline(o: &Outcome) -> Option<(f64, bool)> {
 
 /// The key under which rows of different brokers compare.
 pub fn key(o: &Outcome) -> String {
-    format!("{} q{}", o.scenario, o.qos) + if o.rate.is_some() { " (rate)" } else { "" }
+    let mut k = format!("{} q{}", o.scenario, o.qos);
+    if o.rate.is_some() && o.scenario != "group" {
+        k.push_str(" (rate)");
+    }
+    if let Some(v) = &o.variant {
+        k.push_str(&format!(" [{v}]"));
+    }
+    k
 }
 
 fn ratio(o: &Outcome, all: &[Outcome]) -> String {
@@ -83,6 +96,18 @@ pub fn table(all: &[Outcome]) -> String {
     for o in all {
         let headline = if let Some(e) = &o.error {
             format!("error: {}", e.chars().take(60).collect::<String>())
+        } else if let Some(r) = &o.restart {
+            format!("served in {:.0} ms", r.served_ms)
+        } else if let (Some(idle), Some(loaded)) = (o.small_ack_idle_us, o.small_ack_loaded_us) {
+            format!(
+                "{} deliv/s; small ack p99 {} -> {} ({:.1}x)",
+                fmt_rate(o.throughput),
+                one(idle[1]),
+                one(loaded[1]),
+                loaded[1] as f64 / idle[1].max(1) as f64
+            )
+        } else if let (Some(b), false) = (o.rss_per_connection_bytes, o.checkpoints.is_empty()) {
+            format!("{} conns, {:.1} KiB/conn", o.received, b / 1024.0)
         } else if let Some(b) = o.rss_per_connection_bytes {
             format!("{:.1} KiB/conn", b / 1024.0)
         } else if let Some(c) = o.connects_per_s {

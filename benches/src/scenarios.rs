@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use indicatif::ProgressBar;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::client::{self, ClientKind, Handshaken, Link, PayloadKind};
 use crate::probe::{self, now_ns, Probe};
 use crate::stats::{percentiles, Receipts, Sends, Window};
+use crate::{group, scale};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,6 +33,8 @@ pub enum Scenario {
     Chat,
     Storm,
     Idle,
+    Group,
+    Scale,
 }
 
 impl Scenario {
@@ -43,7 +46,11 @@ impl Scenario {
             "chat" => Scenario::Chat,
             "storm" => Scenario::Storm,
             "idle" => Scenario::Idle,
-            other => bail!("unknown scenario `{other}` (pairs, fanin, fanout, chat, storm, idle)"),
+            "group" => Scenario::Group,
+            "scale" => Scenario::Scale,
+            other => bail!(
+                "unknown scenario `{other}` (pairs, fanin, fanout, chat, storm, idle, group, scale)"
+            ),
         })
     }
 
@@ -55,6 +62,8 @@ impl Scenario {
             Scenario::Chat => "chat",
             Scenario::Storm => "storm",
             Scenario::Idle => "idle",
+            Scenario::Group => "group",
+            Scenario::Scale => "scale",
         }
     }
 }
@@ -80,6 +89,10 @@ pub struct Params {
     pub jwt_secret: Option<String>,
     /// The broker process, for the idle scenario's RSS.
     pub pid: Option<u32>,
+    /// Connection scale: checkpoint step and free-memory floor.
+    pub scale: scale::Limits,
+    /// Names the setting of this run in its outcome (see [`Outcome::variant`]).
+    pub variant: Option<String>,
     /// Makes topics, client ids and message ids unique to this run.
     pub run_id: String,
 }
@@ -93,6 +106,8 @@ impl Params {
             Scenario::Chat => (0, 1),
             Scenario::Storm => (10_000, 0),
             Scenario::Idle => (2_000, 0),
+            Scenario::Group => (0, 1),
+            Scenario::Scale => (1_000_000, 0),
         };
         Params {
             scenario,
@@ -109,13 +124,16 @@ impl Params {
             client: ClientKind::Raw,
             jwt_secret: None,
             pid: None,
+            scale: scale::Limits::default(),
+            variant: None,
             run_id: format!("r{:x}", now_ns() ^ u64::from(std::process::id())),
         }
     }
 }
 
-/// The result of one run, as printed and as JSON.
-#[derive(Debug, Clone, Default, Serialize)]
+/// The result of one run, as printed and as JSON (which `plot` reads back).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Outcome {
     pub scenario: String,
     pub broker: String,
@@ -146,6 +164,30 @@ pub struct Outcome {
     pub refused: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_per_connection_bytes: Option<f64>,
+    /// Large group: the small conversation's PUBLISH→PUBACK, µs (p50,
+    /// p99, p99.9), alone and during the group's fan-out, and its rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub small_ack_idle_us: Option<[u64; 3]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub small_ack_loaded_us: Option<[u64; 3]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub small_rate: Option<f64>,
+    /// Connection scale: the measurements taken every `--step` connections.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<scale::Checkpoint>,
+    /// Restart: how long from process start until a client was served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart: Option<crate::restart::Timings>,
+    /// Which setting of the scenario this row is (`10000 members`, `1
+    /// core`, `after kill -9`); part of the key rows compare under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// CPU time the broker process used during the run, seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_cpu_s: Option<f64>,
+    /// CPU time this load generator used during the run, seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_cpu_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Something the reader of the figure should know (a broker restarted
@@ -159,6 +201,8 @@ pub async fn run(p: &Params, broker: &str, bar: &ProgressBar) -> Outcome {
     let mut out = match p.scenario {
         Scenario::Storm => storm(p, bar).await,
         Scenario::Idle => idle(p, bar).await,
+        Scenario::Group => group::run(p, bar).await,
+        Scenario::Scale => scale::run(p, bar).await,
         _ => messages(p, bar).await,
     }
     .unwrap_or_else(|e| Outcome {
@@ -170,9 +214,12 @@ pub async fn run(p: &Params, broker: &str, bar: &ProgressBar) -> Outcome {
     out.qos = p.qos;
     out.clients = match p.scenario {
         Scenario::Chat => p.groups * p.group_size,
+        Scenario::Group => p.group_size,
+        Scenario::Scale => out.clients,
         _ => p.clients,
     };
-    out.rate = p.rate;
+    out.rate = out.rate.or(p.rate);
+    out.variant = out.variant.take().or_else(|| p.variant.clone());
     out
 }
 
@@ -251,7 +298,7 @@ fn roles(p: &Params) -> (Vec<Role>, u64) {
             }
             (v, p.group_size as u64)
         }
-        Scenario::Storm | Scenario::Idle => (Vec::new(), 0),
+        Scenario::Storm | Scenario::Idle | Scenario::Group | Scenario::Scale => (Vec::new(), 0),
     }
 }
 
@@ -276,7 +323,7 @@ pub fn jwt(secret: &str, user: &str) -> Result<String> {
 }
 
 /// Runs `f` over `items` with at most `width` at a time, in order.
-async fn bounded<T, R, F, Fut>(items: Vec<T>, width: usize, f: F) -> Vec<Result<R>>
+pub(crate) async fn bounded<T, R, F, Fut>(items: Vec<T>, width: usize, f: F) -> Vec<Result<R>>
 where
     T: Send + 'static,
     R: Send + 'static,
@@ -305,7 +352,7 @@ where
         .collect()
 }
 
-async fn messages(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
+pub(crate) async fn messages(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
     let (roles, fan) = roles(p);
     let payload = if p.scenario == Scenario::Chat {
         PayloadKind::Envelope
@@ -481,24 +528,28 @@ async fn messages(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
     })
 }
 
-struct Publisher {
-    topic: String,
-    number: u32,
-    qos: u8,
-    size: usize,
-    payload: PayloadKind,
-    run: String,
-    period_ns: Option<u64>,
-    t0: u64,
-    end: u64,
-    window: Arc<Window>,
+/// One publishing connection's plan: where, how big, how fast, until when.
+pub(crate) struct Publisher {
+    pub topic: String,
+    pub number: u32,
+    pub qos: u8,
+    pub size: usize,
+    pub payload: PayloadKind,
+    pub run: String,
+    /// Open loop: nanoseconds between messages; `None`: closed loop.
+    pub period_ns: Option<u64>,
+    /// `now_ns` when the first message is due.
+    pub t0: u64,
+    /// `now_ns` when publishing stops.
+    pub end: u64,
+    pub window: Arc<Window>,
 }
 
 impl Publisher {
     /// Closed loop: as fast as the connection (QoS 0) or the in-flight
     /// window (QoS 1) allows. Open loop: each message at its due time,
     /// stamped with that time even when it leaves late.
-    async fn run(self, mut link: Link) -> (Link, Sends) {
+    pub async fn run(self, mut link: Link) -> (Link, Sends) {
         const BURST: usize = 64;
         let mut sends = Sends::default();
         let mut next_due = self.t0;

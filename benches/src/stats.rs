@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
 
@@ -98,6 +98,60 @@ impl Receipts {
         self.duplicates += other.duplicates;
         self.foreign += other.foreign;
         let _ = self.latency.add(&other.latency);
+    }
+}
+
+/// What many lean receivers count together (the members of a large
+/// group): shared counters and one histogram, taken once per read rather
+/// than a [`Receipts`] per connection, so 10,000 members cost kilobytes
+/// each, not a histogram each. Duplicates are not told apart here: a
+/// count above what was owed shows them.
+pub struct Tally {
+    /// Deliveries received, whenever.
+    pub received: AtomicU64,
+    /// Deliveries that arrived inside the window.
+    pub in_window: AtomicU64,
+    /// Payloads that carried no probe.
+    pub foreign: AtomicU64,
+    /// Delivery latency of messages due inside the window, µs.
+    pub latency: Mutex<Histogram<u64>>,
+}
+
+impl Tally {
+    pub fn new() -> Arc<Tally> {
+        Arc::new(Tally {
+            received: AtomicU64::new(0),
+            in_window: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
+            latency: Mutex::new(histogram()),
+        })
+    }
+
+    /// Counts one read's deliveries, each by the time it was due (`None`:
+    /// no probe in the payload).
+    pub fn record(&self, window: &Window, due: &[Option<u64>]) {
+        if due.is_empty() {
+            return;
+        }
+        let now = now_ns();
+        let n = due.len() as u64;
+        self.received.fetch_add(n, Ordering::Relaxed);
+        window.received.fetch_add(n, Ordering::Relaxed);
+        if window.contains(now) {
+            self.in_window.fetch_add(n, Ordering::Relaxed);
+        }
+        let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        for d in due {
+            match d {
+                Some(d) if window.contains(*d) => {
+                    let _ = h.record((now.saturating_sub(*d) / 1000).max(1));
+                }
+                Some(_) => {}
+                None => {
+                    self.foreign.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 }
 

@@ -764,6 +764,9 @@ impl Channel {
                         }
                     }
                 }
+                if let Some(u) = &user {
+                    self.broker.chat.watch_presence(u, inner);
+                }
                 reaches_chat |= filter_scope(inner) != FilterScope::Plain;
                 codes.push(Rc::Success(f.qos));
             }

@@ -78,6 +78,17 @@ impl Membership {
             .is_some_and(|convs| convs.iter().any(|c| self.is_member(c, b)))
     }
 
+    /// An upper bound on `contacts(user).len()` without building the set:
+    /// the sizes of the user's conversations, added.
+    pub fn contact_bound(&self, user: &str) -> usize {
+        self.by_user.get(user).map_or(0, |convs| {
+            convs
+                .iter()
+                .map(|c| self.by_conv.get(c).map_or(2, HashMap::len))
+                .fold(1, usize::saturating_add)
+        })
+    }
+
     /// Users who share at least one conversation with `user`.
     pub fn contacts(&self, user: &str) -> BTreeSet<Arc<str>> {
         let mut out = BTreeSet::new();

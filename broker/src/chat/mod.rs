@@ -164,6 +164,12 @@ pub struct Chat {
     sessions: Mutex<HashMap<Arc<str>, Vec<Weak<SessionCell>>>>,
     /// Last known presence of each user: (online, unix ms).
     presence: Mutex<HashMap<Arc<str>, (bool, u64)>>,
+    /// Users with a connected session that subscribed to a filter that can
+    /// match `presence/...` (over-approximated: an unsubscribe does not
+    /// remove one, the last session going offline does). A presence change
+    /// is offered to these only, so a member of a large group who flaps
+    /// costs O(watchers), not O(members), when few watch presence.
+    watchers: Mutex<std::collections::HashSet<Arc<str>>>,
     /// One queue per dispatcher shard (see [`Chat::shard`]).
     dispatch: Vec<mpsc::Sender<Dispatch>>,
     dispatch_rx: Mutex<Vec<mpsc::Receiver<Dispatch>>>,
@@ -206,6 +212,7 @@ impl Chat {
             online: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(std::collections::HashSet::new()),
             dispatch,
             dispatch_rx: Mutex::new(rx),
             history_cap: 200,
@@ -865,6 +872,9 @@ impl Chat {
         let resume: Vec<Arc<str>> = {
             let mut slot = cell.lock();
             slot.session.replay_paused.clear();
+            for filter in slot.session.subscriptions.keys() {
+                self.watch_presence(user, filter);
+            }
             slot.session.chat.keys().cloned().collect()
         };
         for conv in resume {
@@ -888,6 +898,7 @@ impl Chat {
             let empty = cells.is_empty();
             if empty {
                 online.remove(user);
+                lock(&self.watchers).remove(user);
             }
             empty
         };
@@ -910,11 +921,44 @@ impl Chat {
         let ts = now_ms();
         lock(&self.presence).insert(user.clone(), (online, ts));
         let msg = Self::presence_message(user, online, ts);
-        let mut viewers: Vec<Arc<str>> = self.members_read().contacts(user).into_iter().collect();
-        if !viewers.contains(user) {
-            viewers.push(user.clone());
-        }
+        let viewers: Vec<Arc<str>> = {
+            let members = self.members_read();
+            let watchers = lock(&self.watchers);
+            // Whichever is smaller: the users watching presence, each
+            // checked for a shared conversation, or the user's contacts.
+            if watchers.len() <= members.contact_bound(user) {
+                watchers
+                    .iter()
+                    .filter(|w| *w == user || members.share(w, user))
+                    .cloned()
+                    .collect()
+            } else {
+                let mut all: Vec<Arc<str>> = members
+                    .contacts(user)
+                    .into_iter()
+                    .filter(|c| watchers.contains(c))
+                    .collect();
+                if !all.contains(user) && watchers.contains(user) {
+                    all.push(user.clone());
+                }
+                all
+            }
+        };
         self.deliver(&viewers, &msg, None);
+    }
+
+    /// A session of `user` subscribed to `filter` (or came online with it):
+    /// it may want presence changes from now on.
+    pub fn watch_presence(&self, user: &Arc<str>, filter: &str) {
+        use namespace::{filter_scope, FilterScope, Topic};
+        let reaches = match filter_scope(filter) {
+            FilterScope::Wild => true,
+            FilterScope::Reserved(Topic::Presence(_), _) => true,
+            _ => false,
+        };
+        if reaches {
+            lock(&self.watchers).insert(user.clone());
+        }
     }
 
     /// The presence (retained) messages a new `presence/...` subscription

@@ -411,10 +411,7 @@ impl Chat {
         let key = (from.clone(), envelope.id.clone());
         let earlier = match st.recent_seq.get(&key) {
             Some(seq) => Some(*seq),
-            None => {
-                let (c, f, id) = (conv.to_string(), from.clone(), envelope.id.clone());
-                blocking::read(&self.store, move |s| s.dedup(&c, &f, &id)).await?
-            }
+            None => self.store.dedup(conv, from, &envelope.id)?,
         };
         if let Some(seq) = earlier {
             // Acknowledged no earlier than the original.

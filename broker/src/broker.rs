@@ -271,6 +271,10 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Broker {
     /// Builds the broker and restores sessions and retained messages.
     pub fn new(
@@ -351,7 +355,7 @@ impl Broker {
     }
 
     fn lock_sessions(&self) -> MutexGuard<'_, Sessions> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.sessions)
     }
 
     /// A fresh id for a connection (or a pending will).
@@ -674,10 +678,7 @@ impl Broker {
 
     /// Sets a deadline in `index`, waking the timer task if it comes first.
     fn schedule(&self, index: &Mutex<Deadlines>, client_id: &Arc<str>, deadline: u64) {
-        let first = index
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .schedule(client_id, deadline);
+        let first = lock(index).schedule(client_id, deadline);
         if first {
             self.timers.notify_one();
         }
@@ -685,8 +686,7 @@ impl Broker {
 
     /// The earliest deadline of a session expiry or a delayed will.
     pub fn next_deadline(&self) -> Option<u64> {
-        let next = |d: &Mutex<Deadlines>| d.lock().unwrap_or_else(|e| e.into_inner()).next();
-        match (next(&self.expiries), next(&self.wills)) {
+        match (lock(&self.expiries).next(), lock(&self.wills).next()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -695,11 +695,7 @@ impl Broker {
     /// Publishes the delayed wills due at `now_ms` whose session is still
     /// disconnected; returns how many.
     pub fn fire_wills(&self, now_ms: u64) -> usize {
-        let due = self
-            .wills
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take_due(now_ms);
+        let due = lock(&self.wills).take_due(now_ms);
         let mut batch = Batch::new();
         let mut fired = 0;
         for client_id in due {
@@ -713,13 +709,8 @@ impl Broker {
                 fired += 1;
             }
         }
-        if !batch.is_empty() {
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                // Queued for the writer; nobody waits for it to be durable.
-                drop(store.submit(batch).await);
-            });
-        }
+        // Queued for the writer; nobody waits for it to be durable.
+        drop(self.store.submit_now(batch));
         fired
     }
 
@@ -727,11 +718,7 @@ impl Broker {
     /// (their wills, if pending, are published); returns how many. Only
     /// the sessions the index says are due are looked at.
     pub fn expire_sessions(&self, now_ms: u64) -> usize {
-        let due = self
-            .expiries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take_due(now_ms);
+        let due = lock(&self.expiries).take_due(now_ms);
         let mut expired = Vec::new();
         let mut later = Vec::new();
         {
@@ -754,7 +741,7 @@ impl Broker {
             }
         }
         if !later.is_empty() {
-            let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
+            let mut expiries = lock(&self.expiries);
             for (client_id, deadline) in &later {
                 expiries.schedule(client_id, *deadline);
             }
@@ -781,13 +768,8 @@ impl Broker {
                 self.route_will(w, &mut batch);
             }
         }
-        if !batch.is_empty() {
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                // Queued for the writer; nobody waits for it to be durable.
-                drop(store.submit(batch).await);
-            });
-        }
+        // Queued for the writer; nobody waits for it to be durable.
+        drop(self.store.submit_now(batch));
         expired.len()
     }
 

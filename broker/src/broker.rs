@@ -91,15 +91,15 @@ pub struct Sessions {
 
 impl Sessions {
     fn insert(&mut self, client_id: Arc<str>, cell: Arc<SessionCell>) {
-        self.anonymous += usize::from(cell.anonymous);
+        self.anonymous += usize::from(cell.owner.is_none());
         if let Some(old) = self.map.insert(client_id, cell) {
-            self.anonymous -= usize::from(old.anonymous);
+            self.anonymous -= usize::from(old.owner.is_none());
         }
     }
 
     fn remove(&mut self, client_id: &str) {
         if let Some(old) = self.map.remove(client_id) {
-            self.anonymous -= usize::from(old.anonymous);
+            self.anonymous -= usize::from(old.owner.is_none());
         }
     }
 }
@@ -114,9 +114,20 @@ impl std::ops::Deref for Sessions {
 /// One client id's session, shared by the broker and its connection.
 pub struct SessionCell {
     pub client_id: Arc<str>,
-    /// Created by an anonymous client (a session's owner never changes).
-    anonymous: bool,
+    /// The user the session belongs to; `None` for an anonymous client
+    /// (a session's owner never changes).
+    pub owner: Option<Arc<str>>,
     slot: Mutex<Slot>,
+    /// QoS 0 deliveries to the connected session, taken by its connection
+    /// without the session's lock.
+    pub inbox: Inbox,
+    /// A connection is attached (mirrors `Slot::link`, for publishers that
+    /// must not take the session's lock to know).
+    online: AtomicBool,
+    /// Nothing waits in the session's queue (set as its lock is released).
+    /// QoS 0 takes the inbox only then, so that no message goes out ahead
+    /// of one its publisher sent before it, whatever their QoS.
+    queue_empty: AtomicBool,
     /// Woken when the session has something new to send.
     pub wake: Notify,
     /// The session left the broker (ended, expired or replaced): a handle
@@ -124,25 +135,197 @@ pub struct SessionCell {
     ended: AtomicBool,
 }
 
+/// The locked session. Releasing it records whether its queue is empty,
+/// which decides where a QoS 0 message goes (see [`Broker::route`]).
+pub struct SlotGuard<'a> {
+    guard: MutexGuard<'a, Slot>,
+    queue_empty: &'a AtomicBool,
+}
+
+impl std::ops::Deref for SlotGuard<'_> {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for SlotGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Slot {
+        &mut self.guard
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        // Before the lock is released: a publisher that reads `true` knows
+        // nothing waits in the queue ahead of what it delivers.
+        self.queue_empty
+            .store(self.guard.session.queue_is_empty(), Ordering::Release);
+    }
+}
+
+/// A QoS 0 message on its way to one connected session.
+pub struct Plain {
+    pub msg: Arc<Message>,
+    /// RETAIN as the subscriber sees it (Retain As Published).
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+    /// Routed to more than one session: its encoding is shared
+    /// ([`Message::wire_qos0`]).
+    pub shared: bool,
+}
+
+/// A connected session's mailbox for QoS 0 (EMQX's "deliver to the
+/// subscriber's mailbox"): a publisher appends under the inbox's own short
+/// lock, never the session's, and the session's connection task takes
+/// everything at once, before the session's queue. Used only while that
+/// queue is empty, so the order a publisher sent in holds across QoS
+/// levels. Bounded like the session's queue, by
+/// `mqtt.max_offline_messages` and `mqtt.session_queue_bytes`: when full,
+/// a new message is dropped and counted before anything else is done with
+/// it (QoS 0 may be lost; the oldest stay, already on their way). Going
+/// over the byte budget also closes the connection as overloaded, as the
+/// session queue does.
+pub struct Inbox {
+    queue: Mutex<std::collections::VecDeque<Plain>>,
+    len: AtomicUsize,
+    bytes: AtomicUsize,
+    max_len: usize,
+    max_bytes: usize,
+    overloaded: AtomicBool,
+}
+
+impl Inbox {
+    fn new(max_len: usize, max_bytes: usize) -> Inbox {
+        Inbox {
+            queue: Mutex::new(std::collections::VecDeque::new()),
+            len: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_len,
+            max_bytes,
+            overloaded: AtomicBool::new(false),
+        }
+    }
+
+    /// The size a message counts for against the byte budget (as in the
+    /// session queue: topic and payload).
+    fn size(msg: &Message) -> usize {
+        msg.topic.len().saturating_add(msg.payload.len())
+    }
+
+    /// Whether a message of `size` bytes must be dropped: one atomic load
+    /// each, no lock.
+    fn full(&self, size: usize) -> bool {
+        if self.len.load(Ordering::Relaxed) >= self.max_len {
+            return true;
+        }
+        if self.bytes.load(Ordering::Relaxed).saturating_add(size) > self.max_bytes {
+            self.overloaded.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Appends `p` unless the inbox is full (then `false`: dropped).
+    fn offer(&self, p: Plain) -> bool {
+        let size = Inbox::size(&p.msg);
+        if self.full(size) {
+            return false;
+        }
+        let mut q = lock(&self.queue);
+        // Again under the lock: publishers on other cores may have filled
+        // it since the first look.
+        if q.len() >= self.max_len {
+            return false;
+        }
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        q.push_back(p);
+        self.len.store(q.len(), Ordering::Relaxed);
+        true
+    }
+
+    /// Everything waiting, oldest first; the inbox is empty after.
+    pub fn take(&self) -> std::collections::VecDeque<Plain> {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return std::collections::VecDeque::new();
+        }
+        let taken = {
+            let mut q = lock(&self.queue);
+            self.len.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *q)
+        };
+        let bytes = taken
+            .iter()
+            .map(|p| Inbox::size(&p.msg))
+            .fold(0usize, usize::saturating_add);
+        // `offer` counts a message's bytes before it is in the queue, so
+        // this never goes below zero; saturating all the same.
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            });
+        taken
+    }
+
+    /// Went over the byte budget since the session last (re)attached.
+    pub fn overloaded(&self) -> bool {
+        self.overloaded.load(Ordering::Relaxed)
+    }
+
+    /// Bytes waiting (for `held_bytes`).
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
 impl SessionCell {
     fn new(session: Session) -> Arc<SessionCell> {
+        let inbox = Inbox::new(session.max_queue, session.max_bytes);
         Arc::new(SessionCell {
             client_id: session.client_id.clone(),
-            anonymous: session.owner.is_none(),
+            owner: session.owner.clone(),
             slot: Mutex::new(Slot {
                 session,
                 link: None,
                 pending_will: None,
             }),
+            inbox,
+            online: AtomicBool::new(false),
+            queue_empty: AtomicBool::new(false),
             wake: Notify::new(),
             ended: AtomicBool::new(false),
         })
     }
 
+    /// Attaches (`Some`) or detaches (`None`) a connection, under the
+    /// session's lock held as `slot`.
+    fn set_link(&self, slot: &mut Slot, link: Option<Link>) {
+        self.online.store(link.is_some(), Ordering::Release);
+        if link.is_some() {
+            self.inbox.overloaded.store(false, Ordering::Relaxed);
+        }
+        slot.link = link;
+    }
+
+    /// A connection is attached (no lock taken).
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    /// A QoS 0 message may go to the inbox: connected, and nothing queued
+    /// that must go out first.
+    fn takes_inbox(&self) -> bool {
+        self.is_online() && self.queue_empty.load(Ordering::Acquire)
+    }
+
     /// Locks the session. A poisoned lock (a panic elsewhere) still yields
     /// the state: the broker keeps serving rather than cascading.
-    pub fn lock(&self) -> MutexGuard<'_, Slot> {
-        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn lock(&self) -> SlotGuard<'_> {
+        SlotGuard {
+            guard: self.slot.lock().unwrap_or_else(|e| e.into_inner()),
+            queue_empty: &self.queue_empty,
+        }
     }
 }
 
@@ -376,7 +559,12 @@ impl Broker {
     pub fn held_bytes(&self) -> usize {
         self.lock_sessions()
             .values()
-            .map(|c| c.lock().session.held_bytes())
+            .map(|c| {
+                c.lock()
+                    .session
+                    .held_bytes()
+                    .saturating_add(c.inbox.bytes())
+            })
             .fold(0, usize::saturating_add)
     }
 
@@ -482,7 +670,7 @@ impl Broker {
                     // Resumed as a session that now ends with this connection.
                     batch.delete_session(&s.client_id);
                 }
-                slot.link = Some(link);
+                cell.set_link(&mut slot, Some(link));
                 drop(slot);
                 return Ok(Attached {
                     cell,
@@ -516,7 +704,7 @@ impl Broker {
             batch.put_session(&session.client_id, &session.record());
         }
         let cell = SessionCell::new(session);
-        cell.lock().link = Some(link);
+        cell.set_link(&mut cell.lock(), Some(link));
         sessions.insert(a.client_id.clone(), cell.clone());
         if let Some(user) = &a.owner {
             // Counted from now on by the user's session quota.
@@ -601,7 +789,7 @@ impl Broker {
             }
             return false;
         }
-        slot.link = None;
+        cell.set_link(&mut slot, None);
         let owner = slot.session.owner.clone();
         slot.session.connected = false;
         slot.session.disconnected_at_ms = now_ms();
@@ -844,7 +1032,10 @@ impl Broker {
         }
 
         // One delivery per client, at the highest QoS of its matching
-        // subscriptions, with all their identifiers [MQTT-3.3.5-1].
+        // subscriptions, with all their identifiers [MQTT-3.3.5-1]. Matches
+        // are collected as they come, then merged per session: sorted by
+        // handle, so a session several filters match is one target, without
+        // hashing each client id.
         struct Target {
             cell: Arc<SessionCell>,
             qos: QoS,
@@ -853,7 +1044,7 @@ impl Broker {
         }
         /// A matching shared group: its members, and where the rotation starts.
         type Group = (Vec<(Arc<str>, Sub<Arc<SessionCell>>)>, usize);
-        let mut direct: HashMap<Arc<str>, Target> = HashMap::new();
+        let mut targets: Vec<Target> = Vec::new();
         let mut shared: Vec<Group> = Vec::new();
         {
             let router = read(&self.router);
@@ -865,78 +1056,106 @@ impl Broker {
                     if o.no_local && publisher == Some(&**client) {
                         return; // [MQTT-3.8.3-3]
                     }
-                    let t = direct.entry(client.clone()).or_insert_with(|| Target {
+                    targets.push(Target {
                         cell: sub.handle.clone(),
-                        qos: QoS::AtMostOnce,
-                        retain_as_published: false,
-                        sub_ids: Vec::new(),
+                        qos: o.qos,
+                        retain_as_published: o.retain_as_published,
+                        sub_ids: if o.identifier != 0 {
+                            vec![o.identifier]
+                        } else {
+                            Vec::new()
+                        },
                     });
-                    if (o.qos as u8) > (t.qos as u8) {
-                        t.qos = o.qos;
-                    }
-                    t.retain_as_published |= o.retain_as_published;
-                    if o.identifier != 0 {
-                        t.sub_ids.push(o.identifier);
-                    }
                 },
                 &mut |m| shared.push((m.members.to_vec(), m.start)),
             );
         }
-        if direct.is_empty() && shared.is_empty() {
+        if targets.is_empty() && shared.is_empty() {
             return;
         }
-        let mut targets = Vec::with_capacity(direct.len() + shared.len());
-        for (_, t) in direct {
-            targets.push((t.cell, t.qos, t.retain_as_published, t.sub_ids));
+        if targets.len() > 1 {
+            targets.sort_unstable_by_key(|t| Arc::as_ptr(&t.cell) as usize);
+            targets.dedup_by(|later, kept| {
+                if !Arc::ptr_eq(&later.cell, &kept.cell) {
+                    return false;
+                }
+                if (later.qos as u8) > (kept.qos as u8) {
+                    kept.qos = later.qos;
+                }
+                kept.retain_as_published |= later.retain_as_published;
+                kept.sub_ids.append(&mut later.sub_ids);
+                true
+            });
+            for t in &mut targets {
+                t.sub_ids.sort_unstable();
+            }
         }
         for (members, start) in shared {
             // Prefer a connected member, starting from the rotating index.
             let n = members.len();
             let pick = (0..n)
                 .map(|i| &members[(start + i) % n].1)
-                .find(|sub| sub.handle.lock().link.is_some())
+                .find(|sub| sub.handle.is_online())
                 .unwrap_or(&members[start % n].1);
             let o = pick.options;
-            let ids = if o.identifier != 0 {
-                vec![o.identifier]
-            } else {
-                vec![]
-            };
-            targets.push((pick.handle.clone(), o.qos, o.retain_as_published, ids));
+            targets.push(Target {
+                cell: pick.handle.clone(),
+                qos: o.qos,
+                retain_as_published: o.retain_as_published,
+                sub_ids: if o.identifier != 0 {
+                    vec![o.identifier]
+                } else {
+                    vec![]
+                },
+            });
         }
-        for (cell, sub_qos, rap, ids) in targets {
+        let fan_out = targets.len() > 1;
+        let mut dropped = 0u64;
+        for t in targets {
+            let cell = t.cell;
             if cell.ended.load(Ordering::Acquire) {
+                continue;
+            }
+            if !self
+                .acl
+                .can_receive(cell.owner.as_deref(), &cell.client_id, &msg.topic)
+            {
+                continue;
+            }
+            let qos = min_qos(msg.qos, t.qos);
+            // Retain is cleared on normal delivery unless Retain As
+            // Published [MQTT-3.3.1-12], [MQTT-3.3.1-13].
+            let retain = t.retain_as_published && msg.retain;
+            if qos == QoS::AtMostOnce && cell.takes_inbox() {
+                // QoS 0 to a connected session: its inbox, not its lock.
+                let plain = Plain {
+                    msg: msg.clone(),
+                    retain,
+                    sub_ids: t.sub_ids,
+                    shared: fan_out,
+                };
+                if cell.inbox.offer(plain) {
+                    cell.wake.notify_one();
+                } else {
+                    dropped += 1;
+                }
                 continue;
             }
             let mut slot = cell.lock();
             let s = &mut slot.session;
-            if !self
-                .acl
-                .can_receive(s.owner.as_deref(), &s.client_id, &msg.topic)
-            {
-                continue;
-            }
             let before = s.dropped;
-            // Retain is cleared on normal delivery unless Retain As
-            // Published [MQTT-3.3.1-12], [MQTT-3.3.1-13].
-            s.enqueue(
-                msg.clone(),
-                min_qos(msg.qos, sub_qos),
-                rap && msg.retain,
-                ids,
-                batch,
-            );
-            let dropped = s.dropped - before;
+            s.enqueue(msg.clone(), qos, retain, t.sub_ids, batch);
+            dropped += s.dropped - before;
             let connected = slot.link.is_some();
             drop(slot);
-            if dropped > 0 {
-                self.metrics
-                    .messages_dropped
-                    .fetch_add(dropped, Ordering::Relaxed);
-            }
             if connected {
                 cell.wake.notify_one();
             }
+        }
+        if dropped > 0 {
+            self.metrics
+                .messages_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
         }
     }
 

@@ -6,7 +6,7 @@
 //! the will, topic aliases, keepalive. It never touches a socket, so the
 //! protocol can be tested with packets alone; `connection.rs` does the I/O.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::time::timeout;
 
 use crate::access::{Identity, Refusal};
-use crate::broker::{Attach, Broker, Kick, Refused, SessionCell, TAKEOVER_WAIT};
+use crate::broker::{Attach, Broker, Kick, Plain, Refused, SessionCell, TAKEOVER_WAIT};
 use crate::chat::namespace::{classify, filter_scope, valid_conv, valid_user, FilterScope, Topic};
 use crate::chat::{rpc, Envelope, Typing};
 use crate::clock::now_ms;
@@ -645,7 +645,7 @@ impl Channel {
         let cell = self.cell.as_ref()?;
         let slot = cell.lock();
         let mine = slot.link.as_ref().map(|l| l.conn_id) == Some(self.conn_id);
-        (mine && slot.session.overloaded)
+        (mine && (slot.session.overloaded || cell.inbox.overloaded()))
             .then_some(Close::violation(DisconnectReasonCode::QuotaExceeded))
     }
 
@@ -876,11 +876,18 @@ impl Channel {
     }
 
     /// Moves what the session may send now into `packets`.
-    pub async fn poll_deliveries(&mut self, packets: &mut Vec<Packet>) {
-        let Some(cell) = &self.cell else { return };
+    /// Also returns the QoS 0 messages waiting in the session's inbox, to
+    /// be written before `packets`: taken under the session's lock, after
+    /// anything its publishers routed before what is now queued.
+    pub async fn poll_deliveries(&mut self, packets: &mut Vec<Packet>) -> VecDeque<Plain> {
+        let Some(cell) = &self.cell else {
+            return VecDeque::new();
+        };
         let mut batch = Batch::new();
+        let inbox;
         let expired = {
             let mut slot = cell.lock();
+            inbox = cell.inbox.take();
             let before = slot.session.dropped;
             slot.session.poll_send(now_ms(), packets, &mut batch);
             slot.session.dropped - before
@@ -897,6 +904,7 @@ impl Channel {
             drop(Box::pin(self.broker.store.submit(batch)).await);
         }
         self.broker.chat.refill(cell);
+        inbox
     }
 
     /// A PUBLISH too large for the client was discarded: it counts as

@@ -204,7 +204,17 @@ mod support {
         /// What the session delivers now.
         pub async fn received(&mut self) -> Vec<Publish> {
             let mut packets = Vec::new();
-            self.channel.poll_deliveries(&mut packets).await;
+            let mut queued = Vec::new();
+            // QoS 0 to a connected session with nothing queued waits in
+            // its inbox, which the connection task writes out first
+            // (`Connection::deliver_inbox`).
+            for p in self.channel.poll_deliveries(&mut queued).await {
+                let publish = p
+                    .msg
+                    .to_publish(QoS::AtMostOnce, 0, false, p.retain, &p.sub_ids);
+                packets.push(Packet::Publish(publish));
+            }
+            packets.extend(queued);
             packets
                 .into_iter()
                 .map(|p| match p {

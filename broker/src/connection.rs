@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::admission::Refusal;
-use crate::broker::{Broker, Kick, Metrics, SessionCell};
+use crate::broker::{Broker, Kick, Metrics, Plain, SessionCell};
 use crate::channel::{max_packet_size, Channel, Close, Out, JWT_METHOD};
 use crate::codec::{self, DecodeError, Frame, Protocol};
 use crate::login_guard;
@@ -396,7 +396,10 @@ impl Connection {
                 return Some(close);
             }
             let mut deliveries = Vec::new();
-            self.channel.poll_deliveries(&mut deliveries).await;
+            let inbox = self.channel.poll_deliveries(&mut deliveries).await;
+            // The inbox first: what is in it was routed while the session's
+            // queue was empty, before anything now queued.
+            self.deliver_inbox(inbox);
             for p in deliveries {
                 self.send(p).await;
             }
@@ -768,6 +771,67 @@ impl Connection {
                 Some(publish.pkid)
             }
             _ => None,
+        }
+    }
+
+    /// Writes the QoS 0 messages waiting in the session's inbox. One routed
+    /// to many sessions is copied from the encoding they share
+    /// ([`crate::message::Message::wire_qos0`]), RETAIN set in its first
+    /// byte where Retain As Published asks; any other is built here. One
+    /// too large for the client is left out [MQTT-3.1.2-25]; one that
+    /// expired while waiting is dropped [MQTT-3.3.2-5], counted.
+    fn deliver_inbox(&mut self, waiting: VecDeque<Plain>) {
+        if waiting.is_empty() {
+            return;
+        }
+        let protocol = self.protocol.unwrap_or(Protocol::V4);
+        let max = self
+            .channel
+            .client_max_packet
+            .map_or(usize::MAX, |m| m as usize);
+        let now = crate::clock::now_ms();
+        let (mut copied, mut expired) = (0u64, 0u64);
+        for p in waiting {
+            if p.msg.is_expired(now) {
+                expired += 1;
+                continue;
+            }
+            let wire = if p.shared && p.sub_ids.is_empty() {
+                p.msg.wire_qos0(protocol)
+            } else {
+                None
+            };
+            match wire {
+                Some(w) => {
+                    if w.is_empty() || w.len() > max {
+                        continue;
+                    }
+                    let at = self.outbuf.len();
+                    self.outbuf.extend_from_slice(w);
+                    if p.retain {
+                        // The fixed header's RETAIN flag [MQTT-3.3.1-3].
+                        self.outbuf[at] |= 0x01;
+                    }
+                    copied += 1;
+                }
+                None => {
+                    let publish = p
+                        .msg
+                        .to_publish(QoS::AtMostOnce, 0, false, p.retain, &p.sub_ids);
+                    // QoS 0: nothing to settle if it is too large.
+                    let _ = self.encode(Packet::Publish(publish));
+                }
+            }
+        }
+        if copied > 0 {
+            self.metrics
+                .messages_delivered
+                .fetch_add(copied, Ordering::Relaxed);
+        }
+        if expired > 0 {
+            self.metrics
+                .messages_dropped
+                .fetch_add(expired, Ordering::Relaxed);
         }
     }
 

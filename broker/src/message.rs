@@ -1,14 +1,15 @@
 //! An application message on its way through the broker, and its
 //! conversions to the stored record and to the PUBLISH a subscriber gets.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use chatmq_storage::{MessageProps, MessageRecord};
-use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 
 use crate::clock::now_ms;
+use crate::codec::{self, Protocol};
 
 /// One published message, shared by every subscriber it goes to.
 #[derive(Debug, Clone)]
@@ -22,6 +23,32 @@ pub struct Message {
     pub expires_at_ms: u64,
     /// The publishing client, for No Local; `None` for server messages.
     pub publisher: Option<Arc<str>>,
+    /// Its QoS 0 PUBLISH as written on the wire, once per protocol version,
+    /// for a fan-out to many sessions (see [`Message::wire_qos0`]).
+    pub wire: WireCache,
+}
+
+/// A message's QoS 0 PUBLISH (packet id none, RETAIN clear, no
+/// subscription identifiers), encoded the first time a fan-out needs it
+/// and then copied by every subscriber's connection. A clone starts empty:
+/// a copy may be changed (the retained copy loses its publisher), and what
+/// is cached must always be what the message says.
+#[derive(Default)]
+pub struct WireCache {
+    v4: OnceLock<Bytes>,
+    v5: OnceLock<Bytes>,
+}
+
+impl Clone for WireCache {
+    fn clone(&self) -> Self {
+        WireCache::default()
+    }
+}
+
+impl std::fmt::Debug for WireCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WireCache")
+    }
 }
 
 impl Message {
@@ -47,6 +74,7 @@ impl Message {
             props,
             expires_at_ms,
             publisher,
+            wire: WireCache::default(),
         }
     }
 
@@ -66,6 +94,7 @@ impl Message {
             props: MessageProps::default(),
             expires_at_ms: 0,
             publisher: None,
+            wire: WireCache::default(),
         }
     }
 
@@ -114,6 +143,30 @@ impl Message {
         }
     }
 
+    /// The QoS 0 PUBLISH every subscriber of a fan-out gets, encoded once
+    /// per protocol version; `None` when it differs per subscriber or over
+    /// time (a Message Expiry Interval counts down [MQTT-3.3.2-6]) and
+    /// must be built for each one with [`Message::to_publish`].
+    pub fn wire_qos0(&self, protocol: Protocol) -> Option<&Bytes> {
+        if self.expires_at_ms != 0 {
+            return None;
+        }
+        let cell = match protocol {
+            Protocol::V4 => &self.wire.v4,
+            Protocol::V5 => &self.wire.v5,
+        };
+        Some(cell.get_or_init(|| {
+            let p = self.to_publish(QoS::AtMostOnce, 0, false, false, &[]);
+            let mut out = BytesMut::new();
+            // Without a size limit this cannot fail; an empty encoding
+            // (were it to) is skipped by the caller as too large.
+            if !codec::encode(&Packet::Publish(p), protocol, &mut out, None) {
+                out.clear();
+            }
+            out.freeze()
+        }))
+    }
+
     pub fn to_record(&self) -> MessageRecord {
         MessageRecord {
             topic: self.topic.clone(),
@@ -134,6 +187,7 @@ impl Message {
             props: r.props,
             expires_at_ms: r.expires_at_ms,
             publisher: None,
+            wire: WireCache::default(),
         }
     }
 }

@@ -435,6 +435,11 @@ impl Session {
     }
 
     /// Messages waiting or in flight.
+    /// Nothing waits to be sent (in flight does not count).
+    pub fn queue_is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
     pub fn pending(&self) -> usize {
         self.queue.len() + self.inflight.len()
     }
@@ -776,6 +781,7 @@ mod tests {
             props: Default::default(),
             expires_at_ms: 0,
             publisher: None,
+            wire: Default::default(),
         })
     }
 

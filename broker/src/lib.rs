@@ -5,7 +5,8 @@
 //! hands it to [`connection`], which reads bytes and lets [`codec`] turn them into
 //! packets (MQTT 3.1.1 is mapped onto the MQTT 5 model there). The
 //! [`channel`] is the per-connection protocol state machine: it checks each
-//! packet against the rules and [`access`] control, and asks the
+//! packet against the rules and [`access`] control, leaves the topics the
+//! [`chat`] layer owns to it through the [`hooks`], and asks the
 //! [`broker`] to route publishes. The broker finds subscribers through the
 //! [`router`] and queues the message in each [`session`], collecting the
 //! writes that make it durable; the channel acknowledges only once they are
@@ -28,6 +29,7 @@ pub use chatmq_protocol::codec;
 pub mod connection;
 pub mod counter;
 mod deadlines;
+pub mod hooks;
 pub mod http;
 pub mod limits;
 pub mod login_guard;

@@ -23,13 +23,15 @@
 //! [`fanout`] delivers committed messages (and the server's own events),
 //! [`catchup`] replays from the log, [`presence`] tracks who is online,
 //! [`admin`] changes membership, [`queries`] answers history, lists and
-//! read receipts, [`typing`] forwards typing indicators. This file holds
-//! the shared state and its construction.
+//! read receipts, [`typing`] forwards typing indicators, and `hooks.rs` is
+//! what the MQTT channel asks (through [`crate::hooks::Hooks`]). This file
+//! holds the shared state and its construction.
 
 mod admin;
 mod catchup;
 pub mod dedup;
 mod fanout;
+mod hooks;
 pub mod membership;
 pub mod namespace;
 mod presence;

@@ -11,18 +11,18 @@
 //! sees seqs in order. Conversations are spread over [`DISPATCH_SHARDS`]
 //! shards, each its own task, so a large group's fan-out (or a slow commit)
 //! holds up only the conversations of its shard. A session that lacks
-//! earlier seqs (it resumed, or fell behind) reads them from the log first ([`Offer::Gap`]), so replay and live
+//! earlier seqs (it resumed, or fell behind) reads them from the log first
+//! ([`Offer::Gap`](crate::session::Offer::Gap)), so replay and live
 //! delivery meet without gap or duplicate.
 //!
 //! Chat topics never go through the plain router: only this module
 //! decides who receives them, by membership, so no wildcard can leak a
 //! conversation to a non-member.
-
 //!
-//! Where each part lives: [`sequencer`] gives seqs and submits writes,
-//! [`fanout`] delivers committed messages (and the server's own events),
-//! [`catchup`] replays from the log, [`presence`] tracks who is online,
-//! [`admin`] changes membership, [`queries`] answers history, lists and
+//! Where each part lives: `sequencer.rs` gives seqs and submits writes,
+//! `fanout.rs` delivers committed messages (and the server's own events),
+//! `catchup.rs` replays from the log, `presence.rs` tracks who is online,
+//! `admin.rs` changes membership, `queries.rs` answers history, lists and
 //! read receipts, [`typing`] forwards typing indicators, and `hooks.rs` is
 //! what the MQTT channel asks (through [`crate::hooks::Hooks`]). This file
 //! holds the shared state and its construction.

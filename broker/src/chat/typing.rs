@@ -2,8 +2,8 @@
 //! is forwarded. Indicators are QoS 0 and never stored, so a client that
 //! sends them in a loop would otherwise multiply its traffic by the number
 //! of members; at most one per `chat.typing_interval_ms` goes out, the rest
-//! are dropped (and counted by the caller). The size cap is checked by the
-//! channel before this.
+//! are dropped and counted. [`Chat::typing`] checks the size cap first,
+//! then the throttle, then forwards.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

@@ -13,8 +13,9 @@
 //! committed. The [`http`] API serves the same chat operations (and
 //! health, readiness, metrics) to app servers and operators.
 //!
-//! Embedding: `Server::start(settings)` runs a broker inside any tokio
-//! program and `Server::shutdown` stops it.
+//! Embedding: [`embed::Embedded`] runs a broker inside any tokio program,
+//! with in-process clients and publish interceptors (`docs/EMBEDDING.md`);
+//! `Server::start(settings)` and `Server::shutdown` are the bare form.
 
 pub mod access;
 pub mod admission;
@@ -29,6 +30,7 @@ pub use chatmq_protocol::codec;
 pub mod connection;
 pub mod counter;
 mod deadlines;
+pub mod embed;
 pub mod hooks;
 pub mod http;
 pub mod limits;

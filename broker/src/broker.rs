@@ -26,6 +26,7 @@ use crate::clock::now_ms;
 use crate::codec::Protocol;
 use crate::counter::Counter;
 use crate::deadlines::Deadlines;
+use crate::hooks::{Hooks, Interceptors};
 use crate::limits::{RateLimit, UserRates};
 use crate::message::{min_qos, Message};
 use crate::ownership::{self, Ownership};
@@ -423,6 +424,8 @@ pub struct Broker {
     pub auth: Authenticator,
     pub acl: Acl,
     pub metrics: Arc<Metrics>,
+    /// What embedding programs check each client PUBLISH with.
+    pub interceptors: Interceptors,
     /// Who may use which client id.
     pub owners: Ownership,
     router: RwLock<Router<Arc<SessionCell>>>,
@@ -486,6 +489,7 @@ impl Broker {
             auth,
             acl,
             metrics,
+            interceptors: Interceptors::default(),
             router: RwLock::new(Router::default()),
             sessions: Mutex::new(Sessions::default()),
             expiries: Mutex::new(Deadlines::default()),
@@ -539,6 +543,13 @@ impl Broker {
 
     fn lock_sessions(&self) -> MutexGuard<'_, Sessions> {
         lock(&self.sessions)
+    }
+
+    /// What the channel asks about the topics the broker owns and the
+    /// sessions' lives: the chat layer. (Opaque, so the channel depends on
+    /// the [`Hooks`] contract only, and calls it without dynamic dispatch.)
+    pub fn hooks(&self) -> &impl Hooks {
+        &self.chat
     }
 
     /// A fresh id for a connection (or a pending will).

@@ -5,6 +5,8 @@
 //! owns the connection's protocol state: the negotiated version and limits,
 //! the will, topic aliases, keepalive. It never touches a socket, so the
 //! protocol can be tested with packets alone; `connection.rs` does the I/O.
+//! What a topic means beyond routing (the chat namespaces) it asks
+//! [`crate::hooks`], never the chat layer directly.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -19,10 +21,9 @@ use tokio::time::timeout;
 
 use crate::access::{Identity, Refusal};
 use crate::broker::{Attach, Broker, Kick, Plain, Refused, SessionCell, TAKEOVER_WAIT};
-use crate::chat::namespace::{classify, filter_scope, valid_conv, valid_user, FilterScope, Topic};
-use crate::chat::{rpc, Envelope, Typing};
 use crate::clock::now_ms;
 use crate::codec::Protocol;
+use crate::hooks::{Authorization, Checked, Hooks, Outcome, Publication, Publisher, Verdict};
 use crate::limits::{self, PublishRate, RateLimit, UserRate};
 use crate::message::{min_qos, Message};
 use crate::router::SubOptions;
@@ -225,7 +226,7 @@ impl Channel {
                 Ok(t) if check_topic(&t, &self.broker.topic_limits()).is_ok() => t,
                 _ => return Err(self.refuse_invalid(Rc::TopicNameInvalid)),
             };
-            if classify(&topic) != Topic::Plain {
+            if self.broker.hooks().owns(&topic) {
                 // Chat topics are published by members, never by wills.
                 return Err(self.refuse_connect(match protocol {
                     Protocol::V4 => Rc::NotAuthorized,
@@ -363,7 +364,7 @@ impl Channel {
         }));
         if let Identity::User(user) = &self.identity {
             // After CONNACK: presence, and the replay of missed chat messages.
-            self.broker.chat.session_online(user, &attached.cell);
+            self.broker.hooks().session_online(user, &attached.cell);
         }
         if attached.present {
             let mut resend = Vec::new();
@@ -471,6 +472,9 @@ impl Channel {
                         PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
                         PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
                         PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
+                        PubAckReason::ImplementationSpecificError => {
+                            PubRecReason::ImplementationSpecificError
+                        }
                         _ => PubRecReason::UnspecifiedError,
                     };
                 }
@@ -532,7 +536,28 @@ impl Channel {
         if !self.within_rate(p.payload.len()) {
             return self.refuse_rate(&p, &topic);
         }
-        if classify(&topic) != Topic::Plain {
+        let verdict = self.broker.interceptors.check(&Publication {
+            client_id: &self.client_id,
+            user: self.identity.user().map(|u| &**u),
+            topic: &topic,
+            payload: &p.payload,
+            qos: p.qos,
+            retain: p.retain,
+        });
+        let owned = self.broker.hooks().owns(&topic);
+        match verdict {
+            Verdict::Allow => {}
+            Verdict::Rewrite(payload) => p.payload = payload,
+            Verdict::Reject(why) if owned => {
+                self.refuse_chat(&p, &topic, why.reason(), "rejected");
+                return Ok(());
+            }
+            Verdict::Reject(why) => {
+                self.refuse_publish(&p, why.reason());
+                return Ok(());
+            }
+        }
+        if owned {
             return self.publish_reserved(&topic, &p).await;
         }
         let user = self.identity.user().map(|u| &**u);
@@ -673,16 +698,15 @@ impl Channel {
         let user = self.identity.user().cloned();
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut batch = Batch::new();
-        // Only a filter that can reach chat topics gives a conversation a
-        // cursor: a SUBSCRIBE of plain filters skips that scan.
-        let mut reaches_chat = false;
+        // Only a filter that can reach the hooks' topics (chat) runs
+        // `after_subscribe`: a SUBSCRIBE of plain filters skips it.
+        let mut reaches_owned = false;
         // A SUBSCRIBE whose filters were all refused rewrites nothing.
         let mut changed = false;
-        let heads = match &user {
-            Some(u) if s.filters.iter().any(|f| may_reach_chat(&f.path)) => {
-                self.broker.chat.heads_for_seed(u, &cell).await
-            }
-            _ => Default::default(),
+        let hooks = self.broker.hooks();
+        let seed = match &user {
+            Some(u) => hooks.before_subscribe(u, &cell, &s.filters).await,
+            None => Default::default(),
         };
         {
             let mut slot = cell.lock();
@@ -740,12 +764,12 @@ impl Channel {
                         1 => !existed,
                         _ => false,
                     };
+                let ids = if send_retained && identifier != 0 {
+                    vec![identifier as u32]
+                } else {
+                    vec![]
+                };
                 if send_retained {
-                    let ids = if identifier != 0 {
-                        vec![identifier as u32]
-                    } else {
-                        vec![]
-                    };
                     for m in self.broker.retained_for(inner) {
                         if self
                             .broker
@@ -757,17 +781,11 @@ impl Channel {
                             session.enqueue_retained(m.clone(), qos, ids.clone(), &mut batch);
                         }
                     }
-                    if let (Some(u), true) = (&user, filter_scope(inner) != FilterScope::Plain) {
-                        // presence/{u} is retained: a new subscriber learns it.
-                        for m in self.broker.chat.presence_for(u, inner) {
-                            session.enqueue(m, QoS::AtMostOnce, true, ids.clone(), &mut batch);
-                        }
-                    }
                 }
                 if let Some(u) = &user {
-                    self.broker.chat.watch_presence(u, inner);
+                    let retained = send_retained.then_some(&ids[..]);
+                    reaches_owned |= hooks.subscribed(u, inner, retained, session, &mut batch);
                 }
-                reaches_chat |= filter_scope(inner) != FilterScope::Plain;
                 codes.push(Rc::Success(f.qos));
             }
             let dropped = session.dropped - dropped_before;
@@ -775,10 +793,8 @@ impl Channel {
                 let counter = &self.broker.metrics.messages_dropped;
                 counter.fetch_add(dropped, Ordering::Relaxed);
             }
-            if let (Some(u), true) = (&user, reaches_chat) {
-                // Conversations the new subscriptions reach get a cursor,
-                // written with them.
-                self.broker.chat.seed(u, session, &heads, &mut batch);
+            if let (Some(u), true) = (&user, reaches_owned) {
+                hooks.after_subscribe(u, session, &seed, &mut batch);
             }
             if changed && session.persistent() {
                 batch.put_session(&session.client_id, &session.record());
@@ -903,7 +919,7 @@ impl Channel {
             // the connection's idle state should not carry its space.
             drop(Box::pin(self.broker.store.submit(batch)).await);
         }
-        self.broker.chat.refill(cell);
+        self.broker.hooks().sent(cell);
         inbox
     }
 
@@ -920,111 +936,73 @@ impl Channel {
         let mut batch = Batch::new();
         let owned = self.broker.detach(&cell, self.conn_id, will, &mut batch);
         if let (true, Some(user)) = (owned, self.identity.user()) {
-            self.broker.chat.session_offline(user, &cell);
+            self.broker.hooks().session_offline(user, &cell);
         }
         drop(self.broker.store.submit(batch).await);
     }
 
-    /// Who may subscribe to what: the chat layer decides its namespaces
-    /// (members only, a user's own events), the ACL everything else. A
-    /// filter reaching chat topics through wildcards is allowed by the ACL
-    /// and filtered per message by membership.
+    /// Who may subscribe to what: the hooks decide their namespaces
+    /// (chat: members only, a user's own events), the ACL everything else.
     fn authorize_subscription(
         &self,
         user: Option<&Arc<str>>,
         filter: &str,
         shared: bool,
     ) -> Result<(), SubscribeReasonCode> {
-        let refuse = Err(SubscribeReasonCode::NotAuthorized);
-        match filter_scope(filter) {
-            FilterScope::Plain | FilterScope::Wild => {
-                if self
-                    .broker
+        let allowed = match self
+            .broker
+            .hooks()
+            .authorize_subscribe(user, filter, shared)
+        {
+            Authorization::Acl => {
+                self.broker
                     .acl
                     .can_subscribe(user.map(|u| &**u), &self.client_id, filter)
-                {
-                    Ok(())
-                } else {
-                    refuse
-                }
             }
-            FilterScope::Reserved(ns, _) => {
-                let Some(user) = user else { return refuse };
-                if shared {
-                    return refuse;
-                }
-                let chat = &self.broker.chat;
-                let ok = match ns {
-                    Topic::Chat(rest) | Topic::Typing(rest) => {
-                        rest == "+"
-                            || rest == "#"
-                            || (valid_conv(rest) && chat.is_member(rest, user))
-                    }
-                    Topic::Presence(rest) => {
-                        rest == "+"
-                            || rest == "#"
-                            || (valid_user(rest) && chat.shares_conversation(user, rest))
-                    }
-                    Topic::Events(owner) => owner == &**user,
-                    Topic::Rpc(_) | Topic::Plain => false,
-                };
-                if ok {
-                    Ok(())
-                } else {
-                    refuse
-                }
-            }
+            Authorization::Allowed => true,
+            Authorization::Refused => false,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(SubscribeReasonCode::NotAuthorized)
         }
     }
 
     /// Refuses a publish on a chat topic: MQTT 5 by reason code, MQTT 3.1.1
-    /// (which has none) by an error event on `users/{user}/events`.
-    fn refuse_chat(&mut self, p: &Publish, topic: &str, reason: PubAckReason, code: &str) {
+    /// (which has none) as the hooks tell it (chat: an error event on
+    /// `users/{user}/events`).
+    fn refuse_chat(&mut self, p: &Publish, topic: &str, reason: PubAckReason, code: &'static str) {
         self.refuse_publish(p, reason);
         if self.protocol == Protocol::V4 {
             if let Some(user) = self.identity.user() {
-                let id = serde_json::from_slice::<serde_json::Value>(&p.payload)
-                    .ok()
-                    .and_then(|v| v.get("id").cloned())
-                    .unwrap_or(serde_json::Value::Null);
-                self.broker.chat.send_event(
-                    user,
-                    serde_json::json!({"type": "error", "code": code, "topic": topic, "id": id}),
-                );
+                self.broker.hooks().refused(user, topic, &p.payload, code);
             }
         }
     }
 
-    /// A publish on a topic the chat layer owns (DESIGN §4).
+    /// A publish on a topic the hooks own (chat: DESIGN §4). The hooks
+    /// check it and run it; the channel keeps the MQTT side: a QoS 2
+    /// resend of a publish that must run once is acknowledged, not run
+    /// again, and the ack waits for what the run says.
     async fn publish_reserved(&mut self, topic: &str, p: &Publish) -> Result<(), Close> {
-        let Some(user) = self.identity.user().cloned() else {
-            self.refuse_publish(p, PubAckReason::NotAuthorized);
-            return Ok(());
+        let broker = self.broker.clone();
+        let hooks = broker.hooks();
+        let from = Publisher {
+            broker: &broker,
+            user: self.identity.user(),
+            client_id: &self.client_id,
         };
-        let chat = self.broker.chat.clone();
-        match classify(topic) {
-            Topic::Chat(conv) => {
-                if !valid_conv(conv) {
-                    self.refuse_chat(p, topic, PubAckReason::TopicNameInvalid, "bad_conversation");
-                    return Ok(());
+        let job = match hooks.check_publish(&from, topic, p) {
+            Checked::Refuse(r) => {
+                match r.notify {
+                    Some(code) => self.refuse_chat(p, topic, r.reason, code),
+                    None => self.refuse_publish(p, r.reason),
                 }
-                if !chat.is_member(conv, &user) {
-                    self.refuse_chat(p, topic, PubAckReason::NotAuthorized, "not_member");
-                    return Ok(());
-                }
-                let envelope = match Envelope::parse(&p.payload) {
-                    Ok(e) => e,
-                    Err(_) => {
-                        self.refuse_chat(
-                            p,
-                            topic,
-                            PubAckReason::PayloadFormatInvalid,
-                            "bad_envelope",
-                        );
-                        return Ok(());
-                    }
-                };
-                if p.qos == QoS::ExactlyOnce {
+                return Ok(());
+            }
+            Checked::Run { job, once } => {
+                if once && p.qos == QoS::ExactlyOnce {
                     let cell = self
                         .cell
                         .clone()
@@ -1041,87 +1019,34 @@ impl Channel {
                     }
                     drop(inbound);
                 }
-                let (commit, _seq) = match chat.append(conv, &user, &envelope, p.qos).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(error = %e, "chat append failed");
-                        return Err(Close::violation(DisconnectReasonCode::UnspecifiedError));
-                    }
-                };
-                match p.qos {
-                    QoS::AtMostOnce => {}
-                    QoS::AtLeastOnce => {
-                        self.unacked_qos1 += 1;
-                        self.out.push(Out::AfterCommit(
-                            commit,
-                            Packet::PubAck(PubAck::new(p.pkid, None)),
-                        ));
-                    }
-                    QoS::ExactlyOnce => {
-                        self.out.push(Out::AfterCommit(
-                            commit,
-                            Packet::PubRec(PubRec::new(p.pkid, None)),
-                        ));
-                    }
-                }
-                Ok(())
+                job
             }
-            Topic::Typing(conv) => {
-                if !valid_conv(conv) || !chat.is_member(conv, &user) {
-                    self.refuse_chat(p, topic, PubAckReason::NotAuthorized, "not_member");
-                    return Ok(());
+        };
+        match hooks.run_publish(&from, job, p).await {
+            Outcome::AckNow => self.ack_now(p),
+            Outcome::AckAfter(commit) => match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => {
+                    self.unacked_qos1 += 1;
+                    self.out.push(Out::AfterCommit(
+                        commit,
+                        Packet::PubAck(PubAck::new(p.pkid, None)),
+                    ));
                 }
-                match chat.typing(conv, &user, &self.client_id, &p.payload) {
-                    Typing::TooLarge => {
-                        self.refuse_chat(p, topic, PubAckReason::QuotaExceeded, "too_large")
-                    }
-                    // A throttled indicator is acknowledged and dropped:
-                    // it is QoS 0 chatter, the next one will tell the same.
-                    Typing::Forwarded | Typing::Throttled => self.ack_now(p),
+                QoS::ExactlyOnce => {
+                    self.out.push(Out::AfterCommit(
+                        commit,
+                        Packet::PubRec(PubRec::new(p.pkid, None)),
+                    ));
                 }
-                Ok(())
-            }
-            Topic::Rpc(method) => {
-                let response_topic = p
-                    .properties
-                    .as_ref()
-                    .and_then(|pp| pp.response_topic.as_deref());
-                let route = match rpc::reply_route(
-                    &self.broker.acl,
-                    &user,
-                    &self.client_id,
-                    response_topic,
-                ) {
-                    rpc::ReplyRoute::Refused => {
-                        // Not run: its reply could not go where it was asked to.
-                        self.refuse_publish(p, PubAckReason::NotAuthorized);
-                        chat.send_event(&user, rpc::refused_response_topic(&p.payload));
-                        return Ok(());
-                    }
-                    route => route,
-                };
-                let reply = rpc::call(&chat, &user, method, &p.payload).await;
-                match route {
-                    rpc::ReplyRoute::ResponseTopic(t) => {
-                        // MQTT 5 request/response: the reply goes to the
-                        // Response Topic with the Correlation Data.
-                        let mut msg = Message::from_publish(t, p, None);
-                        msg.payload = reply.to_string().into();
-                        msg.qos = QoS::AtLeastOnce;
-                        msg.retain = false;
-                        msg.props.response_topic = None;
-                        drop(self.broker.publish(msg).await);
-                    }
-                    _ => chat.send_event(&user, reply),
-                }
-                self.ack_now(p);
-                Ok(())
-            }
-            Topic::Presence(_) | Topic::Events(_) | Topic::Plain => {
-                self.refuse_chat(p, topic, PubAckReason::NotAuthorized, "server_only");
-                Ok(())
-            }
+            },
+            Outcome::Refuse(r) => match r.notify {
+                Some(code) => self.refuse_chat(p, topic, r.reason, code),
+                None => self.refuse_publish(p, r.reason),
+            },
+            Outcome::Close(reason) => return Err(Close::violation(reason)),
         }
+        Ok(())
     }
 
     /// Acknowledges a publish that has nothing to wait for.
@@ -1201,7 +1126,7 @@ impl Drop for Channel {
             .broker
             .detach(&cell, self.conn_id, self.will.take(), &mut batch);
         if let (true, Some(user)) = (owned, self.identity.user()) {
-            self.broker.chat.session_offline(user, &cell);
+            self.broker.hooks().session_offline(user, &cell);
         }
         drop(self.broker.store.submit_now(batch));
     }
@@ -1219,15 +1144,4 @@ fn empty_connect_props() -> ConnectProperties {
         authentication_method: None,
         authentication_data: None,
     }
-}
-
-/// Could `filter` (shared or not) receive chat topics? Then a SUBSCRIBE
-/// reads conversation heads first (see [`crate::chat::Chat::seed`]).
-fn may_reach_chat(filter: &str) -> bool {
-    let inner = match parse_shared(filter) {
-        Some(Ok((_, inner))) => inner,
-        Some(Err(())) => return false,
-        None => filter,
-    };
-    filter_scope(inner) != FilterScope::Plain
 }

@@ -5,15 +5,17 @@
 //! hands it to [`connection`], which reads bytes and lets [`codec`] turn them into
 //! packets (MQTT 3.1.1 is mapped onto the MQTT 5 model there). The
 //! [`channel`] is the per-connection protocol state machine: it checks each
-//! packet against the rules and [`access`] control, and asks the
+//! packet against the rules and [`access`] control, leaves the topics the
+//! [`chat`] layer owns to it through the [`hooks`], and asks the
 //! [`broker`] to route publishes. The broker finds subscribers through the
 //! [`router`] and queues the message in each [`session`], collecting the
 //! writes that make it durable; the channel acknowledges only once they are
 //! committed. The [`http`] API serves the same chat operations (and
 //! health, readiness, metrics) to app servers and operators.
 //!
-//! Embedding: `Server::start(settings)` runs a broker inside any tokio
-//! program and `Server::shutdown` stops it.
+//! Embedding: [`embed::Embedded`] runs a broker inside any tokio program,
+//! with in-process clients and publish interceptors (`docs/EMBEDDING.md`);
+//! `Server::start(settings)` and `Server::shutdown` are the bare form.
 
 pub mod access;
 pub mod admission;
@@ -28,6 +30,8 @@ pub use chatmq_protocol::codec;
 pub mod connection;
 pub mod counter;
 mod deadlines;
+pub mod embed;
+pub mod hooks;
 pub mod http;
 pub mod limits;
 pub mod login_guard;

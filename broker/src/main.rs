@@ -113,13 +113,19 @@ fn serve(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        println!("chatmq: mqtt listening on {}", server.mqtt_addr);
-        println!("chatmq: http listening on {}", server.http_addr);
+        // `Server::start` binds every listener: both addresses are set.
+        let (Some(mqtt), Some(http)) = (server.mqtt_addr, server.http_addr) else {
+            eprintln!("chatmq: a listener did not start");
+            server.shutdown().await;
+            return ExitCode::FAILURE;
+        };
+        println!("chatmq: mqtt listening on {mqtt}");
+        println!("chatmq: http listening on {http}");
         for (name, addr) in &server.edges {
             println!("chatmq: {name} listening on {addr}");
         }
         println!("chatmq: ready");
-        tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "chatmq is serving");
+        tracing::info!(mqtt = %mqtt, http = %http, "chatmq is serving");
         wait_for_signal().await;
         tracing::info!("shutting down");
         server.shutdown().await;

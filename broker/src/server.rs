@@ -151,13 +151,42 @@ fn plan_edges(settings: &Settings) -> Result<Vec<Edge>, StartError> {
     Ok(edges)
 }
 
+/// Which listeners [`Server::start_with`] binds. A program that embeds
+/// the broker may serve only in-process clients (`crate::embed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listeners {
+    /// MQTT over TCP at `mqtt.listen`.
+    pub mqtt: bool,
+    /// The HTTP API at `http.listen`.
+    pub http: bool,
+    /// The TLS and WebSocket listeners the settings enable.
+    pub edges: bool,
+}
+
+impl Listeners {
+    /// Every listener the settings ask for: what `chatmq serve` binds.
+    pub const ALL: Listeners = Listeners {
+        mqtt: true,
+        http: true,
+        edges: true,
+    };
+    /// None: in-process clients only.
+    pub const NONE: Listeners = Listeners {
+        mqtt: false,
+        http: false,
+        edges: false,
+    };
+}
+
 /// A running broker.
 pub struct Server {
     pub broker: Arc<Broker>,
-    /// Where MQTT over TCP listens (the real port when configured as 0).
-    pub mqtt_addr: SocketAddr,
-    /// Where the HTTP API listens (the real port when configured as 0).
-    pub http_addr: SocketAddr,
+    /// Where MQTT over TCP listens (the real port when configured as 0);
+    /// `None` when not asked to listen.
+    pub mqtt_addr: Option<SocketAddr>,
+    /// Where the HTTP API listens (the real port when configured as 0);
+    /// `None` when not asked to listen.
+    pub http_addr: Option<SocketAddr>,
     /// The other listeners (`mqtt-tls`, `websocket`, `websocket-tls`) and
     /// where they listen.
     pub edges: Vec<(&'static str, SocketAddr)>,
@@ -168,33 +197,59 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds, opens the store, restores state, and starts serving.
+    /// Binds every listener, opens the store, restores state, and starts
+    /// serving.
     pub async fn start(settings: Settings) -> Result<Server, StartError> {
+        Server::start_with(settings, Listeners::ALL).await
+    }
+
+    /// [`Server::start`] with only the `listeners` chosen.
+    pub async fn start_with(
+        settings: Settings,
+        listeners: Listeners,
+    ) -> Result<Server, StartError> {
         let settings = Arc::new(settings);
-        let planned_edges = plan_edges(&settings)?;
+        let planned_edges = match listeners.edges {
+            true => plan_edges(&settings)?,
+            false => Vec::new(),
+        };
         let data_dir = settings.node.data_dir.clone();
         let storage_error = |source| StartError::Storage {
             path: data_dir.display().to_string(),
             source,
         };
-        let listener = TcpListener::bind(settings.mqtt.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: settings.mqtt.listen,
-                source,
-            })?;
-        let mqtt_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        let mqtt_bind = |source| StartError::Bind {
             addr: settings.mqtt.listen,
             source,
-        })?;
+        };
+        let listener = match listeners.mqtt {
+            true => Some(
+                TcpListener::bind(settings.mqtt.listen)
+                    .await
+                    .map_err(mqtt_bind)?,
+            ),
+            false => None,
+        };
+        let mqtt_addr = match &listener {
+            Some(l) => Some(l.local_addr().map_err(mqtt_bind)?),
+            None => None,
+        };
         let http_bind = |source| StartError::HttpBind {
             addr: settings.http.listen,
             source,
         };
-        let http_listener = TcpListener::bind(settings.http.listen)
-            .await
-            .map_err(http_bind)?;
-        let http_addr = http_listener.local_addr().map_err(http_bind)?;
+        let http_listener = match listeners.http {
+            true => Some(
+                TcpListener::bind(settings.http.listen)
+                    .await
+                    .map_err(http_bind)?,
+            ),
+            false => None,
+        };
+        let http_addr = match &http_listener {
+            Some(l) => Some(l.local_addr().map_err(http_bind)?),
+            None => None,
+        };
         let mut edge_listeners = Vec::new();
         for edge in planned_edges {
             edge_listeners.push(edge.bind().await?);
@@ -232,13 +287,15 @@ impl Server {
         // One budget for every MQTT listener: `mqtt.max_connections` counts
         // connections, whatever their transport.
         let admission = Admission::new(&settings.mqtt);
-        tasks.spawn(accept_loop(
-            listener,
-            Transport::Tcp,
-            admission.clone(),
-            broker.clone(),
-            watch.clone(),
-        ));
+        if let Some(listener) = listener {
+            tasks.spawn(accept_loop(
+                listener,
+                Transport::Tcp,
+                admission.clone(),
+                broker.clone(),
+                watch.clone(),
+            ));
+        }
         for edge in edge_listeners {
             tasks.spawn(accept_loop(
                 edge.socket,
@@ -248,8 +305,10 @@ impl Server {
                 watch.clone(),
             ));
         }
-        let api = http::Api::new(broker.clone(), ready.clone(), edges.clone());
-        tasks.spawn(http::serve(http_listener, api, watch.clone()));
+        if let Some(http_listener) = http_listener {
+            let api = http::Api::new(broker.clone(), ready.clone(), edges.clone());
+            tasks.spawn(http::serve(http_listener, api, watch.clone()));
+        }
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
         tasks.spawn(gateway.run(watch.clone()));
         if let Some(policy) = retention::Policy::from_settings(&settings.chat) {

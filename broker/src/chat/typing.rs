@@ -2,11 +2,20 @@
 //! is forwarded. Indicators are QoS 0 and never stored, so a client that
 //! sends them in a loop would otherwise multiply its traffic by the number
 //! of members; at most one per `chat.typing_interval_ms` goes out, the rest
-//! are dropped (and counted by the caller). The size cap is checked by the
-//! channel before this.
+//! are dropped and counted. [`Chat::typing`] checks the size cap first,
+//! then the throttle, then forwards.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::{json, Value};
+
+use super::Chat;
+use crate::clock::now_ms;
+use crate::message::Message;
 
 /// When each (conversation, user) last had an indicator forwarded.
 pub struct TypingThrottle {
@@ -45,6 +54,46 @@ impl TypingThrottle {
                 true
             }
         }
+    }
+}
+
+/// What became of a typing indicator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Typing {
+    Forwarded,
+    /// Another one went out less than `chat.typing_interval_ms` ago.
+    Throttled,
+    /// Larger than `chat.typing_max_bytes`.
+    TooLarge,
+}
+
+impl Chat {
+    /// A typing indicator from `from` in `conv`: to the other members
+    /// online now, QoS 0, never stored; size-capped and throttled per user
+    /// and conversation (what is not forwarded is counted).
+    pub fn typing(&self, conv: &str, from: &str, client_id: &str, payload: &[u8]) -> Typing {
+        if payload.len() > self.typing_max_bytes {
+            self.metrics
+                .typing_too_large
+                .fetch_add(1, Ordering::Relaxed);
+            return Typing::TooLarge;
+        }
+        if !self.typing.admit(conv, from, now_ms()) {
+            self.metrics
+                .typing_throttled
+                .fetch_add(1, Ordering::Relaxed);
+            return Typing::Throttled;
+        }
+        let state = serde_json::from_slice::<Value>(payload).unwrap_or(Value::Null);
+        let body = json!({"conv": conv, "from": from, "ts": now_ms(), "state": state});
+        let msg = Arc::new(Message::from_server(
+            format!("typing/{conv}"),
+            Bytes::from(body.to_string()),
+            QoS::AtMostOnce,
+            false,
+        ));
+        self.deliver(&self.members(conv), &msg, Some(client_id));
+        Typing::Forwarded
     }
 }
 

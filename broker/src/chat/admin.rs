@@ -1,0 +1,155 @@
+//! Membership changes: creating a group, adding and removing members
+//! (owner only), each written before it takes effect and announced to the
+//! members on `users/{user}/events`.
+
+use std::sync::Arc;
+
+use chatmq_storage::{Batch, Role};
+use serde_json::json;
+
+use super::{namespace, Chat, RpcError};
+
+impl Chat {
+    /// Creates a group conversation; `owner` becomes its owner, `members`
+    /// its members. Fails if the id is taken or is a direct conversation.
+    pub async fn create(
+        &self,
+        conv: &str,
+        title: &str,
+        owner: Option<&str>,
+        members: &[String],
+    ) -> Result<(), RpcError> {
+        if !namespace::valid_conv(conv) || conv.starts_with("dm:") {
+            return Err(RpcError::bad("conv is not a valid group conversation id"));
+        }
+        for m in members {
+            if !namespace::valid_user(m) {
+                return Err(RpcError::bad("members must be user ids"));
+            }
+        }
+        let state = self.conv_state(conv).await?;
+        let mut st = state.lock().await;
+        if self.members_read().exists(conv) || st.record.head > 0 {
+            return Err(RpcError::new("exists", "the conversation already exists"));
+        }
+        st.record.title = title.to_string();
+        let mut batch = Batch::new();
+        batch.put_conversation(conv, &st.record);
+        let mut all: Vec<(String, Role)> =
+            members.iter().map(|m| (m.clone(), Role::Member)).collect();
+        if let Some(o) = owner {
+            all.retain(|(m, _)| m != o);
+            all.push((o.to_string(), Role::Owner));
+        }
+        for (m, role) in &all {
+            batch.put_member(conv, m, *role);
+        }
+        self.store.write(batch).await?;
+        {
+            let mut ms = self.members_write();
+            for (m, role) in &all {
+                ms.add(conv, m, *role);
+            }
+        }
+        for (m, _) in &all {
+            self.join(conv, m, 0);
+        }
+        let users: Vec<Arc<str>> = all.iter().map(|(m, _)| Arc::from(m.as_str())).collect();
+        self.announce(
+            &users,
+            json!({"type": "conversation.created", "conv": conv, "title": title, "by": owner}),
+        );
+        Ok(())
+    }
+
+    /// Adds `user` to `conv`; `by` must be its owner (`None`: an operator).
+    pub async fn add_member(
+        &self,
+        conv: &str,
+        user: &str,
+        by: Option<&str>,
+    ) -> Result<(), RpcError> {
+        self.check_owner(conv, by)?;
+        if !namespace::valid_user(user) {
+            return Err(RpcError::bad("user is not a valid user id"));
+        }
+        if self.is_member(conv, user) {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        batch.put_member(conv, user, Role::Member);
+        self.store.write(batch).await?;
+        self.members_write().add(conv, user, Role::Member);
+        if let Ok((head, _)) = self.bounds(conv).await {
+            self.join(conv, user, head);
+        }
+        self.announce(
+            &self.members(conv),
+            json!({"type": "member.added", "conv": conv, "user": user, "by": by}),
+        );
+        Ok(())
+    }
+
+    /// Removes `user` from `conv`, at once: its live subscriptions stop
+    /// receiving the conversation. The owner removes anyone; a member may
+    /// remove itself.
+    pub async fn remove_member(
+        &self,
+        conv: &str,
+        user: &str,
+        by: Option<&str>,
+    ) -> Result<(), RpcError> {
+        if by != Some(user) {
+            self.check_owner(conv, by)?;
+        }
+        if !self.is_member(conv, user) {
+            return Err(RpcError::new("not_found", "the user is not a member"));
+        }
+        let mut batch = Batch::new();
+        batch.delete_member(conv, user);
+        self.store.write(batch).await?;
+        let before = self.members(conv);
+        self.members_write().remove(conv, user);
+        self.announce(
+            &before,
+            json!({"type": "member.removed", "conv": conv, "user": user, "by": by}),
+        );
+        Ok(())
+    }
+
+    fn check_owner(&self, conv: &str, by: Option<&str>) -> Result<(), RpcError> {
+        if namespace::direct_members(conv).is_some() {
+            return Err(RpcError::new(
+                "forbidden",
+                "direct conversations have fixed members",
+            ));
+        }
+        if !self.members_read().exists(conv) {
+            return Err(RpcError::new("not_found", "no such conversation"));
+        }
+        match by {
+            None => Ok(()),
+            Some(u) if self.role(conv, u) == Some(Role::Owner) => Ok(()),
+            Some(_) => Err(RpcError::new(
+                "forbidden",
+                "only the owner may change members",
+            )),
+        }
+    }
+
+    /// `user` is now in `conv`, whose head is `head`: each of its sessions
+    /// that subscribes to the conversation starts its cursor there, so one
+    /// that is offline now replays from it when it comes back.
+    pub(super) fn join(&self, conv: &str, user: &str, head: u64) {
+        let cells = self.sessions_of(user);
+        tracing::debug!(conv, user, head, sessions = cells.len(), "joining");
+        let mut batch = Batch::new();
+        for cell in cells {
+            let mut slot = cell.lock();
+            if slot.session.lacks_cursor(conv) {
+                slot.session.start_cursor(conv, head, &mut batch);
+            }
+        }
+        drop(self.store.submit_now(batch));
+    }
+}

@@ -1,0 +1,387 @@
+//! The sequencer: each conversation's state in memory (head seq, recent
+//! idempotency keys), the lock that orders its appends, and the bounded
+//! cache that holds those states. [`Chat::append`] gives a message its seq
+//! and submits its writes; it never delivers (that is [`super::fanout`],
+//! once the commit resolved).
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chatmq_storage::{Batch, Commit, ConversationRecord, Role, StorageError};
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::Value;
+
+use super::fanout::Dispatch;
+use super::{lock, namespace, Chat, Envelope};
+use crate::blocking;
+use crate::clock::now_ms;
+use crate::message::Message;
+
+/// Idempotency keys remembered in memory per conversation, on top of the
+/// durable ones (covers retries that arrive before the original commits).
+const RECENT_IDS: usize = 1024;
+
+pub(super) struct ConvState {
+    pub(super) record: ConversationRecord,
+    recent: VecDeque<(Arc<str>, String)>,
+    recent_seq: HashMap<(Arc<str>, String), u64>,
+    /// Set by the dispatcher when a commit of this conversation failed:
+    /// `record.head` and `recent` may then count messages that are not on
+    /// disk, and the next append reloads them ([`Chat::reload`]).
+    failed: Arc<AtomicBool>,
+}
+
+/// A conversation's state in memory, with what its eviction must know.
+/// Derefs to the per-conversation lock that orders appends.
+pub(super) struct ConvSlot {
+    state: Arc<tokio::sync::Mutex<ConvState>>,
+    /// The highest seq whose commit resolved (set by the dispatcher). The
+    /// state leaves memory only when its head is durable: reloaded from
+    /// disk, it must be the same head, or a seq would be given twice.
+    pub(super) durable_head: AtomicU64,
+    /// Unix ms of the last use.
+    used_ms: AtomicU64,
+}
+
+impl Deref for ConvSlot {
+    type Target = tokio::sync::Mutex<ConvState>;
+    fn deref(&self) -> &Self::Target {
+        &self.state
+    }
+}
+
+/// A conversation's state under its lock. It holds the slot too: a slot
+/// someone holds is never evicted, so no second state of the same
+/// conversation can be loaded while this one is in use.
+struct Locked {
+    guard: tokio::sync::OwnedMutexGuard<ConvState>,
+    _slot: Arc<ConvSlot>,
+}
+
+impl Deref for Locked {
+    type Target = ConvState;
+    fn deref(&self) -> &ConvState {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Locked {
+    fn deref_mut(&mut self) -> &mut ConvState {
+        &mut self.guard
+    }
+}
+
+/// The bounds of the conversation cache (`chat.conv_cache_max`,
+/// `chat.conv_idle_secs`).
+pub(super) struct ConvCache {
+    pub(super) max: usize,
+    pub(super) idle_ms: u64,
+    /// When idle entries were last swept, and how many entries were left:
+    /// a sweep runs when the map has grown by a tenth of `max` since, or
+    /// half the idle time has passed.
+    pub(super) swept_ms: u64,
+    pub(super) swept_len: usize,
+}
+
+impl Chat {
+    pub(super) async fn conv_state(&self, conv: &str) -> Result<Arc<ConvSlot>, StorageError> {
+        let now = now_ms();
+        {
+            let mut convs = lock(&self.convs);
+            if let Some(s) = convs.get(conv).cloned() {
+                s.used_ms.store(now, Ordering::Relaxed);
+                self.evict_idle(&mut convs, now);
+                return Ok(s);
+            }
+        }
+        let name = conv.to_string();
+        let stored = blocking::read(&self.store, move |s| s.conversation(&name)).await?;
+        let record = stored.unwrap_or(ConversationRecord {
+            title: String::new(),
+            created_ms: now_ms(),
+            head: 0,
+            first: 1,
+        });
+        let state = Arc::new(ConvSlot {
+            durable_head: AtomicU64::new(record.head),
+            used_ms: AtomicU64::new(now),
+            state: Arc::new(tokio::sync::Mutex::new(ConvState {
+                record,
+                recent: VecDeque::new(),
+                recent_seq: HashMap::new(),
+                failed: Arc::default(),
+            })),
+        });
+        let mut convs = lock(&self.convs);
+        let slot = convs.entry(conv.into()).or_insert(state).clone();
+        self.evict_idle(&mut convs, now);
+        Ok(slot)
+    }
+
+    /// Bounds the conversation cache: drops entries unused for
+    /// `chat.conv_idle_secs`, and, above `chat.conv_cache_max`, the least
+    /// recently used down to nine tenths of it. Only an entry nobody holds
+    /// (no call in progress), whose lock is free and whose head is durable
+    /// may go: reading it back from disk then gives the same state (the
+    /// idempotency keys of its recent messages are in the `dedup` column
+    /// family once durable).
+    fn evict_idle(&self, convs: &mut HashMap<Arc<str>, Arc<ConvSlot>>, now: u64) {
+        let mut cache = lock(&self.conv_cache);
+        let grown = convs.len() > cache.swept_len.saturating_add(cache.max / 10);
+        let over = convs.len() > cache.max;
+        let stale = now.saturating_sub(cache.swept_ms) >= cache.idle_ms / 2;
+        if !(stale || (over && grown)) {
+            return;
+        }
+        let evictable = |slot: &Arc<ConvSlot>| {
+            Arc::strong_count(slot) == 1
+                && slot
+                    .state
+                    .try_lock()
+                    .is_ok_and(|st| st.record.head <= slot.durable_head.load(Ordering::Acquire))
+        };
+        let before = convs.len();
+        convs.retain(|_, slot| {
+            now.saturating_sub(slot.used_ms.load(Ordering::Relaxed)) < cache.idle_ms
+                || !evictable(slot)
+        });
+        if convs.len() > cache.max {
+            let mut lru: Vec<(u64, Arc<str>)> = convs
+                .iter()
+                .filter(|(_, slot)| evictable(slot))
+                .map(|(k, slot)| (slot.used_ms.load(Ordering::Relaxed), k.clone()))
+                .collect();
+            lru.sort_unstable();
+            let target = cache.max - cache.max / 10;
+            let excess = convs.len().saturating_sub(target);
+            for (_, k) in lru.into_iter().take(excess) {
+                convs.remove(&k);
+            }
+        }
+        let evicted = before.saturating_sub(convs.len());
+        self.metrics
+            .conv_cache_evicted
+            .fetch_add(evicted as u64, Ordering::Relaxed);
+        cache.swept_ms = now;
+        cache.swept_len = convs.len();
+    }
+
+    /// Conversations whose state is in memory now.
+    pub fn cached_conversations(&self) -> usize {
+        lock(&self.convs).len()
+    }
+
+    /// The head seq and oldest kept seq of a conversation.
+    pub async fn bounds(&self, conv: &str) -> Result<(u64, u64), StorageError> {
+        let s = self.locked(conv).await?;
+        Ok((s.record.head, s.record.first))
+    }
+
+    /// The conversation's state under its lock, reloaded from disk first
+    /// if one of its commits failed.
+    async fn locked(&self, conv: &str) -> Result<Locked, StorageError> {
+        let slot = self.conv_state(conv).await?;
+        let mut st = Locked {
+            guard: slot.state.clone().lock_owned().await,
+            _slot: slot,
+        };
+        if st.failed.load(Ordering::Acquire) {
+            self.reload(conv, &mut st).await?;
+        }
+        Ok(st)
+    }
+
+    /// Appends a member's message. Returns the commit to acknowledge after
+    /// (durable and fanned out) and the message's seq. A retry of an id
+    /// already appended gets the original seq and appends nothing.
+    pub async fn append(
+        &self,
+        conv: &str,
+        from: &Arc<str>,
+        envelope: &Envelope,
+        qos: QoS,
+    ) -> Result<(Commit, u64), StorageError> {
+        let mut st = self.locked(conv).await?;
+        let key = (from.clone(), envelope.id.clone());
+        let earlier = match st.recent_seq.get(&key) {
+            Some(seq) => Some(*seq),
+            None => self.store.dedup(conv, from, &envelope.id)?,
+        };
+        if let Some(seq) = earlier {
+            // Acknowledged no earlier than the original.
+            let (done, commit) = Commit::deferred();
+            let _ = self.shard(conv).send(Dispatch::Barrier(done)).await;
+            return Ok((commit, seq));
+        }
+        let seq = st.record.head + 1;
+        st.record.head = seq;
+        let ts = now_ms();
+        let body = envelope.delivered(conv, seq, from, ts);
+        let mut batch = Batch::new();
+        batch.put_message(conv, seq, &body);
+        batch.put_conversation(conv, &st.record);
+        batch.put_dedup(conv, from, &envelope.id, seq);
+        if seq == 1 {
+            if let Some((a, b)) = namespace::direct_members(conv) {
+                // A direct conversation appears in both users' lists.
+                batch.put_member(conv, a, Role::Member);
+                batch.put_member(conv, b, Role::Member);
+                {
+                    let mut m = self.members_write();
+                    m.add(conv, a, Role::Member);
+                    m.add(conv, b, Role::Member);
+                }
+                self.join(conv, a, 0);
+                self.join(conv, b, 0);
+            }
+        }
+        self.queue_pushes(conv, from, seq, &envelope.body, &mut batch);
+        st.recent.push_back(key.clone());
+        st.recent_seq.insert(key, seq);
+        if st.recent.len() > RECENT_IDS {
+            if let Some(old) = st.recent.pop_front() {
+                st.recent_seq.remove(&old);
+            }
+        }
+        let commit = self.store.submit(batch).await;
+        self.metrics.chat_appended.fetch_add(1, Ordering::Relaxed);
+        self.retention_due(conv, &st.record, ts);
+        let msg = Arc::new(Message::from_server(
+            format!("chat/{conv}"),
+            Bytes::from(body),
+            qos,
+            false,
+        ));
+        let (done, acked) = Commit::deferred();
+        let item = Dispatch::Message {
+            conv: conv.into(),
+            seq,
+            msg,
+            commit,
+            done,
+            failed: st.failed.clone(),
+        };
+        if self.shard(conv).send(item).await.is_err() {
+            return Err(StorageError::WriterGone);
+        }
+        Ok((acked, seq))
+    }
+
+    /// After a failed commit: waits until every append submitted before
+    /// has settled, then takes the head and the idempotency keys from disk
+    /// again, so a retry of the lost message is appended anew (not acked
+    /// as a duplicate of nothing) and gets the seq that was lost (no hole).
+    /// Called under the conversation's lock, so no append runs meanwhile.
+    async fn reload(&self, conv: &str, st: &mut ConvState) -> Result<(), StorageError> {
+        let (done, settled) = Commit::deferred();
+        if self
+            .shard(conv)
+            .send(Dispatch::Barrier(done))
+            .await
+            .is_err()
+        {
+            return Err(StorageError::WriterGone);
+        }
+        // Its outcome does not matter, only that everything before it is done.
+        let _ = settled.await;
+        let name = conv.to_string();
+        let stored = blocking::read(&self.store, move |s| s.conversation(&name)).await?;
+        st.record = stored.unwrap_or(ConversationRecord {
+            head: 0,
+            first: 1,
+            ..st.record.clone()
+        });
+        st.recent.clear();
+        st.recent_seq.clear();
+        st.failed = Arc::default();
+        Ok(())
+    }
+
+    /// DESIGN §3 step 8: every member but the sender with no live session
+    /// gets a push job, written in the message's own batch, so the job is
+    /// durable exactly when the message is. Who is online is judged now, at
+    /// append time (the dispatcher's fan-out follows within a commit).
+    fn queue_pushes(&self, conv: &str, from: &str, seq: u64, body: &Value, batch: &mut Batch) {
+        if !self.push.enabled() {
+            return;
+        }
+        let members = self.members(conv);
+        let offline: Vec<&str> = {
+            let online = lock(&self.online);
+            members
+                .iter()
+                .filter(|u| ***u != *from && !online.contains_key(*u))
+                .map(|u| &**u)
+                .collect()
+        };
+        self.push.enqueue(batch, offline, conv, seq, from, body);
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::time::Duration;
+
+    use chatmq_bridge::push::Push;
+    use chatmq_storage::{Store, SyncMode};
+
+    use super::*;
+    use crate::broker::Metrics;
+
+    pub(in crate::chat) fn envelope(id: &str) -> Envelope {
+        Envelope::parse(format!(r#"{{"id":"{id}","body":"hi"}}"#).as_bytes()).expect("envelope")
+    }
+
+    // Issue #10 item 7: a commit of an append fails (here: the writer is
+    // gone, as on a failing disk). A retry of the same envelope id must not
+    // be acknowledged as a duplicate of a message that is not on disk, and
+    // the next message must not leave a hole where the lost one was.
+    #[tokio::test]
+    async fn a_failed_commit_rolls_the_conversation_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            Store::open(dir.path(), SyncMode::Never, Duration::from_millis(5)).expect("store");
+        let push = Push::open(store.clone(), &Default::default()).expect("push");
+        let chat =
+            Arc::new(Chat::new(store.clone(), Arc::new(Metrics::default()), push).expect("chat"));
+        let (_stop, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(chat.clone().run_dispatcher(watch));
+        chat.create("room", "t", Some("alice"), &[])
+            .await
+            .expect("room");
+        let alice: Arc<str> = "alice".into();
+        let send = |id: &'static str| {
+            let chat = chat.clone();
+            let alice = alice.clone();
+            async move {
+                let (commit, seq) = chat
+                    .append("room", &alice, &envelope(id), QoS::AtLeastOnce)
+                    .await
+                    .expect("appended");
+                (seq, commit.await)
+            }
+        };
+        let (seq, acked) = send("m1").await;
+        assert_eq!((seq, acked.is_ok()), (1, true));
+
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .expect("writer stops");
+        let (seq, acked) = send("m2").await;
+        assert_eq!(seq, 2);
+        assert!(acked.is_err(), "m2 is not on disk");
+
+        let (seq, acked) = send("m2").await;
+        assert!(
+            acked.is_err(),
+            "the retry of m2 was acknowledged with nothing on disk"
+        );
+        assert_eq!(seq, 2);
+        let (seq, _) = send("m3").await;
+        assert_eq!(seq, 2, "the head counted the lost message: a hole at 2");
+        assert_eq!(chat.bounds("room").await.expect("bounds").0, 1);
+    }
+}

@@ -165,6 +165,14 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
+/// One session a message is routed to, and how (see `Broker::targets`).
+struct Target {
+    cell: Arc<SessionCell>,
+    qos: QoS,
+    retain_as_published: bool,
+    sub_ids: Vec<u32>,
+}
+
 /// A QoS 0 message on its way to one connected session.
 pub struct Plain {
     pub msg: Arc<Message>,
@@ -1024,66 +1032,87 @@ impl Broker {
     /// as the retained message of the topic if it asks to be
     /// [MQTT-3.3.1-5], [MQTT-3.3.1-10]. Durable effects go into `batch`.
     pub fn route(&self, msg: Arc<Message>, batch: &mut Batch) {
-        self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-        if msg.retain {
-            let mut kept = (*msg).clone();
-            kept.publisher = None;
-            let kept = Arc::new(kept);
-            match write(&self.retained).update(kept.clone()) {
-                Change::Kept => batch.put_retained(&kept.to_record()),
-                Change::Cleared => batch.delete_retained(&msg.topic),
-                Change::Nothing => {}
-                // Still delivered to today's subscribers, just not kept.
-                Change::Refused => {
-                    self.metrics
-                        .retained_refused
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+        self.route_all(std::slice::from_ref(&msg), batch);
+    }
+
+    /// Routes `msgs` (one publisher's, in the order it sent them) as
+    /// [`Broker::route`] does each, with one look at the router for all
+    /// of them: the publishes of one read share the router's read lock.
+    pub fn route_all(&self, msgs: &[Arc<Message>], batch: &mut Batch) {
+        self.metrics
+            .messages_in
+            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        for msg in msgs.iter().filter(|m| m.retain) {
+            self.retain(msg, batch);
+        }
+        let mut found: Vec<Vec<Target>> = Vec::with_capacity(msgs.len());
+        {
+            let router = read(&self.router);
+            for msg in msgs {
+                found.push(Self::targets(&router, msg));
             }
         }
-
-        // One delivery per client, at the highest QoS of its matching
-        // subscriptions, with all their identifiers [MQTT-3.3.5-1]. Matches
-        // are collected as they come, then merged per session: sorted by
-        // handle, so a session several filters match is one target, without
-        // hashing each client id.
-        struct Target {
-            cell: Arc<SessionCell>,
-            qos: QoS,
-            retain_as_published: bool,
-            sub_ids: Vec<u32>,
+        let mut dropped = 0u64;
+        for (msg, targets) in msgs.iter().zip(found) {
+            dropped += self.deliver(msg, targets, batch);
         }
+        if dropped > 0 {
+            self.metrics
+                .messages_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    /// Keeps `msg` as its topic's retained message, or clears it.
+    fn retain(&self, msg: &Message, batch: &mut Batch) {
+        let mut kept = msg.clone();
+        kept.publisher = None;
+        let kept = Arc::new(kept);
+        match write(&self.retained).update(kept.clone()) {
+            Change::Kept => batch.put_retained(&kept.to_record()),
+            Change::Cleared => batch.delete_retained(&msg.topic),
+            Change::Nothing => {}
+            // Still delivered to today's subscribers, just not kept.
+            Change::Refused => {
+                self.metrics
+                    .retained_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The sessions `msg` goes to: one delivery per client, at the highest
+    /// QoS of its matching subscriptions, with all their identifiers
+    /// [MQTT-3.3.5-1], and one member of each matching shared group.
+    /// Matches are collected as they come, then merged per session: sorted
+    /// by handle, so a session several filters match is one target,
+    /// without hashing each client id.
+    fn targets(router: &Router<Arc<SessionCell>>, msg: &Message) -> Vec<Target> {
         /// A matching shared group: its members, and where the rotation starts.
         type Group = (Vec<(Arc<str>, Sub<Arc<SessionCell>>)>, usize);
         let mut targets: Vec<Target> = Vec::new();
         let mut shared: Vec<Group> = Vec::new();
-        {
-            let router = read(&self.router);
-            let publisher = msg.publisher.as_deref();
-            router.for_each_match(
-                &msg.topic,
-                &mut |client, sub| {
-                    let o = &sub.options;
-                    if o.no_local && publisher == Some(&**client) {
-                        return; // [MQTT-3.8.3-3]
-                    }
-                    targets.push(Target {
-                        cell: sub.handle.clone(),
-                        qos: o.qos,
-                        retain_as_published: o.retain_as_published,
-                        sub_ids: if o.identifier != 0 {
-                            vec![o.identifier]
-                        } else {
-                            Vec::new()
-                        },
-                    });
-                },
-                &mut |m| shared.push((m.members.to_vec(), m.start)),
-            );
-        }
-        if targets.is_empty() && shared.is_empty() {
-            return;
-        }
+        let publisher = msg.publisher.as_deref();
+        router.for_each_match(
+            &msg.topic,
+            &mut |client, sub| {
+                let o = &sub.options;
+                if o.no_local && publisher == Some(&**client) {
+                    return; // [MQTT-3.8.3-3]
+                }
+                targets.push(Target {
+                    cell: sub.handle.clone(),
+                    qos: o.qos,
+                    retain_as_published: o.retain_as_published,
+                    sub_ids: if o.identifier != 0 {
+                        vec![o.identifier]
+                    } else {
+                        Vec::new()
+                    },
+                });
+            },
+            &mut |m| shared.push((m.members.to_vec(), m.start)),
+        );
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|t| Arc::as_ptr(&t.cell) as usize);
             targets.dedup_by(|later, kept| {
@@ -1120,6 +1149,11 @@ impl Broker {
                 },
             });
         }
+        targets
+    }
+
+    /// Gives `msg` to each of `targets`; returns how many dropped it.
+    fn deliver(&self, msg: &Arc<Message>, targets: Vec<Target>, batch: &mut Batch) -> u64 {
         let fan_out = targets.len() > 1;
         let mut dropped = 0u64;
         for t in targets {
@@ -1163,11 +1197,7 @@ impl Broker {
                 cell.wake.notify_one();
             }
         }
-        if dropped > 0 {
-            self.metrics
-                .messages_dropped
-                .fetch_add(dropped, Ordering::Relaxed);
-        }
+        dropped
     }
 
     /// Routes one message and submits its writes; the returned commit

@@ -100,7 +100,15 @@ pub struct Channel {
     rate: PublishRate,
     /// Its user's, shared with the user's other connections.
     user_rate: Option<UserRate>,
+    /// QoS 0 publishes read together, waiting to be routed together
+    /// (`handle_batched`, `route_deferred`).
+    deferred: Vec<Arc<Message>>,
 }
+
+/// QoS 0 publishes of one read routed at once, at most (the rest in the
+/// next round): enough to share the router's lock, few enough that a
+/// subscriber hears of the first soon.
+const ROUTE_BATCH: usize = 64;
 
 impl Channel {
     pub fn new(broker: Arc<Broker>, conn_id: u64) -> Channel {
@@ -119,6 +127,7 @@ impl Channel {
             out: Vec::new(),
             rate: PublishRate::new(RateLimit::connection(&broker.settings.mqtt), Instant::now()),
             user_rate: None,
+            deferred: Vec::new(),
             broker,
         }
     }
@@ -378,8 +387,43 @@ impl Channel {
 
     /// Handles one packet after CONNECT.
     pub async fn handle(&mut self, packet: Packet) -> Result<(), Close> {
+        self.route_deferred().await;
+        self.handle_packet(packet, false).await
+    }
+
+    /// Handles one of several packets read together: a plain QoS 0
+    /// publish may wait in `deferred` to be routed with the ones after it,
+    /// until the caller's `route_deferred` (or any other packet: nothing
+    /// overtakes what the client sent before it).
+    pub async fn handle_batched(&mut self, packet: Packet) -> Result<(), Close> {
+        match &packet {
+            Packet::Publish(p) if p.qos == QoS::AtMostOnce => {}
+            _ => self.route_deferred().await,
+        }
+        self.handle_packet(packet, true).await
+    }
+
+    /// Routes the QoS 0 publishes waiting in `deferred`, in order, under
+    /// one look at the router ([`Broker::route_all`]).
+    pub async fn route_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let mut batch = Batch::new();
+        self.broker.route_all(&self.deferred, &mut batch);
+        self.deferred.clear();
+        if self.deferred.capacity() > ROUTE_BATCH {
+            self.deferred = Vec::new();
+        }
+        if !batch.is_empty() {
+            // Retained updates: QoS 0 has no ack to wait for them.
+            drop(self.broker.store.submit(batch).await);
+        }
+    }
+
+    async fn handle_packet(&mut self, packet: Packet, defer: bool) -> Result<(), Close> {
         match packet {
-            Packet::Publish(p) => self.publish(p).await,
+            Packet::Publish(p) => self.publish(p, defer).await,
             Packet::PubAck(a) => self.acked(|s, b| s.puback(a.pkid, b)).await.map(drop),
             Packet::PubRec(a) => {
                 let refused = !matches!(
@@ -483,7 +527,7 @@ impl Channel {
         }
     }
 
-    async fn publish(&mut self, mut p: Publish) -> Result<(), Close> {
+    async fn publish(&mut self, mut p: Publish, defer: bool) -> Result<(), Close> {
         let settings = self.broker.settings.clone();
         let mqtt = &settings.mqtt;
         let alias = p.properties.as_mut().and_then(|pp| pp.topic_alias.take());
@@ -558,6 +602,7 @@ impl Channel {
             }
         }
         if owned {
+            self.route_deferred().await;
             return self.publish_reserved(&topic, &p).await;
         }
         let user = self.identity.user().map(|u| &**u);
@@ -581,6 +626,12 @@ impl Channel {
         }
         let mut batch = Batch::new();
         match p.qos {
+            QoS::AtMostOnce if defer => {
+                self.deferred.push(Arc::new(msg));
+                if self.deferred.len() >= ROUTE_BATCH {
+                    self.route_deferred().await;
+                }
+            }
             QoS::AtMostOnce => {
                 self.broker.route(Arc::new(msg), &mut batch);
                 drop(self.broker.store.submit(batch).await);
@@ -931,6 +982,8 @@ impl Channel {
 
     /// The connection is gone: release the session, publish the will if due.
     pub async fn close(&mut self, close: Close) {
+        // What the client sent before it went is routed before its will.
+        self.route_deferred().await;
         let Some(cell) = self.cell.take() else { return };
         let will = if close.will { self.will.take() } else { None };
         let mut batch = Batch::new();

@@ -568,14 +568,20 @@ impl Connection {
                             .publishes_received
                             .fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Err(close) = Box::pin(self.channel.handle(packet)).await {
+                    if let Err(close) = Box::pin(self.channel.handle_batched(packet)).await {
+                        Box::pin(self.channel.route_deferred()).await;
                         self.encode_output();
                         return Some(close);
                     }
                 }
-                Ok(None) => return None,
+                Ok(None) => {
+                    // The QoS 0 publishes of this read, routed together.
+                    Box::pin(self.channel.route_deferred()).await;
+                    return None;
+                }
                 Err(e) => {
                     tracing::debug!(client = self.channel.client_id(), error = %e, "closing");
+                    Box::pin(self.channel.route_deferred()).await;
                     self.encode_output();
                     return Some(Close::violation(match e {
                         DecodeError::TooLarge { .. } => DisconnectReasonCode::PacketTooLarge,

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use chatmq_tests::metrics::{metric, metric_reaches};
-use chatmq_tests::raw::{p5, Wire};
+use chatmq_tests::raw::{connected_v5, p5, v5_bytes, Wire};
 use chatmq_tests::v4;
 use chatmq_tests::v5::{self, Filter, PublishProperties, QoS, SubscribeProperties};
 use chatmq_tests::{Broker, OPEN, PATIENCE};
@@ -220,4 +220,46 @@ async fn a_full_inbox_drops_qos0_counted_and_keeps_the_order() {
         "{dropped} counted, {} missing",
         N - got
     );
+}
+
+/// A client writes 200 QoS 0 publishes, a retained one among them, then a
+/// QoS 1 publish, all in one write: they are read
+/// together and routed in batches, and the subscriber still gets every
+/// one in order, the QoS 1 last; the retained one is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_read_together_are_routed_in_order() {
+    let b = Broker::start(&format!("{OPEN}\n[mqtt]\n{UNLIMITED}"));
+    let mut sub = v5::connect_ok(b.addr, "sub").await;
+    sub.subscribe("batch/#", QoS::AtLeastOnce).await;
+    let mut w = connected_v5(b.addr, "burst").await;
+    let mut bytes = Vec::new();
+    const N: usize = 200;
+    for i in 0..N {
+        let topic = if i == 77 { "batch/kept" } else { "batch/t" };
+        let mut p = p5::Publish::new(topic, QoS::AtMostOnce, i.to_string(), None);
+        p.retain = i == 77;
+        bytes.extend(v5_bytes(&p5::Packet::Publish(p)));
+    }
+    let mut last = p5::Publish::new("batch/t", QoS::AtLeastOnce, "last", None);
+    last.pkid = 1;
+    bytes.extend(v5_bytes(&p5::Packet::Publish(last)));
+    w.send(&bytes).await;
+    assert!(matches!(
+        w.next_v5(PATIENCE).await,
+        Ok(p5::Packet::PubAck(_))
+    ));
+
+    let mut seen = Vec::new();
+    while seen.len() < N + 1 {
+        let m = sub.publish().await;
+        seen.push(text(&m.payload));
+    }
+    let mut want: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    want.push("last".into());
+    assert_eq!(seen, want);
+
+    let mut late = v5::connect_ok(b.addr, "late").await;
+    late.subscribe("batch/kept", QoS::AtMostOnce).await;
+    let m = late.publish().await;
+    assert_eq!((text(&m.payload), m.retain), ("77".into(), true));
 }

@@ -322,6 +322,50 @@ impl SessionCell {
         self.online.load(Ordering::Acquire)
     }
 
+    /// Delivers a plain (not sequenced chat) message to this session at
+    /// `qos` (already reduced), with RETAIN as the subscriber sees it: the
+    /// one path every plain delivery takes, routed or from the chat layer
+    /// (events, presence, typing). QoS 0 to a connected session with
+    /// nothing queued goes to its inbox without the session's lock; the
+    /// rest is queued under it, with the writes of a persistent session in
+    /// `batch`. `fan_out`: the same message goes to other sessions too (its
+    /// encoding is shared). Returns how many messages were dropped (this
+    /// one, or older ones it pushed out), for the caller to count.
+    pub fn deliver(
+        &self,
+        msg: &Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        sub_ids: Vec<u32>,
+        fan_out: bool,
+        batch: &mut Batch,
+    ) -> u64 {
+        if qos == QoS::AtMostOnce && self.takes_inbox() {
+            let plain = Plain {
+                msg: msg.clone(),
+                retain,
+                sub_ids,
+                shared: fan_out,
+            };
+            if !self.inbox.offer(plain) {
+                return 1;
+            }
+            self.wake.notify_one();
+            return 0;
+        }
+        let mut slot = self.lock();
+        let s = &mut slot.session;
+        let before = s.dropped;
+        s.enqueue(msg.clone(), qos, retain, sub_ids, batch);
+        let dropped = s.dropped - before;
+        let connected = slot.link.is_some();
+        drop(slot);
+        if connected {
+            self.wake.notify_one();
+        }
+        dropped
+    }
+
     /// A QoS 0 message may go to the inbox: connected, and nothing queued
     /// that must go out first.
     fn takes_inbox(&self) -> bool {
@@ -1171,31 +1215,7 @@ impl Broker {
             // Retain is cleared on normal delivery unless Retain As
             // Published [MQTT-3.3.1-12], [MQTT-3.3.1-13].
             let retain = t.retain_as_published && msg.retain;
-            if qos == QoS::AtMostOnce && cell.takes_inbox() {
-                // QoS 0 to a connected session: its inbox, not its lock.
-                let plain = Plain {
-                    msg: msg.clone(),
-                    retain,
-                    sub_ids: t.sub_ids,
-                    shared: fan_out,
-                };
-                if cell.inbox.offer(plain) {
-                    cell.wake.notify_one();
-                } else {
-                    dropped += 1;
-                }
-                continue;
-            }
-            let mut slot = cell.lock();
-            let s = &mut slot.session;
-            let before = s.dropped;
-            s.enqueue(msg.clone(), qos, retain, t.sub_ids, batch);
-            dropped += s.dropped - before;
-            let connected = slot.link.is_some();
-            drop(slot);
-            if connected {
-                cell.wake.notify_one();
-            }
+            dropped += cell.deliver(msg, qos, retain, t.sub_ids, fan_out, batch);
         }
         dropped
     }

@@ -155,35 +155,22 @@ impl Chat {
     /// Queues `msg` for every connected session of `users` that subscribed
     /// to its topic, except the client `skip`.
     pub(super) fn deliver(&self, users: &[Arc<str>], msg: &Arc<Message>, skip: Option<&str>) {
-        for cell in self.audience(users) {
+        let audience = self.audience(users);
+        let fan_out = audience.len() > 1;
+        let mut batch = Batch::new();
+        let mut dropped = 0;
+        for cell in audience {
             if skip == Some(&*cell.client_id) {
                 continue;
             }
-            let queued = {
-                let mut slot = cell.lock();
-                let s = &mut slot.session;
-                match wanted_qos(s.subscriptions.iter(), &msg.topic) {
-                    Some(q) => {
-                        let mut batch = Batch::new();
-                        let before = s.dropped;
-                        s.enqueue(
-                            msg.clone(),
-                            min_qos(msg.qos, q),
-                            msg.retain,
-                            vec![],
-                            &mut batch,
-                        );
-                        self.count_dropped(before, s.dropped);
-                        drop(self.store.submit_now(batch));
-                        true
-                    }
-                    None => false,
-                }
-            };
-            if queued {
-                cell.wake.notify_one();
+            let wanted = wanted_qos(cell.lock().session.subscriptions.iter(), &msg.topic);
+            if let Some(q) = wanted {
+                let qos = min_qos(msg.qos, q);
+                dropped += cell.deliver(msg, qos, msg.retain, vec![], fan_out, &mut batch);
             }
         }
+        self.count_dropped(0, dropped);
+        drop(self.store.submit_now(batch));
     }
 
     /// An event for `user` on `users/{user}/events` (QoS 1) to each of its

@@ -202,6 +202,10 @@ pub struct Inbox {
     max_len: usize,
     max_bytes: usize,
     overloaded: AtomicBool,
+    /// A message was refused since the last `take`: publishers may wait
+    /// on `drained` for the connection to empty the inbox.
+    pressed: AtomicBool,
+    drained: Notify,
 }
 
 impl Inbox {
@@ -213,6 +217,8 @@ impl Inbox {
             max_len,
             max_bytes,
             overloaded: AtomicBool::new(false),
+            pressed: AtomicBool::new(false),
+            drained: Notify::new(),
         }
     }
 
@@ -239,12 +245,14 @@ impl Inbox {
     fn offer(&self, p: Plain) -> bool {
         let size = Inbox::size(&p.msg);
         if self.full(size) {
+            self.pressed.store(true, Ordering::Relaxed);
             return false;
         }
         let mut q = lock(&self.queue);
         // Again under the lock: publishers on other cores may have filled
         // it since the first look.
         if q.len() >= self.max_len {
+            self.pressed.store(true, Ordering::Relaxed);
             return false;
         }
         self.bytes.fetch_add(size, Ordering::Relaxed);
@@ -267,6 +275,9 @@ impl Inbox {
             .iter()
             .map(|p| Inbox::size(&p.msg))
             .fold(0usize, usize::saturating_add);
+        if self.pressed.swap(false, Ordering::Relaxed) {
+            self.drained.notify_waiters();
+        }
         // `offer` counts a message's bytes before it is in the queue, so
         // this never goes below zero; saturating all the same.
         let _ = self
@@ -275,6 +286,12 @@ impl Inbox {
                 Some(b.saturating_sub(bytes))
             });
         taken
+    }
+
+    /// Resolves when the connection next empties the inbox after it
+    /// refused a message.
+    pub fn drained(&self) -> tokio::sync::futures::Notified<'_> {
+        self.drained.notified()
     }
 
     /// Went over the byte budget since the session last (re)attached.
@@ -1082,7 +1099,10 @@ impl Broker {
     /// Routes `msgs` (one publisher's, in the order it sent them) as
     /// [`Broker::route`] does each, with one look at the router for all
     /// of them: the publishes of one read share the router's read lock.
-    pub fn route_all(&self, msgs: &[Arc<Message>], batch: &mut Batch) {
+    /// Returns a session whose QoS 0 inbox was full, if one was: the
+    /// publisher may wait for it a moment before reading more (see
+    /// `connection::PACE`).
+    pub fn route_all(&self, msgs: &[Arc<Message>], batch: &mut Batch) -> Option<Arc<SessionCell>> {
         self.metrics
             .messages_in
             .fetch_add(msgs.len() as u64, Ordering::Relaxed);
@@ -1097,14 +1117,16 @@ impl Broker {
             }
         }
         let mut dropped = 0u64;
+        let mut full = None;
         for (msg, targets) in msgs.iter().zip(found) {
-            dropped += self.deliver(msg, targets, batch);
+            dropped += self.deliver(msg, targets, batch, &mut full);
         }
         if dropped > 0 {
             self.metrics
                 .messages_dropped
                 .fetch_add(dropped, Ordering::Relaxed);
         }
+        full
     }
 
     /// Keeps `msg` as its topic's retained message, or clears it.
@@ -1196,8 +1218,16 @@ impl Broker {
         targets
     }
 
-    /// Gives `msg` to each of `targets`; returns how many dropped it.
-    fn deliver(&self, msg: &Arc<Message>, targets: Vec<Target>, batch: &mut Batch) -> u64 {
+    /// Gives `msg` to each of `targets`; returns how many dropped it, and
+    /// sets `full` to a session whose inbox was full (see
+    /// [`Broker::route_all`]).
+    fn deliver(
+        &self,
+        msg: &Arc<Message>,
+        targets: Vec<Target>,
+        batch: &mut Batch,
+        full: &mut Option<Arc<SessionCell>>,
+    ) -> u64 {
         let fan_out = targets.len() > 1;
         let mut dropped = 0u64;
         for t in targets {
@@ -1215,7 +1245,11 @@ impl Broker {
             // Retain is cleared on normal delivery unless Retain As
             // Published [MQTT-3.3.1-12], [MQTT-3.3.1-13].
             let retain = t.retain_as_published && msg.retain;
-            dropped += cell.deliver(msg, qos, retain, t.sub_ids, fan_out, batch);
+            let lost = cell.deliver(msg, qos, retain, t.sub_ids, fan_out, batch);
+            if lost > 0 && qos == QoS::AtMostOnce && full.is_none() {
+                *full = Some(cell);
+            }
+            dropped += lost;
         }
         dropped
     }

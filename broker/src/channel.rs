@@ -103,6 +103,9 @@ pub struct Channel {
     /// QoS 0 publishes read together, waiting to be routed together
     /// (`handle_batched`, `route_deferred`).
     deferred: Vec<Arc<Message>>,
+    /// A subscriber whose QoS 0 inbox refused this client's publishes
+    /// since the connection last asked (`take_pressure`).
+    pressure: Option<Arc<SessionCell>>,
 }
 
 /// QoS 0 publishes of one read routed at once, at most (the rest in the
@@ -128,6 +131,7 @@ impl Channel {
             rate: PublishRate::new(RateLimit::connection(&broker.settings.mqtt), Instant::now()),
             user_rate: None,
             deferred: Vec::new(),
+            pressure: None,
             broker,
         }
     }
@@ -410,7 +414,9 @@ impl Channel {
             return;
         }
         let mut batch = Batch::new();
-        self.broker.route_all(&self.deferred, &mut batch);
+        if let Some(full) = self.broker.route_all(&self.deferred, &mut batch) {
+            self.pressure = Some(full);
+        }
         self.deferred.clear();
         if self.deferred.capacity() > ROUTE_BATCH {
             self.deferred = Vec::new();
@@ -419,6 +425,11 @@ impl Channel {
             // Retained updates: QoS 0 has no ack to wait for them.
             drop(self.broker.store.submit(batch).await);
         }
+    }
+
+    /// A subscriber this client's QoS 0 publishes found full, once.
+    pub fn take_pressure(&mut self) -> Option<Arc<SessionCell>> {
+        self.pressure.take()
     }
 
     async fn handle_packet(&mut self, packet: Packet, defer: bool) -> Result<(), Close> {

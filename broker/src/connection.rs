@@ -47,6 +47,15 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// ...but no longer than this, however much the old client keeps sending.
 const DRAIN_MAX: Duration = Duration::from_secs(1);
 
+/// The longest a publisher waits before its next read when one of its
+/// subscribers' QoS 0 inbox was full (it waits less if that subscriber
+/// drains sooner). QoS 0 beyond a full inbox is dropped either way; the
+/// pause keeps a publisher from spending the machine's CPU on messages
+/// nobody can take, which is what a flooded subscriber's own reader
+/// needs. Short, so that one slow subscriber costs a publisher's other
+/// subscribers little: at most one pause per read.
+const PACE: Duration = Duration::from_millis(2);
+
 /// Serves one client connection from `peer` until it ends.
 pub async fn serve<S>(stream: S, peer: IpAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
 where
@@ -471,6 +480,11 @@ impl Connection {
                     }
                     if let Some(close) = Box::pin(self.handle_buffered(broker, peer, protocol)).await {
                         return Some(close);
+                    }
+                    if let Some(full) = self.channel.take_pressure() {
+                        // A subscriber's inbox refused what this client
+                        // sent: read on once it has drained, or after PACE.
+                        let _ = Box::pin(timeout(PACE, full.inbox.drained())).await;
                     }
                     deadline = match drain_end {
                         Some(end) => Some((Instant::now() + DRAIN_QUIET).min(end)),

@@ -576,14 +576,15 @@ impl Broker {
         let now = now_ms();
         let mut sessions = self.lock_sessions();
         let mut router = write(&self.router);
-        for stored in self.store.load_sessions()? {
+        for mut stored in self.store.load_sessions()? {
             // Connected when the broker died: its last acknowledgements may
             // be newer than the cursors written (see `CURSOR_SAVE_ACKS`).
             let crashed = stored.record.disconnected_at_ms == 0;
+            let cursors = std::mem::take(&mut stored.cursors);
             let mut session = Session::restore(stored, now);
             session.max_queue = self.settings.mqtt.max_offline_messages;
             session.max_bytes = self.settings.mqtt.session_queue_bytes;
-            for (conv, seq) in self.store.cursors(&session.client_id)? {
+            for (conv, seq) in cursors {
                 let mut cursor = crate::session::ChatCursor::at(seq);
                 if crashed {
                     cursor.dup_until = seq.saturating_add(u64::from(CURSOR_SAVE_ACKS));

@@ -240,19 +240,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Every cursor of a session: conversation → last acknowledged seq.
-    pub fn cursors(&self, client_id: &str) -> Result<Vec<(String, u64)>, StorageError> {
-        let prefix = client_prefix(client_id);
-        let mut out = Vec::new();
-        self.scan_prefix(CF_CURSOR, &prefix, |k, v| {
-            if let (Some((_, conv)), Some(seq)) = (split_pair(k), seq_value(v)) {
-                out.push((conv, seq));
-            }
-            true
-        })?;
-        Ok(out)
-    }
-
     pub fn read_seq(&self, user: &str, conv: &str) -> Result<u64, StorageError> {
         Ok(self
             .db()
@@ -359,6 +346,7 @@ mod tests {
         b.put_member("room", "alice", Role::Owner);
         b.put_member("room", "bob", Role::Member);
         b.put_dedup("room", "alice", "x1", 3);
+        b.put_session("c1", &crate::SessionRecord::default());
         b.put_cursor("c1", "room", 7);
         b.put_read("bob", "room", 4);
         store.write(b).await.unwrap();
@@ -391,7 +379,8 @@ mod tests {
         );
         assert_eq!(store.dedup("room", "alice", "x1").unwrap(), Some(3));
         assert_eq!(store.dedup("room", "bob", "x1").unwrap(), None);
-        assert_eq!(store.cursors("c1").unwrap(), [("room".to_string(), 7)]);
+        let cursors = |store: &Store| store.load_sessions().unwrap()[0].cursors.clone();
+        assert_eq!(cursors(&store), [("room".to_string(), 7)]);
         assert_eq!(store.read_seq("bob", "room").unwrap(), 4);
 
         let mut b = Batch::new();
@@ -401,7 +390,7 @@ mod tests {
         store.write(b).await.unwrap();
         assert_eq!(store.messages("room", 1, 100, 100, false).unwrap()[0].0, 5);
         assert_eq!(store.all_members().unwrap().len(), 1);
-        assert!(store.cursors("c1").unwrap().is_empty());
+        assert!(cursors(&store).is_empty());
         store.close();
     }
 }

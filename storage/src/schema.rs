@@ -104,6 +104,14 @@ pub(crate) fn client_prefix(id: &str) -> Vec<u8> {
     key
 }
 
+/// The id of a key that starts with a [`client_prefix`], and the rest of
+/// the key; `None` if the key is too short for the length it gives.
+pub(crate) fn split_client(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = usize::from(u16::from_be_bytes([*key.first()?, *key.get(1)?]));
+    let id = key.get(2..2 + len)?;
+    Some((id, &key[2 + len..]))
+}
+
 /// The first key after every key that starts with `prefix`.
 pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -127,9 +135,7 @@ pub(crate) fn pair(a: &str, b: &str) -> Vec<u8> {
 
 /// The (a, b) of a [`pair`] key.
 pub(crate) fn split_pair(key: &[u8]) -> Option<(String, String)> {
-    let len = usize::from(u16::from_be_bytes([*key.first()?, *key.get(1)?]));
-    let a = key.get(2..2 + len)?;
-    let b = key.get(2 + len..)?;
+    let (a, b) = split_client(key)?;
     Some((
         String::from_utf8(a.to_vec()).ok()?,
         String::from_utf8(b.to_vec()).ok()?,
@@ -165,13 +171,6 @@ pub(crate) fn inbound_key(client_id: &str, pkid: u16) -> Vec<u8> {
     let mut key = client_prefix(client_id);
     key.extend_from_slice(&pkid.to_be_bytes());
     key
-}
-
-/// The packet id of an `inbound` key that starts with `prefix`.
-pub(crate) fn pkid_after(key: &[u8], prefix: &[u8]) -> Option<u16> {
-    Some(u16::from_be_bytes(
-        key.strip_prefix(prefix)?.try_into().ok()?,
-    ))
 }
 
 /// (conv, sender, message id): an idempotency key.
@@ -293,7 +292,10 @@ mod tests {
         let prefix = client_prefix("c");
         assert_eq!(seq_after(&outbox_key("c", 9), &prefix), Some(9));
         assert_eq!(seq_after(&msg_key("c", 9), &client_prefix("d")), None);
-        assert_eq!(pkid_after(&inbound_key("c", 0x0102), &prefix), Some(0x0102));
+        assert_eq!(
+            split_client(&inbound_key("c", 0x0102)),
+            Some((&b"c"[..], &[1u8, 2][..]))
+        );
         assert_eq!(split_dedup_value(&dedup_value(3, 4)), Some((3, Some(4))));
         assert_eq!(split_dedup_value(&seq_bytes(3)), Some((3, None)));
         assert!(is_owner(&role_byte(true)) && !is_owner(&role_byte(false)));
@@ -307,7 +309,7 @@ mod tests {
         assert_eq!(split_pair(b"\x00\x01\xff"), None, "not UTF-8");
         assert_eq!(split_job_key(b"\x00\x00\x00"), None);
         assert_eq!(split_device_key(b"\x00\x01ab"), None);
-        assert_eq!(pkid_after(b"\x00\x01c\x01", b"\x00\x01c"), None);
+        assert_eq!(split_client(b"\x00\x02c"), None, "a length past the end");
         assert_eq!(split_dedup_value(b"1234567"), None);
         assert_eq!(seq_value(b"123456789"), None);
     }

@@ -14,11 +14,14 @@ use crate::batch::Batch;
 use crate::latency::{CommitLatency, LatencySnapshot};
 use crate::record::{MessageRecord, OutboxEntry, SessionRecord};
 use crate::schema::{
-    client_prefix, pkid_after, seq_after, ALL_CFS, CF_INBOUND, CF_META, CF_OUTBOX, CF_RETAINED,
+    seq_value, split_client, ALL_CFS, CF_CURSOR, CF_INBOUND, CF_META, CF_OUTBOX, CF_RETAINED,
     CF_SESSION, META_EPOCH, META_SCHEMA, SCHEMA_VERSION,
 };
 use crate::writer::{self, Commit, Job};
 use crate::{StorageError, SyncMode};
+
+/// Read ahead by the start-up scans, which read a column family end to end.
+const SCAN_READAHEAD: usize = 2 << 20;
 
 /// A persistent session as it was left on disk.
 #[derive(Debug, Clone)]
@@ -29,6 +32,8 @@ pub struct StoredSession {
     pub outbox: Vec<(u64, OutboxEntry)>,
     /// Incoming QoS 2 packet ids still awaiting PUBREL.
     pub inbound: Vec<u16>,
+    /// The last seq the session acknowledged, per conversation.
+    pub cursors: Vec<(String, u64)>,
 }
 
 /// The open database. Cheap to clone; all clones share one writer.
@@ -243,54 +248,107 @@ impl Store {
         })
     }
 
-    /// Every persistent session with what it is owed. Used once at start-up.
+    /// Every persistent session with what it is owed and its chat cursors.
+    /// Used once at start-up: one ordered pass over each of `session`,
+    /// `offline`, `inbound` and `cursor` (not a prefix scan per session),
+    /// the last three merged by client id. Entries of a client id with no
+    /// session record are skipped.
     pub fn load_sessions(&self) -> Result<Vec<StoredSession>, StorageError> {
-        let db = &self.inner.db;
         let mut sessions = Vec::new();
-        for item in db.iterator_cf(self.cf(CF_SESSION)?, IteratorMode::Start) {
-            let (key, value) = item?;
+        let mut it = self.full_scan(CF_SESSION)?;
+        while let Some((key, value)) = it.item() {
             let client_id = String::from_utf8(key.to_vec()).map_err(|_| StorageError::Corrupt {
                 cf: CF_SESSION,
                 what: "client id is not UTF-8".into(),
             })?;
-            let record = SessionRecord::decode(&value)?;
-            let prefix = client_prefix(&client_id);
-            let mut outbox = Vec::new();
-            for item in db.iterator_cf(
-                self.cf(CF_OUTBOX)?,
-                IteratorMode::From(&prefix, Direction::Forward),
-            ) {
-                let (key, value) = item?;
-                if !key.starts_with(&prefix) {
-                    break;
-                }
-                let n = seq_after(&key, &prefix).ok_or(StorageError::Corrupt {
-                    cf: CF_OUTBOX,
-                    what: "bad key".into(),
-                })?;
-                outbox.push((n, OutboxEntry::decode(&value)?));
-            }
-            let mut inbound = Vec::new();
-            for item in db.iterator_cf(
-                self.cf(CF_INBOUND)?,
-                IteratorMode::From(&prefix, Direction::Forward),
-            ) {
-                let (key, _) = item?;
-                if !key.starts_with(&prefix) {
-                    break;
-                }
-                if let Some(pkid) = pkid_after(&key, &prefix) {
-                    inbound.push(pkid);
-                }
-            }
             sessions.push(StoredSession {
                 client_id,
-                record,
-                outbox,
-                inbound,
+                record: SessionRecord::decode(value)?,
+                outbox: Vec::new(),
+                inbound: Vec::new(),
+                cursors: Vec::new(),
             });
+            it.next();
         }
+        it.status()?;
+        drop(it);
+        // `session` is keyed by the bare client id, the others by its
+        // `client_prefix`, which sorts by length first: walk the sessions
+        // in that order.
+        let mut order: Vec<usize> = (0..sessions.len()).collect();
+        order.sort_unstable_by(|&a, &b| {
+            let (a, b) = (
+                sessions[a].client_id.as_bytes(),
+                sessions[b].client_id.as_bytes(),
+            );
+            (a.len(), a).cmp(&(b.len(), b))
+        });
+        self.merge_by_client(CF_OUTBOX, &mut sessions, &order, |s, rest, value| {
+            let n = seq_value(rest).ok_or(StorageError::Corrupt {
+                cf: CF_OUTBOX,
+                what: "bad key".into(),
+            })?;
+            s.outbox.push((n, OutboxEntry::decode(value)?));
+            Ok(())
+        })?;
+        self.merge_by_client(CF_INBOUND, &mut sessions, &order, |s, rest, _| {
+            if let Ok(pkid) = rest.try_into() {
+                s.inbound.push(u16::from_be_bytes(pkid));
+            }
+            Ok(())
+        })?;
+        self.merge_by_client(CF_CURSOR, &mut sessions, &order, |s, conv, value| {
+            if let (Ok(conv), Some(seq)) = (std::str::from_utf8(conv), seq_value(value)) {
+                s.cursors.push((conv.to_string(), seq));
+            }
+            Ok(())
+        })?;
         Ok(sessions)
+    }
+
+    /// Walks `cf` (keyed by [`client_prefix`] and then the rest) once,
+    /// beside `sessions` taken in `order` (the same key order), and calls
+    /// `f` with the session, the rest of the key and the value of each
+    /// entry that belongs to one of them.
+    fn merge_by_client(
+        &self,
+        cf: &'static str,
+        sessions: &mut [StoredSession],
+        order: &[usize],
+        mut f: impl FnMut(&mut StoredSession, &[u8], &[u8]) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        let mut it = self.full_scan(cf)?;
+        let mut next = order.iter().peekable();
+        while let Some((key, value)) = it.item() {
+            if let Some((id, rest)) = split_client(key) {
+                // Sessions before this entry's client id own no more entries.
+                while next.peek().is_some_and(|&&i| {
+                    let s = sessions[i].client_id.as_bytes();
+                    (s.len(), s) < (id.len(), id)
+                }) {
+                    next.next();
+                }
+                let Some(&&i) = next.peek() else {
+                    break;
+                };
+                if sessions[i].client_id.as_bytes() == id {
+                    f(&mut sessions[i], rest, value)?;
+                }
+            }
+            it.next();
+        }
+        Ok(it.status()?)
+    }
+
+    /// An iterator over all of `cf`, at its first entry, for a one-off
+    /// pass at start-up: read ahead, and kept out of the block cache.
+    fn full_scan(&self, cf: &'static str) -> Result<rocksdb::DBRawIterator<'_>, StorageError> {
+        let mut options = rocksdb::ReadOptions::default();
+        options.fill_cache(false);
+        options.set_readahead_size(SCAN_READAHEAD);
+        let mut it = self.inner.db.raw_iterator_cf_opt(self.cf(cf)?, options);
+        it.seek_to_first();
+        Ok(it)
     }
 
     /// Every retained message. Used once at start-up.
@@ -410,6 +468,121 @@ mod tests {
         b.delete_session("c1");
         store.write(b).await.unwrap();
         assert!(store.load_sessions().unwrap().is_empty());
+        store.close();
+    }
+
+    /// What `load_sessions` returned when it scanned each session's
+    /// prefix in every column family, one session after another.
+    fn load_sessions_one_by_one(store: &Store) -> Vec<StoredSession> {
+        let mut sessions = Vec::new();
+        let db = store.db();
+        for item in db.iterator_cf(store.cf(CF_SESSION).unwrap(), IteratorMode::Start) {
+            let (key, value) = item.unwrap();
+            let client_id = String::from_utf8(key.to_vec()).unwrap();
+            let prefix = crate::schema::client_prefix(&client_id);
+            let mut s = StoredSession {
+                record: SessionRecord::decode(&value).unwrap(),
+                client_id,
+                outbox: Vec::new(),
+                inbound: Vec::new(),
+                cursors: Vec::new(),
+            };
+            let scan = |cf, f: &mut dyn FnMut(&[u8], &[u8])| {
+                store
+                    .scan_prefix(cf, &prefix, |k, v| {
+                        f(&k[prefix.len()..], v);
+                        true
+                    })
+                    .unwrap()
+            };
+            scan(CF_OUTBOX, &mut |k, v| {
+                s.outbox
+                    .push((seq_value(k).unwrap(), OutboxEntry::decode(v).unwrap()))
+            });
+            scan(CF_INBOUND, &mut |k, _| {
+                s.inbound.push(u16::from_be_bytes(k.try_into().unwrap()))
+            });
+            scan(CF_CURSOR, &mut |k, v| {
+                let conv = String::from_utf8(k.to_vec()).unwrap();
+                s.cursors.push((conv, seq_value(v).unwrap()))
+            });
+            sessions.push(s);
+        }
+        sessions
+    }
+
+    fn summary(sessions: &[StoredSession]) -> Vec<String> {
+        sessions.iter().map(|s| format!("{s:?}")).collect()
+    }
+
+    // Client ids that are prefixes of each other ("a", "ab", "abc"), one
+    // that sorts first by bytes but last by length ("aaaa" < "ab"),
+    // sessions with nothing owed, and entries of ids with no session.
+    #[tokio::test]
+    async fn sessions_load_with_their_outboxes_inbound_and_cursors_in_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), SyncMode::Never);
+        let ids = ["a", "ab", "abc", "aaaa", "b", "empty", "z"];
+        let mut b = Batch::new();
+        for (i, id) in ids.iter().enumerate() {
+            let record = SessionRecord {
+                owner: Some(format!("user-{id}")),
+                protocol: 5,
+                expiry_secs: 60 + i as u32,
+                disconnected_at_ms: if i % 2 == 0 { 0 } else { 1000 + i as u64 },
+                subscriptions: vec![SubscriptionRecord {
+                    filter: format!("{id}/#"),
+                    qos: 1,
+                    ..Default::default()
+                }],
+            };
+            b.put_session(id, &record);
+        }
+        // Interleaved: entries go in round by round over the ids.
+        for n in [1u64, 2, 256, 70_000] {
+            for id in ["a", "ab", "abc", "aaaa", "z"] {
+                b.put_outbox(id, n, &entry(&format!("{id} {n}")));
+            }
+        }
+        for (id, pkid) in [("ab", 3u16), ("a", 1), ("a", 0x0100), ("aaaa", 9)] {
+            b.put_inbound(id, pkid);
+        }
+        for (id, conv, seq) in [
+            ("a", "room", 4u64),
+            ("abc", "room", 5),
+            ("a", "lobby", 6),
+            ("ab", "room", 7),
+            ("b", "x", 8),
+            ("z", "room", 9),
+        ] {
+            b.put_cursor(id, conv, seq);
+        }
+        // No session: "ghost", "", "ac" (between "ab" and "abc" by length).
+        for id in ["ghost", "", "ac"] {
+            b.put_outbox(id, 1, &entry("nobody's"));
+            b.put_inbound(id, 1);
+            b.put_cursor(id, "room", 1);
+        }
+        store.write(b).await.unwrap();
+        let mut b = Batch::new();
+        b.delete_outbox("ab", 2);
+        store.write(b).await.unwrap();
+
+        let loaded = store.load_sessions().unwrap();
+        assert_eq!(summary(&loaded), summary(&load_sessions_one_by_one(&store)));
+        let find = |id: &str| loaded.iter().find(|s| s.client_id == id).unwrap();
+        assert_eq!(loaded.len(), ids.len());
+        let ns = |id| find(id).outbox.iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(ns("ab"), [1, 256, 70_000]);
+        assert_eq!(ns("aaaa"), [1, 2, 256, 70_000]);
+        assert!(ns("empty").is_empty() && ns("b").is_empty());
+        assert_eq!(find("a").inbound, [1, 0x0100]);
+        let cursors = &find("a").cursors;
+        assert_eq!(
+            cursors,
+            &[("lobby".to_string(), 6), ("room".to_string(), 4)]
+        );
+        assert!(find("empty").cursors.is_empty());
         store.close();
     }
 

@@ -18,8 +18,10 @@ use crate::schema::POINT_LOOKUP_CFS;
 pub(crate) const WRITE_BUFFER_BUDGET: usize = 128 << 20;
 
 /// Write-ahead log kept before the column families holding it are flushed,
-/// so a rarely written column family cannot pin old logs forever.
-pub(crate) const MAX_TOTAL_WAL: u64 = 256 << 20;
+/// so a rarely written column family cannot pin old logs forever. It is
+/// also what a restart after a crash replays: at 256 MiB the restart
+/// benchmark replayed ~160 MB in 2.9 s (benches/README.md, "Restart").
+pub(crate) const MAX_TOTAL_WAL: u64 = 64 << 20;
 
 /// The block cache every column family's tables share.
 const BLOCK_CACHE: usize = 64 << 20;

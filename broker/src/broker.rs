@@ -173,6 +173,22 @@ struct Target {
     sub_ids: Vec<u32>,
 }
 
+impl Target {
+    /// The delivery one subscription of `cell` asks for.
+    fn new(cell: &Arc<SessionCell>, o: &SubOptions) -> Target {
+        Target {
+            cell: cell.clone(),
+            qos: o.qos,
+            retain_as_published: o.retain_as_published,
+            sub_ids: if o.identifier != 0 {
+                vec![o.identifier]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
 /// A QoS 0 message on its way to one connected session.
 pub struct Plain {
     pub msg: Arc<Message>,
@@ -1167,16 +1183,7 @@ impl Broker {
                 if o.no_local && publisher == Some(&**client) {
                     return; // [MQTT-3.8.3-3]
                 }
-                targets.push(Target {
-                    cell: sub.handle.clone(),
-                    qos: o.qos,
-                    retain_as_published: o.retain_as_published,
-                    sub_ids: if o.identifier != 0 {
-                        vec![o.identifier]
-                    } else {
-                        Vec::new()
-                    },
-                });
+                targets.push(Target::new(&sub.handle, o));
             },
             &mut |m| shared.push((m.members.to_vec(), m.start)),
         );
@@ -1204,17 +1211,7 @@ impl Broker {
                 .map(|i| &members[(start + i) % n].1)
                 .find(|sub| sub.handle.is_online())
                 .unwrap_or(&members[start % n].1);
-            let o = pick.options;
-            targets.push(Target {
-                cell: pick.handle.clone(),
-                qos: o.qos,
-                retain_as_published: o.retain_as_published,
-                sub_ids: if o.identifier != 0 {
-                    vec![o.identifier]
-                } else {
-                    vec![]
-                },
-            });
+            targets.push(Target::new(&pick.handle, &pick.options));
         }
         targets
     }

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use chatmq_tests::metrics::{metric, metric_reaches};
-use chatmq_tests::raw::{connected_v5, p5, v5_bytes, Wire};
+use chatmq_tests::raw::{connected_v5, p5, v5_bytes};
 use chatmq_tests::v4;
 use chatmq_tests::v5::{self, Filter, PublishProperties, QoS, SubscribeProperties};
 use chatmq_tests::{Broker, OPEN, PATIENCE};
@@ -151,23 +151,7 @@ async fn a_full_inbox_drops_qos0_counted_and_keeps_the_order() {
     let b = Broker::start(&format!(
         "{OPEN}\n[mqtt]\nmax_offline_messages = 50\n{UNLIMITED}"
     ));
-    let mut mallory = Wire::open(b.addr).await;
-    mallory
-        .send_v5(&p5::Packet::Connect(
-            p5::Connect {
-                keep_alive: 0,
-                client_id: "mallory".into(),
-                clean_start: true,
-                properties: None,
-            },
-            None,
-            None,
-        ))
-        .await;
-    assert!(matches!(
-        mallory.next_v5(PATIENCE).await,
-        Ok(p5::Packet::ConnAck(_))
-    ));
+    let mut mallory = connected_v5(b.addr, "mallory").await;
     let mut s = p5::Subscribe::new(p5::Filter::new("flood/t", QoS::AtMostOnce), None);
     s.pkid = 1;
     mallory.send_v5(&p5::Packet::Subscribe(s)).await;

@@ -200,6 +200,14 @@ pub struct Plain {
     pub shared: bool,
 }
 
+impl Plain {
+    /// The QoS 0 PUBLISH this subscriber gets, built for it alone.
+    pub fn to_publish(&self) -> rumqttc::v5::mqttbytes::v5::Publish {
+        self.msg
+            .to_publish(QoS::AtMostOnce, 0, false, self.retain, &self.sub_ids)
+    }
+}
+
 /// A connected session's mailbox for QoS 0 (EMQX's "deliver to the
 /// subscriber's mailbox"): a publisher appends under the inbox's own short
 /// lock, never the session's, and the session's connection task takes
@@ -238,12 +246,6 @@ impl Inbox {
         }
     }
 
-    /// The size a message counts for against the byte budget (as in the
-    /// session queue: topic and payload).
-    fn size(msg: &Message) -> usize {
-        msg.topic.len().saturating_add(msg.payload.len())
-    }
-
     /// Whether a message of `size` bytes must be dropped: one atomic load
     /// each, no lock.
     fn full(&self, size: usize) -> bool {
@@ -259,7 +261,7 @@ impl Inbox {
 
     /// Appends `p` unless the inbox is full (then `false`: dropped).
     fn offer(&self, p: Plain) -> bool {
-        let size = Inbox::size(&p.msg);
+        let size = p.msg.budget_size();
         if self.full(size) {
             self.pressed.store(true, Ordering::Relaxed);
             return false;
@@ -289,7 +291,7 @@ impl Inbox {
         };
         let bytes = taken
             .iter()
-            .map(|p| Inbox::size(&p.msg))
+            .map(|p| p.msg.budget_size())
             .fold(0usize, usize::saturating_add);
         if self.pressed.swap(false, Ordering::Relaxed) {
             self.drained.notify_waiters();

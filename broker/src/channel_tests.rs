@@ -209,10 +209,7 @@ mod support {
             // its inbox, which the connection task writes out first
             // (`Connection::deliver_inbox`).
             for p in self.channel.poll_deliveries(&mut queued).await {
-                let publish = p
-                    .msg
-                    .to_publish(QoS::AtMostOnce, 0, false, p.retain, &p.sub_ids);
-                packets.push(Packet::Publish(publish));
+                packets.push(Packet::Publish(p.to_publish()));
             }
             packets.extend(queued);
             packets

@@ -835,11 +835,8 @@ impl Connection {
                     copied += 1;
                 }
                 None => {
-                    let publish = p
-                        .msg
-                        .to_publish(QoS::AtMostOnce, 0, false, p.retain, &p.sub_ids);
                     // QoS 0: nothing to settle if it is too large.
-                    let _ = self.encode(Packet::Publish(publish));
+                    let _ = self.encode(Packet::Publish(p.to_publish()));
                 }
             }
         }

@@ -351,10 +351,7 @@ impl Session {
                         .fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let publish = p
-                    .msg
-                    .to_publish(QoS::AtMostOnce, 0, false, p.retain, &p.sub_ids);
-                self.answer(Packet::Publish(publish)).await?;
+                self.answer(Packet::Publish(p.to_publish())).await?;
             }
             for p in packets {
                 self.answer(p).await?;

@@ -98,6 +98,12 @@ impl Message {
         }
     }
 
+    /// What the message counts for against a session's byte budget
+    /// (`mqtt.session_queue_bytes`): topic and payload.
+    pub fn budget_size(&self) -> usize {
+        self.topic.len().saturating_add(self.payload.len())
+    }
+
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at_ms != 0 && now_ms >= self.expires_at_ms
     }

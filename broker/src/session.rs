@@ -61,7 +61,7 @@ impl Outgoing {
 
     /// What it costs the session's byte budget.
     fn size(&self) -> usize {
-        self.msg.topic.len().saturating_add(self.msg.payload.len())
+        self.msg.budget_size()
     }
 
     fn entry(&self) -> OutboxEntry {
@@ -354,7 +354,7 @@ impl Session {
         if !unbounded && self.queue.len() - self.unbounded_queued >= self.max_queue {
             self.drop_oldest_plain(batch);
         }
-        let size = msg.topic.len().saturating_add(msg.payload.len());
+        let size = msg.budget_size();
         if chat.is_none() {
             // The byte budget: the oldest plain messages make room; a
             // connected client that let it fill up is disconnected.

@@ -493,6 +493,9 @@ pub struct Metrics {
     pub publishes_rate_limited: Counter,
     /// Live chat messages not queued in a full session: replayed from the
     /// log once the client drains (deferred, not lost).
+    /// Idempotency lookups of a chat message that had to read the disk
+    /// (on the blocking pool; the rest are answered from memory).
+    pub chat_dedup_disk_reads: Counter,
     pub chat_deferred_to_log: Counter,
     /// Typing indicators dropped by the per-user throttle.
     pub typing_throttled: Counter,

@@ -135,6 +135,14 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The answer of a lookup that may not touch the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cached<T> {
+    Known(T),
+    /// Only a disk read could tell.
+    Uncached,
+}
+
 /// One page of the `dedup` column family, read for the expiry sweep.
 #[derive(Debug, Default)]
 pub struct DedupPage {
@@ -249,12 +257,35 @@ impl Store {
     }
 
     /// The seq an earlier publish of (`conv`, `sender`, `id`) got, if any.
+    /// May read the disk: for the blocking pool.
     pub fn dedup(&self, conv: &str, sender: &str, id: &str) -> Result<Option<u64>, StorageError> {
         Ok(self
             .db()
             .get_cf(self.cf_handle(CF_DEDUP)?, dedup_key(conv, sender, id))?
             .and_then(|v| split_dedup_value(&v))
             .map(|(seq, _)| seq))
+    }
+
+    /// [`Store::dedup`] from memory alone (memtables, block cache and the
+    /// SST files' bloom filters), never the disk: safe on an async worker.
+    /// A key the filters rule out, the common case, is answered here;
+    /// `Uncached` when only a disk read could tell.
+    pub fn dedup_cached(
+        &self,
+        conv: &str,
+        sender: &str,
+        id: &str,
+    ) -> Result<Cached<Option<u64>>, StorageError> {
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_read_tier(rocksdb::ReadTier::BlockCache);
+        let key = dedup_key(conv, sender, id);
+        match self.db().get_cf_opt(self.cf_handle(CF_DEDUP)?, key, &opts) {
+            Ok(v) => Ok(Cached::Known(
+                v.and_then(|v| split_dedup_value(&v)).map(|(seq, _)| seq),
+            )),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => Ok(Cached::Uncached),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Reads up to `limit` idempotency keys from `from` (the start when
@@ -295,6 +326,64 @@ mod tests {
     use super::*;
     use crate::SyncMode;
     use std::time::Duration;
+
+    // Issue #11 item 3: the idempotency lookup on the append path must not
+    // read the disk on an async worker. From memory it answers a key the
+    // bloom filter rules out, and never says "absent" for a key that is
+    // there: it says `Uncached` and the caller reads the disk elsewhere.
+    #[tokio::test]
+    async fn the_cached_idempotency_lookup_never_misses_a_stored_key() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store =
+                Store::open(dir.path(), SyncMode::Always, Duration::from_millis(5)).unwrap();
+            let mut b = Batch::new();
+            for i in 0..2000u64 {
+                b.put_dedup("room", "alice", &format!("id-{i}"), i + 1);
+            }
+            store.write(b).await.unwrap();
+            // In the memtable: answered from memory.
+            assert_eq!(
+                store.dedup_cached("room", "alice", "id-7").unwrap(),
+                Cached::Known(Some(8))
+            );
+            let cf = store.cf_handle(CF_DEDUP).unwrap();
+            store.db().flush_cf(cf).unwrap();
+            store.close();
+        }
+        // Reopened: the keys are in an SST file, its blocks not yet cached.
+        let store = Store::open(dir.path(), SyncMode::Always, Duration::from_millis(5)).unwrap();
+        let mut uncached = 0;
+        for i in 0..2000u64 {
+            match store
+                .dedup_cached("room", "alice", &format!("id-{i}"))
+                .unwrap()
+            {
+                Cached::Known(seq) => assert_eq!(seq, Some(i + 1), "id-{i}"),
+                Cached::Uncached => uncached += 1,
+            }
+        }
+        assert!(
+            uncached > 0,
+            "the first lookup of a cold block must not read it"
+        );
+        let mut from_memory = 0;
+        for i in 0..1000u64 {
+            let id = format!("absent-{i}");
+            match store.dedup_cached("room", "alice", &id).unwrap() {
+                Cached::Known(seq) => {
+                    assert_eq!(seq, None, "{id}");
+                    from_memory += 1;
+                }
+                Cached::Uncached => {}
+            }
+        }
+        assert!(
+            from_memory > 900,
+            "the bloom filter answers most misses: {from_memory} of 1000"
+        );
+        assert_eq!(store.dedup("room", "alice", "id-1999").unwrap(), Some(2000));
+    }
 
     #[tokio::test]
     async fn idempotency_keys_expire_after_their_window_and_old_ones_get_a_time() {

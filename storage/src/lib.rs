@@ -26,7 +26,7 @@ mod store;
 mod writer;
 
 pub use batch::Batch;
-pub use chat::{DedupPage, Role};
+pub use chat::{Cached, DedupPage, Role};
 pub use chatmq_config::SyncMode;
 pub use error::StorageError;
 pub use latency::{LatencySnapshot, COMMIT_BUCKETS};

@@ -193,6 +193,16 @@ impl Store {
         Commit::pending(rx).await
     }
 
+    /// Writes every memtable out to table files. Blocks: for the blocking
+    /// pool. What is read afterwards comes from those files (the on-disk
+    /// read paths, in tests; a copy of the directory without a WAL replay).
+    pub fn flush_memtables(&self) -> Result<(), StorageError> {
+        for name in crate::schema::ALL_CFS {
+            self.db().flush_cf(self.cf_handle(name)?)?;
+        }
+        Ok(())
+    }
+
     /// Stops the writer after it has written and synced everything queued.
     /// Blocks: call it from `spawn_blocking` or outside the runtime.
     pub fn close(&self) {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chatmq_storage::{Batch, Commit, ConversationRecord, Role, StorageError};
+use chatmq_storage::{Batch, Cached, Commit, ConversationRecord, Role, StorageError};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
 
@@ -206,9 +206,31 @@ impl Chat {
     ) -> Result<(Commit, u64), StorageError> {
         let mut st = self.locked(conv).await?;
         let key = (from.clone(), envelope.id.clone());
-        let earlier = match st.recent_seq.get(&key) {
-            Some(seq) => Some(*seq),
-            None => self.store.dedup(conv, from, &envelope.id)?,
+        let earlier = loop {
+            if let Some(seq) = st.recent_seq.get(&key) {
+                break Some(*seq);
+            }
+            match self.store.dedup_cached(conv, from, &envelope.id)? {
+                Cached::Known(seq) => break seq,
+                Cached::Uncached => {}
+            }
+            // Only the disk can tell (a bloom filter's false positive, or
+            // the key's block not cached): read it on the blocking pool,
+            // without the conversation's lock.
+            let head = st.record.head;
+            drop(st);
+            self.metrics
+                .chat_dedup_disk_reads
+                .fetch_add(1, Ordering::Relaxed);
+            let (c, f, i) = (conv.to_string(), from.to_string(), envelope.id.clone());
+            let stored = blocking::read(&self.store, move |s| s.dedup(&c, &f, &i)).await?;
+            st = self.locked(conv).await?;
+            // What was appended meanwhile is among the recent ids, unless
+            // so much was that some left them: then look again.
+            let since = st.record.head.saturating_sub(head);
+            if since < RECENT_IDS as u64 {
+                break st.recent_seq.get(&key).copied().or(stored);
+            }
         };
         if let Some(seq) = earlier {
             // Acknowledged no earlier than the original.
@@ -333,6 +355,76 @@ pub(super) mod tests {
 
     pub(in crate::chat) fn envelope(id: &str) -> Envelope {
         Envelope::parse(format!(r#"{{"id":"{id}","body":"hi"}}"#).as_bytes()).expect("envelope")
+    }
+
+    // Issue #11 item 3: the idempotency lookup reads no disk on an async
+    // worker. After a restart whose keys are only in table files (no
+    // memtable, a cold block cache), a retried envelope id is found by the
+    // read on the blocking pool and keeps its seq; a new id gets the next.
+    #[tokio::test]
+    async fn a_retry_found_only_on_disk_keeps_its_seq() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let copy = tempfile::tempdir().expect("temp dir");
+        let alice: Arc<str> = "alice".into();
+        let open = |path: &std::path::Path| {
+            let store =
+                Store::open(path, SyncMode::Always, Duration::from_millis(5)).expect("store");
+            let push = Push::open(store.clone(), &Default::default()).expect("push");
+            let chat = Arc::new(
+                Chat::new(store.clone(), Arc::new(Metrics::default()), push).expect("chat"),
+            );
+            let (stop, watch) = tokio::sync::watch::channel(false);
+            tokio::spawn(chat.clone().run_dispatcher(watch));
+            (store, chat, stop)
+        };
+        let send = |chat: Arc<Chat>, id: &'static str| {
+            let alice = alice.clone();
+            async move {
+                let (commit, seq) = chat
+                    .append("room", &alice, &envelope(id), QoS::AtLeastOnce)
+                    .await
+                    .expect("appended");
+                assert!(commit.await.is_ok(), "{id} committed");
+                seq
+            }
+        };
+        {
+            let (store, chat, _stop) = open(dir.path());
+            chat.create("room", "t", Some("alice"), &[])
+                .await
+                .expect("room");
+            assert_eq!(send(chat.clone(), "m1").await, 1);
+            assert_eq!(send(chat.clone(), "m2").await, 2);
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || s.flush_memtables())
+                .await
+                .expect("joined")
+                .expect("flushed");
+            // The stopped database, copied as a backup would be: the
+            // original stays locked while this process holds it.
+            tokio::task::spawn_blocking(move || store.close())
+                .await
+                .expect("closed");
+            for f in std::fs::read_dir(dir.path()).expect("listed") {
+                let f = f.expect("entry");
+                if f.file_name() != "LOCK" {
+                    std::fs::copy(f.path(), copy.path().join(f.file_name())).expect("copied");
+                }
+            }
+            drop(chat);
+        }
+        let (_store, chat, _stop) = open(copy.path());
+        assert_eq!(send(chat.clone(), "m1").await, 1, "a retry keeps its seq");
+        assert!(
+            chat.metrics.chat_dedup_disk_reads.load(Ordering::Relaxed) >= 1,
+            "the key was only on disk: read on the blocking pool"
+        );
+        assert_eq!(
+            send(chat.clone(), "m3").await,
+            3,
+            "a new id gets the next seq"
+        );
+        assert_eq!(send(chat.clone(), "m2").await, 2, "another retry");
     }
 
     // Issue #10 item 7: a commit of an append fails (here: the writer is

@@ -216,6 +216,11 @@ fn render(api: &Api) -> String {
             &m.chat_deferred_to_log,
         ),
         (
+            "chatmq_chat_dedup_disk_reads_total",
+            "Chat idempotency lookups that memory could not answer and read the disk (blocking pool).",
+            &m.chat_dedup_disk_reads,
+        ),
+        (
             "chatmq_typing_throttled_total",
             "Typing indicators dropped by the per-user throttle (chat.typing_interval_ms).",
             &m.typing_throttled,

@@ -415,7 +415,13 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
-        let default_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("chatmq.toml");
+        // From the environment cargo runs the test in: a test binary kept in
+        // a shared target directory may have been built in another checkout.
+        let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+            || env!("CARGO_MANIFEST_DIR").into(),
+            std::path::PathBuf::from,
+        );
+        let default_file = manifest_dir.join("chatmq.toml");
         let mut vars = Vars(Vec::new());
 
         // The shipped file loads, and equals the defaults but for data_dir

@@ -597,12 +597,13 @@ impl Broker {
         let now = now_ms();
         let mut sessions = self.lock_sessions();
         let mut router = write(&self.router);
+        let mut bodies = crate::session::RestoredBodies::new();
         for mut stored in self.store.load_sessions()? {
             // Connected when the broker died: its last acknowledgements may
             // be newer than the cursors written (see `CURSOR_SAVE_ACKS`).
             let crashed = stored.record.disconnected_at_ms == 0;
             let cursors = std::mem::take(&mut stored.cursors);
-            let mut session = Session::restore(stored, now);
+            let mut session = Session::restore(stored, now, &mut bodies);
             session.max_queue = self.settings.mqtt.max_offline_messages;
             session.max_bytes = self.settings.mqtt.session_queue_bytes;
             for (conv, seq) in cursors {
@@ -770,7 +771,7 @@ impl Broker {
                     batch.put_session(&s.client_id, &s.record());
                 } else {
                     // Resumed as a session that now ends with this connection.
-                    batch.delete_session(&s.client_id);
+                    s.delete_stored(batch);
                 }
                 cell.set_link(&mut slot, Some(link));
                 drop(slot);
@@ -784,7 +785,7 @@ impl Broker {
             ended_will = pending;
             let filters: Vec<String> = slot.session.subscriptions.keys().cloned().collect();
             if slot.session.persistent() {
-                batch.delete_session(&slot.session.client_id);
+                slot.session.delete_stored(batch);
             }
             drop(slot);
             cell.ended.store(true, Ordering::Release);
@@ -1043,6 +1044,7 @@ impl Broker {
                 if slot.link.is_some() {
                     continue; // resumed meanwhile
                 }
+                slot.session.delete_stored(&mut batch);
                 (
                     slot.session
                         .subscriptions
@@ -1053,7 +1055,6 @@ impl Broker {
                 )
             };
             self.remove_session(cell, &filters);
-            batch.delete_session(&cell.client_id);
             if let Some(w) = will {
                 self.route_will(w, &mut batch);
             }

@@ -947,7 +947,7 @@ impl Channel {
             // It ends with this connection: off the disk too, or a restart
             // would bring it back.
             let mut batch = Batch::new();
-            batch.delete_session(&slot.session.client_id);
+            slot.session.delete_stored(&mut batch);
             drop(self.broker.store.submit_now(batch));
         }
         Err(close)

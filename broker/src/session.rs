@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use chatmq_storage::{
-    Batch, OutboxEntry, OutboxState, SessionRecord, StoredSession, SubscriptionRecord,
+    Batch, MessageRecord, OutboxEntry, OutboxState, SessionRecord, SharedBody, StoredSession,
+    SubscriptionRecord,
 };
 use rumqttc::v5::mqttbytes::v5::{Packet, PubRel};
 use rumqttc::v5::mqttbytes::QoS;
@@ -33,7 +34,7 @@ pub const CURSOR_SAVE_ACKS: u32 = 32;
 pub const CURSOR_SAVE_MS: u64 = 1000;
 
 /// A message owed to the client.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Outgoing {
     /// Position among this session's QoS 1/2 messages; 0 for QoS 0.
     n: u64,
@@ -52,7 +53,15 @@ pub struct Outgoing {
     /// `mqtt.max_retained_per_subscription` bound those). A live message
     /// never evicts one.
     unbounded: bool,
+    /// Its stored copy, shared with the other persistent sessions the same
+    /// publish went to (a persistent session's QoS 1/2 message, until
+    /// PUBREC or its end).
+    body: Option<Arc<SharedBody>>,
 }
+
+/// The bodies met while restoring sessions, by id: each message is in
+/// memory once, however many sessions are owed it.
+pub type RestoredBodies = HashMap<u64, (Arc<SharedBody>, Arc<Message>)>;
 
 impl Outgoing {
     fn pkid(&self) -> u16 {
@@ -65,15 +74,22 @@ impl Outgoing {
     }
 
     fn entry(&self) -> OutboxEntry {
+        let publish = self.state == OutboxState::Publish;
+        let body = self.body.as_ref().filter(|_| publish).map(|b| b.id());
         OutboxEntry {
             state: self.state,
             subscription_ids: self.sub_ids.clone(),
-            message: (self.state == OutboxState::Publish).then(|| {
-                let mut record = self.msg.to_record();
+            message: publish.then(|| {
+                let mut record = match body {
+                    // Only what is this session's own: the body has the rest.
+                    Some(_) => MessageRecord::default(),
+                    None => self.msg.to_record(),
+                };
                 record.qos = self.qos as u8;
                 record.retain = self.retain;
                 record
             }),
+            body,
         }
     }
 }
@@ -223,8 +239,18 @@ impl Session {
         self.expiry_secs > 0
     }
 
+    /// The session leaves the disk (it ended, or will end with its
+    /// connection): its record, its outbox, and the stored messages only
+    /// it still referred to.
+    pub fn delete_stored(&mut self, batch: &mut Batch) {
+        batch.delete_session(&self.client_id);
+        for o in self.queue.iter_mut().chain(self.inflight.iter_mut()) {
+            batch.release_body(o.body.take().as_ref());
+        }
+    }
+
     /// Rebuilds a session from disk; its connection is gone.
-    pub fn restore(stored: StoredSession, now_ms: u64) -> Session {
+    pub fn restore(stored: StoredSession, now_ms: u64, bodies: &mut RestoredBodies) -> Session {
         let r = stored.record;
         let protocol = if r.protocol == 5 {
             Protocol::V5
@@ -258,13 +284,31 @@ impl Session {
         }
         for (n, entry) in stored.outbox {
             s.next_n = s.next_n.max(n + 1);
-            let msg = entry.message.map(Message::from_record);
-            let (qos, retain) = msg
+            let (qos, retain) = entry
+                .message
                 .as_ref()
-                .map_or((QoS::ExactlyOnce, false), |m| (m.qos, m.retain));
+                .map_or((QoS::ExactlyOnce, false), |m| {
+                    (qos_from_u8(m.qos), m.retain)
+                });
+            let (msg, body) = match (entry.body, entry.message) {
+                (Some(id), Some(record)) => {
+                    let (body, msg) = bodies.entry(id).or_insert_with(|| {
+                        (
+                            SharedBody::restored(id),
+                            Arc::new(Message::from_record(record)),
+                        )
+                    });
+                    body.hold();
+                    (msg.clone(), Some(body.clone()))
+                }
+                (_, record) => (
+                    Arc::new(Message::from_record(record.unwrap_or_default())),
+                    None,
+                ),
+            };
             let outgoing = Outgoing {
                 n,
-                msg: Arc::new(msg.unwrap_or_else(|| Message::from_record(Default::default()))),
+                msg,
                 qos,
                 retain,
                 sub_ids: entry.subscription_ids,
@@ -272,6 +316,7 @@ impl Session {
                 sent: true,
                 chat: None,
                 unbounded: false,
+                body,
             };
             // A message on disk may have been sent before the restart: it goes
             // out again with DUP and its original packet id, through the
@@ -373,6 +418,10 @@ impl Session {
             self.next_n += 1;
             n
         };
+        let stored = n != 0 && self.persistent() && chat.is_none();
+        // One stored copy for every persistent session this publish goes
+        // to in this batch; each entry refers to it.
+        let body = stored.then(|| batch.share_body(&msg, || msg.to_record()));
         let out = Outgoing {
             n,
             msg,
@@ -383,8 +432,9 @@ impl Session {
             sent: false,
             chat,
             unbounded,
+            body,
         };
-        if n != 0 && self.persistent() && out.chat.is_none() {
+        if stored {
             batch.put_outbox(&self.client_id, n, &out.entry());
         }
         self.unbounded_queued += usize::from(out.unbounded);
@@ -499,6 +549,7 @@ impl Session {
             }
         } else if o.n != 0 && self.persistent() {
             batch.delete_outbox(&self.client_id, o.n);
+            batch.release_body(o.body.as_ref());
         }
     }
 
@@ -517,7 +568,10 @@ impl Session {
                     }
                 }
             }
-            None if o.n != 0 && self.persistent() => batch.delete_outbox(&self.client_id, o.n),
+            None if o.n != 0 && self.persistent() => {
+                batch.delete_outbox(&self.client_id, o.n);
+                batch.release_body(o.body.as_ref());
+            }
             None => {}
         }
     }
@@ -694,7 +748,10 @@ impl Session {
             } else if let Some(o) = self.inflight.get_mut(i) {
                 o.state = OutboxState::Release;
                 if persistent {
+                    // Only PUBREL is owed now: the entry no longer needs
+                    // the message.
                     batch.put_outbox(&self.client_id, o.n, &o.entry());
+                    batch.release_body(o.body.take().as_ref());
                 }
             }
             return Ack::Applied;

@@ -1,10 +1,67 @@
 //! A batch of typed writes that commit together, atomically.
 
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use crate::record::{MessageRecord, OutboxEntry, SessionRecord};
 use crate::schema::{
-    client_prefix, inbound_key, outbox_key, prefix_end, CF_CURSOR, CF_INBOUND, CF_OUTBOX,
+    client_prefix, inbound_key, outbox_key, prefix_end, CF_BODY, CF_CURSOR, CF_INBOUND, CF_OUTBOX,
     CF_RETAINED, CF_SESSION,
 };
+
+/// The next body id. Every open store raises it past the ids it holds
+/// ([`crate::Store::open`]), so ids are unique within each database.
+static NEXT_BODY: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn body_ids_above(last: u64) {
+    NEXT_BODY.fetch_max(last.saturating_add(1), Ordering::Relaxed);
+}
+
+/// A message stored once in the `body` column family for every persistent
+/// session it is owed to, each of whose `outbox` entries refers to it by
+/// id. Counts the entries that still do: the one whose release takes the
+/// count to zero deletes the body, in the same batch.
+///
+/// A body is written only by the batch that first shares it, with the
+/// entries that refer to it, and once its count reached zero it is never
+/// shared again (a later delivery of the same message stores a new body):
+/// no batch can delete a body that another, later batch refers to.
+#[derive(Debug)]
+pub struct SharedBody {
+    id: u64,
+    refs: AtomicUsize,
+}
+
+impl SharedBody {
+    /// A body found on disk at start-up; each entry that refers to it
+    /// [`hold`](SharedBody::hold)s it.
+    pub fn restored(id: u64) -> Arc<SharedBody> {
+        Arc::new(SharedBody {
+            id,
+            refs: AtomicUsize::new(0),
+        })
+    }
+
+    /// One more entry refers to the body.
+    pub fn hold(&self) {
+        self.refs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Another reference, unless the count already fell to zero (then the
+    /// body is deleted, or about to be, and must not be referred to).
+    fn try_hold(&self) -> bool {
+        self.refs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                (r > 0).then(|| r + 1)
+            })
+            .is_ok()
+    }
+}
 
 pub(crate) enum Op {
     Put {
@@ -28,6 +85,9 @@ pub(crate) enum Op {
 #[derive(Default)]
 pub struct Batch {
     pub(crate) ops: Vec<Op>,
+    /// The bodies this batch stored, by the message they store (kept
+    /// alive here, so its address is not reused while the batch is built).
+    bodies: Vec<(Arc<dyn Any + Send + Sync>, Arc<SharedBody>)>,
 }
 
 impl Batch {
@@ -46,6 +106,48 @@ impl Batch {
     /// Moves every write of `other` into this batch, after this batch's own.
     pub fn append(&mut self, mut other: Batch) {
         self.ops.append(&mut other.ops);
+        self.bodies.append(&mut other.bodies);
+    }
+
+    /// The stored body of `message` for one more outbox entry: the one this
+    /// batch already stored for it, or a new one (`record`, written once).
+    pub fn share_body<T: Any + Send + Sync>(
+        &mut self,
+        message: &Arc<T>,
+        record: impl FnOnce() -> MessageRecord,
+    ) -> Arc<SharedBody> {
+        let same = |m: &Arc<dyn Any + Send + Sync>| {
+            std::ptr::eq(
+                Arc::as_ptr(m) as *const (),
+                Arc::as_ptr(message) as *const (),
+            )
+        };
+        if let Some((_, body)) = self.bodies.iter().rev().find(|(m, _)| same(m)) {
+            if body.try_hold() {
+                return body.clone();
+            }
+        }
+        let body = Arc::new(SharedBody {
+            id: NEXT_BODY.fetch_add(1, Ordering::Relaxed),
+            refs: AtomicUsize::new(1),
+        });
+        self.put(CF_BODY, body.id.to_be_bytes().to_vec(), record().encode());
+        let owner: Arc<dyn Any + Send + Sync> = message.clone();
+        self.bodies.push((owner, body.clone()));
+        body
+    }
+
+    /// An outbox entry no longer refers to `body`: the last one's release
+    /// deletes it.
+    pub fn release_body(&mut self, body: Option<&Arc<SharedBody>>) {
+        if let Some(b) = body {
+            let before = b
+                .refs
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+            if before == Ok(1) {
+                self.delete(CF_BODY, b.id.to_be_bytes().to_vec());
+            }
+        }
     }
 
     fn put(&mut self, cf: &'static str, key: Vec<u8>, value: Vec<u8>) {
@@ -137,6 +239,7 @@ mod tests {
             state: crate::OutboxState::Release,
             subscription_ids: vec![],
             message: None,
+            body: None,
         };
         let mut b = Batch::new();
         b.put_outbox("c", 7, &entry);

@@ -25,7 +25,7 @@ mod schema;
 mod store;
 mod writer;
 
-pub use batch::Batch;
+pub use batch::{Batch, SharedBody};
 pub use chat::{Cached, DedupPage, Role};
 pub use chatmq_config::SyncMode;
 pub use error::StorageError;

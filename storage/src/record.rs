@@ -74,7 +74,13 @@ pub struct OutboxEntry {
     /// The subscription identifiers to send with it (MQTT 5).
     pub subscription_ids: Vec<u32>,
     /// Absent once the state is `Release`: only the packet id matters then.
+    /// With `body`, only its `qos` and `retain` are this entry's own (and
+    /// all that is written): the rest is the shared body's, filled in by
+    /// [`crate::Store::load_sessions`].
     pub message: Option<MessageRecord>,
+    /// The message is stored once in the `body` column family, for every
+    /// session it is owed to.
+    pub body: Option<u64>,
 }
 
 /// A retained message: the message itself (its `retain` flag is set).
@@ -361,12 +367,18 @@ impl OutboxEntry {
         for id in &self.subscription_ids {
             w.u32(*id);
         }
-        match &self.message {
-            Some(m) => {
+        match (&self.message, self.body) {
+            (Some(m), Some(body)) => {
+                w.u8(2);
+                w.u64(body);
+                w.u8(m.qos);
+                w.u8(m.retain as u8);
+            }
+            (Some(m), None) => {
                 w.u8(1);
                 m.write(&mut w);
             }
-            None => w.u8(0),
+            (None, _) => w.u8(0),
         }
         w.0
     }
@@ -383,15 +395,27 @@ impl OutboxEntry {
         for _ in 0..count {
             subscription_ids.push(r.u32()?);
         }
-        let message = if r.bool()? {
-            Some(MessageRecord::read(&mut r)?)
-        } else {
-            None
+        let (message, body) = match r.u8()? {
+            0 => (None, None),
+            1 => (Some(MessageRecord::read(&mut r)?), None),
+            2 => {
+                let body = r.u64()?;
+                let qos = r.u8()?;
+                let retain = r.bool()?;
+                let own = MessageRecord {
+                    qos,
+                    retain,
+                    ..MessageRecord::default()
+                };
+                (Some(own), Some(body))
+            }
+            other => return Err(r.corrupt(format!("unknown outbox message tag {other}"))),
         };
         Ok(OutboxEntry {
             state,
             subscription_ids,
             message,
+            body,
         })
     }
 }
@@ -442,12 +466,14 @@ mod tests {
             state: OutboxState::Publish,
             subscription_ids: vec![1, 5],
             message: Some(message()),
+            body: None,
         };
         assert_eq!(OutboxEntry::decode(&full.encode()).ok(), Some(full));
         let release = OutboxEntry {
             state: OutboxState::Release,
             subscription_ids: vec![],
             message: None,
+            body: None,
         };
         assert_eq!(OutboxEntry::decode(&release.encode()).ok(), Some(release));
     }

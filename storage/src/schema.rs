@@ -53,9 +53,14 @@ pub(crate) const CF_MUTE: &str = "mute";
 /// order it falls due.
 pub(crate) const CF_PUSH: &str = "push";
 
+/// body id (u64, big-endian) → [`crate::MessageRecord`]: a message owed to
+/// several persistent sessions, stored once; their `outbox` entries refer
+/// to it (see [`crate::SharedBody`]).
+pub(crate) const CF_BODY: &str = "body";
+
 /// Every column family, opened together (RocksDB refuses to open a
 /// database without naming every column family it has).
-pub(crate) const ALL_CFS: [&str; 17] = [
+pub(crate) const ALL_CFS: [&str; 18] = [
     CF_META,
     CF_SESSION,
     CF_OUTBOX,
@@ -73,6 +78,7 @@ pub(crate) const ALL_CFS: [&str; 17] = [
     CF_DEVICE_TOKEN,
     CF_MUTE,
     CF_PUSH,
+    CF_BODY,
 ];
 
 /// The column families read with point lookups (`get`); the others are

@@ -14,8 +14,8 @@ use crate::batch::Batch;
 use crate::latency::{CommitLatency, LatencySnapshot};
 use crate::record::{MessageRecord, OutboxEntry, SessionRecord};
 use crate::schema::{
-    seq_value, split_client, ALL_CFS, CF_CURSOR, CF_INBOUND, CF_META, CF_OUTBOX, CF_RETAINED,
-    CF_SESSION, META_EPOCH, META_SCHEMA, SCHEMA_VERSION,
+    seq_value, split_client, ALL_CFS, CF_BODY, CF_CURSOR, CF_INBOUND, CF_META, CF_OUTBOX,
+    CF_RETAINED, CF_SESSION, META_EPOCH, META_SCHEMA, SCHEMA_VERSION,
 };
 use crate::writer::{self, Commit, Job};
 use crate::{StorageError, SyncMode};
@@ -70,6 +70,7 @@ impl Store {
             })?;
         let db = Arc::new(db);
         let epoch = ensure_epoch(&db)?;
+        last_body_id(&db)?.map(crate::batch::body_ids_above);
 
         let (tx, rx) = mpsc::channel(writer::QUEUE);
         let dirty = Arc::new(AtomicBool::new(false));
@@ -293,14 +294,46 @@ impl Store {
             );
             (a.len(), a).cmp(&(b.len(), b))
         });
+        let mut bodies = self.load_bodies()?;
         self.merge_by_client(CF_OUTBOX, &mut sessions, &order, |s, rest, value| {
             let n = seq_value(rest).ok_or(StorageError::Corrupt {
                 cf: CF_OUTBOX,
                 what: "bad key".into(),
             })?;
-            s.outbox.push((n, OutboxEntry::decode(value)?));
+            let mut entry = OutboxEntry::decode(value)?;
+            if let (Some(id), Some(own)) = (entry.body, entry.message.as_mut()) {
+                let Some((body, used)) = bodies.get_mut(&id) else {
+                    // Its body went with the last reference released: the
+                    // entry was acknowledged, and its deletion overtaken by
+                    // the write that stored it (a subscriber that acked
+                    // before the publisher's batch was written).
+                    return Ok(());
+                };
+                *used = true;
+                let (qos, retain) = (own.qos, own.retain);
+                *own = MessageRecord {
+                    qos,
+                    retain,
+                    ..body.clone()
+                };
+            }
+            s.outbox.push((n, entry));
             Ok(())
         })?;
+        // Bodies no entry refers to (entries deleted after them): gone.
+        let unused: Vec<u64> = bodies
+            .iter()
+            .filter(|(_, (_, used))| !used)
+            .map(|(id, _)| *id)
+            .collect();
+        if !unused.is_empty() {
+            let cf = self.cf_handle(CF_BODY)?;
+            let mut wb = rocksdb::WriteBatch::default();
+            for id in unused {
+                wb.delete_cf(cf, id.to_be_bytes());
+            }
+            self.db().write(wb)?;
+        }
         self.merge_by_client(CF_INBOUND, &mut sessions, &order, |s, rest, _| {
             if let Ok(pkid) = rest.try_into() {
                 s.inbound.push(u16::from_be_bytes(pkid));
@@ -314,6 +347,24 @@ impl Store {
             Ok(())
         })?;
         Ok(sessions)
+    }
+
+    /// Every stored body, by id, none referred to yet.
+    fn load_bodies(
+        &self,
+    ) -> Result<std::collections::HashMap<u64, (MessageRecord, bool)>, StorageError> {
+        let mut bodies = std::collections::HashMap::new();
+        let mut it = self.full_scan(CF_BODY)?;
+        while let Some((key, value)) = it.item() {
+            let id = seq_value(key).ok_or(StorageError::Corrupt {
+                cf: CF_BODY,
+                what: "bad key".into(),
+            })?;
+            bodies.insert(id, (MessageRecord::decode(value)?, false));
+            it.next();
+        }
+        it.status()?;
+        Ok(bodies)
     }
 
     /// Walks `cf` (keyed by [`client_prefix`] and then the rest) once,
@@ -376,6 +427,19 @@ impl Store {
     }
 }
 
+/// The highest body id stored, if any (new ids go above it).
+fn last_body_id(db: &DB) -> Result<Option<u64>, StorageError> {
+    let cf = db.cf_handle(CF_BODY).ok_or(StorageError::Corrupt {
+        cf: CF_BODY,
+        what: "column family is missing".into(),
+    })?;
+    let mut it = db.raw_iterator_cf(cf);
+    it.seek_to_last();
+    let last = it.key().and_then(seq_value);
+    it.status()?;
+    Ok(last)
+}
+
 fn ensure_epoch(db: &DB) -> Result<String, StorageError> {
     let cf = db.cf_handle(CF_META).ok_or(StorageError::Corrupt {
         cf: CF_META,
@@ -423,6 +487,7 @@ mod tests {
                 qos: 1,
                 ..Default::default()
             }),
+            body: None,
         }
     }
 
@@ -478,6 +543,115 @@ mod tests {
         b.delete_session("c1");
         store.write(b).await.unwrap();
         assert!(store.load_sessions().unwrap().is_empty());
+        store.close();
+    }
+
+    /// Issue #11 item 2: a message owed to several persistent sessions is
+    /// stored once. Each session's entry keeps its own QoS and RETAIN and
+    /// refers to the body; the body goes with the last entry released; an
+    /// entry whose body is gone (its deletion overtaken) is not loaded, and
+    /// a body no entry refers to is deleted at load.
+    #[tokio::test]
+    async fn a_message_owed_to_many_sessions_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), SyncMode::Never);
+        let payload = vec![7u8; 10_000];
+        let message = std::sync::Arc::new(payload.clone());
+        let record = || MessageRecord {
+            topic: "news".into(),
+            payload: payload.clone(),
+            qos: 2,
+            ..Default::default()
+        };
+        let ids = ["s1", "s2", "s3"];
+        let mut b = Batch::new();
+        let mut bodies = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            b.put_session(id, &SessionRecord::default());
+            let body = b.share_body(&message, record);
+            let own = MessageRecord {
+                qos: 1 + (i as u8 % 2),
+                retain: i == 0,
+                ..Default::default()
+            };
+            b.put_outbox(
+                id,
+                1,
+                &OutboxEntry {
+                    state: OutboxState::Publish,
+                    subscription_ids: vec![],
+                    message: Some(own),
+                    body: Some(body.id()),
+                },
+            );
+            bodies.push(body);
+        }
+        assert!(bodies.iter().all(|b| b.id() == bodies[0].id()), "one body");
+        let written: usize = b
+            .ops
+            .iter()
+            .map(|op| match op {
+                crate::batch::Op::Put { value, .. } => value.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(
+            written < 11_000,
+            "the payload is written once: {written} bytes"
+        );
+        store.write(b).await.unwrap();
+
+        let loaded = store.load_sessions().unwrap();
+        assert_eq!(loaded.len(), 3);
+        for (i, s) in loaded.iter().enumerate() {
+            let (n, e) = &s.outbox[0];
+            let m = e.message.as_ref().unwrap();
+            assert_eq!((*n, m.topic.as_str(), m.payload.len()), (1, "news", 10_000));
+            assert_eq!(
+                (m.qos, m.retain),
+                (1 + (i as u8 % 2), i == 0),
+                "{}",
+                s.client_id
+            );
+        }
+
+        // Two sessions acknowledge: the body stays for the third.
+        let mut b = Batch::new();
+        for (id, body) in ids.iter().zip(&bodies).take(2) {
+            b.delete_outbox(id, 1);
+            b.release_body(Some(body));
+        }
+        store.write(b).await.unwrap();
+        assert_eq!(store.load_bodies().unwrap().len(), 1);
+        // The third does: the body goes with it.
+        let mut b = Batch::new();
+        b.delete_outbox("s3", 1);
+        b.release_body(Some(&bodies[2]));
+        store.write(b).await.unwrap();
+        assert!(store.load_bodies().unwrap().is_empty());
+
+        // An entry left behind without its body is not loaded; a body
+        // nothing refers to is removed; new ids go above the ones stored.
+        let mut b = Batch::new();
+        b.put_outbox(
+            "s1",
+            2,
+            &OutboxEntry {
+                state: OutboxState::Publish,
+                subscription_ids: vec![],
+                message: Some(MessageRecord::default()),
+                body: Some(bodies[0].id()),
+            },
+        );
+        let orphan = b.share_body(&std::sync::Arc::new(()), record);
+        store.write(b).await.unwrap();
+        let loaded = store.load_sessions().unwrap();
+        assert!(loaded.iter().all(|s| s.outbox.is_empty()), "{loaded:?}");
+        assert!(
+            store.load_bodies().unwrap().is_empty(),
+            "orphan body removed"
+        );
+        assert!(orphan.id() > bodies[0].id());
         store.close();
     }
 

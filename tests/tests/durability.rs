@@ -831,3 +831,83 @@ async fn no_acknowledged_message_is_lost_on_kill9() {
     }
     archive.no_publish(QUIET).await;
 }
+
+/// Bytes in the broker's data directory (RocksDB's log and tables).
+fn stored_bytes(b: &Broker) -> u64 {
+    std::fs::read_dir(b.data_dir())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|f| f.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+// Twelve field devices keep persistent sessions on alerts/# and are all
+// offline when 40 alerts of 8 KiB each are published at QoS 1 and 2. The
+// broker writes each alert once, not once per device (issue #11 item 2):
+// the data directory grows by far less than the 3.8 MB that twelve copies
+// would take. Killed with SIGKILL and restarted, every device gets every
+// alert, in order, at its QoS, with its payload intact; once they have
+// acknowledged them, another restart owes them nothing.
+#[tokio::test]
+async fn a_message_for_many_offline_sessions_is_stored_once_and_survives_kill9() {
+    let mut broker = Broker::start(OPEN);
+    let devices: Vec<String> = (0..12).map(|i| format!("device-{i}")).collect();
+    for d in &devices {
+        let mut c = connect_v4(persistent_v4(&broker, d)).await;
+        c.subscribe("alerts/#", v4::QoS::ExactlyOnce).await;
+        c.disconnect().await;
+    }
+    let before = stored_bytes(&broker);
+    let mut ops = v4::connect_ok(broker.addr, "ops").await;
+    let alerts: Vec<(Vec<u8>, v4::QoS)> = (0..40u8)
+        .map(|i| {
+            let qos = if i % 2 == 0 {
+                v4::QoS::AtLeastOnce
+            } else {
+                v4::QoS::ExactlyOnce
+            };
+            (vec![i; 8 * 1024], qos)
+        })
+        .collect();
+    for (payload, qos) in &alerts {
+        ops.publish_acked("alerts/plant-1", *qos, false, payload)
+            .await;
+    }
+    let grown = stored_bytes(&broker).saturating_sub(before);
+    let one_copy = 40 * 8 * 1024;
+    assert!(
+        grown < 3 * one_copy,
+        "the data directory grew by {grown} bytes; one copy of the alerts is {one_copy}"
+    );
+
+    broker.kill9();
+    broker.restart();
+    for d in &devices {
+        let mut c = connect_v4(persistent_v4(&broker, d)).await;
+        assert!(c.connack.session_present, "{d}: the session survived");
+        for (i, (payload, qos)) in alerts.iter().enumerate() {
+            let p = c.publish().await;
+            assert_eq!(p.topic, "alerts/plant-1");
+            assert_eq!(
+                (p.payload.len(), p.payload.first()),
+                (payload.len(), payload.first()),
+                "{d}: alert {i} in order"
+            );
+            assert_eq!(p.qos, *qos, "{d}: alert {i}");
+        }
+        c.no_publish(QUIET).await;
+        c.disconnect().await;
+    }
+
+    broker.kill9();
+    broker.restart();
+    for d in &devices {
+        let mut c = connect_v4(persistent_v4(&broker, d)).await;
+        assert!(c.connack.session_present);
+        c.no_publish(QUIET).await;
+        c.disconnect().await;
+    }
+}

@@ -618,6 +618,8 @@ mod tests {
             conv_cache_max = 32
             conv_idle_secs = 33
             dedup_ttl_secs = 34
+            large_group_members = 35
+            announce_window_ms = 36
             [websocket]
             enabled = false
             listen = "127.0.0.1:18083"
@@ -751,6 +753,8 @@ mod tests {
                 conv_cache_max: 32,
                 conv_idle_secs: 33,
                 dedup_ttl_secs: 34,
+                large_group_members: 35,
+                announce_window_ms: 36,
             },
             websocket: Websocket {
                 enabled: false,

@@ -499,6 +499,11 @@ pub struct Metrics {
     pub chat_deferred_to_log: Counter,
     /// Typing indicators dropped by the per-user throttle.
     pub typing_throttled: Counter,
+    /// Read receipts and membership changes of large groups gathered into
+    /// a digest instead of announced to every member one by one.
+    pub announcements_coalesced: Counter,
+    /// `reads` and `members` digests sent (one per conversation and kind).
+    pub announcement_digests: Counter,
     /// Typing indicators refused for their size.
     pub typing_too_large: Counter,
     /// Conversation states evicted from memory.

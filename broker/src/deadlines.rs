@@ -6,6 +6,34 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use crate::clock::now_ms;
+
+/// What a timer task does between passes: sleeps until `next` (unix ms;
+/// `None`: nothing is due), until `wake` says an earlier deadline was set,
+/// or until the broker stops (false).
+pub async fn wait_for(
+    next: Option<u64>,
+    wake: &Notify,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let until_due = async {
+        match next {
+            Some(at) => {
+                tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.changed() => false,
+        _ = wake.notified() => true,
+        _ = until_due => true,
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Deadlines {

@@ -310,6 +310,7 @@ impl Server {
             tasks.spawn(http::serve(http_listener, api, watch.clone()));
         }
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
+        tasks.spawn(chat::announcements::run(broker.chat.clone(), watch.clone()));
         tasks.spawn(gateway.run(watch.clone()));
         if let Some(policy) = retention::Policy::from_settings(&settings.chat) {
             tasks.spawn(retention::run(broker.chat.clone(), policy, watch.clone()));

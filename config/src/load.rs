@@ -624,6 +624,8 @@ mod tests {
             conv_cache_max = 32
             conv_idle_secs = 33
             dedup_ttl_secs = 34
+            large_group_members = 35
+            announce_window_ms = 36
             [websocket]
             enabled = false
             listen = "127.0.0.1:18083"
@@ -757,6 +759,8 @@ mod tests {
                 conv_cache_max: 32,
                 conv_idle_secs: 33,
                 dedup_ttl_secs: 34,
+                large_group_members: 35,
+                announce_window_ms: 36,
             },
             websocket: Websocket {
                 enabled: false,

@@ -619,6 +619,14 @@ pub struct Chat {
     /// Seconds an idempotency key (conv, sender, envelope id) is kept; a
     /// retry after that is a new message with a new seq.
     pub dedup_ttl_secs: u64,
+    // large groups: receipts and membership changes
+    /// Groups with more members than this get read receipts and membership
+    /// changes coalesced: one `reads` / `members` event per conversation
+    /// and window instead of one event per receipt or change to every member.
+    pub large_group_members: usize,
+    /// The window, in milliseconds, over which a large group's receipts and
+    /// membership changes are gathered into one event.
+    pub announce_window_ms: u64,
 }
 
 impl Default for Chat {
@@ -632,6 +640,8 @@ impl Default for Chat {
             conv_cache_max: 10_000,
             conv_idle_secs: 600,
             dedup_ttl_secs: 7 * 24 * 3600,
+            large_group_members: 100,
+            announce_window_ms: 1000,
         }
     }
 }
@@ -795,6 +805,9 @@ pub(crate) const KEYS: &[Key] = &[
             key("conv_cache_max", integer(1, USIZE_MAX)),
             key("conv_idle_secs", integer(1, i64::MAX)),
             key("dedup_ttl_secs", integer(1, i64::MAX)),
+            // large groups
+            key("large_group_members", integer(0, USIZE_MAX)),
+            key("announce_window_ms", integer(1, 3_600_000)),
         ]),
     ),
     key(

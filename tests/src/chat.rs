@@ -186,6 +186,19 @@ pub fn v5_events(publishes: &[v5::Publish]) -> Vec<Value> {
         .collect()
 }
 
+/// The first event of type `kind` among `got`, waiting for more from `c`
+/// until one comes (`got` keeps everything received).
+pub async fn v5_event(c: &mut v5::Client, got: &mut Vec<v5::Publish>, kind: &str) -> Value {
+    let has = |g: &[v5::Publish]| v5_events(g).iter().any(|e| e["type"] == kind);
+    if !has(got) {
+        got.extend(v5_until(c, crate::PATIENCE, has).await);
+    }
+    v5_events(got)
+        .into_iter()
+        .find(|e| e["type"] == kind)
+        .expect("the event waited for")
+}
+
 pub fn v4_events(publishes: &[v4::Publish]) -> Vec<Value> {
     publishes
         .iter()

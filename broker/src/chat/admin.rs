@@ -1,13 +1,21 @@
 //! Membership changes: creating a group, adding and removing members
-//! (owner only), each written before it takes effect and announced to the
-//! members on `users/{user}/events`.
+//! (owner only, one or many at once), each written before it takes effect
+//! and announced on `users/{user}/events`: to every member at once in a
+//! small group; in a large one to the user concerned at once and to the
+//! others in the next `members` digest (`announcements.rs`), so building a
+//! group of N costs O(N), not O(N²).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use chatmq_storage::{Batch, Role};
 use serde_json::json;
 
 use super::{namespace, Chat, RpcError};
+
+/// The most users one `add_members` call takes (a request's size already
+/// bounds it; this keeps one write batch and one reply modest).
+pub const MAX_ADD: usize = 10_000;
 
 impl Chat {
     /// Creates a group conversation; `owner` becomes its owner, `members`
@@ -69,25 +77,66 @@ impl Chat {
         user: &str,
         by: Option<&str>,
     ) -> Result<(), RpcError> {
+        self.add_members(conv, &[user.to_string()], by)
+            .await
+            .map(drop)
+    }
+
+    /// Adds `users` to `conv` with one write; `by` must be its owner
+    /// (`None`: an operator). Returns the users who were not members yet.
+    pub async fn add_members(
+        &self,
+        conv: &str,
+        users: &[String],
+        by: Option<&str>,
+    ) -> Result<Vec<Arc<str>>, RpcError> {
         self.check_owner(conv, by)?;
-        if !namespace::valid_user(user) {
+        if users.len() > MAX_ADD {
+            return Err(RpcError::bad(format!(
+                "at most {MAX_ADD} users may be added at once"
+            )));
+        }
+        if !users.iter().all(|u| namespace::valid_user(u)) {
             return Err(RpcError::bad("user is not a valid user id"));
         }
-        if self.is_member(conv, user) {
-            return Ok(());
+        let mut seen = HashSet::new();
+        let added: Vec<Arc<str>> = users
+            .iter()
+            .filter(|u| seen.insert(u.as_str()) && !self.is_member(conv, u))
+            .map(|u| Arc::from(u.as_str()))
+            .collect();
+        if added.is_empty() {
+            return Ok(added);
         }
         let mut batch = Batch::new();
-        batch.put_member(conv, user, Role::Member);
-        self.store.write(batch).await?;
-        self.members_write().add(conv, user, Role::Member);
-        if let Ok((head, _)) = self.bounds(conv).await {
-            self.join(conv, user, head);
+        for u in &added {
+            batch.put_member(conv, u, Role::Member);
         }
-        self.announce(
-            &self.members(conv),
-            json!({"type": "member.added", "conv": conv, "user": user, "by": by}),
-        );
-        Ok(())
+        self.store.write(batch).await?;
+        {
+            let mut ms = self.members_write();
+            for u in &added {
+                ms.add(conv, u, Role::Member);
+            }
+        }
+        if let Ok((head, _)) = self.bounds(conv).await {
+            for u in &added {
+                self.join(conv, u, head);
+            }
+        }
+        let event = |u: &str| json!({"type": "member.added", "conv": conv, "user": u, "by": by});
+        if self.is_large_group(conv) {
+            for u in &added {
+                self.send_event(u, event(u));
+                self.gather_change(conv, u, true);
+            }
+        } else {
+            let members = self.members(conv);
+            for u in &added {
+                self.announce(&members, event(u));
+            }
+        }
+        Ok(added)
     }
 
     /// Removes `user` from `conv`, at once: its live subscriptions stop
@@ -108,12 +157,16 @@ impl Chat {
         let mut batch = Batch::new();
         batch.delete_member(conv, user);
         self.store.write(batch).await?;
-        let before = self.members(conv);
-        self.members_write().remove(conv, user);
-        self.announce(
-            &before,
-            json!({"type": "member.removed", "conv": conv, "user": user, "by": by}),
-        );
+        let event = json!({"type": "member.removed", "conv": conv, "user": user, "by": by});
+        if self.is_large_group(conv) {
+            self.members_write().remove(conv, user);
+            self.send_event(user, event);
+            self.gather_change(conv, &Arc::from(user), false);
+        } else {
+            let before = self.members(conv);
+            self.members_write().remove(conv, user);
+            self.announce(&before, event);
+        }
         Ok(())
     }
 

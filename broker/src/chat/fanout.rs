@@ -176,18 +176,24 @@ impl Chat {
     /// An event for `user` on `users/{user}/events` (QoS 1) to each of its
     /// connected sessions subscribed there.
     pub fn send_event(&self, user: &str, event: Value) {
+        self.send_payload(user, Bytes::from(event.to_string()));
+    }
+
+    fn send_payload(&self, user: &str, payload: Bytes) {
         let msg = Arc::new(Message::from_server(
             format!("users/{user}/events"),
-            Bytes::from(event.to_string()),
+            payload,
             QoS::AtLeastOnce,
             false,
         ));
         self.deliver(&[Arc::from(user)], &msg, None);
     }
 
+    /// The same event to each of `users` (serialised once).
     pub(super) fn announce(&self, users: &[Arc<str>], event: Value) {
+        let payload = Bytes::from(event.to_string());
         for u in users {
-            self.send_event(u, event.clone());
+            self.send_payload(u, payload.clone());
         }
     }
 }

@@ -52,6 +52,14 @@ impl Membership {
         direct_members(conv).is_some() || self.by_conv.get(conv).is_some_and(|m| !m.is_empty())
     }
 
+    /// How many members `conv` has, without listing them.
+    pub fn len(&self, conv: &str) -> usize {
+        if direct_members(conv).is_some() {
+            return 2;
+        }
+        self.by_conv.get(conv).map_or(0, HashMap::len)
+    }
+
     pub fn members(&self, conv: &str) -> Vec<Arc<str>> {
         if let Some((a, b)) = direct_members(conv) {
             return vec![a.into(), b.into()];

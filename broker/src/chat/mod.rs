@@ -22,12 +22,14 @@
 //! Where each part lives: `sequencer.rs` gives seqs and submits writes,
 //! `fanout.rs` delivers committed messages (and the server's own events),
 //! `catchup.rs` replays from the log, `presence.rs` tracks who is online,
-//! `admin.rs` changes membership, `queries.rs` answers history, lists and
+//! `admin.rs` changes membership, `announcements.rs` coalesces large
+//! groups' receipts and membership changes, `queries.rs` answers history, lists and
 //! read receipts, [`typing`] forwards typing indicators, and `hooks.rs` is
 //! what the MQTT channel asks (through [`crate::hooks::Hooks`]). This file
 //! holds the shared state and its construction.
 
 mod admin;
+pub mod announcements;
 mod catchup;
 pub mod dedup;
 mod fanout;
@@ -92,6 +94,9 @@ pub struct Chat {
     next_conv: AtomicU64,
     /// When each conversation is next due for a trim (`chat/retention.rs`).
     retention: retention::Retention,
+    /// Large groups' receipts and membership changes waiting for their
+    /// digest (`chat/announcements.rs`).
+    announcements: announcements::Announcements,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -130,12 +135,16 @@ impl Chat {
             push,
             next_conv: AtomicU64::new(0),
             retention: retention::Retention::default(),
+            announcements: announcements::Announcements::default(),
         })
     }
 
     /// Applies the flow-control settings of `[chat]`: typing throttle and
-    /// size cap, the bounds of the conversation cache.
+    /// size cap, the bounds of the conversation cache, which groups are
+    /// large and their announcement window.
     pub fn limit(&mut self, settings: &chatmq_config::Chat) {
+        self.announcements.large_group = settings.large_group_members;
+        self.announcements.window_ms = settings.announce_window_ms;
         self.typing = TypingThrottle::new(settings.typing_interval_ms);
         self.typing_max_bytes = settings.typing_max_bytes;
         let cache = self.conv_cache.get_mut().unwrap_or_else(|e| e.into_inner());

@@ -1,8 +1,6 @@
 //! Read-side calls (for RPC and HTTP): history pages, a user's
 //! conversation list with unread counts, and read receipts.
 
-use std::sync::Arc;
-
 use chatmq_storage::{Batch, Role};
 use serde_json::{json, Value};
 
@@ -77,7 +75,8 @@ impl Chat {
     }
 
     /// Records that `user` read `conv` up to `seq` and tells the other
-    /// members (a read receipt). The read seq never goes backwards.
+    /// members (a read receipt; coalesced in a large group, see
+    /// `announcements.rs`). The read seq never goes backwards.
     pub async fn mark_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64, RpcError> {
         let (head, _) = self.bounds(conv).await?;
         let read = {
@@ -88,15 +87,7 @@ impl Chat {
         let mut batch = Batch::new();
         batch.put_read(user, conv, seq);
         self.store.write(batch).await?;
-        let others: Vec<Arc<str>> = self
-            .members(conv)
-            .into_iter()
-            .filter(|m| &**m != user)
-            .collect();
-        self.announce(
-            &others,
-            json!({"type": "read", "conv": conv, "user": user, "seq": seq}),
-        );
+        self.announce_read(conv, user, seq);
         Ok(seq)
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::{watch, Notify};
 
 use super::Chat;
 use crate::clock::now_ms;
-use crate::deadlines::Deadlines;
+use crate::deadlines::{wait_for, Deadlines};
 
 /// The least time between two passes, so that a busy conversation at its
 /// message limit is trimmed once for what that time brought, not once
@@ -105,21 +105,9 @@ pub async fn run(chat: Arc<Chat>, policy: Policy, mut shutdown: watch::Receiver<
                 _ = tokio::time::sleep(MIN_GAP) => {}
             }
         }
-        let wait = chat
-            .retention
-            .deadlines()
-            .next()
-            .map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
-        let until_due = async {
-            match wait {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = chat.retention.wake.notified() => {}
-            _ = until_due => {}
+        let next = chat.retention.deadlines().next();
+        if !wait_for(next, &chat.retention.wake, &mut shutdown).await {
+            return;
         }
     }
 }

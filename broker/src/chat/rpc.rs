@@ -207,9 +207,14 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
         }
         "conversation.add" => {
             let conv = str_param(req, "conv")?;
-            chat.add_member(conv, str_param(req, "user")?, Some(user))
-                .await?;
-            Ok(json!({}))
+            // `user` adds one; `users` many with one write.
+            let users = match req.get("users") {
+                Some(_) => users_param(req, "users")?,
+                None => vec![str_param(req, "user")?.to_string()],
+            };
+            let added = chat.add_members(conv, &users, Some(user)).await?;
+            let added: Vec<&str> = added.iter().map(|u| &**u).collect();
+            Ok(json!({"added": added}))
         }
         "conversation.remove" => {
             let conv = str_param(req, "conv")?;

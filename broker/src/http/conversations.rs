@@ -1,5 +1,6 @@
-//! `/v1/conversations`: a user's list, creating a group conversation, and
-//! adding or removing members. The owner (or the admin token) changes
+//! `/v1/conversations`: a user's list, creating a group conversation,
+//! adding (one or many) or removing members, a user's mute and read
+//! position. The owner (or the admin token) changes
 //! members; a member may remove itself. The rules are
 //! [`Chat::create`](crate::chat::Chat::create),
 //! [`add_member`](crate::chat::Chat::add_member) and
@@ -15,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::{Api, ApiError, Caller, JsonBody};
 use crate::chat::namespace::{valid_conv, valid_user};
-use crate::chat::RpcError;
+use crate::chat::{Chat, RpcError};
 
 /// `GET /v1/conversations`: the caller's conversations with head seq,
 /// read seq and unread count (the RPC `conversations`).
@@ -73,26 +74,40 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(json!({"conv": conv}))))
 }
 
-/// The body of `POST /v1/conversations/{conv}/members`.
+/// The body of `POST /v1/conversations/{conv}/members`: one `user`, or
+/// many `users` added with one write.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NewMember {
-    user: String,
+pub struct NewMembers {
+    user: Option<String>,
+    users: Option<Vec<String>>,
 }
 
-/// `POST /v1/conversations/{conv}/members` `{"user": ...}`.
+/// `POST /v1/conversations/{conv}/members` `{"user": ...}` -> `{"conv",
+/// "user"}`, or `{"users": [...]}` -> `{"conv", "added"}` (`added`: those
+/// who were not members yet).
 pub async fn add_member(
     caller: Caller,
     State(api): State<Arc<Api>>,
     Path(conv): Path<String>,
-    JsonBody(req): JsonBody<NewMember>,
+    JsonBody(req): JsonBody<NewMembers>,
 ) -> Result<Json<Value>, ApiError> {
     check_conv(&conv)?;
-    api.broker
+    let (users, one) = match (req.user, req.users) {
+        (Some(user), None) => (vec![user.clone()], Some(user)),
+        (None, Some(users)) => (users, None),
+        _ => return Err(ApiError::bad("give either `user` or `users`")),
+    };
+    let added = api
+        .broker
         .chat
-        .add_member(&conv, &req.user, caller.user())
+        .add_members(&conv, &users, caller.user())
         .await?;
-    Ok(Json(json!({"conv": conv, "user": req.user})))
+    let added: Vec<&str> = added.iter().map(|u| &**u).collect();
+    Ok(Json(match one {
+        Some(user) => json!({"conv": conv, "user": user}),
+        None => json!({"conv": conv, "added": added}),
+    }))
 }
 
 /// `DELETE /v1/conversations/{conv}/members/{user}`.
@@ -118,6 +133,27 @@ pub(super) fn check_conv(conv: &str) -> Result<(), ApiError> {
     }
 }
 
+/// The calling user, a member of `conv`, for a setting of its own; the
+/// admin token `lacks` one.
+fn member_caller<'a>(
+    caller: &'a Caller,
+    chat: &Chat,
+    conv: &str,
+    lacks: &str,
+) -> Result<&'a str, ApiError> {
+    let user = caller.user().ok_or_else(|| {
+        ApiError::bad(format!(
+            "the admin token {lacks} of its own: call with a user's token"
+        ))
+    })?;
+    if !valid_conv(conv) || !chat.is_member(conv, user) {
+        return Err(
+            RpcError::new("not_member", "you are not a member of this conversation").into(),
+        );
+    }
+    Ok(user)
+}
+
 /// The body of `PUT /v1/conversations/{id}/mute`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,18 +169,33 @@ pub async fn mute(
     Path(conv): Path<String>,
     JsonBody(req): JsonBody<Mute>,
 ) -> Result<Json<Value>, ApiError> {
-    let user = caller.user().ok_or_else(|| {
-        ApiError::bad("the admin token has no push settings of its own: call with a user's token")
-    })?;
     let chat = &api.broker.chat;
-    if !valid_conv(&conv) || !chat.is_member(&conv, user) {
-        return Err(
-            RpcError::new("not_member", "you are not a member of this conversation").into(),
-        );
-    }
+    let user = member_caller(&caller, chat, &conv, "has no push settings")?;
     chat.push
         .set_muted(user, &conv, req.muted)
         .await
         .map_err(RpcError::from)?;
     Ok(Json(json!({"conv": conv, "muted": req.muted})))
+}
+
+/// The body of `PUT /v1/conversations/{id}/read`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Read {
+    seq: u64,
+}
+
+/// `PUT /v1/conversations/{id}/read` `{"seq": n}`: the caller read the
+/// conversation up to `seq` (the RPC `read`: a read receipt to the other
+/// members, never backwards). `{"conv","seq"}` with the read seq kept.
+pub async fn read(
+    caller: Caller,
+    State(api): State<Arc<Api>>,
+    Path(conv): Path<String>,
+    JsonBody(req): JsonBody<Read>,
+) -> Result<Json<Value>, ApiError> {
+    let chat = &api.broker.chat;
+    let user = member_caller(&caller, chat, &conv, "has no read position")?;
+    let seq = chat.mark_read(user, &conv, req.seq).await?;
+    Ok(Json(json!({"conv": conv, "seq": seq})))
 }

@@ -126,6 +126,7 @@ pub fn router(api: Arc<Api>) -> Router {
             delete(conversations::remove_member),
         )
         .route("/v1/conversations/{conv}/mute", put(conversations::mute))
+        .route("/v1/conversations/{conv}/read", put(conversations::read))
         .route(
             "/v1/conversations/{conv}/messages",
             get(messages::history).post(messages::send),

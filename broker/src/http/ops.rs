@@ -226,6 +226,16 @@ fn render(api: &Api) -> String {
             &m.typing_throttled,
         ),
         (
+            "chatmq_announcements_coalesced_total",
+            "Large groups' read receipts and membership changes gathered into a digest (chat.large_group_members).",
+            &m.announcements_coalesced,
+        ),
+        (
+            "chatmq_announcement_digests_total",
+            "reads and members digests sent, one per conversation and window (chat.announce_window_ms).",
+            &m.announcement_digests,
+        ),
+        (
             "chatmq_typing_too_large_total",
             "Typing indicators refused for their size (chat.typing_max_bytes).",
             &m.typing_too_large,

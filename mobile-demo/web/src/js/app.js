@@ -222,6 +222,7 @@ function onEvent(event) {
     case 'conversation.created':
     case 'member.added':
     case 'member.removed':
+    case 'members': // a large group's joins and leaves of one window
       sync().catch(() => {});
       break;
     case 'read':
@@ -231,6 +232,14 @@ function onEvent(event) {
         refresh();
       }
       break;
+    case 'reads': { // a large group's receipts of one window: {user: seq}
+      const c = store.get(event.conv);
+      for (const [user, seq] of Object.entries(event.reads ?? {})) {
+        if (user !== store.me) c.peerRead = Math.max(c.peerRead, seq);
+      }
+      refresh();
+      break;
+    }
     case 'error': {
       // MQTT 3.1.1 has no reason codes: a refused message is reported here.
       const conv = event.topic?.startsWith('chat/') ? event.topic.slice(5) : null;

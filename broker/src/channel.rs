@@ -23,6 +23,7 @@ use crate::access::{Identity, Refusal};
 use crate::broker::{Attach, Broker, Kick, Plain, Refused, SessionCell, TAKEOVER_WAIT};
 use crate::clock::now_ms;
 use crate::codec::Protocol;
+use crate::codec::ShortAck;
 use crate::hooks::{Authorization, Checked, Hooks, Outcome, Publication, Publisher, Verdict};
 use crate::limits::{self, PublishRate, RateLimit, UserRate};
 use crate::message::{min_qos, Message};
@@ -500,13 +501,37 @@ impl Channel {
         &mut self,
         f: impl FnOnce(&mut Session, &mut Batch) -> Ack,
     ) -> Result<Ack, Close> {
-        let mut ack = Ack::Unknown;
+        let (ack, batch) = self.apply_ack(f);
         // Not awaited: the worst a crash does is a resend with DUP.
-        drop(self.settle(|s, b| ack = f(s, b)).await);
-        match ack {
-            Ack::WrongType => Err(Close::violation(DisconnectReasonCode::ProtocolError)),
-            ack => Ok(ack),
+        drop(self.broker.store.submit(batch).await);
+        ack_checked(ack)
+    }
+
+    /// The acknowledgement `f` applies, under the session's lock, and what
+    /// it wrote.
+    fn apply_ack(&self, f: impl FnOnce(&mut Session, &mut Batch) -> Ack) -> (Ack, Batch) {
+        let mut batch = Batch::new();
+        let ack = match &self.cell {
+            Some(cell) => f(&mut cell.lock().session, &mut batch),
+            None => Ack::Unknown,
+        };
+        (ack, batch)
+    }
+
+    /// A PUBACK or PUBCOMP the connection read in its short form
+    /// ([`codec::short_ack`]), applied without a packet or a future: what
+    /// it wrote, for the connection to submit, or the close a wrong one
+    /// calls for. `None`: it must take the full path (QoS 0 publishes of
+    /// this read are waiting to be routed first).
+    pub fn short_ack(&mut self, ack: ShortAck) -> Option<Result<Batch, Close>> {
+        if !self.deferred.is_empty() || self.cell.is_none() {
+            return None;
         }
+        let (ack, batch) = self.apply_ack(|s, b| match ack {
+            ShortAck::PubAck(pkid) => s.puback(pkid, b),
+            ShortAck::PubComp(pkid) => s.pubcomp(pkid, b),
+        });
+        Some(ack_checked(ack).map(|_| batch))
     }
 
     fn refuse_publish(&mut self, p: &Publish, v5_code: PubAckReason) {
@@ -963,6 +988,7 @@ impl Channel {
         };
         let mut batch = Batch::new();
         let inbox;
+        cell.woke();
         let expired = {
             let mut slot = cell.lock();
             inbox = cell.inbox.take();
@@ -1193,6 +1219,15 @@ impl Drop for Channel {
             self.broker.hooks().session_offline(user, &cell);
         }
         drop(self.broker.store.submit_now(batch));
+    }
+}
+
+/// An acknowledgement of the wrong kind for its packet id is a protocol
+/// error (MQTT 5: DISCONNECT 0x82; 3.1.1: close) [MQTT-4.8.0-1].
+fn ack_checked(ack: Ack) -> Result<Ack, Close> {
+    match ack {
+        Ack::WrongType => Err(Close::violation(DisconnectReasonCode::ProtocolError)),
+        ack => Ok(ack),
     }
 }
 

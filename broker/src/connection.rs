@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use chatmq_protocol::auth::{self, Auth, AuthReason};
 use chatmq_storage::Commit;
 use rumqttc::v5::mqttbytes::v5::{
@@ -569,6 +569,24 @@ impl Connection {
         protocol: Protocol,
     ) -> Option<Close> {
         loop {
+            // Most of what a busy subscriber sends: applied at once.
+            if let Some(ack) = codec::short_ack(&self.inbuf) {
+                if let Some(applied) = self.channel.short_ack(ack) {
+                    self.inbuf.advance(codec::SHORT_ACK_LEN);
+                    match applied {
+                        Ok(batch) => {
+                            // Not awaited: the worst a crash does is a
+                            // resend with DUP.
+                            drop(broker.store.submit(batch).await);
+                            continue;
+                        }
+                        Err(close) => {
+                            self.encode_output();
+                            return Some(close);
+                        }
+                    }
+                }
+            }
             match codec::decode_frame(&mut self.inbuf, Some(protocol), self.max_in) {
                 Ok(Some((_, Frame::Auth(auth)))) => {
                     if let Err(close) = Box::pin(self.reauthenticate(broker, peer, auth)).await {

@@ -76,6 +76,35 @@ pub enum Frame {
     Auth(Auth),
 }
 
+/// A PUBACK or PUBCOMP in its four-byte form: no reason code and no
+/// properties, the only form MQTT 3.1.1 has and the one MQTT 5 clients
+/// send on success. A subscriber sends one for nearly every message it
+/// gets, so a connection reads these without building a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShortAck {
+    PubAck(u16),
+    PubComp(u16),
+}
+
+/// The bytes of a [`ShortAck`] on the wire.
+pub const SHORT_ACK_LEN: usize = 4;
+
+/// The [`ShortAck`] at the front of `buf`, if one is there whole. Anything
+/// else, packet id 0 included (a protocol error), is left to
+/// [`decode_frame`].
+pub fn short_ack(buf: &[u8]) -> Option<ShortAck> {
+    let &[byte1, 2, hi, lo, ..] = buf else {
+        return None;
+    };
+    let pkid = u16::from_be_bytes([hi, lo]);
+    match (byte1, pkid) {
+        (_, 0) => None,
+        (0x40, _) => Some(ShortAck::PubAck(pkid)),
+        (0x70, _) => Some(ShortAck::PubComp(pkid)),
+        _ => None,
+    }
+}
+
 /// [`decode`], with AUTH: what a connection reads once it is established.
 pub fn decode_frame(
     buf: &mut BytesMut,
@@ -442,6 +471,38 @@ pub fn encode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A short ack is exactly what the full decoder makes of the same bytes,
+    // in both protocol versions; every other packet is left to it.
+    #[test]
+    fn a_short_ack_is_what_the_decoder_reads() {
+        for proto in [Protocol::V4, Protocol::V5] {
+            for (byte1, pkid) in [(0x40u8, 1u16), (0x40, 0xFFFF), (0x70, 7), (0x70, 0x1234)] {
+                let bytes = [byte1, 2, (pkid >> 8) as u8, pkid as u8, 0xE0, 0];
+                let short = short_ack(&bytes).expect("a short ack");
+                let mut buf = BytesMut::from(&bytes[..]);
+                let decoded = decode_frame(&mut buf, Some(proto), 1024);
+                let full = match decoded {
+                    Ok(Some((_, Frame::Packet(Packet::PubAck(a))))) => ShortAck::PubAck(a.pkid),
+                    Ok(Some((_, Frame::Packet(Packet::PubComp(c))))) => ShortAck::PubComp(c.pkid),
+                    other => panic!("{proto:?} {bytes:?}: {other:?}"),
+                };
+                assert_eq!(short, full);
+                assert_eq!(buf.len(), 2, "four bytes taken");
+            }
+        }
+        for not_short in [
+            &[0x40u8, 2, 0, 0][..], // packet id 0
+            &[0x40, 3, 0, 1, 0x10], // with a reason code
+            &[0x42, 2, 0, 1],       // bad flags
+            &[0x50, 2, 0, 1],       // PUBREC
+            &[0x62, 2, 0, 1],       // PUBREL
+            &[0x40, 2, 0],          // not whole
+            &[0x30, 2, 0, 1],       // PUBLISH
+        ] {
+            assert_eq!(short_ack(not_short), None, "{not_short:?}");
+        }
+    }
 
     fn decode_all(
         bytes: &[u8],

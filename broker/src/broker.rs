@@ -129,8 +129,13 @@ pub struct SessionCell {
     /// QoS 0 takes the inbox only then, so that no message goes out ahead
     /// of one its publisher sent before it, whatever their QoS.
     queue_empty: AtomicBool,
-    /// Woken when the session has something new to send.
+    /// Woken when the session has something new to send (through
+    /// [`SessionCell::wake_up`]).
     pub wake: Notify,
+    /// A wake-up is on its way that the connection has not acted on yet
+    /// (cleared as it looks for deliveries): a fan-out that finds it set
+    /// does not touch the `Notify` again.
+    wake_pending: AtomicBool,
     /// The session left the broker (ended, expired or replaced): a handle
     /// the router still holds for an instant delivers nothing to it.
     ended: AtomicBool,
@@ -338,6 +343,7 @@ impl SessionCell {
             online: AtomicBool::new(false),
             queue_empty: AtomicBool::new(false),
             wake: Notify::new(),
+            wake_pending: AtomicBool::new(false),
             ended: AtomicBool::new(false),
         })
     }
@@ -385,7 +391,7 @@ impl SessionCell {
             if !self.inbox.offer(plain) {
                 return 1;
             }
-            self.wake.notify_one();
+            self.wake_up();
             return 0;
         }
         let mut slot = self.lock();
@@ -396,9 +402,25 @@ impl SessionCell {
         let connected = slot.link.is_some();
         drop(slot);
         if connected {
-            self.wake.notify_one();
+            self.wake_up();
         }
         dropped
+    }
+
+    /// Wakes the connection to send what was just queued (after the queue
+    /// or inbox was changed): once per batch of deliveries it has not
+    /// looked at yet, not once per delivery.
+    pub fn wake_up(&self) {
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The connection is about to take what waits: a delivery from now on
+    /// wakes it again. Called before the queue and inbox are read, so a
+    /// delivery that saw the flag still set is among what is read.
+    pub fn woke(&self) {
+        self.wake_pending.store(false, Ordering::SeqCst);
     }
 
     /// A QoS 0 message may go to the inbox: connected, and nothing queued

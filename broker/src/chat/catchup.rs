@@ -137,7 +137,7 @@ impl Chat {
                 drop(self.store.submit_now(batch));
             }
             if queued {
-                cell.wake.notify_one();
+                cell.wake_up();
             }
             if session_full {
                 // The rest waits in the log until the client drains.

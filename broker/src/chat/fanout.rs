@@ -140,7 +140,7 @@ impl Chat {
                 offer
             };
             match offer {
-                Offer::Queued => cell.wake.notify_one(),
+                Offer::Queued => cell.wake_up(),
                 Offer::Gap(_) => self.start_catch_up(&cell, conv),
                 Offer::Full => {
                     self.metrics

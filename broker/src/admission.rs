@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatmq_config::Mqtt;
-use tokio::net::TcpStream;
+use socket2::SockRef;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::limits::TokenBucket;
@@ -67,15 +68,38 @@ impl Admission {
         self.permits.clone().acquire_owned().await.ok()
     }
 
+    /// Gives `listener` the socket options of [`tune`], and says whether
+    /// the sockets it accepts have them from it. Linux copies a listening
+    /// socket's TCP_NODELAY and keepalive settings into each socket it
+    /// accepts, so a connection then costs no `setsockopt` at all (five
+    /// system calls per CONNECT fewer, measured in a connection storm);
+    /// elsewhere, or if setting them fails, each accepted socket is tuned.
+    pub fn tune_listener(&self, listener: &TcpListener) -> Inherits {
+        if !cfg!(target_os = "linux") {
+            return Inherits::No;
+        }
+        match set_options(SockRef::from(listener), self.keepalive) {
+            Ok(()) => Inherits::Yes,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot set the listener's socket options");
+                Inherits::No
+            }
+        }
+    }
+
     /// Lets the connection just accepted from `socket` in, or says why not.
-    /// The socket gets its options either way (cheap, and it may live).
+    /// The socket gets its options either way (cheap, and it may live),
+    /// unless it `inherits` them from its listener.
     pub fn admit(
         &self,
         permit: OwnedSemaphorePermit,
         socket: &TcpStream,
         peer: IpAddr,
+        inherits: Inherits,
     ) -> Result<Admitted, Refusal> {
-        tune(socket, self.keepalive);
+        if inherits == Inherits::No {
+            tune(socket, self.keepalive);
+        }
         let place = self.addresses.enter(peer, Instant::now())?;
         Ok(Admitted {
             _permit: permit,
@@ -88,16 +112,29 @@ impl Admission {
 /// configured, TCP keepalive, which finds a peer that vanished without a
 /// FIN (a phone that lost its network) even when MQTT keepalive is off.
 pub fn tune(socket: &TcpStream, keepalive: Option<Duration>) {
-    let _ = socket.set_nodelay(true);
+    if let Err(e) = set_options(SockRef::from(socket), keepalive) {
+        tracing::debug!(error = %e, "cannot set the socket's options");
+    }
+}
+
+/// Whether an accepted socket has its options from its listener
+/// ([`Admission::tune_listener`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inherits {
+    Yes,
+    No,
+}
+
+fn set_options(socket: SockRef<'_>, keepalive: Option<Duration>) -> std::io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
     if let Some(idle) = keepalive {
         let params = socket2::TcpKeepalive::new()
             .with_time(idle)
             .with_interval(KEEPALIVE_INTERVAL)
             .with_retries(KEEPALIVE_PROBES);
-        if let Err(e) = socket2::SockRef::from(socket).set_tcp_keepalive(&params) {
-            tracing::debug!(error = %e, "cannot set TCP keepalive");
-        }
+        socket.set_tcp_keepalive(&params)?;
     }
+    Ok(())
 }
 
 /// Why a connection was refused or closed before it became an MQTT client.
@@ -373,6 +410,28 @@ mod tests {
             "{}",
             limiter.tracked()
         );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_have_their_options_from_the_listener() {
+        let mut mqtt = Mqtt::default();
+        mqtt.tcp_keepalive_secs = 42;
+        let admission = Admission::new(&mqtt);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert_eq!(admission.tune_listener(&listener), Inherits::Yes);
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_client, (socket, _)) = (client.unwrap(), accepted.unwrap());
+        let socket = SockRef::from(&socket);
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(42)
+        );
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
     }
 
     #[test]

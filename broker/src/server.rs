@@ -366,6 +366,7 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    let inherits = admission.tune_listener(&listener);
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -378,7 +379,7 @@ async fn accept_loop(
                             None => break,
                         },
                     };
-                    let admitted = match admission.admit(p, &socket, peer.ip()) {
+                    let admitted = match admission.admit(p, &socket, peer.ip(), inherits) {
                         Ok(a) => a,
                         Err(why) => {
                             // Closed before a byte is read: a flood from one

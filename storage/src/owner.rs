@@ -7,7 +7,7 @@
 //! the broker stamps them on its next sweep. This module knows the layout
 //! only; the broker decides who may claim what and when a claim lapses.
 
-use rocksdb::{Direction, IteratorMode};
+use rocksdb::{Direction, ErrorKind, IteratorMode, ReadOptions, ReadTier};
 
 use crate::batch::{Batch, Op};
 use crate::schema::CF_CLIENT;
@@ -83,6 +83,27 @@ impl Store {
         match self.db().get_cf(cf, client_id.as_bytes())? {
             Some(v) => ClientOwner::decode(&v).map(Some),
             None => Ok(None),
+        }
+    }
+
+    /// The claim on a client id as far as memory can tell, without a disk
+    /// read: `Some` with the answer when the memtables and the block cache
+    /// held what the lookup needed (a new id is usually ruled out by the
+    /// bloom filter alone), `None` when it would have to read a file; then
+    /// ask [`Store::client_owner`] off the async runtime. Cheap enough for
+    /// an async worker: a CONNECT needs no blocking-pool hop for it.
+    pub fn client_owner_in_memory(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<Option<ClientOwner>>, StorageError> {
+        let cf = self.cf_handle(CF_CLIENT)?;
+        let mut options = ReadOptions::default();
+        options.set_read_tier(ReadTier::BlockCache);
+        match self.db().get_cf_opt(cf, client_id.as_bytes(), &options) {
+            Ok(Some(v)) => ClientOwner::decode(&v).map(|c| Some(Some(c))),
+            Ok(None) => Ok(Some(None)),
+            Err(e) if e.kind() == ErrorKind::Incomplete => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -164,6 +185,28 @@ mod tests {
         store.write(b).await.unwrap();
         assert_eq!(store.client_owner("c2").unwrap(), None);
         assert_eq!(store.client_owner("c1").unwrap().unwrap().user, "alice");
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_read_from_memory_or_the_caller_is_told_to_read_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), crate::SyncMode::Never, Duration::from_millis(5))
+            .expect("open");
+        let mut b = Batch::new();
+        b.put_client_owner("c1", "alice", 7);
+        store.write(b).await.unwrap();
+        let in_memory = |id| store.client_owner_in_memory(id).unwrap();
+        assert_eq!(in_memory("c1").unwrap().unwrap().user, "alice", "memtable");
+        assert_eq!(in_memory("c9"), Some(None), "a new id");
+
+        // In a table file whose blocks are not cached: the disk is needed.
+        let cf = store.cf_handle(CF_CLIENT).unwrap();
+        store.db().flush_cf(cf).unwrap();
+        assert_eq!(in_memory("c1"), None);
+        // One read from disk fills the cache; the next needs none.
+        assert_eq!(store.client_owner("c1").unwrap().unwrap().user, "alice");
+        assert_eq!(in_memory("c1").unwrap().unwrap().user, "alice");
         store.close();
     }
 }

@@ -532,6 +532,11 @@ pub struct Metrics {
     pub conv_cache_evicted: Counter,
     /// Idempotency keys deleted after `chat.dedup_ttl_secs`.
     pub dedup_expired: Counter,
+    /// Catch-up pages read from the log (`chat/replay_pages.rs`).
+    pub replay_pages_read: Counter,
+    /// Catch-up pages served from one another session read, without a
+    /// storage read.
+    pub replay_pages_shared: Counter,
 }
 
 pub struct Broker {

@@ -3,12 +3,15 @@
 //! membership changes come as one `reads` / `members` digest per
 //! `chat.announce_window_ms`, not one event per receipt or change to every
 //! member; smaller groups still get each `read` and `member.added` at once.
+//! A whole group coming back at once replays the log from pages read once
+//! and shared, not read again for every member.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chatmq_tests::chat::*;
 use chatmq_tests::http::{Http, Response};
+use chatmq_tests::metrics::metric;
 use chatmq_tests::{v5, Broker};
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
@@ -278,4 +281,69 @@ async fn small_groups_still_get_each_receipt_and_join_at_once() {
         !v5_events(&got).iter().any(|e| e["type"] == "members"),
         "no digest in a small group"
     );
+}
+
+/// A 200-member group is offline (a deploy, an outage) while alice sends
+/// 300 messages; then every member's phone reconnects at once. Each gets
+/// all 300 once, in order, and the broker read each page of the log about
+/// once for all of them: far fewer storage reads than members × pages.
+#[tokio::test]
+async fn a_whole_group_reconnecting_at_once_shares_the_replay() {
+    const MEMBERS: usize = 200;
+    const MESSAGES: u64 = 300;
+    // 256 seqs a page, and each catch-up ends with a look past its last.
+    const PAGES: f64 = 3.0;
+    // Phones reconnecting at the same moment. With all 200 at once the
+    // test client's connects time out (5 s) before the debug-built broker
+    // has answered them all, with or without shared pages.
+    const RECONNECTING: usize = 100;
+    let b = Broker::start(&config());
+    let members: Vec<String> = (0..MEMBERS).map(|i| format!("p{i:03}")).collect();
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    let mut alice = listener(&b, "alice").await;
+    create_group(&mut alice, "crowd", &refs).await;
+    let phone = |b: &Broker, user: &str| v5_options(b.addr, &format!("{user}-phone"), user, true);
+    let b_ref = &b;
+    stream::iter(&members)
+        .for_each_concurrent(16, |u| async move {
+            let mut c = v5_login(phone(b_ref, u)).await;
+            c.subscribe("chat/crowd", v5::QoS::AtLeastOnce).await;
+            c.disconnect().await;
+        })
+        .await;
+
+    for i in 1..=MESSAGES {
+        let (_, _) = alice
+            .publish_acked_keeping(
+                "chat/crowd",
+                v5::QoS::AtLeastOnce,
+                false,
+                &envelope(&format!("m{i}"), "while you were away"),
+            )
+            .await;
+    }
+    let read_before = metric(&b, "chatmq_chat_replay_pages_read_total").await;
+
+    let everyone = stream::iter(&members).map(|u| async move {
+        let mut c = v5_login(phone(b_ref, u)).await;
+        assert!(c.connack.session_present, "{u}");
+        let mut got = v5_until(&mut c, Duration::from_secs(60), |g| {
+            g.len() >= MESSAGES as usize
+        })
+        .await;
+        got.extend(c.publishes_for(Duration::from_millis(300)).await);
+        let seqs: Vec<u64> = got.iter().map(|p| seq_of(&p.payload)).collect();
+        assert_dense(&seqs, MESSAGES, u);
+        c
+    });
+    let _connected: Vec<v5::Client> = everyone.buffer_unordered(RECONNECTING).collect().await;
+
+    let read = metric(&b, "chatmq_chat_replay_pages_read_total").await - read_before;
+    let shared = metric(&b, "chatmq_chat_replay_pages_shared_total").await;
+    let unshared = MEMBERS as f64 * PAGES;
+    assert!(
+        read >= 2.0 && read <= unshared / 10.0,
+        "{read} pages read from storage for {MEMBERS} members, {unshared} without sharing"
+    );
+    assert!(shared >= MEMBERS as f64, "{shared} pages shared");
 }

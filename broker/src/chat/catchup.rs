@@ -8,21 +8,18 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use chatmq_storage::{Batch, StorageError};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;
 
 use super::fanout::chat_qos;
 use super::namespace::wanted_qos;
+use super::replay_pages::Served;
 use super::{lock, Chat};
 use crate::blocking;
 use crate::broker::SessionCell;
-use crate::message::Message;
 use crate::session::{Offer, Session};
 
-/// Messages read from the log per step of a catch-up.
-const CATCH_UP_PAGE: usize = 256;
 /// Most messages a replay keeps waiting in one session; it continues as
 /// the client acknowledges them, so a long absence costs bounded memory.
 pub const REPLAY_WINDOW: usize = 1024;
@@ -78,29 +75,26 @@ impl Chat {
             }
         }
         // After the flag is cleared, one more read: a live message that found
-        // the replay running was committed before it was offered, so this
-        // read sees it.
+        // the replay running was committed (and counted in the durable head)
+        // before it was offered, so this read sees it.
         let mut last_pass = false;
+        // Where the last page ended: a page with holes (a lost seq) is not
+        // read again for them.
+        let mut read_from = 0;
         loop {
-            let from = next();
+            let from = next().max(read_from);
             if cell.lock().session.is_full() {
                 return finish(true);
             }
-            let store = self.store.clone();
-            let c = conv.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                store.messages(&c, from, u64::MAX, CATCH_UP_PAGE, false)
-            })
-            .await;
+            let page = self.replay_page(&conv, from).await;
             let page = match page {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
+                Ok(p) => p,
+                Err(e) => {
                     tracing::error!(error = %e, "catch-up read failed");
                     return finish(false);
                 }
-                Err(_) => return finish(false),
             };
-            let full = page.len() == CATCH_UP_PAGE;
+            read_from = page.next;
             let mut queued = false;
             let mut session_full = false;
             {
@@ -117,13 +111,7 @@ impl Chat {
                 let qos = chat_qos(QoS::AtLeastOnce, sub_qos);
                 let mut batch = Batch::new();
                 let before = s.dropped;
-                for (seq, body) in page {
-                    let msg = Arc::new(Message::from_server(
-                        topic.clone(),
-                        Bytes::from(body),
-                        qos,
-                        false,
-                    ));
+                for (seq, msg) in page.entries {
                     match s.offer_chat(&conv, seq, msg, qos, false, &mut batch) {
                         Offer::Queued => queued = true,
                         Offer::Full => {
@@ -143,7 +131,7 @@ impl Chat {
                 // The rest waits in the log until the client drains.
                 return finish(true);
             }
-            if !full {
+            if !page.complete {
                 if last_pass {
                     return;
                 }
@@ -151,6 +139,27 @@ impl Chat {
                 last_pass = true;
             }
         }
+    }
+
+    /// The messages of `conv` from `from` to the end of their page, shared
+    /// with the other sessions replaying it (`chat/replay_pages.rs`).
+    async fn replay_page(&self, conv: &Arc<str>, from: u64) -> Result<Served, StorageError> {
+        // The durable head: every message offered live so far is at or
+        // below it. Unknown once the state left memory: read storage.
+        let known = lock(&self.convs)
+            .get(conv)
+            .map_or(u64::MAX, |slot| slot.durable_head.load(Ordering::Acquire));
+        let page = self.replay.read(&self.store, conv, from, known).await?;
+        if page.read {
+            self.metrics
+                .replay_pages_read
+                .fetch_add(1, Ordering::Relaxed);
+        } else if page.shared {
+            self.metrics
+                .replay_pages_shared
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(page)
     }
 
     /// Resumes replays that paused on a full window once the session has

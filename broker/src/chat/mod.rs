@@ -21,7 +21,8 @@
 //!
 //! Where each part lives: `sequencer.rs` gives seqs and submits writes,
 //! `fanout.rs` delivers committed messages (and the server's own events),
-//! `catchup.rs` replays from the log, `presence.rs` tracks who is online,
+//! `catchup.rs` replays from the log (through the pages
+//! `replay_pages.rs` shares between sessions), `presence.rs` tracks who is online,
 //! `admin.rs` changes membership, `announcements.rs` coalesces large
 //! groups' receipts and membership changes, `queries.rs` answers history, lists and
 //! read receipts, [`typing`] forwards typing indicators, and `hooks.rs` is
@@ -38,6 +39,7 @@ pub mod membership;
 pub mod namespace;
 mod presence;
 mod queries;
+mod replay_pages;
 pub mod retention;
 pub mod rpc;
 mod sequencer;
@@ -97,6 +99,9 @@ pub struct Chat {
     /// Large groups' receipts and membership changes waiting for their
     /// digest (`chat/announcements.rs`).
     announcements: announcements::Announcements,
+    /// Log pages read by catch-ups, shared by the sessions replaying the
+    /// same conversation (`chat/replay_pages.rs`).
+    replay: replay_pages::ReplayPages,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,6 +141,7 @@ impl Chat {
             next_conv: AtomicU64::new(0),
             retention: retention::Retention::default(),
             announcements: announcements::Announcements::default(),
+            replay: replay_pages::ReplayPages::default(),
         })
     }
 

@@ -246,6 +246,7 @@ impl Chat {
         let commit = self.store.submit(batch).await;
         drop(st);
         commit.await?;
+        self.replay.trimmed(conv, keep_from);
         Ok(keep_from - first)
     }
 
@@ -367,7 +368,16 @@ mod tests {
             max_messages: 5,
             max_age_ms: 0,
         };
+        // A catch-up read the page before the trim; after it, the shared
+        // page serves only what is kept.
+        let room: Arc<str> = "room".into();
+        let before = chat.replay.read(&chat.store, &room, 1, 12).await.unwrap();
+        assert_eq!(before.entries.len(), 12);
         assert_eq!(chat.trim("room", &policy, now_ms()).await.unwrap(), 7);
+        let after = chat.replay.read(&chat.store, &room, 1, 12).await.unwrap();
+        assert!(after.shared, "the kept part is still shared");
+        let kept: Vec<u64> = after.entries.iter().map(|(s, _)| *s).collect();
+        assert_eq!(kept, [8, 9, 10, 11, 12]);
         assert_eq!(
             chat.trim("room", &policy, now_ms()).await.unwrap(),
             0,

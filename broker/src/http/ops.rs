@@ -250,6 +250,16 @@ fn render(api: &Api) -> String {
             "Idempotency keys deleted after chat.dedup_ttl_secs.",
             &m.dedup_expired,
         ),
+        (
+            "chatmq_chat_replay_pages_read_total",
+            "Catch-up pages read from the conversation log.",
+            &m.replay_pages_read,
+        ),
+        (
+            "chatmq_chat_replay_pages_shared_total",
+            "Catch-up pages served from memory, read before for this or another session.",
+            &m.replay_pages_shared,
+        ),
     ] {
         out.single(name, "counter", help, count(counter));
     }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use chatmq_config::Settings;
-use chatmq_storage::{Batch, Commit, Store};
+use chatmq_storage::{Batch, Cached, Commit, Store};
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::{oneshot, Notify};
 
@@ -717,8 +717,8 @@ impl Broker {
         // by the bloom filter), else from disk on the blocking pool. The
         // hop was a quarter of the broker's CPU in a connection storm (#11).
         let read = match self.store.client_owner_in_memory(&a.client_id) {
-            Ok(Some(stored)) => Ok(stored),
-            Ok(None) => {
+            Ok(Cached::Known(stored)) => Ok(stored),
+            Ok(Cached::Uncached) => {
                 let id = a.client_id.clone();
                 crate::blocking::read(&self.store, move |s| s.client_owner(&id)).await
             }

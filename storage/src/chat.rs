@@ -276,16 +276,14 @@ impl Store {
         sender: &str,
         id: &str,
     ) -> Result<Cached<Option<u64>>, StorageError> {
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_read_tier(rocksdb::ReadTier::BlockCache);
-        let key = dedup_key(conv, sender, id);
-        match self.db().get_cf_opt(self.cf_handle(CF_DEDUP)?, key, &opts) {
-            Ok(v) => Ok(Cached::Known(
-                v.and_then(|v| split_dedup_value(&v)).map(|(seq, _)| seq),
-            )),
-            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => Ok(Cached::Uncached),
-            Err(e) => Err(e.into()),
-        }
+        Ok(
+            match self.get_in_memory(CF_DEDUP, &dedup_key(conv, sender, id))? {
+                Cached::Known(v) => {
+                    Cached::Known(v.and_then(|v| split_dedup_value(&v)).map(|(seq, _)| seq))
+                }
+                Cached::Uncached => Cached::Uncached,
+            },
+        )
     }
 
     /// Reads up to `limit` idempotency keys from `from` (the start when

@@ -7,12 +7,12 @@
 //! the broker stamps them on its next sweep. This module knows the layout
 //! only; the broker decides who may claim what and when a claim lapses.
 
-use rocksdb::{Direction, ErrorKind, IteratorMode, ReadOptions, ReadTier};
+use rocksdb::{Direction, IteratorMode};
 
 use crate::batch::{Batch, Op};
 use crate::schema::CF_CLIENT;
 use crate::store::Store;
-use crate::StorageError;
+use crate::{Cached, StorageError};
 
 const STAMPED: u8 = 0x01;
 
@@ -87,24 +87,20 @@ impl Store {
     }
 
     /// The claim on a client id as far as memory can tell, without a disk
-    /// read: `Some` with the answer when the memtables and the block cache
-    /// held what the lookup needed (a new id is usually ruled out by the
-    /// bloom filter alone), `None` when it would have to read a file; then
-    /// ask [`Store::client_owner`] off the async runtime. Cheap enough for
+    /// read: `Known` when the memtables and the block cache held what the
+    /// lookup needed (a new id is usually ruled out by the bloom filter
+    /// alone), `Uncached` when it would have to read a file; then ask
+    /// [`Store::client_owner`] off the async runtime. Cheap enough for
     /// an async worker: a CONNECT needs no blocking-pool hop for it.
     pub fn client_owner_in_memory(
         &self,
         client_id: &str,
-    ) -> Result<Option<Option<ClientOwner>>, StorageError> {
-        let cf = self.cf_handle(CF_CLIENT)?;
-        let mut options = ReadOptions::default();
-        options.set_read_tier(ReadTier::BlockCache);
-        match self.db().get_cf_opt(cf, client_id.as_bytes(), &options) {
-            Ok(Some(v)) => ClientOwner::decode(&v).map(|c| Some(Some(c))),
-            Ok(None) => Ok(Some(None)),
-            Err(e) if e.kind() == ErrorKind::Incomplete => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+    ) -> Result<Cached<Option<ClientOwner>>, StorageError> {
+        Ok(match self.get_in_memory(CF_CLIENT, client_id.as_bytes())? {
+            Cached::Known(Some(v)) => Cached::Known(Some(ClientOwner::decode(&v)?)),
+            Cached::Known(None) => Cached::Known(None),
+            Cached::Uncached => Cached::Uncached,
+        })
     }
 
     /// Up to `limit` claims in client-id order, starting after `after`
@@ -196,7 +192,10 @@ mod tests {
         let mut b = Batch::new();
         b.put_client_owner("c1", "alice", 7);
         store.write(b).await.unwrap();
-        let in_memory = |id| store.client_owner_in_memory(id).unwrap();
+        let in_memory = |id| match store.client_owner_in_memory(id).unwrap() {
+            Cached::Known(owner) => Some(owner),
+            Cached::Uncached => None,
+        };
         assert_eq!(in_memory("c1").unwrap().unwrap().user, "alice", "memtable");
         assert_eq!(in_memory("c9"), Some(None), "a new id");
 

@@ -18,7 +18,7 @@ use crate::schema::{
     CF_RETAINED, CF_SESSION, META_EPOCH, META_SCHEMA, SCHEMA_VERSION,
 };
 use crate::writer::{self, Commit, Job};
-use crate::{StorageError, SyncMode};
+use crate::{Cached, StorageError, SyncMode};
 
 /// Read ahead by the start-up scans, which read a column family end to end.
 const SCAN_READAHEAD: usize = 2 << 20;
@@ -239,6 +239,23 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The value of `key` in `cf` from memory alone (memtables, the block
+    /// cache and the tables' bloom filters), never a file read: safe on an
+    /// async worker. `Uncached` when only the disk could tell.
+    pub(crate) fn get_in_memory(
+        &self,
+        cf: &'static str,
+        key: &[u8],
+    ) -> Result<Cached<Option<Vec<u8>>>, StorageError> {
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_read_tier(rocksdb::ReadTier::BlockCache);
+        match self.db().get_cf_opt(self.cf_handle(cf)?, key, &options) {
+            Ok(v) => Ok(Cached::Known(v)),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => Ok(Cached::Uncached),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(crate) fn db(&self) -> &DB {

@@ -357,6 +357,30 @@ pub(super) mod tests {
         Envelope::parse(format!(r#"{{"id":"{id}","body":"hi"}}"#).as_bytes()).expect("envelope")
     }
 
+    /// A chat layer on a store in `path`, its dispatcher running until the
+    /// returned sender is dropped.
+    fn running_chat(
+        path: &std::path::Path,
+        sync: SyncMode,
+    ) -> (Store, Arc<Chat>, tokio::sync::watch::Sender<bool>) {
+        let store = Store::open(path, sync, Duration::from_millis(5)).expect("store");
+        let push = Push::open(store.clone(), &Default::default()).expect("push");
+        let chat =
+            Arc::new(Chat::new(store.clone(), Arc::new(Metrics::default()), push).expect("chat"));
+        let (stop, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(chat.clone().run_dispatcher(watch));
+        (store, chat, stop)
+    }
+
+    /// alice's message `id` in "room": its seq and its commit's outcome.
+    async fn send(chat: &Chat, id: &str) -> (u64, Result<(), StorageError>) {
+        let (commit, seq) = chat
+            .append("room", &"alice".into(), &envelope(id), QoS::AtLeastOnce)
+            .await
+            .expect("appended");
+        (seq, commit.await)
+    }
+
     // Issue #11 item 3: the idempotency lookup reads no disk on an async
     // worker. After a restart whose keys are only in table files (no
     // memtable, a cold block cache), a retried envelope id is found by the
@@ -365,36 +389,19 @@ pub(super) mod tests {
     async fn a_retry_found_only_on_disk_keeps_its_seq() {
         let dir = tempfile::tempdir().expect("temp dir");
         let copy = tempfile::tempdir().expect("temp dir");
-        let alice: Arc<str> = "alice".into();
-        let open = |path: &std::path::Path| {
-            let store =
-                Store::open(path, SyncMode::Always, Duration::from_millis(5)).expect("store");
-            let push = Push::open(store.clone(), &Default::default()).expect("push");
-            let chat = Arc::new(
-                Chat::new(store.clone(), Arc::new(Metrics::default()), push).expect("chat"),
-            );
-            let (stop, watch) = tokio::sync::watch::channel(false);
-            tokio::spawn(chat.clone().run_dispatcher(watch));
-            (store, chat, stop)
-        };
-        let send = |chat: Arc<Chat>, id: &'static str| {
-            let alice = alice.clone();
-            async move {
-                let (commit, seq) = chat
-                    .append("room", &alice, &envelope(id), QoS::AtLeastOnce)
-                    .await
-                    .expect("appended");
-                assert!(commit.await.is_ok(), "{id} committed");
-                seq
-            }
+        let open = |path: &std::path::Path| running_chat(path, SyncMode::Always);
+        let sent = |chat: Arc<Chat>, id: &'static str| async move {
+            let (seq, acked) = send(&chat, id).await;
+            assert!(acked.is_ok(), "{id} committed");
+            seq
         };
         {
             let (store, chat, _stop) = open(dir.path());
             chat.create("room", "t", Some("alice"), &[])
                 .await
                 .expect("room");
-            assert_eq!(send(chat.clone(), "m1").await, 1);
-            assert_eq!(send(chat.clone(), "m2").await, 2);
+            assert_eq!(sent(chat.clone(), "m1").await, 1);
+            assert_eq!(sent(chat.clone(), "m2").await, 2);
             let s = store.clone();
             tokio::task::spawn_blocking(move || s.flush_memtables())
                 .await
@@ -414,17 +421,17 @@ pub(super) mod tests {
             drop(chat);
         }
         let (_store, chat, _stop) = open(copy.path());
-        assert_eq!(send(chat.clone(), "m1").await, 1, "a retry keeps its seq");
+        assert_eq!(sent(chat.clone(), "m1").await, 1, "a retry keeps its seq");
         assert!(
             chat.metrics.chat_dedup_disk_reads.load(Ordering::Relaxed) >= 1,
             "the key was only on disk: read on the blocking pool"
         );
         assert_eq!(
-            send(chat.clone(), "m3").await,
+            sent(chat.clone(), "m3").await,
             3,
             "a new id gets the next seq"
         );
-        assert_eq!(send(chat.clone(), "m2").await, 2, "another retry");
+        assert_eq!(sent(chat.clone(), "m2").await, 2, "another retry");
     }
 
     // Issue #10 item 7: a commit of an append fails (here: the writer is
@@ -434,28 +441,11 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_failed_commit_rolls_the_conversation_back() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store =
-            Store::open(dir.path(), SyncMode::Never, Duration::from_millis(5)).expect("store");
-        let push = Push::open(store.clone(), &Default::default()).expect("push");
-        let chat =
-            Arc::new(Chat::new(store.clone(), Arc::new(Metrics::default()), push).expect("chat"));
-        let (_stop, watch) = tokio::sync::watch::channel(false);
-        tokio::spawn(chat.clone().run_dispatcher(watch));
+        let (store, chat, _stop) = running_chat(dir.path(), SyncMode::Never);
         chat.create("room", "t", Some("alice"), &[])
             .await
             .expect("room");
-        let alice: Arc<str> = "alice".into();
-        let send = |id: &'static str| {
-            let chat = chat.clone();
-            let alice = alice.clone();
-            async move {
-                let (commit, seq) = chat
-                    .append("room", &alice, &envelope(id), QoS::AtLeastOnce)
-                    .await
-                    .expect("appended");
-                (seq, commit.await)
-            }
-        };
+        let send = |id: &'static str| send(&chat, id);
         let (seq, acked) = send("m1").await;
         assert_eq!((seq, acked.is_ok()), (1, true));
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use chatmq_config::Settings;
 use chatmq_storage::{Batch, Cached, Commit, Store};
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::{oneshot, Notify};
 
@@ -550,7 +551,9 @@ pub struct Broker {
     pub interceptors: Interceptors,
     /// Who may use which client id.
     pub owners: Ownership,
-    router: RwLock<Router<Arc<SessionCell>>>,
+    /// Sharded by thread: a publish read-locks its own cache line, not one
+    /// every core bumps; a (rarer) subscribe locks every shard.
+    router: ShardedLock<Router<Arc<SessionCell>>>,
     sessions: Mutex<Sessions>,
     /// When disconnected persistent sessions expire (see [`Deadlines`]).
     expiries: Mutex<Deadlines>,
@@ -576,6 +579,14 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_router<T>(l: &ShardedLock<T>) -> ShardedLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_router<T>(l: &ShardedLock<T>) -> ShardedLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -612,7 +623,7 @@ impl Broker {
             acl,
             metrics,
             interceptors: Interceptors::default(),
-            router: RwLock::new(Router::default()),
+            router: ShardedLock::new(Router::default()),
             sessions: Mutex::new(Sessions::default()),
             expiries: Mutex::new(Deadlines::default()),
             wills: Mutex::new(Deadlines::default()),
@@ -628,7 +639,7 @@ impl Broker {
     fn restore(&self) -> Result<(), chatmq_storage::StorageError> {
         let now = now_ms();
         let mut sessions = self.lock_sessions();
-        let mut router = write(&self.router);
+        let mut router = write_router(&self.router);
         let mut bodies = crate::session::RestoredBodies::new();
         for mut stored in self.store.load_sessions()? {
             // Connected when the broker died: its last acknowledgements may
@@ -829,7 +840,7 @@ impl Broker {
             }
             drop(slot);
             cell.ended.store(true, Ordering::Release);
-            let mut router = write(&self.router);
+            let mut router = write_router(&self.router);
             for f in &filters {
                 router.unsubscribe(&a.client_id, f);
             }
@@ -979,7 +990,7 @@ impl Broker {
             sessions.remove(&cell.client_id);
             drop(sessions);
             cell.ended.store(true, Ordering::Release);
-            let mut router = write(&self.router);
+            let mut router = write_router(&self.router);
             for f in filters {
                 router.unsubscribe(&cell.client_id, f);
             }
@@ -1114,11 +1125,11 @@ impl Broker {
 
     /// Adds `cell`'s subscription to `filter` to the index.
     pub fn index_subscription(&self, cell: &Arc<SessionCell>, filter: &str, options: SubOptions) {
-        write(&self.router).subscribe(&cell.client_id, filter, options, cell.clone());
+        write_router(&self.router).subscribe(&cell.client_id, filter, options, cell.clone());
     }
 
     pub fn unindex_subscription(&self, client_id: &str, filter: &str) -> bool {
-        write(&self.router).unsubscribe(client_id, filter)
+        write_router(&self.router).unsubscribe(client_id, filter)
     }
 
     /// The retained messages a new subscription to `filter` gets: all that
@@ -1174,7 +1185,7 @@ impl Broker {
         }
         let mut found: Vec<Vec<Target>> = Vec::with_capacity(msgs.len());
         {
-            let router = read(&self.router);
+            let router = read_router(&self.router);
             for msg in msgs {
                 found.push(Self::targets(&router, msg));
             }

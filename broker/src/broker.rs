@@ -1284,6 +1284,9 @@ impl Broker {
         full: &mut Option<Arc<SessionCell>>,
     ) -> u64 {
         let fan_out = targets.len() > 1;
+        if fan_out {
+            msg.mark_shared();
+        }
         let mut dropped = 0u64;
         for t in targets {
             let cell = t.cell;

@@ -28,7 +28,7 @@ use crate::hooks::{Authorization, Checked, Hooks, Outcome, Publication, Publishe
 use crate::limits::{self, PublishRate, RateLimit, UserRate};
 use crate::message::{min_qos, Message};
 use crate::router::SubOptions;
-use crate::session::{Ack, Session};
+use crate::session::{Ack, Outbound, Session};
 use crate::topic::{check_filter, check_topic, parse_shared, Refusal as TopicRefusal};
 
 /// A packet to write, now or once its writes are durable.
@@ -982,7 +982,7 @@ impl Channel {
     /// Also returns the QoS 0 messages waiting in the session's inbox, to
     /// be written before `packets`: taken under the session's lock, after
     /// anything its publishers routed before what is now queued.
-    pub async fn poll_deliveries(&mut self, packets: &mut Vec<Packet>) -> VecDeque<Plain> {
+    pub async fn poll_deliveries(&mut self, packets: &mut Vec<Outbound>) -> VecDeque<Plain> {
         let Some(cell) = &self.cell else {
             return VecDeque::new();
         };
@@ -993,7 +993,7 @@ impl Channel {
             let mut slot = cell.lock();
             inbox = cell.inbox.take();
             let before = slot.session.dropped;
-            slot.session.poll_send(now_ms(), packets, &mut batch);
+            slot.session.poll_outbound(now_ms(), packets, &mut batch);
             slot.session.dropped - before
         };
         if expired > 0 {

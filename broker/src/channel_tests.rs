@@ -30,6 +30,7 @@ mod support {
     use crate::broker::{Broker, Kick};
     use crate::channel::{Channel, Close, Out};
     use crate::codec::Protocol::{self, V5};
+    use crate::session::Outbound;
 
     pub struct Fixture {
         pub broker: Arc<Broker>,
@@ -211,7 +212,7 @@ mod support {
             for p in self.channel.poll_deliveries(&mut queued).await {
                 packets.push(Packet::Publish(p.to_publish()));
             }
-            packets.extend(queued);
+            packets.extend(queued.into_iter().map(Outbound::into_packet));
             packets
                 .into_iter()
                 .map(|p| match p {

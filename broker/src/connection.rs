@@ -33,6 +33,8 @@ use crate::broker::{Broker, Kick, Metrics, Plain, SessionCell};
 use crate::channel::{max_packet_size, Channel, Close, Out, JWT_METHOD};
 use crate::codec::{self, DecodeError, Frame, Protocol};
 use crate::login_guard;
+use crate::message::Message;
+use crate::session::Outbound;
 
 const READ_CHUNK: usize = 16 * 1024;
 /// Reads that return at least this much keep a read buffer of their own
@@ -410,7 +412,16 @@ impl Connection {
             // queue was empty, before anything now queued.
             self.deliver_inbox(inbox);
             for p in deliveries {
-                self.send(p).await;
+                match p {
+                    Outbound::Packet(p) => self.send(p).await,
+                    Outbound::Publish {
+                        msg,
+                        qos,
+                        pkid,
+                        dup,
+                        retain,
+                    } => self.send_publish(&msg, qos, pkid, dup, retain).await,
+                }
             }
             if let Some(close) = self.overloaded() {
                 return Some(close);
@@ -876,6 +887,31 @@ impl Connection {
             // Boxed: rare, and the connection's idle state should not
             // carry its space.
             Box::pin(self.channel.discarded(pkid)).await;
+        }
+    }
+
+    /// A QoS 1/2 PUBLISH of `msg`, copied from the encoding every delivery
+    /// of it shares ([`Message::wire_acked`]) with this one's packet id and
+    /// flags; built for it alone if the message has none. Too large for
+    /// the client: discarded [MQTT-3.1.2-25].
+    async fn send_publish(&mut self, msg: &Message, qos: QoS, pkid: u16, dup: bool, retain: bool) {
+        let protocol = self.protocol.unwrap_or(Protocol::V4);
+        let max = self
+            .channel
+            .client_max_packet
+            .map_or(usize::MAX, |m| m as usize);
+        match msg.wire_acked(protocol) {
+            Some(wire) if wire.len() <= max && !wire.is_empty() => {
+                wire.write(&mut self.outbuf, qos, pkid, dup, retain);
+                self.metrics
+                    .messages_delivered
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => Box::pin(self.channel.discarded(pkid)).await,
+            None => {
+                let p = msg.to_publish(qos, pkid, dup, retain, &[]);
+                self.send(Packet::Publish(p)).await;
+            }
         }
     }
 }

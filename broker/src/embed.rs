@@ -354,7 +354,7 @@ impl Session {
                 self.answer(Packet::Publish(p.to_publish())).await?;
             }
             for p in packets {
-                self.answer(p).await?;
+                self.answer(p.into_packet()).await?;
             }
             self.flush().await?;
             let room = self.waiting.len() < self.max_inflight;

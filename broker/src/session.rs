@@ -59,6 +59,36 @@ pub struct Outgoing {
     body: Option<Arc<SharedBody>>,
 }
 
+/// What a session sends next.
+#[derive(Debug)]
+pub enum Outbound {
+    Packet(Packet),
+    /// A QoS 1/2 PUBLISH of `msg` with this delivery's packet id and flags.
+    Publish {
+        msg: Arc<Message>,
+        qos: QoS,
+        pkid: u16,
+        dup: bool,
+        retain: bool,
+    },
+}
+
+impl Outbound {
+    /// As a packet of its own.
+    pub fn into_packet(self) -> Packet {
+        match self {
+            Outbound::Packet(p) => p,
+            Outbound::Publish {
+                msg,
+                qos,
+                pkid,
+                dup,
+                retain,
+            } => Packet::Publish(msg.to_publish(qos, pkid, dup, retain, &[])),
+        }
+    }
+}
+
 /// The bodies met while restoring sessions, by id: each message is in
 /// memory once, however many sessions are owed it.
 pub type RestoredBodies = HashMap<u64, (Arc<SharedBody>, Arc<Message>)>;
@@ -498,6 +528,16 @@ impl Session {
     /// once, QoS 1/2 while fewer than Receive Maximum are unacknowledged
     /// [MQTT-4.9.0-2]. Expired messages are dropped [MQTT-3.3.2-5].
     pub fn poll_send(&mut self, now_ms: u64, out: &mut Vec<Packet>, batch: &mut Batch) {
+        let mut next = Vec::new();
+        self.poll_outbound(now_ms, &mut next, batch);
+        out.extend(next.into_iter().map(Outbound::into_packet));
+    }
+
+    /// [`Session::poll_send`] for the connection: a QoS 1/2 PUBLISH of a
+    /// message routed to several sessions, without subscription
+    /// identifiers, comes as its message, to be copied from the message's
+    /// shared encoding ([`Message::wire_acked`]).
+    pub fn poll_outbound(&mut self, now_ms: u64, out: &mut Vec<Outbound>, batch: &mut Batch) {
         while let Some(front) = self.queue.front() {
             if front.msg.is_expired(now_ms) {
                 if let Some(old) = self.pop_queue() {
@@ -521,13 +561,23 @@ impl Session {
             let Some(mut o) = self.pop_queue() else {
                 break;
             };
-            out.push(Packet::Publish(o.msg.to_publish(
-                o.qos,
-                if o.n == 0 { 0 } else { o.pkid() },
-                o.sent,
-                o.retain,
-                &o.sub_ids,
-            )));
+            out.push(if o.n != 0 && o.sub_ids.is_empty() && o.msg.is_shared() {
+                Outbound::Publish {
+                    msg: o.msg.clone(),
+                    qos: o.qos,
+                    pkid: o.pkid(),
+                    dup: o.sent,
+                    retain: o.retain,
+                }
+            } else {
+                Outbound::Packet(Packet::Publish(o.msg.to_publish(
+                    o.qos,
+                    if o.n == 0 { 0 } else { o.pkid() },
+                    o.sent,
+                    o.retain,
+                    &o.sub_ids,
+                )))
+            });
             if o.n != 0 {
                 o.sent = true;
                 self.inflight.push_back(o);

@@ -121,7 +121,11 @@ impl Chat {
 
     async fn fan_out(self: &Arc<Self>, conv: &Arc<str>, seq: u64, msg: &Arc<Message>) {
         let members = self.members(conv);
-        for (i, cell) in self.audience(&members).into_iter().enumerate() {
+        let audience = self.audience(&members);
+        if audience.len() > 1 {
+            msg.mark_shared();
+        }
+        for (i, cell) in audience.into_iter().enumerate() {
             if i > 0 && i % FAN_OUT_STEP == 0 {
                 tokio::task::yield_now().await;
             }

@@ -319,6 +319,8 @@ async fn read_on(
             .map(|(seq, body)| {
                 let msg =
                     Message::from_server(topic.clone(), Bytes::from(body), QoS::AtLeastOnce, false);
+                // Kept for every session replaying it: one encoding for all.
+                msg.mark_shared();
                 (seq, Arc::new(msg))
             })
             .collect())

@@ -33,7 +33,11 @@ impl Chat {
     /// replay of it is already running there.
     pub fn start_catch_up(self: &Arc<Self>, cell: &Arc<SessionCell>, conv: &Arc<str>) {
         if cell.lock().session.catching_up.insert(conv.clone()) {
-            tokio::spawn(self.clone().catch_up(cell.clone(), conv.clone()));
+            let replay = self.clone().catch_up(cell.clone(), conv.clone());
+            match self.runtime.get() {
+                Some(main) => drop(main.spawn(replay)),
+                None => drop(tokio::spawn(replay)),
+            }
         }
     }
 

@@ -62,8 +62,43 @@ impl Chat {
 
     /// Runs the dispatcher shards until the broker stops: in each, commits
     /// are awaited in append order, then messages go out.
+    ///
+    /// The shards run on a thread and runtime of their own. On the
+    /// connections' runtime a shard woken by a commit waited behind every
+    /// connection task a large fan-out had woken (the pick-up of a small
+    /// conversation's commit measured 15 ms at p99 beside a 1,000-member
+    /// group); a thread that is mostly idle is run by the OS as soon as it
+    /// is woken. Catch-ups still start on the connections' runtime.
     pub async fn run_dispatcher(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
         let queues: Vec<_> = lock(&self.dispatch_rx).drain(..).collect();
+        let _ = self.runtime.set(tokio::runtime::Handle::current());
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let chat = self.clone();
+        let stop = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name("chatmq-dispatch".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(chat.run_shards(queues, stop)),
+                    Err(e) => tracing::error!(error = %e, "cannot start the chat dispatcher"),
+                }
+                drop(done);
+            });
+        if let Err(e) = thread {
+            tracing::error!(error = %e, "cannot start the chat dispatcher thread");
+            return;
+        }
+        let _ = finished.await;
+    }
+
+    async fn run_shards(
+        self: Arc<Self>,
+        queues: Vec<mpsc::Receiver<Dispatch>>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut shards = tokio::task::JoinSet::new();
         for rx in queues {
             shards.spawn(self.clone().run_shard(rx, shutdown.clone()));

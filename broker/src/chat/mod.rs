@@ -87,6 +87,9 @@ pub struct Chat {
     /// One queue per dispatcher shard (see [`Chat::shard`]).
     dispatch: Vec<mpsc::Sender<Dispatch>>,
     dispatch_rx: Mutex<Vec<mpsc::Receiver<Dispatch>>>,
+    /// The runtime the connections run on, where catch-ups are started
+    /// (the dispatcher shards run on a thread of their own).
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
     /// The most messages one history call returns.
     pub history_cap: usize,
     metrics: Arc<Metrics>,
@@ -135,6 +138,7 @@ impl Chat {
             watchers: Mutex::new(std::collections::HashSet::new()),
             dispatch,
             dispatch_rx: Mutex::new(rx),
+            runtime: std::sync::OnceLock::new(),
             history_cap: 200,
             metrics,
             push,

@@ -33,8 +33,7 @@ use crate::broker::{Broker, Kick, Metrics, Plain, SessionCell};
 use crate::channel::{max_packet_size, Channel, Close, Out, JWT_METHOD};
 use crate::codec::{self, DecodeError, Frame, Protocol};
 use crate::login_guard;
-use crate::message::Message;
-use crate::session::Outbound;
+use crate::session::{Delivery, Outbound};
 
 const READ_CHUNK: usize = 16 * 1024;
 /// Reads that return at least this much keep a read buffer of their own
@@ -414,13 +413,7 @@ impl Connection {
             for p in deliveries {
                 match p {
                     Outbound::Packet(p) => self.send(p).await,
-                    Outbound::Publish {
-                        msg,
-                        qos,
-                        pkid,
-                        dup,
-                        retain,
-                    } => self.send_publish(&msg, qos, pkid, dup, retain).await,
+                    Outbound::Publish(d) => self.send_publish(&d).await,
                 }
             }
             if let Some(close) = self.overloaded() {
@@ -890,28 +883,26 @@ impl Connection {
         }
     }
 
-    /// A QoS 1/2 PUBLISH of `msg`, copied from the encoding every delivery
-    /// of it shares ([`Message::wire_acked`]) with this one's packet id and
-    /// flags; built for it alone if the message has none. Too large for
-    /// the client: discarded [MQTT-3.1.2-25].
-    async fn send_publish(&mut self, msg: &Message, qos: QoS, pkid: u16, dup: bool, retain: bool) {
+    /// A QoS 1/2 PUBLISH of a shared message, copied from the encoding
+    /// every delivery of it shares
+    /// ([`wire_acked`](crate::message::Message::wire_acked)) with this
+    /// one's packet id and flags; built for it alone if the message has
+    /// none. Too large for the client: discarded [MQTT-3.1.2-25].
+    async fn send_publish(&mut self, d: &Delivery) {
         let protocol = self.protocol.unwrap_or(Protocol::V4);
         let max = self
             .channel
             .client_max_packet
             .map_or(usize::MAX, |m| m as usize);
-        match msg.wire_acked(protocol) {
+        match d.msg.wire_acked(protocol) {
             Some(wire) if wire.len() <= max && !wire.is_empty() => {
-                wire.write(&mut self.outbuf, qos, pkid, dup, retain);
+                wire.write(&mut self.outbuf, d.qos, d.pkid, d.dup, d.retain);
                 self.metrics
                     .messages_delivered
                     .fetch_add(1, Ordering::Relaxed);
             }
-            Some(_) => Box::pin(self.channel.discarded(pkid)).await,
-            None => {
-                let p = msg.to_publish(qos, pkid, dup, retain, &[]);
-                self.send(Packet::Publish(p)).await;
-            }
+            Some(_) => Box::pin(self.channel.discarded(d.pkid)).await,
+            None => self.send(Packet::Publish(d.to_publish())).await,
         }
     }
 }

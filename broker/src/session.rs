@@ -63,14 +63,26 @@ pub struct Outgoing {
 #[derive(Debug)]
 pub enum Outbound {
     Packet(Packet),
-    /// A QoS 1/2 PUBLISH of `msg` with this delivery's packet id and flags.
-    Publish {
-        msg: Arc<Message>,
-        qos: QoS,
-        pkid: u16,
-        dup: bool,
-        retain: bool,
-    },
+    Publish(Delivery),
+}
+
+/// A QoS 1/2 PUBLISH of a message shared by several sessions, with this
+/// delivery's packet id and flags (no subscription identifiers).
+#[derive(Debug)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    pub qos: QoS,
+    pub pkid: u16,
+    pub dup: bool,
+    pub retain: bool,
+}
+
+impl Delivery {
+    /// Built for this delivery alone.
+    pub fn to_publish(&self) -> rumqttc::v5::mqttbytes::v5::Publish {
+        self.msg
+            .to_publish(self.qos, self.pkid, self.dup, self.retain, &[])
+    }
 }
 
 impl Outbound {
@@ -78,13 +90,7 @@ impl Outbound {
     pub fn into_packet(self) -> Packet {
         match self {
             Outbound::Packet(p) => p,
-            Outbound::Publish {
-                msg,
-                qos,
-                pkid,
-                dup,
-                retain,
-            } => Packet::Publish(msg.to_publish(qos, pkid, dup, retain, &[])),
+            Outbound::Publish(d) => Packet::Publish(d.to_publish()),
         }
     }
 }
@@ -562,13 +568,13 @@ impl Session {
                 break;
             };
             out.push(if o.n != 0 && o.sub_ids.is_empty() && o.msg.is_shared() {
-                Outbound::Publish {
+                Outbound::Publish(Delivery {
                     msg: o.msg.clone(),
                     qos: o.qos,
                     pkid: o.pkid(),
                     dup: o.sent,
                     retain: o.retain,
-                }
+                })
             } else {
                 Outbound::Packet(Packet::Publish(o.msg.to_publish(
                     o.qos,

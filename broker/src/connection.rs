@@ -401,17 +401,20 @@ impl Connection {
 
         loop {
             self.encode_output();
-            if let Some(close) = self.ack_resolved().await {
-                return Some(close);
+            match self.acks_resolved() {
+                Ok(discards) => self.discard(discards).await,
+                Err(close) => return Some(close),
             }
             let mut deliveries = Vec::new();
             let inbox = self.channel.poll_deliveries(&mut deliveries).await;
             // The inbox first: what is in it was routed while the session's
             // queue was empty, before anything now queued.
             self.deliver_inbox(inbox);
-            for p in deliveries {
-                self.send(p).await;
-            }
+            let discards = deliveries
+                .into_iter()
+                .filter_map(|p| self.encode(p))
+                .collect();
+            self.discard(discards).await;
             if let Some(close) = self.overloaded() {
                 return Some(close);
             }
@@ -462,12 +465,8 @@ impl Connection {
                         tracing::error!(error = %e, "commit failed; closing so the client resends");
                         return Some(Close { reason: Some(DisconnectReasonCode::UnspecifiedError), will: false });
                     }
-                    if let Some((_, ack)) = self.pending.pop_front() {
-                        if matches!(ack, Packet::PubAck(_)) {
-                            self.channel.puback_sent();
-                        }
-                        self.send(ack).await;
-                    }
+                    let discard = self.pending.pop_front().and_then(|(_, ack)| self.send_ack(ack));
+                    self.discard(discard.into_iter().collect()).await;
                 }
                 _ = woken(&wake) => {}
                 _ = until(deadline) => {
@@ -740,28 +739,33 @@ impl Connection {
     /// write carries them all (a group commit resolves many at once, and a
     /// publish with nothing to store is ready at once) instead of one
     /// `select!` round and one write each.
-    async fn ack_resolved(&mut self) -> Option<Close> {
+    fn acks_resolved(&mut self) -> Result<Vec<u16>, Close> {
+        let mut discards = Vec::new();
         while let Some((commit, _)) = self.pending.front_mut() {
             match resolved(commit) {
                 None => break,
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "commit failed; closing so the client resends");
-                    return Some(Close {
+                    return Err(Close {
                         reason: Some(DisconnectReasonCode::UnspecifiedError),
                         will: false,
                     });
                 }
                 Some(Ok(())) => {
-                    if let Some((_, ack)) = self.pending.pop_front() {
-                        if matches!(ack, Packet::PubAck(_)) {
-                            self.channel.puback_sent();
-                        }
-                        self.send(ack).await;
-                    }
+                    let popped = self.pending.pop_front();
+                    discards.extend(popped.and_then(|(_, ack)| self.send_ack(ack)));
                 }
             }
         }
-        None
+        Ok(discards)
+    }
+
+    /// Encodes an ack whose commit resolved; see [`Connection::encode`].
+    fn send_ack(&mut self, ack: Packet) -> Option<u16> {
+        if matches!(ack, Packet::PubAck(_)) {
+            self.channel.puback_sent();
+        }
+        self.encode(ack)
     }
 
     /// Moves the channel's output into the write buffer or the ack queue.
@@ -871,10 +875,11 @@ impl Connection {
     }
 
     /// Encodes `p`; a message too large for the client counts as delivered.
-    async fn send(&mut self, p: Packet) {
-        if let Some(pkid) = self.encode(p) {
-            // Boxed: rare, and the connection's idle state should not
-            // carry its space.
+    /// Tells the session the PUBLISHes `encode` left out (their packet
+    /// ids) count as delivered. Takes ids, not packets, and boxes the
+    /// rare work: the connection's state then holds no packet across it.
+    async fn discard(&mut self, pkids: Vec<u16>) {
+        for pkid in pkids {
             Box::pin(self.channel.discarded(pkid)).await;
         }
     }

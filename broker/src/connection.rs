@@ -316,77 +316,20 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let connect_timeout = Duration::from_secs(broker.settings.mqtt.connect_timeout_secs);
-        let max_connect = broker.settings.mqtt.max_connect_packet;
-        let first =
-            match Box::pin(timeout(connect_timeout, self.read_connect(io, max_connect))).await {
-                Ok(Ok(Some(p))) => p,
-                Ok(Err(DecodeError::UnsupportedProtocol(_))) => {
-                    // [MQTT-3.1.2-2] answer 0x01 in the 3.1.1 form, then close.
-                    let refuse = Packet::ConnAck(ConnAck {
-                        session_present: false,
-                        code: ConnectReturnCode::UnsupportedProtocolVersion,
-                        properties: None,
-                    });
-                    codec::encode(&refuse, Protocol::V4, &mut self.outbuf, None);
-                    return Some(Close {
-                        reason: None,
-                        will: false,
-                    });
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "bad CONNECT");
-                    if let DecodeError::TooLarge { .. } = e {
-                        self.metrics.refused.count(Refusal::ConnectTooLarge);
-                    }
-                    return None;
-                }
-                Ok(Ok(None)) => return None,
-                Err(_) => {
-                    self.metrics.refused.count(Refusal::ConnectTimeout);
-                    return None;
-                }
-            };
-        let (protocol, Packet::Connect(connect, will, login)) = first else {
-            return None;
+        // Boxed and over before the loop: the CONNECT packet, the login and
+        // the session's attach would otherwise keep their space in this
+        // task's state (a local lives in it until the end of its scope,
+        // moved or not) for the connection's whole life.
+        let (protocol, kicked) = match Box::pin(self.handshake(io, broker, peer)).await {
+            Ok(accepted) => accepted,
+            Err(close) => return close,
         };
-        self.protocol = Some(protocol);
-        let login = login.map(|mut l| {
-            // With the JWT method the token may come as Authentication
-            // Data instead of the password.
-            if l.password.is_empty() {
-                if let Some(token) = jwt_data(&connect) {
-                    l.password = token;
-                }
-            }
-            l
-        });
-        let auth = match login {
-            // No credentials, nothing to hash: no hop to a blocking thread
-            // (each one holds a stack and a malloc arena).
-            None => broker.auth.login(None, None),
-            Some(l) => Box::pin(login_guard::login(broker, peer, l.username, l.password)).await,
-        };
-        let token_expiry = auth.as_ref().ok().and_then(|l| l.expires_at);
-        let auth = auth.map(|l| l.identity);
-        // Boxed, like `handle` and `close` below: an await keeps its future
-        // inside this task's state for the connection's whole life, and an
-        // idle connection should pay only for the wait in `select!`.
-        let mut kicked = match Box::pin(self.channel.connect(protocol, connect, will, auth)).await {
-            Ok(k) => Some(k),
-            Err(close) => {
-                self.encode_output();
-                return Some(close);
-            }
-        };
+        let mut kicked = Some(kicked);
         // While draining after a takeover: the latest the drain ends.
         let mut drain_end: Option<Instant> = None;
         let keep_alive = u64::from(self.channel.keep_alive);
         // [MQTT-3.1.2-24] one and a half keepalive periods without a packet.
         let idle = (keep_alive > 0).then(|| Duration::from_millis(keep_alive * 1500));
-        // A JWT login lasts until its token expires (or a re-authentication
-        // moves that on): one more deadline, checked where keepalive is.
-        self.expires = token_expiry.and_then(token_deadline);
         let next_deadline =
             |expires: Option<Instant>| earliest(idle.map(|d| Instant::now() + d), expires);
         let wake = self.channel.session().cloned();
@@ -492,6 +435,87 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Reads and answers the CONNECT: the protocol and the receiver a
+    /// takeover of the session arrives on, or how the connection ends
+    /// (`None`: nothing to clean up beyond the socket).
+    async fn handshake<S>(
+        &mut self,
+        io: &mut S,
+        broker: &Arc<Broker>,
+        peer: IpAddr,
+    ) -> Result<(Protocol, oneshot::Receiver<Kick>), Option<Close>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let connect_timeout = Duration::from_secs(broker.settings.mqtt.connect_timeout_secs);
+        let max_connect = broker.settings.mqtt.max_connect_packet;
+        let first =
+            match Box::pin(timeout(connect_timeout, self.read_connect(io, max_connect))).await {
+                Ok(Ok(Some(p))) => p,
+                Ok(Err(DecodeError::UnsupportedProtocol(_))) => {
+                    // [MQTT-3.1.2-2] answer 0x01 in the 3.1.1 form, then close.
+                    let refuse = Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::UnsupportedProtocolVersion,
+                        properties: None,
+                    });
+                    codec::encode(&refuse, Protocol::V4, &mut self.outbuf, None);
+                    return Err(Some(Close {
+                        reason: None,
+                        will: false,
+                    }));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "bad CONNECT");
+                    if let DecodeError::TooLarge { .. } = e {
+                        self.metrics.refused.count(Refusal::ConnectTooLarge);
+                    }
+                    return Err(None);
+                }
+                Ok(Ok(None)) => return Err(None),
+                Err(_) => {
+                    self.metrics.refused.count(Refusal::ConnectTimeout);
+                    return Err(None);
+                }
+            };
+        let (protocol, Packet::Connect(connect, will, login)) = first else {
+            return Err(None);
+        };
+        self.protocol = Some(protocol);
+        let login = login.map(|mut l| {
+            // With the JWT method the token may come as Authentication
+            // Data instead of the password.
+            if l.password.is_empty() {
+                if let Some(token) = jwt_data(&connect) {
+                    l.password = token;
+                }
+            }
+            l
+        });
+        let auth = match login {
+            // No credentials, nothing to hash: no hop to a blocking thread
+            // (each one holds a stack and a malloc arena).
+            None => broker.auth.login(None, None),
+            Some(l) => Box::pin(login_guard::login(broker, peer, l.username, l.password)).await,
+        };
+        let token_expiry = auth.as_ref().ok().and_then(|l| l.expires_at);
+        let auth = auth.map(|l| l.identity);
+        // Boxed, like `handle` and `close` below: an await keeps its future
+        // inside this task's state for the connection's whole life, and an
+        // idle connection should pay only for the wait in `select!`.
+        let kicked = match Box::pin(self.channel.connect(protocol, connect, will, auth)).await {
+            Ok(k) => k,
+            Err(close) => {
+                self.encode_output();
+                return Err(Some(close));
+            }
+        };
+        // A JWT login lasts until its token expires (or a re-authentication
+        // moves that on): one more deadline, checked where keepalive is.
+        self.expires = token_expiry.and_then(token_deadline);
+        Ok((protocol, kicked))
     }
 
     /// Writes the rest of the output buffer (from `written`) to a client

@@ -22,6 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::report;
 use crate::scenarios::{self, Outcome, Params, Scenario};
+use crate::transport::{self, Transport};
 
 pub const JWT_SECRET: &str = "chatmq-bench-secret";
 const INFLIGHT: usize = 100;
@@ -40,10 +41,26 @@ pub struct Binaries {
     pub rumqttd: Option<PathBuf>,
 }
 
+/// A listener a broker gets besides plain MQTT on `addr`, for the idle
+/// runs over TLS and WebSocket (on a fresh process each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extra {
+    None,
+    /// MQTT over TLS with a self-signed certificate made in its directory.
+    Tls,
+    /// MQTT over WebSocket at [`transport::WS_PATH`]: chatmq only, Debian's
+    /// Mosquitto 2.0.11 is built without websockets ("Unable to start any
+    /// listening sockets" for `protocol websockets`).
+    WebSocket,
+}
+
 pub struct Broker {
     pub name: String,
     pub kind: Kind,
     pub addr: SocketAddr,
+    extra: Extra,
+    /// The address of the `extra` listener, if any.
+    extra_addr: Option<SocketAddr>,
     /// The CPUs it is pinned to (`taskset -c`), if any.
     cpus: Option<String>,
     program: PathBuf,
@@ -68,10 +85,24 @@ impl Broker {
         Broker::start_pinned(kind, bins, None)
     }
 
-    /// Starts `kind` on a free loopback port in a fresh directory, pinned
-    /// to `cpus` (a `taskset -c` list) if given, and waits until it listens.
     pub fn start_pinned(kind: Kind, bins: &Binaries, cpus: Option<&str>) -> Result<Broker> {
+        Broker::start_with(kind, bins, cpus, Extra::None)
+    }
+
+    /// Starts `kind` on a free loopback port in a fresh directory, pinned
+    /// to `cpus` (a `taskset -c` list) if given, with the `extra` listener
+    /// on a second free port, and waits until it listens.
+    pub fn start_with(
+        kind: Kind,
+        bins: &Binaries,
+        cpus: Option<&str>,
+        extra: Extra,
+    ) -> Result<Broker> {
         let port = free_port()?;
+        let extra_addr = match extra {
+            Extra::None => None,
+            Extra::Tls | Extra::WebSocket => Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
+        };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let name = match kind {
             Kind::Chatmq { sync_always: true } => "chatmq",
@@ -91,17 +122,26 @@ impl Broker {
                 .clone()
                 .ok_or_else(|| anyhow!("no rumqttd binary given"))?,
         };
-        let configured = match kind {
-            Kind::Chatmq { sync_always } => std::fs::write(
-                dir.join("chatmq.toml"),
-                chatmq_config(&dir, addr, sync_always),
-            ),
-            Kind::Mosquitto => std::fs::write(dir.join("mosquitto.conf"), mosquitto_config(addr)),
-            Kind::Rumqttd => std::fs::write(dir.join("rumqttd.toml"), rumqttd_config(addr)),
-        };
-        let spawned = configured
-            .map_err(anyhow::Error::from)
-            .and_then(|()| spawn(kind, &program, &dir, cpus));
+        let listeners = Listeners::new(&dir, addr, extra, extra_addr);
+        let configured = listeners.and_then(|l| {
+            Ok(match kind {
+                Kind::Chatmq { sync_always } => std::fs::write(
+                    dir.join("chatmq.toml"),
+                    chatmq_config(&dir, &l, sync_always),
+                )?,
+                Kind::Mosquitto if extra == Extra::WebSocket => {
+                    bail!("Mosquitto 2.0.11 from Debian has no websockets")
+                }
+                Kind::Mosquitto => {
+                    std::fs::write(dir.join("mosquitto.conf"), mosquitto_config(&l))?
+                }
+                Kind::Rumqttd if extra != Extra::None => {
+                    bail!("rumqttd is measured over plain TCP only")
+                }
+                Kind::Rumqttd => std::fs::write(dir.join("rumqttd.toml"), rumqttd_config(addr))?,
+            })
+        });
+        let spawned = configured.and_then(|()| spawn(kind, &program, &dir, cpus));
         let child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -113,6 +153,8 @@ impl Broker {
             name: name.into(),
             kind,
             addr,
+            extra,
+            extra_addr,
             cpus: cpus.map(str::to_string),
             program,
             child,
@@ -120,6 +162,24 @@ impl Broker {
         };
         broker.wait_ready()?;
         Ok(broker)
+    }
+
+    /// Where a client reaches it over `transport`.
+    pub fn addr_for(&self, transport: &Transport) -> SocketAddr {
+        match transport {
+            Transport::Tcp => self.addr,
+            Transport::Tls(_) | Transport::WebSocket => self.extra_addr.unwrap_or(self.addr),
+        }
+    }
+
+    /// The transport a client uses to reach its `extra` listener (TLS
+    /// trusts the certificate made for it).
+    pub fn transport(&self) -> Result<Transport> {
+        Ok(match self.extra {
+            Extra::None => Transport::Tcp,
+            Extra::Tls => Transport::Tls(transport::client_config(&self.dir.join(CERT))?),
+            Extra::WebSocket => Transport::WebSocket,
+        })
     }
 
     /// The broker's directory (its data directory is `data/` inside).
@@ -173,9 +233,10 @@ impl Broker {
     /// (applies at the next start).
     pub fn set_sync(&mut self, sync_always: bool) -> Result<()> {
         if let Kind::Chatmq { .. } = self.kind {
+            let l = Listeners::new(&self.dir, self.addr, self.extra, self.extra_addr)?;
             std::fs::write(
                 self.dir.join("chatmq.toml"),
-                chatmq_config(&self.dir, self.addr, sync_always),
+                chatmq_config(&self.dir, &l, sync_always),
             )?;
             self.kind = Kind::Chatmq { sync_always };
         }
@@ -194,7 +255,9 @@ impl Broker {
                     log.trim()
                 );
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
+            let listening =
+                |a: &SocketAddr| TcpStream::connect_timeout(a, Duration::from_millis(100)).is_ok();
+            if listening(&self.addr) && self.extra_addr.iter().all(listening) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -235,9 +298,9 @@ pub(crate) async fn measure(
     if !b.healthy().await {
         let why = b.failure().unwrap_or_else(|| "no answer to CONNECT".into());
         note = Some(format!("{} was restarted before this run: {why}", b.name));
-        *b = Broker::start_pinned(b.kind, bins, b.cpus.as_deref())?;
+        *b = Broker::start_with(b.kind, bins, b.cpus.as_deref(), b.extra)?;
     }
-    p.addr = b.addr;
+    p.addr = b.addr_for(&p.transport);
     let mut o = scenarios::run(&p, &b.name, bar).await;
     if o.error.is_some() {
         if let Some(why) = b.failure() {
@@ -292,7 +355,64 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn chatmq_config(dir: &Path, addr: SocketAddr, sync_always: bool) -> String {
+/// The certificate and key files [`Extra::Tls`] makes in a broker's directory.
+const CERT: &str = "server.crt";
+const KEY: &str = "server.key";
+
+/// A broker's listeners, as its configuration names them.
+struct Listeners {
+    mqtt: SocketAddr,
+    /// MQTT over TLS: address, certificate, key.
+    tls: Option<(SocketAddr, PathBuf, PathBuf)>,
+    websocket: Option<SocketAddr>,
+}
+
+impl Listeners {
+    /// Makes the certificate for a TLS listener if there is one (once:
+    /// a restarted broker keeps it).
+    fn new(
+        dir: &Path,
+        mqtt: SocketAddr,
+        extra: Extra,
+        at: Option<SocketAddr>,
+    ) -> Result<Listeners> {
+        let mut l = Listeners {
+            mqtt,
+            tls: None,
+            websocket: None,
+        };
+        match (extra, at) {
+            (Extra::Tls, Some(at)) => {
+                let (cert, key) = (dir.join(CERT), dir.join(KEY));
+                if !cert.exists() {
+                    transport::self_signed(&cert, &key)?;
+                }
+                l.tls = Some((at, cert, key));
+            }
+            (Extra::WebSocket, Some(at)) => l.websocket = Some(at),
+            _ => {}
+        }
+        Ok(l)
+    }
+}
+
+fn chatmq_config(dir: &Path, l: &Listeners, sync_always: bool) -> String {
+    let tls = match &l.tls {
+        Some((at, cert, key)) => format!(
+            "[mqtt.tls]\nlisten = \"{at}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+        None => String::new(),
+    };
+    let websocket = match l.websocket {
+        Some(at) => format!(
+            "enabled = true\nlisten = \"{at}\"\npath = \"{}\"",
+            transport::WS_PATH
+        ),
+        None => "enabled = false".to_string(),
+    };
+    let addr = l.mqtt;
     format!(
         r##"[node]
 data_dir = "{data}"
@@ -319,10 +439,10 @@ user_publish_rate = 1000000000
 user_publish_burst = 1000000000
 user_publish_bytes_rate = 1000000000000
 user_publish_bytes_burst = 1000000000000
-[http]
+{tls}[http]
 listen = "127.0.0.1:0"
 [websocket]
-enabled = false
+{websocket}
 [auth]
 allow_anonymous = true
 jwt_secret = "{JWT_SECRET}"
@@ -338,14 +458,25 @@ sync = "{sync}"
     )
 }
 
-fn mosquitto_config(addr: SocketAddr) -> String {
-    format!(
+fn mosquitto_config(l: &Listeners) -> String {
+    // Mosquitto 2.0 applies these per listener (no per_listener_settings).
+    let mut conf = format!(
         "listener {port} {ip}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n\
          max_inflight_messages {INFLIGHT}\nmax_queued_messages {QUEUED}\nmax_connections -1\n\
          log_dest stderr\nlog_type error\n",
-        port = addr.port(),
-        ip = addr.ip()
-    )
+        port = l.mqtt.port(),
+        ip = l.mqtt.ip()
+    );
+    if let Some((at, cert, key)) = &l.tls {
+        conf.push_str(&format!(
+            "listener {} {}\ncertfile {}\nkeyfile {}\nmax_connections -1\n",
+            at.port(),
+            at.ip(),
+            cert.display(),
+            key.display()
+        ));
+    }
+    conf
 }
 
 fn rumqttd_config(addr: SocketAddr) -> String {
@@ -530,17 +661,35 @@ pub async fn run(bins: &Binaries, plan: &Plan) -> Result<Vec<Outcome>> {
         }
     }
 
-    // Memory per idle connection, each on a fresh process, one at a time.
+    // Memory per idle connection, each on a fresh process, one at a time:
+    // plain TCP on every broker, then TLS (chatmq, Mosquitto) and
+    // WebSocket (chatmq).
     if wanted(plan, "idle") {
         let n = kinds.len();
-        for i in 0..n {
-            let kind = kinds[(i + turn) % n];
-            let mut b = Broker::start(kind, bins)?;
-            let mut p = base(Scenario::Idle, &b);
-            p.clients = plan.idle_connections;
-            p.pid = Some(b.pid());
-            bar.set_prefix(format!("idle on {}", b.name));
-            out.push(measure(&mut b, bins, p, &bar).await?);
+        for extra in [Extra::None, Extra::Tls, Extra::WebSocket] {
+            for i in 0..n {
+                let kind = kinds[(i + turn) % n];
+                let served = match (kind, extra) {
+                    (_, Extra::None) | (Kind::Chatmq { .. }, _) => true,
+                    (Kind::Mosquitto, Extra::Tls) => true,
+                    _ => false,
+                };
+                if !served {
+                    continue;
+                }
+                let mut b = Broker::start_with(kind, bins, None, extra)?;
+                let mut p = base(Scenario::Idle, &b);
+                p.clients = plan.idle_connections;
+                p.pid = Some(b.pid());
+                p.transport = b.transport()?;
+                p.variant = p.transport.variant().map(str::to_string);
+                bar.set_prefix(format!(
+                    "idle {} on {}",
+                    p.variant.as_deref().unwrap_or("tcp"),
+                    b.name
+                ));
+                out.push(measure(&mut b, bins, p, &bar).await?);
+            }
         }
     }
     bar.finish_and_clear();
@@ -679,6 +828,15 @@ pub fn targets(all: &[Outcome]) -> String {
             true,
         );
     }
+    check_in(
+        "memory per idle TCP connection",
+        find("chatmq", "idle", 0, false)
+            .and_then(|o| o.rss_per_connection_bytes)
+            .map(|b| b / 1024.0),
+        1.5,
+        false,
+        " KiB",
+    );
     let served = variant("restart", 0, "after kill -9").and_then(|o| o.restart.as_ref());
     check_in(
         "restart after kill -9: process start until served",

@@ -12,6 +12,7 @@ mod restart;
 mod scale;
 mod scenarios;
 mod stats;
+mod transport;
 mod wire;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use client::ClientKind;
 use scenarios::{Params, Scenario};
+use transport::Transport;
 
 const USAGE: &str = "usage:
   chatmq-load run SCENARIO --addr HOST:PORT [options]
@@ -41,6 +43,8 @@ const USAGE: &str = "usage:
       --client raw|rumqttc (default raw)
       --jwt-secret S       chatmq: members log in with HS256 JWTs and groups are created by RPC
       --pid PID            the broker's process (idle, scale: RSS per connection)
+      --transport tcp|tls|ws  idle: how connections reach --addr (default tcp);
+                           tls trusts --ca PEM (server name localhost), ws dials ws://ADDR/mqtt
       --label NAME         the broker's name in the report
       --json FILE          also write the outcome as JSON
   chatmq-load compare --chatmq-bin PATH [--mosquitto-bin PATH] [--rumqttd-bin PATH]
@@ -158,6 +162,18 @@ async fn run_one(mut a: Args) -> Result<()> {
     };
     p.jwt_secret = a.get("jwt-secret")?;
     p.pid = a.get("pid")?;
+    p.transport = match a.get::<String>("transport")?.as_deref() {
+        None | Some("tcp") => Transport::Tcp,
+        Some("tls") => {
+            let ca = a
+                .get::<PathBuf>("ca")?
+                .ok_or_else(|| anyhow!("--transport tls needs --ca PEM (the broker's CA)"))?;
+            Transport::Tls(transport::client_config(&ca)?)
+        }
+        Some("ws") => Transport::WebSocket,
+        Some(o) => bail!("--transport {o}: tcp, tls or ws"),
+    };
+    p.variant = p.transport.variant().map(str::to_string);
     if let Some(v) = a.get("step")? {
         p.scale.step = v;
     }

@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use crate::client::{self, ClientKind, Handshaken, Link, PayloadKind};
 use crate::probe::{self, now_ns, Probe};
 use crate::stats::{percentiles, Receipts, Sends, Window};
+use crate::transport::{self, Transport};
 use crate::{group, scale};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,6 +94,8 @@ pub struct Params {
     pub scale: scale::Limits,
     /// Names the setting of this run in its outcome (see [`Outcome::variant`]).
     pub variant: Option<String>,
+    /// How the idle scenario's connections reach the broker.
+    pub transport: Transport,
     /// Makes topics, client ids and message ids unique to this run.
     pub run_id: String,
 }
@@ -126,6 +129,7 @@ impl Params {
             pid: None,
             scale: scale::Limits::default(),
             variant: None,
+            transport: Transport::Tcp,
             run_id: format!("r{:x}", now_ns() ^ u64::from(std::process::id())),
         }
     }
@@ -705,8 +709,8 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
         .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
 }
 
-/// Opens `clients` connections that then do nothing, and reports how much
-/// the broker's resident memory grew per connection.
+/// Opens `clients` connections that then do nothing, over `p.transport`,
+/// and reports how much the broker's resident memory grew per connection.
 async fn idle(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
     let pid = p
         .pid
@@ -715,13 +719,10 @@ async fn idle(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_bytes(pid)?;
     let (addr, run) = (p.addr, p.run_id.clone());
+    let transport = Arc::new(p.transport.clone());
     let opened = bounded((0..p.clients).collect(), 32, move |i| {
-        let run = run.clone();
-        async move {
-            Ok(client::connect(addr, &format!("{run}-i{i}"), None)
-                .await?
-                .into_stream())
-        }
+        let (run, transport) = (run.clone(), transport.clone());
+        async move { transport::open(&transport, addr, &format!("{run}-i{i}")).await }
     })
     .await;
     let mut held = Vec::with_capacity(opened.len());

@@ -79,7 +79,8 @@ pub struct PendingWill {
 pub struct Slot {
     pub session: Session,
     pub link: Option<Link>,
-    pending_will: Option<PendingWill>,
+    /// Boxed: few sessions have one, and every session's lock holds the space.
+    pending_will: Option<Box<PendingWill>>,
 }
 
 /// Every session by client id, and how many of them anonymous clients
@@ -866,7 +867,7 @@ impl Broker {
         }
         drop(sessions);
         if let Some(w) = ended_will {
-            self.route_will(w, batch);
+            self.route_will(*w, batch);
         }
         Ok(Attached {
             cell,
@@ -968,7 +969,7 @@ impl Broker {
                 // A will waits for the delay or the end of the session,
                 // whichever comes first [MQTT-3.1.3-9].
                 let wait = delay.min(slot.session.expiry_secs);
-                slot.pending_will = Some(PendingWill { message, owner });
+                slot.pending_will = Some(Box::new(PendingWill { message, owner }));
                 let due = slot
                     .session
                     .disconnected_at_ms
@@ -1047,7 +1048,7 @@ impl Broker {
             // Taken only if still pending: a resumed session took it already.
             let will = cell.lock().pending_will.take();
             if let Some(w) = will {
-                self.route_will(w, &mut batch);
+                self.route_will(*w, &mut batch);
                 fired += 1;
             }
         }
@@ -1107,7 +1108,7 @@ impl Broker {
             };
             self.remove_session(cell, &filters);
             if let Some(w) = will {
-                self.route_will(w, &mut batch);
+                self.route_will(*w, &mut batch);
             }
         }
         // Queued for the writer; nobody waits for it to be durable.

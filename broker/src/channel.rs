@@ -87,8 +87,9 @@ pub struct Channel {
     /// for one we offer ([`JWT_METHOD`]): it may re-authenticate with AUTH.
     auth_method: Option<&'static str>,
     cell: Option<Arc<SessionCell>>,
-    /// The will and its delay in seconds.
-    will: Option<(Message, u32)>,
+    /// The will and its delay in seconds. Boxed: most clients set none,
+    /// and every connection's state would hold a message's space.
+    will: Option<Box<(Message, u32)>>,
     /// The keepalive in force, seconds; 0 = none.
     pub keep_alive: u16,
     aliases: HashMap<u16, String>,
@@ -273,10 +274,10 @@ impl Channel {
                     content_type: p.content_type,
                 }),
             };
-            self.will = Some((
+            self.will = Some(Box::new((
                 Message::from_publish(topic, &publish, Some(client_id.clone())),
                 delay,
-            ));
+            )));
         }
 
         let expiry_secs = match protocol {
@@ -1022,7 +1023,11 @@ impl Channel {
         // What the client sent before it went is routed before its will.
         self.route_deferred().await;
         let Some(cell) = self.cell.take() else { return };
-        let will = if close.will { self.will.take() } else { None };
+        let will = if close.will {
+            self.will.take().map(|w| *w)
+        } else {
+            None
+        };
         let mut batch = Batch::new();
         let owned = self.broker.detach(&cell, self.conn_id, will, &mut batch);
         if let (true, Some(user)) = (owned, self.identity.user()) {
@@ -1212,9 +1217,12 @@ impl Drop for Channel {
     fn drop(&mut self) {
         let Some(cell) = self.cell.take() else { return };
         let mut batch = Batch::new();
-        let owned = self
-            .broker
-            .detach(&cell, self.conn_id, self.will.take(), &mut batch);
+        let owned = self.broker.detach(
+            &cell,
+            self.conn_id,
+            self.will.take().map(|w| *w),
+            &mut batch,
+        );
         if let (true, Some(user)) = (owned, self.identity.user()) {
             self.broker.hooks().session_offline(user, &cell);
         }

@@ -317,77 +317,20 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let connect_timeout = Duration::from_secs(broker.settings.mqtt.connect_timeout_secs);
-        let max_connect = broker.settings.mqtt.max_connect_packet;
-        let first =
-            match Box::pin(timeout(connect_timeout, self.read_connect(io, max_connect))).await {
-                Ok(Ok(Some(p))) => p,
-                Ok(Err(DecodeError::UnsupportedProtocol(_))) => {
-                    // [MQTT-3.1.2-2] answer 0x01 in the 3.1.1 form, then close.
-                    let refuse = Packet::ConnAck(ConnAck {
-                        session_present: false,
-                        code: ConnectReturnCode::UnsupportedProtocolVersion,
-                        properties: None,
-                    });
-                    codec::encode(&refuse, Protocol::V4, &mut self.outbuf, None);
-                    return Some(Close {
-                        reason: None,
-                        will: false,
-                    });
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "bad CONNECT");
-                    if let DecodeError::TooLarge { .. } = e {
-                        self.metrics.refused.count(Refusal::ConnectTooLarge);
-                    }
-                    return None;
-                }
-                Ok(Ok(None)) => return None,
-                Err(_) => {
-                    self.metrics.refused.count(Refusal::ConnectTimeout);
-                    return None;
-                }
-            };
-        let (protocol, Packet::Connect(connect, will, login)) = first else {
-            return None;
+        // Boxed and over before the loop: the CONNECT packet, the login and
+        // the session's attach would otherwise keep their space in this
+        // task's state (a local lives in it until the end of its scope,
+        // moved or not) for the connection's whole life.
+        let (protocol, kicked) = match Box::pin(self.handshake(io, broker, peer)).await {
+            Ok(accepted) => accepted,
+            Err(close) => return close,
         };
-        self.protocol = Some(protocol);
-        let login = login.map(|mut l| {
-            // With the JWT method the token may come as Authentication
-            // Data instead of the password.
-            if l.password.is_empty() {
-                if let Some(token) = jwt_data(&connect) {
-                    l.password = token;
-                }
-            }
-            l
-        });
-        let auth = match login {
-            // No credentials, nothing to hash: no hop to a blocking thread
-            // (each one holds a stack and a malloc arena).
-            None => broker.auth.login(None, None),
-            Some(l) => Box::pin(login_guard::login(broker, peer, l.username, l.password)).await,
-        };
-        let token_expiry = auth.as_ref().ok().and_then(|l| l.expires_at);
-        let auth = auth.map(|l| l.identity);
-        // Boxed, like `handle` and `close` below: an await keeps its future
-        // inside this task's state for the connection's whole life, and an
-        // idle connection should pay only for the wait in `select!`.
-        let mut kicked = match Box::pin(self.channel.connect(protocol, connect, will, auth)).await {
-            Ok(k) => Some(k),
-            Err(close) => {
-                self.encode_output();
-                return Some(close);
-            }
-        };
+        let mut kicked = Some(kicked);
         // While draining after a takeover: the latest the drain ends.
         let mut drain_end: Option<Instant> = None;
         let keep_alive = u64::from(self.channel.keep_alive);
         // [MQTT-3.1.2-24] one and a half keepalive periods without a packet.
         let idle = (keep_alive > 0).then(|| Duration::from_millis(keep_alive * 1500));
-        // A JWT login lasts until its token expires (or a re-authentication
-        // moves that on): one more deadline, checked where keepalive is.
-        self.expires = token_expiry.and_then(token_deadline);
         let next_deadline =
             |expires: Option<Instant>| earliest(idle.map(|d| Instant::now() + d), expires);
         let wake = self.channel.session().cloned();
@@ -402,20 +345,23 @@ impl Connection {
 
         loop {
             self.encode_output();
-            if let Some(close) = self.ack_resolved().await {
-                return Some(close);
+            match self.acks_resolved() {
+                Ok(discards) => self.discard(discards).await,
+                Err(close) => return Some(close),
             }
             let mut deliveries = Vec::new();
             let inbox = self.channel.poll_deliveries(&mut deliveries).await;
             // The inbox first: what is in it was routed while the session's
             // queue was empty, before anything now queued.
             self.deliver_inbox(inbox);
-            for p in deliveries {
-                match p {
-                    Outbound::Packet(p) => self.send(p).await,
-                    Outbound::Publish(d) => self.send_publish(&d).await,
-                }
-            }
+            let discards = deliveries
+                .into_iter()
+                .filter_map(|p| match p {
+                    Outbound::Packet(p) => self.encode(p),
+                    Outbound::Publish(d) => self.encode_publish(&d),
+                })
+                .collect();
+            self.discard(discards).await;
             if let Some(close) = self.overloaded() {
                 return Some(close);
             }
@@ -466,12 +412,8 @@ impl Connection {
                         tracing::error!(error = %e, "commit failed; closing so the client resends");
                         return Some(Close { reason: Some(DisconnectReasonCode::UnspecifiedError), will: false });
                     }
-                    if let Some((_, ack)) = self.pending.pop_front() {
-                        if matches!(ack, Packet::PubAck(_)) {
-                            self.channel.puback_sent();
-                        }
-                        self.send(ack).await;
-                    }
+                    let discard = self.pending.pop_front().and_then(|(_, ack)| self.send_ack(ack));
+                    self.discard(discard.into_iter().collect()).await;
                 }
                 _ = woken(&wake) => {}
                 _ = until(deadline) => {
@@ -497,6 +439,87 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Reads and answers the CONNECT: the protocol and the receiver a
+    /// takeover of the session arrives on, or how the connection ends
+    /// (`None`: nothing to clean up beyond the socket).
+    async fn handshake<S>(
+        &mut self,
+        io: &mut S,
+        broker: &Arc<Broker>,
+        peer: IpAddr,
+    ) -> Result<(Protocol, oneshot::Receiver<Kick>), Option<Close>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let connect_timeout = Duration::from_secs(broker.settings.mqtt.connect_timeout_secs);
+        let max_connect = broker.settings.mqtt.max_connect_packet;
+        let first =
+            match Box::pin(timeout(connect_timeout, self.read_connect(io, max_connect))).await {
+                Ok(Ok(Some(p))) => p,
+                Ok(Err(DecodeError::UnsupportedProtocol(_))) => {
+                    // [MQTT-3.1.2-2] answer 0x01 in the 3.1.1 form, then close.
+                    let refuse = Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::UnsupportedProtocolVersion,
+                        properties: None,
+                    });
+                    codec::encode(&refuse, Protocol::V4, &mut self.outbuf, None);
+                    return Err(Some(Close {
+                        reason: None,
+                        will: false,
+                    }));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "bad CONNECT");
+                    if let DecodeError::TooLarge { .. } = e {
+                        self.metrics.refused.count(Refusal::ConnectTooLarge);
+                    }
+                    return Err(None);
+                }
+                Ok(Ok(None)) => return Err(None),
+                Err(_) => {
+                    self.metrics.refused.count(Refusal::ConnectTimeout);
+                    return Err(None);
+                }
+            };
+        let (protocol, Packet::Connect(connect, will, login)) = first else {
+            return Err(None);
+        };
+        self.protocol = Some(protocol);
+        let login = login.map(|mut l| {
+            // With the JWT method the token may come as Authentication
+            // Data instead of the password.
+            if l.password.is_empty() {
+                if let Some(token) = jwt_data(&connect) {
+                    l.password = token;
+                }
+            }
+            l
+        });
+        let auth = match login {
+            // No credentials, nothing to hash: no hop to a blocking thread
+            // (each one holds a stack and a malloc arena).
+            None => broker.auth.login(None, None),
+            Some(l) => Box::pin(login_guard::login(broker, peer, l.username, l.password)).await,
+        };
+        let token_expiry = auth.as_ref().ok().and_then(|l| l.expires_at);
+        let auth = auth.map(|l| l.identity);
+        // Boxed, like `handle` and `close` below: an await keeps its future
+        // inside this task's state for the connection's whole life, and an
+        // idle connection should pay only for the wait in `select!`.
+        let kicked = match Box::pin(self.channel.connect(protocol, connect, will, auth)).await {
+            Ok(k) => k,
+            Err(close) => {
+                self.encode_output();
+                return Err(Some(close));
+            }
+        };
+        // A JWT login lasts until its token expires (or a re-authentication
+        // moves that on): one more deadline, checked where keepalive is.
+        self.expires = token_expiry.and_then(token_deadline);
+        Ok((protocol, kicked))
     }
 
     /// Writes the rest of the output buffer (from `written`) to a client
@@ -744,28 +767,33 @@ impl Connection {
     /// write carries them all (a group commit resolves many at once, and a
     /// publish with nothing to store is ready at once) instead of one
     /// `select!` round and one write each.
-    async fn ack_resolved(&mut self) -> Option<Close> {
+    fn acks_resolved(&mut self) -> Result<Vec<u16>, Close> {
+        let mut discards = Vec::new();
         while let Some((commit, _)) = self.pending.front_mut() {
             match resolved(commit) {
                 None => break,
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "commit failed; closing so the client resends");
-                    return Some(Close {
+                    return Err(Close {
                         reason: Some(DisconnectReasonCode::UnspecifiedError),
                         will: false,
                     });
                 }
                 Some(Ok(())) => {
-                    if let Some((_, ack)) = self.pending.pop_front() {
-                        if matches!(ack, Packet::PubAck(_)) {
-                            self.channel.puback_sent();
-                        }
-                        self.send(ack).await;
-                    }
+                    let popped = self.pending.pop_front();
+                    discards.extend(popped.and_then(|(_, ack)| self.send_ack(ack)));
                 }
             }
         }
-        None
+        Ok(discards)
+    }
+
+    /// Encodes an ack whose commit resolved; see [`Connection::encode`].
+    fn send_ack(&mut self, ack: Packet) -> Option<u16> {
+        if matches!(ack, Packet::PubAck(_)) {
+            self.channel.puback_sent();
+        }
+        self.encode(ack)
     }
 
     /// Moves the channel's output into the write buffer or the ack queue.
@@ -874,21 +902,22 @@ impl Connection {
         }
     }
 
-    /// Encodes `p`; a message too large for the client counts as delivered.
-    async fn send(&mut self, p: Packet) {
-        if let Some(pkid) = self.encode(p) {
-            // Boxed: rare, and the connection's idle state should not
-            // carry its space.
+    /// Tells the session the PUBLISHes `encode` left out (their packet
+    /// ids) count as delivered. Takes ids, not packets, and boxes the
+    /// rare work: the connection's state then holds no packet across it.
+    async fn discard(&mut self, pkids: Vec<u16>) {
+        for pkid in pkids {
             Box::pin(self.channel.discarded(pkid)).await;
         }
     }
 
-    /// A QoS 1/2 PUBLISH of a shared message, copied from the encoding
-    /// every delivery of it shares
+    /// Encodes a QoS 1/2 PUBLISH of a shared message, copied from the
+    /// encoding every delivery of it shares
     /// ([`wire_acked`](crate::message::Message::wire_acked)) with this
     /// one's packet id and flags; built for it alone if the message has
-    /// none. Too large for the client: discarded [MQTT-3.1.2-25].
-    async fn send_publish(&mut self, d: &Delivery) {
+    /// none. Too large for the client: its packet id, for
+    /// [`Connection::discard`] [MQTT-3.1.2-25].
+    fn encode_publish(&mut self, d: &Delivery) -> Option<u16> {
         let protocol = self.protocol.unwrap_or(Protocol::V4);
         let max = self
             .channel
@@ -900,9 +929,10 @@ impl Connection {
                 self.metrics
                     .messages_delivered
                     .fetch_add(1, Ordering::Relaxed);
+                None
             }
-            Some(_) => Box::pin(self.channel.discarded(d.pkid)).await,
-            None => self.send(Packet::Publish(d.to_publish())).await,
+            Some(_) => Some(d.pkid),
+            None => self.encode(Packet::Publish(d.to_publish())),
         }
     }
 }

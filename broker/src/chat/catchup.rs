@@ -175,7 +175,7 @@ impl Chat {
             if s.replay_paused.is_empty() || !s.has_room_for_replay() {
                 return;
             }
-            s.replay_paused.drain().collect()
+            std::mem::take(&mut s.replay_paused).into_iter().collect()
         };
         for conv in paused {
             self.start_catch_up(cell, &conv);

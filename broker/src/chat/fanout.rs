@@ -78,8 +78,10 @@ impl Chat {
         let thread = std::thread::Builder::new()
             .name("chatmq-dispatch".into())
             .spawn(move || {
+                // Timers only: the shards do no I/O of their own, and an
+                // I/O driver would hold descriptors (an epoll and a waker).
                 match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
+                    .enable_time()
                     .build()
                 {
                     Ok(rt) => rt.block_on(chat.run_shards(queues, stop)),

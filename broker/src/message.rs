@@ -215,15 +215,21 @@ impl Message {
             Protocol::V5 => &self.wire.v5,
         };
         Some(cell.get_or_init(|| {
-            let p = self.to_publish(QoS::AtMostOnce, 0, false, false, &[]);
-            let mut out = BytesMut::new();
             // Without a size limit this cannot fail; an empty encoding
             // (were it to) is skipped by the caller as too large.
-            if !codec::encode(&Packet::Publish(p), protocol, &mut out, None) {
-                out.clear();
-            }
-            out.freeze()
+            self.encoded(QoS::AtMostOnce, 0, protocol)
+                .unwrap_or_default()
+                .freeze()
         }))
+    }
+
+    /// This message's PUBLISH at `qos` with packet id `pkid`, no DUP, no
+    /// RETAIN and no subscription identifiers, as written on the wire;
+    /// `None` if the encoder refused it.
+    fn encoded(&self, qos: QoS, pkid: u16, protocol: Protocol) -> Option<BytesMut> {
+        let p = self.to_publish(qos, pkid, false, false, &[]);
+        let mut out = BytesMut::new();
+        codec::encode(&Packet::Publish(p), protocol, &mut out, None).then_some(out)
     }
 
     /// The QoS 1/2 PUBLISH of this message for `protocol`, encoded once
@@ -240,11 +246,7 @@ impl Message {
             Protocol::V5 => &self.wire.v5_acked,
         };
         cell.get_or_init(|| {
-            let p = self.to_publish(QoS::AtLeastOnce, 1, false, false, &[]);
-            let mut out = BytesMut::new();
-            if !codec::encode(&Packet::Publish(p), protocol, &mut out, None) {
-                return None;
-            }
+            let out = self.encoded(QoS::AtLeastOnce, 1, protocol)?;
             let pkid_at = pkid_offset(&out)?;
             Some(Acked {
                 bytes: out.freeze(),

@@ -222,34 +222,14 @@ impl Server {
             addr: settings.mqtt.listen,
             source,
         };
-        let listener = match listeners.mqtt {
-            true => Some(
-                TcpListener::bind(settings.mqtt.listen)
-                    .await
-                    .map_err(mqtt_bind)?,
-            ),
-            false => None,
-        };
-        let mqtt_addr = match &listener {
-            Some(l) => Some(l.local_addr().map_err(mqtt_bind)?),
-            None => None,
-        };
+        let (listener, mqtt_addr) =
+            bind_if(listeners.mqtt, settings.mqtt.listen, mqtt_bind).await?;
         let http_bind = |source| StartError::HttpBind {
             addr: settings.http.listen,
             source,
         };
-        let http_listener = match listeners.http {
-            true => Some(
-                TcpListener::bind(settings.http.listen)
-                    .await
-                    .map_err(http_bind)?,
-            ),
-            false => None,
-        };
-        let http_addr = match &http_listener {
-            Some(l) => Some(l.local_addr().map_err(http_bind)?),
-            None => None,
-        };
+        let (http_listener, http_addr) =
+            bind_if(listeners.http, settings.http.listen, http_bind).await?;
         let mut edge_listeners = Vec::new();
         for edge in planned_edges {
             edge_listeners.push(edge.bind().await?);
@@ -358,6 +338,21 @@ impl Server {
 /// permit, so an idle listener never takes a place from a busy one.) An
 /// admitted connection holds its permit and address place until its task
 /// ends.
+/// Binds `addr` if the listener is wanted: the listener and the address
+/// it got (`None`, `None` when turned off).
+async fn bind_if(
+    wanted: bool,
+    addr: SocketAddr,
+    error: impl Fn(std::io::Error) -> StartError,
+) -> Result<(Option<TcpListener>, Option<SocketAddr>), StartError> {
+    if !wanted {
+        return Ok((None, None));
+    }
+    let listener = TcpListener::bind(addr).await.map_err(&error)?;
+    let local = listener.local_addr().map_err(error)?;
+    Ok((Some(listener), Some(local)))
+}
+
 async fn accept_loop(
     listener: TcpListener,
     transport: Transport,

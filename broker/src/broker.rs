@@ -528,6 +528,9 @@ pub struct Metrics {
     pub announcements_coalesced: Counter,
     /// `reads` and `members` digests sent (one per conversation and kind).
     pub announcement_digests: Counter,
+    /// Presence changes not told because the user's window was open (its
+    /// end tells the latest state).
+    pub presence_coalesced: Counter,
     /// Typing indicators refused for their size.
     pub typing_too_large: Counter,
     /// Conversation states evicted from memory.

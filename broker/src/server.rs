@@ -291,6 +291,7 @@ impl Server {
         }
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
         tasks.spawn(chat::announcements::run(broker.chat.clone(), watch.clone()));
+        tasks.spawn(chat::presence::run(broker.chat.clone(), watch.clone()));
         tasks.spawn(gateway.run(watch.clone()));
         if let Some(policy) = retention::Policy::from_settings(&settings.chat) {
             tasks.spawn(retention::run(broker.chat.clone(), policy, watch.clone()));

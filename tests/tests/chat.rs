@@ -687,6 +687,62 @@ async fn presence_follows_the_last_device() {
     assert!(leaked.is_empty(), "{leaked:?}");
 }
 
+/// A member who flaps (connects and drops again and again, faster than the
+/// announcement window) costs a watcher at most one presence message per
+/// window, not one per change, and the last message the watcher gets is
+/// the member's real state.
+#[tokio::test]
+async fn a_flapping_member_is_told_once_per_window() {
+    const WINDOW_MS: u64 = 400;
+    let b = Broker::start(&config(&format!(
+        "[chat]\nannounce_window_ms = {WINDOW_MS}\n"
+    )));
+    let mut bob = v5_user(&b, "bob").await;
+    bob.subscribe("users/bob/events", v5::QoS::AtLeastOnce)
+        .await;
+    create_group(&mut bob, "team", &["alice"]).await;
+    bob.subscribe("presence/alice", v5::QoS::AtLeastOnce).await;
+    assert_eq!(json_of(&bob.publish().await.payload)["status"], "offline");
+
+    let started = std::time::Instant::now();
+    const FLAPS: usize = 20;
+    for _ in 0..FLAPS {
+        let phone = v4_login(v4_options(b.addr, "alice-phone", "alice", false)).await;
+        phone.disconnect().await;
+    }
+    // Offline in the end: told when the first window closes.
+    let flapping = started.elapsed();
+
+    let told: Vec<String> = bob
+        .publishes_for(Duration::from_millis(3 * WINDOW_MS))
+        .await
+        .iter()
+        .map(|p| {
+            assert_eq!(v5_topic(p), "presence/alice");
+            json_of(&p.payload)["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        told.last().map(String::as_str),
+        Some("offline"),
+        "the last word is her real state: {told:?}"
+    );
+    // One at once, then at most one per window that ended while she
+    // flapped, and one after.
+    let windows = flapping.as_millis() as usize / WINDOW_MS as usize;
+    assert!(
+        told.len() <= windows + 2,
+        "{} messages for {} changes in {flapping:?}: {told:?}",
+        told.len(),
+        2 * FLAPS
+    );
+    let coalesced = chatmq_tests::metrics::metric(&b, "chatmq_presence_coalesced_total").await;
+    assert!(coalesced as usize >= 2 * FLAPS - told.len(), "{coalesced}");
+}
+
 /// Story 9: typing indicators reach the other members subscribed to
 /// `typing/{conv}` at QoS 0 and never become messages.
 #[tokio::test]

@@ -37,7 +37,7 @@ mod fanout;
 mod hooks;
 pub mod membership;
 pub mod namespace;
-mod presence;
+pub mod presence;
 mod queries;
 mod replay_pages;
 pub mod retention;
@@ -102,6 +102,9 @@ pub struct Chat {
     /// Large groups' receipts and membership changes waiting for their
     /// digest (`chat/announcements.rs`).
     announcements: announcements::Announcements,
+    /// Users whose presence was told within the last window
+    /// (`chat/presence.rs`).
+    presence_windows: presence::PresenceWindows,
     /// Log pages read by catch-ups, shared by the sessions replaying the
     /// same conversation (`chat/replay_pages.rs`).
     replay: replay_pages::ReplayPages,
@@ -145,6 +148,7 @@ impl Chat {
             next_conv: AtomicU64::new(0),
             retention: retention::Retention::default(),
             announcements: announcements::Announcements::default(),
+            presence_windows: presence::PresenceWindows::default(),
             replay: replay_pages::ReplayPages::default(),
         })
     }

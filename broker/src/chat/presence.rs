@@ -1,17 +1,39 @@
 //! Presence: who is online (a user with at least one connected session),
 //! the retained-like `presence/{user}` messages, and who is told of a
 //! change (users who watch presence and share a conversation).
+//!
+//! A user's changes are told at most once per `chat.announce_window_ms`
+//! (issue #11 item 3): the first change goes out at once and opens a
+//! window; changes within it only update what [`Chat::presence_for`]
+//! answers, and when the window ends the latest state goes out if it
+//! differs from what was told (opening another window), else nothing. So a
+//! member who flaps costs its watchers one delivery per window, not one per
+//! flap, and a flap that ends where it began costs none.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;
+use tokio::sync::{watch, Notify};
 
 use super::{lock, namespace, Chat};
 use crate::broker::SessionCell;
 use crate::clock::now_ms;
+use crate::deadlines::{wait_for, Deadlines};
 use crate::message::Message;
+
+/// The users whose presence was told less than a window ago.
+#[derive(Default)]
+pub(super) struct PresenceWindows {
+    /// User -> the state told when its window opened (online or not).
+    told: Mutex<HashMap<Arc<str>, bool>>,
+    /// When each user's window ends.
+    deadlines: Mutex<Deadlines>,
+    /// Woken when a window ends before every other.
+    wake: Notify,
+}
 
 impl Chat {
     /// A session of `user` is connected: it is now reached by fan-out,
@@ -80,6 +102,55 @@ impl Chat {
     fn set_presence(&self, user: &Arc<str>, online: bool) {
         let ts = now_ms();
         lock(&self.presence).insert(user.clone(), (online, ts));
+        {
+            let mut told = lock(&self.presence_windows.told);
+            if told.contains_key(user) {
+                // Told less than a window ago: the window's end tells the
+                // latest state.
+                self.metrics
+                    .presence_coalesced
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            told.insert(user.clone(), online);
+        }
+        self.open_presence_window(user, ts);
+        self.tell_presence(user, online, ts);
+    }
+
+    fn open_presence_window(&self, user: &Arc<str>, now: u64) {
+        let at = now.saturating_add(self.announcements.window_ms);
+        if lock(&self.presence_windows.deadlines).schedule(user, at) {
+            self.presence_windows.wake.notify_one();
+        }
+    }
+
+    /// `user`'s window ended: its latest state goes out if it is not what
+    /// was told.
+    fn close_presence_window(&self, user: &Arc<str>) {
+        let (online, ts) = {
+            let mut told = lock(&self.presence_windows.told);
+            // Read under `told`: a change that found the window open has
+            // updated `presence` before it looked, so it is seen here.
+            let (online, ts) = lock(&self.presence)
+                .get(user)
+                .copied()
+                .unwrap_or((false, 0));
+            match told.get_mut(user) {
+                Some(last) if *last != online => *last = online,
+                _ => {
+                    told.remove(user);
+                    return;
+                }
+            }
+            (online, ts)
+        };
+        self.open_presence_window(user, now_ms());
+        self.tell_presence(user, online, ts);
+    }
+
+    /// Delivers `user`'s presence to the users who watch it.
+    fn tell_presence(&self, user: &Arc<str>, online: bool, ts: u64) {
         let msg = Self::presence_message(user, online, ts);
         let viewers: Vec<Arc<str>> = {
             let members = self.members_read();
@@ -138,5 +209,20 @@ impl Chat {
                 Some(Self::presence_message(u, online, ts))
             })
             .collect()
+    }
+}
+
+/// Ends presence windows as they fall due, until the broker stops.
+pub async fn run(chat: Arc<Chat>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let due = lock(&chat.presence_windows.deadlines).take_due(now_ms());
+        for user in due {
+            chat.close_presence_window(&user);
+            tokio::task::yield_now().await;
+        }
+        let next = lock(&chat.presence_windows.deadlines).next();
+        if !wait_for(next, &chat.presence_windows.wake, &mut shutdown).await {
+            return;
+        }
     }
 }

@@ -236,6 +236,11 @@ fn render(api: &Api) -> String {
             &m.announcement_digests,
         ),
         (
+            "chatmq_presence_coalesced_total",
+            "Presence changes not told at once: the user's window was open and its end tells the latest state (chat.announce_window_ms).",
+            &m.presence_coalesced,
+        ),
+        (
             "chatmq_typing_too_large_total",
             "Typing indicators refused for their size (chat.typing_max_bytes).",
             &m.typing_too_large,

@@ -33,7 +33,7 @@ use crate::message::{min_qos, Message};
 use crate::ownership::{self, Ownership};
 use crate::retained::{Change, RetainedStore};
 use crate::router::{Router, Sub, SubOptions};
-use crate::session::{Session, CURSOR_SAVE_ACKS};
+use crate::session::{Outgoing, Session, CURSOR_SAVE_ACKS};
 use crate::topic::TopicLimits;
 
 /// Why a connection is told to go away by the broker.
@@ -131,6 +131,12 @@ pub struct SessionCell {
     /// QoS 0 takes the inbox only then, so that no message goes out ahead
     /// of one its publisher sent before it, whatever their QoS.
     queue_empty: AtomicBool,
+    /// The session is persistent (set as its lock is released): what a
+    /// publisher stages for it is stored.
+    persistent: AtomicBool,
+    /// The session's counter of `n` ([`Session::numbers`]), for publishers
+    /// that stage without its lock.
+    numbers: Arc<AtomicU64>,
     /// Woken when the session has something new to send (through
     /// [`SessionCell::wake_up`]).
     pub wake: Notify,
@@ -148,6 +154,7 @@ pub struct SessionCell {
 pub struct SlotGuard<'a> {
     guard: MutexGuard<'a, Slot>,
     queue_empty: &'a AtomicBool,
+    persistent: &'a AtomicBool,
 }
 
 impl std::ops::Deref for SlotGuard<'_> {
@@ -169,6 +176,8 @@ impl Drop for SlotGuard<'_> {
         // nothing waits in the queue ahead of what it delivers.
         self.queue_empty
             .store(self.guard.session.queue_is_empty(), Ordering::Release);
+        self.persistent
+            .store(self.guard.session.persistent(), Ordering::Release);
     }
 }
 
@@ -215,19 +224,39 @@ impl Plain {
     }
 }
 
-/// A connected session's mailbox for QoS 0 (EMQX's "deliver to the
-/// subscriber's mailbox"): a publisher appends under the inbox's own short
-/// lock, never the session's, and the session's connection task takes
-/// everything at once, before the session's queue. Used only while that
-/// queue is empty, so the order a publisher sent in holds across QoS
-/// levels. Bounded like the session's queue, by
-/// `mqtt.max_offline_messages` and `mqtt.session_queue_bytes`: when full,
-/// a new message is dropped and counted before anything else is done with
-/// it (QoS 0 may be lost; the oldest stay, already on their way). Going
-/// over the byte budget also closes the connection as overloaded, as the
-/// session queue does.
+/// What a publisher left in a connected session's inbox.
+pub enum Inboxed {
+    /// QoS 0: written out by the connection as it comes.
+    Plain(Plain),
+    /// QoS 1/2, numbered (and stored, for a persistent session) by its
+    /// publisher: taken into the session's queue ([`Session::admit`]).
+    Staged(Outgoing),
+}
+
+impl Inboxed {
+    fn size(&self) -> usize {
+        match self {
+            Inboxed::Plain(p) => p.msg.budget_size(),
+            Inboxed::Staged(o) => o.size(),
+        }
+    }
+}
+
+/// A connected session's mailbox (EMQX's "deliver to the subscriber's
+/// mailbox"): a publisher appends under the inbox's own short lock, never
+/// the session's, and the session's connection task takes everything at
+/// once. QoS 0 goes there only while the session's queue is empty and is
+/// written before it; QoS 1/2 is numbered under the inbox's lock, staged,
+/// and taken into the queue, after what was queued before it. So the order
+/// a publisher sent in holds across QoS levels. Bounded like the session's
+/// queue, by `mqtt.max_offline_messages` and `mqtt.session_queue_bytes`:
+/// when full, a new QoS 0 message is dropped and counted before anything
+/// else is done with it (QoS 0 may be lost; the oldest stay, already on
+/// their way), and going over the byte budget also closes the connection
+/// as overloaded, as the session queue does; a QoS 1/2 message goes to the
+/// queue under the session's lock instead, where the queue's bounds apply.
 pub struct Inbox {
-    queue: Mutex<std::collections::VecDeque<Plain>>,
+    queue: Mutex<std::collections::VecDeque<Inboxed>>,
     len: AtomicUsize,
     bytes: AtomicUsize,
     max_len: usize,
@@ -266,6 +295,14 @@ impl Inbox {
         false
     }
 
+    /// Whether a QoS 1/2 message of `size` bytes may be staged (no lock;
+    /// publishers on other cores may stage theirs meanwhile, so the
+    /// bounds may be passed by a message each).
+    fn has_room(&self, size: usize) -> bool {
+        self.len.load(Ordering::Relaxed) < self.max_len
+            && self.bytes.load(Ordering::Relaxed).saturating_add(size) <= self.max_bytes
+    }
+
     /// Appends `p` unless the inbox is full (then `false`: dropped).
     fn offer(&self, p: Plain) -> bool {
         let size = p.msg.budget_size();
@@ -281,13 +318,23 @@ impl Inbox {
             return false;
         }
         self.bytes.fetch_add(size, Ordering::Relaxed);
-        q.push_back(p);
+        q.push_back(Inboxed::Plain(p));
         self.len.store(q.len(), Ordering::Relaxed);
         true
     }
 
+    /// Numbers a QoS 1/2 message from `numbers` and appends what `stage`
+    /// builds of it, under the inbox's lock: staged in the order numbered.
+    fn stage(&self, numbers: &AtomicU64, stage: impl FnOnce(u64) -> Outgoing) {
+        let mut q = lock(&self.queue);
+        let o = stage(numbers.fetch_add(1, Ordering::Relaxed));
+        self.bytes.fetch_add(o.size(), Ordering::Relaxed);
+        q.push_back(Inboxed::Staged(o));
+        self.len.store(q.len(), Ordering::Relaxed);
+    }
+
     /// Everything waiting, oldest first; the inbox is empty after.
-    pub fn take(&self) -> std::collections::VecDeque<Plain> {
+    pub fn take(&self) -> std::collections::VecDeque<Inboxed> {
         if self.len.load(Ordering::Relaxed) == 0 {
             return std::collections::VecDeque::new();
         }
@@ -298,7 +345,7 @@ impl Inbox {
         };
         let bytes = taken
             .iter()
-            .map(|p| p.msg.budget_size())
+            .map(Inboxed::size)
             .fold(0usize, usize::saturating_add);
         if self.pressed.swap(false, Ordering::Relaxed) {
             self.drained.notify_waiters();
@@ -333,7 +380,11 @@ impl Inbox {
 impl SessionCell {
     fn new(session: Session) -> Arc<SessionCell> {
         let inbox = Inbox::new(session.max_queue, session.max_bytes);
+        let persistent = AtomicBool::new(session.persistent());
+        let numbers = session.numbers();
         Arc::new(SessionCell {
+            persistent,
+            numbers,
             client_id: session.client_id.clone(),
             owner: session.owner.clone(),
             slot: Mutex::new(Slot {
@@ -396,6 +447,28 @@ impl SessionCell {
             self.wake_up();
             return 0;
         }
+        if qos != QoS::AtMostOnce && self.is_online() && self.inbox.has_room(msg.budget_size()) {
+            // Staged without the session's lock: numbered in the inbox,
+            // stored into this publisher's batch if the session persists.
+            let body = self
+                .persistent
+                .load(Ordering::Acquire)
+                .then(|| batch.share_body(msg, || msg.to_record()));
+            self.inbox.stage(&self.numbers, |n| {
+                Session::staged(
+                    &self.client_id,
+                    n,
+                    msg.clone(),
+                    qos,
+                    retain,
+                    sub_ids,
+                    body,
+                    batch,
+                )
+            });
+            self.wake_up();
+            return 0;
+        }
         let mut slot = self.lock();
         let s = &mut slot.session;
         let before = s.dropped;
@@ -431,12 +504,48 @@ impl SessionCell {
         self.is_online() && self.queue_empty.load(Ordering::Acquire)
     }
 
+    /// Takes what waits in the inbox, under the session's lock (`slot`):
+    /// staged messages into the queue, and the QoS 0 ones into `direct`
+    /// (to be written before the queue) up to the first staged one, and
+    /// after it into the queue too, so none overtakes it. Without `direct`
+    /// (the connection is not the caller) every QoS 0 message is queued.
+    pub fn absorb(
+        &self,
+        slot: &mut Slot,
+        batch: &mut Batch,
+        mut direct: Option<&mut std::collections::VecDeque<Plain>>,
+    ) {
+        let mut staged_before = false;
+        for item in self.inbox.take() {
+            match item {
+                Inboxed::Staged(o) => {
+                    staged_before = true;
+                    slot.session.admit(o, batch);
+                }
+                Inboxed::Plain(p) => match direct.as_deref_mut() {
+                    Some(d) if !staged_before => d.push_back(p),
+                    _ => slot
+                        .session
+                        .enqueue(p.msg, QoS::AtMostOnce, p.retain, p.sub_ids, batch),
+                },
+            }
+        }
+    }
+
+    /// The session leaves the disk (see [`Session::delete_stored`]), with
+    /// what its publishers staged and stored for it.
+    pub fn delete_stored(&self, slot: &mut Slot, batch: &mut Batch) {
+        self.absorb(slot, batch, None);
+        slot.session.delete_stored(batch);
+    }
+
     /// Locks the session. A poisoned lock (a panic elsewhere) still yields
     /// the state: the broker keeps serving rather than cascading.
     pub fn lock(&self) -> SlotGuard<'_> {
         SlotGuard {
             guard: self.slot.lock().unwrap_or_else(|e| e.into_inner()),
             queue_empty: &self.queue_empty,
+            persistent: &self.persistent,
         }
     }
 }
@@ -826,7 +935,7 @@ impl Broker {
                     batch.put_session(&s.client_id, &s.record());
                 } else {
                     // Resumed as a session that now ends with this connection.
-                    s.delete_stored(batch);
+                    cell.delete_stored(&mut slot, batch);
                 }
                 cell.set_link(&mut slot, Some(link));
                 drop(slot);
@@ -840,7 +949,7 @@ impl Broker {
             ended_will = pending;
             let filters: Vec<String> = slot.session.subscriptions.keys().cloned().collect();
             if slot.session.persistent() {
-                slot.session.delete_stored(batch);
+                cell.delete_stored(&mut slot, batch);
             }
             drop(slot);
             cell.ended.store(true, Ordering::Release);
@@ -951,6 +1060,10 @@ impl Broker {
         let owner = slot.session.owner.clone();
         slot.session.connected = false;
         slot.session.disconnected_at_ms = now_ms();
+        // What publishers staged is queued (kept while the session waits
+        // for its client, off the disk with it if it ends; QoS 0 is not
+        // kept for a client that is gone).
+        cell.absorb(&mut slot, batch, None);
         if !slot.session.persistent() {
             let filters: Vec<String> = slot.session.subscriptions.keys().cloned().collect();
             drop(slot);
@@ -1099,7 +1212,7 @@ impl Broker {
                 if slot.link.is_some() {
                     continue; // resumed meanwhile
                 }
-                slot.session.delete_stored(&mut batch);
+                cell.delete_stored(&mut slot, &mut batch);
                 (
                     slot.session
                         .subscriptions

@@ -973,14 +973,15 @@ impl Channel {
             // It ends with this connection: off the disk too, or a restart
             // would bring it back.
             let mut batch = Batch::new();
-            slot.session.delete_stored(&mut batch);
+            cell.delete_stored(&mut slot, &mut batch);
             drop(self.broker.store.submit_now(batch));
         }
         Err(close)
     }
 
-    /// Moves what the session may send now into `packets`.
-    /// Also returns the QoS 0 messages waiting in the session's inbox, to
+    /// Moves what the session may send now into `packets`, after taking
+    /// what its publishers staged in its inbox into its queue. Also returns
+    /// the QoS 0 messages waiting in the inbox ahead of any staged one, to
     /// be written before `packets`: taken under the session's lock, after
     /// anything its publishers routed before what is now queued.
     pub async fn poll_deliveries(&mut self, packets: &mut Vec<Outbound>) -> VecDeque<Plain> {
@@ -992,8 +993,10 @@ impl Channel {
         cell.woke();
         let expired = {
             let mut slot = cell.lock();
-            inbox = cell.inbox.take();
             let before = slot.session.dropped;
+            let mut direct = VecDeque::new();
+            cell.absorb(&mut slot, &mut batch, Some(&mut direct));
+            inbox = direct;
             slot.session.poll_outbound(now_ms(), packets, &mut batch);
             slot.session.dropped - before
         };

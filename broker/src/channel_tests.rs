@@ -464,6 +464,77 @@ async fn qos1_puback_waits_for_the_commit() {
     assert_eq!(payloads(&sub.received().await), [b"hi"]);
 }
 
+// Issue #11 item 1: QoS 1 to a connected persistent session is staged in
+// its inbox, not queued under its lock. A thread holds the subscriber's
+// session lock while three messages are published: each is acknowledged
+// (after its commit) while the lock is still held, each is on disk in the
+// session's outbox by then, and the subscriber gets all three once, in
+// order, with packet ids 1, 2, 3, when it next looks.
+#[tokio::test]
+async fn a_publisher_is_not_held_up_by_a_subscribers_session_lock() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let fx = broker();
+    let mut sub = fx.connect(V5, persistent("sub", true, 60)).await;
+    sub.subscribe(vec![Filter::new("lk/t", QoS::AtLeastOnce)], None)
+        .await;
+    let mut publisher = fx.connect(V5, connect("pub", true)).await;
+    let cell = fx.broker.session("sub").expect("the session");
+
+    let holding = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let (cell, holding) = (cell.clone(), holding.clone());
+        std::thread::spawn(move || {
+            let slot = cell.lock();
+            holding.store(true, Ordering::SeqCst);
+            let _ = locked_tx.send(());
+            // Until the publisher is done, or long enough for a broken
+            // broker's publisher to get through after it and fail below.
+            let _ = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+            holding.store(false, Ordering::SeqCst);
+            drop(slot);
+        })
+    };
+    locked_rx.recv().expect("the lock is held");
+    for (pkid, body) in [(1u16, b"m1"), (2, b"m2"), (3, b"m3")] {
+        publisher
+            .channel
+            .handle(Packet::Publish(publish(
+                "lk/t",
+                QoS::AtLeastOnce,
+                pkid,
+                body,
+            )))
+            .await
+            .expect("accepted");
+        let acks = answers(&mut publisher.channel).await;
+        assert!(
+            matches!(acks.as_slice(), [Packet::PubAck(a)] if a.pkid == pkid),
+            "{acks:?}"
+        );
+        assert!(
+            holding.load(Ordering::SeqCst),
+            "acked only after the subscriber's lock was released"
+        );
+    }
+    let stored = fx.broker.store.load_sessions().expect("load");
+    let outbox = &stored
+        .iter()
+        .find(|s| s.client_id == "sub")
+        .expect("stored session")
+        .outbox;
+    assert_eq!(outbox.len(), 3, "each is on disk before its PUBACK");
+    let _ = done_tx.send(());
+    holder.join().expect("holder");
+
+    let got = sub.received().await;
+    assert_eq!(payloads(&got), [b"m1", b"m2", b"m3"]);
+    assert_eq!(got.iter().map(|p| p.pkid).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(sub.received().await.is_empty(), "once");
+}
+
 // [MQTT-4.3.3-10] until PUBREL, a resent QoS 2 PUBLISH with the same packet
 // id gets PUBREC again and is not delivered twice; [MQTT-4.3.3-11] PUBREL
 // gets PUBCOMP; afterwards the id is free for a new message.

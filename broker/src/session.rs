@@ -9,6 +9,7 @@
 //! [MQTT-4.4.0-1].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chatmq_storage::{
@@ -105,7 +106,7 @@ impl Outgoing {
     }
 
     /// What it costs the session's byte budget.
-    fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.msg.budget_size()
     }
 
@@ -202,7 +203,10 @@ pub struct Session {
     /// message once full.
     unbounded_queued: usize,
     inflight: VecDeque<Outgoing>,
-    next_n: u64,
+    /// The next `n`, shared with the session's inbox: a publisher that
+    /// stages a message there numbers it without the session's lock
+    /// ([`Session::staged`], [`Session::admit`]).
+    next_n: Arc<AtomicU64>,
     /// Incoming QoS 2 packet ids that got PUBREC and await PUBREL. This
     /// and the sets of conversations below are B-trees: empty in nearly
     /// every session, and an empty one is 24 bytes, a `HashSet` 48 (its
@@ -255,7 +259,7 @@ impl Session {
             queue: VecDeque::new(),
             unbounded_queued: 0,
             inflight: VecDeque::new(),
-            next_n: 1,
+            next_n: Arc::new(AtomicU64::new(1)),
             inbound: BTreeSet::new(),
             max_inflight: u16::MAX,
             max_queue: usize::MAX,
@@ -322,7 +326,7 @@ impl Session {
             );
         }
         for (n, entry) in stored.outbox {
-            s.next_n = s.next_n.max(n + 1);
+            s.next_n.fetch_max(n.saturating_add(1), Ordering::Relaxed);
             let (qos, retain) = entry
                 .message
                 .as_ref()
@@ -419,6 +423,101 @@ impl Session {
         self.push(msg, qos, true, sub_ids, None, true, batch);
     }
 
+    /// The counter of `n` this session and its inbox share.
+    pub fn numbers(&self) -> Arc<AtomicU64> {
+        self.next_n.clone()
+    }
+
+    /// A plain QoS 1/2 message numbered `n` for a connected session by a
+    /// publisher that does not hold the session's lock (it holds the
+    /// inbox's, so messages are staged in the order they are numbered).
+    /// Stored now, into the publisher's `batch`, when `body` says the
+    /// session is persistent: acknowledged to its publisher only once
+    /// durable, like one queued under the lock. [`Session::admit`] takes
+    /// it into the queue.
+    #[allow(clippy::too_many_arguments)]
+    pub fn staged(
+        client_id: &str,
+        n: u64,
+        msg: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        sub_ids: Vec<u32>,
+        body: Option<Arc<SharedBody>>,
+        batch: &mut Batch,
+    ) -> Outgoing {
+        let stored = body.is_some();
+        let out = Outgoing {
+            n,
+            msg,
+            qos,
+            retain,
+            sub_ids,
+            state: OutboxState::Publish,
+            sent: false,
+            chat: None,
+            unbounded: false,
+            body,
+        };
+        if stored {
+            batch.put_outbox(client_id, n, &out.entry());
+        }
+        out
+    }
+
+    /// Takes a staged message into the queue, within the bounds a message
+    /// queued under the lock meets (the oldest plain ones make room; one
+    /// that still does not fit is dropped, off the disk too). Returns false
+    /// if it was dropped.
+    ///
+    /// It goes before any message numbered after it that was queued under
+    /// the lock while it waited in the inbox, so the queue is in the order
+    /// of `n` whenever the connection sends from it (it takes the inbox
+    /// first, under the inbox's lock, so a message numbered before one
+    /// queued is staged by then): packet ids follow `n`, and that order
+    /// keeps them unique while in flight (see [`Session::poll_outbound`]).
+    pub fn admit(&mut self, o: Outgoing, batch: &mut Batch) -> bool {
+        if !self.make_room(o.size(), false, true, batch) {
+            self.dropped += 1;
+            self.unqueue(&o, batch);
+            return false;
+        }
+        self.held_bytes = self.held_bytes.saturating_add(o.size());
+        let last_numbered = self.queue.iter().rev().find(|q| q.n != 0).map(|q| q.n);
+        if last_numbered.is_some_and(|last| last > o.n) {
+            let at = self
+                .queue
+                .iter()
+                .position(|q| q.n > o.n)
+                .unwrap_or(self.queue.len());
+            self.queue.insert(at, o);
+        } else {
+            self.queue.push_back(o);
+        }
+        true
+    }
+
+    /// Makes room in the queue for a message of `size` bytes: the oldest
+    /// waiting plain message goes when the count bound is reached (unless
+    /// the message is `unbounded`), and for a `plain` one as many as the
+    /// byte budget needs. False if the budget cannot be met.
+    fn make_room(&mut self, size: usize, unbounded: bool, plain: bool, batch: &mut Batch) -> bool {
+        if !unbounded && self.queue.len() - self.unbounded_queued >= self.max_queue {
+            self.drop_oldest_plain(batch);
+        }
+        if plain {
+            // The byte budget: the oldest plain messages make room; a
+            // connected client that let it fill up is disconnected.
+            while self.held_bytes.saturating_add(size) > self.max_bytes {
+                self.overloaded |= self.connected;
+                if !self.drop_oldest_plain(batch) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     fn push(
         &mut self,
         msg: Arc<Message>,
@@ -435,27 +534,15 @@ impl Session {
         // The bound is on plain messages (`mqtt.max_offline_messages`); chat
         // messages are in the log, and evicting one would cut a replay short.
         let unbounded = unbounded || chat.is_some();
-        if !unbounded && self.queue.len() - self.unbounded_queued >= self.max_queue {
-            self.drop_oldest_plain(batch);
-        }
         let size = msg.budget_size();
-        if chat.is_none() {
-            // The byte budget: the oldest plain messages make room; a
-            // connected client that let it fill up is disconnected.
-            while self.held_bytes.saturating_add(size) > self.max_bytes {
-                self.overloaded |= self.connected;
-                if !self.drop_oldest_plain(batch) {
-                    self.dropped += 1;
-                    return false;
-                }
-            }
+        if !self.make_room(size, unbounded, chat.is_none(), batch) {
+            self.dropped += 1;
+            return false;
         }
         let n = if qos == QoS::AtMostOnce {
             0
         } else {
-            let n = self.next_n;
-            self.next_n += 1;
-            n
+            self.next_n.fetch_add(1, Ordering::Relaxed)
         };
         let stored = n != 0 && self.persistent() && chat.is_none();
         // One stored copy for every persistent session this publish goes
@@ -917,6 +1004,59 @@ mod tests {
                 _ => u16::MAX,
             })
             .collect()
+    }
+
+    /// Stages a plain QoS 1 message as a publisher does: numbered from the
+    /// session's counter, stored if `stored`.
+    fn stage(s: &Session, b: &mut Batch, stored: bool) -> Outgoing {
+        let m = msg("t", QoS::AtLeastOnce);
+        let n = s.numbers().fetch_add(1, Ordering::Relaxed);
+        let body = stored.then(|| b.share_body(&m, || m.to_record()));
+        Session::staged(&s.client_id, n, m, QoS::AtLeastOnce, false, vec![], body, b)
+    }
+
+    // A message staged before one queued under the lock but taken in after
+    // it goes first: packet ids go out in the order of `n`.
+    #[test]
+    fn a_staged_message_goes_before_one_numbered_after_it() {
+        let mut s = session(60);
+        s.max_inflight = 10;
+        let mut b = Batch::new();
+        let early = stage(&s, &mut b, true);
+        queue_plain(&mut s, 1, &mut b); // numbered 2, queued at once
+        let later = stage(&s, &mut b, true);
+        assert!(s.admit(later, &mut b));
+        assert!(s.admit(early, &mut b));
+        let mut out = Vec::new();
+        s.poll_send(0, &mut out, &mut b);
+        assert_eq!(pkids(&out), [1, 2, 3]);
+    }
+
+    // A staged message meets the queue's bounds when taken in: the oldest
+    // waiting one makes room; one over the byte budget is dropped, and its
+    // stored copy deleted.
+    #[test]
+    fn a_staged_message_meets_the_queues_bounds() {
+        let mut s = session(60);
+        s.max_inflight = 10;
+        let mut b = Batch::new();
+        queue_plain(&mut s, 3, &mut b);
+        let o = stage(&s, &mut b, true);
+        assert!(s.admit(o, &mut b));
+        assert_eq!(s.dropped, 1, "the oldest made room");
+        let mut out = Vec::new();
+        s.poll_send(0, &mut out, &mut b);
+        assert_eq!(pkids(&out), [2, 3, 4]);
+
+        for stored in [true, false] {
+            let mut s = session(if stored { 60 } else { 0 });
+            s.max_bytes = 0;
+            let o = stage(&s, &mut Batch::new(), stored);
+            let mut b = Batch::new();
+            assert!(!s.admit(o, &mut b), "over the byte budget");
+            assert_eq!(s.dropped, 1);
+            assert_eq!(b.is_empty(), !stored, "its stored copy goes too");
+        }
     }
 
     // [MQTT-4.9.0-2] no more than Receive Maximum unacknowledged QoS>0 sends.

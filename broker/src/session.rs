@@ -428,11 +428,11 @@ impl Session {
         self.next_n.clone()
     }
 
-    /// A plain QoS 1/2 message numbered `n` for a connected session by a
-    /// publisher that does not hold the session's lock (it holds the
-    /// inbox's, so messages are staged in the order they are numbered).
-    /// Stored now, into the publisher's `batch`, when `body` says the
-    /// session is persistent: acknowledged to its publisher only once
+    /// A plain message numbered `n` (0 for QoS 0), stored into `batch`
+    /// when it has a `body` (a persistent session's QoS 1/2 message). A
+    /// publisher stages one this way for a connected session without the
+    /// session's lock (it holds the inbox's, so messages are staged in the
+    /// order they are numbered): acknowledged to its publisher only once
     /// durable, like one queued under the lock. [`Session::admit`] takes
     /// it into the queue.
     #[allow(clippy::too_many_arguments)]
@@ -548,21 +548,9 @@ impl Session {
         // One stored copy for every persistent session this publish goes
         // to in this batch; each entry refers to it.
         let body = stored.then(|| batch.share_body(&msg, || msg.to_record()));
-        let out = Outgoing {
-            n,
-            msg,
-            qos,
-            retain,
-            sub_ids,
-            state: OutboxState::Publish,
-            sent: false,
-            chat,
-            unbounded,
-            body,
-        };
-        if stored {
-            batch.put_outbox(&self.client_id, n, &out.entry());
-        }
+        let mut out = Session::staged(&self.client_id, n, msg, qos, retain, sub_ids, body, batch);
+        out.chat = chat;
+        out.unbounded = unbounded;
         self.unbounded_queued += usize::from(out.unbounded);
         self.held_bytes = self.held_bytes.saturating_add(size);
         self.queue.push_back(out);

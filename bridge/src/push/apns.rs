@@ -398,6 +398,41 @@ mod tests {
         assert!(status.success());
     }
 
+    #[tokio::test]
+    async fn a_token_is_kept_its_lifetime_and_a_renewed_one_is_never_the_refused_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("AuthKey.p8");
+        openssl_key(&key, "P-256");
+        let provider = ApnsProvider::new(&chatmq_config::Apns {
+            key_file: key,
+            key_id: "ABC123".into(),
+            team_id: "TEAM".into(),
+            topic: "com.example.chat".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let first = provider.token().await.unwrap();
+        let again = provider.token().await.unwrap();
+        assert_eq!(
+            (again.jwt, again.signed),
+            (first.jwt.clone(), first.signed),
+            "cached"
+        );
+
+        // Refused within the second it was signed in: the new one differs.
+        let renewed = provider.renew(&first).await.unwrap();
+        assert!(renewed.iat > first.iat);
+        assert_ne!(renewed.jwt, first.jwt);
+        let late = provider.renew(&first).await.unwrap();
+        assert_eq!(late.jwt, renewed.jwt, "a second refusal of the old one");
+        assert_eq!(provider.token().await.unwrap().jwt, renewed.jwt);
+
+        // Once it has served its lifetime, the next send signs a new one.
+        provider.token.lock().await.signed = Instant::now().checked_sub(TOKEN_LIFETIME).unwrap();
+        provider.token().await.unwrap();
+        assert!(provider.token.lock().await.signed.elapsed() < TOKEN_LIFETIME);
+    }
+
     #[test]
     fn a_p8_key_builds_a_provider_and_a_bad_file_names_the_key() {
         let dir = tempfile::tempdir().unwrap();

@@ -19,7 +19,7 @@
 //! Retry-After), as do connection errors and timeouts; anything else is a
 //! rejection.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chatmq_storage::Device;
 use futures_util::future::BoxFuture;
@@ -58,12 +58,21 @@ pub struct ApnsProvider {
     token: tokio::sync::Mutex<ProviderToken>,
 }
 
-/// A signed provider token, its `iat`, and when it was signed.
+/// A signed provider token and its `iat` (Unix seconds). Its age is told
+/// by the wall clock, as Apple tells it (a monotonic clock stops while the
+/// machine sleeps).
 #[derive(Clone)]
 struct ProviderToken {
     jwt: String,
     iat: u64,
-    signed: Instant,
+}
+
+impl ProviderToken {
+    /// Past its lifetime at `now`, or signed in the future (the clock was
+    /// set back).
+    fn stale(&self, now: u64) -> bool {
+        now < self.iat || now - self.iat >= TOKEN_LIFETIME.as_secs()
+    }
 }
 
 /// The conversation id as a collapse id: itself if it fits APNs' 64 bytes,
@@ -129,7 +138,6 @@ impl ApnsProvider {
             token: tokio::sync::Mutex::new(ProviderToken {
                 jwt: String::new(),
                 iat: 0,
-                signed: Instant::now(),
             }),
         };
         // Signing once proves the key is a P-256 key (a P-384 one parses).
@@ -150,16 +158,16 @@ impl ApnsProvider {
         Ok(ProviderToken {
             jwt: jsonwebtoken::encode(&header, &claims, &self.key)?,
             iat,
-            signed: Instant::now(),
         })
     }
 
     /// The token in use, or a new one once it has served its lifetime.
     async fn token(&self) -> Result<ProviderToken, String> {
         let mut current = self.token.lock().await;
-        if current.signed.elapsed() >= TOKEN_LIFETIME {
+        let now = jsonwebtoken::get_current_timestamp();
+        if current.stale(now) {
             *current = self
-                .sign(jsonwebtoken::get_current_timestamp())
+                .sign(now)
                 .map_err(|e| format!("cannot sign the APNs provider token: {e}"))?;
         }
         Ok(current.clone())
@@ -411,13 +419,20 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
+        let lifetime = TOKEN_LIFETIME.as_secs();
+        let aged = |token: &mut ProviderToken, secs: u64| {
+            token.iat -= secs;
+            token.jwt = format!("issued {}", token.iat);
+        };
+        // Almost a lifetime old: still the one in use.
+        aged(&mut *provider.token.lock().await, lifetime - 60);
+        let old = provider.token().await.unwrap();
+        assert_eq!(old.jwt, format!("issued {}", old.iat), "kept");
+        // A lifetime old: the next send signs a new one, then keeps it.
+        aged(&mut *provider.token.lock().await, 60);
         let first = provider.token().await.unwrap();
-        let again = provider.token().await.unwrap();
-        assert_eq!(
-            (again.jwt, again.signed),
-            (first.jwt.clone(), first.signed),
-            "cached"
-        );
+        assert!(first.iat > old.iat && first.jwt.starts_with("ey"));
+        assert_eq!(provider.token().await.unwrap().jwt, first.jwt);
 
         // Refused within the second it was signed in: the new one differs.
         let renewed = provider.renew(&first).await.unwrap();
@@ -427,10 +442,12 @@ mod tests {
         assert_eq!(late.jwt, renewed.jwt, "a second refusal of the old one");
         assert_eq!(provider.token().await.unwrap().jwt, renewed.jwt);
 
-        // Once it has served its lifetime, the next send signs a new one.
-        provider.token.lock().await.signed = Instant::now().checked_sub(TOKEN_LIFETIME).unwrap();
-        provider.token().await.unwrap();
-        assert!(provider.token.lock().await.signed.elapsed() < TOKEN_LIFETIME);
+        // Signed in the future (the clock was set back): replaced.
+        assert!(ProviderToken {
+            jwt: String::new(),
+            iat: renewed.iat + 120
+        }
+        .stale(renewed.iat));
     }
 
     #[test]

@@ -105,19 +105,8 @@ pub struct Mock {
 impl Mock {
     /// Plain HTTP (1.1, or 2 with prior knowledge).
     pub async fn start() -> Mock {
-        let shared = Arc::new(Shared::default());
-        let app = Router::new().fallback(record).with_state(shared.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
-        let addr = listener.local_addr().expect("mock addr");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Mock {
-            addr,
-            scheme: "http",
-            shared,
-            task,
-        }
+        Mock::serve(listener, "http")
     }
 
     /// TLS with `pki`'s server certificate (for 127.0.0.1 and localhost),
@@ -136,20 +125,23 @@ impl Mock {
             .with_single_cert(certs, key)
             .expect("mock TLS config");
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let shared = Arc::new(Shared::default());
-        let app = Router::new().fallback(record).with_state(shared.clone());
-        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
-        let addr = tcp.local_addr().expect("mock addr");
         let listener = TlsListener {
-            tcp,
+            tcp: TcpListener::bind("127.0.0.1:0").await.expect("bind mock"),
             acceptor: TlsAcceptor::from(Arc::new(config)),
         };
+        Mock::serve(listener, "https")
+    }
+
+    fn serve<L: Listener<Addr = SocketAddr>>(listener: L, scheme: &'static str) -> Mock {
+        let shared = Arc::new(Shared::default());
+        let app = Router::new().fallback(record).with_state(shared.clone());
+        let addr = listener.local_addr().expect("mock addr");
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         Mock {
             addr,
-            scheme: "https",
+            scheme,
             shared,
             task,
         }

@@ -244,6 +244,10 @@ impl ApnsProvider {
         loop {
             let response = match self.attempt(device, note, &token.jwt).await {
                 Ok(r) => r,
+                // A topic that is no header value: no retry mends it.
+                Err(e) if e.is_builder() => {
+                    return Outcome::Rejected(format!("cannot build the APNs request: {e}"))
+                }
                 Err(e) => {
                     return Outcome::Retry {
                         after: None,
@@ -448,6 +452,37 @@ mod tests {
             iat: renewed.iat + 120
         }
         .stale(renewed.iat));
+    }
+
+    #[tokio::test]
+    async fn what_no_retry_mends_is_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("AuthKey.p8");
+        openssl_key(&key, "P-256");
+        let provider = ApnsProvider::new(&chatmq_config::Apns {
+            key_file: key,
+            key_id: "ABC123".into(),
+            team_id: "TEAM".into(),
+            topic: "com.example\nchat".into(),
+            // Nothing listens there: a request that left would retry.
+            endpoint: Some("https://127.0.0.1:9".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let device = |token: &str| Device {
+            platform: "apns".into(),
+            token: token.into(),
+            app_id: None,
+        };
+        let n = note("team");
+        assert!(matches!(
+            provider.post(&device(&"ab".repeat(32)), &n).await,
+            Outcome::Rejected(why) if why.contains("cannot build")
+        ));
+        assert!(matches!(
+            provider.post(&device("../x"), &n).await,
+            Outcome::InvalidToken(_)
+        ));
     }
 
     #[test]

@@ -655,6 +655,8 @@ mod tests {
             team_id = "TEAMID"
             topic = "com.example.chat"
             sandbox = true
+            endpoint = "https://apns-proxy.example.internal:8443"
+            ca_file = "certs/proxy-ca.pem"
             [push.fcm]
             service_account_file = "keys/fcm.json"
             project_id = "chat-project"
@@ -798,6 +800,8 @@ mod tests {
                     team_id: "TEAMID".into(),
                     topic: "com.example.chat".into(),
                     sandbox: true,
+                    endpoint: Some("https://apns-proxy.example.internal:8443".into()),
+                    ca_file: Some(PathBuf::from("certs/proxy-ca.pem")),
                 }),
                 fcm: Some(Fcm {
                     service_account_file: PathBuf::from("keys/fcm.json"),

@@ -566,6 +566,13 @@ pub struct Apns {
     pub topic: String,
     /// Use Apple's sandbox (development) endpoint.
     pub sandbox: bool,
+    /// Where APNs lives (`https://` only), overriding `sandbox`: a proxy,
+    /// or a local server in tests. Default: Apple's production or sandbox
+    /// host.
+    pub endpoint: Option<String>,
+    /// A PEM file of CA certificates trusted for the endpoint besides the
+    /// usual public roots (a TLS-inspecting proxy, a test server).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[push.fcm]`: Firebase Cloud Messaging, HTTP v1 API, with a service
@@ -845,6 +852,8 @@ pub(crate) const KEYS: &[Key] = &[
                     key("team_id", Kind::Text),
                     key("topic", Kind::Text),
                     key("sandbox", Kind::Bool),
+                    key("endpoint", Kind::Text),
+                    key("ca_file", Kind::Text),
                 ]),
             ),
             key(

@@ -116,6 +116,19 @@ fn check_push(push: &Push) -> Result<(), ConfigError> {
                 return Err(required(key));
             }
         }
+        if let Some(endpoint) = &apns.endpoint {
+            if !endpoint.starts_with("https://") {
+                return Err(ConfigError::Invalid {
+                    key: "push.apns.endpoint".to_string(),
+                    reason: format!(
+                        "{endpoint:?} is not an https:// URL (APNs is HTTP/2 over TLS)"
+                    ),
+                });
+            }
+        }
+        if let Some(ca_file) = &apns.ca_file {
+            check_required_path("push.apns.ca_file", ca_file)?;
+        }
     }
     if let Some(fcm) = &push.fcm {
         check_required_path("push.fcm.service_account_file", &fcm.service_account_file)?;
@@ -386,6 +399,39 @@ mod tests {
             "{message}"
         );
         fs::write(&key, "-----BEGIN PUBLIC KEY-----\n").unwrap();
+        validate(&settings).unwrap();
+    }
+
+    #[test]
+    fn an_apns_endpoint_must_be_https_and_its_ca_file_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        let key = dir.path().join("AuthKey.p8");
+        fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        let mut apns = crate::Apns {
+            key_file: key,
+            key_id: "KEY".into(),
+            team_id: "TEAM".into(),
+            topic: "com.example.chat".into(),
+            endpoint: Some("http://127.0.0.1:8443".into()),
+            ..Default::default()
+        };
+        settings.push.apns = Some(apns.clone());
+        assert_eq!(
+            error(&settings),
+            "push.apns.endpoint: \"http://127.0.0.1:8443\" is not an https:// URL \
+             (APNs is HTTP/2 over TLS)"
+        );
+        apns.endpoint = Some("https://127.0.0.1:8443".into());
+        apns.ca_file = Some(dir.path().join("missing-ca.pem"));
+        settings.push.apns = Some(apns.clone());
+        assert!(
+            error(&settings).starts_with("push.apns.ca_file: "),
+            "{}",
+            error(&settings)
+        );
+        apns.ca_file = None;
+        settings.push.apns = Some(apns);
         validate(&settings).unwrap();
     }
 

@@ -1,6 +1,8 @@
 //! A stand-in for push services: an axum server on 127.0.0.1:0 inside the
 //! test process that records every request (HTTP/1.1, or HTTP/2 with prior
 //! knowledge, as axum serves both) and answers with scripted replies.
+//! [`Mock::start_tls`] serves the same over TLS with a [`TestPki`]
+//! certificate, offering HTTP/2 by ALPN, as APNs does.
 //!
 //! A path ending in `/token` is an OAuth2 token endpoint: it answers
 //! `{"access_token": "mock-access-token", "expires_in": 3600}`. Any other
@@ -15,7 +17,16 @@ use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
+use axum::serve::Listener;
 use axum::Router;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls::{self, ServerConfig};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::tls::TestPki;
 
 /// The access token the mock's token endpoint hands out.
 pub const ACCESS_TOKEN: &str = "mock-access-token";
@@ -85,27 +96,60 @@ struct Shared {
 /// A running mock push service.
 pub struct Mock {
     pub addr: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Mock {
+    /// Plain HTTP (1.1, or 2 with prior knowledge).
     pub async fn start() -> Mock {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
+        Mock::serve(listener, "http")
+    }
+
+    /// TLS with `pki`'s server certificate (for 127.0.0.1 and localhost),
+    /// ALPN `h2` then `http/1.1`: a client must trust `pki.ca`.
+    pub async fn start_tls(pki: &TestPki) -> Mock {
+        let certs = CertificateDer::pem_file_iter(&pki.cert)
+            .expect("mock certificate")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("mock certificate PEM");
+        let key = PrivateKeyDer::from_pem_file(&pki.key).expect("mock key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("mock TLS config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let listener = TlsListener {
+            tcp: TcpListener::bind("127.0.0.1:0").await.expect("bind mock"),
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        };
+        Mock::serve(listener, "https")
+    }
+
+    fn serve<L: Listener<Addr = SocketAddr>>(listener: L, scheme: &'static str) -> Mock {
         let shared = Arc::new(Shared::default());
         let app = Router::new().fallback(record).with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind mock");
         let addr = listener.local_addr().expect("mock addr");
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Mock { addr, shared, task }
+        Mock {
+            addr,
+            scheme,
+            shared,
+            task,
+        }
     }
 
-    /// `http://127.0.0.1:PORT` + `path`.
+    /// `http://127.0.0.1:PORT` (or `https://`) + `path`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     /// Answers the next requests (token requests aside) with `replies`.
@@ -142,6 +186,34 @@ impl Mock {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Accepts TCP connections and completes their TLS handshakes (one that
+/// fails is dropped).
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+}
+
+impl Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, peer)) = self.tcp.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }
 

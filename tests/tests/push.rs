@@ -1,7 +1,8 @@
 //! Push notifications told as an operator and a phone would see them
 //! (DESIGN §3 step 8, issue #6): members who are offline and registered a
-//! device get a notification through a mock push service (the webhook, or
-//! FCM HTTP v1 with its OAuth2 flow); members who are online get none; a
+//! device get a notification through a mock push service (the webhook,
+//! FCM HTTP v1 with its OAuth2 flow, or APNs over HTTP/2 and TLS with an
+//! ES256 provider token); members who are online get none; a
 //! burst collapses per debounce window; dead tokens delete the device;
 //! retries stop at the cap; a queued job survives a crash.
 
@@ -9,8 +10,9 @@ use std::time::Duration;
 
 use chatmq_tests::chat::*;
 use chatmq_tests::http::Http;
-use chatmq_tests::metrics::metric;
+use chatmq_tests::metrics::{metric, metric_reaches};
 use chatmq_tests::push_mock::{Mock, Recorded, Reply, ACCESS_TOKEN};
+use chatmq_tests::tls::TestPki;
 use chatmq_tests::tools::openssl_pair;
 use chatmq_tests::{v5, Broker, PATIENCE};
 use hmac::{Hmac, Mac};
@@ -596,4 +598,208 @@ async fn provider_keys_are_checked_at_start() {
         "{stderr}"
     );
     assert!(lines[0].contains("missing.json"), "{stderr}");
+}
+
+/// An APNs device token (hex, as Apple hands them out).
+const IPHONE: &str = "7d5c0e9b3a1f42d8b6e0c4a9f1d2e3b47d5c0e9b3a1f42d8b6e0c4a9f1d2e3b4";
+const KEY_ID: &str = "KEY123ABCD";
+const TEAM_ID: &str = "TEAM456XYZ";
+const TOPIC: &str = "com.example.chat";
+
+/// A chat broker whose `[push.apns]` points at a local HTTP/2 TLS mock,
+/// trusting the mock's test CA, with its .p8 key's public half (what Apple
+/// verifies provider tokens with). Bob registered an iPhone over HTTP and
+/// has no MQTT session: he is offline.
+struct Apple {
+    mock: Mock,
+    broker: Broker,
+    public_key: jsonwebtoken::DecodingKey,
+    _keys: tempfile::TempDir,
+}
+
+impl Apple {
+    async fn start(replies: Vec<Reply>) -> Apple {
+        let keys = tempfile::tempdir().expect("temp dir");
+        let pki = TestPki::new(keys.path());
+        let mock = Mock::start_tls(&pki).await;
+        mock.script(replies);
+        let p256 = ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+        let (p8, public) = openssl_pair(keys.path(), &format!("AuthKey_{KEY_ID}"), &p256);
+        let public_key =
+            jsonwebtoken::DecodingKey::from_ec_pem(&std::fs::read(public).expect("public key"))
+                .expect("EC public key");
+        let broker = Broker::start(&config(&format!(
+            "[push]\ndebounce_ms = {DEBOUNCE_MS}\nretry_max_attempts = 3\nretry_base_ms = 50\nretry_max_ms = 200\n\n\
+             [push.apns]\nkey_file = \"{}\"\nkey_id = \"{KEY_ID}\"\nteam_id = \"{TEAM_ID}\"\ntopic = \"{TOPIC}\"\n\
+             endpoint = \"{}\"\nca_file = \"{}\"\n",
+            p8.display(),
+            mock.url(""),
+            pki.ca.display()
+        )));
+        let r = Http::new(broker.http_addr)
+            .with_token(&token("bob"))
+            .post("/v1/devices", &json!({"platform": "apns", "token": IPHONE}))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        Apple {
+            mock,
+            broker,
+            public_key,
+            _keys: keys,
+        }
+    }
+
+    /// The APNs requests for bob's iPhone, once there are `n`.
+    async fn pushes(&self, n: usize) -> Vec<Recorded> {
+        self.mock
+            .wait_for(&format!("/3/device/{IPHONE}"), n, PATIENCE)
+            .await
+    }
+
+    /// The provider token of `r`, verified with the key's public half:
+    /// its `kid` header and its claims.
+    fn provider_token(&self, r: &Recorded) -> (String, Value) {
+        let bearer = r
+            .header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer ").or(v.strip_prefix("bearer ")))
+            .unwrap_or_else(|| panic!("no bearer token: {:?}", r.headers));
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        validation.set_issuer(&[TEAM_ID]);
+        validation.set_required_spec_claims(&["iss"]);
+        validation.validate_exp = false;
+        let data = jsonwebtoken::decode::<Value>(bearer, &self.public_key, &validation)
+            .expect("the provider token verifies with the .p8 key's public key");
+        (data.header.kid.unwrap_or_default(), data.claims)
+    }
+}
+
+/// Apple's error body.
+fn apns_error(status: u16, reason: &str) -> Reply {
+    Reply::json(status, json!({"reason": reason}))
+}
+
+/// An offline member's iPhone gets an alert through APNs: HTTP/2 over TLS
+/// to `/3/device/<token>` with Apple's headers (topic, push type,
+/// priority, expiration, collapse id = the conversation), the documented
+/// payload, and a provider token signed with the .p8 key (ES256, kid = key
+/// id, iss = team id, iat = now).
+#[tokio::test]
+async fn apns_gets_an_alert_with_a_verified_provider_token() {
+    let apple = Apple::start(Vec::new()).await;
+    let mut alice = v5_user(&apple.broker, "alice").await;
+    send(&mut alice, DM, "m1", "dinner at 8?").await;
+
+    let got = apple.pushes(1).await;
+    let r = &got[0];
+    let now = jsonwebtoken::get_current_timestamp();
+    assert_eq!(
+        (r.method.as_str(), r.path.as_str(), r.version.as_str()),
+        ("POST", format!("/3/device/{IPHONE}").as_str(), "HTTP/2.0")
+    );
+    assert_eq!(r.header("apns-topic"), Some(TOPIC));
+    assert_eq!(r.header("apns-push-type"), Some("alert"));
+    assert_eq!(r.header("apns-priority"), Some("10"));
+    assert_eq!(r.header("apns-collapse-id"), Some(DM));
+    let expiration: u64 = r
+        .header("apns-expiration")
+        .and_then(|v| v.parse().ok())
+        .expect("apns-expiration in Unix seconds");
+    assert!(
+        expiration.abs_diff(now + 24 * 3600) < 60,
+        "kept a day: {expiration}"
+    );
+    assert_eq!(
+        r.json(),
+        json!({
+            "aps": {
+                "alert": {"title": "alice", "body": "dinner at 8?"},
+                "badge": 1,
+                "sound": "default",
+                "thread-id": DM,
+            },
+            "conv": DM,
+            "seq": 1,
+            "count": 1,
+        })
+    );
+    let (kid, claims) = apple.provider_token(r);
+    assert_eq!(kid, KEY_ID);
+    assert_eq!(claims["iss"], TEAM_ID);
+    let iat = claims["iat"].as_u64().expect("iat");
+    assert!(iat <= now && now - iat < 120, "iat {iat}, now {now}");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(apple.pushes(1).await.len(), 1, "one message, one push");
+    assert_eq!(metric(&apple.broker, "chatmq_push_sent_total").await, 1.0);
+}
+
+/// APNs answers 410 Unregistered: the device is deleted, and the next
+/// message sends nothing to APNs.
+#[tokio::test]
+async fn apns_unregistered_deletes_the_device() {
+    let apple = Apple::start(vec![apns_error(410, "Unregistered")]).await;
+    let mut alice = v5_user(&apple.broker, "alice").await;
+    send(&mut alice, DM, "m1", "hi").await;
+    apple.pushes(1).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !devices_of(&apple.broker, "bob").await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "device not removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric(&apple.broker, "chatmq_push_tokens_removed_total").await,
+        1.0
+    );
+    send(&mut alice, DM, "m2", "still there?").await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(apple.mock.requests("").len(), 1, "no device, no request");
+}
+
+/// APNs answers 503 once: the notification is sent again after a backoff,
+/// and delivered once.
+#[tokio::test]
+async fn apns_unavailable_is_retried_and_delivered_once() {
+    let apple = Apple::start(vec![apns_error(503, "ServiceUnavailable")]).await;
+    let mut alice = v5_user(&apple.broker, "alice").await;
+    send(&mut alice, DM, "m1", "knock knock").await;
+    let got = apple.pushes(2).await;
+    assert_eq!(got[0].body, got[1].body, "the same notification again");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(apple.pushes(2).await.len(), 2, "sent once it got through");
+    let b = &apple.broker;
+    assert_eq!(metric(b, "chatmq_push_retried_total").await, 1.0);
+    assert_eq!(metric(b, "chatmq_push_sent_total").await, 1.0);
+    assert_eq!(metric(b, "chatmq_push_failed_total").await, 0.0);
+    assert_eq!(devices_of(b, "bob").await.len(), 1, "503 keeps the device");
+}
+
+/// APNs answers 403 ExpiredProviderToken: the broker signs a new provider
+/// token (a later iat), sends again at once with it, and keeps using it.
+#[tokio::test]
+async fn apns_expired_provider_token_is_renewed() {
+    let apple = Apple::start(vec![apns_error(403, "ExpiredProviderToken")]).await;
+    let mut alice = v5_user(&apple.broker, "alice").await;
+    send(&mut alice, DM, "m1", "first").await;
+    let got = apple.pushes(2).await;
+    let (_, refused) = apple.provider_token(&got[0]);
+    let (kid, renewed) = apple.provider_token(&got[1]);
+    assert_eq!(kid, KEY_ID);
+    assert!(
+        renewed["iat"].as_u64().unwrap_or(0) > refused["iat"].as_u64().unwrap_or(u64::MAX),
+        "a new token: {refused} then {renewed}"
+    );
+    assert_eq!(got[0].body, got[1].body);
+    metric_reaches(&apple.broker, "chatmq_push_sent_total", 1.0, PATIENCE).await;
+    assert_eq!(
+        metric(&apple.broker, "chatmq_push_retried_total").await,
+        0.0,
+        "sent again at once, not after a backoff"
+    );
+
+    send(&mut alice, DM, "m2", "second").await;
+    let got = apple.pushes(3).await;
+    assert_eq!(
+        got[2].header("authorization"),
+        got[1].header("authorization"),
+        "the renewed token is kept"
+    );
 }

@@ -29,8 +29,8 @@ pub struct TokenArgs {
     /// How long the token is valid: 90s, 15m, 1h, 7d...
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     ttl: Duration,
-    /// A PEM private key (RSA or EC P-256) to sign with instead of
-    /// auth.jwt_secret: the private half of auth.jwt_public_key
+    /// A PEM private key (RSA, or EC P-256 as PKCS#8) to sign with instead
+    /// of auth.jwt_secret: the private half of auth.jwt_public_key
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
     #[command(flatten)]
@@ -102,6 +102,11 @@ fn signing_key(
             Ok((k, Algorithm::RS256))
         } else if let Ok(k) = EncodingKey::from_ec_pem(&pem) {
             Ok((k, Algorithm::ES256))
+        } else if String::from_utf8_lossy(&pem).contains("BEGIN EC PRIVATE KEY") {
+            Err(format!(
+                "--key {shown}: an EC key in SEC1 form; give it as PKCS#8 \
+                 (openssl pkcs8 -topk8 -nocrypt -in {shown} -out key.pem)"
+            ))
         } else {
             Err(format!(
                 "--key {shown}: not an RSA or EC P-256 private key in PEM form"

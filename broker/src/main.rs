@@ -1,86 +1,111 @@
 //! The `chatmq` command: `chatmq serve [--config FILE]` runs the broker,
-//! `chatmq config check [--config FILE]` validates a configuration file.
+//! `chatmq config check [--config FILE]` validates a configuration file,
+//! and the operator's tools ([`cli`]): `passwd` (a password hash for
+//! `[[auth.users]]`), `token` (a user JWT), `status` (what a running node
+//! reports). The command line is clap's: `--help` on each.
 //!
 //! Errors go to stderr as one line naming the key or path to fix, with a
 //! non-zero exit. Once listening, `serve` prints one stdout line per
 //! listener (`chatmq: mqtt listening on ADDR`, `chatmq: http listening on
 //! ADDR`) and then `chatmq: ready`, so scripts and tests can wait for it.
 
-use std::path::PathBuf;
+mod cli;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use chatmq_broker::Server;
 use chatmq_config::Settings;
+use clap::{Args, Parser, Subcommand};
 
-const USAGE: &str = "usage: chatmq serve [--config FILE] | chatmq config check [--config FILE]
-  the default FILE is config/chatmq.toml; CHATMQ__SECTION__KEY environment variables override it";
-const DEFAULT_CONFIG: &str = "config/chatmq.toml";
-
-enum Command {
-    Serve(PathBuf),
-    Check(PathBuf),
-    Help,
-    Version,
+/// chatmq: a chat backend that speaks MQTT (3.1.1 and 5) on RocksDB
+#[derive(Debug, Parser)]
+#[command(name = "chatmq", version, arg_required_else_help = true)]
+struct Chatmq {
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn parse(args: &[String]) -> Result<Command, String> {
-    let mut words = Vec::new();
-    let mut config = PathBuf::from(DEFAULT_CONFIG);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--config" | "-c" => match it.next() {
-                Some(f) => config = PathBuf::from(f),
-                None => return Err("--config needs a file".into()),
-            },
-            "-h" | "--help" | "help" => return Ok(Command::Help),
-            "-V" | "--version" => return Ok(Command::Version),
-            s if s.starts_with("--config=") => config = PathBuf::from(&s["--config=".len()..]),
-            s if s.starts_with('-') => return Err(format!("unknown option {s}")),
-            s => words.push(s),
-        }
-    }
-    match words.as_slice() {
-        ["serve"] => Ok(Command::Serve(config)),
-        ["config", "check"] => Ok(Command::Check(config)),
-        [] => Err("no command given".into()),
-        other => Err(format!("unknown command `{}`", other.join(" "))),
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the broker until SIGTERM or SIGINT
+    ///
+    /// Prints `chatmq: <listener> listening on ADDR` for each listener, then
+    /// `chatmq: ready`; errors are one stderr line naming the key or path.
+    Serve(ConfigFile),
+    /// Configuration files
+    #[command(subcommand, arg_required_else_help = true)]
+    Config(ConfigCommand),
+    /// Prints an argon2 PHC string for the `password` of an `[[auth.users]]` entry
+    ///
+    /// The password is read from the terminal without echo (twice), or as
+    /// one line from standard input when it is not a terminal:
+    /// `printf '%s\n' "$PASSWORD" | chatmq passwd`. An empty one is refused.
+    Passwd,
+    /// Prints a user JWT the configured broker accepts, for tests and local development
+    ///
+    /// Signed HS256 with `auth.jwt_secret`, or with --key for a broker that
+    /// checks RS256/ES256 tokens against `auth.jwt_public_key`; carries `sub`,
+    /// `iat`, `exp` and the configured `auth.jwt_issuer` / `auth.jwt_audience`.
+    Token(cli::token::TokenArgs),
+    /// Shows what a running node reports: readiness, connections, sessions, queue depths
+    ///
+    /// Reads `/readyz` and `/metrics` from the node's HTTP API (`http.listen`
+    /// of the configuration file, or --url).
+    Status(cli::status::StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Loads and validates a configuration file (and the environment overrides) without starting
+    Check(ConfigFile),
+}
+
+/// The configuration file option every subcommand that reads one shares.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigFile {
+    /// The configuration file; `CHATMQ__SECTION__KEY` environment variables override it
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "FILE",
+        default_value = "config/chatmq.toml"
+    )]
+    pub path: PathBuf,
+}
+
+impl ConfigFile {
+    /// The settings, or the one line (naming the key or path) to print.
+    pub fn load(&self) -> Result<Settings, String> {
+        Settings::load(&self.path).map_err(|e| e.to_string())
     }
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let command = match parse(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("chatmq: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match command {
-        Command::Help => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        Command::Version => {
-            println!("chatmq {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        Command::Check(path) => match Settings::load(&path) {
-            Ok(_) => {
-                println!("chatmq: {} is valid", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("chatmq: {e}");
-                ExitCode::from(2)
-            }
+    let outcome = match Chatmq::parse().command {
+        Command::Serve(config) => return serve(&config.path),
+        Command::Config(ConfigCommand::Check(config)) => config
+            .load()
+            .map(|_| println!("chatmq: {} is valid", config.path.display())),
+        Command::Passwd => cli::passwd::run(),
+        Command::Token(args) => cli::token::run(&args),
+        Command::Status(args) => match cli::status::run(&args) {
+            Ok(true) => Ok(()),
+            // It answered: not ready (starting or stopping).
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
         },
-        Command::Serve(path) => serve(&path),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatmq: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
-fn serve(path: &std::path::Path) -> ExitCode {
+fn serve(path: &Path) -> ExitCode {
     let settings = match Settings::load(path) {
         Ok(s) => s,
         Err(e) => {

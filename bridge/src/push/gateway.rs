@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 
 use super::provider::{Notification, Outcome, Provider};
 use super::queue::JobKey;
-use super::retry::{jitter_unit, RetryPolicy};
+use super::retry::RetryPolicy;
 use super::{
     bump, lock, now_ms, ApnsProvider, FcmProvider, Platform, Push, PushError, WebhookProvider,
 };
@@ -168,6 +168,7 @@ impl Inner {
     ) {
         let metrics = &self.push.metrics;
         let mut attempt = 1;
+        let mut backoff = self.retry.backoff();
         loop {
             let outcome = {
                 let Ok(_slot) = self.permits.acquire().await else {
@@ -217,7 +218,7 @@ impl Inner {
                         return bump(&metrics.failed);
                     }
                     bump(&metrics.retried);
-                    tokio::time::sleep(self.retry.delay(attempt, after, jitter_unit())).await;
+                    tokio::time::sleep(self.retry.wait(&mut backoff, after)).await;
                     attempt += 1;
                 }
             }

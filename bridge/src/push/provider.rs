@@ -1,7 +1,7 @@
 //! The one interface every push service is reached through, and what a
 //! send can come to.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use chatmq_storage::Device;
 use futures_util::future::BoxFuture;
@@ -51,66 +51,26 @@ pub(super) fn retryable(status: StatusCode, headers: &HeaderMap, body: &str) -> 
     if status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error() {
         return None;
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let after = headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| retry_after(v, now));
+        .and_then(|v| retry_after(v, SystemTime::now()));
     Some(Outcome::Retry {
         after,
         reason: format!("{status}: {}", short(body)),
     })
 }
 
-/// A Retry-After value (RFC 9110 §10.2.3) as a delay from `now` (Unix
-/// seconds): delay-seconds, or an HTTP date in the IMF-fixdate form senders
-/// must use (`Sun, 06 Nov 1994 08:49:37 GMT`); a date in the past is 0.
-fn retry_after(value: &str, now: u64) -> Option<Duration> {
+/// A Retry-After value (RFC 9110 §10.2.3) as a delay from `now`:
+/// delay-seconds, or an HTTP date (IMF-fixdate, or the obsolete forms a
+/// recipient must accept too); a date in the past is 0.
+fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
-    imf_fixdate(value).map(|at| Duration::from_secs(at.saturating_sub(now)))
-}
-
-/// `Sun, 06 Nov 1994 08:49:37 GMT` as Unix seconds.
-fn imf_fixdate(value: &str) -> Option<u64> {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let (_weekday, rest) = value.split_once(", ")?;
-    let parts: Vec<&str> = rest.split(' ').collect();
-    let [day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    let day: u64 = day.parse().ok()?;
-    let month = MONTHS.iter().position(|m| m == month)? as u64 + 1;
-    let year: u64 = year.parse().ok()?;
-    let hms: Vec<u64> = time
-        .split(':')
-        .map(|n| n.parse().ok())
-        .collect::<Option<_>>()?;
-    let [h, m, s] = hms.as_slice() else {
-        return None;
-    };
-    // Years beyond 9999 are not dates (and would overflow the arithmetic).
-    if !(1..=31).contains(&day) || !(1970..=9999).contains(&year) || *h > 23 || *m > 59 || *s > 60 {
-        return None;
-    }
-    // Days from 1970-01-01 to the date (Howard Hinnant's days_from_civil).
-    let (y, mo) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y / 400;
-    let yoe = y % 400;
-    let doy = (153 * mo + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = (era * 146_097 + doe).checked_sub(719_468)?;
-    Some(days * 86_400 + h * 3600 + m * 60 + s)
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
 /// A response body shortened for a log line.
@@ -122,6 +82,7 @@ pub(super) fn short(body: &str) -> String {
 mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn throttling_and_server_errors_retry_honouring_retry_after() {
@@ -142,19 +103,13 @@ mod tests {
     #[test]
     fn retry_after_takes_seconds_or_an_http_date() {
         // 784111777 is Sun, 06 Nov 1994 08:49:37 GMT (RFC 9110's example).
-        assert_eq!(
-            imf_fixdate("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(784_111_777)
-        );
-        assert_eq!(imf_fixdate("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
-        assert_eq!(
-            imf_fixdate("Tue, 29 Feb 2028 23:59:59 GMT"),
-            Some(1_835_481_599)
-        );
-        let now = 784_111_777;
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777);
         let secs = |v| retry_after(v, now).map(|d| d.as_secs());
         assert_eq!(secs("120"), Some(120));
         assert_eq!(secs("Sun, 06 Nov 1994 08:50:07 GMT"), Some(30));
+        // The obsolete RFC 850 and asctime forms.
+        assert_eq!(secs("Sunday, 06-Nov-94 08:50:07 GMT"), Some(30));
+        assert_eq!(secs("Sun Nov  6 08:50:07 1994"), Some(30));
         assert_eq!(
             secs("Sun, 06 Nov 1994 08:00:00 GMT"),
             Some(0),

@@ -1,10 +1,11 @@
 //! When to try a failed send again: exponential backoff from
-//! `push.retry_base_ms`, with jitter, at least what Retry-After asked,
-//! never more than `push.retry_max_ms`, at most `push.retry_max_attempts`.
+//! `push.retry_base_ms` with equal jitter ([`chatmq_backoff`]), at least
+//! what Retry-After asked, never more than `push.retry_max_ms`, at most
+//! `push.retry_max_attempts`.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
+
+use chatmq_backoff::Backoff;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RetryPolicy {
@@ -22,26 +23,19 @@ impl RetryPolicy {
         }
     }
 
-    /// The wait after failed attempt number `attempt` (1-based). `unit` in
-    /// [0, 1) picks the jitter: the wait is between half and all of the
-    /// exponential step ("equal jitter"), so clients that failed together
-    /// do not retry together.
-    pub(super) fn delay(&self, attempt: u32, retry_after: Option<Duration>, unit: f64) -> Duration {
-        let step = self
-            .base
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
-            .min(self.max);
-        let jittered = step.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0));
-        jittered.max(retry_after.unwrap_or_default()).min(self.max)
+    /// The delays of one send's retries.
+    pub(super) fn backoff(&self) -> Backoff {
+        Backoff::new(self.base, self.max)
     }
-}
 
-/// A number in [0, 1) that differs from call to call (std's per-instance
-/// random hash keys; no random crate needed for jitter).
-pub(super) fn jitter_unit() -> f64 {
-    let mut h = RandomState::new().build_hasher();
-    h.write_u8(0);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+    /// The wait before the next attempt: the backoff's next delay, or the
+    /// provider's Retry-After if longer, within `push.retry_max_ms`.
+    pub(super) fn wait(&self, backoff: &mut Backoff, retry_after: Option<Duration>) -> Duration {
+        backoff
+            .next_delay()
+            .max(retry_after.unwrap_or_default())
+            .min(self.max)
+    }
 }
 
 #[cfg(test)]
@@ -57,28 +51,20 @@ mod tests {
     }
 
     #[test]
-    fn delays_double_with_jitter_up_to_the_cap() {
+    fn waits_grow_and_stay_under_the_cap() {
         let p = policy();
-        let ms = |a, unit| p.delay(a, None, unit).as_millis();
-        assert_eq!((ms(1, 0.0), ms(1, 1.0)), (50, 100));
-        assert_eq!((ms(2, 0.0), ms(2, 1.0)), (100, 200));
-        assert_eq!((ms(4, 0.0), ms(4, 1.0)), (400, 800));
-        assert_eq!(ms(5, 1.0), 1000, "capped");
-        assert_eq!(ms(40, 1.0), 1000, "no overflow");
+        let mut b = p.backoff();
+        let waits: Vec<u128> = (0..8).map(|_| p.wait(&mut b, None).as_millis()).collect();
+        assert!((50..=100).contains(&waits[0]), "{waits:?}");
+        assert!((400..=800).contains(&waits[3]), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= 1000), "{waits:?}");
     }
 
     #[test]
     fn retry_after_is_honoured_within_the_cap() {
         let p = policy();
         let after = |s| Some(Duration::from_millis(s));
-        assert_eq!(p.delay(1, after(700), 0.0).as_millis(), 700);
-        assert_eq!(p.delay(1, after(60_000), 0.0).as_millis(), 1000);
-    }
-
-    #[test]
-    fn jitter_varies_within_its_range() {
-        let units: Vec<f64> = (0..50).map(|_| jitter_unit()).collect();
-        assert!(units.iter().all(|u| (0.0..1.0).contains(u)));
-        assert!(units.iter().any(|u| *u != units[0]));
+        assert_eq!(p.wait(&mut p.backoff(), after(700)).as_millis(), 700);
+        assert_eq!(p.wait(&mut p.backoff(), after(60_000)).as_millis(), 1000);
     }
 }

@@ -181,7 +181,7 @@ impl App {
             current: None,
             awaiting_seq: VecDeque::new(),
             rpcs: HashMap::new(),
-            rpc_prefix: format!("r{:08x}", crate::backoff::random_u64() as u32),
+            rpc_prefix: format!("r{:08x}", fastrand::u32(..)),
             next_rpc: 1,
         }
     }

@@ -1,33 +1,54 @@
-//! The command line, parsed by hand (no argument crate in the workspace).
+//! The command line (clap). The checks clap cannot express (the server
+//! URL's scheme and port, the user id's alphabet, the client id's length)
+//! run as value parsers, so every mistake is reported the same way.
 
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
+use clap::{CommandFactory, Parser};
 
-pub const USAGE: &str = "\
-chatmq-cli: a terminal chat client for chatmq (MQTT 5)
-
-usage: chatmq-cli --server SERVER --user USER --password PASSWORD
-                  [--ca FILE] [--client-id ID] [--state FILE] [--json]
-
-  --server SERVER     the broker: HOST:PORT or mqtt://HOST:PORT (MQTT over
-                      TCP), mqtts://HOST:PORT (TLS), ws://HOST:PORT/PATH or
-                      wss://HOST:PORT/PATH (WebSocket, e.g. /mqtt)
-  --ca FILE           PEM certificate(s) to trust for mqtts:// and wss://
-                      (default: the system's roots)
-  --user USER         your user id (the MQTT user name)
-  --password PASSWORD a JWT or a static password; or set CHATMQ_PASSWORD
-  --client-id ID      the MQTT client id on first use (default: generated);
-                      kept in the state file afterwards
-  --state FILE        where the session is kept (default: chatmq-cli-USER.json)
-  --json              one JSON object per line on stdout, for programs
-  -h, --help          this text
-
+/// The commands typed on stdin: shown by `--help` and by `/help`.
+const COMMANDS: &str = "\
 commands (stdin):
   /open CONV      select a conversation      /dm USER    select dm with USER
   /convs          your conversations, unread /history N  last N messages here
-  /quit           leave (the session stays)  TEXT        send TEXT here
-";
+  /quit           leave (the session stays)  TEXT        send TEXT here";
+
+/// chatmq-cli: a terminal chat client for chatmq (MQTT 5)
+#[derive(Debug, Parser)]
+#[command(name = "chatmq-cli", version, after_help = COMMANDS)]
+struct Args {
+    /// The broker: HOST:PORT or mqtt://HOST:PORT (MQTT over TCP),
+    /// mqtts://HOST:PORT (TLS), ws://HOST:PORT/PATH or wss://HOST:PORT/PATH
+    /// (WebSocket, e.g. /mqtt)
+    #[arg(long, value_name = "SERVER", value_parser = parse_server)]
+    server: Server,
+    /// PEM certificate(s) to trust for mqtts:// and wss:// (default: the
+    /// system's roots)
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Your user id (the MQTT user name)
+    #[arg(long, value_name = "USER", value_parser = parse_user)]
+    user: String,
+    /// A JWT or a static password; CHATMQ_PASSWORD keeps it out of `ps`
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "CHATMQ_PASSWORD",
+        hide_env_values = true
+    )]
+    password: String,
+    /// The MQTT client id on first use (default: generated); kept in the
+    /// state file afterwards
+    #[arg(long, value_name = "ID", value_parser = parse_client_id)]
+    client_id: Option<String>,
+    /// Where the session is kept (default: chatmq-cli-USER.json)
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+    /// One JSON object per line on stdout, for programs
+    #[arg(long)]
+    json: bool,
+}
 
 /// How the client reaches the broker.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,72 +75,53 @@ pub struct Options {
     pub json: bool,
 }
 
-/// What the command line asks for.
-#[derive(Debug, PartialEq)]
-pub enum Invocation {
-    Run(Options),
-    Help,
+/// `--server`, parsed.
+#[derive(Debug, Clone, PartialEq)]
+struct Server {
+    host: String,
+    port: u16,
+    transport: Transport,
 }
 
-/// Parses the arguments after the program name; `password_env` is the
-/// value of `CHATMQ_PASSWORD`, used when `--password` is absent.
-pub fn parse(args: &[String], password_env: Option<String>) -> Result<Invocation> {
-    let mut server = None;
-    let mut user = None;
-    let mut password = None;
-    let mut client_id = None;
-    let mut state = None;
-    let mut ca = None;
-    let mut json = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| anyhow!("{name} needs a value (see --help)"))
-        };
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(Invocation::Help),
-            "--server" => server = Some(value("--server")?),
-            "--user" => user = Some(value("--user")?),
-            "--password" => password = Some(value("--password")?),
-            "--client-id" => client_id = Some(value("--client-id")?),
-            "--state" => state = Some(PathBuf::from(value("--state")?)),
-            "--ca" => ca = Some(PathBuf::from(value("--ca")?)),
-            "--json" => json = true,
-            other => bail!("unknown argument {other:?} (see --help)"),
+/// Parses the process's arguments; `--help`, `--version` and mistakes end
+/// the process the way clap does (exit 0, or 2 with the mistake named).
+pub fn from_env() -> Options {
+    Args::parse().into()
+}
+
+/// Parses `args` (after the program name), for tests.
+#[cfg(test)]
+fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, clap::Error> {
+    let argv = std::iter::once("chatmq-cli".to_string()).chain(args);
+    Args::try_parse_from(argv).map(Options::from)
+}
+
+/// The usage text, for `/help`.
+pub fn usage() -> String {
+    Args::command().render_help().to_string()
+}
+
+impl From<Args> for Options {
+    fn from(a: Args) -> Options {
+        Options {
+            host: a.server.host,
+            port: a.server.port,
+            transport: a.server.transport,
+            ca: a.ca,
+            state: a
+                .state
+                .unwrap_or_else(|| PathBuf::from(format!("chatmq-cli-{}.json", a.user))),
+            user: a.user,
+            password: a.password,
+            client_id: a.client_id,
+            json: a.json,
         }
     }
-    let server = server.ok_or_else(|| anyhow!("--server HOST:PORT is required"))?;
-    let (host, port, transport) = parse_server(&server)?;
-    let user = user.ok_or_else(|| anyhow!("--user is required"))?;
-    if !valid_user(&user) {
-        bail!("--user {user:?} is not a user id ([A-Za-z0-9_-], 1 to 64 characters)");
-    }
-    let password = password
-        .or(password_env)
-        .ok_or_else(|| anyhow!("--password (or CHATMQ_PASSWORD) is required"))?;
-    if let Some(id) = &client_id {
-        if id.is_empty() || id.len() > 128 {
-            bail!("--client-id must be 1 to 128 characters");
-        }
-    }
-    Ok(Invocation::Run(Options {
-        host: host.to_string(),
-        port,
-        transport,
-        ca,
-        state: state.unwrap_or_else(|| PathBuf::from(format!("chatmq-cli-{user}.json"))),
-        user,
-        password,
-        client_id,
-        json,
-    }))
 }
 
 /// `HOST:PORT` or a URL whose scheme picks the transport; the WebSocket
 /// ones keep the whole URL, which rumqttc connects to.
-fn parse_server(server: &str) -> Result<(&str, u16, Transport)> {
+fn parse_server(server: &str) -> Result<Server> {
     let (scheme, rest) = server.split_once("://").unwrap_or(("mqtt", server));
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -129,16 +131,34 @@ fn parse_server(server: &str) -> Result<(&str, u16, Transport)> {
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
         .filter(|(h, _)| !h.is_empty())
-        .ok_or_else(|| anyhow!("--server {server:?} needs a HOST:PORT"))?;
+        .ok_or_else(|| anyhow!("{server:?} needs a HOST:PORT"))?;
     let transport = match scheme {
         "mqtt" | "tcp" if path.is_empty() => Transport::Tcp,
         "mqtts" | "ssl" if path.is_empty() => Transport::Tls,
         "ws" => Transport::Ws(server.to_string()),
         "wss" => Transport::Wss(server.to_string()),
-        "mqtt" | "tcp" | "mqtts" | "ssl" => bail!("--server {server:?}: MQTT over TCP has no path"),
-        other => bail!("--server {server:?}: unknown scheme {other:?} (mqtt, mqtts, ws, wss)"),
+        "mqtt" | "tcp" | "mqtts" | "ssl" => bail!("{server:?}: MQTT over TCP has no path"),
+        other => bail!("{server:?}: unknown scheme {other:?} (mqtt, mqtts, ws, wss)"),
     };
-    Ok((host, port, transport))
+    Ok(Server {
+        host: host.to_string(),
+        port,
+        transport,
+    })
+}
+
+fn parse_user(user: &str) -> Result<String> {
+    if !valid_user(user) {
+        bail!("{user:?} is not a user id ([A-Za-z0-9_-], 1 to 64 characters)");
+    }
+    Ok(user.to_string())
+}
+
+fn parse_client_id(id: &str) -> Result<String> {
+    if id.is_empty() || id.len() > 128 {
+        bail!("a client id has 1 to 128 characters");
+    }
+    Ok(id.to_string())
 }
 
 /// `[A-Za-z0-9_-]{1,64}` (DESIGN §4).
@@ -156,16 +176,20 @@ mod tests {
         s.split_whitespace().map(str::to_string).collect()
     }
 
+    /// Parses with CHATMQ_PASSWORD unset (clap reads it for `--password`).
+    fn parsed(s: &str) -> Result<Options, clap::Error> {
+        parse(args(s))
+    }
+
     #[test]
     fn a_full_command_line_parses() {
-        let got = parse(
-            &args("--server 127.0.0.1:1883 --user alice --password pw --client-id c1 --state s.json --json"),
-            None,
+        let got = parsed(
+            "--server 127.0.0.1:1883 --user alice --password pw --client-id c1 --state s.json --json",
         )
         .unwrap();
         assert_eq!(
             got,
-            Invocation::Run(Options {
+            Options {
                 host: "127.0.0.1".into(),
                 port: 1883,
                 transport: Transport::Tcp,
@@ -175,17 +199,13 @@ mod tests {
                 client_id: Some("c1".into()),
                 state: PathBuf::from("s.json"),
                 json: true,
-            })
+            }
         );
     }
 
     #[test]
-    fn defaults_and_the_password_from_the_environment() {
-        let Invocation::Run(o) =
-            parse(&args("--server h:1 --user bob"), Some("jwt".into())).unwrap()
-        else {
-            panic!("not a run");
-        };
+    fn defaults() {
+        let o = parsed("--server h:1 --user bob --password jwt").unwrap();
         assert_eq!(o.password, "jwt");
         assert_eq!(o.state, PathBuf::from("chatmq-cli-bob.json"));
         assert!(!o.json && o.client_id.is_none());
@@ -193,11 +213,10 @@ mod tests {
 
     #[test]
     fn the_server_url_picks_the_transport() {
-        let server =
-            |s: &str| match parse(&args(&format!("--server {s} --user a --password p")), None) {
-                Ok(Invocation::Run(o)) => (o.host, o.port, o.transport),
-                other => panic!("{s}: {other:?}"),
-            };
+        let server = |s: &str| match parsed(&format!("--server {s} --user a --password p")) {
+            Ok(o) => (o.host, o.port, o.transport),
+            other => panic!("{s}: {other:?}"),
+        };
         assert_eq!(server("h:1883"), ("h".into(), 1883, Transport::Tcp));
         assert_eq!(server("mqtt://h:1883"), ("h".into(), 1883, Transport::Tcp));
         assert_eq!(server("mqtts://h:8883"), ("h".into(), 8883, Transport::Tls));
@@ -212,7 +231,7 @@ mod tests {
             ("::1".into(), 8084, Transport::Wss(wss.into()))
         );
         let err = |s: &str| {
-            parse(&args(&format!("--server {s} --user a --password p")), None)
+            parsed(&format!("--server {s} --user a --password p"))
                 .unwrap_err()
                 .to_string()
         };
@@ -223,13 +242,31 @@ mod tests {
 
     #[test]
     fn mistakes_are_named() {
-        let err = |s: &str| parse(&args(s), None).unwrap_err().to_string();
+        let err = |s: &str| parsed(s).unwrap_err().to_string();
         assert!(err("--user a --password p").contains("--server"));
         assert!(err("--server h --user a --password p").contains("HOST:PORT"));
         assert!(err("--server h:1 --user a/b --password p").contains("user id"));
-        assert!(err("--server h:1 --user a").contains("--password"));
+        if std::env::var_os("CHATMQ_PASSWORD").is_none() {
+            assert!(err("--server h:1 --user a").contains("--password"));
+        }
         assert!(err("--server h:1 --user a --password p --bogus").contains("--bogus"));
-        assert!(err("--server").contains("needs a value"));
-        assert_eq!(parse(&args("--help"), None).unwrap(), Invocation::Help);
+        assert!(err("--server").contains("--server"));
+        assert!(err("--server h:1 --user a --password p --client-id").contains("--client-id"));
+        let help = parsed("--help").unwrap_err();
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+    }
+
+    #[test]
+    fn the_usage_lists_the_options_and_the_stdin_commands() {
+        let text = usage();
+        for word in [
+            "--server",
+            "--password",
+            "CHATMQ_PASSWORD",
+            "/open CONV",
+            "/quit",
+        ] {
+            assert!(text.contains(word), "{word} missing from:\n{text}");
+        }
     }
 }

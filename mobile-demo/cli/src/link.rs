@@ -18,7 +18,7 @@ use rumqttc::Outgoing;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::backoff::Backoff;
+use chatmq_backoff::Backoff;
 
 /// The first reconnect waits about this long...
 const BACKOFF_BASE: Duration = Duration::from_millis(250);

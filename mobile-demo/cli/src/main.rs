@@ -11,14 +11,12 @@
 //! | `command` | what a typed line means |
 //! | `state` | the state file (atomic writes) |
 //! | `timeline` | dedup by (conv, seq), ordering, gap detection |
-//! | `backoff` | reconnect delays |
 //! | `link` | the MQTT connection and its reconnects |
 //! | `app` | the behaviour tying them together |
 //! | `output` | human or JSON-lines output |
 
 mod app;
 mod args;
-mod backoff;
 mod command;
 mod link;
 mod output;
@@ -28,18 +26,7 @@ mod timeline;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let opts = match args::parse(&argv, std::env::var("CHATMQ_PASSWORD").ok()) {
-        Ok(args::Invocation::Run(opts)) => opts,
-        Ok(args::Invocation::Help) => {
-            print!("{}", args::USAGE);
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("chatmq-cli: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let opts = args::from_env();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

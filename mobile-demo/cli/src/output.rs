@@ -147,10 +147,8 @@ impl Printer {
     }
 
     pub fn help(&self) {
-        self.emit(
-            json!({"event": "help", "usage": crate::args::USAGE}),
-            || crate::args::USAGE.to_string(),
-        );
+        let usage = crate::args::usage();
+        self.emit(json!({"event": "help", "usage": usage}), || usage.clone());
     }
 
     fn emit(&self, json: Value, human: impl FnOnce() -> String) {

@@ -56,7 +56,7 @@ impl State {
     /// A fresh state for `user`; the client id is `client_id` or one derived
     /// from the new device tag.
     pub fn new(user: &str, client_id: Option<&str>) -> State {
-        let device = format!("{:012x}", crate::backoff::random_u64() & 0xffff_ffff_ffff);
+        let device = format!("{:012x}", fastrand::u64(..=0xffff_ffff_ffff));
         State {
             version: VERSION,
             user: user.to_string(),

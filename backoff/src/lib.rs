@@ -1,24 +1,31 @@
-//! Reconnect delays: exponential backoff with jitter, capped.
+//! chatmq-backoff: how long to wait before trying again, for everything in
+//! chatmq that retries (the push gateway's sends, `chatmq-cli`'s
+//! reconnects).
 //!
-//! A phone that lost its broker must neither hammer it (every client of a
-//! restarted broker retrying at once) nor wait minutes once it is back.
-//! Delays double from `base` up to `cap`; each one is drawn uniformly from
-//! its upper half ("equal jitter"), so clients spread out but never retry
-//! sooner than half the nominal delay. A successful connection resets it.
+//! Delays double from `base` up to `cap`; each is drawn uniformly from the
+//! upper half of its nominal value ("equal jitter"), so clients that failed
+//! together spread out but none retries sooner than half the nominal
+//! delay, and no delay is ever above `cap`. A success resets it.
+//!
+//! Hand-written rather than `backon`: backon's jitter adds up to a whole
+//! delay on top of it, so a jittered wait can pass its `max_delay`
+//! (`push.retry_max_ms` is documented as a cap), and neither of our two
+//! users wants its retry loop: the gateway sleeps between attempts it
+//! counts itself, the client reconnects from its own event loop.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-/// The delay before each reconnect attempt.
+/// The delays before each retry of one operation.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     base: Duration,
     cap: Duration,
+    /// Delays handed out since the last reset.
     attempt: u32,
 }
 
 impl Backoff {
+    /// Starts at `base`, doubling up to `cap` (at least `base`).
     pub fn new(base: Duration, cap: Duration) -> Backoff {
         Backoff {
             base,
@@ -33,38 +40,31 @@ impl Backoff {
         self.base.saturating_mul(factor).min(self.cap)
     }
 
-    /// The delay to wait now; the next one will be twice as long (up to the cap).
+    /// The delay to wait now, with random jitter; the next one is twice as
+    /// long (up to the cap).
     pub fn next_delay(&mut self) -> Duration {
-        let nominal = self.nominal();
-        self.attempt = self.attempt.saturating_add(1);
-        let half = nominal / 2;
-        let spread = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
-        let jitter = if spread == 0 {
-            0
-        } else {
-            random_u64() % (spread + 1)
-        };
-        half + Duration::from_micros(jitter)
+        self.next_delay_with(fastrand::f64())
     }
 
-    /// Called once connected: the next loss starts again from `base`.
+    /// [`Backoff::next_delay`] with the jitter picked by `unit` in [0, 1]:
+    /// 0 waits half the nominal delay, 1 all of it (for tests).
+    pub fn next_delay_with(&mut self, unit: f64) -> Duration {
+        let nominal = self.nominal();
+        self.attempt = self.attempt.saturating_add(1);
+        // NaN and values outside [0, 1] are no jitter, never a panic.
+        let unit = if (0.0..=1.0).contains(&unit) {
+            unit
+        } else {
+            0.0
+        };
+        let half = nominal / 2;
+        half + half.mul_f64(unit)
+    }
+
+    /// Called on success: the next failure starts again from `base`.
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
-}
-
-/// 64 unpredictable bits from the standard library (no `rand` in the
-/// workspace): `RandomState` keys are seeded from the OS per process and
-/// advanced per instance; the clock and the process id are mixed in.
-pub fn random_u64() -> u64 {
-    let mut h = RandomState::new().build_hasher();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    h.write_u128(nanos);
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 #[cfg(test)]
@@ -86,6 +86,24 @@ mod tests {
             nominals,
             [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000, 10_000]
         );
+    }
+
+    #[test]
+    fn the_jitter_picks_within_the_upper_half() {
+        let ms = |attempts: u32, unit| {
+            let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+            for _ in 1..attempts {
+                b.next_delay();
+            }
+            b.next_delay_with(unit).as_millis()
+        };
+        assert_eq!((ms(1, 0.0), ms(1, 1.0)), (50, 100));
+        assert_eq!((ms(2, 0.0), ms(2, 1.0)), (100, 200));
+        assert_eq!((ms(4, 0.0), ms(4, 1.0)), (400, 800));
+        assert_eq!(ms(5, 1.0), 1000, "capped");
+        assert_eq!(ms(40, 1.0), 1000, "capped, no overflow");
+        assert_eq!(ms(1, f64::NAN), 50, "no jitter, no panic");
+        assert_eq!(ms(1, 7.0), 50);
     }
 
     #[test]

@@ -106,7 +106,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let server = match Server::start(settings).await {
+        let mut server = match Server::start(settings).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("chatmq: {e}");
@@ -119,6 +119,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
             server.shutdown().await;
             return ExitCode::FAILURE;
         };
+        server.reload_from(path.to_path_buf());
         println!("chatmq: mqtt listening on {mqtt}");
         println!("chatmq: http listening on {http}");
         for (name, addr) in &server.edges {

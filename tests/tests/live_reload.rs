@@ -116,11 +116,13 @@ async fn a_certificate_rotated_under_a_connected_client() {
     // beyond doubt.
     let renewed = TestPki::new(&renewed_dir);
     let config = format!(
-        "[auth]\nallow_anonymous = true\nadmin_token = \"{ADMIN}\"\n{}",
-        old.section("mqtt.tls")
+        "[auth]\nallow_anonymous = true\nadmin_token = \"{ADMIN}\"\n{}{}",
+        old.section("mqtt.tls"),
+        old.section("websocket.tls")
     );
     let b = Broker::start(&config);
     let addr = b.listener("mqtt-tls");
+    let wss = b.listener("websocket-tls");
 
     let mut before = tls_connect(&old, addr).await.expect("TLS handshake");
     assert_eq!(presented(&before), leaf(&old.cert));
@@ -143,6 +145,9 @@ async fn a_certificate_rotated_under_a_connected_client() {
         "the old certificate is no longer presented"
     );
     ping(&mut before).await;
+    // The secure WebSocket listener shares the files, and the renewal.
+    let secure_ws = tls_connect(&renewed, wss).await.expect("wss handshake");
+    assert_eq!(presented(&secure_ws), leaf(&renewed.cert));
     assert!(log_lines(&b, "ERROR").is_empty(), "{}", b.log());
 }
 
@@ -192,7 +197,11 @@ fn acl_config(rules: &[(&str, &str)]) -> String {
 
 #[tokio::test]
 async fn an_acl_rule_removed_refuses_new_subscriptions_and_the_connection_stays() {
-    let b = Broker::start(&acl_config(&[("news/#", "sub"), ("sensors/#", "sub")]));
+    let b = Broker::start(&acl_config(&[
+        ("news/#", "sub"),
+        ("news/#", "pub"),
+        ("sensors/#", "sub"),
+    ]));
     let mut o = v5::options(b.addr, "alice-acl");
     o.set_credentials("alice", token("alice"));
     let mut alice = v5::connect(o).await.expect("alice connects");
@@ -202,7 +211,7 @@ async fn an_acl_rule_removed_refuses_new_subscriptions_and_the_connection_stays(
         "{granted:?}"
     );
 
-    rewrite(&b, &acl_config(&[("sensors/#", "sub")]));
+    rewrite(&b, &acl_config(&[("news/#", "pub"), ("sensors/#", "sub")]));
     hangup(&b);
     metric_becomes(&b, APPLIED, 1.0).await;
 
@@ -216,6 +225,18 @@ async fn an_acl_rule_removed_refuses_new_subscriptions_and_the_connection_stays(
     assert!(
         matches!(still.return_codes[0], v5::SubscribeReasonCode::Success(_)),
         "the same connection goes on: {still:?}"
+    );
+    // A subscription granted before the reload is not checked again (as
+    // in Mosquitto and EMQX).
+    let mut o = v5::options(b.addr, "bob-acl");
+    o.set_credentials("bob", token("bob"));
+    let mut bob = v5::connect(o).await.expect("bob connects");
+    bob.publish_acked("news/today", v5::QoS::AtLeastOnce, false, b"headline")
+        .await;
+    let got = alice.publish().await;
+    assert_eq!(
+        (&got.topic[..], &got.payload[..]),
+        (&b"news/today"[..], &b"headline"[..])
     );
 }
 
@@ -341,4 +362,41 @@ async fn the_admin_reload_needs_the_admin_token_and_names_keys_that_need_a_resta
     assert_eq!(lines.len(), 1, "{}", b.log());
     assert!(lines[0].contains("only after a restart"), "{}", lines[0]);
     metric_becomes(&b, APPLIED, 1.0).await;
+}
+
+#[tokio::test]
+async fn a_lower_publish_rate_applies_to_a_connected_client() {
+    let rules = acl_config(&[("sensors/#", "pub")]);
+    let b = Broker::start(&rules);
+    let mut o = v5::options(b.addr, "alice-rate");
+    o.set_credentials("alice", token("alice"));
+    let mut alice = v5::connect(o).await.expect("alice connects");
+    let reason = |ack: Option<v5::Packet>| match ack {
+        Some(v5::Packet::PubAck(a)) => a.reason,
+        other => panic!("expected a PUBACK, got {other:?}"),
+    };
+    for _ in 0..3 {
+        let ack = alice
+            .publish_acked("sensors/t", v5::QoS::AtLeastOnce, false, b"x")
+            .await;
+        assert_eq!(reason(ack), v5::PubAckReason::Success);
+    }
+
+    rewrite(
+        &b,
+        &format!("{rules}\n[mqtt]\npublish_rate = 1\npublish_burst = 1\n"),
+    );
+    hangup(&b);
+    metric_becomes(&b, APPLIED, 1.0).await;
+    let mut reasons = Vec::new();
+    for _ in 0..3 {
+        let ack = alice
+            .publish_acked("sensors/t", v5::QoS::AtLeastOnce, false, b"x")
+            .await;
+        reasons.push(reason(ack));
+    }
+    assert!(
+        reasons.contains(&v5::PubAckReason::QuotaExceeded),
+        "one per second now, on the same connection: {reasons:?}"
+    );
 }

@@ -120,8 +120,8 @@ impl Reloader {
     }
 
     /// Applies the reloadable keys of `settings`, all or none; counts the
-    /// attempt. [`Reloader::reload`] with settings already loaded (an
-    /// embedding program's own).
+    /// attempt. [`Reloader::reload`] with settings already loaded (a
+    /// program's own, when it runs the server without a file).
     pub fn apply(&self, settings: &Settings) -> Result<Reloaded, ReloadError> {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let result = self.prepare(settings).map(|prepared| {

@@ -343,8 +343,8 @@ impl Server {
     /// Makes `path` the file a reload reads, and reloads it on every
     /// SIGHUP from now on (what `chatmq serve` does, right after start).
     /// Without it, `POST /v1/admin/reload` answers that there is no file;
-    /// an embedding program may call [`Reloader::apply`] with its own
-    /// settings instead.
+    /// a program running the server itself may call [`Reloader::apply`]
+    /// on [`Server::reloader`] with its own settings instead.
     pub fn reload_from(&mut self, path: PathBuf) {
         self.reloader.set_source(path);
         let shutdown = self.shutdown.subscribe();

@@ -165,6 +165,11 @@ async fn an_unreadable_certificate_keeps_the_old_one_and_names_the_file() {
     mqtt_connect(&mut connected, "connected").await;
 
     std::fs::write(&pki.cert, "not a certificate\n").expect("garble");
+    // The same reload would also turn anonymous access off: all or nothing.
+    rewrite(
+        &b,
+        &config.replace("allow_anonymous = true", "allow_anonymous = false"),
+    );
     let answer = admin(&b).post("/v1/admin/reload", &json!({})).await;
     assert_eq!(answer.status, 422, "{}", answer.text());
     assert_eq!(answer.error_code(), "invalid_config");
@@ -176,10 +181,10 @@ async fn an_unreadable_certificate_keeps_the_old_one_and_names_the_file() {
     assert!(lines[0].contains("mqtt.tls.cert"), "{}", lines[0]);
     assert_eq!(log_lines(&b, "mqtt.tls.cert").len(), 1, "{}", b.log());
 
-    let fresh = tls_connect(&pki, addr)
+    let mut fresh = tls_connect(&pki, addr)
         .await
         .expect("new handshakes still get the old certificate");
-    drop(fresh);
+    mqtt_connect(&mut fresh, "fresh-anonymous").await;
     ping(&mut connected).await;
     metric_becomes(&b, FAILED, 1.0).await;
     metric_becomes(&b, APPLIED, 0.0).await;

@@ -1,16 +1,24 @@
 //! TLS for the MQTT and WebSocket listeners (rustls, ring provider): the
 //! certificate chain and key from the files a `[*.tls]` section names,
 //! checked at start-up, and a handshake with a time limit.
+//!
+//! The certificate can be replaced while the listener runs
+//! ([`TlsAcceptor::set_certificate`]): every handshake asks the acceptor's
+//! resolver for the current one, so connections made after a reload get
+//! the new certificate and connections already open keep the session they
+//! negotiated. A 90-day certificate is renewed without a restart.
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chatmq_config::Tls;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig};
 pub use tokio_rustls::server::TlsStream;
 
@@ -30,10 +38,47 @@ pub enum TlsError {
     },
 }
 
-/// Accepts TLS connections with one certificate chain.
+/// A certificate chain and its private key, loaded and checked to match,
+/// ready for [`TlsAcceptor::set_certificate`].
+#[derive(Clone)]
+pub struct Certificate(Arc<CertifiedKey>);
+
+impl Certificate {
+    /// Loads `[section]`'s certificate and key (`section` names them in
+    /// errors: `mqtt.tls.cert ...`).
+    pub fn load(section: &str, tls: &Tls) -> Result<Certificate, TlsError> {
+        let certs = load_certs(&format!("{section}.cert"), &tls.cert)?;
+        let key = load_key(&format!("{section}.key"), &tls.key)?;
+        let certified = CertifiedKey::from_der(certs, key, &provider()).map_err(|source| {
+            TlsError::Mismatch {
+                section: section.to_string(),
+                source,
+            }
+        })?;
+        Ok(Certificate(Arc::new(certified)))
+    }
+}
+
+/// Hands every handshake the certificate in force.
+#[derive(Debug)]
+struct CurrentCertificate(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for CurrentCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Accepts TLS connections with one certificate chain, which can be
+/// replaced while it runs.
 #[derive(Clone)]
 pub struct TlsAcceptor {
     inner: tokio_rustls::TlsAcceptor,
+    current: Arc<CurrentCertificate>,
     handshake_timeout: Duration,
 }
 
@@ -41,24 +86,29 @@ impl TlsAcceptor {
     /// Loads `[section]`'s certificate and key. `alpn` lists the protocols
     /// offered in ALPN (`http/1.1` for WebSocket; none for plain MQTT).
     pub fn from_settings(section: &str, tls: &Tls, alpn: &[&str]) -> Result<TlsAcceptor, TlsError> {
-        let certs = load_certs(&format!("{section}.cert"), &tls.cert)?;
-        let key = load_key(&format!("{section}.key"), &tls.key)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let Certificate(certified) = Certificate::load(section, tls)?;
+        let current = Arc::new(CurrentCertificate(RwLock::new(certified)));
         let mismatch = |source| TlsError::Mismatch {
             section: section.to_string(),
             source,
         };
-        let mut config = ServerConfig::builder_with_provider(provider)
+        let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
             .with_safe_default_protocol_versions()
             .map_err(mismatch)?
             .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(mismatch)?;
+            .with_cert_resolver(current.clone());
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         Ok(TlsAcceptor {
             inner: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            current,
             handshake_timeout: Duration::from_secs(tls.handshake_timeout_secs),
         })
+    }
+
+    /// Serves `certificate` from the next handshake on; connections
+    /// already open are not touched.
+    pub fn set_certificate(&self, certificate: Certificate) {
+        *self.current.0.write().unwrap_or_else(|e| e.into_inner()) = certificate.0;
     }
 
     /// The server side of a handshake, within the configured time.

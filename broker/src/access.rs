@@ -9,10 +9,17 @@
 //! substituted into topics (`%u`, `users/{u}/events`), so a name like `#` or
 //! `a/b` never authenticates. Authorisation is default-deny; a deny rule
 //! wins over any grant. This module decides; it never talks to a client.
+//!
+//! Both can be replaced while the broker runs (a configuration reload):
+//! the users, keys and rules in force are one snapshot each, swapped
+//! whole ([`Authenticator::replace`], [`Acl::replace`]) and read without a
+//! lock, so a check sees the old or the new settings, never a mix, and the
+//! per-publish and per-delivery ACL checks cost one atomic load more.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use chatmq_config::{Access, AclRule, Auth};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -79,14 +86,21 @@ struct Jwt {
     algorithm: Algorithm,
 }
 
-pub struct Authenticator {
+/// The users, keys and switches of `[auth]` in force: what a reload
+/// replaces. Built (and checked) whole before it is swapped in.
+pub struct Credentials {
     users: HashMap<String, Secret>,
     jwt: Vec<Jwt>,
     issuer: Option<String>,
     audience: Option<String>,
     allow_anonymous: bool,
     admin_token: Option<String>,
-    /// The failed-login limits and the password-check pool.
+}
+
+pub struct Authenticator {
+    credentials: ArcSwap<Credentials>,
+    /// The failed-login limits and the password-check pool. Kept across
+    /// reloads: its counts are state, only its limits change.
     pub guard: LoginGuard,
 }
 
@@ -98,8 +112,10 @@ struct Claims {
     exp: u64,
 }
 
-impl Authenticator {
-    pub fn new(auth: &Auth) -> Result<Self, AccessError> {
+impl Credentials {
+    /// Reads `[auth]`: parses the argon2 strings and loads
+    /// `auth.jwt_public_key`, so a bad one is refused before it is used.
+    pub fn new(auth: &Auth) -> Result<Credentials, AccessError> {
         let mut users = HashMap::new();
         for u in &auth.users {
             let secret = if u.password.starts_with("$argon2") {
@@ -138,15 +154,30 @@ impl Authenticator {
             };
             jwt.push(Jwt { key, algorithm });
         }
-        Ok(Authenticator {
+        Ok(Credentials {
             users,
             jwt,
             issuer: auth.jwt_issuer.clone(),
             audience: auth.jwt_audience.clone(),
             allow_anonymous: auth.allow_anonymous,
             admin_token: auth.admin_token.clone(),
+        })
+    }
+}
+
+impl Authenticator {
+    pub fn new(auth: &Auth) -> Result<Self, AccessError> {
+        Ok(Authenticator {
+            credentials: ArcSwap::from_pointee(Credentials::new(auth)?),
             guard: LoginGuard::new(&auth.limits),
         })
+    }
+
+    /// Puts `credentials` in force for every check from now on. Clients
+    /// already connected stay connected, as in Mosquitto: a login is
+    /// checked once, at CONNECT (and a JWT login still ends at its `exp`).
+    pub fn replace(&self, credentials: Credentials) {
+        self.credentials.store(Arc::new(credentials));
     }
 
     /// Checks CONNECT credentials. May take milliseconds (argon2): call it
@@ -162,6 +193,42 @@ impl Authenticator {
 
     /// [`Authenticator::authenticate`], also saying until when the login holds.
     pub fn login(&self, username: Option<&str>, password: Option<&[u8]>) -> Result<Login, Refusal> {
+        // A full reference: the check may run argon2 for milliseconds.
+        self.credentials.load_full().login(username, password)
+    }
+
+    /// Would checking this user name's password run argon2 (about 19 MiB
+    /// and tens of milliseconds)? Such checks go through the bounded pool.
+    pub fn hashes(&self, username: &str) -> bool {
+        matches!(
+            self.credentials.load().users.get(username),
+            Some(Secret::Argon2(_))
+        )
+    }
+
+    /// The user a bearer token (HTTP API) stands for: a JWT checked as a
+    /// CONNECT password is, whose `sub` is a valid user id.
+    pub fn user_from_token(&self, token: &str) -> Option<String> {
+        self.credentials
+            .load()
+            .jwt_claims(token, None)
+            .map(|c| c.sub)
+            .filter(|sub| valid_user(sub))
+    }
+
+    /// Is `token` the configured `auth.admin_token`? Compared in constant
+    /// time; never true when none is configured.
+    pub fn is_admin_token(&self, token: &str) -> bool {
+        self.credentials
+            .load()
+            .admin_token
+            .as_deref()
+            .is_some_and(|admin| constant_time_eq(admin.as_bytes(), token.as_bytes()))
+    }
+}
+
+impl Credentials {
+    fn login(&self, username: Option<&str>, password: Option<&[u8]>) -> Result<Login, Refusal> {
         let Some(username) = username.filter(|u| !u.is_empty()) else {
             return if self.allow_anonymous && password.is_none() {
                 Ok(Login {
@@ -199,28 +266,6 @@ impl Authenticator {
             }),
             None => Err(Refusal::BadCredentials),
         }
-    }
-
-    /// Would checking this user name's password run argon2 (about 19 MiB
-    /// and tens of milliseconds)? Such checks go through the bounded pool.
-    pub fn hashes(&self, username: &str) -> bool {
-        matches!(self.users.get(username), Some(Secret::Argon2(_)))
-    }
-
-    /// The user a bearer token (HTTP API) stands for: a JWT checked as a
-    /// CONNECT password is, whose `sub` is a valid user id.
-    pub fn user_from_token(&self, token: &str) -> Option<String> {
-        self.jwt_claims(token, None)
-            .map(|c| c.sub)
-            .filter(|sub| valid_user(sub))
-    }
-
-    /// Is `token` the configured `auth.admin_token`? Compared in constant
-    /// time; never true when none is configured.
-    pub fn is_admin_token(&self, token: &str) -> bool {
-        self.admin_token
-            .as_deref()
-            .is_some_and(|admin| constant_time_eq(admin.as_bytes(), token.as_bytes()))
     }
 
     /// The claims of a token signed by a key we hold, unexpired and already
@@ -272,14 +317,52 @@ struct Rule {
 }
 
 /// The `[[acl.rules]]`, compiled.
-pub struct Acl {
+struct Rules {
     rules: Vec<Rule>,
     has_deny: bool,
+}
+
+/// The `[[acl.rules]]` in force, replaced whole by a reload.
+pub struct Acl {
+    current: ArcSwap<Rules>,
 }
 
 impl Acl {
     pub fn new(rules: &[AclRule]) -> Acl {
         Acl {
+            current: ArcSwap::from_pointee(Rules::new(rules)),
+        }
+    }
+
+    /// Puts `rules` in force for every check from now on: each new
+    /// SUBSCRIBE and PUBLISH, and each delivery's deny check.
+    /// Subscriptions granted before are not checked again (as in
+    /// Mosquitto and EMQX): a grant removed stops new subscriptions, a
+    /// deny rule added also stops deliveries on the topics it covers.
+    pub fn replace(&self, rules: &[AclRule]) {
+        self.current.store(Arc::new(Rules::new(rules)));
+    }
+
+    pub fn can_publish(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
+        self.current.load().can_publish(user, client_id, topic)
+    }
+
+    /// A subscription is granted when a rule covers every topic it could
+    /// match and no deny rule covers it. A deny rule that covers only part
+    /// of it is enforced per message by [`Acl::can_receive`].
+    pub fn can_subscribe(&self, user: Option<&str>, client_id: &str, filter: &str) -> bool {
+        self.current.load().can_subscribe(user, client_id, filter)
+    }
+
+    /// Delivery-time check: false if a deny rule matches this topic.
+    pub fn can_receive(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
+        self.current.load().can_receive(user, client_id, topic)
+    }
+}
+
+impl Rules {
+    fn new(rules: &[AclRule]) -> Rules {
+        Rules {
             rules: rules
                 .iter()
                 .map(|r| Rule {
@@ -317,7 +400,7 @@ impl Acl {
         })
     }
 
-    pub fn can_publish(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
+    fn can_publish(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
         let mut granted = false;
         for (filter, access) in self.applicable(user, client_id) {
             if topic::matches(&filter, topic) {
@@ -331,10 +414,7 @@ impl Acl {
         granted
     }
 
-    /// A subscription is granted when a rule covers every topic it could
-    /// match and no deny rule covers it. A deny rule that covers only part
-    /// of it is enforced per message by [`Acl::can_receive`].
-    pub fn can_subscribe(&self, user: Option<&str>, client_id: &str, filter: &str) -> bool {
+    fn can_subscribe(&self, user: Option<&str>, client_id: &str, filter: &str) -> bool {
         let mut granted = false;
         for (rule, access) in self.applicable(user, client_id) {
             if topic::covers(&rule, filter) {
@@ -348,8 +428,7 @@ impl Acl {
         granted
     }
 
-    /// Delivery-time check: false if a deny rule matches this topic.
-    pub fn can_receive(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
+    fn can_receive(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
         if !self.has_deny {
             return true;
         }
@@ -583,7 +662,7 @@ mod tests {
     #[test]
     fn bearer_tokens_name_their_user_or_the_admin() {
         use jsonwebtoken::{encode, EncodingKey, Header};
-        let mut a = auth(vec![], Some("k"), false);
+        let a = auth(vec![], Some("k"), false);
         let now = jsonwebtoken::get_current_timestamp();
         let token = |claims: serde_json::Value, key: &[u8]| {
             encode(
@@ -609,7 +688,12 @@ mod tests {
         assert_eq!(a.user_from_token("garbage"), None);
 
         assert!(!a.is_admin_token("admin"), "no admin token configured");
-        a.admin_token = Some("admin".into());
+        let a = Authenticator::new(&Auth {
+            jwt_secret: Some("k".into()),
+            admin_token: Some("admin".into()),
+            ..Auth::default()
+        })
+        .unwrap();
         assert!(a.is_admin_token("admin"));
         assert!(!a.is_admin_token("admin2"));
         assert!(!a.is_admin_token(""));

@@ -28,7 +28,7 @@ use crate::codec::Protocol;
 use crate::counter::Counter;
 use crate::deadlines::Deadlines;
 use crate::hooks::{Hooks, Interceptors};
-use crate::limits::{RateLimit, UserRates};
+use crate::limits::PublishLimits;
 use crate::message::{min_qos, Message};
 use crate::ownership::{self, Ownership};
 use crate::retained::{Change, RetainedStore};
@@ -677,8 +677,9 @@ pub struct Broker {
     retained: RwLock<RetainedStore>,
     next_id: AtomicU64,
     // flow control
-    /// Each user's publish rate, shared by its connections.
-    pub user_rates: UserRates,
+    /// The publish limits in force, and each user's publish rate, shared
+    /// by its connections.
+    pub publish_limits: PublishLimits,
 }
 
 /// When a disconnected session expires (unix ms).
@@ -715,7 +716,7 @@ impl Broker {
         auth: Authenticator,
     ) -> Result<Arc<Broker>, chatmq_storage::StorageError> {
         let acl = Acl::new(&settings.acl.rules);
-        let user_rates = UserRates::new(RateLimit::user(&settings.mqtt));
+        let publish_limits = PublishLimits::new(&settings.mqtt);
         let metrics = Arc::new(Metrics::default());
         let push = chatmq_bridge::push::Push::open(store.clone(), &settings.push)?;
         let mut chat = Chat::new(store.clone(), metrics.clone(), push)?;
@@ -743,7 +744,7 @@ impl Broker {
             timers: Notify::new(),
             retained: RwLock::new(retained),
             next_id: AtomicU64::new(1),
-            user_rates,
+            publish_limits,
         };
         broker.restore()?;
         Ok(Arc::new(broker))

@@ -25,7 +25,7 @@ use crate::clock::now_ms;
 use crate::codec::Protocol;
 use crate::codec::ShortAck;
 use crate::hooks::{Authorization, Checked, Hooks, Outcome, Publication, Publisher, Verdict};
-use crate::limits::{self, PublishRate, RateLimit, UserRate};
+use crate::limits::{self, PublishRate, UserRate};
 use crate::message::{min_qos, Message};
 use crate::router::SubOptions;
 use crate::session::{Ack, Outbound, Session};
@@ -98,8 +98,10 @@ pub struct Channel {
     /// Incoming QoS 1 PUBLISHes whose PUBACK is not yet sent.
     unacked_qos1: usize,
     out: Vec<Out>,
-    /// This connection's publish rate (`mqtt.publish_*`).
+    /// This connection's publish rate (`mqtt.publish_*`), and the
+    /// generation of the limits it was made with (a reload changes them).
     rate: PublishRate,
+    rate_generation: u64,
     /// Its user's, shared with the user's other connections.
     user_rate: Option<UserRate>,
     /// QoS 0 publishes read together, waiting to be routed together
@@ -117,6 +119,7 @@ const ROUTE_BATCH: usize = 64;
 
 impl Channel {
     pub fn new(broker: Arc<Broker>, conn_id: u64) -> Channel {
+        let (limit, rate_generation) = broker.publish_limits.connection();
         Channel {
             conn_id,
             protocol: Protocol::V4,
@@ -130,7 +133,8 @@ impl Channel {
             client_max_packet: None,
             unacked_qos1: 0,
             out: Vec::new(),
-            rate: PublishRate::new(RateLimit::connection(&broker.settings.mqtt), Instant::now()),
+            rate: PublishRate::new(limit, Instant::now()),
+            rate_generation,
             user_rate: None,
             deferred: Vec::new(),
             pressure: None,
@@ -362,7 +366,7 @@ impl Channel {
             Err(Refused::Unavailable) => return Err(self.refuse_connect(Rc::ServerUnavailable)),
         };
         self.client_id = client_id;
-        self.user_rate = identity.user().map(|u| self.broker.user_rates.of(u));
+        self.user_rate = identity.user().map(|u| self.broker.publish_limits.of(u));
         self.identity = identity;
         self.cell = Some(attached.cell.clone());
         // The session and the client id's owner are on disk before CONNACK.
@@ -724,6 +728,12 @@ impl Channel {
     /// user's; false (and nothing charged) if either is spent.
     fn within_rate(&mut self, bytes: usize) -> bool {
         let now = Instant::now();
+        if let Some((limit, generation)) =
+            self.broker.publish_limits.newer_than(self.rate_generation)
+        {
+            self.rate.relimit(limit, now);
+            self.rate_generation = generation;
+        }
         match &self.user_rate {
             Some(user) => limits::admit(
                 &mut [&mut self.rate, &mut limits::lock_rate(user)],

@@ -11,7 +11,9 @@
 //! [`router`] and queues the message in each [`session`], collecting the
 //! writes that make it durable; the channel acknowledges only once they are
 //! committed. The [`http`] API serves the same chat operations (and
-//! health, readiness, metrics) to app servers and operators.
+//! health, readiness, metrics) to app servers and operators. A changed
+//! configuration file is applied while running by [`reload`] (SIGHUP, or
+//! the admin API).
 //!
 //! Embedding: [`embed::Embedded`] runs a broker inside any tokio program,
 //! with in-process clients and publish interceptors (`docs/EMBEDDING.md`);
@@ -37,6 +39,7 @@ pub mod limits;
 pub mod login_guard;
 pub mod message;
 pub mod ownership;
+pub mod reload;
 pub mod retained;
 pub mod router;
 pub mod server;

@@ -1,6 +1,11 @@
 //! Rate limits: the token bucket every rate limit of the broker is made of,
 //! and the publish rates of one connection and of one user.
 //!
+//! The publish limits can change while the broker runs (a reload,
+//! [`PublishLimits::set`]): users' shared buckets take the new numbers at
+//! once, each connection's own bucket at its next publish (one atomic load
+//! tells it), keeping the tokens it has up to the new burst.
+//!
 //! A bucket holds up to `burst` tokens and gains `rate` per second; an
 //! action costing `n` tokens passes if `n` are there and takes them. A
 //! publish costs one token of a message bucket and its payload size in a
@@ -12,6 +17,7 @@
 //! publishes, and floating point saturates where integers would overflow.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -43,6 +49,15 @@ impl TokenBucket {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.refilled = now;
+    }
+
+    /// Takes new numbers, keeping the tokens held up to the new burst (a
+    /// raised burst fills at the new rate, it is not handed out at once).
+    pub fn relimit(&mut self, rate_per_sec: u64, burst: u64, now: Instant) {
+        self.refill(now);
+        self.rate = rate_per_sec as f64;
+        self.burst = burst as f64;
+        self.tokens = self.tokens.min(self.burst);
     }
 
     /// Would `cost` tokens be available now?
@@ -115,6 +130,14 @@ impl PublishRate {
         }
     }
 
+    /// Takes the numbers of `limit` (see [`TokenBucket::relimit`]).
+    pub fn relimit(&mut self, limit: RateLimit, now: Instant) {
+        self.messages
+            .relimit(limit.messages_per_sec, limit.messages_burst, now);
+        self.bytes
+            .relimit(limit.bytes_per_sec, limit.bytes_burst, now);
+    }
+
     fn allows(&mut self, bytes: u64, now: Instant) -> bool {
         self.messages.allows(1, now) && self.bytes.allows(bytes, now)
     }
@@ -150,7 +173,7 @@ pub type UserRate = Arc<Mutex<PublishRate>>;
 /// user holds it or its buckets are still refilling: reconnecting does not
 /// give a user a fresh burst, and users who went quiet cost nothing.
 pub struct UserRates {
-    limit: RateLimit,
+    limit: Mutex<RateLimit>,
     rates: Mutex<HashMap<Arc<str>, UserRate>>,
     /// Entries after the last sweep: the next sweep runs when the map has
     /// doubled, so sweeping costs O(1) per call on average.
@@ -164,7 +187,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl UserRates {
     pub fn new(limit: RateLimit) -> UserRates {
         UserRates {
-            limit,
+            limit: Mutex::new(limit),
             rates: Mutex::new(HashMap::new()),
             swept_len: Mutex::new(0),
         }
@@ -173,6 +196,7 @@ impl UserRates {
     /// The rate `user` shares with its other connections.
     pub fn of(&self, user: &Arc<str>) -> UserRate {
         let now = Instant::now();
+        let limit = *lock(&self.limit);
         let mut rates = lock(&self.rates);
         let mut swept = lock(&self.swept_len);
         if rates.len() >= (*swept * 2).max(64) {
@@ -181,8 +205,17 @@ impl UserRates {
         }
         rates
             .entry(user.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(PublishRate::new(self.limit, now))))
+            .or_insert_with(|| Arc::new(Mutex::new(PublishRate::new(limit, now))))
             .clone()
+    }
+
+    /// New numbers for every user: those with a rate now and those to come.
+    pub fn set_limit(&self, limit: RateLimit) {
+        *lock(&self.limit) = limit;
+        let now = Instant::now();
+        for rate in lock(&self.rates).values() {
+            lock(rate).relimit(limit, now);
+        }
     }
 
     /// Users with a rate in memory (for tests and metrics).
@@ -192,6 +225,57 @@ impl UserRates {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The publish limits in force (`mqtt.publish_*` per connection,
+/// `mqtt.user_publish_*` per user) and every user's shared rate.
+pub struct PublishLimits {
+    /// What a connection's own rate is made with, and how many times it
+    /// changed (under one lock, so the two are read together).
+    connection: Mutex<(RateLimit, u64)>,
+    /// The count of changes, read without the lock on every publish.
+    generation: AtomicU64,
+    users: UserRates,
+}
+
+impl PublishLimits {
+    pub fn new(mqtt: &Mqtt) -> PublishLimits {
+        PublishLimits {
+            connection: Mutex::new((RateLimit::connection(mqtt), 0)),
+            generation: AtomicU64::new(0),
+            users: UserRates::new(RateLimit::user(mqtt)),
+        }
+    }
+
+    /// The limit a new connection's rate starts with, and its generation.
+    pub fn connection(&self) -> (RateLimit, u64) {
+        *lock(&self.connection)
+    }
+
+    /// The limit to take if it changed since `generation`: one atomic load
+    /// when it did not.
+    pub fn newer_than(&self, generation: u64) -> Option<(RateLimit, u64)> {
+        (self.generation.load(Ordering::Relaxed) != generation).then(|| self.connection())
+    }
+
+    /// The rate `user` shares with its other connections.
+    pub fn of(&self, user: &Arc<str>) -> UserRate {
+        self.users.of(user)
+    }
+
+    /// Every user's shared rate.
+    pub fn users(&self) -> &UserRates {
+        &self.users
+    }
+
+    /// Puts the publish limits of `mqtt` in force.
+    pub fn set(&self, mqtt: &Mqtt) {
+        self.users.set_limit(RateLimit::user(mqtt));
+        let mut connection = lock(&self.connection);
+        let generation = connection.1.wrapping_add(1);
+        *connection = (RateLimit::connection(mqtt), generation);
+        self.generation.store(generation, Ordering::Relaxed);
     }
 }
 
@@ -267,6 +351,40 @@ mod tests {
         for _ in 0..9 {
             assert!(admit(&mut alone, 1, t0), "the connection kept its tokens");
         }
+    }
+
+    #[test]
+    fn new_limits_reach_users_at_once_and_connections_when_they_look() {
+        let t0 = Instant::now();
+        let mqtt = Mqtt::default();
+        let limits = PublishLimits::new(&mqtt);
+        let (limit, seen) = limits.connection();
+        let mut conn = PublishRate::new(limit, t0);
+        let alice = limits.of(&"alice".into());
+        assert!(limits.newer_than(seen).is_none());
+        limits.set(&Mqtt {
+            publish_rate: 1,
+            publish_burst: 1,
+            user_publish_rate: 1,
+            user_publish_burst: 2,
+            ..mqtt
+        });
+        let now = Instant::now();
+        let mut user = lock_rate(&alice);
+        assert!(admit(&mut [&mut user], 1, now));
+        assert!(admit(&mut [&mut user], 1, now));
+        assert!(
+            !admit(&mut [&mut user], 1, now),
+            "the user's burst is now 2"
+        );
+        drop(user);
+        let (limit, _) = limits.newer_than(seen).expect("changed");
+        conn.relimit(limit, now);
+        assert!(admit(&mut [&mut conn], 1, now));
+        assert!(
+            !admit(&mut [&mut conn], 1, now),
+            "the connection's burst is now 1"
+        );
     }
 
     #[test]

@@ -148,7 +148,8 @@ impl PasswordPool {
 
 /// The failed-login limits and the password-check pool of one broker.
 pub struct LoginGuard {
-    window_ms: u64,
+    /// `auth.limits.failed_login_window_secs`, in ms (a reload may change it).
+    window_ms: AtomicU64,
     by_source: Mutex<Failures<IpAddr>>,
     by_user: Mutex<Failures<String>>,
     pool: PasswordPool,
@@ -162,7 +163,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl LoginGuard {
     pub fn new(limits: &LoginLimits) -> LoginGuard {
         LoginGuard {
-            window_ms: limits.failed_login_window_secs.saturating_mul(1000),
+            window_ms: AtomicU64::new(limits.failed_login_window_secs.saturating_mul(1000)),
             by_source: Mutex::new(Failures::new(limits.failed_logins_per_ip)),
             by_user: Mutex::new(Failures::new(limits.failed_logins_per_user)),
             pool: PasswordPool {
@@ -174,18 +175,33 @@ impl LoginGuard {
         }
     }
 
+    /// Puts new failed-login limits in force (a reload); the counts so far
+    /// are kept. The password-check pool keeps its size until a restart.
+    pub fn set_limits(&self, limits: &LoginLimits) {
+        let window_ms = limits.failed_login_window_secs.saturating_mul(1000);
+        self.window_ms.store(window_ms, Ordering::Relaxed);
+        lock(&self.by_source).limit = limits.failed_logins_per_ip;
+        lock(&self.by_user).limit = limits.failed_logins_per_user;
+    }
+
+    fn window_ms(&self) -> u64 {
+        self.window_ms.load(Ordering::Relaxed)
+    }
+
     fn blocked(&self, source: IpAddr, username: &str, now: u64) -> bool {
-        lock(&self.by_source).blocked(&group(source), now, self.window_ms)
-            || lock(&self.by_user).blocked(&username.to_string(), now, self.window_ms)
+        let window_ms = self.window_ms();
+        lock(&self.by_source).blocked(&group(source), now, window_ms)
+            || lock(&self.by_user).blocked(&username.to_string(), now, window_ms)
     }
 
     fn failed(&self, source: IpAddr, username: &str, now: u64) {
         self.metrics.failures.fetch_add(1, Ordering::Relaxed);
-        lock(&self.by_source).fail(group(source), now, self.window_ms);
+        let window_ms = self.window_ms();
+        lock(&self.by_source).fail(group(source), now, window_ms);
         // Only user ids are tracked by name: any other name is refused
         // without a check, and an unbounded name must not become a key.
         if valid_user(username) {
-            lock(&self.by_user).fail(username.to_string(), now, self.window_ms);
+            lock(&self.by_user).fail(username.to_string(), now, window_ms);
         }
     }
 }

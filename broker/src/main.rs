@@ -131,7 +131,7 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let server = match Server::start(settings).await {
+        let mut server = match Server::start(settings).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("chatmq: {e}");
@@ -144,6 +144,7 @@ fn serve(path: &Path) -> ExitCode {
             server.shutdown().await;
             return ExitCode::FAILURE;
         };
+        server.reload_from(path.to_path_buf());
         println!("chatmq: mqtt listening on {mqtt}");
         println!("chatmq: http listening on {http}");
         for (name, addr) in &server.edges {

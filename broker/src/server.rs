@@ -1,8 +1,10 @@
 //! Start-up and shutdown: open the store, bind the listeners (MQTT and
 //! HTTP), accept connections (each admitted by [`admission`] first), sweep
-//! expired sessions, apply retention, and stop cleanly.
+//! expired sessions, apply retention, reload the configuration on SIGHUP
+//! ([`Server::reload_from`], [`crate::reload`]), and stop cleanly.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use crate::chat::{self, retention};
 use crate::clock::now_ms;
 use crate::connection;
 use crate::http;
+use crate::reload::{self, Reloader};
 
 /// Why the server could not start. Each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +154,19 @@ fn plan_edges(settings: &Settings) -> Result<Vec<Edge>, StartError> {
     Ok(edges)
 }
 
+/// The acceptors of the TLS listeners, by the section that configures
+/// them: what a reload gives new certificates.
+fn tls_acceptors(edges: &[Edge]) -> Vec<(&'static str, TlsAcceptor)> {
+    edges
+        .iter()
+        .filter_map(|edge| match &edge.transport {
+            Transport::Tls(tls) => Some(("mqtt.tls", tls.clone())),
+            Transport::Wss(tls, _, _) => Some(("websocket.tls", tls.clone())),
+            Transport::Tcp | Transport::Ws(..) => None,
+        })
+        .collect()
+}
+
 /// Which listeners [`Server::start_with`] binds. A program that embeds
 /// the broker may serve only in-process clients (`crate::embed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +206,8 @@ pub struct Server {
     /// The other listeners (`mqtt-tls`, `websocket`, `websocket-tls`) and
     /// where they listen.
     pub edges: Vec<(&'static str, SocketAddr)>,
+    /// Applies a changed configuration (SIGHUP, `POST /v1/admin/reload`).
+    pub reloader: Arc<Reloader>,
     /// What `/readyz` reports: set once serving, cleared at shutdown.
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
@@ -230,6 +248,7 @@ impl Server {
         };
         let (http_listener, http_addr) =
             bind_if(listeners.http, settings.http.listen, http_bind).await?;
+        let tls = tls_acceptors(&planned_edges);
         let mut edge_listeners = Vec::new();
         for edge in planned_edges {
             edge_listeners.push(edge.bind().await?);
@@ -261,6 +280,7 @@ impl Server {
             }
         };
         let edges: Vec<_> = edge_listeners.iter().map(|l| (l.name, l.local)).collect();
+        let reloader = Arc::new(Reloader::new(broker.clone(), tls));
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, watch) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -286,7 +306,12 @@ impl Server {
             ));
         }
         if let Some(http_listener) = http_listener {
-            let api = http::Api::new(broker.clone(), ready.clone(), edges.clone());
+            let api = http::Api::new(
+                broker.clone(),
+                ready.clone(),
+                edges.clone(),
+                reloader.clone(),
+            );
             tasks.spawn(http::serve(http_listener, api, watch.clone()));
         }
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
@@ -309,10 +334,23 @@ impl Server {
             mqtt_addr,
             http_addr,
             edges,
+            reloader,
             ready,
             shutdown,
             tasks,
         })
+    }
+
+    /// Makes `path` the file a reload reads, and reloads it on every
+    /// SIGHUP from now on (what `chatmq serve` does, right after start).
+    /// Without it, `POST /v1/admin/reload` answers that there is no file;
+    /// a program running the server itself may call [`Reloader::apply`]
+    /// on [`Server::reloader`] with its own settings instead.
+    pub fn reload_from(&mut self, path: PathBuf) {
+        self.reloader.set_source(path);
+        let shutdown = self.shutdown.subscribe();
+        self.tasks
+            .spawn(reload::on_hangup(self.reloader.clone(), shutdown));
     }
 
     /// Stops accepting, tells every client (MQTT 5: DISCONNECT 0x8B), waits

@@ -11,20 +11,25 @@
 //!   (`CHATMQ__MQTT__LISTEN=127.0.0.1:0`), then validation;
 //! - [`Settings::from_toml`]: the same from a string, without the environment;
 //! - [`ConfigError`]: one-line messages such as
-//!   `unknown key mqtt.max_paylod in config/chatmq.toml`.
+//!   `unknown key mqtt.max_paylod in config/chatmq.toml`;
+//! - reloading: [`RELOADABLE`] keys a running broker takes from a changed
+//!   file, [`Settings::restart_needed`] the changed keys it cannot.
 //!
 //! Inside, `settings` owns the shape (types, defaults, the key table), `load`
 //! reads the sources and checks each key and value against the key table,
-//! `validate` checks what types cannot (user ids, topic filters, files), and
-//! `error` the messages. This crate never opens sockets or databases; its one
-//! side effect is creating `node.data_dir`.
+//! `validate` checks what types cannot (user ids, topic filters, files),
+//! `reload` which keys a reload applies, and `error` the messages. This
+//! crate never opens sockets or databases; its one side effect is creating
+//! `node.data_dir`.
 
 mod error;
 mod load;
+mod reload;
 mod settings;
 mod validate;
 
 pub use error::ConfigError;
+pub use reload::{is_reloadable, RELOADABLE};
 pub use settings::{
     Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, LoginLimits, Mqtt, Node, Push, Settings,
     Storage, SyncMode, Tls, User, Webhook, Websocket, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN,

@@ -10,7 +10,7 @@ use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything the broker reads at start-up, one field per `[section]`.
 ///
@@ -18,7 +18,7 @@ use serde::Deserialize;
 /// [`Settings::from_toml`]; both check and validate, so a `Settings` from them
 /// is one the broker can run with. `Settings::default()` is what an empty file
 /// gives.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub node: Node,
@@ -33,7 +33,7 @@ pub struct Settings {
 }
 
 /// `[node]`: where this broker keeps its state.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Node {
     /// RocksDB directory; relative paths are relative to the working
@@ -54,7 +54,7 @@ impl Default for Node {
 pub(crate) const MAX_PAYLOAD_LIMIT: usize = 268_435_455;
 
 /// `[mqtt]`: the MQTT listener and the limits it enforces per client.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Mqtt {
     /// TCP address of the MQTT listener (`ip:port`; port 0 picks a free one).
@@ -211,7 +211,7 @@ impl Default for Mqtt {
 /// `jwt_secret` or `jwt_public_key`) or against `users`.
 ///
 /// `Debug` prints secrets as `<redacted>` so logging the settings is safe.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// Accept CONNECT without credentials. Off by default: a chat server
@@ -236,7 +236,7 @@ pub struct Auth {
 }
 
 /// `[auth.limits]`: what failed logins and password hashing may cost.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoginLimits {
     /// Failed logins from one IP address within `failed_login_window_secs`
@@ -285,7 +285,7 @@ impl fmt::Debug for Auth {
 }
 
 /// One `[[auth.users]]` entry: a user who logs in with a static password.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     /// The user id (`[A-Za-z0-9_-]{1,64}`), unique among `[[auth.users]]`.
@@ -306,7 +306,7 @@ impl fmt::Debug for User {
 
 /// `[acl]`: access to plain MQTT topics (anything outside chat's own
 /// topics). With no matching rule, access is denied.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Acl {
     /// From `[[acl.rules]]`, in file order.
@@ -314,7 +314,7 @@ pub struct Acl {
 }
 
 /// One `[[acl.rules]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AclRule {
     /// `*` for every user, or one user id.
@@ -326,7 +326,7 @@ pub struct AclRule {
 }
 
 /// What an ACL rule allows. When several rules match, `Deny` wins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Access {
     /// Publish only.
@@ -343,7 +343,7 @@ pub enum Access {
 pub(crate) const ACCESS_NAMES: &[&str] = &["pub", "sub", "pubsub", "deny"];
 
 /// `[storage]`: durability of writes to RocksDB.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Storage {
     pub sync: SyncMode,
@@ -361,7 +361,7 @@ impl Default for Storage {
 }
 
 /// When the storage writer syncs the write-ahead log to disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
     /// Every group commit is synced before it is acknowledged: an
@@ -378,7 +378,7 @@ pub enum SyncMode {
 pub(crate) const SYNC_NAMES: &[&str] = &["always", "interval", "never"];
 
 /// `[http]`: the HTTP API (conversations, messages, health, metrics).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Http {
     /// TCP address of the HTTP listener (`ip:port`; port 0 picks a free one).
@@ -414,7 +414,7 @@ impl Default for Http {
 /// A TLS listener (`[mqtt.tls]`, `[websocket.tls]`): a certificate chain and
 /// its private key, both PEM files, checked readable at load and checked to
 /// match at start-up.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Tls {
     /// TCP address of the TLS listener; absent: port 8883 for MQTT, 8084
@@ -448,7 +448,7 @@ pub const WEBSOCKET_TLS_LISTEN: SocketAddr =
 
 /// `[websocket]`: MQTT over WebSocket, for browsers. The connections it
 /// accepts are served exactly like TCP ones: same auth, same sessions.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Websocket {
     /// Serve MQTT over WebSocket at all.
@@ -493,7 +493,7 @@ impl Default for Websocket {
 
 /// `[push]`: notifications to members with no live session. Each provider
 /// is optional; with none configured, no jobs are queued.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Push {
     /// One notification per user and conversation per this many milliseconds.
@@ -533,7 +533,7 @@ impl Default for Push {
 /// `[push.webhook]`: POST a JSON notification to the operator's service.
 ///
 /// `Debug` prints the secret as `<redacted>`.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Webhook {
     /// `http://` or `https://` URL. Required.
@@ -553,7 +553,7 @@ impl fmt::Debug for Webhook {
 }
 
 /// `[push.apns]`: Apple Push Notification service, token auth (.p8 key).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Apns {
     /// The .p8 signing key from Apple's developer portal. Required.
@@ -577,7 +577,7 @@ pub struct Apns {
 
 /// `[push.fcm]`: Firebase Cloud Messaging, HTTP v1 API, with a service
 /// account's OAuth2 flow.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Fcm {
     /// The service account JSON downloaded from the Firebase console
@@ -603,7 +603,7 @@ impl Default for Fcm {
 }
 
 /// `[chat]`: limits of the chat layer: history pages and retention.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Chat {
     /// The most messages one history call (RPC or HTTP) returns.

@@ -1,7 +1,8 @@
 //! The HTTP API (DESIGN §4), for app servers and operators: `/healthz`,
 //! `/readyz`, `/metrics` ([`ops`]), and under `/v1` the chat operations
 //! the RPC over MQTT offers: [`conversations`] and their members,
-//! [`messages`] (history and server-side send), [`devices`] (push).
+//! [`messages`] (history and server-side send), [`devices`] (push); and
+//! the operator's [`admin`] calls (`POST /v1/admin/reload`).
 //!
 //! The story of a request: axum routes it; the [`Caller`] extractor reads
 //! `Authorization: Bearer <token>` (the admin token, or a user's JWT
@@ -18,6 +19,7 @@
 //!
 //! This module owns HTTP concerns only: no chat rule lives here.
 
+mod admin;
 mod conversations;
 mod devices;
 mod messages;
@@ -46,6 +48,7 @@ use tokio::sync::Semaphore;
 
 use crate::broker::Broker;
 use crate::chat::RpcError;
+use crate::reload::Reloader;
 
 pub use server::serve;
 
@@ -63,6 +66,8 @@ pub struct Api {
     /// `http.max_connections` permits, one per open connection.
     connections: Arc<Semaphore>,
     timeouts: Timeouts,
+    /// Applies a changed configuration file (`POST /v1/admin/reload`).
+    reloader: Arc<Reloader>,
 }
 
 /// Requests cut short by a timeout, for `/metrics`.
@@ -79,6 +84,7 @@ impl Api {
         broker: Arc<Broker>,
         ready: Arc<AtomicBool>,
         edges: Vec<(&'static str, SocketAddr)>,
+        reloader: Arc<Reloader>,
     ) -> Arc<Api> {
         let connections = Arc::new(Semaphore::new(broker.settings.http.max_connections));
         Arc::new(Api {
@@ -87,6 +93,7 @@ impl Api {
             edges,
             connections,
             timeouts: Timeouts::default(),
+            reloader,
         })
     }
 
@@ -137,6 +144,7 @@ pub fn router(api: Arc<Api>) -> Router {
             delete(devices::unregister),
         )
         .route("/v1/client-config", get(web::client_config))
+        .route("/v1/admin/reload", post(admin::reload))
         .fallback(web::static_file)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(api.clone(), limits))

@@ -105,6 +105,18 @@ fn render(api: &Api) -> String {
         "Open HTTP API connections (at most http.max_connections).",
         api.open_connections(),
     );
+    let reloads = &api.reloader.metrics;
+    out.labelled(
+        "chatmq_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP or POST /v1/admin/reload), by result: applied, \
+         failed (a bad file: the running settings were kept).",
+        "result",
+        &[
+            ("applied", count(&reloads.applied)),
+            ("failed", count(&reloads.failed)),
+        ],
+    );
     let timeouts = &api.timeouts;
     out.labelled(
         "chatmq_http_timeouts_total",

@@ -230,9 +230,15 @@ impl Chat {
         if taken.is_empty() {
             return;
         }
+        // The counts as they are now: the summaries gathered may have come
+        // out of order (each after its own commit). What the cache no
+        // longer holds goes as gathered.
         let messages: Vec<Value> = taken
             .into_iter()
-            .map(|(seq, summary)| json!({"seq": seq, "reactions": summary}))
+            .map(|(seq, gathered)| {
+                let summary = self.cached_summary(conv, seq).unwrap_or(gathered);
+                json!({"seq": seq, "reactions": summary})
+            })
             .collect();
         self.announce(
             &self.members(conv),

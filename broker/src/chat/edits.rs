@@ -88,7 +88,7 @@ impl Chat {
         who: Editor<'_>,
         body: &Value,
     ) -> Result<Changed, RpcError> {
-        self.change(conv, seq, who, Change::Edit(body)).await
+        Ok(self.change(conv, seq, who, Change::Edit(body)).await?.0)
     }
 
     /// `who` deletes message `seq` of `conv`; answers once its text is gone
@@ -99,8 +99,8 @@ impl Chat {
         seq: u64,
         who: Editor<'_>,
     ) -> Result<Changed, RpcError> {
-        let changed = self.change(conv, seq, who, Change::Delete).await?;
-        self.scrubber.scrub(&self.store, conv, seq).await?;
+        let (changed, rewritten) = self.change(conv, seq, who, Change::Delete).await?;
+        self.scrubber.scrub(&self.store, conv, rewritten).await?;
         Ok(changed)
     }
 
@@ -110,7 +110,7 @@ impl Chat {
         seq: u64,
         who: Editor<'_>,
         change: Change<'_>,
-    ) -> Result<Changed, RpcError> {
+    ) -> Result<(Changed, Vec<u64>), RpcError> {
         if let Editor::User(u) = who {
             if !self.is_member(conv, u) {
                 return Err(RpcError::new(
@@ -154,7 +154,7 @@ impl Chat {
             let event_seq = deleted.get("seq").and_then(Value::as_u64).unwrap_or(0);
             return match change {
                 // A retry: already done.
-                Change::Delete => Ok(Changed { seq, event_seq }),
+                Change::Delete => Ok((Changed { seq, event_seq }, vec![seq])),
                 Change::Edit(_) => Err(RpcError::new("deleted", "the message was deleted")),
             };
         }
@@ -168,7 +168,7 @@ impl Chat {
             Change::Edit(body) => {
                 if record.get("body") == Some(body) {
                     let event_seq = edits.last().copied().unwrap_or(seq);
-                    return Ok(Changed { seq, event_seq });
+                    return Ok((Changed { seq, event_seq }, Vec::new()));
                 }
                 if edits.len() >= MAX_EDITS {
                     return Err(RpcError::new(
@@ -191,7 +191,7 @@ impl Chat {
                 commit.await?;
                 self.metrics.messages_edited.fetch_add(1, Ordering::Relaxed);
                 self.replay.rewritten(conv, &[seq]);
-                Ok(Changed { seq, event_seq })
+                Ok((Changed { seq, event_seq }, vec![seq]))
             }
             Change::Delete => {
                 // The earlier edit events carry old texts: blanked too.
@@ -230,7 +230,7 @@ impl Chat {
                 let mut rewritten = edits;
                 rewritten.push(seq);
                 self.replay.rewritten(conv, &rewritten);
-                Ok(Changed { seq, event_seq })
+                Ok((Changed { seq, event_seq }, rewritten))
             }
         }
     }
@@ -278,11 +278,11 @@ struct ScrubState {
 }
 
 impl Scrubber {
-    async fn scrub(&self, store: &Store, conv: &str, seq: u64) -> Result<(), RpcError> {
+    async fn scrub(&self, store: &Store, conv: &str, seqs: Vec<u64>) -> Result<(), RpcError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start = {
             let mut s = lock(&self.state);
-            s.pending.entry(conv.to_string()).or_default().push(seq);
+            s.pending.entry(conv.to_string()).or_default().extend(seqs);
             s.waiting.push(tx);
             !std::mem::replace(&mut s.running, true)
         };

@@ -273,6 +273,13 @@ impl Chat {
         Ok(Entry { open, by, used: 0 })
     }
 
+    /// The counts of message `seq` of `conv` as the cache has them now.
+    pub(super) fn cached_summary(&self, conv: &str, seq: u64) -> Option<Value> {
+        let cache = lock(&self.reaction_cache);
+        let e = cache.entries.get(&(Arc::from(conv), seq))?;
+        e.open.then(|| e.summary(None))
+    }
+
     /// Message `seq` of `conv` takes no more reactions (it is being
     /// deleted): kept in the cache as closed, so no reaction is written
     /// after the delete's batch.

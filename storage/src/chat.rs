@@ -404,6 +404,41 @@ mod tests {
     // read the disk on an async worker. From memory it answers a key the
     // bloom filter rules out, and never says "absent" for a key that is
     // there: it says `Uncached` and the caller reads the disk elsewhere.
+    // Issue #13 item 3: reactions are keys of their own column family,
+    // one per (message, emoji, user), read back by message; one message's
+    // are dropped by a delete, a trimmed span's with its messages, and
+    // nothing of a neighbouring message or conversation goes with them.
+    #[tokio::test]
+    async fn reactions_are_kept_per_message_and_dropped_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always, Duration::from_millis(5)).unwrap();
+        let mut b = Batch::new();
+        for seq in 1..=4 {
+            b.put_reaction("room", seq, "👍", "bob");
+            b.put_reaction("room", seq, "👍", "alice");
+            b.put_reaction("room", seq, "🎉", "bob");
+        }
+        b.put_reaction("room2", 1, "👍", "bob");
+        b.put_reaction("room", 256, "👍", "bob");
+        store.write(b).await.unwrap();
+        let two = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            store.reactions("room", 1).unwrap(),
+            [two("🎉", "bob"), two("👍", "alice"), two("👍", "bob")]
+        );
+        let mut b = Batch::new();
+        b.delete_reaction("room", 2, "👍", "alice");
+        b.delete_reactions("room", 3);
+        b.delete_messages("room", 1, 2);
+        store.write(b).await.unwrap();
+        assert!(store.reactions("room", 1).unwrap().is_empty(), "trimmed");
+        assert_eq!(store.reactions("room", 2).unwrap().len(), 2);
+        assert!(store.reactions("room", 3).unwrap().is_empty(), "deleted");
+        assert_eq!(store.reactions("room", 4).unwrap().len(), 3);
+        assert_eq!(store.reactions("room", 256).unwrap().len(), 1);
+        assert_eq!(store.reactions("room2", 1).unwrap().len(), 1);
+    }
+
     #[tokio::test]
     async fn the_cached_idempotency_lookup_never_misses_a_stored_key() {
         let dir = tempfile::tempdir().unwrap();

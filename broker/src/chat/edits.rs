@@ -205,7 +205,7 @@ impl Chat {
                 // Reactions coming in now are refused from here on; those
                 // already submitted are dropped by this batch's range.
                 self.forget_reactions(conv, seq);
-                let (commit, event_seq) = self
+                let appended = self
                     .append_event(conv, &mut st, |n, ts, batch| {
                         record.insert("body".into(), Value::Null);
                         record.insert(
@@ -221,9 +221,20 @@ impl Chat {
                         batch.delete_reactions(conv, seq);
                         event(conv, n, "delete", &who_name, ts, seq, Value::Null)
                     })
-                    .await?;
+                    .await;
                 drop(st);
-                commit.await?;
+                let committed = match appended {
+                    Ok((commit, event_seq)) => commit.await.map(|()| event_seq),
+                    Err(e) => Err(e),
+                };
+                let event_seq = match committed {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Not deleted after all: its reactions load again.
+                        self.unload_reactions(conv, seq);
+                        return Err(e.into());
+                    }
+                };
                 self.metrics
                     .messages_deleted
                     .fetch_add(1, Ordering::Relaxed);

@@ -296,6 +296,16 @@ impl Chat {
         cache.evict();
     }
 
+    /// Drops message `seq` of `conv` from the cache (a delete that failed):
+    /// the next reaction loads it from storage.
+    pub(super) fn unload_reactions(&self, conv: &str, seq: u64) {
+        let mut cache = lock(&self.reaction_cache);
+        if let Some(old) = cache.entries.remove(&(Arc::from(conv), seq)) {
+            cache.held = cache.held.saturating_sub(old.len());
+        }
+        cache.evictions += 1;
+    }
+
     /// The summaries of messages `seqs` of `conv` for `user` (history).
     pub(super) async fn summaries(
         &self,

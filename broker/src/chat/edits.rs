@@ -150,19 +150,24 @@ impl Chat {
                 "only the sender or the conversation's owner may change a message",
             ));
         }
-        if let Some(deleted) = record.get("deleted") {
-            let event_seq = deleted.get("seq").and_then(Value::as_u64).unwrap_or(0);
-            return match change {
-                // A retry: already done.
-                Change::Delete => Ok((Changed { seq, event_seq }, vec![seq])),
-                Change::Edit(_) => Err(RpcError::new("deleted", "the message was deleted")),
-            };
-        }
         let edits: Vec<u64> = record
             .get("edits")
             .and_then(Value::as_array)
             .map(|v| v.iter().filter_map(Value::as_u64).collect())
             .unwrap_or_default();
+        if let Some(deleted) = record.get("deleted") {
+            let event_seq = deleted.get("seq").and_then(Value::as_u64).unwrap_or(0);
+            return match change {
+                // A retry: already done (scrubbed again, in case the
+                // first scrub failed).
+                Change::Delete => {
+                    let mut rewritten = edits;
+                    rewritten.push(seq);
+                    Ok((Changed { seq, event_seq }, rewritten))
+                }
+                Change::Edit(_) => Err(RpcError::new("deleted", "the message was deleted")),
+            };
+        }
         let who_name = who.name().to_string();
         match change {
             Change::Edit(body) => {

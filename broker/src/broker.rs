@@ -642,6 +642,17 @@ pub struct Metrics {
     pub presence_coalesced: Counter,
     /// Typing indicators refused for their size.
     pub typing_too_large: Counter,
+    /// Reactions added or removed (issue #13; `chat/reactions.rs`).
+    pub reactions: Counter,
+    /// `reactions` summary events sent, one per conversation and window.
+    pub reaction_digests: Counter,
+    /// Room reactions dropped by the per-user throttle.
+    pub room_reactions_throttled: Counter,
+    /// `occupancy/{conv}` updates sent, one per conversation and window.
+    pub occupancy_updates: Counter,
+    /// Messages edited and deleted (`chat/edits.rs`).
+    pub messages_edited: Counter,
+    pub messages_deleted: Counter,
     /// Conversation states evicted from memory.
     pub conv_cache_evicted: Counter,
     /// Idempotency keys deleted after `chat.dedup_ttl_secs`.

@@ -626,6 +626,9 @@ mod tests {
             dedup_ttl_secs = 34
             large_group_members = 35
             announce_window_ms = 36
+            reaction_window_ms = 37
+            room_reaction_interval_ms = 38
+            occupancy_window_ms = 39
             [websocket]
             enabled = false
             listen = "127.0.0.1:18083"
@@ -763,6 +766,9 @@ mod tests {
                 dedup_ttl_secs: 34,
                 large_group_members: 35,
                 announce_window_ms: 36,
+                reaction_window_ms: 37,
+                room_reaction_interval_ms: 38,
+                occupancy_window_ms: 39,
             },
             websocket: Websocket {
                 enabled: false,

@@ -634,6 +634,16 @@ pub struct Chat {
     /// The window, in milliseconds, over which a large group's receipts and
     /// membership changes are gathered into one event.
     pub announce_window_ms: u64,
+    // reactions and occupancy (issue #13)
+    /// Reaction summaries of a conversation's messages go out at most once
+    /// per this many milliseconds (one `reactions` event per window).
+    pub reaction_window_ms: u64,
+    /// Room reactions forwarded per user and conversation: at most one per
+    /// this many milliseconds; the others are dropped and counted.
+    pub room_reaction_interval_ms: u64,
+    /// Occupancy updates on `occupancy/{conv}`: at most one per this many
+    /// milliseconds per conversation.
+    pub occupancy_window_ms: u64,
 }
 
 impl Default for Chat {
@@ -649,6 +659,9 @@ impl Default for Chat {
             dedup_ttl_secs: 7 * 24 * 3600,
             large_group_members: 100,
             announce_window_ms: 1000,
+            reaction_window_ms: 250,
+            room_reaction_interval_ms: 200,
+            occupancy_window_ms: 1000,
         }
     }
 }
@@ -815,6 +828,10 @@ pub(crate) const KEYS: &[Key] = &[
             // large groups
             key("large_group_members", integer(0, USIZE_MAX)),
             key("announce_window_ms", integer(1, 3_600_000)),
+            // reactions and occupancy
+            key("reaction_window_ms", integer(1, 3_600_000)),
+            key("room_reaction_interval_ms", integer(0, i64::MAX)),
+            key("occupancy_window_ms", integer(1, 3_600_000)),
         ]),
     ),
     key(

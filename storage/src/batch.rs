@@ -249,6 +249,9 @@ mod tests {
         b.delete_session("c");
         b.put_message("room", 7, b"{}");
         b.delete_messages("room", 1, 7);
+        b.put_reaction("room", 7, "ok", "al");
+        b.delete_reaction("room", 7, "ok", "al");
+        b.delete_reactions("room", 7);
         b.put_conversation("room", &ConversationRecord::default());
         b.put_member("room", "al", Role::Owner);
         b.put_member("room", "bo", Role::Member);
@@ -289,6 +292,32 @@ mod tests {
                 "msg",
                 cat(&[room, &1u64.to_be_bytes()]),
                 cat(&[room, &seven]),
+            ),
+            // A trimmed span's reactions go with it (issue #13).
+            (
+                "range",
+                "reaction",
+                cat(&[room, &1u64.to_be_bytes()]),
+                cat(&[room, &seven]),
+            ),
+            // (conv, seq, emoji, user): the emoji length-prefixed.
+            (
+                "put",
+                "reaction",
+                cat(&[room, &seven, b"\x00\x02ok", b"al"]),
+                vec![],
+            ),
+            (
+                "delete",
+                "reaction",
+                cat(&[room, &seven, b"\x00\x02ok", b"al"]),
+                vec![],
+            ),
+            (
+                "range",
+                "reaction",
+                cat(&[room, &seven]),
+                cat(&[room, &8u64.to_be_bytes()]),
             ),
             (
                 "put",

@@ -7,9 +7,9 @@ use rocksdb::{Direction, IteratorMode};
 use crate::batch::{Batch, Op};
 use crate::record::ConversationRecord;
 use crate::schema::{
-    client_prefix, dedup_key, dedup_value, is_owner, msg_key, pair, prefix_end, role_byte,
-    seq_after, seq_bytes, seq_value, split_dedup_value, split_pair, CF_CONV, CF_CURSOR, CF_DEDUP,
-    CF_MEMBER, CF_MSG, CF_READ, CF_USER_CONV,
+    client_prefix, dedup_key, dedup_value, is_owner, msg_key, pair, prefix_end, reaction_key,
+    role_byte, seq_after, seq_bytes, seq_value, split_dedup_value, split_pair, split_reaction,
+    CF_CONV, CF_CURSOR, CF_DEDUP, CF_MEMBER, CF_MSG, CF_REACTION, CF_READ, CF_USER_CONV,
 };
 use crate::store::Store;
 use crate::StorageError;
@@ -31,12 +31,44 @@ impl Batch {
         });
     }
 
-    /// Drops messages of `conv` with seq in `from..to` (retention).
+    /// Drops messages of `conv` with seq in `from..to` (retention), and
+    /// their reactions.
     pub fn delete_messages(&mut self, conv: &str, from: u64, to: u64) {
         self.ops.push(Op::DeleteRange {
             cf: CF_MSG,
             from: msg_key(conv, from),
             to: msg_key(conv, to),
+        });
+        self.ops.push(Op::DeleteRange {
+            cf: CF_REACTION,
+            from: msg_key(conv, from),
+            to: msg_key(conv, to),
+        });
+    }
+
+    /// `user` reacted to message `seq` of `conv` with `emoji`.
+    pub fn put_reaction(&mut self, conv: &str, seq: u64, emoji: &str, user: &str) {
+        self.ops.push(Op::Put {
+            cf: CF_REACTION,
+            key: reaction_key(conv, seq, emoji, user),
+            value: Vec::new(),
+        });
+    }
+
+    /// `user` took back its `emoji` on message `seq` of `conv`.
+    pub fn delete_reaction(&mut self, conv: &str, seq: u64, emoji: &str, user: &str) {
+        self.ops.push(Op::Delete {
+            cf: CF_REACTION,
+            key: reaction_key(conv, seq, emoji, user),
+        });
+    }
+
+    /// Drops every reaction to message `seq` of `conv` (it was deleted).
+    pub fn delete_reactions(&mut self, conv: &str, seq: u64) {
+        self.ops.push(Op::DeleteRange {
+            cf: CF_REACTION,
+            from: msg_key(conv, seq),
+            to: msg_key(conv, seq.saturating_add(1)),
         });
     }
 
@@ -248,6 +280,49 @@ impl Store {
         Ok(out)
     }
 
+    /// Every (emoji, user) reaction to message `seq` of `conv`, by emoji
+    /// then user. A scan: blocking.
+    pub fn reactions(&self, conv: &str, seq: u64) -> Result<Vec<(String, String)>, StorageError> {
+        let prefix = msg_key(conv, seq);
+        let mut out = Vec::new();
+        self.scan_prefix(CF_REACTION, &prefix, |k, _| {
+            if let Some(r) = k.get(prefix.len()..).and_then(split_reaction) {
+                out.push(r);
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// One message of the log. Blocking.
+    pub fn message(&self, conv: &str, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .db()
+            .get_cf(self.cf_handle(CF_MSG)?, msg_key(conv, seq))?)
+    }
+
+    /// Makes overwritten messages of `conv` (deleted ones) leave the files
+    /// too, not only every read: writes every memtable out (so the
+    /// write-ahead log holding the old text becomes obsolete and is
+    /// removed) and compacts the key ranges of `seqs` in `msg` and
+    /// `reaction` down to the last level, where an overwritten version is
+    /// dropped. Blocking, and costly: batch the seqs.
+    pub fn scrub_messages(&self, conv: &str, seqs: &[u64]) -> Result<(), StorageError> {
+        self.flush_memtables()?;
+        let mut options = rocksdb::CompactOptions::default();
+        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for cf in [CF_MSG, CF_REACTION] {
+            let handle = self.cf_handle(cf)?;
+            for seq in seqs {
+                let from = msg_key(conv, *seq);
+                let to = msg_key(conv, seq.saturating_add(1));
+                self.db()
+                    .compact_range_cf_opt(handle, Some(&from), Some(&to), &options);
+            }
+        }
+        Ok(())
+    }
+
     pub fn read_seq(&self, user: &str, conv: &str) -> Result<u64, StorageError> {
         Ok(self
             .db()
@@ -329,6 +404,41 @@ mod tests {
     // read the disk on an async worker. From memory it answers a key the
     // bloom filter rules out, and never says "absent" for a key that is
     // there: it says `Uncached` and the caller reads the disk elsewhere.
+    // Issue #13 item 3: reactions are keys of their own column family,
+    // one per (message, emoji, user), read back by message; one message's
+    // are dropped by a delete, a trimmed span's with its messages, and
+    // nothing of a neighbouring message or conversation goes with them.
+    #[tokio::test]
+    async fn reactions_are_kept_per_message_and_dropped_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SyncMode::Always, Duration::from_millis(5)).unwrap();
+        let mut b = Batch::new();
+        for seq in 1..=4 {
+            b.put_reaction("room", seq, "👍", "bob");
+            b.put_reaction("room", seq, "👍", "alice");
+            b.put_reaction("room", seq, "🎉", "bob");
+        }
+        b.put_reaction("room2", 1, "👍", "bob");
+        b.put_reaction("room", 256, "👍", "bob");
+        store.write(b).await.unwrap();
+        let two = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            store.reactions("room", 1).unwrap(),
+            [two("🎉", "bob"), two("👍", "alice"), two("👍", "bob")]
+        );
+        let mut b = Batch::new();
+        b.delete_reaction("room", 2, "👍", "alice");
+        b.delete_reactions("room", 3);
+        b.delete_messages("room", 1, 2);
+        store.write(b).await.unwrap();
+        assert!(store.reactions("room", 1).unwrap().is_empty(), "trimmed");
+        assert_eq!(store.reactions("room", 2).unwrap().len(), 2);
+        assert!(store.reactions("room", 3).unwrap().is_empty(), "deleted");
+        assert_eq!(store.reactions("room", 4).unwrap().len(), 3);
+        assert_eq!(store.reactions("room", 256).unwrap().len(), 1);
+        assert_eq!(store.reactions("room2", 1).unwrap().len(), 1);
+    }
+
     #[tokio::test]
     async fn the_cached_idempotency_lookup_never_misses_a_stored_key() {
         let dir = tempfile::tempdir().unwrap();

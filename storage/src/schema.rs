@@ -58,9 +58,16 @@ pub(crate) const CF_PUSH: &str = "push";
 /// to it (see [`crate::SharedBody`]).
 pub(crate) const CF_BODY: &str = "body";
 
+/// (conv, seq, emoji, user) → nothing: one member's reaction to one
+/// message (issue #13 item 3). Keys start as `msg` keys do, so one range
+/// drops a trimmed span's reactions with its messages.
+pub(crate) const CF_REACTION: &str = "reaction";
+
 /// Every column family, opened together (RocksDB refuses to open a
-/// database without naming every column family it has).
-pub(crate) const ALL_CFS: [&str; 18] = [
+/// database without naming every column family it has). One added later
+/// (`reaction`) is created when an older database opens
+/// (`create_missing_column_families`).
+pub(crate) const ALL_CFS: [&str; 19] = [
     CF_META,
     CF_SESSION,
     CF_OUTBOX,
@@ -79,6 +86,7 @@ pub(crate) const ALL_CFS: [&str; 18] = [
     CF_MUTE,
     CF_PUSH,
     CF_BODY,
+    CF_REACTION,
 ];
 
 /// The column families read with point lookups (`get`); the others are
@@ -164,6 +172,19 @@ pub(crate) fn outbox_key(client_id: &str, n: u64) -> Vec<u8> {
 /// (conv, seq): one message of the log.
 pub(crate) fn msg_key(conv: &str, seq: u64) -> Vec<u8> {
     seq_key(conv, seq)
+}
+
+/// (conv, seq, emoji, user): one reaction; the emoji is length-prefixed.
+pub(crate) fn reaction_key(conv: &str, seq: u64, emoji: &str, user: &str) -> Vec<u8> {
+    let mut key = msg_key(conv, seq);
+    key.extend_from_slice(&client_prefix(emoji));
+    key.extend_from_slice(user.as_bytes());
+    key
+}
+
+/// The (emoji, user) of a [`reaction_key`] after its (conv, seq) part.
+pub(crate) fn split_reaction(rest: &[u8]) -> Option<(String, String)> {
+    split_pair(rest)
 }
 
 /// The n (or seq) of an `offline` or `msg` key that starts with `prefix`

@@ -167,6 +167,7 @@ impl Chat {
             self.members_write().remove(conv, user);
             self.announce(&before, event);
         }
+        self.occupancy_changed(conv);
         Ok(())
     }
 
@@ -204,5 +205,6 @@ impl Chat {
             }
         }
         drop(self.store.submit_now(batch));
+        self.occupancy_changed(conv);
     }
 }

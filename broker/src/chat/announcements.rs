@@ -30,13 +30,17 @@ use crate::deadlines::{wait_for, Deadlines};
 /// window, oldest first.
 pub const MAX_DIGEST_ENTRIES: usize = 512;
 
-/// The latest value per user, in the order users first came.
-struct Latest<V> {
-    values: HashMap<Arc<str>, V>,
-    order: VecDeque<Arc<str>>,
+/// The most messages one `reactions` event carries (each summary is at
+/// most `reactions::MAX_DISTINCT` entries); the rest go a window later.
+pub const MAX_DIGEST_MESSAGES: usize = 64;
+
+/// The latest value per user (or per message), in the order they first came.
+struct Latest<V, K = Arc<str>> {
+    values: HashMap<K, V>,
+    order: VecDeque<K>,
 }
 
-impl<V> Default for Latest<V> {
+impl<V, K> Default for Latest<V, K> {
     fn default() -> Self {
         Latest {
             values: HashMap::new(),
@@ -45,9 +49,9 @@ impl<V> Default for Latest<V> {
     }
 }
 
-impl<V> Latest<V> {
+impl<V, K: std::hash::Hash + Eq + Clone> Latest<V, K> {
     /// Records `value` for `user`; one already waiting is `merge`d with it.
-    fn set(&mut self, user: &Arc<str>, value: V, merge: impl FnOnce(&mut V, V)) {
+    fn set(&mut self, user: &K, value: V, merge: impl FnOnce(&mut V, V)) {
         match self.values.get_mut(user) {
             Some(old) => merge(old, value),
             None => {
@@ -58,7 +62,7 @@ impl<V> Latest<V> {
     }
 
     /// Takes out the first `max` users that came and their values.
-    fn take(&mut self, max: usize) -> Vec<(Arc<str>, V)> {
+    fn take(&mut self, max: usize) -> Vec<(K, V)> {
         let mut out = Vec::new();
         while out.len() < max {
             let Some(user) = self.order.pop_front() else {
@@ -91,6 +95,13 @@ impl Pending {
     }
 }
 
+/// A window per conversation: what waits and when it is due.
+#[derive(Default)]
+struct Window<P> {
+    pending: Mutex<HashMap<Arc<str>, P>>,
+    deadlines: Mutex<Deadlines>,
+}
+
 /// What [`Chat`] holds for announcements: the `[chat]` settings, what
 /// waits per conversation and when each is due.
 pub(super) struct Announcements {
@@ -99,6 +110,14 @@ pub(super) struct Announcements {
     pub(super) window_ms: u64,
     pending: Mutex<HashMap<Arc<str>, Pending>>,
     deadlines: Mutex<Deadlines>,
+    /// `chat.reaction_window_ms`: changed messages' reaction summaries,
+    /// the latest per message.
+    pub(super) reaction_window_ms: u64,
+    reactions: Window<Latest<Value, u64>>,
+    /// `chat.occupancy_window_ms`: watched conversations whose occupancy
+    /// changed.
+    pub(super) occupancy_window_ms: u64,
+    occupancy: Window<()>,
     /// Woken when a deadline earlier than every other is set.
     wake: Notify,
 }
@@ -110,6 +129,10 @@ impl Default for Announcements {
             window_ms: 1000,
             pending: Mutex::new(HashMap::new()),
             deadlines: Mutex::new(Deadlines::default()),
+            reaction_window_ms: 250,
+            reactions: Window::default(),
+            occupancy_window_ms: 1000,
+            occupancy: Window::default(),
             wake: Notify::new(),
         }
     }
@@ -162,6 +185,68 @@ impl Chat {
         if lock(&self.announcements.deadlines).due_by(&conv, at) {
             self.announcements.wake.notify_one();
         }
+    }
+
+    /// Message `seq` of `conv` has new reaction counts `summary`: in the
+    /// conversation's next `reactions` event.
+    pub(super) fn gather_reactions(&self, conv: &str, seq: u64, summary: Value) {
+        let conv: Arc<str> = conv.into();
+        lock(&self.announcements.reactions.pending)
+            .entry(conv.clone())
+            .or_default()
+            .set(&seq, summary, |old, new| *old = new);
+        let at = now_ms().saturating_add(self.announcements.reaction_window_ms);
+        if lock(&self.announcements.reactions.deadlines).due_by(&conv, at) {
+            self.announcements.wake.notify_one();
+        }
+    }
+
+    /// `conv`'s occupancy is due an update within the window.
+    pub(super) fn occupancy_due(&self, conv: &str) {
+        let at = now_ms().saturating_add(self.announcements.occupancy_window_ms);
+        if lock(&self.announcements.occupancy.deadlines).due_by(conv, at) {
+            self.announcements.wake.notify_one();
+        }
+    }
+
+    /// Sends `conv`'s changed reaction summaries to its members,
+    /// `{"type":"reactions","conv","messages":[{"seq","reactions":{...}}]}`,
+    /// at most [`MAX_DIGEST_MESSAGES`]; the rest a window later.
+    fn flush_reactions(&self, conv: &Arc<str>) {
+        let taken = {
+            let mut pending = lock(&self.announcements.reactions.pending);
+            let Some(p) = pending.get_mut(conv) else {
+                return;
+            };
+            let taken = p.take(MAX_DIGEST_MESSAGES);
+            if p.is_empty() {
+                pending.remove(conv);
+            } else {
+                let at = now_ms().saturating_add(self.announcements.reaction_window_ms);
+                lock(&self.announcements.reactions.deadlines).due_by(conv, at);
+            }
+            taken
+        };
+        if taken.is_empty() {
+            return;
+        }
+        // The counts as they are now: the summaries gathered may have come
+        // out of order (each after its own commit). What the cache no
+        // longer holds goes as gathered.
+        let messages: Vec<Value> = taken
+            .into_iter()
+            .map(|(seq, gathered)| {
+                let summary = self.cached_summary(conv, seq).unwrap_or(gathered);
+                json!({"seq": seq, "reactions": summary})
+            })
+            .collect();
+        self.announce(
+            &self.members(conv),
+            json!({"type": "reactions", "conv": &**conv, "messages": messages}),
+        );
+        self.metrics
+            .reaction_digests
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Sends what `conv` gathered, at most [`MAX_DIGEST_ENTRIES`] of each
@@ -217,13 +302,31 @@ impl Chat {
 /// Sends each conversation's digest when its window ends, until the broker
 /// stops.
 pub async fn run(chat: Arc<Chat>, mut shutdown: watch::Receiver<bool>) {
+    let a = &chat.announcements;
     loop {
-        let due = lock(&chat.announcements.deadlines).take_due(now_ms());
+        let due = lock(&a.deadlines).take_due(now_ms());
         for conv in due {
             chat.flush_announcements(&conv);
             tokio::task::yield_now().await;
         }
-        let next = lock(&chat.announcements.deadlines).next();
+        let due = lock(&a.reactions.deadlines).take_due(now_ms());
+        for conv in due {
+            chat.flush_reactions(&conv);
+            tokio::task::yield_now().await;
+        }
+        let due = lock(&a.occupancy.deadlines).take_due(now_ms());
+        for conv in due {
+            chat.flush_occupancy(&conv);
+            tokio::task::yield_now().await;
+        }
+        let next = [
+            lock(&a.deadlines).next(),
+            lock(&a.reactions.deadlines).next(),
+            lock(&a.occupancy.deadlines).next(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         if !wait_for(next, &chat.announcements.wake, &mut shutdown).await {
             return;
         }
@@ -242,7 +345,7 @@ mod tests {
 
     #[test]
     fn one_entry_per_user_merged_and_taken_first_come_first() {
-        let mut l = Latest::default();
+        let mut l: Latest<u64> = Latest::default();
         let max = |old: &mut u64, new: u64| *old = (*old).max(new);
         for (u, seq) in [
             ("bob", 3),

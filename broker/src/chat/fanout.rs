@@ -146,7 +146,7 @@ impl Chat {
     }
 
     /// The connected sessions of `users`.
-    fn audience(&self, users: &[Arc<str>]) -> Vec<Arc<SessionCell>> {
+    pub(super) fn audience(&self, users: &[Arc<str>]) -> Vec<Arc<SessionCell>> {
         let online = lock(&self.online);
         users
             .iter()

@@ -11,6 +11,7 @@ use chatmq_storage::Batch;
 use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Filter, PubAckReason, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 
+use super::edits::is_event_type;
 use super::namespace::{classify, filter_scope, valid_conv, valid_user, FilterScope, Topic};
 use super::{rpc, Chat, Envelope, Heads, Typing};
 use crate::broker::SessionCell;
@@ -26,6 +27,9 @@ pub enum Job<'a> {
         envelope: Envelope,
     },
     Typing {
+        conv: &'a str,
+    },
+    RoomReaction {
         conv: &'a str,
     },
     Rpc {
@@ -67,9 +71,11 @@ impl Hooks for Arc<Chat> {
             return Authorization::Refused;
         }
         let ok = match ns {
-            Topic::Chat(rest) | Topic::Typing(rest) => {
+            Topic::Chat(rest) | Topic::Typing(rest) | Topic::Reactions(rest) => {
                 rest == "+" || rest == "#" || (valid_conv(rest) && self.is_member(rest, user))
             }
+            // One conversation at a time: only those are watched.
+            Topic::Occupancy(rest) => valid_conv(rest) && self.is_member(rest, user),
             Topic::Presence(rest) => {
                 rest == "+"
                     || rest == "#"
@@ -108,10 +114,19 @@ impl Hooks for Arc<Chat> {
         session: &mut Session,
         batch: &mut Batch,
     ) -> bool {
-        let reaches = filter_scope(filter) != FilterScope::Plain;
+        let scope = filter_scope(filter);
+        let reaches = scope != FilterScope::Plain;
         if let (Some(ids), true) = (retained, reaches) {
             // presence/{u} is retained: a new subscriber learns it.
             for m in self.presence_for(user, filter) {
+                session.enqueue(m, QoS::AtMostOnce, true, ids.to_vec(), batch);
+            }
+        }
+        if let FilterScope::Reserved(Topic::Occupancy(conv), _) = scope {
+            // Like a retained message: the count now, then updates.
+            self.watch_occupancy(conv);
+            if let Some(ids) = retained {
+                let m = self.occupancy_message(conv, true);
                 session.enqueue(m, QoS::AtMostOnce, true, ids.to_vec(), batch);
             }
         }
@@ -152,6 +167,10 @@ impl Hooks for Arc<Chat> {
                     return refuse(PubAckReason::NotAuthorized, "not_member");
                 }
                 match Envelope::parse(&p.payload) {
+                    // Change records (`message.edit`, ...) are the server's.
+                    Ok(envelope) if is_event_type(&envelope.kind) => {
+                        refuse(PubAckReason::PayloadFormatInvalid, "bad_envelope")
+                    }
                     Ok(envelope) => Checked::Run {
                         job: Job::Message { conv, envelope },
                         once: true,
@@ -165,6 +184,18 @@ impl Hooks for Arc<Chat> {
                 }
                 Checked::Run {
                     job: Job::Typing { conv },
+                    once: false,
+                }
+            }
+            Topic::Reactions(conv) => {
+                if !valid_conv(conv) || !self.is_member(conv, user) {
+                    return refuse(PubAckReason::NotAuthorized, "not_member");
+                }
+                if p.payload.len() > self.typing_max_bytes {
+                    return refuse(PubAckReason::QuotaExceeded, "too_large");
+                }
+                Checked::Run {
+                    job: Job::RoomReaction { conv },
                     once: false,
                 }
             }
@@ -188,7 +219,7 @@ impl Hooks for Arc<Chat> {
                     },
                 }
             }
-            Topic::Presence(_) | Topic::Events(_) | Topic::Plain => {
+            Topic::Presence(_) | Topic::Events(_) | Topic::Occupancy(_) | Topic::Plain => {
                 refuse(PubAckReason::NotAuthorized, "server_only")
             }
         }
@@ -221,6 +252,16 @@ impl Hooks for Arc<Chat> {
                 // it is QoS 0 chatter, the next one will tell the same.
                 Typing::Forwarded | Typing::Throttled => Outcome::AckNow,
             },
+            Job::RoomReaction { conv } => {
+                match self.room_reaction(conv, user, from.client_id, &p.payload) {
+                    Err(code) => Outcome::Refuse(PublishRefusal {
+                        reason: PubAckReason::PayloadFormatInvalid,
+                        notify: Some(code),
+                    }),
+                    // A throttled one is acknowledged and dropped, as typing.
+                    Ok(_) => Outcome::AckNow,
+                }
+            }
             Job::Rpc { method, route } => {
                 let reply = rpc::call(self, user, method, &p.payload).await;
                 match route {

@@ -25,7 +25,9 @@
 //! `replay_pages.rs` shares between sessions), `presence.rs` tracks who is online,
 //! `admin.rs` changes membership, `announcements.rs` coalesces large
 //! groups' receipts and membership changes, `queries.rs` answers history, lists and
-//! read receipts, [`typing`] forwards typing indicators, and `hooks.rs` is
+//! read receipts, [`typing`] forwards typing indicators, [`edits`] edits
+//! and deletes messages, [`reactions`] keeps reactions and their
+//! summaries, `occupancy.rs` counts members and who is connected, and `hooks.rs` is
 //! what the MQTT channel asks (through [`crate::hooks::Hooks`]). This file
 //! holds the shared state and its construction.
 
@@ -33,12 +35,15 @@ mod admin;
 pub mod announcements;
 mod catchup;
 pub mod dedup;
+pub mod edits;
 mod fanout;
 mod hooks;
 pub mod membership;
 pub mod namespace;
+mod occupancy;
 pub mod presence;
 mod queries;
+pub mod reactions;
 mod replay_pages;
 pub mod retention;
 pub mod rpc;
@@ -108,7 +113,20 @@ pub struct Chat {
     /// Log pages read by catch-ups, shared by the sessions replaying the
     /// same conversation (`chat/replay_pages.rs`).
     replay: replay_pages::ReplayPages,
+    /// Scrubs deleted messages out of the files (`chat/edits.rs`).
+    scrubber: edits::Scrubber,
+    /// Who reacted to what, for the messages reacted to lately
+    /// (`chat/reactions.rs`).
+    reaction_cache: Mutex<reactions::ReactionCache>,
+    /// Room reactions forwarded per user and conversation.
+    room_reactions: TypingThrottle,
+    /// Conversations someone subscribed to `occupancy/{conv}` of
+    /// (`chat/occupancy.rs`).
+    occupancy_watched: Mutex<std::collections::HashSet<Arc<str>>>,
 }
+
+/// Who a change by the HTTP admin token is recorded as (`by`).
+pub const SYSTEM_EDITOR: &str = "system";
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -150,6 +168,10 @@ impl Chat {
             announcements: announcements::Announcements::default(),
             presence_windows: presence::PresenceWindows::default(),
             replay: replay_pages::ReplayPages::default(),
+            scrubber: edits::Scrubber::default(),
+            reaction_cache: Mutex::default(),
+            room_reactions: TypingThrottle::new(0),
+            occupancy_watched: Mutex::default(),
         })
     }
 
@@ -159,6 +181,9 @@ impl Chat {
     pub fn limit(&mut self, settings: &chatmq_config::Chat) {
         self.announcements.large_group = settings.large_group_members;
         self.announcements.window_ms = settings.announce_window_ms;
+        self.announcements.reaction_window_ms = settings.reaction_window_ms;
+        self.announcements.occupancy_window_ms = settings.occupancy_window_ms;
+        self.room_reactions = TypingThrottle::new(settings.room_reaction_interval_ms);
         self.typing = TypingThrottle::new(settings.typing_interval_ms);
         self.typing_max_bytes = settings.typing_max_bytes;
         let cache = self.conv_cache.get_mut().unwrap_or_else(|e| e.into_inner());

@@ -12,11 +12,23 @@ pub enum Topic<'a> {
     Presence(&'a str),
     Events(&'a str),
     Rpc(&'a str),
+    /// `reactions/{conv}`: room reactions, live only.
+    Reactions(&'a str),
+    /// `occupancy/{conv}`: member and connection counts, server only.
+    Occupancy(&'a str),
     Plain,
 }
 
 /// The top-level names reserved for the chat layer.
-pub const RESERVED: [&str; 5] = ["chat", "typing", "presence", "users", "rpc"];
+pub const RESERVED: [&str; 7] = [
+    "chat",
+    "typing",
+    "presence",
+    "users",
+    "rpc",
+    "reactions",
+    "occupancy",
+];
 
 pub fn classify(t: &str) -> Topic<'_> {
     let (head, rest) = t.split_once('/').unwrap_or((t, ""));
@@ -29,6 +41,8 @@ pub fn classify(t: &str) -> Topic<'_> {
             _ => Topic::Events(""),
         },
         "rpc" => Topic::Rpc(rest),
+        "reactions" => Topic::Reactions(rest),
+        "occupancy" => Topic::Occupancy(rest),
         _ => Topic::Plain,
     }
 }

@@ -66,6 +66,7 @@ impl Chat {
         }
         if first {
             self.set_presence(user, true);
+            self.occupancy_of_user_changed(user);
         }
     }
 
@@ -86,6 +87,7 @@ impl Chat {
         };
         if last {
             self.set_presence(user, false);
+            self.occupancy_of_user_changed(user);
         }
     }
 

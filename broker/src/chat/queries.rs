@@ -10,12 +10,15 @@ use crate::blocking;
 impl Chat {
     /// History of `conv` in seq order: after `after` (ascending from there)
     /// or before `before` (the latest ones before it), at most `limit`.
+    /// Each message is its latest version (edited, or deleted: `body`
+    /// null) and carries its reactions' summary, `mine` for `viewer`.
     pub async fn history(
         &self,
         conv: &str,
         after: Option<u64>,
         before: Option<u64>,
         limit: usize,
+        viewer: Option<&str>,
     ) -> Result<Value, RpcError> {
         let (head, first) = self.bounds(conv).await?;
         let limit = limit.clamp(1, self.history_cap);
@@ -36,10 +39,20 @@ impl Chat {
         })
         .await
         .map_err(|_| RpcError::new("internal", "history read failed"))??;
-        let messages: Vec<Value> = page
+        let mut messages: Vec<(u64, Value)> = page
             .into_iter()
-            .filter_map(|(_, body)| serde_json::from_slice(&body).ok())
+            .filter_map(|(seq, body)| Some((seq, serde_json::from_slice(&body).ok()?)))
             .collect();
+        let seqs: Vec<u64> = messages.iter().map(|(s, _)| *s).collect();
+        let mut summaries = self.summaries(conv, &seqs, viewer).await?;
+        for (seq, m) in &mut messages {
+            if let (Some(r), Some(obj)) = (summaries.remove(seq), m.as_object_mut()) {
+                if r.as_object().is_some_and(|o| !o.is_empty()) {
+                    obj.insert("reactions".into(), r);
+                }
+            }
+        }
+        let messages: Vec<Value> = messages.into_iter().map(|(_, m)| m).collect();
         Ok(json!({"messages": messages, "head": head, "first": first, "epoch": self.epoch()}))
     }
 

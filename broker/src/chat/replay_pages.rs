@@ -205,6 +205,18 @@ impl ReplayPages {
         }
     }
 
+    /// Messages `seqs` of `conv` were rewritten (edited, deleted; the
+    /// write is committed): the pages holding them go, so the next
+    /// catch-up reads their latest version. A session reading one now
+    /// keeps its copy (the change record follows it in seq order).
+    pub fn rewritten(&self, conv: &str, seqs: &[u64]) {
+        let mut index = self.index();
+        let conv: Arc<str> = conv.into();
+        for seq in seqs {
+            index.remove(&conv, page_start(*seq));
+        }
+    }
+
     /// The slot of page `start` of `conv`, made the most recently used.
     fn slot(&self, conv: &Arc<str>, start: u64) -> Arc<Slot> {
         let mut index = self.index();

@@ -384,9 +384,12 @@ mod tests {
             "idempotent"
         );
         assert_eq!(chat.bounds("room").await.unwrap(), (12, 8));
-        let h = chat.history("room", Some(0), None, 100).await.unwrap();
+        let h = chat
+            .history("room", Some(0), None, 100, None)
+            .await
+            .unwrap();
         assert_eq!(seqs(&h), [8, 9, 10, 11, 12], "the log itself is trimmed");
-        let h = chat.history("room", None, None, 100).await.unwrap();
+        let h = chat.history("room", None, None, 100, None).await.unwrap();
         assert_eq!(seqs(&h), [8, 9, 10, 11, 12]);
         assert_eq!(h["first"], 8);
         // The record on disk says so too (a restart keeps the trim).
@@ -429,7 +432,7 @@ mod tests {
         let later = now_ms() + 120_000;
         assert_eq!(chat.trim("room", &policy, later).await.unwrap(), 3);
         assert_eq!(chat.bounds("room").await.unwrap(), (3, 4));
-        let h = chat.history("room", None, None, 100).await.unwrap();
+        let h = chat.history("room", None, None, 100, None).await.unwrap();
         assert!(seqs(&h).is_empty());
         assert_eq!(h["head"], 3);
         assert_eq!(

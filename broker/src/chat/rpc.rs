@@ -17,6 +17,7 @@ use chatmq_protocol::rpc_request::{
 use chatmq_storage::Device;
 use serde_json::{json, Value};
 
+use super::edits::Editor;
 use super::namespace::{self, classify, Topic};
 use super::{Chat, RpcError};
 use crate::access::Acl;
@@ -129,6 +130,11 @@ fn member_conv<'a>(chat: &Chat, user: &str, req: &'a Value) -> Result<&'a str, R
     Ok(conv)
 }
 
+/// The message `seq` a change names.
+fn required_seq(req: &Value) -> Result<u64, RpcError> {
+    seq_param(req, "seq")?.ok_or_else(|| RpcError::bad("`seq` is required"))
+}
+
 fn platform(name: &str) -> Result<Platform, RpcError> {
     Platform::parse(name).ok_or_else(|| RpcError::bad("`platform` must be apns, fcm or webhook"))
 }
@@ -191,8 +197,38 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
                 seq_param(req, "after")?,
                 seq_param(req, "before")?,
                 limit,
+                Some(user),
             )
             .await
+        }
+        "message.edit" => {
+            let conv = member_conv(chat, user, req)?;
+            let seq = required_seq(req)?;
+            let body = req
+                .get("body")
+                .ok_or_else(|| RpcError::bad("`body` is required"))?;
+            let changed = chat
+                .edit_message(conv, seq, Editor::User(user), body)
+                .await?;
+            Ok(changed.json(conv))
+        }
+        "message.delete" => {
+            let conv = member_conv(chat, user, req)?;
+            let seq = required_seq(req)?;
+            let changed = chat.delete_message(conv, seq, Editor::User(user)).await?;
+            Ok(changed.json(conv))
+        }
+        "reaction.add" | "reaction.remove" => {
+            let conv = member_conv(chat, user, req)?;
+            let seq = required_seq(req)?;
+            let emoji = str_param(req, "emoji")?;
+            let add = method == "reaction.add";
+            let reactions = chat.react(conv, seq, user, emoji, add).await?;
+            Ok(json!({"conv": conv, "seq": seq, "reactions": reactions}))
+        }
+        "occupancy" => {
+            let conv = member_conv(chat, user, req)?;
+            Ok(chat.occupancy(conv))
         }
         "conversations" => chat.list(user).await,
         "conversation.create" => {

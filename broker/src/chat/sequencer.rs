@@ -56,7 +56,7 @@ impl Deref for ConvSlot {
 /// A conversation's state under its lock. It holds the slot too: a slot
 /// someone holds is never evicted, so no second state of the same
 /// conversation can be loaded while this one is in use.
-struct Locked {
+pub(super) struct Locked {
     guard: tokio::sync::OwnedMutexGuard<ConvState>,
     _slot: Arc<ConvSlot>,
 }
@@ -182,7 +182,7 @@ impl Chat {
 
     /// The conversation's state under its lock, reloaded from disk first
     /// if one of its commits failed.
-    async fn locked(&self, conv: &str) -> Result<Locked, StorageError> {
+    pub(super) async fn locked(&self, conv: &str) -> Result<Locked, StorageError> {
         let slot = self.conv_state(conv).await?;
         let mut st = Locked {
             guard: slot.state.clone().lock_owned().await,
@@ -275,6 +275,62 @@ impl Chat {
             format!("chat/{conv}"),
             Bytes::from(body),
             qos,
+            false,
+        ));
+        let (done, acked) = Commit::deferred();
+        let item = Dispatch::Message {
+            conv: conv.into(),
+            seq,
+            msg,
+            commit,
+            done,
+            failed: st.failed.clone(),
+        };
+        if self.shard(conv).send(item).await.is_err() {
+            return Err(StorageError::WriterGone);
+        }
+        Ok((acked, seq))
+    }
+
+    /// Resolves once everything appended to `conv` before is durable and
+    /// out (what a read of the log then finds includes it).
+    pub(super) async fn settled(&self, conv: &str) -> Result<(), StorageError> {
+        let (done, settled) = Commit::deferred();
+        if self
+            .shard(conv)
+            .send(Dispatch::Barrier(done))
+            .await
+            .is_err()
+        {
+            return Err(StorageError::WriterGone);
+        }
+        settled.await
+    }
+
+    /// Appends a record the server makes (an edit or delete event) under
+    /// the conversation's lock `st`: the next seq, `make(seq, ts, batch)`
+    /// gives its envelope and adds the writes that go with it, and it is
+    /// fanned out once durable, in seq order with the members' messages.
+    pub(super) async fn append_event(
+        &self,
+        conv: &str,
+        st: &mut Locked,
+        make: impl FnOnce(u64, u64, &mut Batch) -> Vec<u8>,
+    ) -> Result<(Commit, u64), StorageError> {
+        let seq = st.record.head + 1;
+        st.record.head = seq;
+        let ts = now_ms();
+        let mut batch = Batch::new();
+        let body = make(seq, ts, &mut batch);
+        batch.put_message(conv, seq, &body);
+        batch.put_conversation(conv, &st.record);
+        let commit = self.store.submit(batch).await;
+        self.metrics.chat_appended.fetch_add(1, Ordering::Relaxed);
+        self.retention_due(conv, &st.record, ts);
+        let msg = Arc::new(Message::from_server(
+            format!("chat/{conv}"),
+            Bytes::from(body),
+            QoS::AtLeastOnce,
             false,
         ));
         let (done, acked) = Commit::deferred();

@@ -199,3 +199,25 @@ pub async fn read(
     let seq = chat.mark_read(user, &conv, req.seq).await?;
     Ok(Json(json!({"conv": conv, "seq": seq})))
 }
+
+/// `GET /v1/conversations/{id}/occupancy`: `{"conv","members","connected"}`
+/// (the RPC `occupancy`), for members and the admin token.
+pub async fn occupancy(
+    caller: Caller,
+    State(api): State<Arc<Api>>,
+    Path(conv): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_conv(&conv)?;
+    let chat = &api.broker.chat;
+    if !chat.exists(&conv) {
+        return Err(RpcError::new("not_found", "no such conversation").into());
+    }
+    if let Caller::User(u) = &caller {
+        if !chat.is_member(&conv, u) {
+            return Err(
+                RpcError::new("not_member", "you are not a member of this conversation").into(),
+            );
+        }
+    }
+    Ok(Json(chat.occupancy(&conv)))
+}

@@ -2,7 +2,9 @@
 //! send. A send goes through [`Chat::append`](crate::chat::Chat::append),
 //! the pipeline an MQTT publish takes (idempotency by `(conv, sender, id)`,
 //! the next seq, fan-out to members in seq order), and is answered once
-//! the message is durable.
+//! the message is durable. Edits, deletes and reactions of one message
+//! (`.../messages/{seq}`) are the RPCs `message.edit`, `message.delete`,
+//! `reaction.add` and `reaction.remove` (`chat/edits.rs`, `chat/reactions.rs`).
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use serde_json::{json, Value};
 
 use super::conversations::check_conv;
 use super::{Api, ApiError, Body, Caller};
+use crate::chat::edits::{is_event_type, Editor};
 use crate::chat::namespace::valid_user;
 use crate::chat::{BadEnvelope, Envelope};
 
@@ -63,7 +66,8 @@ pub async fn history(
     }
     let limit = usize::try_from(page.limit.unwrap_or(DEFAULT_LIMIT)).unwrap_or(usize::MAX);
     Ok(Json(
-        chat.history(&conv, page.after, page.before, limit).await?,
+        chat.history(&conv, page.after, page.before, limit, caller.user())
+            .await?,
     ))
 }
 
@@ -100,6 +104,13 @@ pub async fn send(
     };
     let envelope = Envelope::from_value(request)
         .map_err(|BadEnvelope(why)| ApiError::new(StatusCode::BAD_REQUEST, "bad_envelope", why))?;
+    if is_event_type(&envelope.kind) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_envelope",
+            "types starting with `message.` are the server's change records",
+        ));
+    }
     check_conv(&conv)?;
     let chat = &broker.chat;
     if !chat.exists(&conv) {
@@ -145,4 +156,117 @@ pub async fn send(
 
 fn not_member(message: &str) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "not_member", message)
+}
+
+/// A message of `conv` the caller may see: the conversation exists and a
+/// user's token is a member's.
+fn visible(chat: &crate::chat::Chat, caller: &Caller, conv: &str) -> Result<(), ApiError> {
+    check_conv(conv)?;
+    if !chat.exists(conv) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such conversation",
+        ));
+    }
+    if let Caller::User(u) = caller {
+        if !chat.is_member(conv, u) {
+            return Err(not_member("you are not a member of this conversation"));
+        }
+    }
+    Ok(())
+}
+
+fn editor(caller: &Caller) -> Editor<'_> {
+    match caller {
+        Caller::User(u) => Editor::User(u),
+        Caller::Admin => Editor::Admin,
+    }
+}
+
+/// `PATCH /v1/conversations/{conv}/messages/{seq}` `{"body": ...}`: the
+/// sender or the owner (or the admin token) edits the message (the RPC
+/// `message.edit`). `{"conv","seq","event_seq"}` once the change is durable
+/// and out; the body is bounded as a send is (`mqtt.max_payload`).
+pub async fn edit(
+    caller: Caller,
+    State(api): State<Arc<Api>>,
+    Path((conv, seq)): Path<(String, u64)>,
+    Body(body): Body,
+) -> Result<Json<Value>, ApiError> {
+    if body.len() > api.broker.settings.mqtt.max_payload {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "the edit is larger than mqtt.max_payload",
+        ));
+    }
+    let request: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("not JSON: {e}")))?;
+    let Some(new_body) = request.get("body") else {
+        return Err(ApiError::bad("`body` is required"));
+    };
+    let chat = &api.broker.chat;
+    visible(chat, &caller, &conv)?;
+    let changed = chat
+        .edit_message(&conv, seq, editor(&caller), new_body)
+        .await?;
+    Ok(Json(changed.json(&conv)))
+}
+
+/// `DELETE /v1/conversations/{conv}/messages/{seq}`: the sender or the
+/// owner (or the admin token) deletes the message (the RPC
+/// `message.delete`); answered once its text is gone from the files. A
+/// retry answers the same.
+pub async fn delete(
+    caller: Caller,
+    State(api): State<Arc<Api>>,
+    Path((conv, seq)): Path<(String, u64)>,
+) -> Result<Json<Value>, ApiError> {
+    let chat = &api.broker.chat;
+    visible(chat, &caller, &conv)?;
+    let changed = chat.delete_message(&conv, seq, editor(&caller)).await?;
+    Ok(Json(changed.json(&conv)))
+}
+
+/// `PUT /v1/conversations/{conv}/messages/{seq}/reactions/{emoji}`: the
+/// caller (a member) reacts (the RPC `reaction.add`);
+/// `{"conv","seq","reactions":{"👍":{"count","mine"}}}`.
+pub async fn react(
+    caller: Caller,
+    State(api): State<Arc<Api>>,
+    Path((conv, seq, emoji)): Path<(String, u64, String)>,
+) -> Result<Json<Value>, ApiError> {
+    reaction(caller, api, conv, seq, emoji, true).await
+}
+
+/// `DELETE /v1/conversations/{conv}/messages/{seq}/reactions/{emoji}`: the
+/// caller takes its reaction back (the RPC `reaction.remove`).
+pub async fn unreact(
+    caller: Caller,
+    State(api): State<Arc<Api>>,
+    Path((conv, seq, emoji)): Path<(String, u64, String)>,
+) -> Result<Json<Value>, ApiError> {
+    reaction(caller, api, conv, seq, emoji, false).await
+}
+
+async fn reaction(
+    caller: Caller,
+    api: Arc<Api>,
+    conv: String,
+    seq: u64,
+    emoji: String,
+    add: bool,
+) -> Result<Json<Value>, ApiError> {
+    let Caller::User(user) = &caller else {
+        return Err(ApiError::bad(
+            "the admin token has no reactions of its own: call with a user's token",
+        ));
+    };
+    let chat = &api.broker.chat;
+    visible(chat, &caller, &conv)?;
+    let reactions = chat.react(&conv, seq, user, &emoji, add).await?;
+    Ok(Json(
+        json!({"conv": conv, "seq": seq, "reactions": reactions}),
+    ))
 }

@@ -39,7 +39,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, patch, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -137,6 +137,18 @@ pub fn router(api: Arc<Api>) -> Router {
         .route(
             "/v1/conversations/{conv}/messages",
             get(messages::history).post(messages::send),
+        )
+        .route(
+            "/v1/conversations/{conv}/messages/{seq}",
+            patch(messages::edit).delete(messages::delete),
+        )
+        .route(
+            "/v1/conversations/{conv}/messages/{seq}/reactions/{emoji}",
+            put(messages::react).delete(messages::unreact),
+        )
+        .route(
+            "/v1/conversations/{conv}/occupancy",
+            get(conversations::occupancy),
         )
         .route("/v1/devices", get(devices::list).post(devices::register))
         .route(
@@ -280,7 +292,9 @@ impl From<RpcError> for ApiError {
             "bad_request" => StatusCode::BAD_REQUEST,
             "not_member" | "forbidden" => StatusCode::FORBIDDEN,
             "not_found" => StatusCode::NOT_FOUND,
-            "exists" => StatusCode::CONFLICT,
+            "exists" | "deleted" | "not_editable" | "too_many_edits" | "too_many_reactions" => {
+                StatusCode::CONFLICT
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.code, e.message)

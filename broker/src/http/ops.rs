@@ -258,6 +258,36 @@ fn render(api: &Api) -> String {
             &m.typing_too_large,
         ),
         (
+            "chatmq_reactions_total",
+            "Reactions added or removed.",
+            &m.reactions,
+        ),
+        (
+            "chatmq_reaction_digests_total",
+            "reactions summary events sent, one per conversation and window (chat.reaction_window_ms).",
+            &m.reaction_digests,
+        ),
+        (
+            "chatmq_room_reactions_throttled_total",
+            "Room reactions dropped by the per-user throttle (chat.room_reaction_interval_ms).",
+            &m.room_reactions_throttled,
+        ),
+        (
+            "chatmq_occupancy_updates_total",
+            "occupancy updates sent, one per conversation and window (chat.occupancy_window_ms).",
+            &m.occupancy_updates,
+        ),
+        (
+            "chatmq_messages_edited_total",
+            "Chat messages edited.",
+            &m.messages_edited,
+        ),
+        (
+            "chatmq_messages_deleted_total",
+            "Chat messages deleted (and scrubbed from the files).",
+            &m.messages_deleted,
+        ),
+        (
             "chatmq_conv_cache_evicted_total",
             "Conversation states evicted from memory.",
             &m.conv_cache_evicted,

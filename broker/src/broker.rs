@@ -567,6 +567,9 @@ pub struct Broker {
     // flow control
     /// Each user's publish rate, shared by its connections.
     pub user_rates: UserRates,
+    /// The MQTT bridges' metrics, one per `[[bridge.remotes]]` (set once
+    /// at start-up).
+    pub bridges: std::sync::OnceLock<Vec<Arc<chatmq_bridge::mqtt::Metrics>>>,
 }
 
 /// When a disconnected session expires (unix ms).
@@ -632,6 +635,7 @@ impl Broker {
             retained: RwLock::new(retained),
             next_id: AtomicU64::new(1),
             user_rates,
+            bridges: std::sync::OnceLock::new(),
         };
         broker.restore()?;
         Ok(Arc::new(broker))

@@ -85,9 +85,8 @@ impl Mosquitto {
         }
     }
 
-    /// SIGTERM (Mosquitto saves its persistence file), wait, start again
-    /// on the same port and data.
-    fn restart(&mut self, down_for: Duration) {
+    /// SIGTERM (Mosquitto saves its persistence file) and wait.
+    fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
                 .arg("-TERM")
@@ -95,6 +94,11 @@ impl Mosquitto {
                 .status();
             let _ = c.wait();
         }
+    }
+
+    /// Stops, waits `down_for`, starts again on the same port and data.
+    fn restart(&mut self, down_for: Duration) {
+        self.stop();
         std::thread::sleep(down_for);
         self.spawn();
     }
@@ -401,4 +405,39 @@ async fn a_device_on_mosquitto_posts_into_a_chat_conversation() {
         )
         .await;
     metric_becomes(&b, "chatmq_bridge_dropped_total{remote=\"site1\"}", 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_out_waiting_for_a_down_remote_survives_a_chatmq_kill() {
+    let Some(mut m) = Mosquitto::start() else {
+        return;
+    };
+    let mut b = Broker::start(&config(
+        m.addr,
+        "bridgebot",
+        &topic("cmd/#", "out", "hq/", "site1/"),
+    ));
+    bridge_up(&b).await;
+    let mut sink = remote_client(&m, "sink", true).await;
+    sink.subscribe("site1/cmd/#", QoS::AtLeastOnce).await;
+    sink.disconnect().await;
+    // The remote is down: what is published here waits in the bridge's
+    // session, acknowledged to the publishers (durable), not to the bridge.
+    m.stop();
+    metric_becomes(&b, "chatmq_bridge_connected{remote=\"site1\"}", 0.0).await;
+    let n = 200;
+    let mut local = v5_user(&b, "alice").await;
+    for i in 0..n {
+        let topic = format!("hq/cmd/{i}");
+        local
+            .publish_acked(&topic, QoS::AtLeastOnce, false, i.to_string().as_bytes())
+            .await;
+    }
+    // kill -9, start again, and only then is the remote back.
+    b.restart();
+    m.spawn();
+    bridge_up(&b).await;
+    let mut sink = remote_client(&m, "sink", true).await;
+    let got = v5_until(&mut sink, Duration::from_secs(30), |g| distinct(g) >= n).await;
+    assert_all_in_order(&got, n, "the Mosquitto subscriber");
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use chatmq_tests::chat::{self, create_group, json_of, v5_options, v5_until, v5_user};
 use chatmq_tests::metrics::{metric, metric_becomes, metric_reaches};
+use chatmq_tests::tls::TestPki;
 use chatmq_tests::v5::{self, QoS};
 use chatmq_tests::{Broker, PATIENCE};
 use serde_json::json;
@@ -26,22 +27,36 @@ const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 struct Mosquitto {
     child: Option<Child>,
     addr: SocketAddr,
+    /// The TLS listener, if started with one ([`Mosquitto::start_tls`]).
+    tls_port: Option<u16>,
     dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    l.local_addr().expect("its address").port()
 }
 
 impl Mosquitto {
     /// `None` (and a SKIPPED line) when the package is not installed.
     fn start() -> Option<Mosquitto> {
+        Self::start_with(false)
+    }
+
+    /// With a second listener, TLS, whose certificate a throwaway CA
+    /// signed (`ca.pem` in its directory).
+    fn start_tls() -> Option<Mosquitto> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Option<Mosquitto> {
         if !Path::new(MOSQUITTO).exists() {
             eprintln!("SKIPPED: {MOSQUITTO} is not installed (Debian: mosquitto); run scripts/setup.sh --test");
             return None;
         }
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
-            l.local_addr().expect("its address").port()
-        };
+        let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
-        let conf = format!(
+        let mut conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
              persistence_location {}/\nautosave_interval 1\nmax_queued_messages 10000\n\
              max_inflight_messages 20\nlog_dest file {}\nuser {}\n",
@@ -51,10 +66,21 @@ impl Mosquitto {
             // who cannot write the temporary directory.
             std::env::var("USER").unwrap_or_else(|_| "root".into())
         );
+        let tls_port = tls.then(|| {
+            let pki = TestPki::new(dir.path());
+            let port = free_port();
+            conf.push_str(&format!(
+                "listener {port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+                pki.cert.display(),
+                pki.key.display()
+            ));
+            port
+        });
         std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write mosquitto.conf");
         let mut m = Mosquitto {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            tls_port,
             dir,
         };
         m.spawn();
@@ -440,4 +466,36 @@ async fn qos1_out_waiting_for_a_down_remote_survives_a_chatmq_kill() {
     let mut sink = remote_client(&m, "sink", true).await;
     let got = v5_until(&mut sink, Duration::from_secs(30), |g| distinct(g) >= n).await;
     assert_all_in_order(&got, n, "the Mosquitto subscriber");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_over_tls_is_reached_with_its_ca() {
+    let Some(m) = Mosquitto::start_tls() else {
+        return;
+    };
+    let port = m.tls_port.expect("a TLS listener");
+    let ca = m.dir.path().join("ca.pem");
+    let remote: SocketAddr = ([127, 0, 0, 1], port).into();
+    let tls = format!("tls = true\nca_file = \"{}\"\n", ca.display());
+    // The TLS keys go in the remote's table, before its topics.
+    let conf = config(
+        remote,
+        "bridgebot",
+        &topic("sensors/#", "in", "site1/", "plant/"),
+    )
+    .replace(
+        "keepalive_secs = 10\n",
+        &format!("keepalive_secs = 10\n{tls}"),
+    );
+    let b = Broker::start(&conf);
+    bridge_up(&b).await;
+    let mut local = v5_user(&b, "alice").await;
+    local.subscribe("site1/sensors/#", QoS::AtLeastOnce).await;
+    let mut device = remote_client(&m, "device", false).await;
+    device
+        .publish_acked("plant/sensors/t1", QoS::AtLeastOnce, false, b"tls")
+        .await;
+    let p = local.publish().await;
+    assert_eq!(chat::v5_topic(&p), "site1/sensors/t1");
+    assert_eq!(text(&p), "tls");
 }

@@ -15,6 +15,7 @@
 //!   needs storage, so it sits behind the default feature `push`; without
 //!   it the crate builds with no RocksDB (the fuzz targets use that).
 
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "push")]
 pub mod push;

@@ -400,6 +400,72 @@ mod tests {
         assert!(error(&s).contains("mqtt.user_publish_bytes_burst"));
     }
 
+    fn remote(name: &str, address: &str) -> crate::settings::Remote {
+        crate::settings::Remote {
+            name: name.into(),
+            address: address.into(),
+            topics: vec![crate::settings::BridgeTopic {
+                pattern: "sensors/#".into(),
+                ..crate::settings::BridgeTopic::default()
+            }],
+            ..crate::settings::Remote::default()
+        }
+    }
+
+    #[test]
+    fn bridge_remotes_are_checked_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings_in(&dir);
+        s.bridge.remotes = vec![remote("a", "broker.example:1883")];
+        assert!(validate(&s).is_ok());
+        type Change = Box<dyn Fn(&mut crate::settings::Remote)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|r| r.address = "broker.example".into()),
+                "bridge.remotes[0].address",
+            ),
+            (
+                Box::new(|r| r.address = ":1883".into()),
+                "bridge.remotes[0].address",
+            ),
+            (Box::new(|r| r.tls = true), "bridge.remotes[0].ca_file"),
+            (
+                Box::new(|r| r.password = Some("p".into())),
+                "bridge.remotes[0].password",
+            ),
+            (
+                Box::new(|r| r.local_user = Some("a b".into())),
+                "bridge.remotes[0].local_user",
+            ),
+            (
+                Box::new(|r| r.reconnect_min_ms = r.reconnect_max_ms + 1),
+                "bridge.remotes[0].reconnect_min_ms",
+            ),
+            (Box::new(|r| r.topics.clear()), "bridge.remotes[0].topics"),
+            (
+                Box::new(|r| r.topics[0].local_prefix = "a/+/".into()),
+                "bridge.remotes[0].topics[0].local_prefix",
+            ),
+            (
+                Box::new(|r| r.topics[0].pattern = "a/#/b".into()),
+                "bridge.remotes[0].topics[0].pattern",
+            ),
+        ];
+        for (change, key) in cases {
+            let mut r = remote("a", "broker.example:1883");
+            change(&mut r);
+            s.bridge.remotes = vec![r];
+            let e = error(&s);
+            assert!(e.starts_with(&format!("{key}: ")), "{e}");
+        }
+        s.bridge.remotes = vec![remote("a", "x:1"), remote("a", "y:2")];
+        assert!(
+            error(&s).starts_with("bridge.remotes[1].name: "),
+            "{}",
+            error(&s)
+        );
+    }
+
     #[test]
     fn user_names_must_be_ids() {
         let dir = tempfile::tempdir().unwrap();

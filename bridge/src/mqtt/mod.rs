@@ -37,7 +37,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatmq_config::Remote;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, Publish, RetainForwardRule};
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, Packet, PubAckReason, Publish, RetainForwardRule, SubscribeReasonCode,
+};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
@@ -353,6 +355,12 @@ impl Link {
                             if local.acks.send(sent.outbound.pkid).await.is_err() {
                                 return (End::Stop, connected);
                             }
+                        }
+                    }
+                    Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                        let refused = ack.return_codes.iter().filter(|c| !matches!(c, SubscribeReasonCode::Success(_))).count();
+                        if refused > 0 {
+                            tracing::warn!(remote = %name, refused, codes = ?ack.return_codes, "bridge: the remote refused subscriptions");
                         }
                     }
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) => {

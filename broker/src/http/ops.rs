@@ -3,7 +3,7 @@
 //! bind `http.listen` where only the operator's network reaches.
 
 use std::fmt::{Display, Write};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -193,6 +193,7 @@ fn render(api: &Api) -> String {
         "Push jobs queued or being sent.",
         push.queue_depth(),
     );
+    bridges(broker, &mut out);
     out.histogram(
         "chatmq_storage_commit_seconds",
         "Duration of one storage group commit (write and sync).",
@@ -374,6 +375,53 @@ fn identity(broker: &crate::broker::Broker, out: &mut Exposition) {
 }
 
 /// A Prometheus text exposition being written.
+/// The MQTT bridges, labelled by remote (`[[bridge.remotes]]` name).
+fn bridges(broker: &crate::broker::Broker, out: &mut Exposition) {
+    let Some(links) = broker.bridges.get().filter(|l| !l.is_empty()) else {
+        return;
+    };
+    type Of = fn(&chatmq_bridge::mqtt::Metrics) -> &AtomicU64;
+    let families: [(&str, &str, &str, Of); 5] = [
+        (
+            "chatmq_bridge_connected",
+            "gauge",
+            "1 while the connection to the remote broker is up.",
+            |m| &m.connected,
+        ),
+        (
+            "chatmq_bridge_messages_in_total",
+            "counter",
+            "Messages from the remote published locally.",
+            |m| &m.messages_in,
+        ),
+        (
+            "chatmq_bridge_messages_out_total",
+            "counter",
+            "Local messages the remote took (PUBACK at QoS 1).",
+            |m| &m.messages_out,
+        ),
+        (
+            "chatmq_bridge_reconnects_total",
+            "counter",
+            "Connections to the remote made again after one was lost or failed.",
+            |m| &m.reconnects,
+        ),
+        (
+            "chatmq_bridge_dropped_total",
+            "counter",
+            "Bridged messages given up: refused by either side, no mapping, or QoS 0 with the queue full.",
+            |m| &m.dropped,
+        ),
+    ];
+    for (name, kind, help, of) in families {
+        let samples: Vec<(&str, u64)> = links
+            .iter()
+            .map(|m| (m.name.as_str(), of(m).load(Ordering::Relaxed)))
+            .collect();
+        out.labelled(name, kind, help, "remote", &samples);
+    }
+}
+
 #[derive(Default)]
 struct Exposition(String);
 

@@ -14,14 +14,30 @@ use axum::Json;
 use chatmq_storage::LatencySnapshot;
 use serde_json::{json, Value};
 
+use super::openapi::{Error, Status};
 use super::{Api, ApiError};
 
 /// 200 while the process runs.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Status)),
+)]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// 200 once the broker serves, 503 while it starts or shuts down.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`{\"status\":\"ready\"}`", body = Status),
+        (status = 503, description = "`not_ready`: starting or shutting down", body = Error),
+    ),
+)]
 pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
     if api.ready.load(Ordering::Acquire) {
         Json(json!({"status": "ready"})).into_response()
@@ -35,6 +51,18 @@ pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
     }
 }
 
+/// Every metric, in the Prometheus text format 0.0.4.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((
+        status = 200,
+        description = "Prometheus text exposition",
+        body = String,
+        content_type = "text/plain; version=0.0.4; charset=utf-8",
+    )),
+)]
 pub async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

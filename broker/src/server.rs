@@ -357,9 +357,23 @@ impl Server {
     /// on [`Server::reloader`] with its own settings instead.
     pub fn reload_from(&mut self, path: PathBuf) {
         self.reloader.set_source(path);
-        let shutdown = self.shutdown.subscribe();
-        self.tasks
-            .spawn(reload::on_hangup(self.reloader.clone(), shutdown));
+        // Listened for here, not in the task: a SIGHUP right after "ready"
+        // (before the task first ran) would take the default action and
+        // end the process.
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(hangup) => {
+                let shutdown = self.shutdown.subscribe();
+                self.tasks.spawn(reload::on_hangup(
+                    hangup,
+                    self.reloader.clone(),
+                    shutdown,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: reload through the HTTP API");
+            }
+        }
     }
 
     /// Stops accepting, tells every client (MQTT 5: DISCONNECT 0x8B), waits

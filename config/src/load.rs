@@ -348,8 +348,8 @@ mod tests {
 
     use super::*;
     use crate::settings::{
-        Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, LoginLimits, Mqtt, Node, Push, Storage,
-        SyncMode, Tls, User, Webhook, Websocket,
+        Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, Log, LogFormat, LoginLimits, Mqtt, Node,
+        Push, Storage, SyncMode, Tls, User, Webhook, Websocket,
     };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
@@ -665,8 +665,13 @@ mod tests {
             project_id = "chat-project"
             base_url = "http://127.0.0.1:9999"
             token_uri = "http://127.0.0.1:9999/token"
+            [log]
+            format = "json"
         "#;
         let expected = Settings {
+            log: Log {
+                format: LogFormat::Json,
+            },
             node: Node {
                 data_dir: PathBuf::from("/var/lib/chatmq"),
             },

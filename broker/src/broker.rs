@@ -25,7 +25,7 @@ use crate::access::{Acl, Authenticator};
 use crate::chat::Chat;
 use crate::clock::now_ms;
 use crate::codec::Protocol;
-use crate::counter::Counter;
+use crate::counter::{ByLabel, Counter, Listeners};
 use crate::deadlines::Deadlines;
 use crate::hooks::{Hooks, Interceptors};
 use crate::limits::PublishLimits;
@@ -586,8 +586,15 @@ pub struct Attached {
 /// layer, which counts what it appends and drops.
 #[derive(Default)]
 pub struct Metrics {
-    /// Open MQTT connections.
-    pub connections: AtomicUsize,
+    /// Open MQTT connections, by listener (once past the TLS and
+    /// WebSocket handshakes).
+    pub connections: ByLabel<Listeners>,
+    /// Connections a listener accepted (admitted: not refused by the
+    /// per-address limits), by listener.
+    pub accepted: ByLabel<Listeners>,
+    /// Connections ended after their CONNECT was read, by why
+    /// (`connection::disconnect_reason`).
+    pub disconnects: ByLabel<crate::connection::Disconnects>,
     /// PUBLISH packets received from clients (any topic).
     pub publishes_received: Counter,
     /// Plain-MQTT messages routed (publishes and wills).

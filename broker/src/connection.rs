@@ -57,12 +57,18 @@ const DRAIN_MAX: Duration = Duration::from_secs(1);
 /// subscribers little: at most one pause per read.
 const PACE: Duration = Duration::from_millis(2);
 
-/// Serves one client connection from `peer` until it ends.
-pub async fn serve<S>(stream: S, peer: IpAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
-where
+/// Serves one client connection from `peer`, which came in on `listener`
+/// (`tcp`, `tls`, `ws`, `wss`: [`crate::counter::Listeners`]), until it ends.
+pub async fn serve<S>(
+    stream: S,
+    peer: IpAddr,
+    listener: &'static str,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _counted = Counted::new(&broker.metrics);
+    let _counted = Counted::new(&broker.metrics, listener);
     let mut conn = Connection {
         channel: Channel::new(broker.clone(), broker.next_id()),
         max_in: max_packet_size(broker.settings.mqtt.max_payload),
@@ -92,6 +98,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     {
+        let why = disconnect_reason(close, conn.channel.session().is_some());
+        conn.metrics.disconnects.add(why, 1);
         // The session is released first, then the connection taking it
         // over (if any) may attach: it must not wait for our socket.
         Box::pin(conn.channel.close(close)).await;
@@ -134,20 +142,103 @@ where
     }
 }
 
-/// Counts an open connection for as long as its task lives, even if the
-/// task panics (the counter gates `mqtt.max_connections`).
-struct Counted(Arc<Metrics>);
+/// Counts an open connection on its listener for as long as its task
+/// lives, even if the task panics.
+struct Counted(Arc<Metrics>, &'static str);
 
 impl Counted {
-    fn new(metrics: &Arc<Metrics>) -> Counted {
-        metrics.connections.fetch_add(1, Ordering::Relaxed);
-        Counted(metrics.clone())
+    fn new(metrics: &Arc<Metrics>, listener: &'static str) -> Counted {
+        metrics.connections.add(listener, 1);
+        Counted(metrics.clone(), listener)
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.connections.sub(self.1, 1);
+    }
+}
+
+/// `reason` of `chatmq_disconnects_total`: why connections that got as
+/// far as their CONNECT ended. A fixed list (no client makes a series).
+pub enum Disconnects {}
+
+impl crate::counter::LabelValues for Disconnects {
+    const VALUES: &'static [&'static str] = &[
+        "client_disconnect",
+        "connection_lost",
+        "connect_refused",
+        "unspecified_error",
+        "malformed_packet",
+        "protocol_error",
+        "implementation_specific_error",
+        "not_authorized",
+        "server_busy",
+        "server_shutting_down",
+        "keep_alive_timeout",
+        "session_taken_over",
+        "topic_filter_invalid",
+        "topic_name_invalid",
+        "receive_maximum_exceeded",
+        "topic_alias_invalid",
+        "packet_too_large",
+        "message_rate_too_high",
+        "quota_exceeded",
+        "administrative_action",
+        "payload_format_invalid",
+        "retain_not_supported",
+        "qos_not_supported",
+        "use_another_server",
+        "server_moved",
+        "shared_subscription_not_supported",
+        "connection_rate_exceeded",
+        "maximum_connect_time",
+        "subscription_identifiers_not_supported",
+        "wildcard_subscriptions_not_supported",
+    ];
+}
+
+/// Why a connection ended, as `chatmq_disconnects_total` counts it: the
+/// reason code the broker gave (told to MQTT 5 clients; the same for an
+/// MQTT 3.1.1 one, which is just closed), or for a close without one:
+/// `connect_refused` (no session: the CONNACK said why),
+/// `client_disconnect` (the client sent DISCONNECT), `connection_lost`
+/// (the socket closed or broke, a write timed out, or a DISCONNECT 0x04
+/// asked for the will: the same close).
+pub fn disconnect_reason(close: Close, attached: bool) -> &'static str {
+    use DisconnectReasonCode as R;
+    match close.reason {
+        None if !attached => "connect_refused",
+        None if close.will => "connection_lost",
+        None => "client_disconnect",
+        Some(R::NormalDisconnection) | Some(R::DisconnectWithWillMessage) => "client_disconnect",
+        Some(R::UnspecifiedError) => "unspecified_error",
+        Some(R::MalformedPacket) => "malformed_packet",
+        Some(R::ProtocolError) => "protocol_error",
+        Some(R::ImplementationSpecificError) => "implementation_specific_error",
+        Some(R::NotAuthorized) => "not_authorized",
+        Some(R::ServerBusy) => "server_busy",
+        Some(R::ServerShuttingDown) => "server_shutting_down",
+        Some(R::KeepAliveTimeout) => "keep_alive_timeout",
+        Some(R::SessionTakenOver) => "session_taken_over",
+        Some(R::TopicFilterInvalid) => "topic_filter_invalid",
+        Some(R::TopicNameInvalid) => "topic_name_invalid",
+        Some(R::ReceiveMaximumExceeded) => "receive_maximum_exceeded",
+        Some(R::TopicAliasInvalid) => "topic_alias_invalid",
+        Some(R::PacketTooLarge) => "packet_too_large",
+        Some(R::MessageRateTooHigh) => "message_rate_too_high",
+        Some(R::QuotaExceeded) => "quota_exceeded",
+        Some(R::AdministrativeAction) => "administrative_action",
+        Some(R::PayloadFormatInvalid) => "payload_format_invalid",
+        Some(R::RetainNotSupported) => "retain_not_supported",
+        Some(R::QoSNotSupported) => "qos_not_supported",
+        Some(R::UseAnotherServer) => "use_another_server",
+        Some(R::ServerMoved) => "server_moved",
+        Some(R::SharedSubscriptionNotSupported) => "shared_subscription_not_supported",
+        Some(R::ConnectionRateExceeded) => "connection_rate_exceeded",
+        Some(R::MaximumConnectTime) => "maximum_connect_time",
+        Some(R::SubscriptionIdentifiersNotSupported) => "subscription_identifiers_not_supported",
+        Some(R::WildcardSubscriptionsNotSupported) => "wildcard_subscriptions_not_supported",
     }
 }
 

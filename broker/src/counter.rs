@@ -60,6 +60,80 @@ impl Total for AtomicU64 {
     }
 }
 
+/// One count per value of a label, the values a fixed list: a series per
+/// value from the start (zeros included), and none a client can add. For
+/// what is counted once per connection or per push, not per message: each
+/// count is a plain atomic (`counter` for a monotonic count; `add`/`sub`
+/// for a gauge).
+pub struct ByLabel<L> {
+    values: &'static [&'static str],
+    counts: Box<[AtomicU64]>,
+    label: std::marker::PhantomData<L>,
+}
+
+/// The values of one label ([`ByLabel`]).
+pub trait LabelValues {
+    const VALUES: &'static [&'static str];
+}
+
+impl<L: LabelValues> Default for ByLabel<L> {
+    fn default() -> Self {
+        ByLabel {
+            values: L::VALUES,
+            counts: L::VALUES.iter().map(|_| AtomicU64::new(0)).collect(),
+            label: std::marker::PhantomData,
+        }
+    }
+}
+
+/// `listener`: the MQTT listener a connection came in on (`mqtt.listen`,
+/// `tls.listen`, `websocket.listen`, `websocket.tls_listen`).
+pub enum Listeners {}
+
+impl LabelValues for Listeners {
+    const VALUES: &'static [&'static str] = &["tcp", "tls", "ws", "wss"];
+}
+
+impl<L> ByLabel<L> {
+    fn slot(&self, value: &str) -> Option<&AtomicU64> {
+        let i = self.values.iter().position(|v| *v == value)?;
+        self.counts.get(i)
+    }
+
+    /// Adds `n` to `value`'s count (a value not in the list is ignored).
+    pub fn add(&self, value: &str, n: u64) {
+        if let Some(c) = self.slot(value) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes `n` from `value`'s count, stopping at 0.
+    pub fn sub(&self, value: &str, n: u64) {
+        if let Some(c) = self.slot(value) {
+            let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+        }
+    }
+
+    /// `(value, count)` for every value, zeros included.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        self.values
+            .iter()
+            .zip(self.counts.iter())
+            .map(|(v, c)| (*v, c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+impl<L> Total for ByLabel<L> {
+    fn total(&self) -> u64 {
+        self.counts
+            .iter()
+            .fold(0, |sum, c| sum.wrapping_add(c.load(Ordering::Relaxed)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +157,20 @@ mod tests {
         }
         assert_eq!(c.load(Ordering::Relaxed), 80_000);
         assert_eq!(std::mem::align_of::<Slot>(), 64, "one slot per cache line");
+    }
+
+    #[test]
+    fn a_count_per_label_value_from_a_fixed_list() {
+        enum Two {}
+        impl LabelValues for Two {
+            const VALUES: &'static [&'static str] = &["tcp", "tls"];
+        }
+        let c = ByLabel::<Two>::default();
+        c.add("tls", 2);
+        c.add("nonsense", 5);
+        c.sub("tls", 1);
+        c.sub("tcp", 1);
+        assert_eq!(c.snapshot(), [("tcp", 0), ("tls", 1)]);
+        assert_eq!(c.total(), 1);
     }
 }

@@ -34,6 +34,7 @@ pub mod connection;
 pub mod counter;
 mod deadlines;
 pub mod embed;
+pub mod exposition;
 pub mod hooks;
 pub mod http;
 pub mod limits;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use chatmq_broker::Server;
-use chatmq_config::Settings;
+use chatmq_config::{LogFormat, Settings};
 use clap::{Args, Parser, Subcommand};
 
 /// chatmq: a chat backend that speaks MQTT (3.1.1 and 5) on RocksDB
@@ -113,13 +113,22 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match settings.log.format {
+        // One object a line; the fields of the spans it is in (an HTTP
+        // request's `request_id`) flattened in the current span's.
+        LogFormat::Json => log
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => log.init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

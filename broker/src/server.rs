@@ -72,6 +72,18 @@ enum Transport {
     Wss(TlsAcceptor, WsAcceptor, AddressLimiter),
 }
 
+impl Transport {
+    /// Its `listener` label on `/metrics` ([`crate::counter::Listeners`]).
+    fn listener(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls(_) => "tls",
+            Transport::Ws(..) => "ws",
+            Transport::Wss(..) => "wss",
+        }
+    }
+}
+
 /// A listener the settings ask for beyond MQTT and HTTP: its name as
 /// `main` prints it, the key that sets its address, the address, and its
 /// transport (certificates already loaded).
@@ -446,6 +458,7 @@ async fn accept_loop(
                             continue;
                         }
                     };
+                    broker.metrics.accepted.add(transport.listener(), 1);
                     spawn_connection(&mut connections, &transport, socket, peer, admitted, broker.clone(), shutdown.clone());
                 }
                 Err(e) => {
@@ -476,7 +489,7 @@ fn spawn_connection(
     match transport {
         Transport::Tcp => {
             connections.spawn(async move {
-                connection::serve(socket, peer.ip(), broker, shutdown).await;
+                connection::serve(socket, peer.ip(), "tcp", broker, shutdown).await;
                 drop(admitted);
             });
         }
@@ -484,7 +497,7 @@ fn spawn_connection(
             let tls = tls.clone();
             connections.spawn(async move {
                 if let Some(stream) = handshake(&tls, socket, peer, &broker).await {
-                    connection::serve(stream, peer.ip(), broker, shutdown).await
+                    connection::serve(stream, peer.ip(), "tls", broker, shutdown).await
                 }
                 drop(admitted);
             });
@@ -492,7 +505,7 @@ fn spawn_connection(
         Transport::Ws(ws, limiter) => {
             let (ws, limiter) = (ws.clone(), limiter.clone());
             connections.spawn(async move {
-                serve_ws(socket, peer, &ws, &limiter, broker, shutdown).await;
+                serve_ws(socket, peer, &ws, &limiter, "ws", broker, shutdown).await;
                 drop(admitted);
             });
         }
@@ -500,7 +513,7 @@ fn spawn_connection(
             let (tls, ws, limiter) = (tls.clone(), ws.clone(), limiter.clone());
             connections.spawn(async move {
                 if let Some(stream) = handshake(&tls, socket, peer, &broker).await {
-                    serve_ws(stream, peer, &ws, &limiter, broker, shutdown).await
+                    serve_ws(stream, peer, &ws, &limiter, "wss", broker, shutdown).await
                 }
                 drop(admitted);
             });
@@ -534,6 +547,7 @@ async fn serve_ws<S>(
     peer: SocketAddr,
     ws: &WsAcceptor,
     limiter: &AddressLimiter,
+    listener: &'static str,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
 ) where
@@ -541,7 +555,7 @@ async fn serve_ws<S>(
 {
     let place = limiter.enter(peer.ip(), std::time::Instant::now()).ok();
     match ws.accept(stream, place.is_none()).await {
-        Ok(stream) => connection::serve(stream, peer.ip(), broker, shutdown).await,
+        Ok(stream) => connection::serve(stream, peer.ip(), listener, broker, shutdown).await,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "websocket upgrade refused or failed");
             broker.metrics.refused.count(Refusal::Handshake);

@@ -372,8 +372,9 @@ mod tests {
 
     use super::*;
     use crate::settings::{
-        Access, Acl, AclRule, Apns, Auth, Bridge, BridgeTopic, Chat, Direction, Fcm, Http,
-        LoginLimits, Mqtt, Node, Push, Remote, Storage, SyncMode, Tls, User, Webhook, Websocket,
+        Access, Acl, AclRule, Apns, Auth, Bridge, BridgeTopic, Chat, Direction, Fcm, Http, Log,
+        LogFormat, LoginLimits, Mqtt, Node, Push, Remote, Storage, SyncMode, Tls, User, Webhook,
+        Websocket,
     };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
@@ -710,8 +711,13 @@ mod tests {
             qos = 0
             local_prefix = "site1/"
             remote_prefix = "plant/"
+            [log]
+            format = "json"
         "#;
         let expected = Settings {
+            log: Log {
+                format: LogFormat::Json,
+            },
             node: Node {
                 data_dir: PathBuf::from("/var/lib/chatmq"),
             },

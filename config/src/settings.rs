@@ -31,7 +31,28 @@ pub struct Settings {
     pub websocket: Websocket,
     pub push: Push,
     pub bridge: Bridge,
+    pub log: Log,
 }
+
+/// `[log]`: how the broker writes its log (stderr). Read at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    pub format: LogFormat,
+}
+
+/// One line per event: for people (`text`) or for log collectors (`json`:
+/// one JSON object a line, with the span fields such as `request_id`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The spelling of each [`LogFormat`] in TOML.
+pub(crate) const LOG_FORMAT_NAMES: &[&str] = &["text", "json"];
 
 /// `[node]`: where this broker keeps its state.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -943,6 +964,10 @@ pub(crate) const KEYS: &[Key] = &[
                 key("access", Kind::OneOf(ACCESS_NAMES)),
             ]),
         )]),
+    ),
+    key(
+        "log",
+        Kind::Section(&[key("format", Kind::OneOf(LOG_FORMAT_NAMES))]),
     ),
     key(
         "storage",

@@ -58,19 +58,32 @@ impl Response {
 pub struct Http {
     pub addr: SocketAddr,
     pub token: Option<String>,
+    /// More request headers, `(name, value)`.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Http {
     pub fn new(addr: SocketAddr) -> Http {
-        Http { addr, token: None }
+        Http {
+            addr,
+            token: None,
+            headers: Vec::new(),
+        }
     }
 
     /// The same client sending `Authorization: Bearer <token>`.
     pub fn with_token(&self, token: &str) -> Http {
         Http {
-            addr: self.addr,
             token: Some(token.to_string()),
+            ..self.clone()
         }
+    }
+
+    /// The same client sending one more header.
+    pub fn with_header(&self, name: &str, value: &str) -> Http {
+        let mut h = self.clone();
+        h.headers.push((name.to_string(), value.to_string()));
+        h
     }
 
     pub async fn get(&self, path: &str) -> Response {
@@ -98,6 +111,9 @@ impl Http {
             );
             if let Some(t) = &self.token {
                 head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+            }
+            for (name, value) in &self.headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
             }
             let body = body.unwrap_or_default();
             if method != "GET" {

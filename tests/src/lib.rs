@@ -22,6 +22,7 @@ pub mod chat;
 pub mod cli;
 pub mod http;
 pub mod metrics;
+pub mod promql;
 pub mod push_mock;
 pub mod raw;
 pub mod tls;

@@ -6,14 +6,33 @@ use std::time::Duration;
 use crate::http::Http;
 use crate::{Broker, PATIENCE};
 
-/// Every sample, by series (`name` or `name{label="value"}`).
+/// Every sample, by series (`name` or `name{label="value"}`); a labelled
+/// metric also reads as its sum under its bare name, as `chatmq status`
+/// and `sum(name)` in PromQL read it (`chatmq_connections` is the total
+/// of its `listener` series).
 pub async fn metrics(b: &Broker) -> HashMap<String, f64> {
     let text = Http::new(b.http_addr).get("/metrics").await.text();
-    text.lines()
+    parse(&text)
+}
+
+/// [`metrics`] of an exposition's text.
+pub fn parse(text: &str) -> HashMap<String, f64> {
+    let mut series: HashMap<String, f64> = text
+        .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| l.rsplit_once(' '))
         .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect()
+        .collect();
+    let mut sums: HashMap<String, f64> = HashMap::new();
+    for (k, v) in &series {
+        if let Some((name, _)) = k.split_once('{') {
+            *sums.entry(name.to_string()).or_default() += v;
+        }
+    }
+    for (name, sum) in sums {
+        series.entry(name).or_insert(sum);
+    }
+    series
 }
 
 /// One series; panics if the broker does not export it.

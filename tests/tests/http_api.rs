@@ -84,15 +84,17 @@ fn roles(list: &Value) -> HashMap<String, String> {
         .collect()
 }
 
-/// Every sample of a Prometheus text exposition by series (name and
-/// labels); panics on a line that is not a comment or a sample.
+/// Every sample of an OpenMetrics text exposition by series (name and
+/// labels; a labelled metric also as its sum under its bare name); panics
+/// on a line that is not a comment or a sample, or if `# EOF` does not
+/// end it.
 fn samples(text: &str) -> HashMap<String, f64> {
-    let mut out = HashMap::new();
+    assert!(text.ends_with("# EOF\n"), "the exposition ends with # EOF");
     for line in text.lines().filter(|l| !l.is_empty()) {
         if let Some(comment) = line.strip_prefix('#') {
             let kind = comment.split_whitespace().next();
             assert!(
-                matches!(kind, Some("HELP" | "TYPE")),
+                matches!(kind, Some("HELP" | "TYPE" | "EOF")),
                 "comment line {line:?}"
             );
             continue;
@@ -104,9 +106,9 @@ fn samples(text: &str) -> HashMap<String, f64> {
             .parse()
             .unwrap_or_else(|_| panic!("bad value in {line:?}"));
         assert!(series.starts_with("chatmq_"), "unprefixed series {line:?}");
-        out.insert(series.to_string(), value);
+        assert!(value.is_finite(), "{line:?}");
     }
-    out
+    chatmq_tests::metrics::parse(text)
 }
 
 async fn metrics(api: &Api) -> HashMap<String, f64> {
@@ -114,7 +116,7 @@ async fn metrics(api: &Api) -> HashMap<String, f64> {
     assert_status(&r, 200, "GET /metrics");
     assert_eq!(
         r.header("content-type"),
-        Some("text/plain; version=0.0.4; charset=utf-8")
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
     );
     samples(&r.text())
 }

@@ -124,6 +124,15 @@ async fn an_offline_member_gets_the_documented_webhook_body_signed() {
     tokio::time::sleep(QUIET).await;
     assert_eq!(mock.requests("/notify").len(), 1, "one message, one push");
     assert_eq!(metric(&b, "chatmq_push_sent_total").await, 1.0);
+    assert_eq!(
+        metric(&b, "chatmq_push_sent_total{provider=\"webhook\"}").await,
+        1.0,
+        "counted for its provider"
+    );
+    assert_eq!(
+        metric(&b, "chatmq_push_sent_total{provider=\"fcm\"}").await,
+        0.0
+    );
     assert_eq!(metric(&b, "chatmq_push_queue_depth").await, 0.0);
 }
 

@@ -115,7 +115,7 @@ mod task {
 /// and a slab of connections; the listener hands new sockets out in turn.
 mod shard {
     use super::*;
-    use mio::net::{TcpListener, TcpStream};
+    use mio::net::TcpStream;
     use mio::{Events, Interest, Poll, Token, Waker};
     use std::sync::mpsc;
 

@@ -177,7 +177,7 @@ impl Inner {
                 provider.send(device, note).await
             };
             match outcome {
-                Outcome::Sent => return bump(&metrics.sent),
+                Outcome::Sent => return metrics.sent.bump(platform),
                 Outcome::InvalidToken(why) => {
                     tracing::info!(
                         user = note.user,
@@ -185,7 +185,7 @@ impl Inner {
                         why,
                         "push token is dead; device removed"
                     );
-                    bump(&metrics.failed);
+                    metrics.failed.bump(platform);
                     match self
                         .push
                         .unregister(&note.user, platform, &device.token)
@@ -204,7 +204,7 @@ impl Inner {
                         why,
                         "push rejected"
                     );
-                    return bump(&metrics.failed);
+                    return metrics.failed.bump(platform);
                 }
                 Outcome::Retry { after, reason } => {
                     if attempt >= self.retry.max_attempts {
@@ -215,9 +215,9 @@ impl Inner {
                             reason,
                             "push given up"
                         );
-                        return bump(&metrics.failed);
+                        return metrics.failed.bump(platform);
                     }
-                    bump(&metrics.retried);
+                    metrics.retried.bump(platform);
                     tokio::time::sleep(self.retry.wait(&mut backoff, after)).await;
                     attempt += 1;
                 }

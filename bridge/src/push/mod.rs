@@ -91,13 +91,35 @@ pub enum PushError {
 #[derive(Debug, Default)]
 pub struct PushMetrics {
     /// Notifications a provider accepted.
-    pub sent: AtomicU64,
+    pub sent: ByPlatform,
     /// Notifications given up: rejected, dead token, or out of retries.
-    pub failed: AtomicU64,
+    pub failed: ByPlatform,
     /// Attempts repeated after a 429, a 5xx or a network error.
-    pub retried: AtomicU64,
+    pub retried: ByPlatform,
     /// Devices deleted because their provider called the token dead.
     pub tokens_removed: AtomicU64,
+}
+
+/// A count per provider (`provider` label on `/metrics`): bumped once per
+/// push attempt, so plain atomics.
+#[derive(Debug, Default)]
+pub struct ByPlatform([AtomicU64; Platform::ALL.len()]);
+
+impl ByPlatform {
+    pub fn bump(&self, platform: Platform) {
+        if let Some(c) = self.0.get(platform as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `(provider, count)` for every provider, zeros included.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        Platform::ALL
+            .iter()
+            .zip(self.0.iter())
+            .map(|(p, c)| (p.as_str(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 /// The push service: device registry, mutes and the job queue. Shared by

@@ -231,7 +231,46 @@ pub fn router(api: Arc<Api>) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(api.clone(), limits))
         .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn(request_id))
         .with_state(api)
+}
+
+/// The header that carries a request's id both ways.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The id a request is known by in the logs: the client's `X-Request-Id`
+/// (1 to 128 visible ASCII characters), or a new one (16 hex digits).
+/// Every log line of the request carries it (the `http` span, with the
+/// method and path), the response returns it in `X-Request-Id`, and the
+/// request's end is logged (`debug`; `warn` for a 5xx).
+async fn request_id(request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| format!("{:016x}", fastrand::u64(..)), str::to_string);
+    let span = tracing::info_span!(
+        "http",
+        request_id = %id,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    let started = std::time::Instant::now();
+    let mut response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    let status = response.status().as_u16();
+    let ms = started.elapsed().as_millis();
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, ms, "http request failed");
+        } else {
+            tracing::debug!(status, ms, "http request");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    response
 }
 
 /// What any request may ask of the server. A body announced larger than

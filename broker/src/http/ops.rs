@@ -1,8 +1,8 @@
 //! For operators: liveness (`/healthz`), readiness (`/readyz`) and the
-//! Prometheus metrics (`/metrics`, text format 0.0.4). None needs a token:
+//! metrics (`/metrics`, OpenMetrics text through `prometheus-client`:
+//! `crate::exposition`). None needs a token:
 //! bind `http.listen` where only the operator's network reaches.
 
-use std::fmt::{Display, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -12,6 +12,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chatmq_storage::LatencySnapshot;
+
+use crate::broker::Metrics;
+use crate::counter::{Counter, Total};
+use crate::exposition::{self, Exposition, Histogram};
 use serde_json::{json, Value};
 
 use super::openapi::{Error, Status};
@@ -64,473 +68,298 @@ pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
     )),
 )]
 pub async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
-    (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        render(&api),
-    )
+    ([(CONTENT_TYPE, exposition::CONTENT_TYPE)], render(&api))
 }
 
-/// Every metric, in the Prometheus text exposition format.
-fn render(api: &Api) -> String {
-    let broker = &api.broker;
-    let m = &broker.metrics;
-    let count = |c: &dyn crate::counter::Total| c.total();
-    let mut out = Exposition::default();
-    out.single(
+/// Every metric, in the OpenMetrics text format (what Prometheus scrapes),
+/// read now. Built per scrape: each reader holds the API (no cycle).
+fn render(api: &Arc<Api>) -> String {
+    let mut out = Exposition::new(api.clone());
+    out.gauge_by(
         "chatmq_connections",
-        "gauge",
-        "Open MQTT connections.",
-        m.connections.load(Ordering::Relaxed),
+        "Open MQTT connections, by listener: tcp (mqtt.listen), tls (tls.listen), ws \
+         (websocket.listen), wss (websocket.tls_listen).",
+        "listener",
+        |api| api.broker.metrics.connections.snapshot(),
     );
-    out.single(
+    out.counter_by(
+        "chatmq_connections_accepted_total",
+        "Connections a listener accepted (not refused by the per-address limits), by listener: tcp, tls, ws, wss.",
+        "listener",
+        |api| api.broker.metrics.accepted.snapshot(),
+    );
+    out.gauge(
         "chatmq_sessions",
-        "gauge",
         "MQTT sessions held: connected ones and persistent ones waiting for their client.",
-        broker.session_count(),
+        |api| api.broker.session_count() as u64,
     );
-    out.single(
+    out.counter(
         "chatmq_mqtt_publishes_received_total",
-        "counter",
         "PUBLISH packets received from MQTT clients.",
-        count(&m.publishes_received),
+        |api| api.broker.metrics.publishes_received.total(),
     );
-    out.single(
+    out.counter(
         "chatmq_mqtt_messages_routed_total",
-        "counter",
         "Plain-MQTT messages routed to subscribers (publishes and wills).",
-        count(&m.messages_in),
+        |api| api.broker.metrics.messages_in.total(),
     );
-    out.single(
+    out.counter(
         "chatmq_messages_delivered_total",
-        "counter",
         "PUBLISH packets written to MQTT clients, resends included.",
-        count(&m.messages_delivered),
+        |api| api.broker.metrics.messages_delivered.total(),
     );
-    out.single(
+    out.counter(
         "chatmq_chat_messages_appended_total",
-        "counter",
         "Chat messages given a seq, from MQTT and HTTP senders.",
-        count(&m.chat_appended),
+        |api| api.broker.metrics.chat_appended.total(),
     );
-    out.single(
+    out.counter(
         "chatmq_messages_dropped_total",
-        "counter",
         "Messages a session dropped because its queue was full or they expired.",
-        count(&m.messages_dropped),
+        |api| api.broker.metrics.messages_dropped.total(),
     );
-    out.labelled(
+    out.counter_by(
+        "chatmq_disconnects_total",
+        "Connections ended after their CONNECT was read, by reason: client_disconnect, \
+         connection_lost, connect_refused, or the MQTT 5 reason code the broker gave \
+         (session_taken_over, keep_alive_timeout, server_shutting_down, ...).",
+        "reason",
+        |api| api.broker.metrics.disconnects.snapshot(),
+    );
+    out.counter_by(
         "chatmq_connections_refused_total",
-        "counter",
         "Connections closed before CONNECT was accepted, by reason: address_limit, \
          address_rate (mqtt.*_per_ip), handshake (TLS or WebSocket), connect_timeout, \
          connect_too_large.",
         "reason",
-        &m.refused.snapshot(),
+        |api| api.broker.metrics.refused.snapshot(),
     );
-    out.single(
+    out.gauge(
         "chatmq_http_connections",
-        "gauge",
         "Open HTTP API connections (at most http.max_connections).",
-        api.open_connections(),
+        |api| api.open_connections() as u64,
     );
-    let reloads = &api.reloader.metrics;
-    out.labelled(
+    out.counter_by(
         "chatmq_config_reloads_total",
-        "counter",
         "Configuration reloads (SIGHUP or POST /v1/admin/reload), by result: applied, \
          failed (a bad file: the running settings were kept).",
         "result",
-        &[
-            ("applied", count(&reloads.applied)),
-            ("failed", count(&reloads.failed)),
-        ],
+        |api| {
+            let reloads = &api.reloader.metrics;
+            vec![
+                ("applied", reloads.applied.total()),
+                ("failed", reloads.failed.total()),
+            ]
+        },
     );
-    let timeouts = &api.timeouts;
-    out.labelled(
+    out.counter_by(
         "chatmq_http_timeouts_total",
-        "counter",
         "HTTP requests cut short: header (connection closed, the request line and \
          headers did not arrive within http.header_timeout_secs), request (answered 408 \
          after http.request_timeout_secs).",
         "phase",
-        &[
-            ("header", count(&timeouts.header)),
-            ("request", count(&timeouts.request)),
-        ],
+        |api| {
+            vec![
+                ("header", api.timeouts.header.total()),
+                ("request", api.timeouts.request.total()),
+            ]
+        },
     );
     // topics and retained messages (trie)
-    out.single(
-        "chatmq_topics_refused_total",
-        "counter",
-        "Topic names and filters refused for passing mqtt.max_topic_levels or mqtt.max_topic_length.",
-        count(&m.topics_refused),
-    );
-    let (retained, retained_bytes) = broker.retained_size();
-    out.single(
+    out.counter("chatmq_topics_refused_total", "Topic names and filters refused for passing mqtt.max_topic_levels or mqtt.max_topic_length.", |api| api.broker.metrics.topics_refused.total());
+    out.gauge(
         "chatmq_retained_messages",
-        "gauge",
         "Retained messages held (capped by mqtt.max_retained_messages).",
-        retained,
+        |api| api.broker.retained_size().0 as u64,
     );
-    out.single(
+    out.gauge(
         "chatmq_retained_bytes",
-        "gauge",
         "Bytes of retained messages held (capped by mqtt.max_retained_bytes).",
-        retained_bytes,
+        |api| api.broker.retained_size().1 as u64,
     );
-    out.single(
+    out.counter(
         "chatmq_retained_refused_total",
-        "counter",
         "Retained publishes not retained because the retained store was at its caps.",
-        count(&m.retained_refused),
+        |api| api.broker.metrics.retained_refused.total(),
     );
-    out.single(
-        "chatmq_retained_not_sent_total",
-        "counter",
-        "Retained messages a new subscription was not sent (beyond mqtt.max_retained_per_subscription).",
-        count(&m.retained_not_sent),
-    );
-    let push = &broker.chat.push;
-    out.single(
+    out.counter("chatmq_retained_not_sent_total", "Retained messages a new subscription was not sent (beyond mqtt.max_retained_per_subscription).", |api| api.broker.metrics.retained_not_sent.total());
+    out.counter_by(
         "chatmq_push_sent_total",
-        "counter",
-        "Push notifications a provider (APNs, FCM, webhook) accepted.",
-        count(&push.metrics.sent),
+        "Push notifications a provider accepted, by provider: apns, fcm, webhook.",
+        "provider",
+        |api| api.broker.chat.push.metrics.sent.snapshot(),
     );
-    out.single(
+    out.counter_by(
         "chatmq_push_failed_total",
-        "counter",
-        "Push notifications given up: rejected, dead token, or out of retries.",
-        count(&push.metrics.failed),
+        "Push notifications given up (rejected, dead token, or out of retries), by provider.",
+        "provider",
+        |api| api.broker.chat.push.metrics.failed.snapshot(),
     );
-    out.single(
+    out.counter_by(
         "chatmq_push_retried_total",
-        "counter",
-        "Push sends repeated after a 429, a 5xx or a network error.",
-        count(&push.metrics.retried),
+        "Push sends repeated after a 429, a 5xx or a network error, by provider.",
+        "provider",
+        |api| api.broker.chat.push.metrics.retried.snapshot(),
     );
-    out.single(
+    out.counter(
         "chatmq_push_tokens_removed_total",
-        "counter",
         "Devices deleted because their provider said the token is dead.",
-        count(&push.metrics.tokens_removed),
+        |api| api.broker.chat.push.metrics.tokens_removed.total(),
     );
-    out.single(
+    out.gauge(
         "chatmq_push_queue_depth",
-        "gauge",
         "Push jobs queued or being sent.",
-        push.queue_depth(),
+        |api| api.broker.chat.push.queue_depth() as u64,
     );
-    bridges(broker, &mut out);
+    bridges(&api.broker, &mut out);
     out.histogram(
         "chatmq_storage_commit_seconds",
         "Duration of one storage group commit (write and sync).",
-        &broker.store.commit_latency(),
+        |api| {
+            let h: LatencySnapshot = api.broker.store.commit_latency();
+            Histogram {
+                buckets: h.buckets,
+                count: h.count,
+                sum: h.sum_secs,
+            }
+        },
     );
-    out.single(
+    out.gauge(
         "chatmq_storage_writer_queue_depth",
-        "gauge",
         "Write batches waiting for the storage writer.",
-        broker.store.queue_depth(),
+        |api| api.broker.store.queue_depth() as u64,
     );
-    identity(broker, &mut out);
+    identity(&mut out);
     // flow control: slow clients, rates, caches
-    for (name, help, counter) in [
-        (
-            "chatmq_write_timeouts_total",
-            "Connections closed because the client stopped reading (mqtt.write_timeout_secs).",
-            &m.write_timeouts,
-        ),
-        (
-            "chatmq_overload_disconnects_total",
-            "Connections closed because their session went over mqtt.session_queue_bytes.",
-            &m.overload_disconnects,
-        ),
-        (
-            "chatmq_publishes_rate_limited_total",
-            "Publishes refused by a per-connection or per-user publish rate.",
-            &m.publishes_rate_limited,
-        ),
-        (
-            "chatmq_chat_deferred_to_log_total",
-            "Live chat messages a full session did not take; replayed from the log later.",
-            &m.chat_deferred_to_log,
-        ),
-        (
-            "chatmq_chat_dedup_disk_reads_total",
-            "Chat idempotency lookups that memory could not answer and read the disk (blocking pool).",
-            &m.chat_dedup_disk_reads,
-        ),
-        (
-            "chatmq_typing_throttled_total",
-            "Typing indicators dropped by the per-user throttle (chat.typing_interval_ms).",
-            &m.typing_throttled,
-        ),
-        (
-            "chatmq_announcements_coalesced_total",
-            "Large groups' read receipts and membership changes gathered into a digest (chat.large_group_members).",
-            &m.announcements_coalesced,
-        ),
-        (
-            "chatmq_announcement_digests_total",
-            "reads and members digests sent, one per conversation and window (chat.announce_window_ms).",
-            &m.announcement_digests,
-        ),
-        (
-            "chatmq_presence_coalesced_total",
-            "Presence changes not told at once: the user's window was open and its end tells the latest state (chat.announce_window_ms).",
-            &m.presence_coalesced,
-        ),
-        (
-            "chatmq_typing_too_large_total",
-            "Typing indicators refused for their size (chat.typing_max_bytes).",
-            &m.typing_too_large,
-        ),
-        (
-            "chatmq_reactions_total",
-            "Reactions added or removed.",
-            &m.reactions,
-        ),
-        (
-            "chatmq_reaction_digests_total",
-            "reactions summary events sent, one per conversation and window (chat.reaction_window_ms).",
-            &m.reaction_digests,
-        ),
-        (
-            "chatmq_room_reactions_throttled_total",
-            "Room reactions dropped by the per-user throttle (chat.room_reaction_interval_ms).",
-            &m.room_reactions_throttled,
-        ),
-        (
-            "chatmq_occupancy_updates_total",
-            "occupancy updates sent, one per conversation and window (chat.occupancy_window_ms).",
-            &m.occupancy_updates,
-        ),
-        (
-            "chatmq_messages_edited_total",
-            "Chat messages edited.",
-            &m.messages_edited,
-        ),
-        (
-            "chatmq_messages_deleted_total",
-            "Chat messages deleted (and scrubbed from the files).",
-            &m.messages_deleted,
-        ),
-        (
-            "chatmq_conv_cache_evicted_total",
-            "Conversation states evicted from memory.",
-            &m.conv_cache_evicted,
-        ),
-        (
-            "chatmq_dedup_expired_total",
-            "Idempotency keys deleted after chat.dedup_ttl_secs.",
-            &m.dedup_expired,
-        ),
-        (
-            "chatmq_chat_replay_pages_read_total",
-            "Catch-up pages read from the conversation log.",
-            &m.replay_pages_read,
-        ),
-        (
-            "chatmq_chat_replay_pages_shared_total",
-            "Catch-up pages served from memory, read before for this or another session.",
-            &m.replay_pages_shared,
-        ),
-    ] {
-        out.single(name, "counter", help, count(counter));
+    let flow: [(&str, &str, MetricsField); 20] = [
+        ("chatmq_write_timeouts_total", "Connections closed because the client stopped reading (mqtt.write_timeout_secs).", |m| &m.write_timeouts),
+        ("chatmq_overload_disconnects_total", "Connections closed because their session went over mqtt.session_queue_bytes.", |m| &m.overload_disconnects),
+        ("chatmq_publishes_rate_limited_total", "Publishes refused by a per-connection or per-user publish rate.", |m| &m.publishes_rate_limited),
+        ("chatmq_chat_deferred_to_log_total", "Live chat messages a full session did not take; replayed from the log later.", |m| &m.chat_deferred_to_log),
+        ("chatmq_chat_dedup_disk_reads_total", "Chat idempotency lookups that memory could not answer and read the disk (blocking pool).", |m| &m.chat_dedup_disk_reads),
+        ("chatmq_typing_throttled_total", "Typing indicators dropped by the per-user throttle (chat.typing_interval_ms).", |m| &m.typing_throttled),
+        ("chatmq_announcements_coalesced_total", "Large groups' read receipts and membership changes gathered into a digest (chat.large_group_members).", |m| &m.announcements_coalesced),
+        ("chatmq_announcement_digests_total", "reads and members digests sent, one per conversation and window (chat.announce_window_ms).", |m| &m.announcement_digests),
+        ("chatmq_presence_coalesced_total", "Presence changes not told at once: the user's window was open and its end tells the latest state (chat.announce_window_ms).", |m| &m.presence_coalesced),
+        ("chatmq_typing_too_large_total", "Typing indicators refused for their size (chat.typing_max_bytes).", |m| &m.typing_too_large),
+        ("chatmq_reactions_total", "Reactions added or removed.", |m| &m.reactions),
+        ("chatmq_reaction_digests_total", "reactions summary events sent, one per conversation and window (chat.reaction_window_ms).", |m| &m.reaction_digests),
+        ("chatmq_room_reactions_throttled_total", "Room reactions dropped by the per-user throttle (chat.room_reaction_interval_ms).", |m| &m.room_reactions_throttled),
+        ("chatmq_occupancy_updates_total", "occupancy updates sent, one per conversation and window (chat.occupancy_window_ms).", |m| &m.occupancy_updates),
+        ("chatmq_messages_edited_total", "Chat messages edited.", |m| &m.messages_edited),
+        ("chatmq_messages_deleted_total", "Chat messages deleted (and scrubbed from the files).", |m| &m.messages_deleted),
+        ("chatmq_conv_cache_evicted_total", "Conversation states evicted from memory.", |m| &m.conv_cache_evicted),
+        ("chatmq_dedup_expired_total", "Idempotency keys deleted after chat.dedup_ttl_secs.", |m| &m.dedup_expired),
+        ("chatmq_chat_replay_pages_read_total", "Catch-up pages read from the conversation log.", |m| &m.replay_pages_read),
+        ("chatmq_chat_replay_pages_shared_total", "Catch-up pages served from memory, read before for this or another session.", |m| &m.replay_pages_shared),
+    ];
+    for (name, help, get) in flow {
+        out.counter(name, help, move |api| get(&api.broker.metrics).total());
     }
-    out.single(
+    out.gauge(
         "chatmq_session_held_bytes",
-        "gauge",
         "Bytes of messages all sessions hold in memory, queued or in flight.",
-        broker.held_bytes(),
+        |api| api.broker.held_bytes() as u64,
     );
-    out.single(
+    out.gauge(
         "chatmq_conv_cache_size",
-        "gauge",
         "Conversation states held in memory.",
-        broker.chat.cached_conversations(),
+        |api| api.broker.chat.cached_conversations() as u64,
     );
-    out.0
+    out.render()
 }
 
-/// Logins and client-id ownership.
-fn identity(broker: &crate::broker::Broker, out: &mut Exposition) {
-    let count = |c: &dyn crate::counter::Total| c.total();
-    let logins = &broker.auth.guard.metrics;
-    out.single(
-        "chatmq_login_failures_total",
-        "counter",
-        "CONNECTs refused for a wrong password or token.",
-        count(&logins.failures),
-    );
-    out.single(
-        "chatmq_logins_rate_limited_total",
-        "counter",
-        "CONNECTs refused unchecked: too many failed logins from their address or for their user name.",
-        count(&logins.rate_limited),
-    );
-    out.single(
-        "chatmq_logins_busy_total",
-        "counter",
-        "CONNECTs refused as Server busy: the password-check queue was full.",
-        count(&logins.busy),
-    );
-    out.single(
-        "chatmq_client_id_refused_total",
-        "counter",
-        "CONNECTs refused: the client id belongs to another user or an anonymous session.",
-        count(&broker.metrics.client_id_refused),
-    );
-    out.single(
-        "chatmq_session_quota_refused_total",
-        "counter",
-        "CONNECTs refused: the user already holds mqtt.max_sessions_per_user persistent sessions.",
-        count(&broker.metrics.session_quota_refused),
-    );
-    out.single(
-        "chatmq_reauthentications_total",
-        "counter",
-        "Logins moved on by an MQTT 5 re-authentication (AUTH 0x19 with a new token).",
-        count(&broker.metrics.reauthentications),
-    );
-    out.single(
-        "chatmq_client_owners_removed_total",
-        "counter",
-        "Client-id claims removed after client_owner_ttl_secs without a session.",
-        count(&broker.owners.removed),
-    );
-}
-
-/// A Prometheus text exposition being written.
-/// The MQTT bridges, labelled by remote (`[[bridge.remotes]]` name).
-fn bridges(broker: &crate::broker::Broker, out: &mut Exposition) {
-    let Some(links) = broker.bridges.get().filter(|l| !l.is_empty()) else {
+/// The MQTT bridges, labelled by remote (`[[bridge.remotes]]` name);
+/// nothing when none is configured.
+fn bridges(broker: &crate::broker::Broker, out: &mut Exposition<Api>) {
+    if broker.bridges.get().is_none_or(|l| l.is_empty()) {
         return;
-    };
+    }
     type Of = fn(&chatmq_bridge::mqtt::Metrics) -> &AtomicU64;
-    let families: [(&str, &str, &str, Of); 5] = [
+    // (name, a gauge, help, the value)
+    let families: [(&str, bool, &str, Of); 5] = [
         (
             "chatmq_bridge_connected",
-            "gauge",
+            true,
             "1 while the connection to the remote broker is up.",
             |m| &m.connected,
         ),
         (
             "chatmq_bridge_messages_in_total",
-            "counter",
+            false,
             "Messages from the remote published locally.",
             |m| &m.messages_in,
         ),
         (
             "chatmq_bridge_messages_out_total",
-            "counter",
+            false,
             "Local messages the remote took (PUBACK at QoS 1).",
             |m| &m.messages_out,
         ),
         (
             "chatmq_bridge_reconnects_total",
-            "counter",
+            false,
             "Connections to the remote made again after one was lost or failed.",
             |m| &m.reconnects,
         ),
         (
             "chatmq_bridge_dropped_total",
-            "counter",
+            false,
             "Bridged messages given up: refused by either side, no mapping, or QoS 0 with the queue full.",
             |m| &m.dropped,
         ),
     ];
-    for (name, kind, help, of) in families {
-        let samples: Vec<(&str, u64)> = links
-            .iter()
-            .map(|m| (m.name.as_str(), of(m).load(Ordering::Relaxed)))
-            .collect();
-        out.labelled(name, kind, help, "remote", &samples);
+    for (name, gauge, help, of) in families {
+        let read = move |api: &Api| -> Vec<(String, u64)> {
+            api.broker.bridges.get().map_or_else(Vec::new, |links| {
+                links
+                    .iter()
+                    .map(|m| (m.name.clone(), of(m).load(Ordering::Relaxed)))
+                    .collect()
+            })
+        };
+        if gauge {
+            out.gauge_by(name, help, "remote", read);
+        } else {
+            out.counter_by(name, help, "remote", read);
+        }
     }
 }
 
-#[derive(Default)]
-struct Exposition(String);
+/// Where a counter of [`Metrics`] is.
+type MetricsField = fn(&Metrics) -> &Counter;
 
-impl Exposition {
-    fn header(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
-    }
-
-    /// A counter or gauge without labels.
-    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl Display) {
-        self.header(name, kind, help);
-        let _ = writeln!(self.0, "{name} {value}");
-    }
-
-    /// A counter or gauge with one label, one sample per label value.
-    fn labelled(
-        &mut self,
-        name: &str,
-        kind: &str,
-        help: &str,
-        label: &str,
-        samples: &[(&str, impl Display)],
-    ) {
-        self.header(name, kind, help);
-        for (value, sample) in samples {
-            let _ = writeln!(self.0, "{name}{{{label}=\"{value}\"}} {sample}");
-        }
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, h: &LatencySnapshot) {
-        self.header(name, "histogram", help);
-        for (bound, n) in &h.buckets {
-            let _ = writeln!(self.0, "{name}_bucket{{le=\"{bound}\"}} {n}");
-        }
-        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(self.0, "{name}_sum {}", h.sum_secs);
-        let _ = writeln!(self.0, "{name}_count {}", h.count);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_exposition_has_help_type_and_samples() {
-        let mut out = Exposition::default();
-        out.single("chatmq_x_total", "counter", "Things.", 3u64);
-        out.labelled(
-            "chatmq_y_total",
-            "counter",
-            "Kinds.",
-            "reason",
-            &[("a", 1u64), ("b", 0)],
-        );
-        out.histogram(
-            "chatmq_h_seconds",
-            "Time.",
-            &LatencySnapshot {
-                buckets: vec![(0.0005, 1), (1.0, 2)],
-                count: 3,
-                sum_secs: 2.5,
-            },
-        );
-        assert_eq!(
-            out.0,
-            "# HELP chatmq_x_total Things.\n\
-             # TYPE chatmq_x_total counter\n\
-             chatmq_x_total 3\n\
-             # HELP chatmq_y_total Kinds.\n\
-             # TYPE chatmq_y_total counter\n\
-             chatmq_y_total{reason=\"a\"} 1\n\
-             chatmq_y_total{reason=\"b\"} 0\n\
-             # HELP chatmq_h_seconds Time.\n\
-             # TYPE chatmq_h_seconds histogram\n\
-             chatmq_h_seconds_bucket{le=\"0.0005\"} 1\n\
-             chatmq_h_seconds_bucket{le=\"1\"} 2\n\
-             chatmq_h_seconds_bucket{le=\"+Inf\"} 3\n\
-             chatmq_h_seconds_sum 2.5\n\
-             chatmq_h_seconds_count 3\n"
-        );
-    }
+/// Logins and client-id ownership.
+fn identity(out: &mut Exposition<Api>) {
+    out.counter(
+        "chatmq_login_failures_total",
+        "CONNECTs refused for a wrong password or token.",
+        |api| api.broker.auth.guard.metrics.failures.total(),
+    );
+    out.counter("chatmq_logins_rate_limited_total", "CONNECTs refused unchecked: too many failed logins from their address or for their user name.", |api| api.broker.auth.guard.metrics.rate_limited.total());
+    out.counter(
+        "chatmq_logins_busy_total",
+        "CONNECTs refused as Server busy: the password-check queue was full.",
+        |api| api.broker.auth.guard.metrics.busy.total(),
+    );
+    out.counter(
+        "chatmq_client_id_refused_total",
+        "CONNECTs refused: the client id belongs to another user or an anonymous session.",
+        |api| api.broker.metrics.client_id_refused.total(),
+    );
+    out.counter(
+        "chatmq_session_quota_refused_total",
+        "CONNECTs refused: the user already holds mqtt.max_sessions_per_user persistent sessions.",
+        |api| api.broker.metrics.session_quota_refused.total(),
+    );
+    out.counter(
+        "chatmq_reauthentications_total",
+        "Logins moved on by an MQTT 5 re-authentication (AUTH 0x19 with a new token).",
+        |api| api.broker.metrics.reauthentications.total(),
+    );
+    out.counter(
+        "chatmq_client_owners_removed_total",
+        "Client-id claims removed after client_owner_ttl_secs without a session.",
+        |api| api.broker.owners.removed.total(),
+    );
 }

@@ -158,6 +158,18 @@ impl Embedded {
     }
 }
 
+/// An in-process session of `user` for the broker's own use (an HTTP
+/// event stream): it ends when the [`Client`] is dropped or `stop` fires.
+pub(crate) async fn session(
+    broker: &Arc<Broker>,
+    user: &str,
+    stop: watch::Receiver<bool>,
+) -> Result<Client, EmbedError> {
+    let (client, session) = connect(broker, Some(user)).await?;
+    tokio::spawn(session.run(stop));
+    Ok(client)
+}
+
 enum Command {
     Publish {
         publish: Publish,

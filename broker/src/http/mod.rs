@@ -25,6 +25,7 @@ mod devices;
 mod messages;
 mod ops;
 mod server;
+mod stream;
 mod web;
 mod wire;
 
@@ -68,6 +69,8 @@ pub struct Api {
     timeouts: Timeouts,
     /// Applies a changed configuration file (`POST /v1/admin/reload`).
     reloader: Arc<Reloader>,
+    /// The open `GET /v1/stream`s.
+    streams: Arc<stream::Streams>,
 }
 
 /// Requests cut short by a timeout, for `/metrics`.
@@ -94,6 +97,7 @@ impl Api {
             connections,
             timeouts: Timeouts::default(),
             reloader,
+            streams: Arc::default(),
         })
     }
 
@@ -150,6 +154,8 @@ pub fn router(api: Arc<Api>) -> Router {
             "/v1/conversations/{conv}/occupancy",
             get(conversations::occupancy),
         )
+        .route("/v1/conversations/{conv}/typing", post(stream::typing))
+        .route("/v1/stream", get(stream::open))
         .route("/v1/devices", get(devices::list).post(devices::register))
         .route(
             "/v1/devices/{platform}/{token}",

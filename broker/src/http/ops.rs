@@ -105,6 +105,25 @@ fn render(api: &Api) -> String {
         "Open HTTP API connections (at most http.max_connections).",
         api.open_connections(),
     );
+    let streams = &api.streams;
+    out.single(
+        "chatmq_http_streams",
+        "gauge",
+        "Open GET /v1/stream event streams.",
+        streams.open(),
+    );
+    out.labelled(
+        "chatmq_http_stream_ends_total",
+        "counter",
+        "Event streams opened, refused (http.stream_max_per_user or http.stream_max_total) \
+         and cut off (the reader fell behind), by outcome.",
+        "outcome",
+        &[
+            ("opened", count(&streams.opened)),
+            ("refused", count(&streams.refused)),
+            ("cut_off", count(&streams.cut_off)),
+        ],
+    );
     let reloads = &api.reloader.metrics;
     out.labelled(
         "chatmq_config_reloads_total",

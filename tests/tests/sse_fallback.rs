@@ -370,3 +370,48 @@ async fn open_streams_are_bounded_per_user_and_in_all() {
     metric_becomes(&b, "chatmq_http_streams", 2.0).await;
     let _bob3 = stream_of(&b, "bob", None).await;
 }
+
+#[tokio::test]
+async fn a_reader_that_falls_behind_is_cut_off_and_resumes_without_a_loss() {
+    let b = Broker::start(&config("[http]\nstream_buffer = 4\n"));
+    group(&b, "alice", "room", &["bob"]).await;
+    let mut bob = stream_of(&b, "bob", None).await;
+    // Bob reads nothing while about 16 MB come: more than the sockets'
+    // buffers hold, so his stream's queue fills.
+    let filler = "x".repeat(200_000);
+    let http = Http::new(b.http_addr).with_token(&token("alice"));
+    const N: u64 = 80;
+    for i in 1..=N {
+        let r = http
+            .post(
+                "/v1/conversations/room/messages",
+                &json!({"id": format!("big-{i}"), "body": {"text": format!("big {i}"), "filler": filler}}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    metric_becomes(
+        &b,
+        "chatmq_http_stream_ends_total{outcome=\"cut_off\"}",
+        1.0,
+    )
+    .await;
+
+    // What reached him before the cut, to the end of the stream ...
+    let mut got = Vec::new();
+    while let Some(e) = bob.next(PATIENCE).await {
+        if e.kind == "chat" {
+            got.push(e);
+        }
+    }
+    assert!(
+        (got.len() as u64) < N,
+        "the stream was cut off early: {}",
+        got.len()
+    );
+    let last_id = got.last().and_then(|e| e.id.clone()).unwrap_or_default();
+    // ... and the rest after a reconnect from his last id: each once, in order.
+    let mut again = stream_of(&b, "bob", Some(&last_id)).await;
+    got.extend(again.chats(N as usize - got.len()).await);
+    assert_eq!(seqs(&got), (1..=N).collect::<Vec<_>>());
+}

@@ -365,7 +365,7 @@ impl Pump {
                 if seq <= after || until.is_some_and(|u| seq >= u) {
                     continue;
                 }
-                self.send_chat(conv, seq, m).await?;
+                self.send_chat(conv, seq, m, Pace::Reader).await?;
             }
             if self.last.get(conv).copied().unwrap_or(0) <= after {
                 return Ok(());
@@ -393,17 +393,24 @@ impl Pump {
                     }
                     _ => {}
                 }
-                return self.send_chat(&conv, seq, payload).await;
+                return self.send_chat(&conv, seq, payload, Pace::Live).await;
             }
             Some("typing") => "typing",
             Some("presence") => "presence",
             _ => "event",
         };
         let data = json!({"topic": d.topic, "payload": payload}).to_string();
-        self.send(Event::default().event(kind).data(data)).await
+        self.send(Event::default().event(kind).data(data), Pace::Live)
+            .await
     }
 
-    async fn send_chat(&mut self, conv: &str, seq: u64, message: Value) -> Result<(), End> {
+    async fn send_chat(
+        &mut self,
+        conv: &str,
+        seq: u64,
+        message: Value,
+        pace: Pace,
+    ) -> Result<(), End> {
         if !self.last.contains_key(conv) && self.order.len() < MAX_CURSORS {
             self.order.push(conv.to_string());
         }
@@ -417,18 +424,35 @@ impl Pump {
             .collect::<Vec<_>>()
             .join(",");
         let data = json!({"topic": format!("chat/{conv}"), "payload": message}).to_string();
-        self.send(Event::default().event("chat").id(id).data(data))
+        self.send(Event::default().event("chat").id(id).data(data), pace)
             .await
     }
 
-    /// Queues one event for the reader; a full queue means it fell behind.
-    async fn send(&self, event: Event) -> Result<(), End> {
-        match self.tx.try_send(event) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(End::Slow),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Closed),
+    /// Queues one event for the reader. Live, a full queue means it fell
+    /// behind; history waits for room (it is read at the reader's pace,
+    /// while live deliveries wait in the session's bounded queue).
+    async fn send(&mut self, event: Event, pace: Pace) -> Result<(), End> {
+        match pace {
+            Pace::Live => match self.tx.try_send(event) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(_)) => Err(End::Slow),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Closed),
+            },
+            Pace::Reader => tokio::select! {
+                sent = self.tx.send(event) => sent.map_err(|_| End::Closed),
+                _ = self.stop.changed() => Err(End::Closed),
+            },
         }
     }
+}
+
+/// How an event waits for the reader.
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    /// A live delivery: no waiting; a full queue cuts the reader off.
+    Live,
+    /// From history: as fast as the reader takes it.
+    Reader,
 }
 
 /// The body of `POST /v1/conversations/{conv}/typing`.

@@ -52,6 +52,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::conversations::check_conv;
+use super::openapi::Error;
 use super::{bearer, Api, ApiError, Body, Caller};
 use crate::chat::namespace::valid_conv;
 use crate::chat::typing::Typing;
@@ -209,6 +210,24 @@ fn stream_user(api: &Api, headers: &HeaderMap, query: &StreamQuery) -> Result<Ar
 
 /// `GET /v1/stream[?access_token=&cursor=]`: the caller's deliveries as
 /// server-sent events (module docs).
+#[utoipa::path(
+    get,
+    path = "/v1/stream",
+    tag = "messages",
+    params(
+        ("access_token" = Option<String>, Query, description = "The user's JWT, for clients that cannot send `Authorization` (EventSource)"),
+        ("cursor" = Option<String>, Query, description = "Resume after `conv:seq,conv:seq,...` (a chat event's id); `Last-Event-ID` wins over it"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The last chat event's id: resume after it"),
+    ),
+    security(("user_jwt" = [])),
+    responses(
+        (status = 200, description = "Server-sent events: `event: chat|typing|presence|event`, `data: {\"topic\",\"payload\"}`; chat events carry `id:`; a comment line every `http.stream_heartbeat_secs`", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "`bad_request`: a bad cursor, or the admin token", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 429, description = "`too_many_streams`: `http.stream_max_per_user` streams are open", body = Error),
+        (status = 503, description = "`unavailable`: `http.stream_max_total` streams are open", body = Error),
+    ),
+)]
 pub async fn open(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
@@ -456,15 +475,38 @@ enum Pace {
 }
 
 /// The body of `POST /v1/conversations/{conv}/typing`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TypingBody {
     typing: bool,
 }
 
+/// The answer of `POST /v1/conversations/{conv}/typing` (described only:
+/// the handler builds it with `json!`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct Forwarded {
+    /// False when throttled (`chat.typing_interval_ms`).
+    forwarded: bool,
+}
+
 /// `POST /v1/conversations/{conv}/typing` `{"typing": bool}`: a typing
 /// indicator, as a publish on `typing/{conv}` (same size cap and throttle;
 /// a member's token). `{"forwarded": bool}`.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{conv}/typing",
+    tag = "messages",
+    params(("conv" = String, Path, description = "The conversation id")),
+    request_body = TypingBody,
+    security(("user_jwt" = [])),
+    responses(
+        (status = 200, description = "`{\"forwarded\": bool}`: false when throttled (`chat.typing_interval_ms`)", body = Forwarded),
+        (status = 400, description = "`bad_request`: a bad id or body, or the admin token", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`: the caller is not a member", body = Error),
+    ),
+)]
 pub async fn typing(
     caller: Caller,
     State(api): State<Arc<Api>>,

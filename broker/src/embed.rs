@@ -174,6 +174,18 @@ impl Embedded {
     }
 }
 
+/// An in-process session of `user` for the broker's own use (an HTTP
+/// event stream): it ends when the [`Client`] is dropped or `stop` fires.
+pub(crate) async fn session(
+    broker: &Arc<Broker>,
+    user: &str,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Client, EmbedError> {
+    let (client, session) = connect(broker, Some(user), None).await?;
+    tokio::spawn(async move { session.run(&mut stop).await });
+    Ok(client)
+}
+
 enum Command {
     Publish {
         publish: Publish,

@@ -376,11 +376,8 @@ impl Server {
         match signal(SignalKind::hangup()) {
             Ok(hangup) => {
                 let shutdown = self.shutdown.subscribe();
-                self.tasks.spawn(reload::on_hangup(
-                    hangup,
-                    self.reloader.clone(),
-                    shutdown,
-                ));
+                self.tasks
+                    .spawn(reload::on_hangup(hangup, self.reloader.clone(), shutdown));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for SIGHUP: reload through the HTTP API");

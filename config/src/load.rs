@@ -805,6 +805,7 @@ mod tests {
                 header_timeout_secs: 26,
                 request_timeout_secs: 27,
                 max_connections: 28,
+                ..Http::default()
             },
             chat: Chat {
                 history_limit: 9,

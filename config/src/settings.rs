@@ -419,6 +419,14 @@ pub struct Http {
     /// Concurrent HTTP connections; further ones wait in the listen backlog
     /// until one closes.
     pub max_connections: usize,
+    /// `GET /v1/stream`: seconds between heartbeat comment lines.
+    pub stream_heartbeat_secs: u64,
+    /// Open event streams per user; more are refused (429).
+    pub stream_max_per_user: usize,
+    /// Open event streams in all; more are refused (503).
+    pub stream_max_total: usize,
+    /// Events waiting for one stream's reader; beyond, it is cut off.
+    pub stream_buffer: usize,
 }
 
 impl Default for Http {
@@ -429,6 +437,10 @@ impl Default for Http {
             header_timeout_secs: 10,
             request_timeout_secs: 30,
             max_connections: 1024,
+            stream_heartbeat_secs: 15,
+            stream_max_per_user: 4,
+            stream_max_total: 512,
+            stream_buffer: 256,
         }
     }
 }
@@ -985,6 +997,10 @@ pub(crate) const KEYS: &[Key] = &[
             key("header_timeout_secs", integer(1, U32_MAX)),
             key("request_timeout_secs", integer(1, U32_MAX)),
             key("max_connections", integer(1, USIZE_MAX)),
+            key("stream_heartbeat_secs", integer(1, U32_MAX)),
+            key("stream_max_per_user", integer(1, USIZE_MAX)),
+            key("stream_max_total", integer(1, USIZE_MAX)),
+            key("stream_buffer", integer(1, USIZE_MAX)),
         ]),
     ),
     key(

@@ -32,3 +32,40 @@ fn two_people_chat_in_the_web_demo_and_nothing_is_lost_offline() {
     );
     println!("screenshot: {}", screenshot.display());
 }
+
+/// The HTTP fallback (issue #13 item 1), in the same browser: alice's
+/// network blocks WebSocket (route interception closes every one her page
+/// opens), so the page falls back by itself to `GET /v1/stream` and the
+/// HTTP API; she chats with bob (on WebSocket), goes offline while he
+/// writes, and back online sees every message once, in order
+/// (`mobile-demo/web/e2e/fallback.e2e.mjs`). She logs in with a JWT: the
+/// HTTP API takes JWTs, not passwords.
+#[test]
+fn with_websocket_blocked_the_web_demo_falls_back_and_loses_nothing_offline() {
+    let secret = "web-e2e-fallback-secret";
+    let broker = web::demo_broker(&format!("[auth]\njwt_secret = \"{secret}\"\n"));
+    let out = web::output_dir("fallback");
+    let base = format!("http://{}", broker.http_addr);
+    let output = web::node(
+        "e2e/fallback.e2e.mjs",
+        &[
+            "--base",
+            &base,
+            "--jwt-secret",
+            secret,
+            "--out",
+            &out.to_string_lossy(),
+        ],
+    );
+    println!("{output}");
+    assert!(
+        output.contains("ok   alice, with WebSocket blocked, logs in and her page falls back"),
+        "the fallback did not start:\n{output}"
+    );
+    assert!(
+        output.contains(
+            "ok   alice comes back over the fallback: every message once, in order; hers is delivered"
+        ),
+        "the offline scenario did not run:\n{output}"
+    );
+}

@@ -150,8 +150,7 @@ mod shard {
             stream.set_nonblocking(true)?;
             let (tx, waker) = &handoff[next % handoff.len()];
             next = next.wrapping_add(1);
-            tx.send(TcpStream::from_std(stream))
-                .context("shard gone")?;
+            tx.send(TcpStream::from_std(stream)).context("shard gone")?;
             waker.wake()?;
         }
         Ok(())

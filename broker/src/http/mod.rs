@@ -27,6 +27,7 @@ mod messages;
 mod openapi;
 mod ops;
 mod server;
+mod stream;
 mod web;
 mod wire;
 
@@ -72,6 +73,8 @@ pub struct Api {
     timeouts: Timeouts,
     /// Applies a changed configuration file (`POST /v1/admin/reload`).
     reloader: Arc<Reloader>,
+    /// The open `GET /v1/stream`s.
+    streams: Arc<stream::Streams>,
 }
 
 /// Requests cut short by a timeout, for `/metrics`.
@@ -98,6 +101,7 @@ impl Api {
             connections,
             timeouts: Timeouts::default(),
             reloader,
+            streams: Arc::default(),
         })
     }
 
@@ -201,6 +205,8 @@ fn table() -> Vec<Route> {
             "/v1/conversations/{conv}/occupancy",
             conversations::occupancy,
         ),
+        Route::new(M::POST, "/v1/conversations/{conv}/typing", stream::typing),
+        Route::new(M::GET, "/v1/stream", stream::open),
         Route::new(M::GET, "/v1/devices", devices::list),
         Route::new(M::POST, "/v1/devices", devices::register),
         Route::new(

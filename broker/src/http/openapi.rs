@@ -54,6 +54,8 @@ use super::ApiError;
         super::messages::delete,
         super::messages::react,
         super::messages::unreact,
+        super::stream::open,
+        super::stream::typing,
         super::devices::list,
         super::devices::register,
         super::devices::unregister,

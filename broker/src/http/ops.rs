@@ -139,6 +139,25 @@ fn render(api: &Arc<Api>) -> String {
         "Open HTTP API connections (at most http.max_connections).",
         |api| api.open_connections() as u64,
     );
+    out.gauge(
+        "chatmq_http_streams",
+        "Open GET /v1/stream event streams.",
+        |api| api.streams.open() as u64,
+    );
+    out.counter_by(
+        "chatmq_http_stream_ends_total",
+        "Event streams opened, refused (http.stream_max_per_user or http.stream_max_total) \
+         and cut off (the reader fell behind), by outcome.",
+        "outcome",
+        |api| {
+            let s = &api.streams;
+            vec![
+                ("opened", s.opened.load(Ordering::Relaxed)),
+                ("refused", s.refused.load(Ordering::Relaxed)),
+                ("cut_off", s.cut_off.load(Ordering::Relaxed)),
+            ]
+        },
+    );
     out.counter_by(
         "chatmq_config_reloads_total",
         "Configuration reloads (SIGHUP or POST /v1/admin/reload), by result: applied, \

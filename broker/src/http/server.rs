@@ -36,7 +36,11 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: watch::Re
     let mut permit = None;
     loop {
         tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed() => {
+                // Event streams never finish by themselves.
+                api.streams.close_all();
+                break;
+            }
             p = api.connections.clone().acquire_owned(), if permit.is_none() => match p {
                 Ok(p) => permit = Some(p),
                 Err(_) => break, // closed: nothing closes it

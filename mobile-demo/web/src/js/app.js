@@ -7,6 +7,7 @@
 // once (Conversations deduplicates by conv and seq).
 
 import { Connection } from './connection.js';
+import { looksLikeJwt, StreamLink } from './stream.js';
 import { Conversations, directConv } from './conversations.js';
 import { $, renderChat, renderList, renderStatus, renderTyping } from './view.js';
 
@@ -90,7 +91,7 @@ function start(session) {
   $('login').hidden = true;
   document.body.classList.add('signed-in');
   $('me').textContent = session.user;
-  conn = new Connection({
+  const options = {
     url: session.url,
     user: session.user,
     secret: session.secret,
@@ -105,8 +106,19 @@ function start(session) {
         sessionStorage.removeItem(SESSION_KEY);
         showLogin(reason);
       },
+      // WebSocket never connected: server-sent events and the HTTP API
+      // instead (they take a JWT, not a password), for this page's life.
+      unreachable: () => {
+        if (!looksLikeJwt(session.secret) || !(conn instanceof Connection)) return;
+        conn.stop();
+        conn = new StreamLink(options);
+        document.body.dataset.transport = 'stream';
+        conn.start();
+      },
     },
-  });
+  };
+  conn = new Connection(options);
+  document.body.dataset.transport = 'websocket';
   route();
   conn.start();
 }

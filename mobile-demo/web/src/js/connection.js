@@ -30,7 +30,8 @@ export class Connection {
    * @param {string} o.clientId stable per browser and user
    * @param {4|5} o.protocolVersion
    * @param {object} o.on callbacks: status(state, detail), connected(),
-   *   message(topic, payload), fatal(reason), acked(conv, id, error)
+   *   message(topic, payload), fatal(reason), acked(conv, id, error),
+   *   unreachable() (optional: the first connection failed)
    */
   constructor(o) {
     this.o = o;
@@ -39,6 +40,7 @@ export class Connection {
     this.attempt = 0;
     this.timer = null;
     this.stopped = false;
+    this.everConnected = false;
     this.nextRpc = 1;
     this.rpcWaiting = new Map(); // id -> {resolve, reject, timer}
     this.outbox = new Map(); // envelope id -> {conv, payload}
@@ -139,9 +141,15 @@ export class Connection {
       if (lost || this.client !== client) return;
       lost = true;
       this.drop();
+      // Never connected at all: WebSocket may be blocked on this network;
+      // the page may switch to the HTTP fallback (stream.js).
+      if (!this.everConnected && this.o.on.unreachable) this.o.on.unreachable();
       this.scheduleRetry();
     };
-    client.on('connect', () => this.onConnect(client));
+    client.on('connect', () => {
+      this.everConnected = true;
+      this.onConnect(client);
+    });
     client.on('message', (topic, payload) => this.onMessage(topic, payload));
     client.on('error', (err) => {
       if (FATAL_CONNACK.has(err.code)) {

@@ -5,7 +5,7 @@
 //!
 //! The public API is small:
 //! - [`Settings`] and its sections ([`Node`], [`Mqtt`], [`Auth`], [`Acl`],
-//!   [`Storage`], [`Http`], [`Chat`]), whose `Default` is the documented defaults
+//!   [`Storage`], [`Http`], [`Chat`], [`Cluster`]), whose `Default` is the documented defaults
 //!   (`config/chatmq.toml` spells out every one);
 //! - [`Settings::load`]: a file, then `CHATMQ__SECTION__KEY` variables
 //!   (`CHATMQ__MQTT__LISTEN=127.0.0.1:0`), then validation;
@@ -31,7 +31,8 @@ mod validate;
 pub use error::ConfigError;
 pub use reload::{is_reloadable, RELOADABLE};
 pub use settings::{
-    Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, LoginLimits, Mqtt, Node, Push, Settings,
-    Storage, SyncMode, Tls, User, Webhook, Websocket, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN,
+    Access, Acl, AclRule, Apns, Auth, Chat, Cluster, ClusterTls, Fcm, Http, LoginLimits, Mqtt,
+    Node, Push, Settings, Storage, SyncMode, Tls, User, Webhook, Websocket, MQTT_TLS_LISTEN,
+    WEBSOCKET_TLS_LISTEN,
 };
 pub use validate::is_user_id;

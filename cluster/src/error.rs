@@ -37,17 +37,8 @@ pub enum ClusterError {
 
     /// A stream or bucket exists with another shape than this node's
     /// settings give it. chatmq never changes an existing one.
-    #[error(
-        "{key}: NATS {what} exists with {property} {found}, but this node needs {expected}; {hint}"
-    )]
-    Shape {
-        key: String,
-        what: String,
-        property: &'static str,
-        found: String,
-        expected: String,
-        hint: String,
-    },
+    #[error("{0}")]
+    Shape(Box<Mismatch>),
 
     /// The cluster was created with another partition count.
     #[error("cluster.partitions: this node has {configured}, but the cluster in NATS (bucket {bucket}) was created with {recorded}; the partition count is fixed for the life of a cluster")]
@@ -60,6 +51,20 @@ pub enum ClusterError {
     /// The layout record in the meta bucket is not one chatmq wrote.
     #[error("cluster.name_prefix: the layout record in NATS bucket {bucket} is not chatmq's ({reason}); choose another cluster.name_prefix or remove the bucket")]
     Record { bucket: String, reason: String },
+}
+
+/// The first property in which an existing stream or bucket differs.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{key}: NATS {what} exists with {property} {found}, but this node needs {expected}; {hint}"
+)]
+pub struct Mismatch {
+    pub key: String,
+    pub what: String,
+    pub property: &'static str,
+    pub found: String,
+    pub expected: String,
+    pub hint: String,
 }
 
 impl ClusterError {

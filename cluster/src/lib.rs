@@ -26,7 +26,7 @@ use chatmq_backoff::Backoff;
 use chatmq_config::{Chat, Cluster as ClusterSettings};
 use tokio::time::Instant;
 
-pub use error::ClusterError;
+pub use error::{ClusterError, Mismatch};
 pub use layout::Layout;
 
 /// A node connected to NATS, with the layout in place.

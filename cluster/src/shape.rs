@@ -13,7 +13,7 @@ use async_nats::jetstream::stream::{Config, DiscardPolicy};
 use async_nats::jetstream::Context;
 use async_nats::jetstream::ErrorCode;
 
-use crate::error::{Attempt, ClusterError};
+use crate::error::{Attempt, ClusterError, Mismatch};
 use crate::layout::{Layout, Record, LAYOUT_VERSION, RECORD_KEY};
 
 /// Creates what is missing and checks what exists, in an order that
@@ -217,14 +217,14 @@ fn compare(expected: &Expected, found: &Config) -> Result<(), ClusterError> {
                     .to_string(),
             ),
         };
-        return Err(ClusterError::Shape {
+        return Err(ClusterError::Shape(Box::new(Mismatch {
             key: key.to_string(),
             what: expected.what.clone(),
             property,
             found: have,
             expected: want,
             hint,
-        });
+        })));
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 # Installs what building and testing chatmq needs and is not on a fresh
 # machine: clang and libclang (RocksDB's bindings), Mosquitto and its
 # clients and paho-mqtt (third-party clients the tests drive), openssl (test keys),
-# Chromium, Node and the web demo's npm packages (the browser tests), and
+# Chromium, Node and the web demo's npm packages (the browser tests),
+# nats-server (the [cluster] tests run a JetStream cluster of it), and
 # cargo-fuzz when the nightly toolchain is there (the fuzz smoke run).
 # Idempotent and quiet when everything is there. Needs root for apt-get (or sudo).
 #
@@ -25,6 +26,8 @@ if [ "$mode" = "--test" ]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   # Push tests generate RSA (FCM) and EC (APNs) keys with it.
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  # The [cluster] tests (tests/src/nats.rs) run 3 of it; Debian's is 2.9.10.
+  command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 fi
 if [ "$mode" = "--test" ] || [ "$mode" = "--web" ]; then
   command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)

@@ -116,7 +116,10 @@ fn serve(path: &Path) -> ExitCode {
     let log = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // The NATS client's own lines stay out unless asked for
+                // (RUST_LOG=async_nats=info): `[cluster]` logs what matters
+                // itself, and a failed start prints one line.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=off")),
         )
         .with_writer(std::io::stderr);
     match settings.log.format {

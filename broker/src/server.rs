@@ -61,6 +61,10 @@ pub enum StartError {
     Push(#[from] PushError),
     #[error("{0}")]
     Bridge(#[from] chatmq_bridge::mqtt::BridgeError),
+    /// `[cluster]`: NATS unreachable in time, or its streams shaped
+    /// otherwise; the message starts with the setting.
+    #[error("{0}")]
+    Cluster(#[from] chatmq_cluster::ClusterError),
 }
 
 /// How the bytes of a listener's connections reach MQTT.
@@ -222,6 +226,8 @@ pub struct Server {
     pub edges: Vec<(&'static str, SocketAddr)>,
     /// Applies a changed configuration (SIGHUP, `POST /v1/admin/reload`).
     pub reloader: Arc<Reloader>,
+    /// The link to NATS with `[cluster]`; `None` without (no NATS at all).
+    pub cluster: Option<chatmq_cluster::Cluster>,
     /// What `/readyz` reports: set once serving, cleared at shutdown.
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
@@ -299,6 +305,31 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, watch) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        if let Some(http_listener) = http_listener {
+            let api = http::Api::new(
+                broker.clone(),
+                ready.clone(),
+                edges.clone(),
+                reloader.clone(),
+            );
+            tasks.spawn(http::serve(http_listener, api, watch.clone()));
+        }
+        // With `[cluster]`, NATS and its streams before any MQTT client is
+        // served: the sockets are bound, so clients wait in the backlog,
+        // and `/readyz` answers not ready meanwhile.
+        let cluster = match &settings.cluster {
+            Some(cluster) => match chatmq_cluster::Cluster::start(cluster, &settings.chat).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let _ = shutdown.send(true);
+                    while tasks.join_next().await.is_some() {}
+                    let store = broker.store.clone();
+                    let _ = tokio::task::spawn_blocking(move || store.close()).await;
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
         // One budget for every MQTT listener: `mqtt.max_connections` counts
         // connections, whatever their transport.
         let admission = Admission::new(&settings.mqtt);
@@ -319,15 +350,6 @@ impl Server {
                 broker.clone(),
                 watch.clone(),
             ));
-        }
-        if let Some(http_listener) = http_listener {
-            let api = http::Api::new(
-                broker.clone(),
-                ready.clone(),
-                edges.clone(),
-                reloader.clone(),
-            );
-            tasks.spawn(http::serve(http_listener, api, watch.clone()));
         }
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
         tasks.spawn(chat::announcements::run(broker.chat.clone(), watch.clone()));
@@ -356,6 +378,7 @@ impl Server {
             http_addr,
             edges,
             reloader,
+            cluster,
             ready,
             shutdown,
             tasks,
@@ -394,6 +417,9 @@ impl Server {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
+        if let Some(cluster) = self.cluster.take() {
+            cluster.shutdown().await;
+        }
         if let Err(e) = self.broker.store.flush().await {
             tracing::error!(error = %e, "final flush failed");
         }

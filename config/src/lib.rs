@@ -5,7 +5,7 @@
 //!
 //! The public API is small:
 //! - [`Settings`] and its sections ([`Node`], [`Mqtt`], [`Auth`], [`Acl`],
-//!   [`Storage`], [`Http`], [`Chat`]), whose `Default` is the documented defaults
+//!   [`Storage`], [`Http`], [`Chat`], [`Cluster`]), whose `Default` is the documented defaults
 //!   (`config/chatmq.toml` spells out every one);
 //! - [`Settings::load`]: a file, then `CHATMQ__SECTION__KEY` variables
 //!   (`CHATMQ__MQTT__LISTEN=127.0.0.1:0`), then validation;
@@ -31,8 +31,8 @@ mod validate;
 pub use error::ConfigError;
 pub use reload::{is_reloadable, RELOADABLE};
 pub use settings::{
-    Access, Acl, AclRule, Apns, Auth, Bridge, BridgeTopic, Chat, Direction, Fcm, Http, Log,
-    LogFormat, LoginLimits, Mqtt, Node, Push, Remote, Settings, Storage, SyncMode, Tls, User,
-    Webhook, Websocket, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN,
+    Access, Acl, AclRule, Apns, Auth, Bridge, BridgeTopic, Chat, Cluster, ClusterTls, Direction,
+    Fcm, Http, Log, LogFormat, LoginLimits, Mqtt, Node, Push, Remote, Settings, Storage, SyncMode,
+    Tls, User, Webhook, Websocket, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN,
 };
 pub use validate::is_user_id;

@@ -372,9 +372,9 @@ mod tests {
 
     use super::*;
     use crate::settings::{
-        Access, Acl, AclRule, Apns, Auth, Bridge, BridgeTopic, Chat, Direction, Fcm, Http, Log,
-        LogFormat, LoginLimits, Mqtt, Node, Push, Remote, Storage, SyncMode, Tls, User, Webhook,
-        Websocket,
+        Access, Acl, AclRule, Apns, Auth, Bridge, BridgeTopic, Chat, Cluster, ClusterTls, Direction,
+        Fcm, Http, Log, LogFormat, LoginLimits, Mqtt, Node, Push, Remote, Storage, SyncMode, Tls,
+        User, Webhook, Websocket,
     };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
@@ -713,6 +713,22 @@ mod tests {
             remote_prefix = "plant/"
             [log]
             format = "json"
+            [cluster]
+            node_id = "node-7"
+            nats_urls = ["nats://10.0.0.1:4222", "tls://10.0.0.2:4222"]
+            partitions = 40
+            lease_ttl_ms = 4100
+            replicas = 5
+            name_prefix = "tenant_a"
+            startup_timeout_secs = 42
+            user = "chatmq"
+            password = "natspass"
+            token = "natstoken"
+            creds_file = "keys/nats.creds"
+            [cluster.tls]
+            ca_file = "certs/nats-ca.pem"
+            cert = "certs/nats-client.crt"
+            key = "certs/nats-client.key"
         "#;
         let expected = Settings {
             log: Log {
@@ -893,6 +909,24 @@ mod tests {
                     }],
                 }],
             },
+            cluster: Some(Cluster {
+                node_id: "node-7".into(),
+                nats_urls: vec!["nats://10.0.0.1:4222".into(), "tls://10.0.0.2:4222".into()],
+                partitions: 40,
+                lease_ttl_ms: 4100,
+                replicas: 5,
+                name_prefix: "tenant_a".into(),
+                startup_timeout_secs: 42,
+                user: Some("chatmq".into()),
+                password: Some("natspass".into()),
+                token: Some("natstoken".into()),
+                creds_file: Some(PathBuf::from("keys/nats.creds")),
+                tls: Some(ClusterTls {
+                    ca_file: Some(PathBuf::from("certs/nats-ca.pem")),
+                    cert: Some(PathBuf::from("certs/nats-client.crt")),
+                    key: Some(PathBuf::from("certs/nats-client.key")),
+                }),
+            }),
         };
         assert_eq!(parse(text, "test.toml", None).unwrap(), expected);
     }
@@ -1045,6 +1079,18 @@ mod tests {
         assert_eq!(
             parse_err("[chat]\nhistory_limit = 0\n"),
             "chat.history_limit: must be at least 1, found 0 in test.toml"
+        );
+        assert_eq!(
+            parse_err("[cluster]\npartitions = 0\n"),
+            "cluster.partitions: must be between 1 and 1024, found 0 in test.toml"
+        );
+        assert_eq!(
+            parse_err("[cluster]\nreplicas = 7\n"),
+            "cluster.replicas: must be between 1 and 5, found 7 in test.toml"
+        );
+        assert_eq!(
+            parse_err("[cluster]\nlease_ttl_ms = 500\n"),
+            "cluster.lease_ttl_ms: must be between 1000 and 60000, found 500 in test.toml"
         );
         assert_eq!(
             parse_err("[chat]\nretention_max_age_secs = -1\n"),

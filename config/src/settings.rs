@@ -32,6 +32,9 @@ pub struct Settings {
     pub push: Push,
     pub bridge: Bridge,
     pub log: Log,
+    /// `[cluster]`: several chatmq nodes sharing NATS JetStream; absent: one
+    /// node on its own RocksDB, with no NATS at all.
+    pub cluster: Option<Cluster>,
 }
 
 /// `[log]`: how the broker writes its log (stderr). Read at start-up.
@@ -700,6 +703,103 @@ impl Default for Chat {
     }
 }
 
+/// `[cluster]`: this node is one of several sharing a NATS JetStream
+/// cluster as the order of record (DESIGN §6, `docs/CLUSTER.md`). Every
+/// node of a cluster has the same section but for `node_id`.
+///
+/// `Debug` prints `password` and `token` as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cluster {
+    /// This node's name among the cluster's nodes (`[A-Za-z0-9_-]{1,64}`),
+    /// unique and stable across restarts: partition leases are held in it.
+    /// Required.
+    pub node_id: String,
+    /// Every NATS server of the JetStream cluster (`nats://host:port`, or
+    /// `tls://host:port` to require TLS), so that the node still reaches
+    /// one when another is down. Required; file only.
+    pub nats_urls: Vec<String>,
+    /// Partition streams the conversations are spread over. Fixed when the
+    /// cluster is created (recorded in NATS): a conversation's partition is
+    /// `hash(conv) mod partitions`, so another count would put it elsewhere.
+    pub partitions: u32,
+    /// Milliseconds a partition owner's lease lives without renewal: how
+    /// long writes to a dead node's partitions pause before another node
+    /// takes them. The TTL of the leases bucket, the same for every node.
+    pub lease_ttl_ms: u64,
+    /// Copies NATS keeps of every stream and bucket (1 to 5; 3 rides out the
+    /// loss of one NATS server).
+    pub replicas: u32,
+    /// The first part of every stream, bucket and subject chatmq uses, so
+    /// that several chatmq clusters can share one NATS.
+    pub name_prefix: String,
+    /// Seconds `chatmq serve` keeps trying to reach NATS and set up its
+    /// streams before it gives up and exits.
+    pub startup_timeout_secs: u64,
+    /// NATS user name; with `password`.
+    pub user: Option<String>,
+    /// NATS password; with `user`.
+    pub password: Option<String>,
+    /// NATS authentication token; instead of `user`/`password`.
+    pub token: Option<String>,
+    /// A NATS `.creds` file (user JWT and NKey seed); instead of the others.
+    pub creds_file: Option<PathBuf>,
+    /// `[cluster.tls]`: TLS to NATS with these files; absent: TLS only for
+    /// `tls://` URLs or when the server asks, with the system's roots.
+    pub tls: Option<ClusterTls>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            node_id: String::new(),
+            nats_urls: Vec::new(),
+            partitions: 16,
+            lease_ttl_ms: 5000,
+            replicas: 3,
+            name_prefix: "chatmq".to_string(),
+            startup_timeout_secs: 60,
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            tls: None,
+        }
+    }
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.node_id)
+            .field("nats_urls", &self.nats_urls)
+            .field("partitions", &self.partitions)
+            .field("lease_ttl_ms", &self.lease_ttl_ms)
+            .field("replicas", &self.replicas)
+            .field("name_prefix", &self.name_prefix)
+            .field("startup_timeout_secs", &self.startup_timeout_secs)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("token", &self.token.as_ref().map(|_| REDACTED))
+            .field("creds_file", &self.creds_file)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// `[cluster.tls]`: TLS to the NATS servers. Its presence requires TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterTls {
+    /// PEM CA certificates the NATS servers' certificates are checked
+    /// against, besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients; with `key`.
+    pub cert: Option<PathBuf>,
+    /// Its PEM private key; with `cert`.
+    pub key: Option<PathBuf>,
+}
+
 /// `[bridge]`: MQTT bridges to other brokers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1112,7 +1212,36 @@ pub(crate) const KEYS: &[Key] = &[
             },
         )]),
     ),
+    key(
+        "cluster",
+        Kind::Section(&[
+            key("node_id", Kind::Text),
+            key("nats_urls", Kind::TextList),
+            key("partitions", integer(1, MAX_PARTITIONS)),
+            key("lease_ttl_ms", integer(1000, 60_000)),
+            key("replicas", integer(1, 5)),
+            key("name_prefix", Kind::Text),
+            key("startup_timeout_secs", integer(1, 3600)),
+            key("user", Kind::Text),
+            key("password", Kind::Text),
+            key("token", Kind::Text),
+            key("creds_file", Kind::Text),
+            key(
+                "tls",
+                Kind::Section(&[
+                    key("ca_file", Kind::Text),
+                    key("cert", Kind::Text),
+                    key("key", Kind::Text),
+                ]),
+            ),
+        ]),
+    ),
 ];
+
+/// The most partitions a cluster may have: each is a replicated stream
+/// (a Raft group on every NATS server holding it), and DESIGN §6 measured
+/// that thousands of them cost NATS gigabytes and minutes of restart.
+const MAX_PARTITIONS: i64 = 1024;
 
 /// The keys of a TLS listener section.
 const TLS_KEYS: &[Key] = &[
@@ -1143,6 +1272,17 @@ mod tests {
         }
         assert!(
             shown.contains("alice") && shown.contains(REDACTED),
+            "{shown}"
+        );
+
+        let cluster = Cluster {
+            password: Some("nats-secret".into()),
+            token: Some("nats-token".into()),
+            ..Cluster::default()
+        };
+        let shown = format!("{cluster:?}");
+        assert!(
+            !shown.contains("nats-secret") && !shown.contains("nats-token"),
             "{shown}"
         );
     }

@@ -13,7 +13,7 @@ use std::io;
 use std::path::Path;
 
 use crate::error::ConfigError;
-use crate::settings::{AclRule, Bridge, Mqtt, Push, Settings, Tls, User};
+use crate::settings::{AclRule, Bridge, Cluster, Mqtt, Push, Settings, Tls, User};
 
 /// Checks what [`Settings::load`] and [`Settings::from_toml`] cannot check by
 /// type alone; creates `node.data_dir` if it is missing.
@@ -39,6 +39,9 @@ pub(crate) fn validate(settings: &Settings) -> Result<(), ConfigError> {
     check_push(&settings.push)?;
     check_bridge(&settings.bridge)?;
     check_publish_bursts(&settings.mqtt)?;
+    if let Some(cluster) = &settings.cluster {
+        check_cluster(cluster)?;
+    }
     prepare_data_dir(&settings.node.data_dir)
 }
 
@@ -135,6 +138,158 @@ fn check_push(push: &Push) -> Result<(), ConfigError> {
         check_required_path("push.fcm.service_account_file", &fcm.service_account_file)?;
     }
     Ok(())
+}
+
+/// The most NATS URLs one node may list: a JetStream cluster has 3 or 5
+/// servers, and each URL costs a connection attempt per round.
+const MAX_NATS_URLS: usize = 32;
+
+/// `[cluster]`: what must be there, how names are spelled, which
+/// credentials go together. Whether NATS agrees is checked at start-up.
+fn check_cluster(cluster: &Cluster) -> Result<(), ConfigError> {
+    let invalid = |key: &str, reason: String| ConfigError::Invalid {
+        key: key.to_string(),
+        reason,
+    };
+    if cluster.node_id.is_empty() {
+        return Err(required("cluster.node_id"));
+    }
+    if !is_user_id(&cluster.node_id) {
+        return Err(invalid(
+            "cluster.node_id",
+            format!(
+                "{:?} is not a valid node id ({USER_ID_RULE})",
+                cluster.node_id
+            ),
+        ));
+    }
+    if cluster.nats_urls.is_empty() {
+        return Err(required("cluster.nats_urls"));
+    }
+    if cluster.nats_urls.len() > MAX_NATS_URLS {
+        return Err(invalid(
+            "cluster.nats_urls",
+            format!("{} URLs, at most {MAX_NATS_URLS}", cluster.nats_urls.len()),
+        ));
+    }
+    for (index, url) in cluster.nats_urls.iter().enumerate() {
+        let key = format!("cluster.nats_urls[{index}]");
+        if let Err(reason) = check_nats_url(url) {
+            return Err(invalid(&key, format!("{url:?} {reason}")));
+        }
+        if let Some(first) = cluster.nats_urls[..index].iter().position(|u| u == url) {
+            return Err(invalid(
+                &key,
+                format!("{url:?} is already listed in cluster.nats_urls[{first}]"),
+            ));
+        }
+    }
+    let prefix = &cluster.name_prefix;
+    if !(1..=32).contains(&prefix.len())
+        || !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(invalid(
+            "cluster.name_prefix",
+            format!("{prefix:?} must be 1 to 32 of A-Z a-z 0-9 _ - (it begins NATS stream, bucket and subject names)"),
+        ));
+    }
+    match (&cluster.user, &cluster.password) {
+        (Some(_), None) => {
+            return Err(invalid(
+                "cluster.password",
+                "missing: cluster.user needs it".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "cluster.user",
+                "missing: cluster.password needs it".into(),
+            ))
+        }
+        _ => {}
+    }
+    let ways = [
+        ("cluster.user", cluster.user.is_some()),
+        ("cluster.token", cluster.token.is_some()),
+        ("cluster.creds_file", cluster.creds_file.is_some()),
+    ];
+    let chosen: Vec<&str> = ways
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(k, _)| *k)
+        .collect();
+    if let [first, second, ..] = chosen.as_slice() {
+        return Err(invalid(
+            second,
+            format!("NATS takes one way to authenticate: {first} is set too"),
+        ));
+    }
+    if let Some(path) = &cluster.creds_file {
+        check_readable("cluster.creds_file", path)?;
+    }
+    if let Some(tls) = &cluster.tls {
+        if let Some(path) = &tls.ca_file {
+            check_readable("cluster.tls.ca_file", path)?;
+        }
+        match (&tls.cert, &tls.key) {
+            (Some(cert), Some(key)) => {
+                check_readable("cluster.tls.cert", cert)?;
+                check_readable("cluster.tls.key", key)?;
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "cluster.tls.key",
+                    "missing: cluster.tls.cert needs it".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "cluster.tls.cert",
+                    "missing: cluster.tls.key needs it".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A NATS server URL as the client takes it: `nats://` or `tls://`, a
+/// host, an optional port; user info is allowed (`nats://u:p@host`).
+fn check_nats_url(url: &str) -> Result<(), &'static str> {
+    let Some(rest) = url
+        .strip_prefix("nats://")
+        .or_else(|| url.strip_prefix("tls://"))
+    else {
+        return Err("must start with nats:// or tls://");
+    };
+    if rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains a space or a control character");
+    }
+    let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = match host_port.strip_prefix('[') {
+        // [::1]:4222
+        Some(v6) => match v6.split_once(']') {
+            Some((host, after)) => (host, after.strip_prefix(':')),
+            None => return Err("has an unclosed [ in its host"),
+        },
+        None => match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    match port {
+        Some(port) if port.parse::<u16>().map_or(true, |p| p == 0) => {
+            Err("has a port that is not 1 to 65535")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A byte burst below `max_payload` would refuse the largest message a
@@ -367,7 +522,7 @@ fn prepare_data_dir(dir: &Path) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::{Access, Node};
+    use crate::settings::{Access, ClusterTls, Node};
 
     /// Settings whose data_dir lives in a fresh temporary directory.
     fn settings_in(dir: &tempfile::TempDir) -> Settings {
@@ -637,5 +792,142 @@ mod tests {
         settings.auth.users = vec![user("not valid")];
         validate(&settings).unwrap_err();
         assert!(!settings.node.data_dir.exists());
+    }
+
+    fn cluster() -> Cluster {
+        Cluster {
+            node_id: "node-1".into(),
+            nats_urls: vec!["nats://127.0.0.1:4222".into(), "tls://[::1]:4223".into()],
+            ..Cluster::default()
+        }
+    }
+
+    fn cluster_error(cluster: Cluster) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        settings.cluster = Some(cluster);
+        let message = error(&settings);
+        assert!(!message.contains('\n'), "not one line: {message}");
+        message
+    }
+
+    #[test]
+    fn a_cluster_section_is_valid_with_a_node_id_and_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings_in(&dir);
+        settings.cluster = Some(cluster());
+        validate(&settings).unwrap();
+    }
+
+    #[test]
+    fn a_cluster_needs_a_node_id_and_urls() {
+        let c = Cluster {
+            node_id: String::new(),
+            ..cluster()
+        };
+        assert_eq!(
+            cluster_error(c),
+            "cluster.node_id: missing, and required when its section is present"
+        );
+        let c = Cluster {
+            node_id: "node 1".into(),
+            ..cluster()
+        };
+        assert!(cluster_error(c).starts_with("cluster.node_id: \"node 1\" is not a valid node id"));
+        let c = Cluster {
+            nats_urls: Vec::new(),
+            ..cluster()
+        };
+        assert_eq!(
+            cluster_error(c),
+            "cluster.nats_urls: missing, and required when its section is present"
+        );
+    }
+
+    #[test]
+    fn nats_urls_are_checked_one_by_one() {
+        for (url, reason) in [
+            ("127.0.0.1:4222", "must start with nats:// or tls://"),
+            ("http://127.0.0.1:4222", "must start with nats:// or tls://"),
+            ("nats://", "has no host"),
+            ("nats://:4222", "has no host"),
+            ("nats://host:99999", "has a port that is not 1 to 65535"),
+            ("nats://host:0", "has a port that is not 1 to 65535"),
+            ("nats://[::1:4222", "has an unclosed [ in its host"),
+            ("nats://a b:4222", "contains a space or a control character"),
+        ] {
+            let mut c = cluster();
+            c.nats_urls.push(url.into());
+            assert_eq!(
+                cluster_error(c),
+                format!("cluster.nats_urls[2]: {url:?} {reason}")
+            );
+        }
+        let mut c = cluster();
+        c.nats_urls.push("nats://127.0.0.1:4222".into());
+        assert_eq!(
+            cluster_error(c),
+            "cluster.nats_urls[2]: \"nats://127.0.0.1:4222\" is already listed in cluster.nats_urls[0]"
+        );
+        for ok in [
+            "nats://u:p@nats-1.internal:4222",
+            "nats://nats-2",
+            "tls://[fe80::1]",
+        ] {
+            check_nats_url(ok).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_name_prefix_must_fit_nats_names() {
+        for bad in ["", "chat.mq", "chat mq", "a*", "x>", &"p".repeat(33)] {
+            let c = Cluster {
+                name_prefix: bad.into(),
+                ..cluster()
+            };
+            assert!(
+                cluster_error(c).starts_with("cluster.name_prefix: "),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nats_credentials_go_together_one_way_at_a_time() {
+        let c = Cluster {
+            user: Some("u".into()),
+            ..cluster()
+        };
+        assert_eq!(
+            cluster_error(c),
+            "cluster.password: missing: cluster.user needs it"
+        );
+        let c = Cluster {
+            user: Some("u".into()),
+            password: Some("p".into()),
+            token: Some("t".into()),
+            ..cluster()
+        };
+        assert_eq!(
+            cluster_error(c),
+            "cluster.token: NATS takes one way to authenticate: cluster.user is set too"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cluster {
+            creds_file: Some(dir.path().join("missing.creds")),
+            ..cluster()
+        };
+        assert!(cluster_error(c).starts_with("cluster.creds_file: "));
+        let c = Cluster {
+            tls: Some(ClusterTls {
+                cert: Some(dir.path().join("client.crt")),
+                ..ClusterTls::default()
+            }),
+            ..cluster()
+        };
+        assert_eq!(
+            cluster_error(c),
+            "cluster.tls.key: missing: cluster.tls.cert needs it"
+        );
     }
 }

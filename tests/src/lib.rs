@@ -9,7 +9,8 @@
 //! Clients: rumqttc (v4 and v5) through [`v4`] and [`v5`] helpers, raw
 //! bytes through [`raw`] (TCP) and [`ws`] (WebSocket), the HTTP API
 //! through [`http`], and browsers (Chromium driven by Node scripts) through
-//! [`web`]. [`tls`] makes a throwaway CA for the TLS listeners.
+//! [`web`]. [`tls`] makes a throwaway CA for the TLS listeners. [`nats`]
+//! runs a NATS JetStream cluster for the `[cluster]` tests.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod http;
 pub mod metrics;
 pub mod promql;
+pub mod nats;
 pub mod push_mock;
 pub mod raw;
 pub mod tls;

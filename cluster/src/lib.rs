@@ -1,0 +1,118 @@
+//! chatmq-cluster: a chatmq node's link to the NATS JetStream cluster that
+//! the nodes of a chatmq cluster share as their order of record
+//! (DESIGN §6, `docs/CLUSTER.md`).
+//!
+//! What it does today (issue #12, item 1): [`Cluster::start`] connects to
+//! the NATS servers of `[cluster]` ([`connect`]), then makes sure the
+//! JetStream objects of the [`layout`] exist, creating what is missing and
+//! refusing, with one line naming the setting, what exists with another
+//! shape ([`shape`]). It retries what can pass (no server up yet, no
+//! JetStream leader yet) with backoff until `cluster.startup_timeout_secs`.
+//! Sequencing, materialisation and leases build on the [`Cluster`] handle
+//! in later steps.
+//!
+//! It must never open RocksDB or know MQTT; and nothing of it runs without
+//! `[cluster]`: the broker only calls it when the section is there.
+
+mod connect;
+mod error;
+pub mod layout;
+mod shape;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chatmq_backoff::Backoff;
+use chatmq_config::{Chat, Cluster as ClusterSettings};
+use tokio::time::Instant;
+
+pub use error::{ClusterError, Mismatch};
+pub use layout::Layout;
+
+/// A node connected to NATS, with the layout in place.
+pub struct Cluster {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    layout: Layout,
+}
+
+/// The first wait between two start-up attempts, and the longest.
+const RETRY_BASE: Duration = Duration::from_millis(250);
+const RETRY_CAP: Duration = Duration::from_secs(5);
+
+impl Cluster {
+    /// Connects to NATS and ensures the layout, retrying what may pass
+    /// until `cluster.startup_timeout_secs`. An error is final: a wrong
+    /// setting, a shape NATS already has, or the time is up.
+    pub async fn start(settings: &ClusterSettings, chat: &Chat) -> Result<Cluster, ClusterError> {
+        let layout = Layout::new(settings, chat);
+        let connector = connect::Connector::new(settings).await?;
+        let deadline = Instant::now() + Duration::from_secs(settings.startup_timeout_secs);
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
+        let mut client: Option<async_nats::Client> = None;
+        let mut last = error::Failure::default();
+        loop {
+            let attempt = async {
+                let c = match &client {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = connector.connect().await?;
+                        client = Some(c.clone());
+                        c
+                    }
+                };
+                let js = jetstream::new(c.clone());
+                shape::ensure(&js, &layout).await?;
+                Ok::<_, error::Attempt>((c, js))
+            };
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok((client, jetstream))) => {
+                    connector.started();
+                    tracing::info!(
+                        node = %settings.node_id,
+                        partitions = layout.partitions(),
+                        "connected to NATS; streams and buckets in place"
+                    );
+                    return Ok(Cluster {
+                        client,
+                        jetstream,
+                        layout,
+                    });
+                }
+                Ok(Err(error::Attempt::Final(e))) => return Err(e),
+                Ok(Err(error::Attempt::Retry(failure))) => {
+                    tracing::debug!(key = failure.key, error = %failure.message, "cluster start-up: retrying");
+                    last = failure;
+                }
+                Err(_) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClusterError::gave_up(settings, client.is_some(), last));
+            }
+            tokio::time::sleep(backoff.next_delay().min(deadline - now)).await;
+        }
+    }
+
+    /// The NATS connection (it reconnects by itself, to any listed server).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// JetStream on that connection.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// The names and shapes of the streams and buckets.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Flushes what this node sent and closes the connection.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.client.drain().await {
+            tracing::debug!(error = %e, "NATS drain at shutdown");
+        }
+    }
+}

@@ -120,8 +120,9 @@ struct Link {
 enum Stop {
     /// The app asked (`close`, or every handle dropped).
     Closed(Option<oneshot::Sender<()>>),
-    /// The last event says why.
-    Fatal(Event),
+    /// The last event says why (boxed: an event is large, a result
+    /// carrying it on every step should not be).
+    Fatal(Box<Event>),
 }
 
 struct Engine {
@@ -228,7 +229,9 @@ impl Engine {
                 },
                 event = net.recv(), if self.out.len() < EVENTS_HIGH => match event {
                     Some(event) => self.network(event),
-                    None => Err(Stop::Fatal(Event::Failed("the connection task stopped".into()))),
+                    None => Err(Stop::Fatal(Box::new(Event::Failed(
+                        "the connection task stopped".into(),
+                    )))),
                 },
             };
             if let Err(stop) = step {
@@ -245,7 +248,7 @@ impl Engine {
             }
             Stop::Fatal(last) => {
                 connection.abort();
-                self.out.push_back(last);
+                self.out.push_back(*last);
             }
         }
         // What is left goes out before the stream ends; requests get
@@ -292,7 +295,7 @@ impl Engine {
     fn save(&mut self) -> Result<(), Stop> {
         if self.state != self.saved {
             if let Err(e) = self.state.save(&self.opts.state) {
-                return Err(Stop::Fatal(Event::Failed(e.to_string())));
+                return Err(Stop::Fatal(Box::new(Event::Failed(e.to_string()))));
             }
             self.saved = self.state.clone();
         }
@@ -436,7 +439,7 @@ impl Engine {
                 self.emit(Event::Disconnected { error, retry_in });
                 Ok(())
             }
-            NetEvent::Refused { error } => Err(Stop::Fatal(Event::Refused(error))),
+            NetEvent::Refused { error } => Err(Stop::Fatal(Box::new(Event::Refused(error)))),
             NetEvent::Closed => Ok(()),
             NetEvent::Published { conn, pkid } => {
                 if let Some(link) = self.link.as_mut().filter(|l| l.conn == conn) {

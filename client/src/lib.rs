@@ -320,7 +320,7 @@ impl Client {
         &self,
         request: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Request,
     ) -> Result<T, Error> {
-        let answer = self.ask(|reply| request(reply));
+        let answer = self.ask(request);
         let answer = tokio::time::timeout(RPC_TIMEOUT, answer)
             .await
             .map_err(|_| Error::Timeout)?;

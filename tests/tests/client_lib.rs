@@ -308,3 +308,51 @@ async fn an_echo_bot_on_the_crate_answers_once_through_crashes_and_restarts() {
     assert_dense(&seqs, seqs.len() as u64, "history");
     bot.close().await;
 }
+
+/// The example itself, as its README runs it: `echo_bot` with the settings
+/// in its environment answers bob.
+#[tokio::test]
+async fn the_echo_bot_example_answers() {
+    let b = Broker::start(&config(""));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bin = chatmq_tests::binary()
+        .with_file_name("examples")
+        .join("echo_bot");
+    assert!(
+        bin.exists(),
+        "{} is missing: build all targets first (`cargo build --workspace --all-targets`)",
+        bin.display()
+    );
+    let state = dir.path().join("echo.json");
+    let mut bot = std::process::Command::new(&bin)
+        .env("CHATMQ_SERVER", b.addr.to_string())
+        .env("CHATMQ_USER", "bot")
+        .env("CHATMQ_PASSWORD", token("bot"))
+        .env("CHATMQ_STATE", &state)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start echo_bot");
+    // The process writes its state file on start.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !state.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "no state file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    subscribed(&state).await;
+    let mut bob = v5_user(&b, "bob").await;
+    bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
+        .await;
+    bob_sends(&mut bob, "b-1", "ping").await;
+    let got = v5_until(&mut bob, PATIENCE, |g| {
+        g.iter().any(|p| json_of(&p.payload)["from"] == "bot")
+    })
+    .await;
+    let _ = bot.kill();
+    let _ = bot.wait();
+    let answer = got
+        .iter()
+        .map(|p| json_of(&p.payload))
+        .find(|v| v["from"] == "bot")
+        .expect("an answer");
+    assert_eq!(answer["body"], "echo: ping", "{answer}");
+}

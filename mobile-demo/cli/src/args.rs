@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
+use chatmq_client::Server;
 use clap::{CommandFactory, Parser};
 
 /// The commands typed on stdin: shown by `--help` and by `/help`.
@@ -50,22 +51,9 @@ struct Args {
     json: bool,
 }
 
-/// How the client reaches the broker.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Transport {
-    Tcp,
-    Tls,
-    /// MQTT over WebSocket at this URL.
-    Ws(String),
-    /// MQTT over secure WebSocket at this URL.
-    Wss(String),
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
-    pub host: String,
-    pub port: u16,
-    pub transport: Transport,
+    pub server: Server,
     /// Certificates to trust for TLS instead of the system's.
     pub ca: Option<PathBuf>,
     pub user: String,
@@ -73,14 +61,6 @@ pub struct Options {
     pub client_id: Option<String>,
     pub state: PathBuf,
     pub json: bool,
-}
-
-/// `--server`, parsed.
-#[derive(Debug, Clone, PartialEq)]
-struct Server {
-    host: String,
-    port: u16,
-    transport: Transport,
 }
 
 /// Parses the process's arguments; `--help`, `--version` and mistakes end
@@ -104,9 +84,7 @@ pub fn usage() -> String {
 impl From<Args> for Options {
     fn from(a: Args) -> Options {
         Options {
-            host: a.server.host,
-            port: a.server.port,
-            transport: a.server.transport,
+            server: a.server,
             ca: a.ca,
             state: a
                 .state
@@ -119,32 +97,10 @@ impl From<Args> for Options {
     }
 }
 
-/// `HOST:PORT` or a URL whose scheme picks the transport; the WebSocket
-/// ones keep the whole URL, which rumqttc connects to.
-fn parse_server(server: &str) -> Result<Server> {
-    let (scheme, rest) = server.split_once("://").unwrap_or(("mqtt", server));
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    let (host, port) = authority
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-        .filter(|(h, _)| !h.is_empty())
-        .ok_or_else(|| anyhow!("{server:?} needs a HOST:PORT"))?;
-    let transport = match scheme {
-        "mqtt" | "tcp" if path.is_empty() => Transport::Tcp,
-        "mqtts" | "ssl" if path.is_empty() => Transport::Tls,
-        "ws" => Transport::Ws(server.to_string()),
-        "wss" => Transport::Wss(server.to_string()),
-        "mqtt" | "tcp" | "mqtts" | "ssl" => bail!("{server:?}: MQTT over TCP has no path"),
-        other => bail!("{server:?}: unknown scheme {other:?} (mqtt, mqtts, ws, wss)"),
-    };
-    Ok(Server {
-        host: host.to_string(),
-        port,
-        transport,
-    })
+/// `HOST:PORT` or a URL whose scheme picks the transport (the library's
+/// parser, so the CLI and an app read an address alike).
+fn parse_server(server: &str) -> Result<Server, chatmq_client::Error> {
+    server.parse()
 }
 
 fn parse_user(user: &str) -> Result<String> {
@@ -171,6 +127,7 @@ pub fn valid_user(u: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chatmq_client::Transport;
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
@@ -190,9 +147,11 @@ mod tests {
         assert_eq!(
             got,
             Options {
-                host: "127.0.0.1".into(),
-                port: 1883,
-                transport: Transport::Tcp,
+                server: Server {
+                    host: "127.0.0.1".into(),
+                    port: 1883,
+                    transport: Transport::Tcp,
+                },
                 ca: None,
                 user: "alice".into(),
                 password: "pw".into(),
@@ -214,7 +173,7 @@ mod tests {
     #[test]
     fn the_server_url_picks_the_transport() {
         let server = |s: &str| match parsed(&format!("--server {s} --user a --password p")) {
-            Ok(o) => (o.host, o.port, o.transport),
+            Ok(o) => (o.server.host, o.server.port, o.server.transport),
             other => panic!("{s}: {other:?}"),
         };
         assert_eq!(server("h:1883"), ("h".into(), 1883, Transport::Tcp));

@@ -1,27 +1,21 @@
 //! `chatmq-cli`: a terminal chat client for chatmq that behaves like a
-//! well-built mobile app. It speaks MQTT 5 with a persistent session,
-//! reconnects with capped exponential backoff and jitter, keeps the last
-//! seq of every conversation and an outbox in a state file, shows each
-//! message once and in order, and resends unacknowledged messages with
-//! their original envelope id.
+//! well-built mobile app. The behaviour (MQTT 5 with a persistent session,
+//! reconnects with backoff and jitter, the state file with the last seq of
+//! every conversation and the outbox, each message once and in order,
+//! resends with the original envelope id) is the `chatmq-client` library;
+//! this program is its terminal front-end.
 //!
 //! | module | owns |
 //! |---|---|
 //! | `args` | the command line |
 //! | `command` | what a typed line means |
-//! | `state` | the state file (atomic writes) |
-//! | `timeline` | dedup by (conv, seq), ordering, gap detection |
-//! | `link` | the MQTT connection and its reconnects |
-//! | `app` | the behaviour tying them together |
+//! | `app` | typed lines to client calls, client events to output |
 //! | `output` | human or JSON-lines output |
 
 mod app;
 mod args;
 mod command;
-mod link;
 mod output;
-mod state;
-mod timeline;
 
 use std::process::ExitCode;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::timeline::Message;
+use chatmq_client::Message;
 
 pub struct Printer {
     json: bool,
@@ -86,11 +86,7 @@ impl Printer {
     }
 
     /// The `conversations` RPC result, with unread counts.
-    pub fn conversations(&self, result: &Value, current: Option<&str>) {
-        let list = result["conversations"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+    pub fn conversations(&self, list: &[Value], current: Option<&str>) {
         self.emit(
             json!({"event": "conversations", "conversations": list}),
             || {

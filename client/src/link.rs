@@ -26,10 +26,10 @@ const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// Requests the app may queue towards one connection (the outbox window
 /// plus RPCs, subscriptions and acks stay well below it).
-pub const REQUESTS: usize = 512;
+pub(crate) const REQUESTS: usize = 512;
 
 /// What happens to the connection.
-pub enum NetEvent {
+pub(crate) enum NetEvent {
     /// CONNACK received: `client` sends on this connection.
     Connected {
         conn: u64,
@@ -57,7 +57,7 @@ pub enum NetEvent {
 
 /// Runs the connection in a task that reports to `events` until the
 /// receiver is dropped.
-pub fn spawn(options: MqttOptions, events: mpsc::Sender<NetEvent>) -> JoinHandle<()> {
+pub(crate) fn spawn(options: MqttOptions, events: mpsc::Sender<NetEvent>) -> JoinHandle<()> {
     tokio::spawn(run(options, events))
 }
 
@@ -86,8 +86,8 @@ async fn run(options: MqttOptions, events: mpsc::Sender<NetEvent>) {
                 Ok(Event::Outgoing(_)) => continue,
                 Err(ConnectionError::ConnectionRefused(code)) if hopeless(code) => {
                     let error = format!(
-                        "the broker refused the login ({code:?}): check --user and --password \
-                         (a JWT may have expired) and that the client id is yours"
+                        "the broker refused the login ({code:?}): check the user and the \
+                         password (a JWT may have expired) and that the client id is yours"
                     );
                     let _ = events.send(NetEvent::Refused { error }).await;
                     return;

@@ -14,9 +14,16 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::Error;
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn fail<T>(message: String) -> Result<T> {
+    Err(Error::State(message))
+}
 
 /// The layout written by this version; another number is refused.
 const VERSION: u32 = 1;
@@ -53,16 +60,16 @@ pub struct State {
 }
 
 impl State {
-    /// A fresh state for `user`; the client id is `client_id` or one derived
-    /// from the new device tag.
-    pub fn new(user: &str, client_id: Option<&str>) -> State {
+    /// A fresh state for `user`; the client id is `client_id` or
+    /// `{prefix}-{device tag}`.
+    pub fn new(user: &str, client_id: Option<&str>, prefix: &str) -> State {
         let device = format!("{:012x}", fastrand::u64(..=0xffff_ffff_ffff));
         State {
             version: VERSION,
             user: user.to_string(),
             client_id: client_id
                 .map(str::to_string)
-                .unwrap_or_else(|| format!("chatmq-cli-{device}")),
+                .unwrap_or_else(|| format!("{prefix}-{device}")),
             device,
             next_id: 1,
             last_seq: BTreeMap::new(),
@@ -76,23 +83,23 @@ impl State {
         let text = match fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read state file {}", path.display()))
-            }
+            Err(e) => return fail(format!("cannot read state file {}: {e}", path.display())),
         };
+        // "chatmq-cli state": the format chatmq-cli has always written,
+        // and the words its users know.
         let state: State = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
+            Error::State(format!(
                 "state file {} is not a chatmq-cli state ({e}); move it away to start afresh \
                  (its unsent messages would be lost)",
                 path.display()
-            )
+            ))
         })?;
         if state.version != VERSION {
-            bail!(
-                "state file {} has version {}, this chatmq-cli reads version {VERSION}",
+            return fail(format!(
+                "state file {} has version {}, this client reads version {VERSION}",
                 path.display(),
                 state.version
-            );
+            ));
         }
         Ok(Some(state))
     }
@@ -100,24 +107,25 @@ impl State {
     /// The state in `path` for `user`, or a new one. A file written for
     /// another user or another client id is refused: the broker ties a
     /// client id to its first user, and the seqs belong to that session.
-    pub fn open(path: &Path, user: &str, client_id: Option<&str>) -> Result<State> {
+    pub fn open(path: &Path, user: &str, client_id: Option<&str>, prefix: &str) -> Result<State> {
         let Some(state) = State::load(path)? else {
-            return Ok(State::new(user, client_id));
+            return Ok(State::new(user, client_id, prefix));
         };
         if state.user != user {
-            bail!(
-                "state file {} belongs to user {}, not {user}; pass another --state",
+            return fail(format!(
+                "state file {} belongs to user {}, not {user}; use another state file",
                 path.display(),
                 state.user
-            );
+            ));
         }
         if let Some(id) = client_id {
             if id != state.client_id {
-                bail!(
-                    "state file {} belongs to client id {}; drop --client-id or pass another --state",
+                return fail(format!(
+                    "state file {} belongs to client id {}; do not set a client id, \
+                     or use another state file",
                     path.display(),
                     state.client_id
-                );
+                ));
             }
         }
         Ok(state)
@@ -126,7 +134,8 @@ impl State {
     /// Writes the whole state to `path` atomically and durably.
     pub fn save(&self, path: &Path) -> Result<()> {
         let tmp = temporary_path(path);
-        let text = serde_json::to_vec_pretty(self).context("encoding the state")?;
+        let text = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::State(format!("encoding the state: {e}")))?;
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(&text)?;
@@ -142,7 +151,8 @@ impl State {
             }
             Ok(())
         };
-        write().with_context(|| format!("cannot write state file {}", path.display()))
+        write()
+            .map_err(|e| Error::State(format!("cannot write state file {}: {e}", path.display())))
     }
 
     /// A new envelope id, unique to this state file (and so to this user,
@@ -172,7 +182,7 @@ mod tests {
     use serde_json::json;
 
     fn sample() -> State {
-        let mut s = State::new("alice", None);
+        let mut s = State::new("alice", None, "chatmq-cli");
         s.last_seq.insert("dm:alice:bob".into(), 12);
         let id = s.new_envelope_id();
         s.outbox.push(Pending {
@@ -215,11 +225,11 @@ mod tests {
     fn a_missing_file_is_a_fresh_start_with_a_stable_client_id() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("new.json");
-        let s = State::open(&path, "alice", None).unwrap();
+        let s = State::open(&path, "alice", None, "chatmq-cli").unwrap();
         assert!(s.client_id.starts_with("chatmq-cli-"));
         assert!(s.last_seq.is_empty() && s.outbox.is_empty());
         s.save(&path).unwrap();
-        let again = State::open(&path, "alice", None).unwrap();
+        let again = State::open(&path, "alice", None, "chatmq-cli").unwrap();
         assert_eq!(again.client_id, s.client_id);
     }
 
@@ -228,7 +238,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice.json");
         fs::write(&path, "{\"version\": 1, \"user\": ").unwrap();
-        let err = State::open(&path, "alice", None).unwrap_err().to_string();
+        let err = State::open(&path, "alice", None, "chatmq-cli")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(err.contains("not a chatmq-cli state"), "{err}");
     }
@@ -238,7 +250,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice.json");
         sample().save(&path).unwrap();
-        let err = State::open(&path, "bob", None).unwrap_err().to_string();
+        let err = State::open(&path, "bob", None, "chatmq-cli")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("belongs to user alice"), "{err}");
     }
 
@@ -247,20 +261,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice.json");
         sample().save(&path).unwrap();
-        let err = State::open(&path, "alice", Some("other"))
+        let err = State::open(&path, "alice", Some("other"), "chatmq-cli")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("drop --client-id"), "{err}");
+        assert!(err.contains("belongs to client id"), "{err}");
     }
 
     #[test]
     fn envelope_ids_are_distinct_and_fit_the_envelope_limit() {
-        let mut s = State::new("alice", None);
+        let mut s = State::new("alice", None, "chatmq-cli");
         let a = s.new_envelope_id();
         let b = s.new_envelope_id();
         assert_ne!(a, b);
         assert!(a.len() <= 64);
-        assert_ne!(State::new("alice", None).device, s.device);
+        assert_ne!(State::new("alice", None, "chatmq-cli").device, s.device);
     }
 
     #[test]

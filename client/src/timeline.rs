@@ -16,17 +16,25 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// A chat message as delivered (DESIGN §4).
+/// A chat message as the broker delivers it (DESIGN §4): on `chat/+` and
+/// in `rpc/history` results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
+    /// The conversation id.
     pub conv: String,
+    /// Its place in the conversation, assigned by the broker: 1, 2, 3...
     pub seq: u64,
+    /// The envelope id the sender chose (ours are `<device>-<n>`).
     pub id: String,
+    /// The sender's user id, set by the broker.
     pub from: String,
+    /// When the broker stored it, milliseconds since the Unix epoch.
     #[serde(default)]
     pub ts: u64,
+    /// The envelope type (`text` unless the sender said otherwise).
     #[serde(rename = "type", default = "text")]
     pub kind: String,
+    /// The body as the sender wrote it: any JSON value.
     #[serde(default)]
     pub body: Value,
 }
@@ -37,7 +45,7 @@ fn text() -> String {
 
 /// The outcome of a delivery or a history page.
 #[derive(Debug, Default, PartialEq)]
-pub struct Step {
+pub(crate) struct Step {
     /// Messages to show now, in order.
     pub show: Vec<Message>,
     /// Ask for history of this conversation after this seq.
@@ -45,7 +53,7 @@ pub struct Step {
 }
 
 #[derive(Debug, Default)]
-pub struct Timeline {
+pub(crate) struct Timeline {
     /// Messages ahead of a gap, per conversation, by seq.
     held: BTreeMap<String, BTreeMap<u64, Message>>,
     /// Conversations with a history request unanswered (perhaps lost with

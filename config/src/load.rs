@@ -348,8 +348,8 @@ mod tests {
 
     use super::*;
     use crate::settings::{
-        Access, Acl, AclRule, Apns, Auth, Chat, Fcm, Http, LoginLimits, Mqtt, Node, Push, Storage,
-        SyncMode, Tls, User, Webhook, Websocket,
+        Access, Acl, AclRule, Apns, Attachments, Auth, Chat, Fcm, Http, LoginLimits, Mqtt, Node,
+        Push, Storage, SyncMode, Tls, User, Webhook, Websocket,
     };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
@@ -816,6 +816,7 @@ mod tests {
                     token_uri: Some("http://127.0.0.1:9999/token".into()),
                 }),
             },
+            attachments: Attachments::default(),
         };
         assert_eq!(parse(text, "test.toml", None).unwrap(), expected);
     }

@@ -3,7 +3,7 @@
 //! bind `http.listen` where only the operator's network reaches.
 
 use std::fmt::{Display, Write};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -370,6 +370,66 @@ fn identity(broker: &crate::broker::Broker, out: &mut Exposition) {
         "counter",
         "Client-id claims removed after client_owner_ttl_secs without a session.",
         count(&broker.owners.removed),
+    );
+    attachment_metrics(out, &broker.chat.attachments().metrics);
+}
+
+/// `[attachments]`: uploads, downloads, refusals, the collector.
+fn attachment_metrics(out: &mut Exposition, m: &crate::chat::attachments::AttachmentMetrics) {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    out.single(
+        "chatmq_attachment_uploads_total",
+        "counter",
+        "Attachments uploaded and stored.",
+        get(&m.uploads),
+    );
+    out.single(
+        "chatmq_attachment_upload_bytes_total",
+        "counter",
+        "Bytes of the attachments uploaded.",
+        get(&m.upload_bytes),
+    );
+    out.labelled(
+        "chatmq_attachment_refused_total",
+        "counter",
+        "Attachment uploads and downloads refused, by reason.",
+        "reason",
+        &[
+            ("too_large", get(&m.refused_too_large)),
+            ("type", get(&m.refused_type)),
+            ("busy", get(&m.refused_busy)),
+            ("denied", get(&m.refused_denied)),
+        ],
+    );
+    out.single(
+        "chatmq_attachment_downloads_total",
+        "counter",
+        "Attachment downloads started.",
+        get(&m.downloads),
+    );
+    out.single(
+        "chatmq_attachment_download_bytes_total",
+        "counter",
+        "Bytes of the attachments downloaded.",
+        get(&m.download_bytes),
+    );
+    out.single(
+        "chatmq_attachment_gc_files_deleted_total",
+        "counter",
+        "Attachment files the collector removed (nothing referenced them).",
+        get(&m.gc_files_deleted),
+    );
+    out.single(
+        "chatmq_attachment_gc_bytes_deleted_total",
+        "counter",
+        "Bytes of the attachment files the collector removed.",
+        get(&m.gc_bytes_deleted),
+    );
+    out.single(
+        "chatmq_attachment_gc_uploads_forgotten_total",
+        "counter",
+        "Upload records the collector removed (past orphan_grace_secs, unreferenced).",
+        get(&m.gc_uploads_forgotten),
     );
 }
 

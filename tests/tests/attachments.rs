@@ -379,6 +379,31 @@ async fn a_message_referencing_an_attachment_is_delivered_with_the_reference() {
         .await;
     assert_eq!(r.status, 400, "not bob's upload: {}", r.text());
     assert_eq!(r.error_code(), "bad_attachment");
+    // The same over MQTT: bob's publish naming alice's upload is refused
+    // (0x99), alice's own is accepted.
+    let refused = json!({"id": "m4", "body": {"attachments": [{"id": id}]}}).to_string();
+    let ack = bob
+        .publish_acked("chat/room", v5::QoS::AtLeastOnce, false, refused.as_bytes())
+        .await;
+    match ack {
+        Some(v5::Packet::PubAck(a)) => {
+            assert_eq!(a.reason, v5::PubAckReason::PayloadFormatInvalid)
+        }
+        other => panic!("expected a PUBACK, got {other:?}"),
+    }
+    let mut alice = v5_user(&b, "alice").await;
+    let ack = alice
+        .publish_acked(
+            "chat/room",
+            v5::QoS::AtLeastOnce,
+            false,
+            json!({"id": "m5", "body": body}).to_string().as_bytes(),
+        )
+        .await;
+    match ack {
+        Some(v5::Packet::PubAck(a)) => assert_eq!(a.reason, v5::PubAckReason::Success),
+        other => panic!("expected a PUBACK, got {other:?}"),
+    }
     let r = api(&b, "alice")
         .post(
             "/v1/conversations/room/messages",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing chatmq needs and is not on a fresh
-# machine: clang and libclang (RocksDB's bindings), the Mosquitto clients
-# and paho-mqtt (third-party clients the tests drive), openssl (test keys),
+# machine: clang and libclang (RocksDB's bindings), Mosquitto and its
+# clients and paho-mqtt (third-party clients the tests drive), openssl (test keys),
 # Chromium, Node and the web demo's npm packages (the browser tests), and
 # cargo-fuzz when the nightly toolchain is there (the fuzz smoke run).
 # Idempotent and quiet when everything is there. Needs root for apt-get (or sudo).
@@ -20,6 +20,8 @@ command -v clang >/dev/null 2>&1 || missing+=(clang)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ "$mode" = "--test" ]; then
   command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+  # The broker itself: the MQTT bridge tests run one as the remote.
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   # Push tests generate RSA (FCM) and EC (APNs) keys with it.
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)

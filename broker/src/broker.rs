@@ -691,6 +691,9 @@ pub struct Broker {
     /// The publish limits in force, and each user's publish rate, shared
     /// by its connections.
     pub publish_limits: PublishLimits,
+    /// The MQTT bridges' metrics, one per `[[bridge.remotes]]` (set once
+    /// at start-up).
+    pub bridges: std::sync::OnceLock<Vec<Arc<chatmq_bridge::mqtt::Metrics>>>,
 }
 
 /// When a disconnected session expires (unix ms).
@@ -757,6 +760,7 @@ impl Broker {
             retained: RwLock::new(retained),
             next_id: AtomicU64::new(1),
             publish_limits,
+            bridges: std::sync::OnceLock::new(),
         };
         broker.restore()?;
         Ok(Arc::new(broker))

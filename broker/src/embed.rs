@@ -69,6 +69,22 @@ pub struct Delivery {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// With [`SessionOptions::manual_ack`], what [`Client::ack`] takes
+    /// for a QoS 1 delivery; 0 otherwise.
+    pub pkid: u16,
+}
+
+/// A persistent in-process session ([`persistent_client`]).
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Its client id: the same id finds the session again after a restart.
+    pub client_id: String,
+    /// How long the session outlives its client, in seconds.
+    pub expiry_secs: u32,
+    /// QoS 1 deliveries are acknowledged by [`Client::ack`], not on
+    /// receipt: one not acknowledged when the session ends is sent again
+    /// at the next connect (after a restart too).
+    pub manual_ack: bool,
 }
 
 /// A broker running inside this program.
@@ -120,12 +136,12 @@ impl Embedded {
     /// A new in-process session (clean; it ends when the [`Client`] is
     /// dropped), acting as `user` (trusted: no password) or anonymous.
     pub async fn client(&self, user: Option<&str>) -> Result<Client, EmbedError> {
-        let (client, session) = connect(&self.server.broker, user).await?;
-        let stop = self.stop.subscribe();
+        let (client, session) = connect(&self.server.broker, user, None).await?;
+        let mut stop = self.stop.subscribe();
         self.clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .spawn(session.run(stop));
+            .spawn(async move { session.run(&mut stop).await });
         Ok(client)
     }
 
@@ -166,8 +182,10 @@ enum Command {
     Subscribe {
         filter: String,
         qos: QoS,
+        no_local: bool,
         done: oneshot::Sender<Result<(), EmbedError>>,
     },
+    Ack(u16),
 }
 
 /// An in-process MQTT session. Dropping it ends the session.
@@ -199,10 +217,43 @@ impl Client {
 
     /// Subscribes to `filter`; returns once the broker granted it.
     pub async fn subscribe(&self, filter: impl Into<String>, qos: QoS) -> Result<(), EmbedError> {
+        self.subscribe_with(filter, qos, false).await
+    }
+
+    /// Subscribes to `filter`; `no_local`: what this session publishes
+    /// itself is not delivered to it (MQTT 5 No Local).
+    pub async fn subscribe_with(
+        &self,
+        filter: impl Into<String>,
+        qos: QoS,
+        no_local: bool,
+    ) -> Result<(), EmbedError> {
         let (done, answer) = oneshot::channel();
         let filter = filter.into();
-        self.call(Command::Subscribe { filter, qos, done }, answer)
+        let command = Command::Subscribe {
+            filter,
+            qos,
+            no_local,
+            done,
+        };
+        self.call(command, answer).await
+    }
+
+    /// Acknowledges a QoS 1 delivery of a [`SessionOptions::manual_ack`]
+    /// session (its [`Delivery::pkid`]).
+    pub async fn ack(&self, pkid: u16) -> Result<(), EmbedError> {
+        self.commands
+            .send(Command::Ack(pkid))
             .await
+            .map_err(|_| EmbedError::Closed)
+    }
+
+    /// A handle that publishes on this session (the same client id, so
+    /// its No Local subscriptions skip what the handle publishes).
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            commands: self.commands.clone(),
+        }
     }
 
     async fn call(
@@ -234,31 +285,120 @@ impl Client {
     }
 }
 
-/// Connects an in-process session; the [`Session`] returned drives it.
+/// Publishes on a [`Client`]'s session ([`Client::publisher`]).
+#[derive(Clone)]
+pub struct Publisher {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Publisher {
+    /// As [`Client::publish`].
+    pub async fn publish(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), EmbedError> {
+        self.send(topic, payload, qos, retain).await?.await
+    }
+
+    /// Hands a publish to the session (publishes are taken in the order
+    /// sent) and returns its answer to wait for, so that several can be
+    /// in flight at once.
+    pub async fn send(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<impl std::future::Future<Output = Result<(), EmbedError>> + Send, EmbedError> {
+        let mut publish = Publish::new(topic.into(), qos, payload.into(), None);
+        publish.retain = retain;
+        let (done, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Publish { publish, done })
+            .await
+            .map_err(|_| EmbedError::Closed)?;
+        Ok(async move { answer.await.unwrap_or(Err(EmbedError::Closed)) })
+    }
+
+    /// As [`Client::ack`].
+    pub async fn ack(&self, pkid: u16) -> Result<(), EmbedError> {
+        self.commands
+            .send(Command::Ack(pkid))
+            .await
+            .map_err(|_| EmbedError::Closed)
+    }
+}
+
+/// Connects a persistent in-process session to `broker` as `user`
+/// (trusted) or anonymous. Returns the client and the future that drives
+/// the session: the caller runs it (and awaits it before the store closes);
+/// it ends when the client is dropped or `stop` turns true.
+pub async fn persistent_client(
+    broker: &Arc<Broker>,
+    user: Option<&str>,
+    options: SessionOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(Client, impl std::future::Future<Output = ()> + Send), EmbedError> {
+    let (client, session) = connect(broker, user, Some(options)).await?;
+    Ok((client, async move { session.run(&mut stop).await }))
+}
+
+/// Connects an in-process session (clean, or as `options` say); the
+/// [`Session`] returned drives it.
 async fn connect(
     broker: &Arc<Broker>,
     user: Option<&str>,
+    options: Option<SessionOptions>,
 ) -> Result<(Client, Session), EmbedError> {
     let identity = match user {
         Some(u) if valid_user(u) => Identity::User(u.into()),
         Some(u) => return Err(EmbedError::BadUser(u.to_string())),
         None => Identity::Anonymous,
     };
-    let client_id: Arc<str> = format!("embedded-{:x}", broker.next_id()).into();
+    let (client_id, clean_start, properties, manual_ack): (Arc<str>, _, _, _) = match &options {
+        None => {
+            let id = format!("embedded-{:x}", broker.next_id()).into();
+            (id, true, None, false)
+        }
+        Some(o) => {
+            let properties = rumqttc::v5::mqttbytes::v5::ConnectProperties {
+                session_expiry_interval: Some(o.expiry_secs),
+                ..rumqttc::v5::mqttbytes::v5::ConnectProperties::new()
+            };
+            (
+                o.client_id.as_str().into(),
+                false,
+                Some(properties),
+                o.manual_ack,
+            )
+        }
+    };
     let mut channel = Channel::new(broker.clone(), broker.next_id());
     let connect = rumqttc::v5::mqttbytes::v5::Connect {
         keep_alive: 0,
         client_id: client_id.to_string(),
-        clean_start: true,
-        properties: None,
+        clean_start,
+        properties,
     };
     let connected = channel
         .connect(Protocol::V5, connect, None, Ok(identity))
         .await;
-    let refused = channel.take_output().into_iter().find_map(|out| match out {
-        Out::Now(Packet::ConnAck(a)) if a.code != ConnectReturnCode::Success => Some(a.code),
-        _ => None,
-    });
+    let mut refused = None;
+    // What a resumed session resends comes with the CONNACK.
+    let mut resent = Vec::new();
+    for out in channel.take_output() {
+        match out {
+            Out::Now(Packet::ConnAck(a)) if a.code != ConnectReturnCode::Success => {
+                refused = Some(a.code)
+            }
+            Out::Now(Packet::ConnAck(_)) => {}
+            Out::Now(p) => resent.push(p),
+            Out::AfterCommit(..) => {}
+        }
+    }
     let kicked = match (connected, refused) {
         (Ok(k), None) => k,
         (_, Some(code)) => return Err(EmbedError::Connect(code)),
@@ -282,6 +422,8 @@ async fn connect(
         waiting: HashMap::new(),
         pending: VecDeque::new(),
         next_pkid: 0,
+        manual_ack,
+        resent,
     };
     let client = Client {
         client_id,
@@ -311,6 +453,10 @@ struct Session {
     /// Acks that wait for a commit, in order.
     pending: VecDeque<(Commit, Packet)>,
     next_pkid: u16,
+    /// QoS 1 deliveries wait for [`Client::ack`].
+    manual_ack: bool,
+    /// Packets a resumed session resent at connect, answered first.
+    resent: Vec<Packet>,
 }
 
 /// A call waiting for the broker's answer.
@@ -321,8 +467,8 @@ struct Answer {
 }
 
 impl Session {
-    async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let _ = self.serve(&mut stop).await;
+    async fn run(mut self, stop: &mut watch::Receiver<bool>) {
+        let _ = self.serve(stop).await;
         for (_, a) in self.waiting.drain() {
             let _ = a.done.send(Err(EmbedError::Closed));
         }
@@ -338,6 +484,9 @@ impl Session {
     /// taken over, or the channel closes it.
     async fn serve(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Close> {
         let cell = self.cell.clone();
+        for p in std::mem::take(&mut self.resent) {
+            self.answer(p).await?;
+        }
         loop {
             self.flush().await?;
             let mut packets = Vec::new();
@@ -422,8 +571,19 @@ impl Session {
                     handled
                 }
             }
-            Command::Subscribe { filter, qos, done } => {
-                let mut subscribe = Subscribe::new(Filter::new(filter.clone(), qos), None);
+            Command::Ack(pkid) => {
+                let ack = PubAck::new(pkid, None);
+                self.channel.handle(Packet::PubAck(ack)).await
+            }
+            Command::Subscribe {
+                filter,
+                qos,
+                no_local,
+                done,
+            } => {
+                let mut f = Filter::new(filter.clone(), qos);
+                f.nolocal = no_local;
+                let mut subscribe = Subscribe::new(f, None);
                 subscribe.pkid = self.pkid();
                 let answer = Answer {
                     done,
@@ -455,11 +615,13 @@ impl Session {
     async fn answer(&mut self, packet: Packet) -> Result<(), Close> {
         match packet {
             Packet::Publish(p) => {
+                let manual = self.manual_ack && p.qos == QoS::AtLeastOnce;
                 let delivery = Delivery {
                     topic: String::from_utf8_lossy(&p.topic).into_owned(),
                     payload: p.payload.clone(),
                     qos: p.qos,
                     retain: p.retain,
+                    pkid: if manual { p.pkid } else { 0 },
                 };
                 let broker_metrics = &self.metrics;
                 match self.deliveries.try_send(delivery) {
@@ -477,6 +639,9 @@ impl Session {
                 }
                 match p.qos {
                     QoS::AtMostOnce => Ok(()),
+                    // Acknowledged by `Client::ack` (one dropped above
+                    // stays in flight: sent again at the next connect).
+                    QoS::AtLeastOnce if manual => Ok(()),
                     QoS::AtLeastOnce => {
                         let ack = PubAck::new(p.pkid, None);
                         self.channel.handle(Packet::PubAck(ack)).await

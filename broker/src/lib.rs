@@ -22,6 +22,7 @@
 pub mod access;
 pub mod admission;
 mod blocking;
+pub mod bridge;
 pub mod broker;
 pub mod channel;
 #[cfg(test)]

@@ -183,15 +183,11 @@ fn tls_section<'a>(settings: &'a Settings, section: &str) -> Option<&'a Tls> {
 }
 
 /// Reloads on every SIGHUP until shutdown.
-pub async fn on_hangup(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP: reload through the HTTP API");
-            return;
-        }
-    };
+pub async fn on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    reloader: Arc<Reloader>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,

@@ -59,6 +59,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("{0}")]
     Push(#[from] PushError),
+    #[error("{0}")]
+    Bridge(#[from] chatmq_bridge::mqtt::BridgeError),
 }
 
 /// How the bytes of a listener's connections reach MQTT.
@@ -254,6 +256,7 @@ impl Server {
             edge_listeners.push(edge.bind().await?);
         }
         let auth = Authenticator::new(&settings.auth)?;
+        let links = crate::bridge::links(&settings)?;
         // The store last: once it is open, a failure must close it (its
         // writer thread would otherwise still be in RocksDB while the
         // process exits), so what can fail without it comes first.
@@ -330,6 +333,12 @@ impl Server {
             settings.chat.dedup_ttl_secs,
             watch.clone(),
         ));
+        let _ = broker
+            .bridges
+            .set(links.iter().map(|l| l.metrics.clone()).collect());
+        if !links.is_empty() {
+            tasks.spawn(crate::bridge::run(broker.clone(), links, watch.clone()));
+        }
         tasks.spawn(sweep_sessions(broker.clone(), watch));
         ready.store(true, Ordering::Release);
         Ok(Server {
@@ -351,9 +360,20 @@ impl Server {
     /// on [`Server::reloader`] with its own settings instead.
     pub fn reload_from(&mut self, path: PathBuf) {
         self.reloader.set_source(path);
-        let shutdown = self.shutdown.subscribe();
-        self.tasks
-            .spawn(reload::on_hangup(self.reloader.clone(), shutdown));
+        // Listened for here, not in the task: a SIGHUP right after "ready"
+        // (before the task first ran) would take the default action and
+        // end the process.
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(hangup) => {
+                let shutdown = self.shutdown.subscribe();
+                self.tasks
+                    .spawn(reload::on_hangup(hangup, self.reloader.clone(), shutdown));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: reload through the HTTP API");
+            }
+        }
     }
 
     /// Stops accepting, tells every client (MQTT 5: DISCONNECT 0x8B), waits

@@ -207,6 +207,30 @@ fn check_value(
             }
             Ok(())
         }
+        Kind::Entries { keys, required } => {
+            let ValueKind::Array(items) = value else {
+                return Err(wrong_type(&format!("an array of tables ([[{key}]])")));
+            };
+            for (index, item) in items.iter().enumerate() {
+                let item_key = format!("{key}[{index}]");
+                let ValueKind::Table(table) = &item.kind else {
+                    return Err(ConfigError::WrongType {
+                        key: item_key,
+                        expected: "a table".to_string(),
+                        found: describe(&item.kind),
+                        origin: origin.to_string(),
+                    });
+                };
+                check_table(table, keys, &item_key, origin)?;
+                if let Some(missing) = required.iter().find(|k| !table.contains_key(**k)) {
+                    return Err(ConfigError::MissingKey {
+                        key: join(&item_key, missing),
+                        origin: origin.to_string(),
+                    });
+                }
+            }
+            Ok(())
+        }
         Kind::Integer { min, max } => {
             let number = match value {
                 ValueKind::I64(n) => Some(i128::from(*n)),
@@ -293,7 +317,7 @@ fn check_override(key: &str, value: &Value) -> Result<(), ConfigError> {
         let found = keys.iter().find(|k| k.name == part).ok_or_else(unknown)?;
         match (found.kind, parts.peek().is_some()) {
             (Kind::Section(inner), true) => keys = inner,
-            (Kind::Section(_) | Kind::Tables(_) | Kind::TextList, false) => {
+            (Kind::Section(_) | Kind::Tables(_) | Kind::Entries { .. } | Kind::TextList, false) => {
                 return Err(ConfigError::Invalid {
                     key: key.to_string(),
                     reason: format!(
@@ -348,8 +372,9 @@ mod tests {
 
     use super::*;
     use crate::settings::{
-        Access, Acl, AclRule, Apns, Attachments, Auth, Chat, Fcm, Http, LoginLimits, Mqtt, Node,
-        Push, Storage, SyncMode, Tls, User, Webhook, Websocket,
+        Access, Acl, AclRule, Apns, Attachments, Auth, Bridge, BridgeTopic, Chat, Direction, Fcm,
+        Http, LoginLimits, Mqtt, Node, Push, Remote, Storage, SyncMode, Tls, User, Webhook,
+        Websocket,
     };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
@@ -665,6 +690,27 @@ mod tests {
             project_id = "chat-project"
             base_url = "http://127.0.0.1:9999"
             token_uri = "http://127.0.0.1:9999/token"
+            [[bridge.remotes]]
+            name = "site1"
+            address = "mqtt.example.com:8883"
+            tls = true
+            ca_file = "certs/remote-ca.pem"
+            username = "bridge"
+            password = "bpw"
+            client_id = "hq"
+            clean_session = true
+            session_expiry_secs = 41
+            keepalive_secs = 42
+            reconnect_min_ms = 43
+            reconnect_max_ms = 44
+            local_user = "bot"
+            queue = 45
+            [[bridge.remotes.topics]]
+            pattern = "sensors/#"
+            direction = "in"
+            qos = 0
+            local_prefix = "site1/"
+            remote_prefix = "plant/"
         "#;
         let expected = Settings {
             node: Node {
@@ -817,6 +863,31 @@ mod tests {
                 }),
             },
             attachments: Attachments::default(),
+            bridge: Bridge {
+                remotes: vec![Remote {
+                    name: "site1".into(),
+                    address: "mqtt.example.com:8883".into(),
+                    tls: true,
+                    ca_file: Some(PathBuf::from("certs/remote-ca.pem")),
+                    username: Some("bridge".into()),
+                    password: Some("bpw".into()),
+                    client_id: Some("hq".into()),
+                    clean_session: true,
+                    session_expiry_secs: 41,
+                    keepalive_secs: 42,
+                    reconnect_min_ms: 43,
+                    reconnect_max_ms: 44,
+                    local_user: Some("bot".into()),
+                    queue: 45,
+                    topics: vec![BridgeTopic {
+                        pattern: "sensors/#".into(),
+                        direction: Direction::In,
+                        qos: 0,
+                        local_prefix: "site1/".into(),
+                        remote_prefix: "plant/".into(),
+                    }],
+                }],
+            },
         };
         assert_eq!(parse(text, "test.toml", None).unwrap(), expected);
     }

@@ -31,6 +31,7 @@ pub struct Settings {
     pub websocket: Websocket,
     pub push: Push,
     pub attachments: Attachments,
+    pub bridge: Bridge,
 }
 
 /// `[node]`: where this broker keeps its state.
@@ -715,6 +716,148 @@ impl Default for Attachments {
     }
 }
 
+/// `[bridge]`: MQTT bridges to other brokers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Bridge {
+    /// From `[[bridge.remotes]]`, one connection each.
+    pub remotes: Vec<Remote>,
+}
+
+/// One `[[bridge.remotes]]` entry: a remote MQTT broker this one keeps a
+/// connection to, and the topics that cross it.
+///
+/// `Debug` prints the password as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Remote {
+    /// Unique among the remotes (`[A-Za-z0-9_-]{1,64}`): the metrics label
+    /// and the local session's client id (`bridge-{name}`). Required.
+    pub name: String,
+    /// `host:port` of the remote broker. Required.
+    pub address: String,
+    /// TLS to the remote; `ca_file` is then the trust anchor (PEM).
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// The client id on the remote; default `chatmq-bridge-{name}`.
+    pub client_id: Option<String>,
+    /// `false` (default): a persistent session on the remote, so what it
+    /// queued while the link was down (QoS 1) arrives after a reconnect.
+    pub clean_session: bool,
+    /// How long the remote keeps the session of a link that is down.
+    pub session_expiry_secs: u32,
+    pub keepalive_secs: u16,
+    /// Reconnect delay: starts here, doubles per failure up to the max.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// The local user the bridge's session acts as (the ACL and the chat
+    /// layer see it); unset: anonymous.
+    pub local_user: Option<String>,
+    /// Messages waiting in each direction; beyond, QoS 0 is dropped (and
+    /// counted), QoS 1 waits unacknowledged.
+    pub queue: usize,
+    /// From `[[bridge.remotes.topics]]`.
+    pub topics: Vec<BridgeTopic>,
+}
+
+impl Default for Remote {
+    fn default() -> Self {
+        Remote {
+            name: String::new(),
+            address: String::new(),
+            tls: false,
+            ca_file: None,
+            username: None,
+            password: None,
+            client_id: None,
+            clean_session: false,
+            session_expiry_secs: 7 * 24 * 3600,
+            keepalive_secs: 60,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30_000,
+            local_user: None,
+            queue: 1000,
+            topics: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Remote")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("client_id", &self.client_id)
+            .field("clean_session", &self.clean_session)
+            .field("session_expiry_secs", &self.session_expiry_secs)
+            .field("keepalive_secs", &self.keepalive_secs)
+            .field("reconnect_min_ms", &self.reconnect_min_ms)
+            .field("reconnect_max_ms", &self.reconnect_max_ms)
+            .field("local_user", &self.local_user)
+            .field("queue", &self.queue)
+            .field("topics", &self.topics)
+            .finish()
+    }
+}
+
+/// Which way a bridged topic crosses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Remote to local.
+    In,
+    /// Local to remote.
+    Out,
+    #[default]
+    Both,
+}
+
+const DIRECTION_NAMES: &[&str] = &["in", "out", "both"];
+
+impl Direction {
+    pub fn inbound(self) -> bool {
+        matches!(self, Direction::In | Direction::Both)
+    }
+    pub fn outbound(self) -> bool {
+        matches!(self, Direction::Out | Direction::Both)
+    }
+}
+
+/// One `[[bridge.remotes.topics]]` entry, as Mosquitto's `topic` line:
+/// the local topic is `local_prefix + pattern`, the remote one
+/// `remote_prefix + pattern`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeTopic {
+    /// A topic filter (`+` and `#` allowed). Required.
+    pub pattern: String,
+    /// `in`, `out` or `both`. Required.
+    pub direction: Direction,
+    /// 0 or 1 (default): the QoS of both subscriptions and of what is
+    /// forwarded.
+    pub qos: u8,
+    pub local_prefix: String,
+    pub remote_prefix: String,
+}
+
+impl Default for BridgeTopic {
+    fn default() -> Self {
+        BridgeTopic {
+            pattern: String::new(),
+            direction: Direction::Both,
+            qos: 1,
+            local_prefix: String::new(),
+            remote_prefix: String::new(),
+        }
+    }
+}
+
 /// One key of the configuration, as the loader checks it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Key {
@@ -731,6 +874,12 @@ pub(crate) enum Kind {
     Section(&'static [Key]),
     /// An array of tables (`[[auth.users]]`) whose keys are all required.
     Tables(&'static [Key]),
+    /// An array of tables (`[[bridge.remotes]]`) where only the keys named
+    /// in `required` must be present.
+    Entries {
+        keys: &'static [Key],
+        required: &'static [&'static str],
+    },
     /// An integer in `min..=max` (the bounds also keep it within its field's type).
     Integer {
         min: i64,
@@ -946,6 +1095,44 @@ pub(crate) const KEYS: &[Key] = &[
             key("max_uploads_per_user", integer(1, USIZE_MAX)),
             key("max_uploads", integer(1, USIZE_MAX)),
         ]),
+    ),
+    key(
+        "bridge",
+        Kind::Section(&[key(
+            "remotes",
+            Kind::Entries {
+                keys: &[
+                    key("name", Kind::Text),
+                    key("address", Kind::Text),
+                    key("tls", Kind::Bool),
+                    key("ca_file", Kind::Text),
+                    key("username", Kind::Text),
+                    key("password", Kind::Text),
+                    key("client_id", Kind::Text),
+                    key("clean_session", Kind::Bool),
+                    key("session_expiry_secs", integer(1, U32_MAX)),
+                    key("keepalive_secs", integer(5, U16_MAX)),
+                    key("reconnect_min_ms", integer(1, i64::MAX)),
+                    key("reconnect_max_ms", integer(1, i64::MAX)),
+                    key("local_user", Kind::Text),
+                    key("queue", integer(1, 1 << 20)),
+                    key(
+                        "topics",
+                        Kind::Entries {
+                            keys: &[
+                                key("pattern", Kind::Text),
+                                key("direction", Kind::OneOf(DIRECTION_NAMES)),
+                                key("qos", integer(0, 1)),
+                                key("local_prefix", Kind::Text),
+                                key("remote_prefix", Kind::Text),
+                            ],
+                            required: &["pattern", "direction"],
+                        },
+                    ),
+                ],
+                required: &["name", "address"],
+            },
+        )]),
     ),
 ];
 

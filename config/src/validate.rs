@@ -13,7 +13,7 @@ use std::io;
 use std::path::Path;
 
 use crate::error::ConfigError;
-use crate::settings::{AclRule, Mqtt, Push, Settings, Tls, User};
+use crate::settings::{AclRule, Bridge, Mqtt, Push, Settings, Tls, User};
 
 /// Checks what [`Settings::load`] and [`Settings::from_toml`] cannot check by
 /// type alone; creates `node.data_dir` if it is missing.
@@ -37,6 +37,7 @@ pub(crate) fn validate(settings: &Settings) -> Result<(), ConfigError> {
         }
     }
     check_push(&settings.push)?;
+    check_bridge(&settings.bridge)?;
     check_publish_bursts(&settings.mqtt)?;
     prepare_data_dir(&settings.node.data_dir)
 }
@@ -154,6 +155,99 @@ fn check_publish_bursts(mqtt: &Mqtt) -> Result<(), ConfigError> {
                     mqtt.max_payload
                 ),
             });
+        }
+    }
+    Ok(())
+}
+
+fn check_bridge(bridge: &Bridge) -> Result<(), ConfigError> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (index, remote) in bridge.remotes.iter().enumerate() {
+        let at = |field: &str| format!("bridge.remotes[{index}].{field}");
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            key: at(field),
+            reason,
+        };
+        if !is_user_id(&remote.name) {
+            let reason = format!("{:?} is not a valid name ({USER_ID_RULE})", remote.name);
+            return Err(invalid("name", reason));
+        }
+        if let Some(first) = seen.insert(&remote.name, index) {
+            let reason = format!(
+                "{:?} is already the name of bridge.remotes[{first}]",
+                remote.name
+            );
+            return Err(invalid("name", reason));
+        }
+        let port = remote
+            .address
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .and_then(|(_, port)| port.parse::<u16>().ok());
+        if port.is_none_or(|p| p == 0) {
+            let reason = format!("{:?} is not host:port", remote.address);
+            return Err(invalid("address", reason));
+        }
+        match (&remote.ca_file, remote.tls) {
+            (Some(path), true) => check_readable(&at("ca_file"), path)?,
+            (None, true) => {
+                let reason = "required when tls = true (the remote's CA, PEM)".to_string();
+                return Err(invalid("ca_file", reason));
+            }
+            (Some(_), false) => {
+                let reason = "set, but tls is false".to_string();
+                return Err(invalid("ca_file", reason));
+            }
+            (None, false) => {}
+        }
+        if remote.password.is_some() && remote.username.is_none() {
+            let reason = "a password needs a username".to_string();
+            return Err(invalid("password", reason));
+        }
+        if let Some(user) = &remote.local_user {
+            if !is_user_id(user) {
+                let reason = format!("{user:?} is not a valid user id ({USER_ID_RULE})");
+                return Err(invalid("local_user", reason));
+            }
+        }
+        if remote.reconnect_min_ms > remote.reconnect_max_ms {
+            let reason = format!(
+                "{} is larger than reconnect_max_ms ({})",
+                remote.reconnect_min_ms, remote.reconnect_max_ms
+            );
+            return Err(invalid("reconnect_min_ms", reason));
+        }
+        if remote.topics.is_empty() {
+            let reason = "no [[bridge.remotes.topics]]: nothing would cross".to_string();
+            return Err(invalid("topics", reason));
+        }
+        for (t, topic) in remote.topics.iter().enumerate() {
+            let key = |field: &str| format!("bridge.remotes[{index}].topics[{t}].{field}");
+            for (field, prefix) in [
+                ("local_prefix", &topic.local_prefix),
+                ("remote_prefix", &topic.remote_prefix),
+            ] {
+                if prefix.contains(['+', '#', '\0']) {
+                    return Err(ConfigError::Invalid {
+                        key: key(field),
+                        reason: format!("{prefix:?} holds a wildcard or NUL"),
+                    });
+                }
+            }
+            for (prefix, field) in [
+                (&topic.local_prefix, "local_prefix"),
+                (&topic.remote_prefix, "remote_prefix"),
+            ] {
+                let full = format!("{prefix}{}", topic.pattern);
+                if let Err(reason) = check_topic_filter(&full) {
+                    return Err(ConfigError::Invalid {
+                        key: key("pattern"),
+                        reason: format!(
+                            "{field} + pattern, {full:?}, is not a valid topic filter: {reason}"
+                        ),
+                    });
+                }
+            }
         }
     }
     Ok(())
@@ -317,6 +411,72 @@ mod tests {
         let mut s = settings_in(&dir);
         s.mqtt.user_publish_bytes_burst = 1;
         assert!(error(&s).contains("mqtt.user_publish_bytes_burst"));
+    }
+
+    fn remote(name: &str, address: &str) -> crate::settings::Remote {
+        crate::settings::Remote {
+            name: name.into(),
+            address: address.into(),
+            topics: vec![crate::settings::BridgeTopic {
+                pattern: "sensors/#".into(),
+                ..crate::settings::BridgeTopic::default()
+            }],
+            ..crate::settings::Remote::default()
+        }
+    }
+
+    #[test]
+    fn bridge_remotes_are_checked_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings_in(&dir);
+        s.bridge.remotes = vec![remote("a", "broker.example:1883")];
+        assert!(validate(&s).is_ok());
+        type Change = Box<dyn Fn(&mut crate::settings::Remote)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|r| r.address = "broker.example".into()),
+                "bridge.remotes[0].address",
+            ),
+            (
+                Box::new(|r| r.address = ":1883".into()),
+                "bridge.remotes[0].address",
+            ),
+            (Box::new(|r| r.tls = true), "bridge.remotes[0].ca_file"),
+            (
+                Box::new(|r| r.password = Some("p".into())),
+                "bridge.remotes[0].password",
+            ),
+            (
+                Box::new(|r| r.local_user = Some("a b".into())),
+                "bridge.remotes[0].local_user",
+            ),
+            (
+                Box::new(|r| r.reconnect_min_ms = r.reconnect_max_ms + 1),
+                "bridge.remotes[0].reconnect_min_ms",
+            ),
+            (Box::new(|r| r.topics.clear()), "bridge.remotes[0].topics"),
+            (
+                Box::new(|r| r.topics[0].local_prefix = "a/+/".into()),
+                "bridge.remotes[0].topics[0].local_prefix",
+            ),
+            (
+                Box::new(|r| r.topics[0].pattern = "a/#/b".into()),
+                "bridge.remotes[0].topics[0].pattern",
+            ),
+        ];
+        for (change, key) in cases {
+            let mut r = remote("a", "broker.example:1883");
+            change(&mut r);
+            s.bridge.remotes = vec![r];
+            let e = error(&s);
+            assert!(e.starts_with(&format!("{key}: ")), "{e}");
+        }
+        s.bridge.remotes = vec![remote("a", "x:1"), remote("a", "y:2")];
+        assert!(
+            error(&s).starts_with("bridge.remotes[1].name: "),
+            "{}",
+            error(&s)
+        );
     }
 
     #[test]

@@ -14,9 +14,24 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::openapi::{Error, Reloaded};
 use super::{Api, ApiError, Caller};
 use crate::reload::ReloadError;
 
+/// Reads the configuration file again and applies what can change live.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/reload",
+    tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Applied", body = Reloaded),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`forbidden`: a user's token", body = Error),
+        (status = 409, description = "`no_config_file`: started without a file", body = Error),
+        (status = 422, description = "`invalid_config`: nothing changed; the message names the key or file", body = Error),
+    ),
+)]
 pub async fn reload(State(api): State<Arc<Api>>, caller: Caller) -> Result<Json<Value>, ApiError> {
     if caller != Caller::Admin {
         return Err(ApiError::forbidden(

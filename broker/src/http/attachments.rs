@@ -38,8 +38,10 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
 use super::conversations::check_conv;
+use super::openapi::Error;
 use super::{Api, ApiError, Caller};
 use crate::chat::attachments::{hex, valid_id, TEMP_PREFIX};
 use crate::clock::now_ms;
@@ -178,7 +180,49 @@ fn link(api: &Api, id: &str, user: &str) -> Option<(String, String, u64)> {
     Some((token, url, exp))
 }
 
+/// The answer to an upload (described only; built with `json!`).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct Uploaded {
+    /// The file's SHA-256, lower-case hex: the attachment id.
+    id: String,
+    size: u64,
+    content_type: String,
+    /// A signed download link for the uploader (`token_ttl_secs`).
+    url: Option<String>,
+}
+
+/// A signed download link (described only).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct Link {
+    token: String,
+    /// `/v1/attachments/{id}?token=...`, for `<img src>`.
+    url: String,
+    /// Unix seconds.
+    expires: u64,
+}
+
 /// `POST /v1/conversations/{conv}/attachments`.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{conv}/attachments",
+    tag = "attachments",
+    params(("conv" = String, Path, description = "The conversation id")),
+    request_body(content = Vec<u8>, description = "The file, with its `Content-Type` (one of `attachments.content_types`)", content_type = "application/octet-stream"),
+    security(("user_jwt" = [])),
+    responses(
+        (status = 201, description = "Stored under its SHA-256", body = Uploaded),
+        (status = 400, description = "`bad_request`: the admin token, a bad id, an empty file", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`: the caller is not a member", body = Error),
+        (status = 404, description = "`not_found`: no such conversation, or attachments are off", body = Error),
+        (status = 413, description = "`too_large`: over `attachments.max_bytes`", body = Error),
+        (status = 415, description = "`unsupported_type`: a type not allowed, or not what the bytes are", body = Error),
+        (status = 429, description = "`busy`: too many uploads in progress", body = Error),
+        (status = 503, description = "`unavailable`: the file could not be stored", body = Error),
+    ),
+)]
 pub async fn upload(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -389,6 +433,21 @@ async fn visible(api: &Api, id: &str, user: Option<&str>) -> Result<Vec<Upload>,
 }
 
 /// `GET /v1/attachments/{id}[?token=]`.
+#[utoipa::path(
+    get,
+    path = "/v1/attachments/{id}",
+    tag = "attachments",
+    params(
+        ("id" = String, Path, description = "The attachment id (SHA-256, hex)"),
+        ("token" = Option<String>, Query, description = "A signed link's token, instead of a bearer token"),
+    ),
+    security(("user_jwt" = []), ("admin_token" = []), ()),
+    responses(
+        (status = 200, description = "The file, with its type, length, `nosniff` and `Content-Disposition`", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 401, description = "No token, or not a valid one, or an expired link", body = Error),
+        (status = 404, description = "`not_found`: no such attachment, or not one the caller may see", body = Error),
+    ),
+)]
 pub async fn download(
     State(api): State<Arc<Api>>,
     Path(id): Path<String>,
@@ -472,6 +531,19 @@ pub async fn download(
 }
 
 /// `POST /v1/attachments/{id}/token`: a signed link for a member.
+#[utoipa::path(
+    post,
+    path = "/v1/attachments/{id}/token",
+    tag = "attachments",
+    params(("id" = String, Path, description = "The attachment id (SHA-256, hex)")),
+    security(("user_jwt" = [])),
+    responses(
+        (status = 200, description = "A link valid `attachments.token_ttl_secs`", body = Link),
+        (status = 400, description = "`bad_request`: the admin token", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 404, description = "`not_found`: no such attachment, or not one the caller may see", body = Error),
+    ),
+)]
 pub async fn token(
     caller: Caller,
     State(api): State<Arc<Api>>,

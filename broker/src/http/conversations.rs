@@ -14,12 +14,26 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::openapi::{
+    ConversationList, Created, Error, MemberRemoved, MembersAdded, Muted, Occupancy, ReadPosition,
+};
 use super::{Api, ApiError, Caller, JsonBody};
 use crate::chat::namespace::{valid_conv, valid_user};
 use crate::chat::{Chat, RpcError};
 
 /// `GET /v1/conversations`: the caller's conversations with head seq,
 /// read seq and unread count (the RPC `conversations`).
+#[utoipa::path(
+    get,
+    path = "/v1/conversations",
+    tag = "conversations",
+    security(("user_jwt" = [])),
+    responses(
+        (status = 200, description = "The caller's conversations", body = ConversationList),
+        (status = 400, description = "`bad_request`: the admin token has no conversations", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+    ),
+)]
 pub async fn list(caller: Caller, State(api): State<Arc<Api>>) -> Result<Json<Value>, ApiError> {
     let user = caller.user().ok_or_else(|| {
         ApiError::bad("the admin token has no conversations of its own: call with a user's token")
@@ -28,7 +42,7 @@ pub async fn list(caller: Caller, State(api): State<Arc<Api>>) -> Result<Json<Va
 }
 
 /// The body of `POST /v1/conversations`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewConversation {
     /// Generated when absent.
@@ -44,6 +58,20 @@ pub struct NewConversation {
 /// `POST /v1/conversations`: with a user's token the user becomes the
 /// owner; with the admin token `owner` is optional (without one, only the
 /// admin token changes its members). 201 `{"conv": ...}`.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations",
+    tag = "conversations",
+    request_body = NewConversation,
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 201, description = "Created", body = Created),
+        (status = 400, description = "`bad_request`: a bad id, owner or member, or neither owner nor members", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`forbidden`: a user's token naming another owner", body = Error),
+        (status = 409, description = "`exists`: the id is taken", body = Error),
+    ),
+)]
 pub async fn create(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -76,7 +104,7 @@ pub async fn create(
 
 /// The body of `POST /v1/conversations/{conv}/members`: one `user`, or
 /// many `users` added with one write.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewMembers {
     user: Option<String>,
@@ -86,6 +114,21 @@ pub struct NewMembers {
 /// `POST /v1/conversations/{conv}/members` `{"user": ...}` -> `{"conv",
 /// "user"}`, or `{"users": [...]}` -> `{"conv", "added"}` (`added`: those
 /// who were not members yet).
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{conv}/members",
+    tag = "conversations",
+    params(("conv" = String, Path, description = "The conversation id")),
+    request_body = NewMembers,
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Added", body = MembersAdded),
+        (status = 400, description = "`bad_request`: neither or both of `user` and `users`, or a bad id", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`forbidden`: only the owner or the admin token adds members", body = Error),
+        (status = 404, description = "`not_found`: no such conversation", body = Error),
+    ),
+)]
 pub async fn add_member(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -110,7 +153,22 @@ pub async fn add_member(
     }))
 }
 
-/// `DELETE /v1/conversations/{conv}/members/{user}`.
+/// `DELETE /v1/conversations/{conv}/members/{user}`: the owner, the admin
+/// token, or the member itself.
+#[utoipa::path(
+    delete,
+    path = "/v1/conversations/{conv}/members/{user}",
+    tag = "conversations",
+    params(("conv" = String, Path, description = "The conversation id"), ("user" = String, Path, description = "The member to remove")),
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Removed", body = MemberRemoved),
+        (status = 400, description = "`bad_request`: a bad id", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`forbidden`: neither the owner, the admin token nor the member", body = Error),
+        (status = 404, description = "`not_found`: no such conversation", body = Error),
+    ),
+)]
 pub async fn remove_member(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -155,7 +213,7 @@ fn member_caller<'a>(
 }
 
 /// The body of `PUT /v1/conversations/{id}/mute`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Mute {
     muted: bool,
@@ -163,6 +221,20 @@ pub struct Mute {
 
 /// `PUT /v1/conversations/{id}/mute` `{"muted": bool}`: the caller's push
 /// setting for one conversation (the RPC `conversation.mute`); members only.
+#[utoipa::path(
+    put,
+    path = "/v1/conversations/{conv}/mute",
+    tag = "conversations",
+    params(("conv" = String, Path, description = "The conversation id")),
+    request_body = Mute,
+    security(("user_jwt" = [])),
+    responses(
+        (status = 200, description = "The setting kept", body = Muted),
+        (status = 400, description = "`bad_request`: a bad body, or the admin token", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`: the caller is not a member", body = Error),
+    ),
+)]
 pub async fn mute(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -179,7 +251,7 @@ pub async fn mute(
 }
 
 /// The body of `PUT /v1/conversations/{id}/read`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Read {
     seq: u64,
@@ -188,6 +260,20 @@ pub struct Read {
 /// `PUT /v1/conversations/{id}/read` `{"seq": n}`: the caller read the
 /// conversation up to `seq` (the RPC `read`: a read receipt to the other
 /// members, never backwards). `{"conv","seq"}` with the read seq kept.
+#[utoipa::path(
+    put,
+    path = "/v1/conversations/{conv}/read",
+    tag = "conversations",
+    params(("conv" = String, Path, description = "The conversation id")),
+    request_body = Read,
+    security(("user_jwt" = [])),
+    responses(
+        (status = 200, description = "The read seq kept", body = ReadPosition),
+        (status = 400, description = "`bad_request`: a bad body, or the admin token", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`: the caller is not a member", body = Error),
+    ),
+)]
 pub async fn read(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -202,6 +288,20 @@ pub async fn read(
 
 /// `GET /v1/conversations/{id}/occupancy`: `{"conv","members","connected"}`
 /// (the RPC `occupancy`), for members and the admin token.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{conv}/occupancy",
+    tag = "conversations",
+    params(("conv" = String, Path, description = "The conversation id")),
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Members and how many are connected", body = Occupancy),
+        (status = 400, description = "`bad_request`: a bad id", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`: the caller is not a member", body = Error),
+        (status = 404, description = "`not_found`: no such conversation", body = Error),
+    ),
+)]
 pub async fn occupancy(
     caller: Caller,
     State(api): State<Arc<Api>>,

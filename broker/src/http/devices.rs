@@ -11,13 +11,16 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::openapi::{Device, DeviceList, DeviceRemoved, Error};
 use super::{Api, ApiError, Caller, JsonBody};
 use crate::chat::namespace::valid_user;
 use crate::chat::rpc::{device_json, list_devices, register_device, unregister_device};
 
 /// `?user=`: whom the admin token acts for.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ForUser {
+    /// The admin token only: the user it acts for (required with it).
     user: Option<String>,
 }
 
@@ -38,6 +41,19 @@ fn subject(caller: &Caller, named: Option<String>) -> Result<String, ApiError> {
 }
 
 /// `GET /v1/devices`: `{"devices": [{"platform","token","app_id"}]}`.
+#[utoipa::path(
+    get,
+    path = "/v1/devices",
+    tag = "devices",
+    params(ForUser),
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "The user's devices", body = DeviceList),
+        (status = 400, description = "`bad_request`: the admin token named no valid `user`", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`forbidden`: a user's token naming another user", body = Error),
+    ),
+)]
 pub async fn list(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -50,17 +66,32 @@ pub async fn list(
 }
 
 /// The body of `POST /v1/devices`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewDevice {
+    /// `apns`, `fcm` or `webhook`.
     platform: String,
     token: String,
     app_id: Option<String>,
+    /// The admin token only: whose device it is.
     user: Option<String>,
 }
 
 /// `POST /v1/devices` `{platform, token, app_id?, user?}`: 201 with the
 /// device. A token registered to another user moves to this one.
+#[utoipa::path(
+    post,
+    path = "/v1/devices",
+    tag = "devices",
+    request_body = NewDevice,
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 201, description = "Registered", body = Device),
+        (status = 400, description = "`bad_request`: a bad platform, token or user", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`forbidden`: a user's token naming another user", body = Error),
+    ),
+)]
 pub async fn register(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -80,6 +111,24 @@ pub async fn register(
 
 /// `DELETE /v1/devices/{platform}/{token}?user=`: 200 `{"platform","token"}`,
 /// 404 if the caller has no such device.
+#[utoipa::path(
+    delete,
+    path = "/v1/devices/{platform}/{token}",
+    tag = "devices",
+    params(
+        ("platform" = String, Path, description = "`apns`, `fcm` or `webhook`"),
+        ("token" = String, Path, description = "The device token, percent-encoded"),
+        ForUser,
+    ),
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Removed", body = DeviceRemoved),
+        (status = 400, description = "`bad_request`", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`forbidden`: a user's token naming another user", body = Error),
+        (status = 404, description = "`not_found`: the user has no such device", body = Error),
+    ),
+)]
 pub async fn unregister(
     caller: Caller,
     State(api): State<Arc<Api>>,

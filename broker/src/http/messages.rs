@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::conversations::check_conv;
+use super::openapi::{Changed, EditMessage, Error, HistoryPage, NewMessage, Reactions, Sent};
 use super::{Api, ApiError, Body, Caller};
 use crate::chat::edits::{is_event_type, Editor};
 use crate::chat::namespace::valid_user;
@@ -30,7 +31,8 @@ pub const SYSTEM_USER: &str = "system";
 const DEFAULT_LIMIT: u64 = 50;
 
 /// The query of a history call.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Page {
     /// Ascending from the message after this seq.
@@ -43,6 +45,20 @@ pub struct Page {
 
 /// `GET /v1/conversations/{conv}/messages?after=&before=&limit=`: for
 /// members and the admin token. `{"messages":[...],"head":N,"first":N,"epoch":"..."}`.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{conv}/messages",
+    tag = "messages",
+    params(("conv" = String, Path, description = "The conversation id"), Page),
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "One page of messages in seq order", body = HistoryPage),
+        (status = 400, description = "`bad_request`: a bad id or query", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`: the caller is not a member", body = Error),
+        (status = 404, description = "`not_found`: no such conversation", body = Error),
+    ),
+)]
 pub async fn history(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -76,6 +92,23 @@ pub async fn history(
 /// `from` (a member) or, without it, as [`SYSTEM_USER`]. Answers
 /// `{"conv","seq"}` once the message is on disk; a retry of the same `id`
 /// gets the same seq.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{conv}/messages",
+    tag = "messages",
+    params(("conv" = String, Path, description = "The conversation id")),
+    request_body = NewMessage,
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Durable, with its seq", body = Sent),
+        (status = 400, description = "`bad_envelope` or `bad_request`", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`, or `forbidden`: a user's token sending as another", body = Error),
+        (status = 404, description = "`not_found`: no such conversation", body = Error),
+        (status = 413, description = "`too_large`: over `mqtt.max_payload`", body = Error),
+        (status = 503, description = "`unavailable`: the message could not be stored", body = Error),
+    ),
+)]
 pub async fn send(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -199,6 +232,23 @@ fn editor(caller: &Caller) -> Editor<'_> {
 /// sender or the owner (or the admin token) edits the message (the RPC
 /// `message.edit`). `{"conv","seq","event_seq"}` once the change is durable
 /// and out; the body is bounded as a send is (`mqtt.max_payload`).
+#[utoipa::path(
+    patch,
+    path = "/v1/conversations/{conv}/messages/{seq}",
+    tag = "messages",
+    params(("conv" = String, Path, description = "The conversation id"), ("seq" = u64, Path, description = "The message's seq")),
+    request_body = EditMessage,
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Edited (or already so)", body = Changed),
+        (status = 400, description = "`bad_request`: no `body`, not JSON", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`, or `forbidden`: neither sender nor owner", body = Error),
+        (status = 404, description = "`not_found`: no such conversation or message", body = Error),
+        (status = 409, description = "`not_editable`, `deleted` or `too_many_edits`", body = Error),
+        (status = 413, description = "`too_large`: over `mqtt.max_payload`", body = Error),
+    ),
+)]
 pub async fn edit(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -229,6 +279,20 @@ pub async fn edit(
 /// owner (or the admin token) deletes the message (the RPC
 /// `message.delete`); answered once its text is gone from the files. A
 /// retry answers the same.
+#[utoipa::path(
+    delete,
+    path = "/v1/conversations/{conv}/messages/{seq}",
+    tag = "messages",
+    params(("conv" = String, Path, description = "The conversation id"), ("seq" = u64, Path, description = "The message's seq")),
+    security(("user_jwt" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Deleted (or already so)", body = Changed),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`, or `forbidden`: neither sender nor owner", body = Error),
+        (status = 404, description = "`not_found`: no such conversation or message", body = Error),
+        (status = 409, description = "`not_editable`: a change record", body = Error),
+    ),
+)]
 pub async fn delete(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -243,6 +307,21 @@ pub async fn delete(
 /// `PUT /v1/conversations/{conv}/messages/{seq}/reactions/{emoji}`: the
 /// caller (a member) reacts (the RPC `reaction.add`);
 /// `{"conv","seq","reactions":{"👍":{"count","mine"}}}`.
+#[utoipa::path(
+    put,
+    path = "/v1/conversations/{conv}/messages/{seq}/reactions/{emoji}",
+    tag = "messages",
+    params(("conv" = String, Path, description = "The conversation id"), ("seq" = u64, Path, description = "The message's seq"), ("emoji" = String, Path, description = "1 to 32 bytes, percent-encoded, no whitespace or control characters")),
+    security(("user_jwt" = [])),
+    responses(
+        (status = 200, description = "The message's reactions now", body = Reactions),
+        (status = 400, description = "`bad_request`: a bad emoji, or the admin token", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`: the caller is not a member", body = Error),
+        (status = 404, description = "`not_found`: no such conversation or message", body = Error),
+        (status = 409, description = "`too_many_reactions`", body = Error),
+    ),
+)]
 pub async fn react(
     caller: Caller,
     State(api): State<Arc<Api>>,
@@ -253,6 +332,20 @@ pub async fn react(
 
 /// `DELETE /v1/conversations/{conv}/messages/{seq}/reactions/{emoji}`: the
 /// caller takes its reaction back (the RPC `reaction.remove`).
+#[utoipa::path(
+    delete,
+    path = "/v1/conversations/{conv}/messages/{seq}/reactions/{emoji}",
+    tag = "messages",
+    params(("conv" = String, Path, description = "The conversation id"), ("seq" = u64, Path, description = "The message's seq"), ("emoji" = String, Path, description = "1 to 32 bytes, percent-encoded, no whitespace or control characters")),
+    security(("user_jwt" = [])),
+    responses(
+        (status = 200, description = "The message's reactions now", body = Reactions),
+        (status = 400, description = "`bad_request`: a bad emoji, or the admin token", body = Error),
+        (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
+        (status = 403, description = "`not_member`: the caller is not a member", body = Error),
+        (status = 404, description = "`not_found`: no such conversation or message", body = Error),
+    ),
+)]
 pub async fn unreact(
     caller: Caller,
     State(api): State<Arc<Api>>,

@@ -14,14 +14,30 @@ use axum::Json;
 use chatmq_storage::LatencySnapshot;
 use serde_json::{json, Value};
 
+use super::openapi::{Error, Status};
 use super::{Api, ApiError};
 
 /// 200 while the process runs.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Status)),
+)]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// 200 once the broker serves, 503 while it starts or shuts down.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`{\"status\":\"ready\"}`", body = Status),
+        (status = 503, description = "`not_ready`: starting or shutting down", body = Error),
+    ),
+)]
 pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
     if api.ready.load(Ordering::Acquire) {
         Json(json!({"status": "ready"})).into_response()
@@ -35,6 +51,18 @@ pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
     }
 }
 
+/// Every metric, in the Prometheus text format 0.0.4.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((
+        status = 200,
+        description = "Prometheus text exposition",
+        body = String,
+        content_type = "text/plain; version=0.0.4; charset=utf-8",
+    )),
+)]
 pub async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
@@ -193,6 +221,7 @@ fn render(api: &Api) -> String {
         "Push jobs queued or being sent.",
         push.queue_depth(),
     );
+    bridges(broker, &mut out);
     out.histogram(
         "chatmq_storage_commit_seconds",
         "Duration of one storage group commit (write and sync).",
@@ -434,6 +463,53 @@ fn attachment_metrics(out: &mut Exposition, m: &crate::chat::attachments::Attach
 }
 
 /// A Prometheus text exposition being written.
+/// The MQTT bridges, labelled by remote (`[[bridge.remotes]]` name).
+fn bridges(broker: &crate::broker::Broker, out: &mut Exposition) {
+    let Some(links) = broker.bridges.get().filter(|l| !l.is_empty()) else {
+        return;
+    };
+    type Of = fn(&chatmq_bridge::mqtt::Metrics) -> &AtomicU64;
+    let families: [(&str, &str, &str, Of); 5] = [
+        (
+            "chatmq_bridge_connected",
+            "gauge",
+            "1 while the connection to the remote broker is up.",
+            |m| &m.connected,
+        ),
+        (
+            "chatmq_bridge_messages_in_total",
+            "counter",
+            "Messages from the remote published locally.",
+            |m| &m.messages_in,
+        ),
+        (
+            "chatmq_bridge_messages_out_total",
+            "counter",
+            "Local messages the remote took (PUBACK at QoS 1).",
+            |m| &m.messages_out,
+        ),
+        (
+            "chatmq_bridge_reconnects_total",
+            "counter",
+            "Connections to the remote made again after one was lost or failed.",
+            |m| &m.reconnects,
+        ),
+        (
+            "chatmq_bridge_dropped_total",
+            "counter",
+            "Bridged messages given up: refused by either side, no mapping, or QoS 0 with the queue full.",
+            |m| &m.dropped,
+        ),
+    ];
+    for (name, kind, help, of) in families {
+        let samples: Vec<(&str, u64)> = links
+            .iter()
+            .map(|m| (m.name.as_str(), of(m).load(Ordering::Relaxed)))
+            .collect();
+        out.labelled(name, kind, help, "remote", &samples);
+    }
+}
+
 #[derive(Default)]
 struct Exposition(String);
 

@@ -12,10 +12,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::openapi::ClientConfig;
 use super::{Api, ApiError};
 
 /// `GET /v1/client-config`, no authentication: the WebSocket listeners'
 /// ports and path; a page joins them to its own host name.
+#[utoipa::path(
+    get,
+    path = "/v1/client-config",
+    tag = "web",
+    responses((status = 200, description = "The WebSocket listeners", body = ClientConfig)),
+)]
 pub async fn client_config(State(api): State<Arc<Api>>) -> Json<Value> {
     let port = |name: &str| {
         api.edges

@@ -743,6 +743,7 @@ impl Broker {
         let mut chat = Chat::new(store.clone(), metrics.clone(), push)?;
         chat.history_cap = settings.chat.history_limit;
         chat.limit(&settings.chat);
+        chat.limit_attachments(&settings.attachments, &settings.node.data_dir);
         let chat = Arc::new(chat);
         let owners = Ownership::new(settings.mqtt.client_owner_ttl_secs);
         let retained = RetainedStore::new(

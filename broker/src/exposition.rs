@@ -141,7 +141,8 @@ impl<T: Send + Sync + 'static> Exposition<T> {
     ) {
         let read: Read<T> = Box::new(move |t, mut e| {
             for (value, n) in read(t) {
-                e.encode_family(&[(label, value.as_ref())])?.encode_gauge(&n)?;
+                e.encode_family(&[(label, value.as_ref())])?
+                    .encode_gauge(&n)?;
             }
             Ok(())
         });

@@ -358,6 +358,9 @@ impl Server {
         if let Some(policy) = retention::Policy::from_settings(&settings.chat) {
             tasks.spawn(retention::run(broker.chat.clone(), policy, watch.clone()));
         }
+        if settings.attachments.enabled {
+            tasks.spawn(chat::attachments::run(broker.chat.clone(), watch.clone()));
+        }
         tasks.spawn(crate::ownership::sweep(broker.clone(), watch.clone()));
         tasks.spawn(chat::dedup::run(
             broker.chat.clone(),

@@ -372,9 +372,9 @@ mod tests {
 
     use super::*;
     use crate::settings::{
-        Access, Acl, AclRule, Apns, Auth, Bridge, BridgeTopic, Chat, Cluster, ClusterTls, Direction,
-        Fcm, Http, Log, LogFormat, LoginLimits, Mqtt, Node, Push, Remote, Storage, SyncMode, Tls,
-        User, Webhook, Websocket,
+        Access, Acl, AclRule, Apns, Attachments, Auth, Bridge, BridgeTopic, Chat, Cluster,
+        ClusterTls, Direction, Fcm, Http, Log, LogFormat, LoginLimits, Mqtt, Node, Push, Remote,
+        Storage, SyncMode, Tls, User, Webhook, Websocket,
     };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
@@ -884,6 +884,7 @@ mod tests {
                     token_uri: Some("http://127.0.0.1:9999/token".into()),
                 }),
             },
+            attachments: Attachments::default(),
             bridge: Bridge {
                 remotes: vec![Remote {
                     name: "site1".into(),

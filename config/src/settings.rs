@@ -30,6 +30,7 @@ pub struct Settings {
     pub chat: Chat,
     pub websocket: Websocket,
     pub push: Push,
+    pub attachments: Attachments,
     pub bridge: Bridge,
     pub log: Log,
     /// `[cluster]`: several chatmq nodes sharing NATS JetStream; absent: one
@@ -703,6 +704,54 @@ impl Default for Chat {
     }
 }
 
+/// `[attachments]`: files members upload to a conversation (issue #13
+/// item 5): where they are kept, how large and of which types they may be,
+/// and when unreferenced ones are removed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Attachments {
+    /// Whether the upload and download routes are served at all.
+    pub enabled: bool,
+    /// Where the files are kept, named by their SHA-256; absent:
+    /// `attachments` inside `node.data_dir`. Created at start-up.
+    pub dir: Option<PathBuf>,
+    /// The largest file in bytes; an upload past it is refused (413).
+    pub max_bytes: u64,
+    /// The content types an upload may declare (`image/png`, ...); others
+    /// are refused (415). Image types are also checked by their first bytes.
+    pub content_types: Vec<String>,
+    /// Seconds between two runs of the collector, which removes files no
+    /// message references any more.
+    pub gc_interval_secs: u64,
+    /// Seconds an upload is kept without a message referencing it (for the
+    /// sender to send that message).
+    pub orphan_grace_secs: u64,
+    /// Seconds a signed download link (`?token=`) stays valid.
+    pub token_ttl_secs: u64,
+    /// Uploads one user may have in progress at once.
+    pub max_uploads_per_user: usize,
+    /// Uploads in progress at once, all users together.
+    pub max_uploads: usize,
+}
+
+impl Default for Attachments {
+    fn default() -> Self {
+        Attachments {
+            enabled: true,
+            dir: None,
+            max_bytes: 10 * 1024 * 1024,
+            content_types: ["image/png", "image/jpeg", "image/gif", "image/webp"]
+                .map(String::from)
+                .to_vec(),
+            gc_interval_secs: 300,
+            orphan_grace_secs: 24 * 3600,
+            token_ttl_secs: 300,
+            max_uploads_per_user: 4,
+            max_uploads: 64,
+        }
+    }
+}
+
 /// `[cluster]`: this node is one of several sharing a NATS JetStream
 /// cluster as the order of record (DESIGN §6, `docs/CLUSTER.md`). Every
 /// node of a cluster has the same section but for `node_id`.
@@ -1172,6 +1221,20 @@ pub(crate) const KEYS: &[Key] = &[
                     key("token_uri", Kind::Text),
                 ]),
             ),
+        ]),
+    ),
+    key(
+        "attachments",
+        Kind::Section(&[
+            key("enabled", Kind::Bool),
+            key("dir", Kind::Text),
+            key("max_bytes", integer(1, i64::MAX)),
+            key("content_types", Kind::TextList),
+            key("gc_interval_secs", integer(1, U32_MAX)),
+            key("orphan_grace_secs", integer(0, U32_MAX)),
+            key("token_ttl_secs", integer(1, U32_MAX)),
+            key("max_uploads_per_user", integer(1, USIZE_MAX)),
+            key("max_uploads", integer(1, USIZE_MAX)),
         ]),
     ),
     key(

@@ -293,10 +293,17 @@ mod tests {
                 cat(&[room, &1u64.to_be_bytes()]),
                 cat(&[room, &seven]),
             ),
-            // A trimmed span's reactions go with it (issue #13).
+            // A trimmed span's reactions and attachment references go
+            // with it (issue #13).
             (
                 "range",
                 "reaction",
+                cat(&[room, &1u64.to_be_bytes()]),
+                cat(&[room, &seven]),
+            ),
+            (
+                "range",
+                "attach_ref",
                 cat(&[room, &1u64.to_be_bytes()]),
                 cat(&[room, &seven]),
             ),

@@ -9,7 +9,8 @@ use crate::record::ConversationRecord;
 use crate::schema::{
     client_prefix, dedup_key, dedup_value, is_owner, msg_key, pair, prefix_end, reaction_key,
     role_byte, seq_after, seq_bytes, seq_value, split_dedup_value, split_pair, split_reaction,
-    CF_CONV, CF_CURSOR, CF_DEDUP, CF_MEMBER, CF_MSG, CF_REACTION, CF_READ, CF_USER_CONV,
+    CF_ATTACH_REF, CF_CONV, CF_CURSOR, CF_DEDUP, CF_MEMBER, CF_MSG, CF_REACTION, CF_READ,
+    CF_USER_CONV,
 };
 use crate::store::Store;
 use crate::StorageError;
@@ -31,19 +32,16 @@ impl Batch {
         });
     }
 
-    /// Drops messages of `conv` with seq in `from..to` (retention), and
-    /// their reactions.
+    /// Drops messages of `conv` with seq in `from..to` (retention), their
+    /// reactions and their attachment references.
     pub fn delete_messages(&mut self, conv: &str, from: u64, to: u64) {
-        self.ops.push(Op::DeleteRange {
-            cf: CF_MSG,
-            from: msg_key(conv, from),
-            to: msg_key(conv, to),
-        });
-        self.ops.push(Op::DeleteRange {
-            cf: CF_REACTION,
-            from: msg_key(conv, from),
-            to: msg_key(conv, to),
-        });
+        for cf in [CF_MSG, CF_REACTION, CF_ATTACH_REF] {
+            self.ops.push(Op::DeleteRange {
+                cf,
+                from: msg_key(conv, from),
+                to: msg_key(conv, to),
+            });
+        }
     }
 
     /// `user` reacted to message `seq` of `conv` with `emoji`.

@@ -13,6 +13,7 @@
 //! This crate knows the schema (column families, key layout, record
 //! encoding) and nothing of MQTT's rules: the broker decides what to write.
 
+mod attachment;
 mod batch;
 mod chat;
 mod error;
@@ -25,6 +26,7 @@ mod schema;
 mod store;
 mod writer;
 
+pub use attachment::Upload;
 pub use batch::{Batch, SharedBody};
 pub use chat::{Cached, DedupPage, Role};
 pub use chatmq_config::SyncMode;

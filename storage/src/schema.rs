@@ -63,11 +63,22 @@ pub(crate) const CF_BODY: &str = "body";
 /// drops a trimmed span's reactions with its messages.
 pub(crate) const CF_REACTION: &str = "reaction";
 
+/// (attachment id, conv, uploader) → [`attachment_value`]: `uploader`
+/// uploaded the file `id` (its SHA-256, hex) to `conv` (issue #13 item 5).
+/// A prefix scan by id answers which conversations may see it.
+pub(crate) const CF_ATTACHMENT: &str = "attachment";
+
+/// (conv, seq, attachment id) → nothing: message `seq` of `conv`
+/// references the attachment. Keys start as `msg` keys do, so the range
+/// that trims or deletes messages drops their references too.
+pub(crate) const CF_ATTACH_REF: &str = "attach_ref";
+
 /// Every column family, opened together (RocksDB refuses to open a
-/// database without naming every column family it has). One added later
-/// (`reaction`) is created when an older database opens
-/// (`create_missing_column_families`).
-pub(crate) const ALL_CFS: [&str; 19] = [
+/// database without naming every column family it has). Those added later
+/// (`reaction`, `attachment`, `attach_ref`) are created when an older
+/// database opens (`create_missing_column_families`); an older binary
+/// cannot open a database that has them (it would not name them).
+pub(crate) const ALL_CFS: [&str; 21] = [
     CF_META,
     CF_SESSION,
     CF_OUTBOX,
@@ -87,6 +98,8 @@ pub(crate) const ALL_CFS: [&str; 19] = [
     CF_PUSH,
     CF_BODY,
     CF_REACTION,
+    CF_ATTACHMENT,
+    CF_ATTACH_REF,
 ];
 
 /// The column families read with point lookups (`get`); the others are
@@ -185,6 +198,50 @@ pub(crate) fn reaction_key(conv: &str, seq: u64, emoji: &str, user: &str) -> Vec
 /// The (emoji, user) of a [`reaction_key`] after its (conv, seq) part.
 pub(crate) fn split_reaction(rest: &[u8]) -> Option<(String, String)> {
     split_pair(rest)
+}
+
+/// (id, conv, uploader): one upload of an attachment to a conversation.
+pub(crate) fn attachment_key(id: &str, conv: &str, uploader: &str) -> Vec<u8> {
+    let mut key = client_prefix(id);
+    key.extend_from_slice(&pair(conv, uploader));
+    key
+}
+
+/// The (id, conv, uploader) of an [`attachment_key`].
+pub(crate) fn split_attachment_key(key: &[u8]) -> Option<(String, String, String)> {
+    let (id, rest) = split_pair(key)?;
+    let (conv, uploader) = split_pair(rest.as_bytes())?;
+    Some((id, conv, uploader))
+}
+
+/// (conv, seq, id): message `seq` references attachment `id`.
+pub(crate) fn attach_ref_key(conv: &str, seq: u64, id: &str) -> Vec<u8> {
+    let mut key = msg_key(conv, seq);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// The id of an [`attach_ref_key`]: what follows (conv, seq).
+pub(crate) fn split_attach_ref(key: &[u8]) -> Option<String> {
+    let (_, rest) = split_client(key)?;
+    String::from_utf8(rest.get(8..)?.to_vec()).ok()
+}
+
+/// An `attachment` value: size (u64), upload time in unix ms (u64), both
+/// big-endian, then the content type's UTF-8 bytes.
+pub(crate) fn attachment_value(size: u64, uploaded_ms: u64, content_type: &str) -> Vec<u8> {
+    let mut v = size.to_be_bytes().to_vec();
+    v.extend_from_slice(&uploaded_ms.to_be_bytes());
+    v.extend_from_slice(content_type.as_bytes());
+    v
+}
+
+/// The (size, upload ms, content type) of an [`attachment_value`].
+pub(crate) fn split_attachment_value(v: &[u8]) -> Option<(u64, u64, String)> {
+    let size = seq_value(v.get(..8)?)?;
+    let at = seq_value(v.get(8..16)?)?;
+    let kind = String::from_utf8(v.get(16..)?.to_vec()).ok()?;
+    Some((size, at, kind))
 }
 
 /// The n (or seq) of an `offline` or `msg` key that starts with `prefix`
@@ -326,6 +383,19 @@ mod tests {
         assert_eq!(split_dedup_value(&dedup_value(3, 4)), Some((3, Some(4))));
         assert_eq!(split_dedup_value(&seq_bytes(3)), Some((3, None)));
         assert!(is_owner(&role_byte(true)) && !is_owner(&role_byte(false)));
+        assert_eq!(
+            split_attachment_key(&attachment_key("ab", "room", "al")),
+            Some(("ab".into(), "room".into(), "al".into()))
+        );
+        assert_eq!(
+            split_attach_ref(&attach_ref_key("room", 7, "ab")),
+            Some("ab".into())
+        );
+        assert_eq!(
+            split_attachment_value(&attachment_value(3, 4, "image/png")),
+            Some((3, 4, "image/png".into()))
+        );
+        assert_eq!(split_attachment_value(b"short"), None);
     }
 
     #[test]

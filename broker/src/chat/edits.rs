@@ -224,6 +224,7 @@ impl Chat {
                             }
                         }
                         batch.delete_reactions(conv, seq);
+                        batch.delete_attachment_refs(conv, seq);
                         event(conv, n, "delete", &who_name, ts, seq, Value::Null)
                     })
                     .await;

@@ -235,6 +235,14 @@ impl Hooks for Arc<Chat> {
         };
         match job {
             Job::Message { conv, envelope } => {
+                // An attachment must be the sender's upload to `conv`.
+                if let Err(e) = self.check_attachments(conv, user, &envelope.body).await {
+                    tracing::debug!(code = e.code, message = %e.message, "attachment refused");
+                    return Outcome::Refuse(PublishRefusal {
+                        reason: PubAckReason::PayloadFormatInvalid,
+                        notify: Some("bad_attachment"),
+                    });
+                }
                 match self.append(conv, user, &envelope, p.qos).await {
                     Ok((commit, _seq)) => Outcome::AckAfter(commit),
                     Err(e) => {

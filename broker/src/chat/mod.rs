@@ -27,12 +27,14 @@
 //! groups' receipts and membership changes, `queries.rs` answers history, lists and
 //! read receipts, [`typing`] forwards typing indicators, [`edits`] edits
 //! and deletes messages, [`reactions`] keeps reactions and their
-//! summaries, `occupancy.rs` counts members and who is connected, and `hooks.rs` is
+//! summaries, `occupancy.rs` counts members and who is connected, [`attachments`]
+//! keeps uploaded files' records and collects unreferenced ones, and `hooks.rs` is
 //! what the MQTT channel asks (through [`crate::hooks::Hooks`]). This file
 //! holds the shared state and its construction.
 
 mod admin;
 pub mod announcements;
+pub mod attachments;
 mod catchup;
 pub mod dedup;
 pub mod edits;
@@ -123,6 +125,8 @@ pub struct Chat {
     /// Conversations someone subscribed to `occupancy/{conv}` of
     /// (`chat/occupancy.rs`).
     occupancy_watched: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Uploaded files and their collector (`chat/attachments.rs`).
+    attachments: attachments::Attachments,
 }
 
 /// Who a change by the HTTP admin token is recorded as (`by`).
@@ -172,6 +176,10 @@ impl Chat {
             reaction_cache: Mutex::default(),
             room_reactions: TypingThrottle::new(0),
             occupancy_watched: Mutex::default(),
+            attachments: attachments::Attachments::new(
+                &chatmq_config::Attachments::default(),
+                std::path::Path::new("data"),
+            ),
         })
     }
 

@@ -246,6 +246,11 @@ impl Chat {
         batch.put_message(conv, seq, &body);
         batch.put_conversation(conv, &st.record);
         batch.put_dedup(conv, from, &envelope.id, seq);
+        // Checked by the caller (`Chat::check_attachments`); kept with the
+        // message, dropped with it.
+        for id in super::attachments::referenced_ids(&envelope.body).unwrap_or_default() {
+            batch.put_attachment_ref(conv, seq, &id);
+        }
         if seq == 1 {
             if let Some((a, b)) = namespace::direct_members(conv) {
                 // A direct conversation appears in both users' lists.

@@ -171,6 +171,17 @@ pub async fn send(
             "the sender is not a member of this conversation",
         ));
     }
+    // An attachment must be the sender's upload to this conversation.
+    chat.check_attachments(&conv, &sender, &envelope.body)
+        .await
+        .map_err(|e| match e.code {
+            "bad_request" => ApiError::new(StatusCode::BAD_REQUEST, "bad_attachment", e.message),
+            "not_found" => ApiError::new(StatusCode::BAD_REQUEST, "bad_attachment", e.message),
+            "unavailable" => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.message)
+            }
+            _ => ApiError::from(e),
+        })?;
     let unavailable = |e: chatmq_storage::StorageError| {
         tracing::error!(error = %e, conv = %conv, "server-side send failed");
         ApiError::new(

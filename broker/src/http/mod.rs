@@ -21,6 +21,7 @@
 //! This module owns HTTP concerns only: no chat rule lives here.
 
 mod admin;
+mod attachments;
 mod conversations;
 mod devices;
 mod messages;
@@ -207,6 +208,13 @@ fn table() -> Vec<Route> {
         ),
         Route::new(M::POST, "/v1/conversations/{conv}/typing", stream::typing),
         Route::new(M::GET, "/v1/stream", stream::open),
+        Route::new(
+            M::POST,
+            "/v1/conversations/{conv}/attachments",
+            attachments::upload,
+        ),
+        Route::new(M::GET, "/v1/attachments/{id}", attachments::download),
+        Route::new(M::POST, "/v1/attachments/{id}/token", attachments::token),
         Route::new(M::GET, "/v1/devices", devices::list),
         Route::new(M::POST, "/v1/devices", devices::register),
         Route::new(
@@ -291,8 +299,9 @@ async fn limits(State(api): State<Arc<Api>>, request: Request, next: Next) -> Re
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body_limit = api.body_limit();
-    if announced.is_some_and(|n| n > body_limit as u64) {
+    let body_limit =
+        attachments::announced_limit(request.uri().path()).unwrap_or(api.body_limit() as u64);
+    if announced.is_some_and(|n| n > body_limit) {
         return ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
@@ -452,8 +461,14 @@ impl FromRequestParts<Arc<Api>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Caller, ApiError> {
-        let token = parts
-            .headers
+        Caller::from_headers(&parts.headers, api)
+    }
+}
+
+impl Caller {
+    /// The caller an `Authorization` header names.
+    fn from_headers(headers: &axum::http::HeaderMap, api: &Api) -> Result<Caller, ApiError> {
+        let token = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(bearer)

@@ -231,6 +231,7 @@ fn render(api: &Arc<Api>) -> String {
         |api| api.broker.chat.push.queue_depth() as u64,
     );
     bridges(&api.broker, &mut out);
+    attachment_metrics(&mut out);
     out.histogram(
         "chatmq_storage_commit_seconds",
         "Duration of one storage group commit (write and sync).",
@@ -286,6 +287,66 @@ fn render(api: &Arc<Api>) -> String {
         |api| api.broker.chat.cached_conversations() as u64,
     );
     out.render()
+}
+
+/// `[attachments]`: uploads, downloads, refusals, the collector.
+fn attachment_metrics(out: &mut Exposition<Api>) {
+    type Of = fn(&crate::chat::attachments::AttachmentMetrics) -> &AtomicU64;
+    let get =
+        |api: &Api, of: Of| of(&api.broker.chat.attachments().metrics).load(Ordering::Relaxed);
+    let counters: [(&str, &str, Of); 7] = [
+        (
+            "chatmq_attachment_uploads_total",
+            "Attachments uploaded and stored.",
+            |m| &m.uploads,
+        ),
+        (
+            "chatmq_attachment_upload_bytes_total",
+            "Bytes of the attachments uploaded.",
+            |m| &m.upload_bytes,
+        ),
+        (
+            "chatmq_attachment_downloads_total",
+            "Attachment downloads started.",
+            |m| &m.downloads,
+        ),
+        (
+            "chatmq_attachment_download_bytes_total",
+            "Bytes of the attachments downloaded.",
+            |m| &m.download_bytes,
+        ),
+        (
+            "chatmq_attachment_gc_files_deleted_total",
+            "Attachment files the collector removed (nothing referenced them).",
+            |m| &m.gc_files_deleted,
+        ),
+        (
+            "chatmq_attachment_gc_bytes_deleted_total",
+            "Bytes of the attachment files the collector removed.",
+            |m| &m.gc_bytes_deleted,
+        ),
+        (
+            "chatmq_attachment_gc_uploads_forgotten_total",
+            "Upload records the collector removed (past orphan_grace_secs, unreferenced).",
+            |m| &m.gc_uploads_forgotten,
+        ),
+    ];
+    for (name, help, of) in counters {
+        out.counter(name, help, move |api| get(api, of));
+    }
+    out.counter_by(
+        "chatmq_attachment_refused_total",
+        "Attachment uploads and downloads refused, by reason.",
+        "reason",
+        move |api| {
+            vec![
+                ("too_large", get(api, |m| &m.refused_too_large)),
+                ("type", get(api, |m| &m.refused_type)),
+                ("busy", get(api, |m| &m.refused_busy)),
+                ("denied", get(api, |m| &m.refused_denied)),
+            ]
+        },
+    );
 }
 
 /// The MQTT bridges, labelled by remote (`[[bridge.remotes]]` name);

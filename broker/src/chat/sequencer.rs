@@ -273,28 +273,8 @@ impl Chat {
                 st.recent_seq.remove(&old);
             }
         }
-        let commit = self.store.submit(batch).await;
-        self.metrics.chat_appended.fetch_add(1, Ordering::Relaxed);
-        self.retention_due(conv, &st.record, ts);
-        let msg = Arc::new(Message::from_server(
-            format!("chat/{conv}"),
-            Bytes::from(body),
-            qos,
-            false,
-        ));
-        let (done, acked) = Commit::deferred();
-        let item = Dispatch::Message {
-            conv: conv.into(),
-            seq,
-            msg,
-            commit,
-            done,
-            failed: st.failed.clone(),
-        };
-        if self.shard(conv).send(item).await.is_err() {
-            return Err(StorageError::WriterGone);
-        }
-        Ok((acked, seq))
+        self.submit_and_dispatch(conv, &st, seq, ts, body, qos, batch)
+            .await
     }
 
     /// Resolves once everything appended to `conv` before is durable and
@@ -329,13 +309,32 @@ impl Chat {
         let body = make(seq, ts, &mut batch);
         batch.put_message(conv, seq, &body);
         batch.put_conversation(conv, &st.record);
+        self.submit_and_dispatch(conv, st, seq, ts, body, QoS::AtLeastOnce, batch)
+            .await
+    }
+
+    /// The end of every append: `batch` (the record at `seq`) goes to the
+    /// writer, and the record to its dispatcher shard, which fans it out
+    /// once durable, in seq order. Returns the commit to acknowledge after
+    /// (durable and fanned out) and the seq.
+    #[allow(clippy::too_many_arguments)]
+    async fn submit_and_dispatch(
+        &self,
+        conv: &str,
+        st: &Locked,
+        seq: u64,
+        ts: u64,
+        body: Vec<u8>,
+        qos: QoS,
+        batch: Batch,
+    ) -> Result<(Commit, u64), StorageError> {
         let commit = self.store.submit(batch).await;
         self.metrics.chat_appended.fetch_add(1, Ordering::Relaxed);
         self.retention_due(conv, &st.record, ts);
         let msg = Arc::new(Message::from_server(
             format!("chat/{conv}"),
             Bytes::from(body),
-            QoS::AtLeastOnce,
+            qos,
             false,
         ));
         let (done, acked) = Commit::deferred();

@@ -40,6 +40,12 @@ pub struct Cluster {
 const RETRY_BASE: Duration = Duration::from_millis(250);
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
+/// The longest one start-up attempt may take. Every request in it has its
+/// own timeout, but a connection that is stuck (a server that accepted and
+/// went silent) must not hold start-up until `startup_timeout_secs`: after
+/// this the attempt is abandoned and the next one connects afresh.
+const ATTEMPT_CAP: Duration = Duration::from_secs(20);
+
 impl Cluster {
     /// Connects to NATS and ensures the layout, retrying what may pass
     /// until `cluster.startup_timeout_secs`. An error is final: a wrong
@@ -50,7 +56,8 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(settings.startup_timeout_secs);
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
         let mut client: Option<async_nats::Client> = None;
-        let mut last = error::Failure::default();
+        // Set by every attempt that does not end start-up.
+        let mut last: error::Failure;
         loop {
             let attempt = async {
                 let c = match &client {
@@ -65,7 +72,8 @@ impl Cluster {
                 shape::ensure(&js, &layout).await?;
                 Ok::<_, error::Attempt>((c, js))
             };
-            match tokio::time::timeout_at(deadline, attempt).await {
+            let bound = deadline.min(Instant::now() + ATTEMPT_CAP);
+            match tokio::time::timeout_at(bound, attempt).await {
                 Ok(Ok((client, jetstream))) => {
                     connector.started();
                     tracing::info!(
@@ -84,7 +92,14 @@ impl Cluster {
                     tracing::debug!(key = failure.key, error = %failure.message, "cluster start-up: retrying");
                     last = failure;
                 }
-                Err(_) => {}
+                Err(_) => {
+                    tracing::debug!("cluster start-up: an attempt took too long; reconnecting");
+                    last = error::Failure {
+                        message: format!("no answer within {} s", ATTEMPT_CAP.as_secs()),
+                        ..error::Failure::default()
+                    };
+                    client = None;
+                }
             }
             let now = Instant::now();
             if now >= deadline {

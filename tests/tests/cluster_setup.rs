@@ -296,6 +296,8 @@ fn readyz_waits_until_nats_is_there() {
     let log = std::fs::File::create(dir.path().join("chatmq.log")).expect("log");
     let mut child = serve_command(dir.path(), &path)
         .env("CHATMQ__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
+        // The start-up retries and their reasons, for a failure's message.
+        .env("RUST_LOG", "info,chatmq_cluster=debug")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

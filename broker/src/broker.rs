@@ -701,6 +701,8 @@ pub struct Broker {
     /// The MQTT bridges' metrics, one per `[[bridge.remotes]]` (set once
     /// at start-up).
     pub bridges: std::sync::OnceLock<Vec<Arc<chatmq_bridge::mqtt::Metrics>>>,
+    /// Serving, draining or stopping: what every connection watches.
+    pub drain: crate::drain::Drain,
 }
 
 /// When a disconnected session expires (unix ms).
@@ -768,6 +770,7 @@ impl Broker {
             next_id: AtomicU64::new(1),
             publish_limits,
             bridges: std::sync::OnceLock::new(),
+            drain: crate::drain::Drain::default(),
         };
         broker.restore()?;
         Ok(Arc::new(broker))

@@ -21,7 +21,8 @@ use bytes::{Buf, BytesMut};
 use chatmq_protocol::auth::{self, Auth, AuthReason};
 use chatmq_storage::Commit;
 use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet,
+    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
+    Packet,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -32,6 +33,7 @@ use crate::admission::Refusal;
 use crate::broker::{Broker, Kick, Metrics, Plain, SessionCell};
 use crate::channel::{max_packet_size, Channel, Close, Out, JWT_METHOD};
 use crate::codec::{self, DecodeError, Frame, Protocol};
+use crate::drain::{Drain, Phase};
 use crate::login_guard;
 use crate::session::{Delivery, Outbound};
 
@@ -64,7 +66,7 @@ pub async fn serve<S>(
     peer: IpAddr,
     listener: &'static str,
     broker: Arc<Broker>,
-    shutdown: watch::Receiver<bool>,
+    phase: watch::Receiver<Phase>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -80,20 +82,21 @@ pub async fn serve<S>(
         metrics: broker.metrics.clone(),
         taken_over: None,
         expires: None,
+        leave_at: None,
     };
     // One stream that the task both reads and writes: no `split`, whose
     // halves share the stream behind an `Arc` and a lock.
     let mut io = stream;
-    let close = conn.run(&mut io, &broker, peer, shutdown).await;
+    let close = conn.run(&mut io, &broker, peer, phase).await;
     if let Some(close) = close {
-        Box::pin(finish(conn, io, close)).await;
+        Box::pin(finish(conn, io, close, &broker)).await;
     }
 }
 
 /// Ends a connection that got past CONNECT: releases the session, says
 /// why (MQTT 5), and closes the socket gently. Its own future, boxed by
 /// the caller: a connection's idle state should not carry its space.
-async fn finish<S>(mut conn: Connection, mut io: S, close: Close)
+async fn finish<S>(mut conn: Connection, mut io: S, close: Close, broker: &Broker)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -106,7 +109,20 @@ where
         conn.taken_over = None;
         if let (Some(reason), Some(Protocol::V5)) = (close.reason, conn.protocol) {
             conn.outbuf.clear();
-            let d = Packet::Disconnect(Disconnect::new(reason));
+            let mut disconnect = Disconnect::new(reason);
+            if reason == DisconnectReasonCode::UseAnotherServer {
+                disconnect.properties =
+                    broker
+                        .drain
+                        .server_reference()
+                        .map(|r| DisconnectProperties {
+                            session_expiry_interval: None,
+                            reason_string: None,
+                            user_properties: Vec::new(),
+                            server_reference: Some(r),
+                        });
+            }
+            let d = Packet::Disconnect(disconnect);
             codec::encode(
                 &d,
                 Protocol::V5,
@@ -258,6 +274,15 @@ fn shutting_down() -> Close {
     }
 }
 
+/// The close of a connection moved away by a drain: MQTT 5 clients are
+/// told to use another server ([`crate::drain`]). Not a failure, so no will.
+fn moved_away() -> Close {
+    Close {
+        reason: Some(DisconnectReasonCode::UseAnotherServer),
+        will: false,
+    }
+}
+
 /// Resolves when the session is taken over, with what the new connection
 /// waits on; never if it cannot be any more. Cancel-safe, so it can sit in
 /// every `select!`.
@@ -299,11 +324,15 @@ fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> Result<(usize, bo
 }
 
 /// How a connection ends when its deadline passes: the end of its drain
-/// after a takeover, its login's expiry, or else keepalive.
-fn deadline_passed(draining: bool, expires: Option<Instant>) -> Close {
+/// after a takeover, its moment to leave a draining node, its login's
+/// expiry, or else keepalive.
+fn deadline_passed(draining: bool, expires: Option<Instant>, leave_at: Option<Instant>) -> Close {
+    let now = Instant::now();
     if draining {
         taken_over()
-    } else if expires.is_some_and(|e| e <= Instant::now()) {
+    } else if leave_at.is_some_and(|at| at <= now) {
+        moved_away()
+    } else if expires.is_some_and(|e| e <= now) {
         Close::violation(DisconnectReasonCode::MaximumConnectTime)
     } else {
         Close::violation(DisconnectReasonCode::KeepAliveTimeout)
@@ -370,6 +399,7 @@ async fn woken(cell: &Option<Arc<SessionCell>>) {
 /// What a write shares with the connection's loop: a takeover during the
 /// write starts the drain, and the drain's or keepalive's deadline ends it.
 struct WriteState<'a> {
+    drain: &'a Drain,
     kicked: &'a mut Option<oneshot::Receiver<Kick>>,
     drain_end: &'a mut Option<Instant>,
     deadline: &'a mut Option<Instant>,
@@ -393,6 +423,8 @@ struct Connection {
     /// When the login ends: its token's expiry, moved on by each
     /// re-authentication (AUTH); checked where keepalive is.
     expires: Option<Instant>,
+    /// When this connection leaves a draining node ([`crate::drain`]).
+    leave_at: Option<Instant>,
 }
 
 impl Connection {
@@ -403,7 +435,7 @@ impl Connection {
         io: &mut S,
         broker: &Arc<Broker>,
         peer: IpAddr,
-        mut shutdown: watch::Receiver<bool>,
+        mut phase: watch::Receiver<Phase>,
     ) -> Option<Close>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -432,7 +464,11 @@ impl Connection {
         if let Some(close) = Box::pin(self.handle_buffered(broker, peer, protocol)).await {
             return Some(close);
         }
-        let mut deadline = next_deadline(self.expires);
+        // A drain that began while this client was connecting.
+        if let Some(close) = self.phase_seen(&mut phase, &broker.drain) {
+            return Some(close);
+        }
+        let mut deadline = next_deadline(self.limit());
 
         loop {
             self.encode_output();
@@ -471,18 +507,13 @@ impl Connection {
                     // Boxed: the wait for a slow client is a large future,
                     // and an idle connection should not carry its space.
                     let mut state = WriteState {
+                        drain: &broker.drain,
                         kicked: &mut kicked,
                         drain_end: &mut drain_end,
                         deadline: &mut deadline,
                     };
-                    let rest = self.write_rest(
-                        io,
-                        written,
-                        &mut shutdown,
-                        &wake,
-                        write_timeout,
-                        &mut state,
-                    );
+                    let rest =
+                        self.write_rest(io, written, &mut phase, &wake, write_timeout, &mut state);
                     if let Err(close) = Box::pin(rest).await {
                         return Some(close);
                     }
@@ -496,7 +527,12 @@ impl Connection {
                 self.inbuf = BytesMut::new();
             }
             tokio::select! {
-                _ = shutdown.changed() => return Some(shutting_down()),
+                _ = phase.changed() => {
+                    if let Some(close) = self.phase_seen(&mut phase, &broker.drain) {
+                        return Some(close);
+                    }
+                    deadline = earliest(deadline, self.leave_at);
+                }
                 closed = kicked_off(&mut kicked) => (drain_end, deadline) = self.drain(closed),
                 done = async { match self.pending.front_mut() { Some((c, _)) => c.await, None => std::future::pending().await } } => {
                     if let Err(e) = done {
@@ -508,7 +544,7 @@ impl Connection {
                 }
                 _ = woken(&wake) => {}
                 _ = until(deadline) => {
-                    return Some(deadline_passed(drain_end.is_some(), self.expires));
+                    return Some(deadline_passed(drain_end.is_some(), self.expires, self.leave_at));
                 }
                 read = read_some(io, &mut self.inbuf) => {
                     match read {
@@ -525,7 +561,7 @@ impl Connection {
                     }
                     deadline = match drain_end {
                         Some(end) => Some((Instant::now() + DRAIN_QUIET).min(end)),
-                        None => next_deadline(self.expires),
+                        None => next_deadline(self.limit()),
                     };
                 }
             }
@@ -624,7 +660,7 @@ impl Connection {
         &mut self,
         wr: &mut W,
         mut written: usize,
-        shutdown: &mut watch::Receiver<bool>,
+        phase: &mut watch::Receiver<Phase>,
         wake: &Option<Arc<SessionCell>>,
         write_timeout: Duration,
         state: &mut WriteState<'_>,
@@ -656,12 +692,17 @@ impl Connection {
                     Ok(None) => flushed = true,
                 },
                 _ = until(give_up) => return Err(self.write_timed_out(write_timeout)),
-                _ = shutdown.changed() => return Err(shutting_down()),
+                _ = phase.changed() => {
+                    if let Some(close) = self.phase_seen(phase, state.drain) {
+                        return Err(close);
+                    }
+                    *state.deadline = earliest(*state.deadline, self.leave_at);
+                }
                 closed = kicked_off(state.kicked) => {
                     (*state.drain_end, *state.deadline) = self.drain(closed);
                 }
                 _ = until(*state.deadline) => {
-                    return Err(deadline_passed(state.drain_end.is_some(), self.expires));
+                    return Err(deadline_passed(state.drain_end.is_some(), self.expires, self.leave_at));
                 }
                 _ = woken(wake) => {
                     woke = true;
@@ -799,6 +840,27 @@ impl Connection {
     /// Taken over: read on what the client already sent until it is quiet
     /// for DRAIN_QUIET, it disconnects, or DRAIN_MAX passes. Returns the
     /// drain's end and the next deadline.
+    /// Takes in the node's phase: a stop ends the connection, a drain
+    /// sets when it leaves (once; [`crate::drain::Drain::leave_at`]).
+    fn phase_seen(&mut self, phase: &mut watch::Receiver<Phase>, drain: &Drain) -> Option<Close> {
+        match *phase.borrow_and_update() {
+            Phase::Serving => None,
+            Phase::Stopping => Some(shutting_down()),
+            Phase::Draining => {
+                if self.leave_at.is_none() {
+                    self.leave_at = Some(drain.leave_at());
+                }
+                None
+            }
+        }
+    }
+
+    /// The latest this connection may last, keepalive aside: its login's
+    /// expiry, or its moment to leave a draining node.
+    fn limit(&self) -> Option<Instant> {
+        earliest(self.expires, self.leave_at)
+    }
+
     fn drain(&mut self, closed: oneshot::Sender<()>) -> (Option<Instant>, Option<Instant>) {
         self.taken_over = Some(closed);
         let now = Instant::now();

@@ -33,6 +33,7 @@ pub use chatmq_protocol::codec;
 pub mod connection;
 pub mod counter;
 mod deadlines;
+pub mod drain;
 pub mod embed;
 pub mod exposition;
 pub mod hooks;

@@ -2,7 +2,8 @@
 //! `chatmq config check [--config FILE]` validates a configuration file,
 //! and the operator's tools ([`cli`]): `passwd` (a password hash for
 //! `[[auth.users]]`), `token` (a user JWT), `status` (what a running node
-//! reports). The command line is clap's: `--help` on each.
+//! reports), `drain` (move a node's clients away, then stop it). The
+//! command line is clap's: `--help` on each.
 //!
 //! Errors go to stderr as one line naming the key or path to fix, with a
 //! non-zero exit. Once listening, `serve` prints one stdout line per
@@ -53,6 +54,15 @@ enum Command {
     /// Reads `/readyz` and `/metrics` from the node's HTTP API (`http.listen`
     /// of the configuration file, or --url).
     Status(cli::status::StatusArgs),
+    /// Moves a running node's clients away, then waits until the node has stopped
+    ///
+    /// For scale-in and maintenance: the node reports not ready, closes its
+    /// MQTT listeners, tells MQTT 5 clients to use another server
+    /// (DISCONNECT 0x9C with --server-reference / `drain.server_reference`;
+    /// 3.1.1 clients are closed and reconnect) at random moments over
+    /// `drain.spread_secs`, then exits 0. Calls `POST /v1/admin/drain` with
+    /// the admin token.
+    Drain(cli::drain::DrainArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +99,7 @@ fn main() -> ExitCode {
             .map(|_| println!("chatmq: {} is valid", config.path.display())),
         Command::Passwd => cli::passwd::run(),
         Command::Token(args) => cli::token::run(&args),
+        Command::Drain(args) => cli::drain::run(&args),
         Command::Status(args) => match cli::status::run(&args) {
             Ok(true) => Ok(()),
             // It answered: not ready (starting or stopping).
@@ -164,7 +175,12 @@ fn serve(path: &Path) -> ExitCode {
         }
         println!("chatmq: ready");
         tracing::info!(mqtt = %mqtt, http = %http, "chatmq is serving");
-        wait_for_signal().await;
+        // SIGTERM/SIGINT, or the end of a drain (`chatmq drain`): either
+        // way a clean stop, exit 0.
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            _ = server.drained() => {}
+        }
         tracing::info!("shutting down");
         server.shutdown().await;
         ExitCode::SUCCESS

@@ -17,6 +17,7 @@ use chatmq_storage::Store;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::access::{AccessError, Authenticator};
 use crate::admission::{AddressLimiter, AddressLimits, Admission, Admitted, Refusal};
@@ -25,6 +26,8 @@ use crate::channel::max_packet_size;
 use crate::chat::{self, retention};
 use crate::clock::now_ms;
 use crate::connection;
+use crate::counter::Total;
+use crate::drain::Phase;
 use crate::http;
 use crate::reload::{self, Reloader};
 
@@ -339,7 +342,6 @@ impl Server {
                 Transport::Tcp,
                 admission.clone(),
                 broker.clone(),
-                watch.clone(),
             ));
         }
         for edge in edge_listeners {
@@ -348,7 +350,6 @@ impl Server {
                 edge.transport,
                 admission.clone(),
                 broker.clone(),
-                watch.clone(),
             ));
         }
         tasks.spawn(broker.chat.clone().run_dispatcher(watch.clone()));
@@ -411,10 +412,44 @@ impl Server {
         }
     }
 
+    /// Resolves once a drain ([`crate::drain`], `POST /v1/admin/drain`) is
+    /// over: no MQTT connection left, or the plan's timeout after its
+    /// spread. Never without a drain. The caller then shuts down.
+    pub async fn drained(&self) {
+        let mut phase = self.broker.drain.subscribe();
+        while *phase.borrow_and_update() != Phase::Draining {
+            if phase.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+        let Some((plan, started)) = self.broker.drain.plan() else {
+            return;
+        };
+        let give_up = started + plan.spread + plan.timeout;
+        tracing::info!(
+            connections = self.broker.metrics.connections.total(),
+            spread_secs = plan.spread.as_secs(),
+            "draining: moving the clients away"
+        );
+        while self.broker.metrics.connections.total() > 0 && Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = self.broker.metrics.connections.total();
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "drain timed out; stopping with connections left"
+            );
+        } else {
+            tracing::info!("drained: no connection left");
+        }
+    }
+
     /// Stops accepting, tells every client (MQTT 5: DISCONNECT 0x8B), waits
     /// for connections to finish, then makes everything durable.
     pub async fn shutdown(mut self) {
         self.ready.store(false, Ordering::Release);
+        self.broker.drain.stop();
         let _ = self.shutdown.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), async {
             while self.tasks.join_next().await.is_some() {}
@@ -453,22 +488,28 @@ async fn bind_if(
     Ok((Some(listener), Some(local)))
 }
 
+/// Stops when the node drains or stops ([`Phase`]): the listening socket
+/// is closed, so clients that still come are refused by the kernel and
+/// try another address; the connections it started are waited for.
 async fn accept_loop(
     listener: TcpListener,
     transport: Transport,
     admission: Admission,
     broker: Arc<Broker>,
-    mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     let inherits = admission.tune_listener(&listener);
+    let mut phase = broker.drain.subscribe();
     loop {
+        if *phase.borrow_and_update() != Phase::Serving {
+            break;
+        }
         tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = phase.changed() => continue,
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
                     let p = tokio::select! {
-                        _ = shutdown.changed() => break,
+                        _ = phase.changed() => break,
                         p = admission.permit() => match p {
                             Some(p) => p,
                             None => break,
@@ -485,7 +526,8 @@ async fn accept_loop(
                         }
                     };
                     broker.metrics.accepted.add(transport.listener(), 1);
-                    spawn_connection(&mut connections, &transport, socket, peer, admitted, broker.clone(), shutdown.clone());
+                    let phase = broker.drain.subscribe();
+                    spawn_connection(&mut connections, &transport, socket, peer, admitted, broker.clone(), phase);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -510,7 +552,7 @@ fn spawn_connection(
     peer: SocketAddr,
     admitted: Admitted,
     broker: Arc<Broker>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<Phase>,
 ) {
     match transport {
         Transport::Tcp => {
@@ -575,7 +617,7 @@ async fn serve_ws<S>(
     limiter: &AddressLimiter,
     listener: &'static str,
     broker: Arc<Broker>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<Phase>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

@@ -32,7 +32,7 @@ pub use error::ConfigError;
 pub use reload::{is_reloadable, RELOADABLE};
 pub use settings::{
     Access, Acl, AclRule, Apns, Attachments, Auth, Bridge, BridgeTopic, Chat, Cluster, ClusterTls,
-    Direction, Fcm, Http, Log, LogFormat, LoginLimits, Mqtt, Node, Push, Remote, Settings, Storage,
-    SyncMode, Tls, User, Webhook, Websocket, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN,
+    Direction, Drain, Fcm, Http, Log, LogFormat, LoginLimits, Mqtt, Node, Push, Remote, Settings,
+    Storage, SyncMode, Tls, User, Webhook, Websocket, MQTT_TLS_LISTEN, WEBSOCKET_TLS_LISTEN,
 };
 pub use validate::is_user_id;

@@ -373,8 +373,8 @@ mod tests {
     use super::*;
     use crate::settings::{
         Access, Acl, AclRule, Apns, Attachments, Auth, Bridge, BridgeTopic, Chat, Cluster,
-        ClusterTls, Direction, Fcm, Http, Log, LogFormat, LoginLimits, Mqtt, Node, Push, Remote,
-        Storage, SyncMode, Tls, User, Webhook, Websocket,
+        ClusterTls, Direction, Drain, Fcm, Http, Log, LogFormat, LoginLimits, Mqtt, Node, Push,
+        Remote, Storage, SyncMode, Tls, User, Webhook, Websocket,
     };
 
     const DEFAULT_FILE: &str = include_str!("../chatmq.toml");
@@ -713,6 +713,10 @@ mod tests {
             remote_prefix = "plant/"
             [log]
             format = "json"
+            [drain]
+            server_reference = "mqtt.example.com:1883"
+            spread_secs = 46
+            timeout_secs = 47
             [cluster]
             node_id = "node-7"
             nats_urls = ["nats://10.0.0.1:4222", "tls://10.0.0.2:4222"]
@@ -733,6 +737,11 @@ mod tests {
         let expected = Settings {
             log: Log {
                 format: LogFormat::Json,
+            },
+            drain: Drain {
+                server_reference: Some("mqtt.example.com:1883".into()),
+                spread_secs: 46,
+                timeout_secs: 47,
             },
             node: Node {
                 data_dir: PathBuf::from("/var/lib/chatmq"),

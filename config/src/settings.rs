@@ -33,6 +33,7 @@ pub struct Settings {
     pub attachments: Attachments,
     pub bridge: Bridge,
     pub log: Log,
+    pub drain: Drain,
     /// `[cluster]`: several chatmq nodes sharing NATS JetStream; absent: one
     /// node on its own RocksDB, with no NATS at all.
     pub cluster: Option<Cluster>,
@@ -57,6 +58,33 @@ pub enum LogFormat {
 
 /// The spelling of each [`LogFormat`] in TOML.
 pub(crate) const LOG_FORMAT_NAMES: &[&str] = &["text", "json"];
+
+/// `[drain]`: how `chatmq drain` (`POST /v1/admin/drain`) moves this
+/// node's clients away before it exits (scale-in, maintenance).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Drain {
+    /// What MQTT 5 clients are told to use instead (the Server Reference
+    /// of their DISCONNECT 0x9C, e.g. the load balancer's `host:port`);
+    /// none: they are told only to use another server.
+    pub server_reference: Option<String>,
+    /// The clients leave over this many seconds, each at a random moment
+    /// in it, so the nodes that take them are not hit by all at once.
+    pub spread_secs: u64,
+    /// The node exits at most this long after the spread, even if some
+    /// connections have not closed yet.
+    pub timeout_secs: u64,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            server_reference: None,
+            spread_secs: 10,
+            timeout_secs: 30,
+        }
+    }
+}
 
 /// `[node]`: where this broker keeps its state.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -1129,6 +1157,14 @@ pub(crate) const KEYS: &[Key] = &[
     key(
         "log",
         Kind::Section(&[key("format", Kind::OneOf(LOG_FORMAT_NAMES))]),
+    ),
+    key(
+        "drain",
+        Kind::Section(&[
+            key("server_reference", Kind::Text),
+            key("spread_secs", integer(0, 3600)),
+            key("timeout_secs", integer(1, 3600)),
+        ]),
     ),
     key(
         "storage",

@@ -256,6 +256,25 @@ impl Broker {
         }
     }
 
+    /// Waits for the broker to stop by itself (a drain), and its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let mut c = self.child.take().expect("broker is running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "chatmq did not stop within {within:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts again on the same data directory and the same ports.
     pub fn restart(&mut self) {
         self.kill9();

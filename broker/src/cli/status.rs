@@ -99,7 +99,7 @@ pub fn run(args: &StatusArgs) -> Result<bool, String> {
 
 /// Where to reach a listener bound to `listen`: the loopback address of
 /// its family when it listens on every address.
-fn reachable(listen: SocketAddr) -> SocketAddr {
+pub(crate) fn reachable(listen: SocketAddr) -> SocketAddr {
     let ip = match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),

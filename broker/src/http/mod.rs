@@ -224,6 +224,7 @@ fn table() -> Vec<Route> {
         ),
         Route::new(M::GET, "/v1/client-config", web::client_config),
         Route::new(M::POST, "/v1/admin/reload", admin::reload),
+        Route::new(M::POST, "/v1/admin/drain", admin::drain),
     ]
 }
 

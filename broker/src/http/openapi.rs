@@ -64,6 +64,7 @@ use super::ApiError;
         super::devices::unregister,
         super::web::client_config,
         super::admin::reload,
+        super::admin::drain,
         document,
     ),
     components(schemas(Error, ErrorDetail)),
@@ -373,6 +374,21 @@ pub struct WebSocketConfig {
 #[derive(ToSchema)]
 pub struct ClientConfig {
     websocket: WebSocketConfig,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct Draining {
+    /// `draining`.
+    status: String,
+    /// MQTT connections open when asked.
+    connections: u64,
+    /// Over how many seconds the clients leave.
+    spread_secs: u64,
+    /// The node stops at most this long after the spread.
+    timeout_secs: u64,
+    /// What MQTT 5 clients are told to use instead, if anything.
+    server_reference: Option<String>,
 }
 
 #[allow(dead_code)]

@@ -39,11 +39,18 @@ pub async fn healthz() -> Json<Value> {
     tag = "operations",
     responses(
         (status = 200, description = "`{\"status\":\"ready\"}`", body = Status),
-        (status = 503, description = "`not_ready`: starting or shutting down", body = Error),
+        (status = 503, description = "`not_ready`: starting or shutting down; `draining`: moving its clients away (`POST /v1/admin/drain`)", body = Error),
     ),
 )]
 pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
-    if api.ready.load(Ordering::Acquire) {
+    if api.broker.drain.phase() == crate::drain::Phase::Draining {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the node is moving its clients away before it stops",
+        )
+        .into_response()
+    } else if api.ready.load(Ordering::Acquire) {
         Json(json!({"status": "ready"})).into_response()
     } else {
         ApiError::new(

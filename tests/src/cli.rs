@@ -45,6 +45,20 @@ impl Cli {
         Cli::start_with_password(addr, user, state, &crate::chat::token(user))
     }
 
+    /// [`Cli::start`] on broker `b` with its HTTP API (`--http`), which
+    /// `/attach` and `/download` use.
+    pub fn start_with_http(b: &crate::Broker, user: &str, state: &Path) -> Cli {
+        let http = format!("http://{}", b.http_addr);
+        let password = crate::chat::token(user);
+        Cli::start_at(
+            &b.addr.to_string(),
+            &["--http", &http],
+            user,
+            state,
+            &password,
+        )
+    }
+
     /// [`Cli::start`] with the password given.
     pub fn start_with_password(addr: SocketAddr, user: &str, state: &Path, password: &str) -> Cli {
         Cli::start_at(&addr.to_string(), &[], user, state, password)

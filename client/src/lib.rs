@@ -48,6 +48,23 @@
 //!
 //! The state file is JSON, rewritten whole through a temporary file,
 //! fsync and rename. One state file belongs to one running client.
+//!
+//! # Edits, deletes, reactions, attachments
+//!
+//! [`Client::edit`] and [`Client::delete`] change one of our messages by
+//! seq; the change is a message of its own, delivered to every member as
+//! an [`Event::Message`] of `kind` `message.edit` / `message.delete`
+//! naming the changed seq in [`Message::target`], in seq order like any
+//! other. History and replays give a changed message as it is now, with
+//! [`Message::edited`] or [`Message::deleted`] (the body `null`).
+//! [`Client::react`] and [`Client::unreact`] answer the message's summary
+//! with our `mine`; everyone gets summaries as [`Event::Reactions`],
+//! coalesced by the broker; history has them per message
+//! ([`Message::reactions`]). Files go over the HTTP API
+//! ([`Options::http`]): [`Client::upload_file`] (or [`Client::upload`])
+//! returns the id a message body references as
+//! `{"attachments": [{"id": ...}]}`, and [`Client::download`] saves one,
+//! for members of a conversation it was uploaded to only.
 
 mod attachments;
 mod engine;

@@ -12,18 +12,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use chatmq_tests::chat::*;
-use chatmq_tests::cli::Cli;
+use chatmq_tests::cli::{state_of, subscribed, Cli};
 use chatmq_tests::tls::TestPki;
 use chatmq_tests::{v5, Broker, PATIENCE};
 use serde_json::Value;
 
 const DM: &str = "dm:alice:bob";
 const QUIET: Duration = Duration::from_millis(700);
-
-fn state_of(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).expect("read the state file");
-    serde_json::from_str(&text).expect("the state file is JSON")
-}
 
 /// The bodies waiting in the state file's outbox.
 fn outbox_bodies(path: &Path) -> Vec<String> {
@@ -445,16 +440,6 @@ async fn the_cli_chats_over_tls_and_secure_websocket() {
             (Some(seq), Some("alice"))
         );
         assert!(alice.quit().await.success(), "{server}");
-    }
-}
-
-/// Waits until the CLI's state file says the session's subscriptions are
-/// in, so that what is sent next reaches it live.
-async fn subscribed(state: &Path) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while state_of(state)["subscribed"] != true {
-        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

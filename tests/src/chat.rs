@@ -267,6 +267,24 @@ pub async fn v4_rpc(
     (reply, got)
 }
 
+/// A 3.1.1 publish of `payload` on `topic` at QoS 1, acknowledged (3.1.1
+/// has no refusal code, DESIGN §4), and what `c` received meanwhile or,
+/// if nothing, until the next PUBLISH: where a refusal's error event
+/// (`users/{user}/events`, subscribed to by the caller) comes.
+pub async fn v4_publish_answered(
+    c: &mut v4::Client,
+    topic: &str,
+    payload: &[u8],
+) -> Vec<v4::Publish> {
+    let got = c
+        .publish_acked_keeping(topic, v4::QoS::AtLeastOnce, false, payload)
+        .await;
+    if !got.is_empty() {
+        return got;
+    }
+    v4_until(c, crate::PATIENCE, |g| !g.is_empty()).await
+}
+
 /// Creates group `conv` owned by `owner` (an MQTT 5 client subscribed to
 /// its events) with `members`, and asserts the reply is ok.
 pub async fn create_group(owner: &mut v5::Client, conv: &str, members: &[&str]) {

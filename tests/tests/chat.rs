@@ -332,17 +332,7 @@ async fn a_removed_member_stops_receiving_and_cannot_post() {
     laptop.no_publish(Duration::from_millis(100)).await;
 
     // Her phone's post is acked (3.1.1 has no refusal code) and refused by an event.
-    let mut got = phone
-        .publish_acked_keeping(
-            "chat/team",
-            v4::QoS::AtLeastOnce,
-            false,
-            &envelope("c1", "hello?"),
-        )
-        .await;
-    if got.is_empty() {
-        got = v4_until(&mut phone, PATIENCE, |g| !g.is_empty()).await;
-    }
+    let got = v4_publish_answered(&mut phone, "chat/team", &envelope("c1", "hello?")).await;
     let e = json_of(&got[0].payload);
     assert_eq!(
         (
@@ -859,12 +849,7 @@ async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
         .subscribe("users/alice/events", v4::QoS::AtLeastOnce)
         .await;
     for (what, payload, id) in &bad {
-        let mut got = phone
-            .publish_acked_keeping("chat/team", v4::QoS::AtLeastOnce, false, payload)
-            .await;
-        if got.is_empty() {
-            got = v4_until(&mut phone, PATIENCE, |g| !g.is_empty()).await;
-        }
+        let got = v4_publish_answered(&mut phone, "chat/team", payload).await;
         assert_eq!(got.len(), 1, "{what}: {got:?}");
         let e = json_of(&got[0].payload);
         assert_eq!(e["type"], "error", "{what}");
@@ -900,17 +885,7 @@ async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
     let mut eve4 = v4_login(v4_options(b.addr, "eve-phone", "eve", false)).await;
     eve4.subscribe("users/eve/events", v4::QoS::AtLeastOnce)
         .await;
-    let mut got = eve4
-        .publish_acked_keeping(
-            "chat/team",
-            v4::QoS::AtLeastOnce,
-            false,
-            &envelope("e3", "hi"),
-        )
-        .await;
-    if got.is_empty() {
-        got = v4_until(&mut eve4, PATIENCE, |g| !g.is_empty()).await;
-    }
+    let got = v4_publish_answered(&mut eve4, "chat/team", &envelope("e3", "hi")).await;
     let e = json_of(&got[0].payload);
     assert_eq!(
         (e["code"].as_str(), e["id"].as_str()),
@@ -932,12 +907,7 @@ async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
             v5::PubAckReason::NotAuthorized,
             t,
         );
-        let mut got = phone
-            .publish_acked_keeping(t, v4::QoS::AtLeastOnce, false, forged.as_bytes())
-            .await;
-        if got.is_empty() {
-            got = v4_until(&mut phone, PATIENCE, |g| !g.is_empty()).await;
-        }
+        let got = v4_publish_answered(&mut phone, t, forged.as_bytes()).await;
         let e = json_of(&got[0].payload);
         assert_eq!(
             (e["type"].as_str(), e["code"].as_str(), e["topic"].as_str()),

@@ -72,6 +72,15 @@ pub async fn v5_user(b: &Broker, user: &str) -> v5::Client {
     v5_login(v5_options(b.addr, user, user, false)).await
 }
 
+/// [`v5_user`] subscribed to its `users/{user}/events`, where RPC replies
+/// and membership events come.
+pub async fn v5_with_events(b: &Broker, user: &str) -> v5::Client {
+    let mut c = v5_user(b, user).await;
+    c.subscribe(&format!("users/{user}/events"), v5::QoS::AtLeastOnce)
+        .await;
+    c
+}
+
 pub async fn v4_login(o: v4::MqttOptions) -> v4::Client {
     let id = o.client_id();
     match v4::connect(o).await {

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chatmq_tests::chat::{self, create_group, json_of, v5_options, v5_until, v5_user};
+use chatmq_tests::chat::{
+    self, create_group, json_of, v5_options, v5_until, v5_user, v5_with_events,
+};
 use chatmq_tests::metrics::{metric, metric_becomes, metric_reaches};
 use chatmq_tests::tls::TestPki;
 use chatmq_tests::v5::{self, QoS};
@@ -403,10 +405,7 @@ async fn a_device_on_mosquitto_posts_into_a_chat_conversation() {
     let Some((m, b)) = bridged("thermostat", &devices).await else {
         return;
     };
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "ops", &["thermostat"]).await;
     alice.subscribe("chat/ops", QoS::AtLeastOnce).await;
 

@@ -38,10 +38,7 @@ async fn a_busy_group_gives_every_member_the_same_dense_order() {
     let b = Broker::start(&config(""));
     let members: Vec<String> = (1..=49).map(|i| format!("u{i:02}")).collect();
     let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
-    let mut owner = v5_user(&b, "owner").await;
-    owner
-        .subscribe("users/owner/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut owner = v5_with_events(&b, "owner").await;
     create_group(&mut owner, "team", &member_refs).await;
 
     // Five watchers, three on MQTT 5 and two on 3.1.1.
@@ -209,9 +206,7 @@ async fn a_retried_message_id_is_one_message_even_across_a_restart() {
     );
 
     b.restart();
-    let mut bob = v5_user(&b, "bob").await;
-    bob.subscribe("users/bob/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut bob = v5_with_events(&b, "bob").await;
     bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
         .await;
     let mut phone = v4_user(&b, "alice").await;
@@ -256,10 +251,7 @@ async fn a_retried_message_id_is_one_message_even_across_a_restart() {
 #[tokio::test]
 async fn a_removed_member_stops_receiving_and_cannot_post() {
     let b = Broker::start(&config(""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob", "carol"]).await;
     alice.subscribe("chat/team", v5::QoS::AtLeastOnce).await;
     let mut bob = v5_user(&b, "bob").await;
@@ -408,10 +400,7 @@ async fn a_non_member_sees_nothing_through_any_wildcard() {
     eve4.subscribe("$share/g/chat/+", v4::QoS::AtLeastOnce)
         .await;
 
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob"]).await;
     alice.subscribe("chat/+", v5::QoS::AtLeastOnce).await;
     let mut bob = v4_user(&b, "bob").await;
@@ -532,10 +521,7 @@ async fn a_non_member_sees_nothing_through_any_wildcard() {
 #[tokio::test]
 async fn history_pages_forward_and_backward() {
     let mut b = Broker::start(&config(""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob"]).await;
     for i in 1..=30 {
         v5_ok(
@@ -604,9 +590,7 @@ async fn history_pages_forward_and_backward() {
     assert_eq!(reply["result"]["epoch"].as_str(), epoch.as_deref());
     assert_eq!(reply["result"]["head"], 30);
 
-    let mut eve = v5_user(&b, "eve").await;
-    eve.subscribe("users/eve/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut eve = v5_with_events(&b, "eve").await;
     let (reply, _) = v5_rpc(
         &mut eve,
         "history",
@@ -624,9 +608,7 @@ async fn history_pages_forward_and_backward() {
 #[tokio::test]
 async fn presence_follows_the_last_device() {
     let b = Broker::start(&config(""));
-    let mut bob = v5_user(&b, "bob").await;
-    bob.subscribe("users/bob/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut bob = v5_with_events(&b, "bob").await;
     create_group(&mut bob, "team", &["alice"]).await;
     let ack = bob.subscribe("presence/alice", v5::QoS::AtLeastOnce).await;
     assert_eq!(
@@ -687,9 +669,7 @@ async fn a_flapping_member_is_told_once_per_window() {
     let b = Broker::start(&config(&format!(
         "[chat]\nannounce_window_ms = {WINDOW_MS}\n"
     )));
-    let mut bob = v5_user(&b, "bob").await;
-    bob.subscribe("users/bob/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut bob = v5_with_events(&b, "bob").await;
     create_group(&mut bob, "team", &["alice"]).await;
     bob.subscribe("presence/alice", v5::QoS::AtLeastOnce).await;
     assert_eq!(json_of(&bob.publish().await.payload)["status"], "offline");
@@ -738,10 +718,7 @@ async fn a_flapping_member_is_told_once_per_window() {
 #[tokio::test]
 async fn typing_reaches_the_others_at_qos0_and_is_never_stored() {
     let b = Broker::start(&config(""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob", "carol"]).await;
     alice.subscribe("typing/team", v5::QoS::AtLeastOnce).await;
     let mut bob = v4_user(&b, "bob").await;
@@ -802,10 +779,7 @@ async fn typing_reaches_the_others_at_qos0_and_is_never_stored() {
 #[tokio::test]
 async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
     let b = Broker::start(&config(""));
-    let mut owner = v5_user(&b, "alice").await;
-    owner
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut owner = v5_with_events(&b, "alice").await;
     create_group(&mut owner, "team", &["bob"]).await;
     owner.unsubscribe("users/alice/events").await;
     let mut watcher = v5_user(&b, "bob").await;
@@ -928,10 +902,7 @@ async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
 #[tokio::test]
 async fn read_receipts_and_unread_counts() {
     let b = Broker::start(&config(""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob"]).await;
     for i in 1..=5 {
         v5_ok(
@@ -1005,9 +976,7 @@ async fn read_receipts_and_unread_counts() {
     );
 
     // Reading in a conversation one is not in is refused.
-    let mut eve = v5_user(&b, "eve").await;
-    eve.subscribe("users/eve/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut eve = v5_with_events(&b, "eve").await;
     let (reply, _) = v5_rpc(&mut eve, "read", "r", json!({"conv": "team", "seq": 5})).await;
     assert_eq!(reply["error"]["code"], "not_member", "{reply}");
 }

@@ -636,6 +636,16 @@ async fn alice_attaches_a_file_bob_downloads_it_and_a_stranger_cannot() {
         "byte for byte"
     );
 
+    // Without --http the CLI says what it needs.
+    let mut bob_plain = Cli::start(b.addr, "bob", &dir.path().join("bob-plain.json"));
+    bob_plain.next_event("connected").await;
+    bob_plain.type_line(&format!("/download {id}"));
+    let refused = bob_plain.next_event("error").await;
+    assert!(
+        refused["message"].as_str().unwrap_or("").contains("--http"),
+        "{refused}"
+    );
+
     let state = dir.path().join("carol.json");
     let mut carol = Cli::start_with_http(&b, "carol", &state);
     carol.next_event("connected").await;

@@ -72,6 +72,8 @@ struct App {
     /// Whether the last connection event said connected (for the words of
     /// the `sent` line only).
     online: bool,
+    /// Whether `--http` was given (attachments need it).
+    http: bool,
     answers: mpsc::Sender<Answer>,
 }
 
@@ -98,6 +100,7 @@ pub async fn run(opts: Options) -> Result<()> {
         out: Printer::new(opts.json),
         current: None,
         online: false,
+        http: opts.http.is_some(),
         answers,
     };
     let mut lines = stdin_lines();
@@ -146,6 +149,8 @@ fn failure(command: &str, e: &Error) -> String {
 }
 
 const NO_CONVERSATION: &str = "no conversation open: /open CONV or /dm USER first";
+const NO_HTTP: &str =
+    "attachments go over the broker's HTTP API: start chatmq-cli with --http http://HOST:PORT";
 
 /// `/attach`: reads `file`, uploads it to `conv` and sends a message with
 /// `text` referencing it (with the file's name, type and size, which other
@@ -184,6 +189,10 @@ impl App {
                 return Ok(Flow::Continue);
             }
         };
+        if matches!(cmd, Command::Attach { .. } | Command::Download { .. }) && !self.http {
+            self.out.error(NO_HTTP);
+            return Ok(Flow::Continue);
+        }
         match cmd {
             Command::Nothing => {}
             Command::Quit => return Ok(Flow::Quit),

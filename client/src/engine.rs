@@ -35,12 +35,13 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, Publish, Subscrib
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, MqttOptions};
 use rumqttc::TlsConfiguration;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::link::{self, NetEvent};
 use crate::state::{Pending, State};
-use crate::timeline::{Message, Step, Timeline};
+use crate::timeline::{Message, Reactions, Step, Timeline};
 use crate::{Error, Event, Options, Transport};
 
 /// Sends in flight on one connection at most; the rest wait in the outbox.
@@ -90,6 +91,12 @@ pub(crate) enum Request {
     Conversations {
         reply: oneshot::Sender<Result<Vec<Value>, Error>>,
     },
+    /// Any other RPC (edits, deletes, reactions): its `result` as is.
+    Call {
+        method: &'static str,
+        params: Value,
+        reply: oneshot::Sender<Result<Value, Error>>,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
@@ -99,6 +106,7 @@ pub(crate) enum Request {
 enum Rpc {
     Conversations(oneshot::Sender<Result<Vec<Value>, Error>>),
     History(oneshot::Sender<Result<Vec<Message>, Error>>),
+    Call(oneshot::Sender<Result<Value, Error>>),
     Fill { conv: String },
     Read,
 }
@@ -339,6 +347,15 @@ impl Engine {
                 if let Err((e, Rpc::Conversations(reply))) =
                     self.rpc("conversations", json!({}), Rpc::Conversations(reply))
                 {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            Request::Call {
+                method,
+                params,
+                reply,
+            } => {
+                if let Err((e, Rpc::Call(reply))) = self.rpc(method, params, Rpc::Call(reply)) {
                     let _ = reply.send(Err(e));
                 }
             }
@@ -608,7 +625,8 @@ impl Engine {
     /// for what it lacks.
     fn apply(&mut self, step: Step) -> Result<(), Stop> {
         self.save()?;
-        self.out.extend(step.show.into_iter().map(Event::Message));
+        self.out
+            .extend(step.show.into_iter().map(|m| Event::Message(Box::new(m))));
         if let Some(fetch) = step.fetch {
             self.fetch(fetch);
         }
@@ -681,7 +699,9 @@ impl Engine {
             .flatten()
             .and_then(|id| self.rpcs.remove(id));
         let Some(what) = ours else {
-            if event["type"] != "rpc" {
+            if event["type"] == "reactions" {
+                self.emit(reactions_of(event));
+            } else if event["type"] != "rpc" {
                 self.emit(Event::Notice(event));
             }
             return Ok(());
@@ -706,6 +726,9 @@ impl Engine {
                 Rpc::Conversations(reply) => {
                     let _ = reply.send(Err(error));
                 }
+                Rpc::Call(reply) => {
+                    let _ = reply.send(Err(error));
+                }
                 Rpc::Read => {}
             }
             return Ok(());
@@ -722,6 +745,9 @@ impl Engine {
             }
             Rpc::History(reply) => {
                 let _ = reply.send(Ok(messages_of(result)));
+            }
+            Rpc::Call(reply) => {
+                let _ = reply.send(Ok(result.clone()));
             }
             Rpc::Fill { conv } => {
                 let messages = messages_of(result);
@@ -755,6 +781,20 @@ impl Engine {
             }
         })
         .await;
+    }
+}
+
+/// A `reactions` summary event (DESIGN §4, "Reactions"); one that does not
+/// parse is handed out as the notice it is.
+fn reactions_of(event: Value) -> Event {
+    #[derive(Deserialize)]
+    struct Summary {
+        conv: String,
+        messages: Vec<Reactions>,
+    }
+    match Summary::deserialize(&event) {
+        Ok(Summary { conv, messages }) => Event::Reactions { conv, messages },
+        Err(_) => Event::Notice(event),
     }
 }
 

@@ -48,21 +48,43 @@
 //!
 //! The state file is JSON, rewritten whole through a temporary file,
 //! fsync and rename. One state file belongs to one running client.
+//!
+//! # Edits, deletes, reactions, attachments
+//!
+//! [`Client::edit`] and [`Client::delete`] change one of our messages by
+//! seq; the change is a message of its own, delivered to every member as
+//! an [`Event::Message`] of `kind` `message.edit` / `message.delete`
+//! naming the changed seq in [`Message::target`], in seq order like any
+//! other. History and replays give a changed message as it is now, with
+//! [`Message::edited`] or [`Message::deleted`] (the body `null`).
+//! [`Client::react`] and [`Client::unreact`] answer the message's summary
+//! with our `mine`; everyone gets summaries as [`Event::Reactions`],
+//! coalesced by the broker; history has them per message
+//! ([`Message::reactions`]). Files go over the HTTP API
+//! ([`Options::http`]): [`Client::upload_file`] (or [`Client::upload`])
+//! returns the id a message body references as
+//! `{"attachments": [{"id": ...}]}`, and [`Client::download`] saves one,
+//! for members of a conversation it was uploaded to only.
 
+mod attachments;
 mod engine;
 mod link;
 mod server;
 mod state;
 mod timeline;
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+pub use attachments::{content_type_for, Downloaded, Uploaded, FILE_MAX};
 pub use server::{Server, Transport};
-pub use timeline::Message;
+pub use timeline::{Change, Deletion, Message, Reaction, Reactions};
+
+use attachments::Api;
 
 use engine::Request;
 
@@ -89,6 +111,11 @@ pub struct Options {
     pub client_id_prefix: String,
     /// The state file: created on first use.
     pub state: PathBuf,
+    /// The broker's HTTP API (`http://HOST:PORT`, `https://...`), for
+    /// attachments; `None`: uploads and downloads fail with
+    /// [`Error::Options`]. The password goes to it as the bearer token,
+    /// so this needs a JWT.
+    pub http: Option<String>,
 }
 
 impl Options {
@@ -108,6 +135,7 @@ impl Options {
             client_id: None,
             client_id_prefix: "chatmq-client".into(),
             state: state.into(),
+            http: None,
         }
     }
 }
@@ -125,8 +153,11 @@ pub enum Event {
     /// The connection is gone; the client tries again in `retry_in`.
     Disconnected { error: String, retry_in: Duration },
     /// A message, once per (conv, seq), in seq order per conversation. Our
-    /// own sends come back too (with `from` = our user).
-    Message(Message),
+    /// own sends come back too (with `from` = our user). Edits and deletes
+    /// come as messages too: `kind` `message.edit` / `message.delete`,
+    /// naming the message they change in `target`. Boxed: a message is
+    /// large, the other events small.
+    Message(Box<Message>),
     /// A send left the outbox: the broker stored it. `seq` is its place in
     /// the conversation (`None` only if its delivery back to us never came
     /// while 1024 later sends were acknowledged).
@@ -141,6 +172,15 @@ pub enum Event {
         id: String,
         conv: String,
         reason: String,
+    },
+    /// The reactions of some messages of `conv` changed: each entry is a
+    /// message's whole summary now (counts only, `mine` is `None`). The
+    /// broker coalesces them, one event per conversation per
+    /// `chat.reaction_window_ms`; live only (history has them after an
+    /// absence).
+    Reactions {
+        conv: String,
+        messages: Vec<Reactions>,
     },
     /// An event on `users/{me}/events` that is not an answer to us: member
     /// added or removed, read receipts, ... (DESIGN §4).
@@ -178,6 +218,20 @@ pub enum Error {
     /// The broker answered with an error (`code` as in DESIGN §4).
     #[error("{code}: {message}")]
     Rpc { code: String, message: String },
+    /// The HTTP API answered with an error (`not_found`, `too_large`,
+    /// `unsupported_type`, ... as in DESIGN §4).
+    #[error("{code}: {message} (HTTP {status})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The HTTP API could not be reached, or its answer was cut short.
+    #[error("{0}")]
+    Unreachable(String),
+    /// A local file to upload or download to cannot be read or written.
+    #[error("{0}")]
+    File(String),
     /// Too many requests wait for an answer already.
     #[error("too many requests are waiting for the broker")]
     Busy,
@@ -198,6 +252,7 @@ pub struct Client {
     requests: mpsc::Sender<Request>,
     user: String,
     client_id: String,
+    api: Option<Api>,
 }
 
 /// The stream of [`Event`]s of one client. Read it steadily: while 256
@@ -220,12 +275,21 @@ impl Client {
     /// the current tokio runtime. Fails at once if the state file is
     /// unreadable, corrupt or another user's, or TLS roots cannot be read.
     pub async fn start(options: Options) -> Result<(Client, Events), Error> {
+        let api = match &options.http {
+            Some(base) => Some(Api::new(
+                base,
+                &options.password,
+                options.ca_pem.as_deref(),
+            )?),
+            None => None,
+        };
         let (requests, events, user, client_id) = engine::start(options)?;
         Ok((
             Client {
                 requests,
                 user,
                 client_id,
+                api,
             },
             Events { events },
         ))
@@ -295,11 +359,124 @@ impl Client {
         self.rpc(|reply| Request::Conversations { reply }).await
     }
 
+    /// Edits our message `seq` of `conv` to `body` (`rpc/message.edit`; the
+    /// conversation's owner may edit anyone's). Returns the seq of the
+    /// change record, which every member gets as a `message.edit`
+    /// [`Event::Message`] naming `seq` as its `target`.
+    pub async fn edit(&self, conv: &str, seq: u64, body: Value) -> Result<u64, Error> {
+        let result = self
+            .call(
+                "message.edit",
+                serde_json::json!({"conv": conv, "seq": seq, "body": body}),
+            )
+            .await?;
+        event_seq(&result)
+    }
+
+    /// Deletes our message `seq` of `conv` (`rpc/message.delete`; the
+    /// owner may delete anyone's): its body is gone from the broker.
+    /// Returns the seq of the `message.delete` record.
+    pub async fn delete(&self, conv: &str, seq: u64) -> Result<u64, Error> {
+        let result = self
+            .call(
+                "message.delete",
+                serde_json::json!({"conv": conv, "seq": seq}),
+            )
+            .await?;
+        event_seq(&result)
+    }
+
+    /// Adds our reaction `emoji` to message `seq` of `conv`
+    /// (`rpc/reaction.add`; once per emoji, a repeat changes nothing).
+    /// Returns the message's summary with our `mine`.
+    pub async fn react(
+        &self,
+        conv: &str,
+        seq: u64,
+        emoji: &str,
+    ) -> Result<BTreeMap<String, Reaction>, Error> {
+        self.reaction("reaction.add", conv, seq, emoji).await
+    }
+
+    /// Takes our reaction `emoji` to message `seq` of `conv` back
+    /// (`rpc/reaction.remove`). Returns the message's summary.
+    pub async fn unreact(
+        &self,
+        conv: &str,
+        seq: u64,
+        emoji: &str,
+    ) -> Result<BTreeMap<String, Reaction>, Error> {
+        self.reaction("reaction.remove", conv, seq, emoji).await
+    }
+
+    /// Uploads `bytes` of `content_type` to `conv` over the HTTP API
+    /// ([`Options::http`]). A message references it by sending a body
+    /// `{"text": ..., "attachments": [{"id": <Uploaded::id>, ...}]}`; only
+    /// the uploader may reference it, in that conversation. At most
+    /// [`FILE_MAX`] bytes (the broker's limit is usually lower).
+    pub async fn upload(
+        &self,
+        conv: &str,
+        content_type: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Uploaded, Error> {
+        self.api()?.upload(conv, content_type, bytes).await
+    }
+
+    /// [`Client::upload`] of the file at `path`, its type guessed from its
+    /// name ([`content_type_for`]).
+    pub async fn upload_file(&self, conv: &str, path: &Path) -> Result<Uploaded, Error> {
+        let api = self.api()?;
+        let bytes = attachments::read_file(path).await?;
+        api.upload(conv, content_type_for(path), bytes).await
+    }
+
+    /// Downloads attachment `id` into the file `to` (written whole through
+    /// `to.part`, so a failure leaves nothing at `to`). The broker serves
+    /// it to members of a conversation it was uploaded to; anyone else
+    /// gets [`Error::Api`] with `not_found`.
+    pub async fn download(&self, id: &str, to: &Path) -> Result<Downloaded, Error> {
+        self.api()?.download(id, to).await
+    }
+
     /// Disconnects (the session stays on the broker) and stops the client;
     /// waits up to a second for the DISCONNECT to go out. Other handles
     /// get [`Error::Stopped`] afterwards.
     pub async fn close(self) {
         let _ = self.ask(|reply| Request::Close { reply }).await;
+    }
+
+    fn api(&self) -> Result<&Api, Error> {
+        self.api.as_ref().ok_or_else(|| {
+            Error::Options("attachments need the HTTP API address (Options::http)".into())
+        })
+    }
+
+    async fn reaction(
+        &self,
+        method: &'static str,
+        conv: &str,
+        seq: u64,
+        emoji: &str,
+    ) -> Result<BTreeMap<String, Reaction>, Error> {
+        let result = self
+            .call(
+                method,
+                serde_json::json!({"conv": conv, "seq": seq, "emoji": emoji}),
+            )
+            .await?;
+        serde_json::from_value(result["reactions"].clone())
+            .map_err(|e| unexpected(method, e.to_string()))
+    }
+
+    /// An RPC whose `result` the caller reads.
+    async fn call(&self, method: &'static str, params: Value) -> Result<Value, Error> {
+        self.rpc(|reply| Request::Call {
+            method,
+            params,
+            reply,
+        })
+        .await
     }
 
     async fn ask<T>(
@@ -329,5 +506,20 @@ impl Client {
             Err(Error::Stopped) if !self.requests.is_closed() => Err(Error::Disconnected),
             other => other?,
         }
+    }
+}
+
+/// The `event_seq` of an edit's or a delete's result.
+fn event_seq(result: &Value) -> Result<u64, Error> {
+    result["event_seq"]
+        .as_u64()
+        .ok_or_else(|| unexpected("message.edit", format!("no event_seq in {result}")))
+}
+
+/// A broker answer that does not say what DESIGN §4 says it does.
+fn unexpected(method: &str, why: String) -> Error {
+    Error::Rpc {
+        code: "unexpected_answer".into(),
+        message: format!("{method}: {why}"),
     }
 }

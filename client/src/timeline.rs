@@ -34,9 +34,80 @@ pub struct Message {
     /// The envelope type (`text` unless the sender said otherwise).
     #[serde(rename = "type", default = "text")]
     pub kind: String,
-    /// The body as the sender wrote it: any JSON value.
+    /// The body as the sender wrote it: any JSON value. After an edit,
+    /// in history and replays, the new body; `null` once deleted.
     #[serde(default)]
     pub body: Value,
+    /// For a change record (`type` `message.edit` or `message.delete`):
+    /// the seq of the message it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<u64>,
+    /// In history and replays: the last edit of this message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited: Option<Change>,
+    /// In history and replays: the seqs of this message's edit records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edits: Vec<u64>,
+    /// In history and replays: the message was deleted (its body is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<Deletion>,
+    /// In history: the reactions to this message, by emoji, with `mine`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reactions: BTreeMap<String, Reaction>,
+}
+
+impl Message {
+    /// A change record: an edit or a delete of message [`Message::target`].
+    pub fn is_change(&self) -> bool {
+        self.kind.starts_with("message.")
+    }
+
+    /// Deleted: the message itself, or an edit of a message since deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.is_some()
+    }
+}
+
+/// Who changed a message and where the change sits in the log (DESIGN §4,
+/// "Edits and deletes").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The seq of the change record.
+    pub seq: u64,
+    /// Who changed it: the sender, the owner or the admin.
+    pub by: String,
+    /// When, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub ts: u64,
+}
+
+/// How history marks a deleted message: the delete itself on the message,
+/// `true` on the edit records of a message since deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Deletion {
+    By(Change),
+    Flag(bool),
+}
+
+/// One emoji's reactions to a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reaction {
+    /// How many members reacted with it.
+    pub count: u64,
+    /// Whether we did: in history and in the answer to our own call;
+    /// `None` in the summaries everyone gets, which carry counts only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mine: Option<bool>,
+}
+
+/// The reactions of one message as a summary event gives them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reactions {
+    pub seq: u64,
+    /// By emoji; empty when the last reaction was taken back.
+    #[serde(default)]
+    pub reactions: BTreeMap<String, Reaction>,
 }
 
 fn text() -> String {
@@ -191,6 +262,11 @@ mod tests {
             ts: 1,
             kind: "text".into(),
             body: json!(format!("hi {seq}")),
+            target: None,
+            edited: None,
+            edits: Vec::new(),
+            deleted: None,
+            reactions: BTreeMap::new(),
         }
     }
 
@@ -312,5 +388,44 @@ mod tests {
         assert_eq!(m.seq, 3);
         assert_eq!(m.kind, "text");
         assert!(serde_json::from_value::<Message>(json!({"conv": "c", "seq": "3"})).is_err());
+    }
+
+    #[test]
+    fn history_marks_parse() {
+        let m: Message = serde_json::from_value(json!({
+            "conv": "c", "seq": 1, "id": "x", "from": "alice", "body": {"text": "hello"},
+            "edited": {"seq": 2, "by": "alice", "ts": 9}, "edits": [2],
+            "reactions": {"👍": {"count": 2, "mine": true}}
+        }))
+        .unwrap();
+        assert_eq!(m.edited.as_ref().map(|c| c.seq), Some(2));
+        assert_eq!(m.edits, [2]);
+        assert_eq!(
+            m.reactions["👍"],
+            Reaction {
+                count: 2,
+                mine: Some(true)
+            }
+        );
+        assert!(!m.is_deleted() && !m.is_change());
+        let gone: Message = serde_json::from_value(json!({
+            "conv": "c", "seq": 1, "id": "x", "from": "alice", "body": null,
+            "deleted": {"seq": 3, "by": "alice", "ts": 9}
+        }))
+        .unwrap();
+        assert!(matches!(
+            gone.deleted,
+            Some(Deletion::By(Change { seq: 3, .. }))
+        ));
+        let record: Message = serde_json::from_value(json!({
+            "conv": "c", "seq": 2, "id": "edit-2", "from": "alice", "type": "message.edit",
+            "target": 1, "body": null, "deleted": true
+        }))
+        .unwrap();
+        assert!(record.is_change() && record.is_deleted());
+        assert_eq!(record.target, Some(1));
+        // What a plain message serialises to is unchanged.
+        let plain = serde_json::to_value(msg("c", 1)).unwrap();
+        assert!(plain.get("target").is_none() && plain.get("reactions").is_none());
     }
 }

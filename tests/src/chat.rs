@@ -72,6 +72,15 @@ pub async fn v5_user(b: &Broker, user: &str) -> v5::Client {
     v5_login(v5_options(b.addr, user, user, false)).await
 }
 
+/// [`v5_user`] subscribed to its `users/{user}/events`, where RPC replies
+/// and membership events come.
+pub async fn v5_with_events(b: &Broker, user: &str) -> v5::Client {
+    let mut c = v5_user(b, user).await;
+    c.subscribe(&format!("users/{user}/events"), v5::QoS::AtLeastOnce)
+        .await;
+    c
+}
+
 pub async fn v4_login(o: v4::MqttOptions) -> v4::Client {
     let id = o.client_id();
     match v4::connect(o).await {
@@ -265,6 +274,24 @@ pub async fn v4_rpc(
     let i = got.iter().position(is_it).expect("reply");
     let reply = json_of(&got.remove(i).payload);
     (reply, got)
+}
+
+/// A 3.1.1 publish of `payload` on `topic` at QoS 1, acknowledged (3.1.1
+/// has no refusal code, DESIGN §4), and what `c` received meanwhile or,
+/// if nothing, until the next PUBLISH: where a refusal's error event
+/// (`users/{user}/events`, subscribed to by the caller) comes.
+pub async fn v4_publish_answered(
+    c: &mut v4::Client,
+    topic: &str,
+    payload: &[u8],
+) -> Vec<v4::Publish> {
+    let got = c
+        .publish_acked_keeping(topic, v4::QoS::AtLeastOnce, false, payload)
+        .await;
+    if !got.is_empty() {
+        return got;
+    }
+    v4_until(c, crate::PATIENCE, |g| !g.is_empty()).await
 }
 
 /// Creates group `conv` owned by `owner` (an MQTT 5 client subscribed to

@@ -28,6 +28,22 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// The state file (chatmq-cli's and chatmq-client's) as JSON.
+pub fn state_of(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("read the state file");
+    serde_json::from_str(&text).expect("the state file is JSON")
+}
+
+/// Waits until the state file says the session's subscriptions are in,
+/// so that what is sent next reaches the client live.
+pub async fn subscribed(state: &Path) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while state_of(state)["subscribed"] != true {
+        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A running `chatmq-cli --json`.
 pub struct Cli {
     child: Child,
@@ -43,6 +59,20 @@ impl Cli {
     /// the state file `state`; its stderr goes next to the state file.
     pub fn start(addr: SocketAddr, user: &str, state: &Path) -> Cli {
         Cli::start_with_password(addr, user, state, &crate::chat::token(user))
+    }
+
+    /// [`Cli::start`] on broker `b` with its HTTP API (`--http`), which
+    /// `/attach` and `/download` use.
+    pub fn start_with_http(b: &crate::Broker, user: &str, state: &Path) -> Cli {
+        let http = format!("http://{}", b.http_addr);
+        let password = crate::chat::token(user);
+        Cli::start_at(
+            &b.addr.to_string(),
+            &["--http", &http],
+            user,
+            state,
+            &password,
+        )
     }
 
     /// [`Cli::start`] with the password given.

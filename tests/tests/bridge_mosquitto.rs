@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chatmq_tests::chat::{self, create_group, json_of, v5_options, v5_until, v5_user};
+use chatmq_tests::chat::{
+    self, create_group, json_of, v5_options, v5_until, v5_user, v5_with_events,
+};
 use chatmq_tests::metrics::{metric, metric_becomes, metric_reaches};
 use chatmq_tests::tls::TestPki;
 use chatmq_tests::v5::{self, QoS};
@@ -176,7 +178,57 @@ async fn remote_client(m: &Mosquitto, id: &str, persistent: bool) -> v5::Client 
 }
 
 async fn bridge_up(b: &Broker) {
-    metric_becomes(b, "chatmq_bridge_connected{remote=\"site1\"}", 1.0).await;
+    metric_becomes(b, &site1("connected"), 1.0).await;
+}
+
+/// Mosquitto, and chatmq bridged to it as `local_user` with `topics`
+/// (see [`topic`]), the bridge connected; `None` without Mosquitto.
+async fn bridged(local_user: &str, topics: &str) -> Option<(Mosquitto, Broker)> {
+    let m = Mosquitto::start()?;
+    let b = Broker::start(&config(m.addr, local_user, topics));
+    bridge_up(&b).await;
+    Some((m, b))
+}
+
+/// The name of the bridge metric `name` of the remote `site1`.
+fn site1(name: &str) -> String {
+    format!("chatmq_bridge_{name}{{remote=\"site1\"}}")
+}
+
+/// The bridge metric `name` of the remote `site1` now.
+async fn site1_metric(b: &Broker, name: &str) -> f64 {
+    metric(b, &site1(name)).await
+}
+
+/// The ends of a bridge: alice on chatmq subscribed to `here`, a
+/// subscriber on Mosquitto to `there`, and a device on Mosquitto.
+async fn ends(
+    b: &Broker,
+    m: &Mosquitto,
+    here: &str,
+    there: &str,
+) -> (v5::Client, v5::Client, v5::Client) {
+    let mut local = v5_user(b, "alice").await;
+    local.subscribe(here, QoS::AtLeastOnce).await;
+    let mut remote = remote_client(m, "remote-sub", false).await;
+    remote.subscribe(there, QoS::AtLeastOnce).await;
+    let device = remote_client(m, "device", false).await;
+    (local, remote, device)
+}
+
+/// A persistent subscriber on Mosquitto (client id `sink`) to `filter`,
+/// gone away: its session collects what arrives while it is away.
+async fn sink_away(m: &Mosquitto, filter: &str) {
+    let mut sink = remote_client(m, "sink", true).await;
+    sink.subscribe(filter, QoS::AtLeastOnce).await;
+    sink.disconnect().await;
+}
+
+/// `sink` (back on its persistent session) gets the numbered payloads
+/// `0..n`, every one, first arrivals in order.
+async fn gets_all_in_order(sink: &mut v5::Client, n: usize, who: &str) {
+    let got = v5_until(sink, Duration::from_secs(30), |g| distinct(g) >= n).await;
+    assert_all_in_order(&got, n, who);
 }
 
 fn text(p: &v5::Publish) -> String {
@@ -205,18 +257,14 @@ fn distinct(got: &[v5::Publish]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_cross_both_ways_with_their_prefixes_rewritten() {
-    let Some(m) = Mosquitto::start() else { return };
     let topics =
         topic("sensors/#", "in", "site1/", "plant/") + &topic("cmd/#", "out", "hq/", "site1/");
-    let b = Broker::start(&config(m.addr, "bridgebot", &topics));
-    bridge_up(&b).await;
+    let Some((m, b)) = bridged("bridgebot", &topics).await else {
+        return;
+    };
 
-    let mut local = v5_user(&b, "alice").await;
-    local.subscribe("site1/sensors/#", QoS::AtLeastOnce).await;
-    let mut remote = remote_client(&m, "remote-sub", false).await;
-    remote.subscribe("site1/cmd/#", QoS::AtLeastOnce).await;
+    let (mut local, mut remote, mut device) = ends(&b, &m, "site1/sensors/#", "site1/cmd/#").await;
     // In: plant/... on Mosquitto arrives as site1/... here.
-    let mut device = remote_client(&m, "device", false).await;
     device
         .publish_acked("plant/sensors/t1", QoS::AtLeastOnce, false, b"21.5")
         .await;
@@ -239,34 +287,17 @@ async fn messages_cross_both_ways_with_their_prefixes_rewritten() {
         .await;
     remote.no_publish(Duration::from_millis(500)).await;
 
-    assert_eq!(
-        metric(&b, "chatmq_bridge_messages_in_total{remote=\"site1\"}").await,
-        1.0
-    );
-    assert_eq!(
-        metric(&b, "chatmq_bridge_messages_out_total{remote=\"site1\"}").await,
-        1.0
-    );
-    assert_eq!(
-        metric(&b, "chatmq_bridge_reconnects_total{remote=\"site1\"}").await,
-        0.0
-    );
+    assert_eq!(site1_metric(&b, "messages_in_total").await, 1.0);
+    assert_eq!(site1_metric(&b, "messages_out_total").await, 1.0);
+    assert_eq!(site1_metric(&b, "reconnects_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mapping_both_ways_on_the_same_topics_does_not_echo() {
-    let Some(m) = Mosquitto::start() else { return };
-    let b = Broker::start(&config(
-        m.addr,
-        "bridgebot",
-        &topic("shared/#", "both", "", ""),
-    ));
-    bridge_up(&b).await;
-    let mut local = v5_user(&b, "alice").await;
-    local.subscribe("shared/#", QoS::AtLeastOnce).await;
-    let mut remote = remote_client(&m, "remote-sub", false).await;
-    remote.subscribe("shared/#", QoS::AtLeastOnce).await;
-    let mut device = remote_client(&m, "device", false).await;
+    let Some((m, b)) = bridged("bridgebot", &topic("shared/#", "both", "", "")).await else {
+        return;
+    };
+    let (mut local, mut remote, mut device) = ends(&b, &m, "shared/#", "shared/#").await;
 
     device
         .publish_acked("shared/from-remote", QoS::AtLeastOnce, false, b"r")
@@ -288,31 +319,18 @@ async fn a_mapping_both_ways_on_the_same_topics_does_not_echo() {
     // Each side sees each message exactly once: nothing came back round.
     assert_eq!(topics(&here), ["shared/from-local", "shared/from-remote"]);
     assert_eq!(topics(&there), ["shared/from-local", "shared/from-remote"]);
-    assert_eq!(
-        metric(&b, "chatmq_bridge_messages_in_total{remote=\"site1\"}").await,
-        1.0
-    );
-    assert_eq!(
-        metric(&b, "chatmq_bridge_messages_out_total{remote=\"site1\"}").await,
-        1.0
-    );
+    assert_eq!(site1_metric(&b, "messages_in_total").await, 1.0);
+    assert_eq!(site1_metric(&b, "messages_out_total").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_out_loses_nothing_when_mosquitto_restarts() {
-    let Some(mut m) = Mosquitto::start() else {
+    let out = topic("cmd/#", "out", "hq/", "site1/");
+    let Some((mut m, b)) = bridged("bridgebot", &out).await else {
         return;
     };
-    let b = Broker::start(&config(
-        m.addr,
-        "bridgebot",
-        &topic("cmd/#", "out", "hq/", "site1/"),
-    ));
-    bridge_up(&b).await;
     // A persistent subscriber on Mosquitto, away while it all happens.
-    let mut sink = remote_client(&m, "sink", true).await;
-    sink.subscribe("site1/cmd/#", QoS::AtLeastOnce).await;
-    sink.disconnect().await;
+    sink_away(&m, "site1/cmd/#").await;
 
     // A stream with many messages in flight at once, Mosquitto stopped
     // (SIGTERM: it saves what it acknowledged) a third of the way in. What
@@ -331,26 +349,28 @@ async fn qos1_out_loses_nothing_when_mosquitto_restarts() {
         }
         local
     });
-    let out = "chatmq_bridge_messages_out_total{remote=\"site1\"}";
-    metric_reaches(&b, out, (n / 3) as f64, Duration::from_secs(30)).await;
+    let third = (n / 3) as f64;
+    metric_reaches(
+        &b,
+        &site1("messages_out_total"),
+        third,
+        Duration::from_secs(30),
+    )
+    .await;
     m.restart(Duration::from_millis(700));
     let _local = stream.await.expect("the stream");
     let mut sink = remote_client(&m, "sink", true).await;
-    let got = v5_until(&mut sink, Duration::from_secs(30), |g| distinct(g) >= n).await;
-    assert_all_in_order(&got, n, "the Mosquitto subscriber");
+    gets_all_in_order(&mut sink, n, "the Mosquitto subscriber").await;
     assert_eq!(metric(&b, "chatmq_messages_dropped_total").await, 0.0);
-    assert!(metric(&b, "chatmq_bridge_reconnects_total{remote=\"site1\"}").await >= 1.0);
+    assert!(site1_metric(&b, "reconnects_total").await >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_in_loses_nothing_when_chatmq_is_killed() {
-    let Some(m) = Mosquitto::start() else { return };
-    let mut b = Broker::start(&config(
-        m.addr,
-        "bridgebot",
-        &topic("sensors/#", "in", "site1/", "plant/"),
-    ));
-    bridge_up(&b).await;
+    let into = topic("sensors/#", "in", "site1/", "plant/");
+    let Some((m, mut b)) = bridged("bridgebot", &into).await else {
+        return;
+    };
     // A persistent subscriber on chatmq, away while it all happens.
     let sink = chat::v5_login(v5_options(b.addr, "alice-sink", "alice", true)).await;
     let mut sink = sink;
@@ -374,25 +394,18 @@ async fn qos1_in_loses_nothing_when_chatmq_is_killed() {
         }
     }
     let mut sink = chat::v5_login(v5_options(b.addr, "alice-sink", "alice", true)).await;
-    let got = v5_until(&mut sink, Duration::from_secs(30), |g| distinct(g) >= n).await;
-    assert_all_in_order(&got, n, "the chatmq subscriber");
+    gets_all_in_order(&mut sink, n, "the chatmq subscriber").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_on_mosquitto_posts_into_a_chat_conversation() {
-    let Some(m) = Mosquitto::start() else { return };
     // devices/chat/{conv} on Mosquitto is chat/{conv} here, posted as the
     // user `thermostat`, a member of the conversation.
-    let b = Broker::start(&config(
-        m.addr,
-        "thermostat",
-        &topic("+", "in", "chat/", "devices/chat/"),
-    ));
-    bridge_up(&b).await;
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", QoS::AtLeastOnce)
-        .await;
+    let devices = topic("+", "in", "chat/", "devices/chat/");
+    let Some((m, b)) = bridged("thermostat", &devices).await else {
+        return;
+    };
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "ops", &["thermostat"]).await;
     alice.subscribe("chat/ops", QoS::AtLeastOnce).await;
 
@@ -430,27 +443,20 @@ async fn a_device_on_mosquitto_posts_into_a_chat_conversation() {
             envelope.to_string().as_bytes(),
         )
         .await;
-    metric_becomes(&b, "chatmq_bridge_dropped_total{remote=\"site1\"}", 1.0).await;
+    metric_becomes(&b, &site1("dropped_total"), 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_out_waiting_for_a_down_remote_survives_a_chatmq_kill() {
-    let Some(mut m) = Mosquitto::start() else {
+    let out = topic("cmd/#", "out", "hq/", "site1/");
+    let Some((mut m, mut b)) = bridged("bridgebot", &out).await else {
         return;
     };
-    let mut b = Broker::start(&config(
-        m.addr,
-        "bridgebot",
-        &topic("cmd/#", "out", "hq/", "site1/"),
-    ));
-    bridge_up(&b).await;
-    let mut sink = remote_client(&m, "sink", true).await;
-    sink.subscribe("site1/cmd/#", QoS::AtLeastOnce).await;
-    sink.disconnect().await;
+    sink_away(&m, "site1/cmd/#").await;
     // The remote is down: what is published here waits in the bridge's
     // session, acknowledged to the publishers (durable), not to the bridge.
     m.stop();
-    metric_becomes(&b, "chatmq_bridge_connected{remote=\"site1\"}", 0.0).await;
+    metric_becomes(&b, &site1("connected"), 0.0).await;
     let n = 200;
     let mut local = v5_user(&b, "alice").await;
     for i in 0..n {
@@ -464,8 +470,7 @@ async fn qos1_out_waiting_for_a_down_remote_survives_a_chatmq_kill() {
     m.spawn();
     bridge_up(&b).await;
     let mut sink = remote_client(&m, "sink", true).await;
-    let got = v5_until(&mut sink, Duration::from_secs(30), |g| distinct(g) >= n).await;
-    assert_all_in_order(&got, n, "the Mosquitto subscriber");
+    gets_all_in_order(&mut sink, n, "the Mosquitto subscriber").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,10 +38,7 @@ async fn a_busy_group_gives_every_member_the_same_dense_order() {
     let b = Broker::start(&config(""));
     let members: Vec<String> = (1..=49).map(|i| format!("u{i:02}")).collect();
     let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
-    let mut owner = v5_user(&b, "owner").await;
-    owner
-        .subscribe("users/owner/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut owner = v5_with_events(&b, "owner").await;
     create_group(&mut owner, "team", &member_refs).await;
 
     // Five watchers, three on MQTT 5 and two on 3.1.1.
@@ -209,9 +206,7 @@ async fn a_retried_message_id_is_one_message_even_across_a_restart() {
     );
 
     b.restart();
-    let mut bob = v5_user(&b, "bob").await;
-    bob.subscribe("users/bob/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut bob = v5_with_events(&b, "bob").await;
     bob.subscribe(&format!("chat/{DM}"), v5::QoS::AtLeastOnce)
         .await;
     let mut phone = v4_user(&b, "alice").await;
@@ -256,10 +251,7 @@ async fn a_retried_message_id_is_one_message_even_across_a_restart() {
 #[tokio::test]
 async fn a_removed_member_stops_receiving_and_cannot_post() {
     let b = Broker::start(&config(""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob", "carol"]).await;
     alice.subscribe("chat/team", v5::QoS::AtLeastOnce).await;
     let mut bob = v5_user(&b, "bob").await;
@@ -332,17 +324,7 @@ async fn a_removed_member_stops_receiving_and_cannot_post() {
     laptop.no_publish(Duration::from_millis(100)).await;
 
     // Her phone's post is acked (3.1.1 has no refusal code) and refused by an event.
-    let mut got = phone
-        .publish_acked_keeping(
-            "chat/team",
-            v4::QoS::AtLeastOnce,
-            false,
-            &envelope("c1", "hello?"),
-        )
-        .await;
-    if got.is_empty() {
-        got = v4_until(&mut phone, PATIENCE, |g| !g.is_empty()).await;
-    }
+    let got = v4_publish_answered(&mut phone, "chat/team", &envelope("c1", "hello?")).await;
     let e = json_of(&got[0].payload);
     assert_eq!(
         (
@@ -418,10 +400,7 @@ async fn a_non_member_sees_nothing_through_any_wildcard() {
     eve4.subscribe("$share/g/chat/+", v4::QoS::AtLeastOnce)
         .await;
 
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob"]).await;
     alice.subscribe("chat/+", v5::QoS::AtLeastOnce).await;
     let mut bob = v4_user(&b, "bob").await;
@@ -542,10 +521,7 @@ async fn a_non_member_sees_nothing_through_any_wildcard() {
 #[tokio::test]
 async fn history_pages_forward_and_backward() {
     let mut b = Broker::start(&config(""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob"]).await;
     for i in 1..=30 {
         v5_ok(
@@ -614,9 +590,7 @@ async fn history_pages_forward_and_backward() {
     assert_eq!(reply["result"]["epoch"].as_str(), epoch.as_deref());
     assert_eq!(reply["result"]["head"], 30);
 
-    let mut eve = v5_user(&b, "eve").await;
-    eve.subscribe("users/eve/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut eve = v5_with_events(&b, "eve").await;
     let (reply, _) = v5_rpc(
         &mut eve,
         "history",
@@ -634,9 +608,7 @@ async fn history_pages_forward_and_backward() {
 #[tokio::test]
 async fn presence_follows_the_last_device() {
     let b = Broker::start(&config(""));
-    let mut bob = v5_user(&b, "bob").await;
-    bob.subscribe("users/bob/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut bob = v5_with_events(&b, "bob").await;
     create_group(&mut bob, "team", &["alice"]).await;
     let ack = bob.subscribe("presence/alice", v5::QoS::AtLeastOnce).await;
     assert_eq!(
@@ -697,9 +669,7 @@ async fn a_flapping_member_is_told_once_per_window() {
     let b = Broker::start(&config(&format!(
         "[chat]\nannounce_window_ms = {WINDOW_MS}\n"
     )));
-    let mut bob = v5_user(&b, "bob").await;
-    bob.subscribe("users/bob/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut bob = v5_with_events(&b, "bob").await;
     create_group(&mut bob, "team", &["alice"]).await;
     bob.subscribe("presence/alice", v5::QoS::AtLeastOnce).await;
     assert_eq!(json_of(&bob.publish().await.payload)["status"], "offline");
@@ -748,10 +718,7 @@ async fn a_flapping_member_is_told_once_per_window() {
 #[tokio::test]
 async fn typing_reaches_the_others_at_qos0_and_is_never_stored() {
     let b = Broker::start(&config(""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob", "carol"]).await;
     alice.subscribe("typing/team", v5::QoS::AtLeastOnce).await;
     let mut bob = v4_user(&b, "bob").await;
@@ -812,10 +779,7 @@ async fn typing_reaches_the_others_at_qos0_and_is_never_stored() {
 #[tokio::test]
 async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
     let b = Broker::start(&config(""));
-    let mut owner = v5_user(&b, "alice").await;
-    owner
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut owner = v5_with_events(&b, "alice").await;
     create_group(&mut owner, "team", &["bob"]).await;
     owner.unsubscribe("users/alice/events").await;
     let mut watcher = v5_user(&b, "bob").await;
@@ -859,12 +823,7 @@ async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
         .subscribe("users/alice/events", v4::QoS::AtLeastOnce)
         .await;
     for (what, payload, id) in &bad {
-        let mut got = phone
-            .publish_acked_keeping("chat/team", v4::QoS::AtLeastOnce, false, payload)
-            .await;
-        if got.is_empty() {
-            got = v4_until(&mut phone, PATIENCE, |g| !g.is_empty()).await;
-        }
+        let got = v4_publish_answered(&mut phone, "chat/team", payload).await;
         assert_eq!(got.len(), 1, "{what}: {got:?}");
         let e = json_of(&got[0].payload);
         assert_eq!(e["type"], "error", "{what}");
@@ -900,17 +859,7 @@ async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
     let mut eve4 = v4_login(v4_options(b.addr, "eve-phone", "eve", false)).await;
     eve4.subscribe("users/eve/events", v4::QoS::AtLeastOnce)
         .await;
-    let mut got = eve4
-        .publish_acked_keeping(
-            "chat/team",
-            v4::QoS::AtLeastOnce,
-            false,
-            &envelope("e3", "hi"),
-        )
-        .await;
-    if got.is_empty() {
-        got = v4_until(&mut eve4, PATIENCE, |g| !g.is_empty()).await;
-    }
+    let got = v4_publish_answered(&mut eve4, "chat/team", &envelope("e3", "hi")).await;
     let e = json_of(&got[0].payload);
     assert_eq!(
         (e["code"].as_str(), e["id"].as_str()),
@@ -932,12 +881,7 @@ async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
             v5::PubAckReason::NotAuthorized,
             t,
         );
-        let mut got = phone
-            .publish_acked_keeping(t, v4::QoS::AtLeastOnce, false, forged.as_bytes())
-            .await;
-        if got.is_empty() {
-            got = v4_until(&mut phone, PATIENCE, |g| !g.is_empty()).await;
-        }
+        let got = v4_publish_answered(&mut phone, t, forged.as_bytes()).await;
         let e = json_of(&got[0].payload);
         assert_eq!(
             (e["type"].as_str(), e["code"].as_str(), e["topic"].as_str()),
@@ -958,10 +902,7 @@ async fn refused_chat_publishes_are_explained_in_both_protocol_versions() {
 #[tokio::test]
 async fn read_receipts_and_unread_counts() {
     let b = Broker::start(&config(""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob"]).await;
     for i in 1..=5 {
         v5_ok(
@@ -1035,9 +976,7 @@ async fn read_receipts_and_unread_counts() {
     );
 
     // Reading in a conversation one is not in is refused.
-    let mut eve = v5_user(&b, "eve").await;
-    eve.subscribe("users/eve/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut eve = v5_with_events(&b, "eve").await;
     let (reply, _) = v5_rpc(&mut eve, "read", "r", json!({"conv": "team", "seq": 5})).await;
     assert_eq!(reply["error"]["code"], "not_member", "{reply}");
 }

@@ -26,9 +26,7 @@ fn api(b: &Broker, user: &str) -> Http {
 /// A member over MQTT 5, subscribed to the room and its events (the
 /// room must exist for the first to succeed).
 async fn member(b: &Broker, user: &str) -> v5::Client {
-    let mut c = v5_user(b, user).await;
-    c.subscribe(&format!("users/{user}/events"), v5::QoS::AtLeastOnce)
-        .await;
+    let mut c = v5_with_events(b, user).await;
     c.subscribe("chat/room", v5::QoS::AtLeastOnce).await;
     c
 }

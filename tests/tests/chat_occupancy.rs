@@ -39,10 +39,7 @@ async fn until_connected(c: &mut v5::Client, connected: u64) -> Vec<Value> {
 #[tokio::test]
 async fn occupancy_goes_up_and_down_with_throttled_updates() {
     let b = Broker::start(&config());
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "room", &["bob", "carol", "dave"]).await;
     let mut mallory = v5_user(&b, "mallory").await;
     let ack = mallory

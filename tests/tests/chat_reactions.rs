@@ -28,13 +28,6 @@ fn config() -> String {
     ))
 }
 
-async fn member(b: &Broker, user: &str) -> v5::Client {
-    let mut c = v5_user(b, user).await;
-    c.subscribe(&format!("users/{user}/events"), v5::QoS::AtLeastOnce)
-        .await;
-    c
-}
-
 /// `reactions` events of `conv` among `events`.
 fn summaries<'a>(events: &'a [Value], conv: &str) -> Vec<&'a Value> {
     events
@@ -88,7 +81,7 @@ async fn a_thousand_reactions_end_in_the_right_summary_with_few_deliveries() {
     let names: Vec<String> = (0..50).map(|i| format!("u{i:02}")).collect();
     let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
     all.push("zed");
-    let mut owner = member(&b, "u00").await;
+    let mut owner = v5_with_events(&b, "u00").await;
     create_group(&mut owner, "room", &all).await;
     let r = Http::new(b.http_addr)
         .with_token(&token("zed"))
@@ -101,9 +94,9 @@ async fn a_thousand_reactions_end_in_the_right_summary_with_few_deliveries() {
     owner.disconnect().await;
     let mut clients = Vec::new();
     for n in &names {
-        clients.push(member(&b, n).await);
+        clients.push(v5_with_events(&b, n).await);
     }
-    let mut zed = member(&b, "zed").await;
+    let mut zed = v5_with_events(&b, "zed").await;
 
     let started = Instant::now();
     let runs = clients
@@ -214,7 +207,7 @@ async fn a_thousand_reactions_end_in_the_right_summary_with_few_deliveries() {
 #[tokio::test]
 async fn reactions_survive_a_restart() {
     let mut b = Broker::start(&config());
-    let mut alice = member(&b, "alice").await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "room", &["bob"]).await;
     let api = |b: &Broker, u: &str| Http::new(b.http_addr).with_token(&token(u));
     let r = api(&b, "alice")
@@ -232,7 +225,7 @@ async fn reactions_survive_a_restart() {
         r.json()["reactions"]["👍"],
         json!({"count": 1, "mine": true})
     );
-    let mut bob = member(&b, "bob").await;
+    let mut bob = v5_with_events(&b, "bob").await;
     let (reply, _) = v5_rpc(
         &mut bob,
         "reaction.add",
@@ -262,11 +255,11 @@ async fn reactions_survive_a_restart() {
 #[tokio::test]
 async fn room_reactions_are_live_throttled_and_not_stored() {
     let b = Broker::start(&config());
-    let mut alice = member(&b, "alice").await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "room", &["bob"]).await;
-    let mut bob = member(&b, "bob").await;
+    let mut bob = v5_with_events(&b, "bob").await;
     bob.subscribe("reactions/room", v5::QoS::AtMostOnce).await;
-    let mut mallory = member(&b, "mallory").await;
+    let mut mallory = v5_with_events(&b, "mallory").await;
     let ack = mallory
         .subscribe("reactions/room", v5::QoS::AtMostOnce)
         .await;

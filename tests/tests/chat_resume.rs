@@ -264,10 +264,7 @@ async fn resuming_while_alice_keeps_talking_loses_and_repeats_nothing_v5() {
 #[tokio::test]
 async fn resuming_while_a_group_keeps_talking_loses_and_repeats_nothing_v4() {
     let b = Broker::start(&config(""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob"]).await;
     let opts = || v4_options(b.addr, "bob-phone", "bob", true);
     let mut bob = v4_login(opts()).await;

@@ -12,18 +12,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use chatmq_tests::chat::*;
-use chatmq_tests::cli::Cli;
+use chatmq_tests::cli::{state_of, subscribed, Cli};
 use chatmq_tests::tls::TestPki;
 use chatmq_tests::{v5, Broker, PATIENCE};
 use serde_json::Value;
 
 const DM: &str = "dm:alice:bob";
 const QUIET: Duration = Duration::from_millis(700);
-
-fn state_of(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).expect("read the state file");
-    serde_json::from_str(&text).expect("the state file is JSON")
-}
 
 /// The bodies waiting in the state file's outbox.
 fn outbox_bodies(path: &Path) -> Vec<String> {
@@ -446,4 +441,230 @@ async fn the_cli_chats_over_tls_and_secure_websocket() {
         );
         assert!(alice.quit().await.success(), "{server}");
     }
+}
+
+/// alice and bob, each on a CLI with the HTTP API, in `dm:alice:bob`.
+async fn dm_pair(b: &Broker, dir: &Path) -> (Cli, Cli) {
+    let mut clis = Vec::new();
+    for (me, other) in [("alice", "bob"), ("bob", "alice")] {
+        let state = dir.join(format!("{me}.json"));
+        let mut cli = Cli::start_with_http(b, me, &state);
+        cli.next_event("connected").await;
+        subscribed(&state).await;
+        cli.type_line(&format!("/dm {other}"));
+        cli.next_event("opened").await;
+        clis.push(cli);
+    }
+    let bob = clis.pop().expect("bob");
+    let alice = clis.pop().expect("alice");
+    (alice, bob)
+}
+
+/// alice types `text`; its seq, once acknowledged.
+async fn alice_says(alice: &mut Cli, text: &str) -> u64 {
+    alice.type_line(text);
+    let acked = alice.next_event("acked").await;
+    acked["seq"].as_u64().expect("a seq")
+}
+
+/// The next message `cli` shows with seq `seq`.
+async fn message_at(cli: &mut Cli, seq: u64) -> Value {
+    cli.until(PATIENCE, |e| e["event"] == "message" && e["seq"] == seq)
+        .await
+}
+
+/// `/history` on `cli`'s open conversation: its messages by seq.
+async fn history_of(cli: &mut Cli) -> Vec<Value> {
+    cli.type_line("/history");
+    let h = cli.next_event("history").await;
+    h["messages"].as_array().expect("messages").clone()
+}
+
+fn at(history: &[Value], seq: u64) -> &Value {
+    history
+        .iter()
+        .find(|m| m["seq"] == seq)
+        .unwrap_or_else(|| panic!("no seq {seq} in {history:?}"))
+}
+
+/// alice fixes a typo from her CLI, then deletes the message: bob's CLI
+/// shows each change live, naming the message it changes, and his
+/// `/history` shows the message as it is now (edited, then deleted, its
+/// text gone). bob cannot edit alice's message.
+#[tokio::test]
+async fn alice_edits_then_deletes_her_message_and_bob_sees_each_change() {
+    let b = Broker::start(&config(""));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut alice, mut bob) = dm_pair(&b, dir.path()).await;
+    let seq = alice_says(&mut alice, "see you at 5").await;
+    assert_eq!(message_at(&mut bob, seq).await["body"], "see you at 5");
+
+    bob.type_line(&format!("/edit {seq} see you never"));
+    let refused = bob.next_event("error").await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("forbidden"),
+        "bob may not edit alice's message: {refused}"
+    );
+
+    alice.type_line(&format!("/edit {seq} see you at 6"));
+    let edited = alice.next_event("edited").await;
+    assert_eq!(
+        (edited["seq"].as_u64(), edited["conv"].as_str()),
+        (Some(seq), Some(DM))
+    );
+    let edit_seq = edited["event_seq"].as_u64().expect("event_seq");
+    let edit = message_at(&mut bob, edit_seq).await;
+    assert_eq!(edit["type"], "message.edit", "{edit}");
+    assert_eq!(edit["target"], seq, "{edit}");
+    assert_eq!(edit["from"], "alice", "{edit}");
+    assert_eq!(edit["body"], "see you at 6", "{edit}");
+    let h = history_of(&mut bob).await;
+    let m = at(&h, seq);
+    assert_eq!(m["body"], "see you at 6", "{m}");
+    assert_eq!(m["edited"]["seq"], edit_seq, "{m}");
+    assert_eq!(m["edited"]["by"], "alice", "{m}");
+
+    alice.type_line(&format!("/delete {seq}"));
+    let deleted = alice.next_event("deleted").await;
+    assert_eq!(deleted["seq"], seq, "{deleted}");
+    let delete_seq = deleted["event_seq"].as_u64().expect("event_seq");
+    let delete = message_at(&mut bob, delete_seq).await;
+    assert_eq!(delete["type"], "message.delete", "{delete}");
+    assert_eq!(delete["target"], seq, "{delete}");
+    let h = history_of(&mut bob).await;
+    let m = at(&h, seq);
+    assert_eq!(m["body"], Value::Null, "the text is gone: {m}");
+    assert_eq!(m["deleted"]["by"], "alice", "{m}");
+    let old_edit = at(&h, edit_seq);
+    assert_eq!(old_edit["body"], Value::Null, "{old_edit}");
+    assert_eq!(old_edit["deleted"], true, "{old_edit}");
+    assert!(
+        !h.iter().any(|m| m.to_string().contains("see you")),
+        "{h:?}"
+    );
+
+    // Each change shown once, in the conversation's order.
+    bob.events_for(QUIET).await;
+    assert_shown_once(&bob);
+    assert_eq!(
+        shown(&bob).iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+        [seq, edit_seq, delete_seq]
+    );
+}
+
+/// bob reacts to alice's message from his CLI: alice's CLI shows the
+/// summary as it comes (counts), her `/history` has it on the message, and
+/// when bob takes it back the summary alice gets has no 👍 left.
+#[tokio::test]
+async fn bob_reacts_and_alice_sees_the_summary() {
+    let b = Broker::start(&config(""));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut alice, mut bob) = dm_pair(&b, dir.path()).await;
+    let seq = alice_says(&mut alice, "lunch?").await;
+    message_at(&mut bob, seq).await;
+
+    bob.type_line(&format!("/react {seq} 👍"));
+    let reacted = bob.next_event("reacted").await;
+    assert_eq!(reacted["added"], true, "{reacted}");
+    assert_eq!(
+        reacted["reactions"]["👍"],
+        serde_json::json!({"count": 1, "mine": true}),
+        "{reacted}"
+    );
+    let summary = alice.next_event("reactions").await;
+    assert_eq!(
+        (summary["conv"].as_str(), summary["seq"].as_u64()),
+        (Some(DM), Some(seq))
+    );
+    assert_eq!(summary["reactions"]["👍"]["count"], 1, "{summary}");
+    let h = history_of(&mut alice).await;
+    assert_eq!(
+        at(&h, seq)["reactions"],
+        serde_json::json!({"👍": {"count": 1, "mine": false}})
+    );
+
+    bob.type_line(&format!("/unreact {seq} 👍"));
+    let taken = bob.next_event("reacted").await;
+    assert_eq!(taken["added"], false, "{taken}");
+    let summary = alice.next_event("reactions").await;
+    assert_eq!(summary["seq"], seq, "{summary}");
+    assert_eq!(summary["reactions"], serde_json::json!({}), "no 👍 left");
+    let h = history_of(&mut alice).await;
+    assert!(at(&h, seq).get("reactions").is_none(), "{h:?}");
+}
+
+/// alice sends a picture from her CLI (`/attach`): bob's CLI shows the
+/// message with the attachment's id, `/download` saves the very same
+/// bytes; carol, in no conversation with alice, gets `not_found` and no
+/// file.
+#[tokio::test]
+async fn alice_attaches_a_file_bob_downloads_it_and_a_stranger_cannot() {
+    let b = Broker::start(&config(""));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut alice, mut bob) = dm_pair(&b, dir.path()).await;
+    // A PNG's signature (the broker checks the first bytes), then every
+    // byte value, twice.
+    let mut picture = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    picture.extend((0..=255u8).chain(0..=255u8));
+    let file = dir.path().join("cat.png");
+    std::fs::write(&file, &picture).expect("write the picture");
+
+    alice.type_line(&format!("/attach {} look at this", file.display()));
+    let uploaded = alice.next_event("uploaded").await;
+    let id = uploaded["id"].as_str().expect("an id").to_string();
+    assert_eq!(uploaded["size"], picture.len(), "{uploaded}");
+    assert_eq!(uploaded["content_type"], "image/png", "{uploaded}");
+    let seq = alice.next_event("acked").await["seq"]
+        .as_u64()
+        .expect("seq");
+
+    let m = message_at(&mut bob, seq).await;
+    assert_eq!(m["body"]["text"], "look at this", "{m}");
+    assert_eq!(m["body"]["attachments"][0]["id"], id.as_str(), "{m}");
+    assert_eq!(m["body"]["attachments"][0]["name"], "cat.png", "{m}");
+    let saved = dir.path().join("bob-got.png");
+    bob.type_line(&format!("/download {id} {}", saved.display()));
+    let downloaded = bob.next_event("downloaded").await;
+    assert_eq!(downloaded["size"], picture.len(), "{downloaded}");
+    assert_eq!(downloaded["content_type"], "image/png", "{downloaded}");
+    assert_eq!(
+        std::fs::read(&saved).expect("bob's file"),
+        picture,
+        "byte for byte"
+    );
+
+    // Without --http the CLI says what it needs.
+    let mut bob_plain = Cli::start(b.addr, "bob", &dir.path().join("bob-plain.json"));
+    bob_plain.next_event("connected").await;
+    bob_plain.type_line(&format!("/download {id}"));
+    let refused = bob_plain.next_event("error").await;
+    assert!(
+        refused["message"].as_str().unwrap_or("").contains("--http"),
+        "{refused}"
+    );
+
+    let state = dir.path().join("carol.json");
+    let mut carol = Cli::start_with_http(&b, "carol", &state);
+    carol.next_event("connected").await;
+    let stolen = dir.path().join("carol-got.png");
+    carol.type_line(&format!("/download {id} {}", stolen.display()));
+    let refused = carol.next_event("error").await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not_found"),
+        "{refused}"
+    );
+    assert!(carol.logged("downloaded").is_empty());
+    assert!(!stolen.exists(), "carol got no file");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".part")), "{names:?}");
 }

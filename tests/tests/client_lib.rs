@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chatmq_client::{Client, Event, Message, Options};
 use chatmq_tests::chat::*;
+use chatmq_tests::cli::{state_of, subscribed};
 use chatmq_tests::{v5, Broker, PATIENCE};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -126,20 +127,6 @@ impl Bot {
     async fn close(self) {
         self.client.close().await;
         let _ = tokio::time::timeout(PATIENCE, self.task).await;
-    }
-}
-
-fn state_of(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).expect("read the state file");
-    serde_json::from_str(&text).expect("the state file is JSON")
-}
-
-/// Waits until the state file says the session's subscriptions are in.
-async fn subscribed(state: &Path) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while state_of(state)["subscribed"] != true {
-        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

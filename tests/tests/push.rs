@@ -245,10 +245,7 @@ async fn a_burst_collapses_into_one_notification_per_debounce_window() {
 async fn a_muted_conversation_gets_no_push() {
     let mock = Mock::start().await;
     let b = Broker::start(&webhook_config(&mock, ""));
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob"]).await;
     let mut bob = register_over_mqtt(&b, "bob", "bob-phone").await;
     let (reply, _) = v5_rpc(
@@ -467,10 +464,7 @@ async fn fcm_gets_a_verified_oauth2_assertion_and_a_v1_message() {
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
-    let mut alice = v5_user(&b, "alice").await;
-    alice
-        .subscribe("users/alice/events", v5::QoS::AtLeastOnce)
-        .await;
+    let mut alice = v5_with_events(&b, "alice").await;
     create_group(&mut alice, "team", &["bob"]).await;
     send(&mut alice, "team", "t1", "ship it").await;
 

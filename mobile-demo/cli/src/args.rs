@@ -13,6 +13,10 @@ const COMMANDS: &str = "\
 commands (stdin):
   /open CONV      select a conversation      /dm USER    select dm with USER
   /convs          your conversations, unread /history N  last N messages here
+  /edit SEQ TEXT  change your message SEQ    /delete SEQ delete your message SEQ
+  /react SEQ EMOJI    react to message SEQ   /unreact SEQ EMOJI  take it back
+  /attach FILE [TEXT] send FILE (needs --http)
+  /download ID [FILE] save attachment ID (needs --http)
   /quit           leave (the session stays)  TEXT        send TEXT here";
 
 /// chatmq-cli: a terminal chat client for chatmq (MQTT 5)
@@ -24,10 +28,14 @@ struct Args {
     /// (WebSocket, e.g. /mqtt)
     #[arg(long, value_name = "SERVER", value_parser = parse_server)]
     server: Server,
-    /// PEM certificate(s) to trust for mqtts:// and wss:// (default: the
-    /// system's roots)
+    /// PEM certificate(s) to trust for mqtts://, wss:// and https://
+    /// (default: the system's roots)
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
+    /// The broker's HTTP API, http://HOST:PORT or https://HOST:PORT: for
+    /// /attach and /download (the password must then be a JWT)
+    #[arg(long, value_name = "URL")]
+    http: Option<String>,
     /// Your user id (the MQTT user name)
     #[arg(long, value_name = "USER", value_parser = parse_user)]
     user: String,
@@ -56,6 +64,8 @@ pub struct Options {
     pub server: Server,
     /// Certificates to trust for TLS instead of the system's.
     pub ca: Option<PathBuf>,
+    /// The HTTP API, for attachments.
+    pub http: Option<String>,
     pub user: String,
     pub password: String,
     pub client_id: Option<String>,
@@ -86,6 +96,7 @@ impl From<Args> for Options {
         Options {
             server: a.server,
             ca: a.ca,
+            http: a.http,
             state: a
                 .state
                 .unwrap_or_else(|| PathBuf::from(format!("chatmq-cli-{}.json", a.user))),
@@ -141,7 +152,7 @@ mod tests {
     #[test]
     fn a_full_command_line_parses() {
         let got = parsed(
-            "--server 127.0.0.1:1883 --user alice --password pw --client-id c1 --state s.json --json",
+            "--server 127.0.0.1:1883 --http http://127.0.0.1:8080 --user alice --password pw --client-id c1 --state s.json --json",
         )
         .unwrap();
         assert_eq!(
@@ -153,6 +164,7 @@ mod tests {
                     transport: Transport::Tcp,
                 },
                 ca: None,
+                http: Some("http://127.0.0.1:8080".into()),
                 user: "alice".into(),
                 password: "pw".into(),
                 client_id: Some("c1".into()),

@@ -11,7 +11,7 @@
 // cursor per conversation and replays what was missed on reconnect.
 
 import mqtt from 'mqtt';
-import { backoffDelay } from './backoff.js';
+import { backoffDelay } from '../sdk/backoff.js';
 
 const SESSION_EXPIRY_SECS = 7 * 24 * 3600;
 const RPC_TIMEOUT_MS = 10_000;

@@ -12,7 +12,7 @@
 //
 // The HTTP API takes a JWT, not a password: this link needs a JWT login.
 
-import { backoffDelay } from './backoff.js';
+import { backoffDelay } from '../sdk/backoff.js';
 
 const RPC_TIMEOUT_MS = 10_000;
 

@@ -53,3 +53,19 @@ fn the_js_sdk_chats_resumes_and_keeps_its_outbox_against_the_real_broker() {
         );
     }
 }
+
+/// The SDK's TypeScript declarations (`src/sdk/index.d.ts`) are what an
+/// app written in TypeScript can use: `tsc --strict` accepts
+/// `test/types.ts`, which calls every method and listens to every event.
+#[test]
+fn the_js_sdk_type_declarations_check_with_tsc_strict() {
+    web::prepare();
+    let output = web::node(
+        "node_modules/typescript/bin/tsc",
+        &["-p", "tsconfig.json", "--pretty", "false"],
+    );
+    assert!(
+        !output.contains("error TS"),
+        "tsc reported errors:\n{output}"
+    );
+}

@@ -56,7 +56,9 @@ fn the_js_sdk_chats_resumes_and_keeps_its_outbox_against_the_real_broker() {
 
 /// The SDK's TypeScript declarations (`src/sdk/index.d.ts`) are what an
 /// app written in TypeScript can use: `tsc --strict` accepts
-/// `test/types.ts`, which calls every method and listens to every event.
+/// `test/types.ts`, which calls every method and listens to every event,
+/// and the SDK's JavaScript against its JSDoc (`checkJs`: the options and
+/// messages it types through the declarations).
 #[test]
 fn the_js_sdk_type_declarations_check_with_tsc_strict() {
     web::prepare();

@@ -26,6 +26,10 @@ import { StreamLink } from './stream-link.js';
 
 const FILL_PAGE = 200; // the broker's default history cap
 const MAX_CURSOR_CONVS = 256; // what /v1/stream's cursor takes
+// Live messages held behind a hole while history fills it, per
+// conversation. Past it they are dropped: the fill fetches them too (it
+// runs to the head), and a later one past a hole starts another fill.
+const MAX_HELD = 5000;
 
 /** @typedef {import('./index.js').ChatClientOptions} ChatClientOptions */
 /** @typedef {import('./index.js').Message} Message */
@@ -35,6 +39,7 @@ export class ChatClient extends Emitter {
   /** @param {ChatClientOptions} o */
   constructor(o) {
     super();
+    /** @type {ChatClientOptions & {clientId: string, protocolVersion: 4 | 5, transport: 'auto' | 'websocket' | 'stream', httpBase: string, rpcTimeoutMs: number, random: () => number}} */
     this.o = {
       protocolVersion: 5,
       transport: 'auto',
@@ -42,8 +47,8 @@ export class ChatClient extends Emitter {
       rpcTimeoutMs: 10_000,
       random: Math.random,
       ...o,
+      clientId: o.clientId || `sdk-${o.user}-${randomId()}`.slice(0, 64),
     };
-    if (!this.o.clientId) this.o.clientId = `sdk-${o.user}-${randomId()}`.slice(0, 64);
     /** @type {'idle'|'connecting'|'online'|'waiting'|'offline'|'stopped'} */
     this.state = 'idle';
     /** @type {'websocket'|'stream'} */
@@ -51,7 +56,8 @@ export class ChatClient extends Emitter {
     /** @type {MqttLink | StreamLink | null} */
     this.link = null;
     this.attempt = 0;
-    this.timer = null;
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    this.timer = undefined;
     this.stopped = false;
     this.everConnected = false;
     /** Counters a test or a status page can read. */
@@ -173,7 +179,7 @@ export class ChatClient extends Emitter {
     this.everConnected = true;
     this.stats.connects++;
     // The stream resumes only the conversations its cursor named.
-    const resumed = link.kind === 'stream' ? new Set(this.cursor().split(',').filter(Boolean).map((p) => p.slice(0, p.lastIndexOf(':')))) : null;
+    const resumed = link.kind === 'stream' ? new Set(link.o.cursor.split(',').filter(Boolean).map((p) => p.slice(0, p.lastIndexOf(':')))) : null;
     if (sessionPresent && link.kind === 'websocket') this.stats.sessionPresent++;
     if (!sessionPresent) {
       try {
@@ -191,7 +197,7 @@ export class ChatClient extends Emitter {
     // A new session knows nothing of what was missed: fill each
     // conversation held from its last seq. A present one replays it.
     for (const [conv, c] of this.convs) {
-      const missed = link.kind === 'stream' ? c.hi > 0 && !resumed.has(conv) : !sessionPresent && c.hi > 0;
+      const missed = link.kind === 'stream' ? c.hi > 0 && !resumed?.has(conv) : !sessionPresent && c.hi > 0;
       if (missed || c.held.size > 0) this.fill(conv).catch(() => {});
     }
   }
@@ -278,7 +284,7 @@ export class ChatClient extends Emitter {
     if (m.seq <= c.hi) return; // seen
     if (c.filling || (c.hi > 0 && m.seq > c.hi + 1)) {
       // A hole before it: held until history fills it.
-      c.held.set(m.seq, m);
+      if (c.held.size < MAX_HELD) c.held.set(m.seq, m);
       if (!c.filling && this.state === 'online') this.fill(m.conv).catch(() => {});
       return;
     }
@@ -317,7 +323,10 @@ export class ChatClient extends Emitter {
       } finally {
         c.filling = null;
       }
-      for (const seq of [...c.held.keys()].sort((a, b) => a - b)) this.accept(c, c.held.get(seq));
+      for (const seq of [...c.held.keys()].sort((a, b) => a - b)) {
+        const m = c.held.get(seq);
+        if (m) this.accept(c, m);
+      }
     })();
     return c.filling;
   }

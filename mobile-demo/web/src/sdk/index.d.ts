@@ -1,6 +1,7 @@
 // Types of chatmq's JavaScript client SDK (hand-written beside the
 // JavaScript; `npm run typecheck` checks them and test/types.ts, an app's
-// use of every call, with tsc --strict).
+// use of every call, with tsc --strict, and the JavaScript's JSDoc, which
+// refers to these types, with checkJs).
 
 /** A delivered chat message (docs/DESIGN.md "Envelope"). */
 export interface Message {

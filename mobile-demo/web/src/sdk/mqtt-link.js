@@ -16,7 +16,11 @@ const CONNECT_TIMEOUT_MS = 10_000;
 // authorized, 0x85 client id not valid, 0x8c bad authentication method).
 const FATAL_CONNACK = new Set([4, 5, 0x85, 0x86, 0x87, 0x8c]);
 
-/** The subscriptions of a chat session. */
+/**
+ * The subscriptions of a chat session.
+ * @param {string} user
+ * @returns {import('mqtt').ISubscriptionMap}
+ */
 export function sessionTopics(user) {
   return {
     'chat/+': { qos: 1 },

@@ -76,8 +76,8 @@ export class StreamLink {
       await httpCall(this.o, 'POST', `/v1/conversations/${encodeURIComponent(conv)}/messages`, envelope);
       return null;
     } catch (err) {
-      const status = /** @type {any} */ (err).status;
-      if (status && status < 500 && status !== 408 && status !== 429) return /** @type {any} */ (err).code ?? err.message;
+      const e = /** @type {any} */ (err);
+      if (e.status && e.status < 500 && e.status !== 408 && e.status !== 429) return e.code ?? e.message;
       throw err;
     }
   }

@@ -127,6 +127,8 @@ function start(session) {
   c.on('event', (event) => {
     if (['conversation.created', 'member.added', 'member.removed', 'members'].includes(event.type)) sync().catch(() => {});
   });
+  // The outbox could not be written (quota, no IndexedDB): still sent, but not kept across a reload.
+  c.on('error', (e) => showError(`Not saved on this device: ${e?.message ?? e}`));
   c.on('fatal', (reason) => {
     sessionStorage.removeItem(SESSION_KEY);
     showLogin(reason);

@@ -445,7 +445,8 @@ export class ChatClient extends Emitter {
   /**
    * Sends a chat message: stored in the outbox (durably, where IndexedDB
    * is) before this resolves, sent now if online, else on the next
-   * connection. "acked" reports the outcome; the message itself comes
+   * connection ("error" reports a storage failure; it is still sent).
+   * "acked" reports the outcome; the message itself comes
    * back as a "message" with its seq.
    * @param {string} conv
    * @param {unknown} body
@@ -457,7 +458,10 @@ export class ChatClient extends Emitter {
     const envelope = { id, type: o.type ?? 'text', body };
     const item = { user: this.user, conv, envelope, n: ++this.outboxSeq, at: Date.now() };
     this.outbox.set(key(conv, id), item);
-    await this.store.put(item);
+    // A storage failure (quota, a private window without IndexedDB) is
+    // reported and the message is still sent from memory: only a reload
+    // before it is acknowledged would lose it.
+    await this.store.put(item).catch((e) => this.emit('error', e));
     if (this.state === 'online' && this.outbox.has(key(conv, id))) this.transmit(item);
     return id;
   }

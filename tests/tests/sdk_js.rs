@@ -10,7 +10,8 @@
 //! duplicates; a reload resends the persisted outbox with the same ids
 //! (one message, the same seq); history paging; edits, deletes and
 //! reaction summaries; an image attachment members can fetch and others
-//! cannot; presence and typing.
+//! cannot; where WebSocket is blocked, the fallback to the event stream
+//! and the HTTP API, resumed from the client's cursor; presence and typing.
 
 use chatmq_tests::chat::SECRET;
 use chatmq_tests::{web, Broker};
@@ -45,6 +46,7 @@ fn the_js_sdk_chats_resumes_and_keeps_its_outbox_against_the_real_broker() {
         "history pages back to the start",
         "edits, deletes and reactions",
         "an image attachment",
+        "falls back to the event stream",
         "presence and typing",
     ] {
         assert!(

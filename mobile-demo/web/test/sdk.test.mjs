@@ -16,6 +16,7 @@
 
 import { createHmac } from 'node:crypto';
 import { existsSync, unlinkSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
@@ -35,6 +36,62 @@ function jwt(user) {
   const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
   const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub: user, exp: Math.floor(Date.now() / 1000) + 3600 })}`;
   return `${head}.${createHmac('sha256', SECRET).update(head).digest('base64url')}`;
+}
+
+
+/** Just enough of the browser's EventSource for the SDK's fallback link,
+ *  over fetch (Node 20 has none): open, named events, error, close. The
+ *  SDK reconnects by itself, so this one never does. */
+class FetchEventSource {
+  constructor(url) {
+    this.ctl = new AbortController();
+    this.listeners = new Map();
+    this.onopen = null;
+    this.onerror = null;
+    this.run(url).catch(() => {
+      if (!this.ctl.signal.aborted) this.onerror?.(new Event('error'));
+    });
+  }
+
+  addEventListener(type, fn) {
+    this.listeners.set(type, [...(this.listeners.get(type) ?? []), fn]);
+  }
+
+  close() {
+    this.ctl.abort();
+  }
+
+  async run(url) {
+    const r = await fetch(url, { headers: { accept: 'text/event-stream' }, signal: this.ctl.signal });
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    this.onopen?.(new Event('open'));
+    const decoder = new TextDecoder();
+    let buffer = '';
+    let event = { type: 'message', data: [], id: '' };
+    for await (const chunk of r.body) {
+      buffer += decoder.decode(chunk, { stream: true });
+      let nl;
+      while ((nl = buffer.indexOf('\n')) >= 0) {
+        const line = buffer.slice(0, nl).replace(/\r$/, '');
+        buffer = buffer.slice(nl + 1);
+        if (line === '') {
+          if (event.data.length > 0) {
+            const e = { type: event.type, data: event.data.join('\n'), lastEventId: event.id };
+            for (const fn of this.listeners.get(event.type) ?? []) fn(e);
+          }
+          event = { type: 'message', data: [], id: event.id };
+        } else if (!line.startsWith(':')) {
+          const colon = line.indexOf(':');
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const value = colon < 0 ? '' : line.slice(colon + 1).replace(/^ /, '');
+          if (field === 'event') event.type = value;
+          else if (field === 'data') event.data.push(value);
+          else if (field === 'id') event.id = value;
+        }
+      }
+    }
+    throw new Error('stream ended');
+  }
 }
 
 const running = new Set();
@@ -85,6 +142,18 @@ function assertOnceInOrder(c) {
     assert.ok(m.seq > prev, `${c.user}: ${m.conv} seq ${m.seq} after ${prev} (a duplicate or out of order)`);
     last.set(m.conv, m.seq);
   }
+}
+
+/** A local port that was free a moment ago (and is closed now). */
+function freedPort() {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.on('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
 }
 
 async function restartBroker() {
@@ -293,6 +362,37 @@ describe('chatmq SDK against the real broker', { concurrency: false }, () => {
     assert.deepEqual(Buffer.from(await r.arrayBuffer()), png);
     const carol = client('carol');
     await assert.rejects(carol.attachmentLink(up.id), (e) => e.status === 404);
+  });
+
+  test('where WebSocket is blocked the client falls back to the event stream and resumes from its cursor, each seq once', async () => {
+    // A WebSocket URL nothing listens on (a port just freed) stands for a network that blocks it.
+    const dead = `ws://127.0.0.1:${await freedPort()}/mqtt`;
+    const carolConv = directConv('bob', 'carol');
+    const carol = client('carol', { url: dead, clientId: 'sdk-test-carol-stream', EventSource: FetchEventSource });
+    const switched = [];
+    carol.on('transport', (t) => switched.push(t));
+    await carol.start();
+    await online(carol);
+    assert.deepEqual(switched, ['stream']);
+    assert.equal(carol.transport, 'stream');
+    await carol.send(carolConv, { text: 'over http' });
+    await until('bob gets it', () => bob.got.some((m) => m.conv === carolConv && m.body.text === 'over http'));
+    await until('carol gets hers back with its seq', () => carol.lastSeq(carolConv) === 1);
+    await bob.send(carolConv, { text: 'live 1' });
+    await until('carol gets live 1', () => texts(carol, carolConv).includes('live 1'));
+    carol.goOffline();
+    for (let i = 1; i <= 3; i++) await bob.send(carolConv, { text: `away ${i}` });
+    await until('bob acked', () => bob.pending().length === 0);
+    const fills = carol.stats.fills;
+    carol.connectNow();
+    await until('carol resumes', () => texts(carol, carolConv).length === 5);
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(texts(carol, carolConv), ['over http', 'live 1', 'away 1', 'away 2', 'away 3']);
+    assert.deepEqual(carol.got.map((m) => m.seq), [1, 2, 3, 4, 5]);
+    assert.equal(carol.stats.fills, fills, 'the stream resumed from the cursor: no history');
+    const page = await carol.history(carolConv, { limit: 10 });
+    assert.equal(page.messages.length, 5, 'calls go over the HTTP API');
+    carol.stop();
   });
 
   test('presence and typing', async () => {

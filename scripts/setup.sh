@@ -45,14 +45,16 @@ if [ "$mode" = "--test" ]; then
   fi
 fi
 
-# The web demo (mobile-demo/web): packages from the lock file when they
-# changed, then the bundle in dist/ (esbuild: well under a second).
+# The web demo and its SDK (mobile-demo/web): packages from the lock file
+# when it changed, with the devDependencies the tests use (playwright-core,
+# fake-indexeddb, typescript), then the bundle in dist/ (esbuild: well
+# under a second).
 if [ "$mode" = "--test" ] || [ "$mode" = "--web" ]; then
   (
     cd mobile-demo/web
     if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
       echo "setup: npm ci in mobile-demo/web" >&2
-      npm ci --no-audit --no-fund --loglevel=error >/dev/null
+      npm ci --include=dev --no-audit --no-fund --loglevel=error >/dev/null
     fi
     npm run build --silent >/dev/null
   )

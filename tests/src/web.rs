@@ -85,12 +85,30 @@ pub fn output_dir(name: &str) -> PathBuf {
 /// Runs `node <script> <args>` in the web demo's directory; returns its
 /// output, or fails the test with it if the script fails or hangs.
 pub fn node(script: &str, args: &[&str]) -> String {
+    let mut all = vec![script];
+    all.extend_from_slice(args);
+    run_node(&all, &[], None)
+}
+
+/// Runs `node <args>` in the web demo's directory with `env` and
+/// `CHATMQ_CONTROL` set to a directory through which the script may ask
+/// for a restart of `broker` (same data directory, same ports): it creates
+/// `restart.req` there, this restarts the broker and creates
+/// `restart.done`. Returns the output, or fails the test with it.
+pub fn node_controlling(broker: &mut Broker, args: &[&str], env: &[(&str, &str)]) -> String {
+    run_node(args, env, Some(broker))
+}
+
+fn run_node(args: &[&str], env: &[(&str, &str)], mut broker: Option<&mut Broker>) -> String {
     let log_dir = tempfile::tempdir().expect("temp dir");
     let log = log_dir.path().join("output.txt");
+    let control = log_dir.path().join("control");
+    std::fs::create_dir(&control).expect("control dir");
     let file = std::fs::File::create(&log).expect("log file");
     let mut child = Command::new("node")
-        .arg(script)
         .args(args)
+        .envs(env.iter().copied())
+        .env("CHATMQ_CONTROL", &control)
         .current_dir(web_dir())
         .stdin(Stdio::null())
         .stdout(file.try_clone().expect("log file"))
@@ -107,12 +125,21 @@ pub fn node(script: &str, args: &[&str]) -> String {
             let _ = child.wait();
             break None;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        let request = control.join("restart.req");
+        if let Some(b) = broker.as_deref_mut() {
+            if request.exists() {
+                std::fs::remove_file(&request).expect("remove restart.req");
+                b.restart();
+                std::fs::write(control.join("restart.done"), b"").expect("write restart.done");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
     };
     let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let what = args.join(" ");
     match status {
         Some(s) if s.success() => output,
-        Some(s) => panic!("node {script} failed ({s}):\n{output}"),
-        None => panic!("node {script} did not finish within {SCRIPT_TIMEOUT:?}:\n{output}"),
+        Some(s) => panic!("node {what} failed ({s}):\n{output}"),
+        None => panic!("node {what} did not finish within {SCRIPT_TIMEOUT:?}:\n{output}"),
     }
 }

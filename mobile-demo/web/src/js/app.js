@@ -1,28 +1,31 @@
-// The web chat: login, the conversation list and one open conversation.
+// The web chat: login, the conversation list and one open conversation,
+// on chatmq's JavaScript SDK (../sdk: the connection, its fallback,
+// resume, deduplication and the outbox live there).
 //
-// Data flow: Connection (MQTT) -> handlers here -> Conversations (state)
-// -> view.js (DOM). On every (re)connection `sync` asks for the
-// conversation list and fills each conversation from the last seq held, so
-// whatever the broker's session replay and history both deliver is shown
-// once (Conversations deduplicates by conv and seq).
+// Data flow: ChatClient events -> handlers here -> Conversations (state)
+// -> view.js (DOM). On each (re)connection the page asks for the
+// conversation list (unread counts, new conversations); the messages
+// missed are the SDK's business: a present session replays them, a new
+// one is filled from each conversation's last seq, and each arrives once.
 
-import { Connection } from './connection.js';
-import { looksLikeJwt, StreamLink } from './stream.js';
+import { ChatClient, looksLikeJwt } from '../sdk/index.js';
 import { Conversations, directConv } from './conversations.js';
-import { $, renderChat, renderList, renderStatus, renderTyping } from './view.js';
+import { $, REACTION, renderChat, renderList, renderStatus, renderTyping } from './view.js';
 
 const PAGE = 30; // messages per history page when scrolling up
-const CATCH_UP_PAGE = 200; // the broker's default history cap
 const TYPING_REPEAT_MS = 2500;
 const SESSION_KEY = 'chatmq.session';
 const USER_ID = /^[A-Za-z0-9_-]{1,64}$/;
 
 let store = null;
+/** @type {ChatClient | null} */
 let conn = null;
 let openConv = null;
-const busy = new Set(); // "catchup:conv", "older:conv": one request of each kind at a time
+let editing = null; // {conv, seq} while the composer edits a message
+const busy = new Set(); // "older:conv": one request of each kind at a time
 let typingSentAt = 0;
 let knownConvs = new Set(); // conversations whose members' presence we asked for
+const imageUrls = new Map(); // attachment id -> signed link ('' while asked)
 
 // ---- start-up and login ----------------------------------------------------
 
@@ -91,77 +94,71 @@ function start(session) {
   $('login').hidden = true;
   document.body.classList.add('signed-in');
   $('me').textContent = session.user;
-  const options = {
+  conn = new ChatClient({
     url: session.url,
     user: session.user,
     secret: session.secret,
     clientId: clientIdFor(session.user),
     protocolVersion: session.protocol === 4 ? 4 : 5,
-    on: {
-      status: renderStatus,
-      connected: () => sync().catch(() => {}),
-      message: onMessage,
-      acked: onAcked,
-      fatal: (reason) => {
-        sessionStorage.removeItem(SESSION_KEY);
-        showLogin(reason);
-      },
-      // WebSocket never connected: server-sent events and the HTTP API
-      // instead (they take a JWT, not a password), for this page's life.
-      unreachable: () => {
-        if (!looksLikeJwt(session.secret) || !(conn instanceof Connection)) return;
-        conn.stop();
-        conn = new StreamLink(options);
-        document.body.dataset.transport = 'stream';
-        conn.start();
-      },
-    },
-  };
-  conn = new Connection(options);
+    // WebSocket first; where it never connects, server-sent events and
+    // the HTTP API (they take a JWT, not a password).
+    transport: 'auto',
+    storage: { name: `chatmq-web` },
+  });
+  const c = conn;
+  c.on('status', (state, detail) => renderStatus(state === 'stopped' ? 'idle' : state, detail));
+  c.on('transport', (t) => { document.body.dataset.transport = t; });
+  c.on('connected', () => sync().catch(() => {}));
+  c.on('message', onChat);
+  c.on('typing', onTyping);
+  c.on('presence', (p) => { store.presence.set(p.user, p.status); refresh(); });
+  c.on('read', (r) => {
+    if (r.user === store.me) return;
+    const conv = store.get(r.conv);
+    conv.peerRead = Math.max(conv.peerRead, r.seq);
+    refresh();
+  });
+  c.on('reactions', (e) => {
+    let changed = false;
+    for (const m of e.messages) changed = store.setReactions(e.conv, m.seq, m.reactions) || changed;
+    if (changed) refresh();
+  });
+  c.on('acked', (a) => { if (store.acked(a.conv, a.id, a.error)) refresh(); });
+  c.on('event', (event) => {
+    if (['conversation.created', 'member.added', 'member.removed', 'members'].includes(event.type)) sync().catch(() => {});
+  });
+  // The outbox could not be written (quota, no IndexedDB): still sent, but not kept across a reload.
+  c.on('error', (e) => showError(`Not saved on this device: ${e?.message ?? e}`));
+  c.on('fatal', (reason) => {
+    sessionStorage.removeItem(SESSION_KEY);
+    showLogin(reason);
+  });
   document.body.dataset.transport = 'websocket';
   route();
-  conn.start();
+  c.start().then(() => {
+    // What the outbox kept from before a reload: shown pending, sent by the SDK.
+    for (const p of c.pending()) store.addPending(p.conv, p.envelope.id, p.envelope.body);
+    refresh();
+  });
 }
 
 // ---- keeping up with the broker ------------------------------------------
 
-/** After each (re)connection: the conversation list, then every
- *  conversation we hold messages of is filled from its last seq. */
+/** After each (re)connection: the conversation list (heads, unread
+ *  counts, new conversations), and the open conversation made ready. No
+ *  history per conversation: the SDK resumes what was missed. */
 async function sync() {
-  const { conversations } = await conn.rpc('conversations');
+  const { conversations } = await conn.conversations();
   for (const row of conversations) store.mergeSummary(row);
   noticeContacts();
-  const fills = [];
-  for (const c of store.byId.values()) {
-    if (c.hi > 0) fills.push(catchUp(c.id));
-  }
-  if (openConv) fills.push(prepare(openConv));
-  await Promise.allSettled(fills);
+  if (openConv) await prepare(openConv).catch(() => {});
   refresh();
   markRead();
 }
 
-/** Fetches what follows the last seq held, page by page, up to the head. */
-async function catchUp(convId) {
-  const key = `catchup:${convId}`;
-  if (busy.has(key)) return;
-  busy.add(key);
-  try {
-    for (;;) {
-      const c = store.get(convId);
-      const page = await conn.rpc('history', { conv: convId, after: c.hi, limit: CATCH_UP_PAGE });
-      addPage(convId, page);
-      if (page.messages.length === 0 || store.get(convId).hi >= page.head) break;
-    }
-  } finally {
-    busy.delete(key);
-  }
-  refresh();
-}
-
 /** The newest page of a conversation we hold nothing of yet. */
 async function loadLatest(convId) {
-  const page = await conn.rpc('history', { conv: convId, limit: PAGE });
+  const page = await conn.history(convId, { limit: PAGE });
   addPage(convId, page);
   store.get(convId).loadedLatest = true;
 }
@@ -171,14 +168,14 @@ async function loadOlder(convId) {
   const c = store.get(convId);
   if (busy.has(key) || c.atStart || c.lo <= 1 || conn?.state !== 'online') return;
   busy.add(key);
-  if (convId === openConv) renderChat(store, convId, { loadingOlder: true });
+  if (convId === openConv) draw(convId, { loadingOlder: true });
   try {
-    const page = await conn.rpc('history', { conv: convId, before: c.lo, limit: PAGE });
+    const page = await conn.history(convId, { before: c.lo, limit: PAGE });
     addPage(convId, page);
     if (page.messages.length === 0) c.first = c.lo;
   } finally {
     busy.delete(key);
-    if (convId === openConv) renderChat(store, convId);
+    if (convId === openConv) draw(convId);
   }
 }
 
@@ -187,7 +184,6 @@ async function loadOlder(convId) {
 async function prepare(convId) {
   const c = store.get(convId);
   if (c.hi === 0 && !c.loadedLatest) await loadLatest(convId);
-  else if (c.hi > 0) await catchUp(convId);
   if (c.bySeq.size < PAGE && !c.atStart && c.lo > 1) await loadOlder(convId);
 }
 
@@ -200,70 +196,27 @@ function addPage(convId, page) {
   const msgs = [...page.messages].sort((a, b) => a.seq - b.seq);
   const older = msgs.filter((m) => c.lo > 0 && m.seq < c.lo).reverse();
   const newer = msgs.filter((m) => !(c.lo > 0 && m.seq < c.lo));
-  for (const m of older.concat(newer)) store.add(m);
-}
-
-function onMessage(topic, value) {
-  const [kind, ...rest] = topic.split('/');
-  const name = rest.join('/');
-  if (kind === 'chat') {
-    const r = store.add(value);
-    if (r.gap) catchUp(value.conv).catch(() => {});
-    noticeContacts();
-    store.setTyping(value.conv, value.from, false);
-    refresh();
-    if (value.conv === openConv) markRead();
-  } else if (kind === 'typing') {
-    if (value.from === store.me) return;
-    const typing = value.state?.typing !== false;
-    store.setTyping(value.conv, value.from, typing);
-    if (value.conv === openConv) {
-      renderTyping(store, openConv);
-      setTimeout(() => openConv && renderTyping(store, openConv), 6100);
-    }
-  } else if (kind === 'presence') {
-    store.presence.set(name, value.status);
-    refresh();
-  } else if (kind === 'users') {
-    onEvent(value);
+  for (const m of older.concat(newer)) {
+    const r = store.add(m);
+    if (r.added && m.reactions) store.setReactions(convId, m.seq, m.reactions, true);
   }
 }
 
-function onEvent(event) {
-  switch (event.type) {
-    case 'conversation.created':
-    case 'member.added':
-    case 'member.removed':
-    case 'members': // a large group's joins and leaves of one window
-      sync().catch(() => {});
-      break;
-    case 'read':
-      if (event.user !== store.me) {
-        const c = store.get(event.conv);
-        c.peerRead = Math.max(c.peerRead, event.seq);
-        refresh();
-      }
-      break;
-    case 'reads': { // a large group's receipts of one window: {user: seq}
-      const c = store.get(event.conv);
-      for (const [user, seq] of Object.entries(event.reads ?? {})) {
-        if (user !== store.me) c.peerRead = Math.max(c.peerRead, seq);
-      }
-      refresh();
-      break;
-    }
-    case 'error': {
-      // MQTT 3.1.1 has no reason codes: a refused message is reported here.
-      const conv = event.topic?.startsWith('chat/') ? event.topic.slice(5) : null;
-      if (conv && store.acked(conv, event.id, event.code)) refresh();
-      break;
-    }
-    default:
-  }
+/** A sequenced message from the SDK: once, in order, per conversation. */
+function onChat(m) {
+  store.add(m);
+  noticeContacts();
+  store.setTyping(m.conv, m.from, false);
+  refresh();
+  if (m.conv === openConv) markRead();
 }
 
-function onAcked(conv, id, error) {
-  if (store.acked(conv, id, error)) refresh();
+function onTyping(t) {
+  store.setTyping(t.conv, t.from, t.typing);
+  if (t.conv === openConv) {
+    renderTyping(store, openConv);
+    setTimeout(() => openConv && renderTyping(store, openConv), 6100);
+  }
 }
 
 /** Contacts are the users we share a conversation with; a new
@@ -287,15 +240,32 @@ function markRead() {
     const seq = c.hi;
     c.readSent = seq;
     c.read = Math.max(c.read, seq);
-    conn.rpc('read', { conv: c.id, seq }).catch(() => { c.readSent = 0; }); // retried on the next view
+    conn.read(c.id, seq).catch(() => { c.readSent = 0; }); // retried on the next view
     renderList(store, openConv);
   }
+}
+
+/** The signed link of an image attachment: asked once, drawn when known. */
+function imageUrl(id) {
+  const known = imageUrls.get(id);
+  if (known !== undefined) return known || null;
+  if (!conn || !looksLikeJwt(conn.o.secret)) return null;
+  imageUrls.set(id, '');
+  conn.attachmentLink(id).then(
+    (link) => { imageUrls.set(id, link.url); refresh(); },
+    () => { imageUrls.delete(id); },
+  );
+  return null;
+}
+
+function draw(convId, o = {}) {
+  renderChat(store, convId, { imageUrl, editing, ...o });
 }
 
 function refresh() {
   if (!store) return;
   renderList(store, openConv);
-  if (openConv) renderChat(store, openConv);
+  if (openConv) draw(openConv);
 }
 
 // ---- navigation: #/c/<conv> opens a conversation ---------------------------
@@ -304,12 +274,13 @@ function route() {
   if (!store) return;
   const m = /^#\/c\/(.+)$/.exec(location.hash);
   openConv = m ? decodeURIComponent(m[1]) : null;
+  stopEditing();
   const narrow = !matchMedia('(min-width: 48rem)').matches;
   $('chat').hidden = !openConv;
   $('home').hidden = Boolean(openConv) && narrow;
   if (openConv) {
     store.get(openConv);
-    renderChat(store, openConv);
+    draw(openConv);
     const box = $('messages');
     box.scrollTop = box.scrollHeight;
     if (conn?.state === 'online') prepare(openConv).then(() => { refresh(); markRead(); }).catch(() => {});
@@ -330,13 +301,83 @@ function onSend(event) {
   const text = input.value.trim();
   if (!text || !openConv) return;
   input.value = '';
-  const id = `${Date.now().toString(36)}-${crypto.getRandomValues(new Uint32Array(1))[0].toString(36)}`;
-  store.addPending(openConv, id, { text });
-  conn.send(openConv, { id, type: 'text', body: { text } });
+  if (editing) {
+    const { conv, seq } = editing;
+    stopEditing();
+    conn.edit(conv, seq, { text }).catch((e) => showError(`Not edited: ${e.message}`));
+    return;
+  }
+  sendBody(openConv, { text });
   stopTyping();
+}
+
+/** Shows a message of ours at once (pending) and hands it to the SDK's outbox. */
+function sendBody(conv, body) {
+  const id = `${Date.now().toString(36)}-${crypto.getRandomValues(new Uint32Array(1))[0].toString(36)}`;
+  store.addPending(conv, id, body);
+  conn.send(conv, body, { id }).catch((e) => showError(`Not sent: ${e.message}`));
   refresh();
   const box = $('messages');
   box.scrollTop = box.scrollHeight;
+}
+
+function showError(text) {
+  $('composer-error').textContent = text;
+}
+
+/** An image picked in the composer: uploaded (the HTTP API: a JWT
+ *  login), then sent as a message referencing it. */
+async function onFile(event) {
+  const input = event.target;
+  const file = input.files?.[0];
+  input.value = '';
+  if (!file || !openConv) return;
+  const conv = openConv;
+  if (!looksLikeJwt(conn.o.secret)) return showError('Images need a login with a token (the HTTP API takes no passwords).');
+  try {
+    const up = await conn.upload(conv, file);
+    showError('');
+    sendBody(conv, { text: '', attachments: [{ id: up.id, name: file.name, content_type: up.content_type }] });
+  } catch (e) {
+    showError(`Not uploaded: ${e.message}`);
+  }
+}
+
+/** The buttons on a message: react (toggle 👍), edit, delete. */
+function onMessageAction(event) {
+  const button = event.target.closest('[data-action]');
+  const li = event.target.closest('[data-testid="message"]');
+  if (!button || !li || !openConv || !li.dataset.seq) return;
+  const conv = openConv;
+  const seq = Number(li.dataset.seq);
+  const msg = store.get(conv).bySeq.get(seq);
+  if (!msg) return;
+  switch (button.dataset.action) {
+    case 'message-react': {
+      const call = msg.reactions?.[REACTION]?.mine ? conn.unreact(conv, seq, REACTION) : conn.react(conv, seq, REACTION);
+      call.then((r) => { store.setReactions(conv, seq, r.reactions, true); refresh(); }, (e) => showError(e.message));
+      break;
+    }
+    case 'message-edit':
+      editing = { conv, seq };
+      $('editing').hidden = false;
+      $('composer-input').value = typeof msg.body?.text === 'string' ? msg.body.text : '';
+      $('composer-input').focus();
+      draw(conv);
+      break;
+    case 'message-delete':
+      conn.deleteMessage(conv, seq).catch((e) => showError(`Not deleted: ${e.message}`));
+      break;
+    default:
+  }
+}
+
+function stopEditing() {
+  if (!editing) return;
+  editing = null;
+  $('editing').hidden = true;
+  $('composer-input').value = '';
+  if (openConv) draw(openConv);
 }
 
 function onComposerInput() {
@@ -371,7 +412,7 @@ async function onNewGroup(event) {
   const title = String(form.get('title')).trim();
   const members = String(form.get('members')).split(/[\s,]+/).filter(Boolean);
   try {
-    const { conv } = await conn.rpc('conversation.create', { title, members });
+    const { conv } = await conn.createConversation(title, members);
     store.get(conv).title = title;
     event.target.reset();
     $('new-group-error').textContent = '';
@@ -389,6 +430,9 @@ function wire() {
   $('composer').addEventListener('submit', onSend);
   $('composer-input').addEventListener('input', onComposerInput);
   $('composer-input').addEventListener('blur', stopTyping);
+  $('composer-file').addEventListener('change', onFile);
+  $('edit-cancel').addEventListener('click', stopEditing);
+  $('message-list').addEventListener('click', onMessageAction);
   $('chat-back').addEventListener('click', () => { location.hash = ''; });
   $('conv-list').addEventListener('click', (e) => {
     const li = e.target.closest('[data-conv]');

@@ -5,20 +5,12 @@
 // one place.
 //
 // The messages held for a conversation always form one contiguous range of
-// seqs [lo, hi]: catching up asks for what follows hi, scrolling up for
-// what precedes lo. A live message past hi + 1 is not kept (it would open
-// a hole); the caller fills the range from history instead.
+// seqs [lo, hi]: the SDK delivers each conversation's messages in seq
+// order without holes, scrolling up asks for what precedes lo. A change
+// record (an edit or a delete: `type` "message.edit" / "message.delete")
+// holds its seq in the range, hidden, and changes the message it targets.
 
-export function directConv(a, b) {
-  return a < b ? `dm:${a}:${b}` : `dm:${b}:${a}`;
-}
-
-/** The other user of a direct conversation, or null for a group. */
-export function peerOf(conv, me) {
-  const m = /^dm:([^:]+):([^:]+)$/.exec(conv);
-  if (!m) return null;
-  return m[1] === me ? m[2] : m[1];
-}
+export { directConv, peerOf } from '../sdk/index.js';
 
 export class Conversation {
   constructor(id) {
@@ -98,6 +90,17 @@ export class Conversations {
       c.pending.delete(m.id);
     }
     const msg = { ...m, state: 'delivered' };
+    if (m.type === 'message.edit' || m.type === 'message.delete') {
+      msg.hidden = true;
+      const target = c.bySeq.get(m.target);
+      if (target && m.type === 'message.delete') {
+        target.body = null;
+        target.deleted = { seq: m.seq, by: m.from, ts: m.ts };
+      } else if (target && !m.deleted && !target.deleted) {
+        target.body = m.body;
+        target.edited = { seq: m.seq, by: m.from, ts: m.ts };
+      }
+    }
     c.bySeq.set(m.seq, msg);
     c.lo = c.lo === 0 ? m.seq : Math.min(c.lo, m.seq);
     c.hi = Math.max(c.hi, m.seq);
@@ -124,11 +127,24 @@ export class Conversations {
     return msg;
   }
 
+  /** A summary of reactions. `withMine`: it says which are mine (my own
+   *  call's answer, history); else (the coalesced counts) mine are kept. */
+  setReactions(conv, seq, reactions, withMine = false) {
+    const msg = this.get(conv).bySeq.get(seq);
+    if (!msg) return false;
+    const next = {};
+    for (const [emoji, r] of Object.entries(reactions ?? {})) {
+      next[emoji] = { count: r.count, mine: withMine ? Boolean(r.mine) : Boolean(msg.reactions?.[emoji]?.mine) };
+    }
+    msg.reactions = next;
+    return true;
+  }
+
   /** Messages of a conversation in display order: by seq, then ours still
    *  pending in the order they were written. */
   messages(conv) {
     const c = this.get(conv);
-    const sent = [...c.bySeq.values()].sort((a, b) => a.seq - b.seq);
+    const sent = [...c.bySeq.values()].filter((m) => !m.hidden).sort((a, b) => a.seq - b.seq);
     return sent.concat([...c.pending.values()]);
   }
 

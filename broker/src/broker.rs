@@ -703,6 +703,8 @@ pub struct Broker {
     pub bridges: std::sync::OnceLock<Vec<Arc<chatmq_bridge::mqtt::Metrics>>>,
     /// Serving, draining or stopping: what every connection watches.
     pub drain: crate::drain::Drain,
+    /// With `[cluster]`: plain MQTT to and from the other nodes.
+    pub remote: std::sync::OnceLock<Arc<crate::remote::Remote>>,
 }
 
 /// When a disconnected session expires (unix ms).
@@ -771,6 +773,7 @@ impl Broker {
             publish_limits,
             bridges: std::sync::OnceLock::new(),
             drain: crate::drain::Drain::default(),
+            remote: std::sync::OnceLock::new(),
         };
         broker.restore()?;
         Ok(Arc::new(broker))
@@ -982,7 +985,9 @@ impl Broker {
             cell.ended.store(true, Ordering::Release);
             let mut router = write_router(&self.router);
             for f in &filters {
-                router.unsubscribe(&a.client_id, f);
+                if router.unsubscribe(&a.client_id, f) {
+                    self.unsubscribed(f);
+                }
             }
         }
         let mut session = Session::new(
@@ -1136,7 +1141,9 @@ impl Broker {
             cell.ended.store(true, Ordering::Release);
             let mut router = write_router(&self.router);
             for f in filters {
-                router.unsubscribe(&cell.client_id, f);
+                if router.unsubscribe(&cell.client_id, f) {
+                    self.unsubscribed(f);
+                }
             }
         }
     }
@@ -1269,11 +1276,43 @@ impl Broker {
 
     /// Adds `cell`'s subscription to `filter` to the index.
     pub fn index_subscription(&self, cell: &Arc<SessionCell>, filter: &str, options: SubOptions) {
-        write_router(&self.router).subscribe(&cell.client_id, filter, options, cell.clone());
+        let mut router = write_router(&self.router);
+        if router.subscribe(&cell.client_id, filter, options, cell.clone()) {
+            if let Some(r) = self.remote.get() {
+                r.subscribed(filter);
+            }
+        }
     }
 
     pub fn unindex_subscription(&self, client_id: &str, filter: &str) -> bool {
-        write_router(&self.router).unsubscribe(client_id, filter)
+        let removed = write_router(&self.router).unsubscribe(client_id, filter);
+        if removed {
+            self.unsubscribed(filter);
+        }
+        removed
+    }
+
+    /// No session of this node holds `filter` once more (with `[cluster]`,
+    /// the other nodes may stop sending it).
+    fn unsubscribed(&self, filter: &str) {
+        if let Some(r) = self.remote.get() {
+            r.unsubscribed(filter);
+        }
+    }
+
+    /// Links this broker to the other nodes of its cluster for plain MQTT
+    /// ([`crate::remote`]); the filters its sessions hold so far (those
+    /// restored at start-up) are its interest from now on.
+    pub(crate) fn attach_remote(&self, remote: Arc<crate::remote::Remote>) {
+        let sessions = self.lock_sessions();
+        if self.remote.set(remote.clone()).is_err() {
+            return;
+        }
+        for cell in sessions.values() {
+            for filter in cell.lock().session.subscriptions.keys() {
+                remote.subscribed(filter);
+            }
+        }
     }
 
     /// The retained messages a new subscription to `filter` gets: all that
@@ -1321,6 +1360,22 @@ impl Broker {
     /// publisher may wait for it a moment before reading more (see
     /// `connection::PACE`).
     pub fn route_all(&self, msgs: &[Arc<Message>], batch: &mut Batch) -> Option<Arc<SessionCell>> {
+        if let Some(r) = self.remote.get() {
+            for m in msgs {
+                r.forward(m);
+            }
+        }
+        self.route_here(msgs, batch)
+    }
+
+    /// Routes a message a client of another node of the cluster published
+    /// ([`crate::remote`]): to this node's sessions only, never on.
+    pub fn route_remote(&self, msg: Arc<Message>, batch: &mut Batch) {
+        self.route_here(std::slice::from_ref(&msg), batch);
+    }
+
+    /// [`Broker::route_all`] on this node alone.
+    fn route_here(&self, msgs: &[Arc<Message>], batch: &mut Batch) -> Option<Arc<SessionCell>> {
         self.metrics
             .messages_in
             .fetch_add(msgs.len() as u64, Ordering::Relaxed);

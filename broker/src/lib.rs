@@ -43,6 +43,7 @@ pub mod login_guard;
 pub mod message;
 pub mod ownership;
 pub mod reload;
+pub mod remote;
 pub mod retained;
 pub mod router;
 pub mod server;

@@ -333,6 +333,13 @@ impl Server {
             },
             None => None,
         };
+        // With `[cluster]`, plain MQTT to and from the other nodes, before
+        // any client can subscribe or publish.
+        if let (Some(c), Some(cs)) = (&cluster, &settings.cluster) {
+            let links =
+                chatmq_cluster::mqtt::Links::new(c.client().clone(), &cs.name_prefix, &cs.node_id);
+            crate::remote::start(&broker, links, &mut tasks, &watch);
+        }
         // One budget for every MQTT listener: `mqtt.max_connections` counts
         // connections, whatever their transport.
         let admission = Admission::new(&settings.mqtt);

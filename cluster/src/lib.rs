@@ -17,6 +17,7 @@
 mod connect;
 mod error;
 pub mod layout;
+pub mod mqtt;
 mod shape;
 
 use std::time::Duration;

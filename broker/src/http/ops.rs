@@ -238,6 +238,7 @@ fn render(api: &Arc<Api>) -> String {
         |api| api.broker.chat.push.queue_depth() as u64,
     );
     bridges(&api.broker, &mut out);
+    cluster_mqtt(&api.broker, &mut out);
     attachment_metrics(&mut out);
     out.histogram(
         "chatmq_storage_commit_seconds",
@@ -409,6 +410,56 @@ fn bridges(broker: &crate::broker::Broker, out: &mut Exposition<Api>) {
             out.gauge_by(name, help, "remote", read);
         } else {
             out.counter_by(name, help, "remote", read);
+        }
+    }
+}
+
+/// Plain MQTT between the nodes of a cluster (`crate::remote`); nothing
+/// without `[cluster]`.
+fn cluster_mqtt(broker: &crate::broker::Broker, out: &mut Exposition<Api>) {
+    if broker.remote.get().is_none() {
+        return;
+    }
+    type Of = fn(&crate::remote::Remote) -> u64;
+    let families: [(&str, bool, &str, Of); 4] = [
+        (
+            "chatmq_cluster_mqtt_sent_total",
+            false,
+            "Messages this node's clients published, sent to the other nodes.",
+            |r| r.links().metrics.sent.load(Ordering::Relaxed),
+        ),
+        (
+            "chatmq_cluster_mqtt_received_total",
+            false,
+            "Messages other nodes' clients published, received for this node's subscribers.",
+            |r| r.links().metrics.received.load(Ordering::Relaxed),
+        ),
+        (
+            "chatmq_cluster_mqtt_subjects",
+            true,
+            "NATS subscriptions held for the filters of this node's sessions.",
+            |r| r.links().metrics.subjects.load(Ordering::Relaxed),
+        ),
+        (
+            "chatmq_cluster_mqtt_dropped_total",
+            false,
+            "Messages between nodes lost: a queue full, a publish NATS refused, a topic too long, or a body that was not a message.",
+            |r| {
+                r.links()
+                    .metrics
+                    .dropped
+                    .load(Ordering::Relaxed)
+                    .saturating_add(r.dropped.load(Ordering::Relaxed))
+                    .saturating_add(r.refused.load(Ordering::Relaxed))
+            },
+        ),
+    ];
+    for (name, gauge, help, of) in families {
+        let read = move |api: &Api| api.broker.remote.get().map_or(0, |r| of(r));
+        if gauge {
+            out.gauge(name, help, read);
+        } else {
+            out.counter(name, help, read);
         }
     }
 }

@@ -1,0 +1,169 @@
+//! Plain MQTT across the nodes of a cluster (issue #12 item 5), the
+//! broker's half: what a client of this node publishes goes to the other
+//! nodes, what their clients publish is routed here, and the filters of
+//! this node's sessions say what it wants to hear (the NATS half, subjects
+//! and interest: `chatmq_cluster::mqtt`).
+//!
+//! - Only client publishes travel (a message with a publisher, wills
+//!   included), and only once: one that came from another node is routed
+//!   here and never sent on ([`Broker::route_remote`]). Chat topics never
+//!   reach the router, so they never travel this way: the partition
+//!   streams carry them.
+//! - A message travels encoded as it is stored (`MessageRecord`: topic,
+//!   payload, QoS, retain, MQTT 5 properties, expiry), so every property
+//!   reaches a subscriber on another node as on this one; the publisher's
+//!   client id goes beside it for No Local.
+//! - A retained message is retained on every node that receives it (a
+//!   node that has a subscriber for its topic). What a node that was not
+//!   up, or had no such subscriber, missed is not sent to it later: see
+//!   docs/CLUSTER.md.
+//! - Both queues are bounded; what they drop is counted
+//!   (`chatmq_cluster_mqtt_dropped_total`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chatmq_cluster::mqtt::{Arrived, Links};
+use chatmq_storage::{Batch, MessageRecord};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::broker::Broker;
+use crate::message::Message;
+use crate::topic;
+
+/// Messages waiting to be published to the other nodes, at most.
+const OUTBOUND: usize = 8192;
+/// Messages from other nodes waiting to be routed here, at most.
+const INBOUND: usize = 8192;
+
+/// A message on its way to the other nodes.
+struct Outbound {
+    topic: String,
+    publisher: Option<Arc<str>>,
+    body: Bytes,
+}
+
+/// The broker's end of the link (set once, with `[cluster]`).
+pub struct Remote {
+    links: Arc<Links>,
+    outbound: mpsc::Sender<Outbound>,
+    /// Publishes not sent because the outbound queue was full.
+    pub dropped: AtomicU64,
+    /// Messages from other nodes that were not a valid message.
+    pub refused: AtomicU64,
+}
+
+impl Remote {
+    /// Sends what a client of this node published to the other nodes.
+    pub(crate) fn forward(&self, msg: &Message) {
+        let Some(publisher) = &msg.publisher else {
+            return;
+        };
+        if msg.topic.starts_with('$') {
+            return;
+        }
+        let out = Outbound {
+            topic: msg.topic.clone(),
+            publisher: Some(publisher.clone()),
+            body: Bytes::from(msg.to_record().encode()),
+        };
+        if self.outbound.try_send(out).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A session of this node subscribed to `filter` (it was not before).
+    pub(crate) fn subscribed(&self, filter: &str) {
+        self.links.add_filter(filter);
+    }
+
+    /// A session of this node no longer holds `filter`.
+    pub(crate) fn unsubscribed(&self, filter: &str) {
+        self.links.remove_filter(filter);
+    }
+
+    /// The NATS side's counts, for `/metrics`.
+    pub fn links(&self) -> &Links {
+        &self.links
+    }
+}
+
+/// Links this node's broker to the others for plain MQTT and starts the
+/// tasks that carry the messages; runs until `stop`.
+pub fn start(
+    broker: &Arc<Broker>,
+    links: Arc<Links>,
+    tasks: &mut JoinSet<()>,
+    stop: &watch::Receiver<bool>,
+) {
+    let (outbound, out_rx) = mpsc::channel(OUTBOUND);
+    let (in_tx, in_rx) = mpsc::channel(INBOUND);
+    let remote = Arc::new(Remote {
+        links: links.clone(),
+        outbound,
+        dropped: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+    });
+    broker.attach_remote(remote.clone());
+    tasks.spawn(links.clone().run(in_tx, stop.clone()));
+    tasks.spawn(send(links, out_rx, stop.clone()));
+    tasks.spawn(receive(broker.clone(), remote, in_rx, stop.clone()));
+}
+
+/// Publishes, in order, what this node's clients published.
+async fn send(
+    links: Arc<Links>,
+    mut queue: mpsc::Receiver<Outbound>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            out = queue.recv() => match out {
+                Some(o) => links.publish(&o.topic, o.publisher.as_deref(), o.body).await,
+                None => break,
+            },
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Routes here, in order, what the other nodes' clients published. A body
+/// is untrusted (anything on NATS may publish on the subjects): one that
+/// does not decode, or names a topic this node would refuse, is dropped.
+async fn receive(
+    broker: Arc<Broker>,
+    remote: Arc<Remote>,
+    mut queue: mpsc::Receiver<Arrived>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let arrived = tokio::select! {
+            a = queue.recv() => match a {
+                Some(a) => a,
+                None => break,
+            },
+            _ = stop.changed() => break,
+        };
+        let Ok(record) = MessageRecord::decode(&arrived.body) else {
+            remote.refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let limits = broker.topic_limits();
+        if !topic::valid_topic(&record.topic)
+            || topic::check_topic(&record.topic, &limits).is_err()
+            || record.payload.len() > broker.settings.mqtt.max_payload
+        {
+            remote.refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let mut msg = Message::from_record(record);
+        msg.publisher = arrived.publisher.map(Arc::from);
+        let mut batch = Batch::new();
+        broker.route_remote(Arc::new(msg), &mut batch);
+        // Not waited for: nobody acknowledges a forwarded message; the
+        // next one goes to the writer behind it, in order.
+        drop(broker.store.submit(batch).await);
+    }
+}

@@ -75,16 +75,14 @@ async fn a_request_id_is_returned_and_logged_as_json() {
         "an id too long is replaced: {replaced}"
     );
 
-    let (lines, line) = log_line(&b, |v| v["span"]["request_id"] == "checkout-7f3a").await;
+    let (_, line) = log_line(&b, |v| v["span"]["request_id"] == "checkout-7f3a").await;
     assert_eq!(line["span"]["path"], "/healthz");
     assert_eq!(line["span"]["method"], "GET");
     assert_eq!(line["fields"]["status"], 200);
-    assert!(
-        lines
-            .iter()
-            .any(|v| v["fields"]["message"] == "chatmq is serving"),
-        "the broker's own lines are JSON too"
-    );
+    // The broker's own lines are JSON too (every line is checked to be).
+    // Waited for: it is written just after "ready", which a loaded
+    // machine may let the requests above overtake.
+    log_line(&b, |v| v["fields"]["message"] == "chatmq is serving").await;
     let (_, line) = log_line(&b, |v| v["span"]["request_id"] == made.as_str()).await;
     assert_eq!(line["fields"]["status"], 401);
 }

@@ -62,13 +62,17 @@ pub fn prepare() -> PathBuf {
 /// static users alice, bob and carol, WebSocket on) plus `extra` TOML,
 /// serving the web demo's build.
 pub fn demo_broker(extra: &str) -> Broker {
+    demo_broker_with_env(extra, &[])
+}
+
+/// [`demo_broker`] with environment overrides of its keys too.
+pub fn demo_broker_with_env(extra: &str, env: &[(&str, &str)]) -> Broker {
     let dist = prepare();
     let demo = std::fs::read_to_string(repo().join("config/demo.toml")).expect("config/demo.toml");
     let dist = dist.to_string_lossy().into_owned();
-    Broker::start_with_env(
-        &format!("{demo}\n{extra}\n"),
-        &[("CHATMQ__HTTP__STATIC_DIR", dist.as_str())],
-    )
+    let mut all = vec![("CHATMQ__HTTP__STATIC_DIR", dist.as_str())];
+    all.extend_from_slice(env);
+    Broker::start_with_env(&format!("{demo}\n{extra}\n"), &all)
 }
 
 /// Where screenshots and other output of browser tests are kept after the

@@ -43,7 +43,13 @@ fn two_people_chat_in_the_web_demo_and_nothing_is_lost_offline() {
 #[test]
 fn with_websocket_blocked_the_web_demo_falls_back_and_loses_nothing_offline() {
     let secret = "web-e2e-fallback-secret";
-    let broker = web::demo_broker(&format!("[auth]\njwt_secret = \"{secret}\"\n"));
+    // A stream whose reader vanished is noticed at the next write: with
+    // the default 15 s heartbeat, alice's going offline could reach bob
+    // only as the test's 15 s wait for it ends.
+    let broker = web::demo_broker_with_env(
+        &format!("[auth]\njwt_secret = \"{secret}\"\n"),
+        &[("CHATMQ__HTTP__STREAM_HEARTBEAT_SECS", "2")],
+    );
     let out = web::output_dir("fallback");
     let base = format!("http://{}", broker.http_addr);
     let output = web::node(

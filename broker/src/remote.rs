@@ -76,18 +76,31 @@ impl Remote {
 
     /// A session of this node subscribed to `filter` (it was not before).
     pub(crate) fn subscribed(&self, filter: &str) {
-        self.links.add_filter(filter);
+        if travels(filter) {
+            self.links.add_filter(filter);
+        }
     }
 
     /// A session of this node no longer holds `filter`.
     pub(crate) fn unsubscribed(&self, filter: &str) {
-        self.links.remove_filter(filter);
+        if travels(filter) {
+            self.links.remove_filter(filter);
+        }
     }
 
     /// The NATS side's counts, for `/metrics`.
     pub fn links(&self) -> &Links {
         &self.links
     }
+}
+
+/// Whether what `filter` names can come from another node this way: not
+/// the chat layer's topics (`chat/`, `presence/`, `users/`...), which no
+/// client publish reaches the router on, so a node holds no NATS
+/// subscription for each conversation its sessions follow.
+fn travels(filter: &str) -> bool {
+    let head = filter.split('/').next().unwrap_or(filter);
+    !crate::chat::namespace::RESERVED.contains(&head)
 }
 
 /// Links this node's broker to the others for plain MQTT and starts the

@@ -330,6 +330,13 @@ impl Server {
             },
             None => None,
         };
+        // With `[cluster]`, chat goes through the streams from the start.
+        if let (Some(c), Some(cs)) = (&cluster, &settings.cluster) {
+            broker
+                .chat
+                .attach_cluster(chatmq_cluster::Node::new(c, &cs.node_id));
+            tasks.spawn(chat::replicated::run(broker.chat.clone(), watch.clone()));
+        }
         // One budget for every MQTT listener: `mqtt.max_connections` counts
         // connections, whatever their transport.
         let admission = Admission::new(&settings.mqtt);

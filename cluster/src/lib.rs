@@ -17,7 +17,9 @@
 mod connect;
 mod error;
 pub mod layout;
+mod node;
 mod shape;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ use tokio::time::Instant;
 
 pub use error::{ClusterError, Mismatch};
 pub use layout::Layout;
+pub use node::{Delivered, Forwarded, Lost, Node, NodeMetrics, Owned, StreamRef};
 
 /// A node connected to NATS, with the layout in place.
 pub struct Cluster {

@@ -1,0 +1,284 @@
+//! Chat across `[cluster]` nodes (issue #12 items 2 and 3, with the
+//! leases of item 7): real `nats-server`s (3, routed, JetStream) and real
+//! `chatmq` binaries on free ports and temporary directories. What a user
+//! checks: a message sent on one node reaches a member on another, seqs
+//! dense everywhere; a retry of the same envelope id on another node gets
+//! the same seq and delivers nothing twice; history, conversation lists,
+//! unread counts and membership answer the same on every node; a node
+//! stopped while others write, and a new empty one, catch up exactly.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use chatmq_tests::chat::{self, envelope, seq_of};
+use chatmq_tests::http::{Http, Response};
+use chatmq_tests::nats::NatsCluster;
+use chatmq_tests::Broker;
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "cluster-chat-admin";
+
+fn skip_without_nats() -> bool {
+    if chatmq_tests::nats::available() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "nats-server is missing: scripts/setup.sh --test installs it"
+    );
+    eprintln!("skipped: nats-server is not installed (scripts/setup.sh --test)");
+    true
+}
+
+/// A chat node `node` of the cluster on `nats`.
+fn node_config(nats: &NatsCluster, node: &str) -> String {
+    chat::config(&format!(
+        "admin_token = \"{ADMIN}\"\n\n[cluster]\nnode_id = {node:?}\n{}\npartitions = 4\nlease_ttl_ms = 2000\n",
+        nats.urls_toml()
+    ))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn user(b: &Broker, name: &str) -> Http {
+    Http::new(b.http_addr).with_token(&chat::token(name))
+}
+
+fn admin(b: &Broker) -> Http {
+    Http::new(b.http_addr).with_token(ADMIN)
+}
+
+fn ok(r: Response, what: &str) -> Value {
+    assert!(
+        (200..300).contains(&r.status),
+        "{what}: {} {}",
+        r.status,
+        r.text()
+    );
+    r.json()
+}
+
+/// The seqs of `conv`'s history on `b` as `viewer` (all, up to 200).
+async fn history(b: &Broker, viewer: &str, conv: &str) -> Vec<u64> {
+    let r = user(b, viewer)
+        .get(&format!("/v1/conversations/{conv}/messages?limit=200"))
+        .await;
+    if r.status == 404 {
+        // Not applied here yet.
+        return Vec::new();
+    }
+    let h = ok(r, "history");
+    h["messages"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|m| m["seq"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// Polls `b`'s history of `conv` until it has `n` messages (a node
+/// applies what others sequenced a moment later).
+async fn history_reaches(b: &Broker, viewer: &str, conv: &str, n: usize) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seqs = history(b, viewer, conv).await;
+        if seqs.len() >= n || Instant::now() > deadline {
+            return seqs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `id` as `from` through `b`'s HTTP API; the seq.
+async fn send(b: &Broker, from: &str, conv: &str, id: &str) -> u64 {
+    let r = user(b, from)
+        .post(
+            &format!("/v1/conversations/{conv}/messages"),
+            &json!({"id": id, "body": {"text": id}}),
+        )
+        .await;
+    ok(r, &format!("send {id} on {}", b.http_addr))["seq"]
+        .as_u64()
+        .expect("seq")
+}
+
+/// `user`'s entry for `conv` in `GET /v1/conversations` on `b`.
+async fn listed(b: &Broker, who: &str, conv: &str) -> Option<Value> {
+    let list = ok(user(b, who).get("/v1/conversations").await, "list");
+    list["conversations"]
+        .as_array()?
+        .iter()
+        .find(|c| c["conv"] == conv)
+        .cloned()
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_message_sent_on_one_node_reaches_a_member_on_another_and_a_retry_elsewhere_keeps_its_seq() {
+    if skip_without_nats() {
+        return;
+    }
+    let nats = NatsCluster::start(3);
+    let a = Broker::start(&node_config(&nats, "node-a"));
+    let b = Broker::start(&node_config(&nats, "node-b"));
+    let rt = runtime();
+    rt.block_on(async {
+        // Created on A, seen on B: membership is replicated.
+        ok(
+            user(&a, "alice")
+                .post(
+                    "/v1/conversations",
+                    &json!({"conv": "room", "title": "Room", "members": ["bob"]}),
+                )
+                .await,
+            "create on A",
+        );
+        eventually("bob is a member on B", || async {
+            listed(&b, "bob", "room").await.is_some()
+        })
+        .await;
+
+        // bob listens on B; alice publishes on A over MQTT.
+        let mut bob = chat::v5_user(&b, "bob").await;
+        bob.subscribe("chat/room", QoS::AtLeastOnce).await;
+        let mut alice = chat::v5_user(&a, "alice").await;
+        for i in 1..=10 {
+            let ack = alice
+                .publish_acked(
+                    "chat/room",
+                    QoS::AtLeastOnce,
+                    false,
+                    &envelope(&format!("m{i}"), "hi"),
+                )
+                .await;
+            assert!(
+                matches!(ack, Some(rumqttc::v5::mqttbytes::v5::Packet::PubAck(ref p)) if p.reason == rumqttc::v5::mqttbytes::v5::PubAckReason::Success),
+                "m{i} acknowledged: {ack:?}"
+            );
+        }
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < 10 && Instant::now() < deadline {
+            let p = bob.publish().await;
+            if chat::v5_topic(&p) == "chat/room" {
+                got.push(seq_of(&p.payload));
+            }
+        }
+        chat::assert_dense(&got, 10, "bob on node B");
+
+        // A retry of m3 through the other node: the same seq, nothing new.
+        let again = send(&b, "alice", "room", "m3").await;
+        assert_eq!(again, 3, "the retry on B kept m3's seq");
+        let again = send(&a, "alice", "room", "m3").await;
+        assert_eq!(again, 3, "and on A");
+        bob.no_publish(Duration::from_secs(1)).await;
+        let next = send(&b, "bob", "room", "b1").await;
+        assert_eq!(next, 11, "a new id gets the next seq");
+
+        // History and unread counts answer the same on both nodes.
+        for node in [&a, &b] {
+            let seqs = history_reaches(node, "bob", "room", 11).await;
+            assert_eq!(seqs, (1..=11).collect::<Vec<u64>>(), "history on {}", node.http_addr);
+        }
+        let entry = listed(&b, "bob", "room").await.expect("listed on B");
+        assert_eq!(entry["head"], 11, "{entry}");
+        assert_eq!(entry["unread"], 11, "{entry}");
+        // Read on A; the unread count on B follows.
+        let r = user(&a, "bob")
+            .request("PUT", "/v1/conversations/room/read", Some(br#"{"seq":9}"#))
+            .await;
+        ok(r, "read on A");
+        eventually("bob's read state on B", || async {
+            listed(&b, "bob", "room")
+                .await
+                .is_some_and(|e| e["unread"] == 2)
+        })
+        .await;
+
+        // Membership changes on B reach A.
+        ok(
+            admin(&b)
+                .post("/v1/conversations/room/members", &json!({"user": "carol"}))
+                .await,
+            "add carol on B",
+        );
+        eventually("carol is a member on A", || async {
+            listed(&a, "carol", "room").await.is_some()
+        })
+        .await;
+        let from_carol = send(&a, "carol", "room", "c1").await;
+        assert_eq!(from_carol, 12);
+    });
+}
+
+#[test]
+fn a_stopped_node_catches_up_exactly_and_a_new_empty_node_from_the_streams_alone() {
+    if skip_without_nats() {
+        return;
+    }
+    let nats = NatsCluster::start(3);
+    let a = Broker::start(&node_config(&nats, "node-a"));
+    let mut b = Broker::start(&node_config(&nats, "node-b"));
+    let rt = runtime();
+    rt.block_on(async {
+        ok(
+            user(&a, "alice")
+                .post(
+                    "/v1/conversations",
+                    &json!({"conv": "log", "members": ["bob"]}),
+                )
+                .await,
+            "create",
+        );
+        for i in 1..=5 {
+            assert_eq!(send(&a, "alice", "log", &format!("x{i}")).await, i);
+        }
+        assert_eq!(history_reaches(&b, "bob", "log", 5).await.len(), 5);
+    });
+    // B stops; A goes on writing (taking over B's partitions).
+    assert!(b.terminate().success(), "B stops cleanly");
+    rt.block_on(async {
+        for i in 6..=25 {
+            assert_eq!(
+                send(&a, "alice", "log", &format!("x{i}")).await,
+                i,
+                "x{i} while B is down"
+            );
+        }
+    });
+    b.restart();
+    let c = Broker::start(&node_config(&nats, "node-c"));
+    rt.block_on(async {
+        for (name, node) in [("restarted B", &b), ("new C", &c)] {
+            let seqs = history_reaches(node, "bob", "log", 25).await;
+            assert_eq!(
+                seqs,
+                (1..=25).collect::<Vec<u64>>(),
+                "{name}: every message once, in order; its log:\n{}",
+                node.log()
+            );
+            let unique: HashSet<u64> = seqs.iter().copied().collect();
+            assert_eq!(unique.len(), 25, "{name}: no duplicate");
+        }
+        // And they sequence on: the next message, wherever it is sent.
+        assert_eq!(send(&c, "bob", "log", "y1").await, 26);
+        assert_eq!(send(&b, "alice", "log", "y2").await, 27);
+        assert_eq!(history_reaches(&a, "alice", "log", 27).await.len(), 27);
+    });
+}

@@ -40,7 +40,9 @@ const APPLY_QUEUE: usize = 1024;
 /// Forwarded publishes waiting for the broker.
 const FORWARD_QUEUE: usize = 1024;
 /// How long a forwarded publish waits for the owner's answer.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// (An owner that died after taking it is found out then; the retry goes
+/// to the next owner, whose idempotency keys hold it if it was sequenced.)
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most node heartbeats read per round (more nodes than this are not
 /// a chatmq cluster).
 const MAX_NODES: usize = 1024;
@@ -97,6 +99,9 @@ struct Held {
 
 struct Part {
     applied: watch::Sender<u64>,
+    /// Records the stream held beyond the last one delivered here, as
+    /// the consumer last reported (the apply lag).
+    lag: AtomicU64,
     /// Who holds the lease, as last read.
     owner: Mutex<Option<String>>,
     /// Grows at every gain and loss of this partition here: the broker's
@@ -174,6 +179,7 @@ impl Node {
         let parts = (0..cluster.layout().partitions())
             .map(|_| Part {
                 applied: watch::channel(0).0,
+                lag: AtomicU64::new(0),
                 owner: Mutex::new(None),
                 generation: AtomicU64::new(1),
                 held: Mutex::new(None),
@@ -249,6 +255,14 @@ impl Node {
             .iter()
             .filter(|p| lock(&p.held).is_some())
             .count()
+    }
+
+    /// Partition `p`'s apply lag: records its stream held beyond the last
+    /// one delivered here, when one was last delivered.
+    pub fn apply_lag(&self, p: u32) -> u64 {
+        self.part(p)
+            .map(|x| x.lag.load(Ordering::Relaxed))
+            .unwrap_or(0)
     }
 
     /// The node holding `p`'s lease, as last read (maybe this one).
@@ -354,7 +368,14 @@ impl Node {
                 while let Some(m) = messages.next().await {
                     let m = m.map_err(|e| e.to_string())?;
                     let seq = match m.info() {
-                        Ok(info) => info.stream_sequence,
+                        Ok(info) => {
+                            if let StreamRef::Partition(p) = s {
+                                if let Some(part) = self.part(p) {
+                                    part.lag.store(info.pending, Ordering::Relaxed);
+                                }
+                            }
+                            info.stream_sequence
+                        }
                         Err(e) => return Err(e.to_string()),
                     };
                     if seq < next {

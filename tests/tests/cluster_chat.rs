@@ -19,6 +19,14 @@ use serde_json::{json, Value};
 
 const ADMIN: &str = "cluster-chat-admin";
 
+/// One test at a time: each runs 3 NATS servers and 2-3 nodes, and on
+/// two cores several at once starve each other's start-up and leases.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn skip_without_nats() -> bool {
     if chatmq_tests::nats::available() {
         return false;
@@ -134,6 +142,7 @@ fn a_message_sent_on_one_node_reaches_a_member_on_another_and_a_retry_elsewhere_
     if skip_without_nats() {
         return;
     }
+    let _one = serial();
     let nats = NatsCluster::start(3);
     let a = Broker::start(&node_config(&nats, "node-a"));
     let b = Broker::start(&node_config(&nats, "node-b"));
@@ -232,6 +241,7 @@ fn a_stopped_node_catches_up_exactly_and_a_new_empty_node_from_the_streams_alone
     if skip_without_nats() {
         return;
     }
+    let _one = serial();
     let nats = NatsCluster::start(3);
     let a = Broker::start(&node_config(&nats, "node-a"));
     let mut b = Broker::start(&node_config(&nats, "node-b"));
@@ -280,5 +290,250 @@ fn a_stopped_node_catches_up_exactly_and_a_new_empty_node_from_the_streams_alone
         assert_eq!(send(&c, "bob", "log", "y1").await, 26);
         assert_eq!(send(&b, "alice", "log", "y2").await, 27);
         assert_eq!(history_reaches(&a, "alice", "log", 27).await.len(), 27);
+    });
+}
+
+/// Publishes `payload` on `topic` at QoS 1 and waits up to `within` for
+/// its PUBACK: `Some(true)` acknowledged, `Some(false)` refused, `None`
+/// nothing (or the connection closed).
+async fn acked_within(
+    c: &mut chatmq_tests::v5::Client,
+    topic: &str,
+    payload: &[u8],
+    within: Duration,
+) -> Option<bool> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    if c.client
+        .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match c.next().await {
+            Ok(Packet::PubAck(a)) => return Some(a.reason == PubAckReason::Success),
+            Ok(_) => continue,
+            Err(e) if e.contains("nothing arrived") => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+#[test]
+fn with_nats_quorum_lost_a_publish_is_not_acknowledged_until_quorum_is_back() {
+    if skip_without_nats() {
+        return;
+    }
+    let _one = serial();
+    let mut nats = NatsCluster::start(3);
+    let a = Broker::start(&node_config(&nats, "node-a"));
+    let b = Broker::start(&node_config(&nats, "node-b"));
+    let rt = runtime();
+    rt.block_on(async {
+        ok(
+            user(&a, "alice")
+                .post(
+                    "/v1/conversations",
+                    &json!({"conv": "q", "members": ["bob"]}),
+                )
+                .await,
+            "create",
+        );
+        assert_eq!(send(&a, "alice", "q", "before").await, 1);
+    });
+    // Two of three servers gone: no stream can take a write.
+    nats.servers[1].kill9();
+    nats.servers[2].kill9();
+    rt.block_on(async {
+        let mut alice = chat::v5_login(chat::v5_options(a.addr, "alice-1", "alice", false)).await;
+        let acked = acked_within(
+            &mut alice,
+            "chat/q",
+            &envelope("during", "x"),
+            Duration::from_secs(15),
+        )
+        .await;
+        assert_ne!(acked, Some(true), "acknowledged while NATS had no quorum");
+    });
+    nats.restart(1);
+    nats.restart(2);
+    rt.block_on(async {
+        // The client resends (same envelope id) until it is acknowledged.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut n = 0;
+        loop {
+            n += 1;
+            let o = chat::v5_options(a.addr, &format!("alice-r{n}"), "alice", false);
+            if let Ok(mut c) = chatmq_tests::v5::connect(o).await {
+                let r = acked_within(
+                    &mut c,
+                    "chat/q",
+                    &envelope("during", "x"),
+                    Duration::from_secs(20),
+                )
+                .await;
+                if r == Some(true) {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not acknowledged within 2 min of quorum back; logs:\n{}",
+                a.log()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for node in [&a, &b] {
+            let seqs = history_reaches(node, "bob", "q", 2).await;
+            assert_eq!(
+                seqs,
+                vec![1, 2],
+                "the resent message once, on {}",
+                node.http_addr
+            );
+        }
+    });
+}
+
+#[test]
+fn a_partition_owner_killed_under_load_loses_no_acknowledged_message() {
+    if skip_without_nats() {
+        return;
+    }
+    let _one = serial();
+    let nats = NatsCluster::start(3);
+    let mut a = Broker::start(&node_config(&nats, "node-a"));
+    let b = Broker::start(&node_config(&nats, "node-b"));
+    let rt = runtime();
+    // Eight conversations: with two nodes sharing four partitions, some
+    // are sequenced by A, whose death the senders on B ride out.
+    let convs: Vec<String> = (0..8).map(|i| format!("load-{i}")).collect();
+    rt.block_on(async {
+        for c in &convs {
+            ok(
+                user(&b, "alice")
+                    .post(
+                        "/v1/conversations",
+                        &json!({"conv": c, "members": ["bob", "carol", "dave"]}),
+                    )
+                    .await,
+                "create",
+            );
+        }
+    });
+    // Both nodes sequence some partitions.
+    let owned = |n: &Broker| {
+        let n = n.http_addr;
+        async move {
+            let text = Http::new(n).get("/metrics").await.text();
+            chatmq_tests::metrics::parse(&text)
+                .get("chatmq_cluster_partitions_owned")
+                .copied()
+                .unwrap_or(0.0)
+        }
+    };
+    rt.block_on(eventually("the partitions shared by A and B", || async {
+        let (x, y) = (owned(&a).await, owned(&b).await);
+        x >= 1.0 && y >= 1.0 && x + y == 4.0
+    }));
+    let senders = ["alice", "bob", "carol", "dave"];
+    let per_sender = 40;
+    let acked = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (k, who) in senders.iter().enumerate() {
+            let (addr, who, convs) = (b.addr, who.to_string(), convs.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c =
+                    chat::v5_login(chat::v5_options(addr, &format!("{who}-load"), &who, false))
+                        .await;
+                let mut acked = Vec::new();
+                for i in 0..per_sender {
+                    let conv = &convs[(i + k) % convs.len()];
+                    let id = format!("{who}-{i}");
+                    let r = acked_within(
+                        &mut c,
+                        &format!("chat/{conv}"),
+                        &envelope(&id, "x"),
+                        Duration::from_secs(30),
+                    )
+                    .await;
+                    assert_eq!(r, Some(true), "{id} on {conv}: not acknowledged");
+                    acked.push((conv.clone(), id));
+                }
+                acked
+            }));
+        }
+        // Kill A while they send, once B has forwarded to it.
+        let forwarded = || async {
+            chatmq_tests::metrics::metric(&b, "chatmq_cluster_forwarded_total").await >= 10.0
+        };
+        eventually("B forwards to A", forwarded).await;
+        let gained = chatmq_tests::metrics::metric(
+            &b,
+            "chatmq_cluster_lease_changes_total{change=\"gained\"}",
+        )
+        .await;
+        a.kill9();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("sender"));
+        }
+        (all, gained)
+    });
+    let (acked, gained) = acked;
+    assert_eq!(acked.len(), senders.len() * per_sender);
+    rt.block_on(async {
+        // B took A's partitions over (and went on).
+        assert_eq!(owned(&b).await, 4.0, "B sequences every partition");
+        let now = chatmq_tests::metrics::metric(
+            &b,
+            "chatmq_cluster_lease_changes_total{change=\"gained\"}",
+        )
+        .await;
+        assert!(now > gained, "B gained leases after A died");
+    });
+    a.restart();
+    rt.block_on(async {
+        for (name, node) in [("B", &b), ("restarted A", &a)] {
+            let mut total = 0;
+            for conv in &convs {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let expected = acked.iter().filter(|(c, _)| c == conv).count();
+                let msgs = loop {
+                    let h = ok(
+                        user(node, "alice")
+                            .get(&format!("/v1/conversations/{conv}/messages?limit=200"))
+                            .await,
+                        "history",
+                    );
+                    let msgs = h["messages"].as_array().cloned().unwrap_or_default();
+                    if msgs.len() >= expected || Instant::now() > deadline {
+                        break msgs;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                };
+                let seqs: Vec<u64> = msgs.iter().filter_map(|m| m["seq"].as_u64()).collect();
+                chat::assert_dense(&seqs, expected as u64, &format!("{conv} on {name}"));
+                let ids: Vec<&str> = msgs.iter().filter_map(|m| m["id"].as_str()).collect();
+                let unique: HashSet<&str> = ids.iter().copied().collect();
+                assert_eq!(unique.len(), ids.len(), "{conv} on {name}: an id twice");
+                for who in senders {
+                    // Each sender's messages in the order it sent them.
+                    let order: Vec<usize> = ids
+                        .iter()
+                        .filter_map(|i| i.strip_prefix(&format!("{who}-")))
+                        .filter_map(|n| n.parse().ok())
+                        .collect();
+                    let mut sorted = order.clone();
+                    sorted.sort_unstable();
+                    assert_eq!(order, sorted, "{who}'s order in {conv} on {name}");
+                }
+                total += ids.len();
+            }
+            assert_eq!(total, acked.len(), "every acknowledged message on {name}");
+        }
     });
 }

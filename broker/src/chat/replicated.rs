@@ -62,7 +62,7 @@ impl Replicated {
             waiters: Mutex::new(HashMap::new()),
             // A dead owner's lease expires after the TTL; catching up and
             // taking it over takes a few lease rounds more.
-            bound: (ttl * 3).max(Duration::from_secs(10)),
+            bound: ttl * 3 + Duration::from_secs(10),
         }
     }
 }
@@ -72,6 +72,11 @@ impl Chat {
     /// go through the streams. Called once, before any client is served.
     pub fn attach_cluster(&self, node: Arc<Node>) {
         let _ = self.replicated.set(Arc::new(Replicated::new(node)));
+    }
+
+    /// The cluster node, with `[cluster]` (for `/metrics`).
+    pub fn cluster_node(&self) -> Option<Arc<Node>> {
+        self.replicated.get().map(|r| r.node.clone())
     }
 
     pub(super) fn replicated(&self) -> Option<Arc<Replicated>> {

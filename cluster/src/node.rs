@@ -219,7 +219,11 @@ impl Node {
     /// Whether a record of `len` payload bytes fits NATS's limit, with
     /// room for the headers.
     pub fn fits(&self, len: usize) -> bool {
-        let max = self.client.server_info().max_payload;
+        // 1 MiB, the server's default, until a server told its own.
+        let max = match self.client.server_info().max_payload {
+            0 => 1 << 20,
+            m => m,
+        };
         len.saturating_add(1024) <= max
     }
 

@@ -496,6 +496,7 @@ fn a_partition_owner_killed_under_load_loses_no_acknowledged_message() {
         assert!(now > gained, "B gained leases after A died");
     });
     a.restart();
+    let mut seq_of_id: std::collections::HashMap<(String, String), u64> = Default::default();
     rt.block_on(async {
         for (name, node) in [("B", &b), ("restarted A", &a)] {
             let mut total = 0;
@@ -532,8 +533,29 @@ fn a_partition_owner_killed_under_load_loses_no_acknowledged_message() {
                     assert_eq!(order, sorted, "{who}'s order in {conv} on {name}");
                 }
                 total += ids.len();
+                if name == "B" {
+                    for m in &msgs {
+                        if let (Some(id), Some(seq)) = (m["id"].as_str(), m["seq"].as_u64()) {
+                            seq_of_id.insert((conv.clone(), id.to_string()), seq);
+                        }
+                    }
+                }
             }
             assert_eq!(total, acked.len(), "every acknowledged message on {name}");
+        }
+        // After the failover a retry of any of them, on either node, gets
+        // the seq it got the first time (A sequenced some of them).
+        for (conv, id) in acked.iter().step_by(7) {
+            let who = id.split('-').next().expect("sender");
+            let first = seq_of_id[&(conv.clone(), id.clone())];
+            for node in [&a, &b] {
+                assert_eq!(
+                    send(node, who, conv, id).await,
+                    first,
+                    "{id} retried on {}",
+                    node.http_addr
+                );
+            }
         }
     });
 }

@@ -171,6 +171,9 @@ pub struct Node {
     node_id: String,
     parts: Vec<Part>,
     records_applied: watch::Sender<u64>,
+    /// Set once this copy applied every stream up to where it stood when
+    /// the node started (`/readyz` says not ready until then).
+    caught_up: std::sync::atomic::AtomicBool,
     pub metrics: NodeMetrics,
 }
 
@@ -192,6 +195,7 @@ impl Node {
             node_id: node_id.to_string(),
             parts,
             records_applied: watch::channel(0).0,
+            caught_up: std::sync::atomic::AtomicBool::new(false),
             metrics: NodeMetrics::default(),
         })
     }
@@ -206,6 +210,47 @@ impl Node {
 
     pub fn partition_of(&self, conv: &str) -> u32 {
         wire::partition_of(conv, self.layout.partitions())
+    }
+
+    /// Whether this copy has caught up with the streams as they were
+    /// when the node started.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Waits until every stream is applied here up to its last seq as read
+    /// now (read again while NATS does not answer), then marks the node
+    /// caught up. Ends early at `shutdown`.
+    pub async fn catch_up(&self, mut shutdown: watch::Receiver<bool>) {
+        let streams: Vec<StreamRef> = (0..self.layout.partitions())
+            .map(StreamRef::Partition)
+            .chain([StreamRef::Records])
+            .collect();
+        for s in streams {
+            let last = loop {
+                match self.last_seq(s).await {
+                    Ok(l) => break l,
+                    Err(e) => tracing::debug!(error = %e, "catch-up: reading the stream's end"),
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            };
+            let mut rx = match s {
+                StreamRef::Partition(p) => match self.part(p) {
+                    Some(x) => x.applied.subscribe(),
+                    None => continue,
+                },
+                StreamRef::Records => self.records_applied.subscribe(),
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = rx.wait_for(|v| *v >= last) => {}
+            }
+        }
+        self.caught_up.store(true, Ordering::Release);
+        tracing::info!("caught up with the cluster's streams");
     }
 
     /// The stream's name.

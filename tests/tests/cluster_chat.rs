@@ -275,6 +275,18 @@ fn a_stopped_node_catches_up_exactly_and_a_new_empty_node_from_the_streams_alone
     b.restart();
     let c = Broker::start(&node_config(&nats, "node-c"));
     rt.block_on(async {
+        // Ready means caught up: from then on its history is complete.
+        for (name, node) in [("restarted B", &b), ("new C", &c)] {
+            eventually("ready", || async {
+                Http::new(node.http_addr).get("/readyz").await.status == 200
+            })
+            .await;
+            assert_eq!(
+                history(node, "bob", "log").await,
+                (1..=25).collect::<Vec<u64>>(),
+                "{name} said ready before it had caught up"
+            );
+        }
         for (name, node) in [("restarted B", &b), ("new C", &c)] {
             let seqs = history_reaches(node, "bob", "log", 25).await;
             assert_eq!(

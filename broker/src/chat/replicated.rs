@@ -512,6 +512,10 @@ pub async fn run(chat: Arc<Chat>, shutdown: watch::Receiver<bool>) {
         Err(e) => tracing::error!(error = %e, "cannot serve forwarded publishes"),
     }
     tasks.spawn(node.clone().run_leases(shutdown.clone()));
+    {
+        let (node, stop) = (node.clone(), shutdown.clone());
+        tasks.spawn(async move { node.catch_up(stop).await });
+    }
     let mut stop = shutdown;
     let _ = stop.changed().await;
     // The leases are given back by their task; the others end with it.

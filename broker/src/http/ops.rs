@@ -39,11 +39,23 @@ pub async fn healthz() -> Json<Value> {
     tag = "operations",
     responses(
         (status = 200, description = "`{\"status\":\"ready\"}`", body = Status),
-        (status = 503, description = "`not_ready`: starting or shutting down", body = Error),
+        (status = 503, description = "`not_ready`: starting, shutting down, or (`[cluster]`) catching up with the streams", body = Error),
     ),
 )]
 pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
-    if api.ready.load(Ordering::Acquire) {
+    let catching_up = api
+        .broker
+        .chat
+        .cluster_node()
+        .is_some_and(|n| !n.caught_up());
+    if api.ready.load(Ordering::Acquire) && catching_up {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "catching up with the cluster's streams",
+        )
+        .into_response()
+    } else if api.ready.load(Ordering::Acquire) {
         Json(json!({"status": "ready"})).into_response()
     } else {
         ApiError::new(

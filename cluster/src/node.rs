@@ -562,6 +562,10 @@ impl Node {
             }
             self.fence_expired();
         }
+        // Gone from the live nodes first, so that the others take the
+        // partitions at once instead of leaving them to this node's share.
+        let heartbeat = format!("node.{}", self.node_id);
+        let _ = tokio::time::timeout(Duration::from_secs(2), kv.delete(&heartbeat)).await;
         for p in 0..self.layout.partitions() {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.release(&kv, p)).await;
         }
@@ -696,7 +700,9 @@ impl Node {
                 );
                 self.release(kv, p).await;
             }
-        } else if mine < ceil {
+        } else if mine < ceil && !(starved && mine >= floor) {
+            // (A node with its floor leaves what is free to a node below
+            // it, rather than taking back what it just handed over.)
             // Spread the free ones: start at a place of this node's own.
             let offset = wire::partition_of(&self.node_id, partitions.max(1)) as usize;
             let len = free.len();

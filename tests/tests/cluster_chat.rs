@@ -41,8 +41,13 @@ fn skip_without_nats() -> bool {
 
 /// A chat node `node` of the cluster on `nats`.
 fn node_config(nats: &NatsCluster, node: &str) -> String {
+    node_config_ttl(nats, node, 2000)
+}
+
+/// The same with a lease TTL of `ttl_ms`.
+fn node_config_ttl(nats: &NatsCluster, node: &str, ttl_ms: u64) -> String {
     chat::config(&format!(
-        "admin_token = \"{ADMIN}\"\n\n[cluster]\nnode_id = {node:?}\n{}\npartitions = 4\nlease_ttl_ms = 2000\n",
+        "admin_token = \"{ADMIN}\"\n\n[cluster]\nnode_id = {node:?}\n{}\npartitions = 4\nlease_ttl_ms = {ttl_ms}\n",
         nats.urls_toml()
     ))
 }
@@ -568,6 +573,68 @@ fn a_partition_owner_killed_under_load_loses_no_acknowledged_message() {
                     node.http_addr
                 );
             }
+        }
+    });
+}
+
+/// `chatmq_cluster_partitions_owned` of `b`.
+async fn partitions_owned(b: &Broker) -> f64 {
+    let text = Http::new(b.http_addr).get("/metrics").await.text();
+    chatmq_tests::metrics::parse(&text)
+        .get("chatmq_cluster_partitions_owned")
+        .copied()
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn three_nodes_share_the_partitions_and_a_stopped_one_hands_its_own_over() {
+    if skip_without_nats() {
+        return;
+    }
+    let _one = serial();
+    let nats = NatsCluster::start(3);
+    // A long TTL, so that a lease handed over is told from one expired.
+    let a = Broker::start(&node_config_ttl(&nats, "node-a", 8000));
+    let b = Broker::start(&node_config_ttl(&nats, "node-b", 8000));
+    let mut c = Broker::start(&node_config_ttl(&nats, "node-c", 8000));
+    let rt = runtime();
+    rt.block_on(eventually(
+        "each of three nodes sequences some of the four partitions",
+        || async {
+            let owned = [
+                partitions_owned(&a).await,
+                partitions_owned(&b).await,
+                partitions_owned(&c).await,
+            ];
+            owned.iter().all(|n| *n >= 1.0) && owned.iter().sum::<f64>() == 4.0
+        },
+    ));
+    // A stop gives the leases back: the others take them at once, long
+    // before the TTL would have let them.
+    let stopped = Instant::now();
+    assert!(c.terminate().success());
+    rt.block_on(eventually("A and B sequence all four", || async {
+        partitions_owned(&a).await + partitions_owned(&b).await == 4.0
+    }));
+    assert!(
+        // Measured here: 5.0 s handed over (a few lease rounds of 2 s),
+        // 8.1 s when the leases had to expire instead.
+        stopped.elapsed() < Duration::from_secs(7),
+        "took {:?}: the leases expired (8 s TTL, renewed every 2 s) rather than being handed over",
+        stopped.elapsed()
+    );
+    rt.block_on(async {
+        ok(
+            user(&a, "alice")
+                .post(
+                    "/v1/conversations",
+                    &json!({"conv": "after", "members": ["bob"]}),
+                )
+                .await,
+            "create",
+        );
+        for i in 1..=4 {
+            assert_eq!(send(&b, "bob", "after", &format!("z{i}")).await, i);
         }
     });
 }

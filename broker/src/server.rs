@@ -215,6 +215,11 @@ impl Listeners {
     };
 }
 
+/// How long start-up waits for a `[cluster]` node to catch up with the
+/// streams before it reports ready anyway (and `/readyz` says not ready
+/// until it has).
+const CATCH_UP_BEFORE_READY: Duration = Duration::from_secs(3);
+
 /// A running broker.
 pub struct Server {
     pub broker: Arc<Broker>,
@@ -333,6 +338,21 @@ impl Server {
             },
             None => None,
         };
+        // With `[cluster]`, chat goes through the streams from the start.
+        if let (Some(c), Some(cs)) = (&cluster, &settings.cluster) {
+            let node = chatmq_cluster::Node::new(c, &cs.node_id);
+            broker.chat.attach_cluster(node.clone());
+            tasks.spawn(chat::replicated::run(broker.chat.clone(), watch.clone()));
+            // A short catch-up (a fresh cluster, a node stopped briefly)
+            // is over before "ready"; a longer one goes on behind a
+            // `/readyz` that says not ready until it is.
+            let _ = tokio::time::timeout(CATCH_UP_BEFORE_READY, async {
+                while !node.caught_up() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+        }
         // With `[cluster]`, plain MQTT to and from the other nodes, before
         // any client can subscribe or publish.
         if let (Some(c), Some(cs)) = (&cluster, &settings.cluster) {

@@ -83,6 +83,32 @@ impl Layout {
         format!("{}.chat.{p}.>", self.prefix)
     }
 
+    /// What begins every name (`cluster.name_prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The records stream: membership, conversations and read state.
+    pub fn records_stream(&self) -> String {
+        format!("{}_records", self.prefix)
+    }
+
+    /// The records stream: kept for ever (a new node builds membership
+    /// from it), on file, replicated; any node publishes to it.
+    pub fn records_config(&self) -> Config {
+        Config {
+            name: self.records_stream(),
+            description: Some("chatmq membership, conversations and read state".to_string()),
+            subjects: vec![format!("{}.records.>", self.prefix)],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: DUPLICATE_WINDOW,
+            discard: DiscardPolicy::Old,
+            ..Config::default()
+        }
+    }
+
     pub fn leases_bucket(&self) -> String {
         format!("{}_leases", self.prefix)
     }

@@ -8,8 +8,11 @@
 //! refusing, with one line naming the setting, what exists with another
 //! shape ([`shape`]). It retries what can pass (no server up yet, no
 //! JetStream leader yet) with backoff until `cluster.startup_timeout_secs`.
-//! Sequencing, materialisation and leases build on the [`Cluster`] handle
-//! in later steps.
+//! On that handle, [`Node`] (items 2, 3 and the leases of 7) holds the
+//! partition leases, runs the owner's publisher of each partition it
+//! holds, the ordered consumers that bring every stream to the node's
+//! copy, and the request/reply that forwards a publish to the owner;
+//! [`wire`] is what the records carry, parsed as untrusted input.
 //!
 //! It must never open RocksDB or know MQTT; and nothing of it runs without
 //! `[cluster]`: the broker only calls it when the section is there.
@@ -18,7 +21,9 @@ mod connect;
 mod error;
 pub mod layout;
 pub mod mqtt;
+mod node;
 mod shape;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -29,6 +34,7 @@ use tokio::time::Instant;
 
 pub use error::{ClusterError, Mismatch};
 pub use layout::Layout;
+pub use node::{Delivered, Forwarded, Lost, Node, NodeMetrics, Owned, StreamRef};
 
 /// A node connected to NATS, with the layout in place.
 pub struct Cluster {

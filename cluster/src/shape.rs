@@ -32,6 +32,14 @@ pub(crate) async fn ensure(js: &Context, layout: &Layout) -> Result<(), Attempt>
         };
         ensure_object(js, &expected, || create(js, &config)).await?;
     }
+    let records = layout.records_config();
+    let expected = Expected {
+        what: format!("stream {}", records.name),
+        config: records.clone(),
+        max_age_key: None,
+        duplicate_window: true,
+    };
+    ensure_object(js, &expected, || create(js, &records)).await?;
     let leases = bucket_expected(&layout.leases_config(), Some("cluster.lease_ttl_ms"));
     ensure_object(js, &leases, || create(js, &leases.config)).await
 }

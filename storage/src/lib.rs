@@ -13,6 +13,7 @@
 //! This crate knows the schema (column families, key layout, record
 //! encoding) and nothing of MQTT's rules: the broker decides what to write.
 
+mod applied;
 mod attachment;
 mod batch;
 mod chat;

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use chatmq_cluster::wire::MetaRecord;
 use chatmq_storage::{Batch, Role};
 use serde_json::json;
 
@@ -35,14 +36,48 @@ impl Chat {
                 return Err(RpcError::bad("members must be user ids"));
             }
         }
+        if let Some(r) = self.replicated() {
+            if self.members_read().exists(conv) {
+                return Err(RpcError::new("exists", "the conversation already exists"));
+            }
+            let record = MetaRecord::Create {
+                conv: conv.to_string(),
+                title: title.to_string(),
+                owner: owner.map(str::to_string),
+                members: members.to_vec(),
+            };
+            return self.replicate_meta(&r, record).await;
+        }
+        self.create_here(conv, title, owner, members).await
+    }
+
+    /// The local half of [`Chat::create`]: what every node of a cluster
+    /// applies from the records stream.
+    pub(super) async fn create_here(
+        &self,
+        conv: &str,
+        title: &str,
+        owner: Option<&str>,
+        members: &[String],
+    ) -> Result<(), RpcError> {
         let state = self.conv_state(conv).await?;
         let mut st = state.lock().await;
-        if self.members_read().exists(conv) || st.record.head > 0 {
+        // In a cluster, this node may have applied the conversation's
+        // first messages before its creation (the two streams are
+        // applied side by side): only the members tell it exists.
+        let replicated = self.replicated().is_some();
+        if self.members_read().exists(conv) || (!replicated && st.record.head > 0) {
             return Err(RpcError::new("exists", "the conversation already exists"));
         }
         st.record.title = title.to_string();
+        let mut stored = st.record.clone();
+        if replicated {
+            // The owner's head may count messages still on their way to
+            // the stream: the copy holds what it applied.
+            stored.head = state.applied.load(std::sync::atomic::Ordering::Acquire);
+        }
         let mut batch = Batch::new();
-        batch.put_conversation(conv, &st.record);
+        batch.put_conversation(conv, &stored);
         let mut all: Vec<(String, Role)> =
             members.iter().map(|m| (m.clone(), Role::Member)).collect();
         if let Some(o) = owner {
@@ -99,6 +134,34 @@ impl Chat {
         if !users.iter().all(|u| namespace::valid_user(u)) {
             return Err(RpcError::bad("user is not a valid user id"));
         }
+        if let Some(r) = self.replicated() {
+            let mut seen = HashSet::new();
+            let added: Vec<Arc<str>> = users
+                .iter()
+                .filter(|u| seen.insert(u.as_str()) && !self.is_member(conv, u))
+                .map(|u| Arc::from(u.as_str()))
+                .collect();
+            if added.is_empty() {
+                return Ok(added);
+            }
+            let record = MetaRecord::Add {
+                conv: conv.to_string(),
+                users: added.iter().map(|u| u.to_string()).collect(),
+                by: by.map(str::to_string),
+            };
+            self.replicate_meta(&r, record).await?;
+            return Ok(added);
+        }
+        self.add_members_here(conv, users, by).await
+    }
+
+    /// The local half of [`Chat::add_members`] (checked already).
+    pub(super) async fn add_members_here(
+        &self,
+        conv: &str,
+        users: &[String],
+        by: Option<&str>,
+    ) -> Result<Vec<Arc<str>>, RpcError> {
         let mut seen = HashSet::new();
         let added: Vec<Arc<str>> = users
             .iter()
@@ -151,6 +214,27 @@ impl Chat {
         if by != Some(user) {
             self.check_owner(conv, by)?;
         }
+        if !self.is_member(conv, user) {
+            return Err(RpcError::new("not_found", "the user is not a member"));
+        }
+        if let Some(r) = self.replicated() {
+            let record = MetaRecord::Remove {
+                conv: conv.to_string(),
+                user: user.to_string(),
+                by: by.map(str::to_string),
+            };
+            return self.replicate_meta(&r, record).await;
+        }
+        self.remove_member_here(conv, user, by).await
+    }
+
+    /// The local half of [`Chat::remove_member`] (checked already).
+    pub(super) async fn remove_member_here(
+        &self,
+        conv: &str,
+        user: &str,
+        by: Option<&str>,
+    ) -> Result<(), RpcError> {
         if !self.is_member(conv, user) {
             return Err(RpcError::new("not_found", "the user is not a member"));
         }

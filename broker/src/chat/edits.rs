@@ -119,6 +119,14 @@ impl Chat {
                 ));
             }
         }
+        if self.replicated().is_some() {
+            // Edits and deletes are sequenced events: not replicated yet
+            // (docs/CLUSTER.md, "Not done yet").
+            return Err(RpcError::new(
+                "unavailable",
+                "editing and deleting messages is not available in a cluster yet",
+            ));
+        }
         let mut st = self.locked(conv).await?;
         self.settled(conv).await?;
         let not_found = || RpcError::new("not_found", "no such message");

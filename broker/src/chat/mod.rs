@@ -47,6 +47,7 @@ pub mod presence;
 mod queries;
 pub mod reactions;
 mod replay_pages;
+pub mod replicated;
 pub mod retention;
 pub mod rpc;
 mod sequencer;
@@ -127,6 +128,9 @@ pub struct Chat {
     occupancy_watched: Mutex<std::collections::HashSet<Arc<str>>>,
     /// Uploaded files and their collector (`chat/attachments.rs`).
     attachments: attachments::Attachments,
+    /// With `[cluster]`: the streams appends, membership and read state
+    /// go through (`chat/replicated.rs`); unset on a single node.
+    replicated: std::sync::OnceLock<Arc<replicated::Replicated>>,
 }
 
 /// Who a change by the HTTP admin token is recorded as (`by`).
@@ -180,6 +184,7 @@ impl Chat {
                 &chatmq_config::Attachments::default(),
                 std::path::Path::new("data"),
             ),
+            replicated: std::sync::OnceLock::new(),
         })
     }
 

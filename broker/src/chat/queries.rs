@@ -91,6 +91,28 @@ impl Chat {
     /// members (a read receipt; coalesced in a large group, see
     /// `announcements.rs`). The read seq never goes backwards.
     pub async fn mark_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64, RpcError> {
+        if let Some(r) = self.replicated() {
+            let (head, _) = self.bounds(conv).await?;
+            let record = chatmq_cluster::wire::MetaRecord::Read {
+                user: user.to_string(),
+                conv: conv.to_string(),
+                seq: seq.min(head),
+            };
+            self.replicate_meta(&r, record).await?;
+            let (user, conv) = (user.to_string(), conv.to_string());
+            return Ok(blocking::read(&self.store, move |s| s.read_seq(&user, &conv)).await?);
+        }
+        self.read_here(user, conv, seq).await
+    }
+
+    /// The local half of [`Chat::mark_read`]: what every node of a cluster
+    /// applies from the records stream.
+    pub(super) async fn read_here(
+        &self,
+        user: &str,
+        conv: &str,
+        seq: u64,
+    ) -> Result<u64, RpcError> {
         let (head, _) = self.bounds(conv).await?;
         let read = {
             let (user, conv) = (user.to_string(), conv.to_string());

@@ -31,17 +31,23 @@ pub(super) struct ConvState {
     /// Set by the dispatcher when a commit of this conversation failed:
     /// `record.head` and `recent` may then count messages that are not on
     /// disk, and the next append reloads them ([`Chat::reload`]).
-    failed: Arc<AtomicBool>,
+    pub(super) failed: Arc<AtomicBool>,
+    /// With `[cluster]`: the partition generation this state was read
+    /// under on the owner (`replicated.rs`); another one means reload.
+    pub(super) generation: u64,
 }
 
 /// A conversation's state in memory, with what its eviction must know.
 /// Derefs to the per-conversation lock that orders appends.
 pub(super) struct ConvSlot {
-    state: Arc<tokio::sync::Mutex<ConvState>>,
+    pub(super) state: Arc<tokio::sync::Mutex<ConvState>>,
     /// The highest seq whose commit resolved (set by the dispatcher). The
     /// state leaves memory only when its head is durable: reloaded from
     /// disk, it must be the same head, or a seq would be given twice.
     pub(super) durable_head: AtomicU64,
+    /// With `[cluster]`: the highest seq this node's copy has applied
+    /// from the partition stream (`replicated.rs`).
+    pub(super) applied: AtomicU64,
     /// Unix ms of the last use.
     used_ms: AtomicU64,
 }
@@ -57,7 +63,7 @@ impl Deref for ConvSlot {
 /// someone holds is never evicted, so no second state of the same
 /// conversation can be loaded while this one is in use.
 pub(super) struct Locked {
-    guard: tokio::sync::OwnedMutexGuard<ConvState>,
+    pub(super) guard: tokio::sync::OwnedMutexGuard<ConvState>,
     _slot: Arc<ConvSlot>,
 }
 
@@ -107,12 +113,14 @@ impl Chat {
         });
         let state = Arc::new(ConvSlot {
             durable_head: AtomicU64::new(record.head),
+            applied: AtomicU64::new(record.head),
             used_ms: AtomicU64::new(now),
             state: Arc::new(tokio::sync::Mutex::new(ConvState {
                 record,
                 recent: VecDeque::new(),
                 recent_seq: HashMap::new(),
                 failed: Arc::default(),
+                generation: 0,
             })),
         });
         let mut convs = lock(&self.convs);
@@ -204,34 +212,12 @@ impl Chat {
         envelope: &Envelope,
         qos: QoS,
     ) -> Result<(Commit, u64), StorageError> {
-        let mut st = self.locked(conv).await?;
+        if let Some(r) = self.replicated() {
+            return self.append_replicated(&r, conv, from, envelope, qos).await;
+        }
+        let st = self.locked(conv).await?;
         let key = (from.clone(), envelope.id.clone());
-        let earlier = loop {
-            if let Some(seq) = st.recent_seq.get(&key) {
-                break Some(*seq);
-            }
-            match self.store.dedup_cached(conv, from, &envelope.id)? {
-                Cached::Known(seq) => break seq,
-                Cached::Uncached => {}
-            }
-            // Only the disk can tell (a bloom filter's false positive, or
-            // the key's block not cached): read it on the blocking pool,
-            // without the conversation's lock.
-            let head = st.record.head;
-            drop(st);
-            self.metrics
-                .chat_dedup_disk_reads
-                .fetch_add(1, Ordering::Relaxed);
-            let (c, f, i) = (conv.to_string(), from.to_string(), envelope.id.clone());
-            let stored = blocking::read(&self.store, move |s| s.dedup(&c, &f, &i)).await?;
-            st = self.locked(conv).await?;
-            // What was appended meanwhile is among the recent ids, unless
-            // so much was that some left them: then look again.
-            let since = st.record.head.saturating_sub(head);
-            if since < RECENT_IDS as u64 {
-                break st.recent_seq.get(&key).copied().or(stored);
-            }
-        };
+        let (mut st, earlier) = self.earlier(conv, &key, st).await?;
         if let Some(seq) = earlier {
             // Acknowledged no earlier than the original.
             let (done, commit) = Commit::deferred();
@@ -266,6 +252,53 @@ impl Chat {
             }
         }
         self.queue_pushes(conv, from, seq, &envelope.body, &mut batch);
+        Self::remember(&mut st, key, seq);
+        self.submit_and_dispatch(conv, &st, seq, ts, body, qos, batch)
+            .await
+    }
+
+    /// The seq an earlier append of `key` (sender, envelope id) got, if
+    /// any: the recent ids in memory, then the store's keys (from memory,
+    /// else read on the blocking pool without the conversation's lock).
+    pub(super) async fn earlier(
+        &self,
+        conv: &str,
+        key: &(Arc<str>, String),
+        mut st: Locked,
+    ) -> Result<(Locked, Option<u64>), StorageError> {
+        let (from, id) = (&key.0, &key.1);
+        loop {
+            if let Some(seq) = st.recent_seq.get(key) {
+                let seq = *seq;
+                return Ok((st, Some(seq)));
+            }
+            match self.store.dedup_cached(conv, from, id)? {
+                Cached::Known(seq) => return Ok((st, seq)),
+                Cached::Uncached => {}
+            }
+            // Only the disk can tell (a bloom filter's false positive, or
+            // the key's block not cached): read it on the blocking pool,
+            // without the conversation's lock.
+            let head = st.record.head;
+            drop(st);
+            self.metrics
+                .chat_dedup_disk_reads
+                .fetch_add(1, Ordering::Relaxed);
+            let (c, f, i) = (conv.to_string(), from.to_string(), id.clone());
+            let stored = blocking::read(&self.store, move |s| s.dedup(&c, &f, &i)).await?;
+            st = self.locked(conv).await?;
+            // What was appended meanwhile is among the recent ids, unless
+            // so much was that some left them: then look again.
+            let since = st.record.head.saturating_sub(head);
+            if since < RECENT_IDS as u64 {
+                let seq = st.recent_seq.get(key).copied().or(stored);
+                return Ok((st, seq));
+            }
+        }
+    }
+
+    /// Remembers that `key` got `seq` (the recent ids, bounded).
+    pub(super) fn remember(st: &mut ConvState, key: (Arc<str>, String), seq: u64) {
         st.recent.push_back(key.clone());
         st.recent_seq.insert(key, seq);
         if st.recent.len() > RECENT_IDS {
@@ -273,8 +306,6 @@ impl Chat {
                 st.recent_seq.remove(&old);
             }
         }
-        self.submit_and_dispatch(conv, &st, seq, ts, body, qos, batch)
-            .await
     }
 
     /// Resolves once everything appended to `conv` before is durable and
@@ -318,7 +349,7 @@ impl Chat {
     /// once durable, in seq order. Returns the commit to acknowledge after
     /// (durable and fanned out) and the seq.
     #[allow(clippy::too_many_arguments)]
-    async fn submit_and_dispatch(
+    pub(super) async fn submit_and_dispatch(
         &self,
         conv: &str,
         st: &Locked,
@@ -357,7 +388,7 @@ impl Chat {
     /// again, so a retry of the lost message is appended anew (not acked
     /// as a duplicate of nothing) and gets the seq that was lost (no hole).
     /// Called under the conversation's lock, so no append runs meanwhile.
-    async fn reload(&self, conv: &str, st: &mut ConvState) -> Result<(), StorageError> {
+    pub(super) async fn reload(&self, conv: &str, st: &mut ConvState) -> Result<(), StorageError> {
         let (done, settled) = Commit::deferred();
         if self
             .shard(conv)
@@ -386,7 +417,14 @@ impl Chat {
     /// gets a push job, written in the message's own batch, so the job is
     /// durable exactly when the message is. Who is online is judged now, at
     /// append time (the dispatcher's fan-out follows within a commit).
-    fn queue_pushes(&self, conv: &str, from: &str, seq: u64, body: &Value, batch: &mut Batch) {
+    pub(super) fn queue_pushes(
+        &self,
+        conv: &str,
+        from: &str,
+        seq: u64,
+        body: &Value,
+        batch: &mut Batch,
+    ) {
         if !self.push.enabled() {
             return;
         }

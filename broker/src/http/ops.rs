@@ -39,15 +39,27 @@ pub async fn healthz() -> Json<Value> {
     tag = "operations",
     responses(
         (status = 200, description = "`{\"status\":\"ready\"}`", body = Status),
-        (status = 503, description = "`not_ready`: starting or shutting down; `draining`: moving its clients away (`POST /v1/admin/drain`)", body = Error),
+        (status = 503, description = "`not_ready`: starting, shutting down, or (`[cluster]`) catching up with the streams; `draining`: moving its clients away (`POST /v1/admin/drain`)", body = Error),
     ),
 )]
 pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
+    let catching_up = api
+        .broker
+        .chat
+        .cluster_node()
+        .is_some_and(|n| !n.caught_up());
     if api.broker.drain.phase() == crate::drain::Phase::Draining {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "the node is moving its clients away before it stops",
+        )
+        .into_response()
+    } else if api.ready.load(Ordering::Acquire) && catching_up {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "catching up with the cluster's streams",
         )
         .into_response()
     } else if api.ready.load(Ordering::Acquire) {
@@ -238,6 +250,7 @@ fn render(api: &Arc<Api>) -> String {
         |api| api.broker.chat.push.queue_depth() as u64,
     );
     bridges(&api.broker, &mut out);
+    cluster(&api.broker, &mut out);
     cluster_mqtt(&api.broker, &mut out);
     attachment_metrics(&mut out);
     out.histogram(
@@ -354,6 +367,62 @@ fn attachment_metrics(out: &mut Exposition<Api>) {
                 ("denied", get(api, |m| &m.refused_denied)),
             ]
         },
+    );
+}
+
+/// `[cluster]`: partitions owned here, each partition's apply lag,
+/// forwarded publishes, lease changes; nothing without the section.
+fn cluster(broker: &crate::broker::Broker, out: &mut Exposition<Api>) {
+    if broker.chat.cluster_node().is_none() {
+        return;
+    }
+    fn node(api: &Api) -> Option<std::sync::Arc<chatmq_cluster::Node>> {
+        api.broker.chat.cluster_node()
+    }
+    out.gauge(
+        "chatmq_cluster_partitions_owned",
+        "Partitions whose lease this node holds (it sequences their conversations).",
+        |api| node(api).map_or(0, |n| n.owned_count() as u64),
+    );
+    out.gauge_by(
+        "chatmq_cluster_apply_lag",
+        "Records a partition stream held beyond the last one this node applied, as its consumer last reported.",
+        "partition",
+        |api| {
+            node(api).map_or_else(Vec::new, |n| {
+                (0..n.layout().partitions())
+                    .map(|p| (p.to_string(), n.apply_lag(p)))
+                    .collect()
+            })
+        },
+    );
+    out.counter(
+        "chatmq_cluster_forwarded_total",
+        "Chat publishes forwarded to the partition's owner on another node.",
+        |api| node(api).map_or(0, |n| n.metrics.forwarded.load(Ordering::Relaxed)),
+    );
+    out.counter(
+        "chatmq_cluster_forward_failures_total",
+        "Forwarded publishes with no answer (retried, to the next owner if it changed).",
+        |api| node(api).map_or(0, |n| n.metrics.forward_failures.load(Ordering::Relaxed)),
+    );
+    out.counter_by(
+        "chatmq_cluster_lease_changes_total",
+        "Partition leases this node gained (took over) and lost (expired, taken, handed over, or fenced).",
+        "change",
+        |api| {
+            node(api).map_or_else(Vec::new, |n| {
+                vec![
+                    ("gained", n.metrics.lease_gained.load(Ordering::Relaxed)),
+                    ("lost", n.metrics.lease_lost.load(Ordering::Relaxed)),
+                ]
+            })
+        },
+    );
+    out.counter(
+        "chatmq_cluster_resyncs_total",
+        "Times an owner's publisher read the stream back after a doubt (wrong last sequence, a lost ack).",
+        |api| node(api).map_or(0, |n| n.metrics.resyncs.load(Ordering::Relaxed)),
     );
 }
 

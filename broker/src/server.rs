@@ -240,6 +240,8 @@ pub struct Server {
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The HTTP API's event streams, when it is served.
+    streams: Option<Arc<http::stream::Streams>>,
 }
 
 impl Server {
@@ -313,6 +315,7 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, watch) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        let mut streams = None;
         if let Some(http_listener) = http_listener {
             let api = http::Api::new(
                 broker.clone(),
@@ -320,6 +323,7 @@ impl Server {
                 edges.clone(),
                 reloader.clone(),
             );
+            streams = Some(api.streams());
             tasks.spawn(http::serve(http_listener, api, watch.clone()));
         }
         // With `[cluster]`, NATS and its streams before any MQTT client is
@@ -413,6 +417,7 @@ impl Server {
             ready,
             shutdown,
             tasks,
+            streams,
         })
     }
 
@@ -440,8 +445,9 @@ impl Server {
     }
 
     /// Resolves once a drain ([`crate::drain`], `POST /v1/admin/drain`) is
-    /// over: no MQTT connection left, or the plan's timeout after its
-    /// spread. Never without a drain. The caller then shuts down.
+    /// over: no MQTT connection and no event stream left, or the plan's
+    /// timeout after its spread. Never without a drain. The caller then
+    /// shuts down.
     pub async fn drained(&self) {
         let mut phase = self.broker.drain.subscribe();
         while *phase.borrow_and_update() != Phase::Draining {
@@ -458,10 +464,18 @@ impl Server {
             spread_secs = plan.spread.as_secs(),
             "draining: moving the clients away"
         );
-        while self.broker.metrics.connections.total() > 0 && Instant::now() < give_up {
+        let left = || {
+            let streams = self.streams.as_ref().map_or(0, |s| s.open());
+            self.broker
+                .metrics
+                .connections
+                .total()
+                .saturating_add(streams as u64)
+        };
+        while left() > 0 && Instant::now() < give_up {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let left = self.broker.metrics.connections.total();
+        let left = left();
         if left > 0 {
             tracing::warn!(
                 connections = left,

@@ -24,6 +24,20 @@ pub fn available() -> bool {
     crate::tools::available("nats-server", &["--version"])
 }
 
+/// Whether a `[cluster]` test must be skipped: only where `nats-server`
+/// is missing and this is not CI (where its absence is a failure).
+pub fn skip() -> bool {
+    if available() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "nats-server is missing: scripts/setup.sh --test installs it"
+    );
+    eprintln!("skipped: nats-server is not installed (scripts/setup.sh --test)");
+    true
+}
+
 /// A free loopback port (bound, then released for the server to take).
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");

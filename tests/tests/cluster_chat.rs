@@ -27,18 +27,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn skip_without_nats() -> bool {
-    if chatmq_tests::nats::available() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "nats-server is missing: scripts/setup.sh --test installs it"
-    );
-    eprintln!("skipped: nats-server is not installed (scripts/setup.sh --test)");
-    true
-}
-
 /// A chat node `node` of the cluster on `nats`.
 fn node_config(nats: &NatsCluster, node: &str) -> String {
     node_config_ttl(nats, node, 2000)
@@ -144,7 +132,7 @@ where
 
 #[test]
 fn a_message_sent_on_one_node_reaches_a_member_on_another_and_a_retry_elsewhere_keeps_its_seq() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let _one = serial();
@@ -243,7 +231,7 @@ fn a_message_sent_on_one_node_reaches_a_member_on_another_and_a_retry_elsewhere_
 
 #[test]
 fn a_stopped_node_catches_up_exactly_and_a_new_empty_node_from_the_streams_alone() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let _one = serial();
@@ -341,7 +329,7 @@ async fn acked_within(
 
 #[test]
 fn with_nats_quorum_lost_a_publish_is_not_acknowledged_until_quorum_is_back() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let _one = serial();
@@ -417,7 +405,7 @@ fn with_nats_quorum_lost_a_publish_is_not_acknowledged_until_quorum_is_back() {
 
 #[test]
 fn a_partition_owner_killed_under_load_loses_no_acknowledged_message() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let _one = serial();
@@ -588,7 +576,7 @@ async fn partitions_owned(b: &Broker) -> f64 {
 
 #[test]
 fn three_nodes_share_the_partitions_and_a_stopped_one_hands_its_own_over() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let _one = serial();

@@ -29,18 +29,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn skip_without_nats() -> bool {
-    if chatmq_tests::nats::available() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "nats-server is missing: scripts/setup.sh --test installs it"
-    );
-    eprintln!("skipped: nats-server is not installed (scripts/setup.sh --test)");
-    true
-}
-
 /// Publishes `probe` topics from `from` until `to` hears one: the other
 /// node's interest has reached NATS's routes.
 async fn until_heard(from: &mut v5::Client, to: &mut v5::Client, probe: &str) {
@@ -70,7 +58,7 @@ fn payloads(got: &[rumqttc::v5::mqttbytes::v5::Publish]) -> Vec<String> {
 
 #[test]
 fn a_publish_on_one_node_reaches_the_subscribers_on_the_others_once() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let nats = NatsCluster::start(3);
@@ -197,7 +185,7 @@ async fn across_nodes(a: &Broker, b: &Broker, c: &Broker) {
 
 #[test]
 fn a_filter_nobody_holds_any_more_is_no_longer_sent() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let nats = NatsCluster::start(3);

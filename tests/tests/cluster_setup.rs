@@ -61,21 +61,9 @@ fn serve_command(dir: &Path, config: &Path) -> Command {
     cmd
 }
 
-fn skip_without_nats() -> bool {
-    if chatmq_tests::nats::available() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "nats-server is missing: scripts/setup.sh --test installs it"
-    );
-    eprintln!("skipped: nats-server is not installed (scripts/setup.sh --test)");
-    true
-}
-
 #[test]
 fn a_node_creates_its_streams_and_buckets_and_later_nodes_reuse_them() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let nats = NatsCluster::start(3);
@@ -188,7 +176,7 @@ fn a_node_creates_its_streams_and_buckets_and_later_nodes_reuse_them() {
 
 #[test]
 fn a_stream_of_another_shape_stops_the_node_with_one_line() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let nats = NatsCluster::start(3);
@@ -276,7 +264,7 @@ fn an_unreachable_nats_is_retried_then_given_up_with_one_line() {
 
 #[test]
 fn readyz_waits_until_nats_is_there() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     // chatmq starts first, pointed at ports where no NATS listens yet.
@@ -343,7 +331,7 @@ fn readyz_waits_until_nats_is_there() {
 
 #[test]
 fn without_the_section_no_nats_is_touched() {
-    if skip_without_nats() {
+    if chatmq_tests::nats::skip() {
         return;
     }
     let nats = NatsCluster::start(3);

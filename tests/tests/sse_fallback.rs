@@ -5,7 +5,8 @@
 //! of a conversation; live messages and typing arrive; a reconnect with
 //! `Last-Event-ID` gets exactly the missed messages, once, in order, and
 //! then live ones; idle streams get heartbeats; open streams are bounded
-//! per user and in all (429 / 503, on `/metrics`).
+//! per user and in all (429 / 503, on `/metrics`); a draining node ends
+//! its streams within the spread and opens no new one.
 
 use std::time::{Duration, Instant};
 
@@ -414,4 +415,41 @@ async fn a_reader_that_falls_behind_is_cut_off_and_resumes_without_a_loss() {
     let mut again = stream_of(&b, "bob", Some(&last_id)).await;
     got.extend(again.chats(N as usize - got.len()).await);
     assert_eq!(seqs(&got), (1..=N).collect::<Vec<_>>());
+}
+
+/// A node being drained (issue #12 item 8) treats its event streams as
+/// it treats MQTT connections: a new one is refused (503 `draining`, the
+/// browser tries again through the load balancer), each open one ends at
+/// its own moment within the spread (`EventSource` reconnects, to another
+/// node), and the node stops once they are gone, not at the drain's
+/// timeout.
+#[tokio::test]
+async fn a_draining_node_ends_its_streams_within_the_spread_and_opens_no_new_one() {
+    const ADMIN: &str = "sse-drain-admin";
+    let b = Broker::start(
+        &config("[drain]\nspread_secs = 3\ntimeout_secs = 30\n")
+            .replace("[auth]\n", &format!("[auth]\nadmin_token = \"{ADMIN}\"\n")),
+    );
+    let mut streams = vec![
+        stream_of(&b, "bob", None).await,
+        stream_of(&b, "carol", None).await,
+        stream_of(&b, "dave", None).await,
+    ];
+    let started = Instant::now();
+    let drain = Http::new(b.http_addr)
+        .with_token(ADMIN)
+        .post("/v1/admin/drain", &json!({}))
+        .await;
+    assert_eq!(drain.status, 202, "{}", drain.text());
+    let query = format!("?access_token={}", token("erin"));
+    let (status, head, _) = open(&b, &query, &[]).await;
+    assert_eq!(status, 503, "a new stream while draining: {head}");
+    for s in &mut streams {
+        while s.next(Duration::from_secs(10)).await.is_some() {}
+    }
+    let ended = started.elapsed();
+    assert!(
+        ended < Duration::from_secs(6),
+        "the streams lasted {ended:?}: past the 3 s spread, up to the 30 s timeout"
+    );
 }

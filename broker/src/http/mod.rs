@@ -28,7 +28,7 @@ mod messages;
 mod openapi;
 mod ops;
 mod server;
-mod stream;
+pub mod stream;
 mod web;
 mod wire;
 
@@ -104,6 +104,11 @@ impl Api {
             reloader,
             streams: Arc::default(),
         })
+    }
+
+    /// The open `GET /v1/stream`s (a drain waits for them to leave too).
+    pub fn streams(&self) -> Arc<stream::Streams> {
+        self.streams.clone()
     }
 
     /// The largest request body any route reads.

@@ -56,6 +56,7 @@ use super::openapi::Error;
 use super::{bearer, Api, ApiError, Body, Caller};
 use crate::chat::namespace::valid_conv;
 use crate::chat::typing::Typing;
+use crate::drain::Phase;
 use crate::embed::{self, Client, Delivery};
 
 /// Conversations a stream's event id (and a cursor) names at most.
@@ -225,7 +226,7 @@ fn stream_user(api: &Api, headers: &HeaderMap, query: &StreamQuery) -> Result<Ar
         (status = 400, description = "`bad_request`: a bad cursor, or the admin token", body = Error),
         (status = 401, description = "No token, or not a valid one (`WWW-Authenticate: Bearer`)", body = Error),
         (status = 429, description = "`too_many_streams`: `http.stream_max_per_user` streams are open", body = Error),
-        (status = 503, description = "`unavailable`: `http.stream_max_total` streams are open", body = Error),
+        (status = 503, description = "`unavailable`: `http.stream_max_total` streams are open; `draining`: the node is moving its clients away (`POST /v1/admin/drain`)", body = Error),
     ),
 )]
 pub async fn open(
@@ -235,6 +236,15 @@ pub async fn open(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     let user = stream_user(&api, &headers, &query)?;
+    if api.broker.drain.phase() != Phase::Serving {
+        // Like a closed MQTT listener: the browser tries again, through
+        // the load balancer, on a node that is not going away.
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this node is moving its clients away",
+        ));
+    }
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -269,6 +279,7 @@ pub async fn open(
         last: cursor.iter().cloned().collect(),
         order: cursor.iter().map(|(c, _)| c.clone()).collect(),
         stop: api.streams.stop.subscribe(),
+        phase: api.broker.drain.subscribe(),
         _permit: permit,
     };
     tokio::spawn(pump.run(cursor));
@@ -282,6 +293,14 @@ pub async fn open(
         "no".parse().map_err(|_| ApiError::bad("header"))?,
     );
     Ok(response)
+}
+
+/// Resolves at `at`; never without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The events of one stream, as the response body reads them.
@@ -317,6 +336,9 @@ struct Pump {
     /// The conversations of `last`, the order their entries appear in ids.
     order: Vec<String>,
     stop: watch::Receiver<bool>,
+    /// A drain ends the stream at its moment to leave (`crate::drain`):
+    /// the browser's `EventSource` reconnects, to another node.
+    phase: watch::Receiver<Phase>,
     _permit: Permit,
 }
 
@@ -341,11 +363,19 @@ impl Pump {
                 return end;
             }
         }
+        let mut leave_at = None;
         loop {
+            // Marked seen every round, so `changed` waits for the next one.
+            let draining = *self.phase.borrow_and_update() == Phase::Draining;
+            if draining && leave_at.is_none() {
+                leave_at = Some(self.api.broker.drain.leave_at());
+            }
             let delivery = tokio::select! {
                 d = self.client.recv() => d,
                 _ = self.stop.changed() => return End::Closed,
                 _ = self.tx.closed() => return End::Closed,
+                _ = self.phase.changed() => continue,
+                _ = until(leave_at) => return End::Closed,
             };
             let Some(delivery) = delivery else {
                 return End::Closed;

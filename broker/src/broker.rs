@@ -147,6 +147,9 @@ pub struct SessionCell {
     /// The session left the broker (ended, expired or replaced): a handle
     /// the router still holds for an instant delivers nothing to it.
     ended: AtomicBool,
+    /// It left for another node, where its client resumed it: a delayed
+    /// will is not published here (`Broker::moved_away`).
+    moved: AtomicBool,
 }
 
 /// The locked session. Releasing it records whether its queue is empty,
@@ -398,6 +401,7 @@ impl SessionCell {
             wake: Notify::new(),
             wake_pending: AtomicBool::new(false),
             ended: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
         })
     }
 
@@ -559,6 +563,9 @@ pub struct Attach {
     pub expiry_secs: u32,
     pub max_inflight: u16,
     pub conn_id: u64,
+    /// With `[cluster]`: the client id's value in the sessions bucket, if
+    /// it has one (`crate::roaming`).
+    pub roamed: Option<crate::roaming::Roamed>,
 }
 
 /// Why a CONNECT may not have the session of its client id.
@@ -705,6 +712,38 @@ pub struct Broker {
     pub drain: crate::drain::Drain,
     /// With `[cluster]`: plain MQTT to and from the other nodes.
     pub remote: std::sync::OnceLock<Arc<crate::remote::Remote>>,
+    /// With `[cluster]`: where each client id's session is.
+    roaming: std::sync::OnceLock<Arc<crate::roaming::Roaming>>,
+}
+
+/// Gives a new session what the value of another node holds: its
+/// subscriptions and chat cursors (the client's acknowledgements since
+/// its node last wrote them, if it died with the client connected, go out
+/// again marked DUP, as after a crash here: see `Broker::restore`).
+fn import_roamed(session: &mut Session, r: &crate::roaming::Roamed, batch: &mut Batch) {
+    for sub in &r.subscriptions {
+        session.subscriptions.insert(
+            sub.filter.clone(),
+            SubOptions {
+                qos: crate::message::qos_from_u8(sub.qos),
+                no_local: sub.no_local,
+                retain_as_published: sub.retain_as_published,
+                retain_handling: sub.retain_handling,
+                identifier: sub.identifier,
+            },
+        );
+    }
+    let crashed = r.disconnected_at_ms == 0;
+    for (conv, seq) in &r.cursors {
+        let mut cursor = crate::session::ChatCursor::at(*seq);
+        if crashed {
+            cursor.dup_until = seq.saturating_add(u64::from(CURSOR_SAVE_ACKS));
+        }
+        session.chat.insert(conv.as_str().into(), cursor);
+        if session.persistent() {
+            batch.put_cursor(&session.client_id, conv, *seq);
+        }
+    }
 }
 
 /// When a disconnected session expires (unix ms).
@@ -774,6 +813,7 @@ impl Broker {
             bridges: std::sync::OnceLock::new(),
             drain: crate::drain::Drain::default(),
             remote: std::sync::OnceLock::new(),
+            roaming: std::sync::OnceLock::new(),
         };
         broker.restore()?;
         Ok(Arc::new(broker))
@@ -889,13 +929,36 @@ impl Broker {
     /// stored claim read.
     fn attach_claimed(
         &self,
-        a: Attach,
+        mut a: Attach,
         stored: Option<chatmq_storage::ClientOwner>,
         batch: &mut Batch,
     ) -> Result<Attached, Refused> {
         let who = a.owner.as_deref();
+        let now = now_ms();
+        // With `[cluster]`: a session that lives on another node is its
+        // owner's there too.
+        let roamed = a.roamed.take().filter(|r| r.live(now));
+        if roamed.as_ref().is_some_and(|r| r.owner.as_deref() != who) {
+            self.metrics
+                .client_id_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Refused::NotOwner);
+        }
         let mut sessions = self.lock_sessions();
-        let existing = sessions.get(&a.client_id).cloned();
+        let mut existing = sessions.get(&a.client_id).cloned();
+        // The client was attached to another node since this one's session
+        // (or this one has none): that node's session is the one resumed,
+        // and this node's is stale.
+        let node = self.roaming.get().map(|r| r.node());
+        let import = roamed.filter(|r| {
+            !a.clean_start
+                && r.resumable(now)
+                && (existing.is_none() || Some(r.node.as_str()) != node)
+        });
+        if let (Some(_), Some(stale)) = (&import, &existing) {
+            self.end_stale(stale, true, &mut sessions, batch);
+            existing = None;
+        }
         let (session_owner, resumable) = match &existing {
             Some(cell) => {
                 let slot = cell.lock();
@@ -999,12 +1062,31 @@ impl Broker {
         session.max_inflight = a.max_inflight;
         session.max_queue = self.settings.mqtt.max_offline_messages;
         session.max_bytes = self.settings.mqtt.session_queue_bytes;
+        let present = import.is_some();
+        if let Some(r) = &import {
+            import_roamed(&mut session, r, batch);
+        }
         if session.persistent() {
             batch.put_session(&session.client_id, &session.record());
         }
         let cell = SessionCell::new(session);
         cell.set_link(&mut cell.lock(), Some(link));
         sessions.insert(a.client_id.clone(), cell.clone());
+        if present {
+            let filters: Vec<(String, SubOptions)> = cell
+                .lock()
+                .session
+                .subscriptions
+                .iter()
+                .map(|(f, o)| (f.clone(), *o))
+                .collect();
+            for (f, o) in &filters {
+                self.index_subscription(&cell, f, *o);
+            }
+            if let Some(r) = self.roaming.get() {
+                r.metrics.imported.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Some(user) = &a.owner {
             // Counted from now on by the user's session quota.
             self.chat.register(user, &cell);
@@ -1015,9 +1097,85 @@ impl Broker {
         }
         Ok(Attached {
             cell,
-            present: false,
+            present,
             kicked,
         })
+    }
+
+    /// Removes this node's session of a client id whose client resumed on
+    /// another node since: its subscriptions leave the index, its stored
+    /// state the disk. (Under the session map's lock, `sessions`.)
+    fn end_stale(
+        &self,
+        cell: &Arc<SessionCell>,
+        resumed: bool,
+        sessions: &mut Sessions,
+        batch: &mut Batch,
+    ) {
+        // Before the connection is told: its end reads it.
+        cell.moved.store(resumed, Ordering::Release);
+        let filters: Vec<String> = {
+            let mut slot = cell.lock();
+            if let Some(mut old) = slot.link.take() {
+                drop(old.kick());
+            }
+            slot.pending_will = None;
+            if slot.session.persistent() {
+                cell.delete_stored(&mut slot, batch);
+            }
+            slot.session.subscriptions.keys().cloned().collect()
+        };
+        sessions.remove(&cell.client_id);
+        cell.ended.store(true, Ordering::Release);
+        let mut router = write_router(&self.router);
+        for f in &filters {
+            if router.unsubscribe(&cell.client_id, f) {
+                self.unsubscribed(f);
+            }
+        }
+    }
+
+    /// With `[cluster]`: the client of `client_id` is attached to another
+    /// node now (its value there is newer than this node's). The
+    /// connection here, if any, is closed with 0x8E like any taken over;
+    /// the session here ends without its will when the client resumed it
+    /// there (a will of a connection is published as on a takeover).
+    pub fn moved_away(self: &Arc<Self>, client_id: &str, resumed: bool) {
+        let mut batch = Batch::new();
+        let will = {
+            let mut sessions = self.lock_sessions();
+            let Some(cell) = sessions.get(client_id).cloned() else {
+                return;
+            };
+            let pending = cell.lock().pending_will.take();
+            self.end_stale(&cell, resumed, &mut sessions, &mut batch);
+            pending
+        };
+        if let (Some(w), false) = (will, resumed) {
+            self.route_will(*w, &mut batch);
+        }
+        if let Some(r) = self.roaming.get() {
+            r.metrics.moved_away.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(self.store.submit_now(batch));
+    }
+
+    /// With `[cluster]`: where each client id's session is.
+    pub fn roaming(&self) -> Option<&Arc<crate::roaming::Roaming>> {
+        self.roaming.get()
+    }
+
+    pub(crate) fn attach_roaming(&self, roaming: Arc<crate::roaming::Roaming>) {
+        let _ = self.roaming.set(roaming);
+    }
+
+    /// A session's state that another node resumes from changed (its
+    /// subscriptions, saved cursors, connection): with `[cluster]`, its
+    /// value in the sessions bucket is written again.
+    pub fn session_changed(&self, client_id: &Arc<str>) {
+        if let Some(r) = self.roaming.get() {
+            r.changed(client_id);
+        }
     }
 
     /// The persistent sessions `user` holds under other client ids than
@@ -1078,9 +1236,10 @@ impl Broker {
             let owner = slot.session.owner.clone();
             drop(slot);
             if let Some((message, delay)) = will {
-                let resumed = self
-                    .session(&cell.client_id)
-                    .is_some_and(|c| Arc::ptr_eq(&c, cell));
+                let resumed = cell.moved.load(Ordering::Acquire)
+                    || self
+                        .session(&cell.client_id)
+                        .is_some_and(|c| Arc::ptr_eq(&c, cell));
                 if delay == 0 || !resumed {
                     let w = PendingWill { message, owner };
                     self.route_will(w, batch);
@@ -1096,6 +1255,7 @@ impl Broker {
         // for its client, off the disk with it if it ends; QoS 0 is not
         // kept for a client that is gone).
         cell.absorb(&mut slot, batch, None);
+        self.session_changed(&cell.client_id);
         if !slot.session.persistent() {
             let filters: Vec<String> = slot.session.subscriptions.keys().cloned().collect();
             drop(slot);
@@ -1257,6 +1417,7 @@ impl Broker {
                 )
             };
             self.remove_session(cell, &filters);
+            self.session_changed(&cell.client_id);
             if let Some(w) = will {
                 self.route_will(*w, &mut batch);
             }

@@ -335,6 +335,15 @@ impl Channel {
             return Err(Close::refused());
         };
 
+        // With `[cluster]`: where the client id's session is (another node,
+        // if the client was last attached there). Refused CONNECTs disturb
+        // nobody: the other node's connection is closed by the claim below.
+        let roaming = self.broker.roaming().cloned();
+        let roamed = match &roaming {
+            Some(r) => r.fetch(&client_id).await,
+            None => None,
+        };
+
         // A connection still attached to the client id goes first: what its
         // client sent before reconnecting (DISCONNECT, its session expiry)
         // is applied before the new connection sees the session.
@@ -355,10 +364,14 @@ impl Channel {
                     expiry_secs: capped_expiry,
                     max_inflight,
                     conn_id: self.conn_id,
+                    roamed,
                 },
                 &mut batch,
             )
             .await;
+        if let (Err(_), Some(r)) = (&attached, &roaming) {
+            r.abandoned(&client_id);
+        }
         let attached = match attached {
             Ok(a) => a,
             Err(Refused::NotOwner) => return Err(self.refuse_connect(Rc::NotAuthorized)),
@@ -372,7 +385,16 @@ impl Channel {
         // The session and the client id's owner are on disk before CONNACK.
         if let Err(e) = self.broker.store.write(batch).await {
             tracing::error!(error = %e, "cannot persist the session");
+            if let Some(r) = &roaming {
+                r.abandoned(&self.client_id);
+            }
             return Err(self.refuse_connect(Rc::ServerUnavailable));
+        }
+        if let Some(r) = &roaming {
+            // Before CONNACK: the node the client was attached to closes
+            // that connection (0x8E) on seeing this.
+            r.claimed(&attached.cell, attached.present && !connect.clean_start)
+                .await;
         }
 
         self.send(Packet::ConnAck(ConnAck {
@@ -517,7 +539,14 @@ impl Channel {
     fn apply_ack(&self, f: impl FnOnce(&mut Session, &mut Batch) -> Ack) -> (Ack, Batch) {
         let mut batch = Batch::new();
         let ack = match &self.cell {
-            Some(cell) => f(&mut cell.lock().session, &mut batch),
+            Some(cell) => {
+                let mut slot = cell.lock();
+                let ack = f(&mut slot.session, &mut batch);
+                if slot.session.take_cursors_saved() {
+                    self.broker.session_changed(&cell.client_id);
+                }
+                ack
+            }
             None => Ack::Unknown,
         };
         (ack, batch)
@@ -897,6 +926,9 @@ impl Channel {
             if changed && session.persistent() {
                 batch.put_session(&session.client_id, &session.record());
             }
+            if session.persistent() {
+                self.broker.session_changed(&session.client_id);
+            }
         }
         // The subscription is on disk before SUBACK promises it.
         if let Err(e) = self.broker.store.write(batch).await {
@@ -940,6 +972,7 @@ impl Channel {
             }
             if changed && session.persistent() {
                 batch.put_session(&session.client_id, &session.record());
+                self.broker.session_changed(&session.client_id);
             }
         }
         // The removal is on disk before UNSUBACK confirms it.

@@ -45,6 +45,7 @@ pub mod ownership;
 pub mod reload;
 pub mod remote;
 pub mod retained;
+pub mod roaming;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -363,6 +363,12 @@ impl Server {
             let links =
                 chatmq_cluster::mqtt::Links::new(c.client().clone(), &cs.name_prefix, &cs.node_id);
             crate::remote::start(&broker, links, &mut tasks, &watch);
+            // Sessions that move between the nodes (after the remote link:
+            // a session resumed here subscribes through it).
+            if let Err(e) = crate::roaming::start(&broker, c, &cs.node_id, &mut tasks, &watch).await
+            {
+                tracing::error!(error = %e, "sessions bucket unavailable: sessions stay on their node");
+            }
         }
         // One budget for every MQTT listener: `mqtt.max_connections` counts
         // connections, whatever their transport.

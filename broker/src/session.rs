@@ -237,6 +237,8 @@ pub struct Session {
     pub overloaded: bool,
     /// Conversations whose cursor moved since it was last written.
     unsaved_cursors: BTreeSet<Arc<str>>,
+    /// Cursors were written since [`Session::take_cursors_saved`].
+    cursors_saved: bool,
     /// Acknowledgements since the cursors were last written, and when the
     /// first of them came (unix ms).
     unsaved_acks: u32,
@@ -273,6 +275,7 @@ impl Session {
             max_bytes: usize::MAX,
             overloaded: false,
             unsaved_cursors: BTreeSet::new(),
+            cursors_saved: false,
             unsaved_acks: 0,
             unsaved_since_ms: 0,
         }
@@ -731,12 +734,19 @@ impl Session {
     /// Writes every chat cursor that moved since it was last written (when
     /// the connection ends, and as acknowledgements gather).
     pub fn flush_cursors(&mut self, batch: &mut Batch) {
+        self.cursors_saved |= !self.unsaved_cursors.is_empty();
         for conv in std::mem::take(&mut self.unsaved_cursors) {
             if let Some(c) = self.chat.get(&conv) {
                 batch.put_cursor(&self.client_id, &conv, c.acked);
             }
         }
         self.unsaved_acks = 0;
+    }
+
+    /// Were cursors written since this was last asked? (With `[cluster]`
+    /// the session's value in the sessions bucket follows them.)
+    pub fn take_cursors_saved(&mut self) -> bool {
+        std::mem::take(&mut self.cursors_saved)
     }
 
     /// Does this session receive `conv` (a matching chat subscription) but

@@ -113,6 +113,11 @@ impl Layout {
         format!("{}_leases", self.prefix)
     }
 
+    /// Where each client id's session is (`crate::sessions`).
+    pub fn sessions_bucket(&self) -> String {
+        format!("{}_sessions", self.prefix)
+    }
+
     pub fn meta_bucket(&self) -> String {
         format!("{}_meta", self.prefix)
     }
@@ -154,6 +159,19 @@ impl Layout {
         }
     }
 
+    /// The bucket of sessions: the latest value of each client id, kept
+    /// until the session ends (its node deletes it).
+    pub fn sessions_config(&self) -> async_nats::jetstream::kv::Config {
+        async_nats::jetstream::kv::Config {
+            bucket: self.sessions_bucket(),
+            description: "chatmq sessions: which node holds each client id".to_string(),
+            history: 1,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            ..Default::default()
+        }
+    }
+
     /// The bucket of cluster-wide records (the layout record first).
     pub fn meta_config(&self) -> async_nats::jetstream::kv::Config {
         async_nats::jetstream::kv::Config {
@@ -188,6 +206,7 @@ mod tests {
         assert_eq!(l.partition_subjects(3), "chatmq.chat.3.>");
         assert_eq!(l.leases_bucket(), "chatmq_leases");
         assert_eq!(l.meta_bucket(), "chatmq_meta");
+        assert_eq!(l.sessions_bucket(), "chatmq_sessions");
     }
 
     #[test]

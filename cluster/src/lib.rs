@@ -22,6 +22,7 @@ mod error;
 pub mod layout;
 pub mod mqtt;
 mod node;
+pub mod sessions;
 mod shape;
 pub mod wire;
 

@@ -40,6 +40,8 @@ pub(crate) async fn ensure(js: &Context, layout: &Layout) -> Result<(), Attempt>
         duplicate_window: true,
     };
     ensure_object(js, &expected, || create(js, &records)).await?;
+    let sessions = bucket_expected(&layout.sessions_config(), None);
+    ensure_object(js, &sessions, || create(js, &sessions.config)).await?;
     let leases = bucket_expected(&layout.leases_config(), Some("cluster.lease_ttl_ms"));
     ensure_object(js, &leases, || create(js, &leases.config)).await
 }

@@ -252,6 +252,7 @@ fn render(api: &Arc<Api>) -> String {
     bridges(&api.broker, &mut out);
     cluster(&api.broker, &mut out);
     cluster_mqtt(&api.broker, &mut out);
+    cluster_sessions(&api.broker, &mut out);
     attachment_metrics(&mut out);
     out.histogram(
         "chatmq_storage_commit_seconds",
@@ -530,6 +531,39 @@ fn cluster_mqtt(broker: &crate::broker::Broker, out: &mut Exposition<Api>) {
         } else {
             out.counter(name, help, read);
         }
+    }
+}
+
+/// Sessions that move between the nodes (`crate::roaming`); nothing
+/// without `[cluster]`.
+fn cluster_sessions(broker: &crate::broker::Broker, out: &mut Exposition<Api>) {
+    if broker.roaming().is_none() {
+        return;
+    }
+    type Of = fn(&crate::roaming::RoamingMetrics) -> &AtomicU64;
+    let families: [(&str, &str, Of); 3] = [
+        (
+            "chatmq_cluster_sessions_imported_total",
+            "Sessions resumed here that their client had on another node.",
+            |m| &m.imported,
+        ),
+        (
+            "chatmq_cluster_sessions_moved_away_total",
+            "Sessions removed here because their client attached to another node (its connection here closed with 0x8E).",
+            |m| &m.moved_away,
+        ),
+        (
+            "chatmq_cluster_sessions_failures_total",
+            "Reads and writes of the sessions bucket that failed (NATS away); the node went on with its own sessions.",
+            |m| &m.failures,
+        ),
+    ];
+    for (name, help, of) in families {
+        out.counter(name, help, move |api: &Api| {
+            api.broker
+                .roaming()
+                .map_or(0, |r| of(&r.metrics).load(Ordering::Relaxed))
+        });
     }
 }
 

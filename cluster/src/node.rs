@@ -46,6 +46,9 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most node heartbeats read per round (more nodes than this are not
 /// a chatmq cluster).
 const MAX_NODES: usize = 1024;
+/// How long a stream consumer may deliver nothing before the stream is
+/// asked whether records are waiting for it (then it is started again).
+const STALL_CHECK: Duration = Duration::from_secs(2);
 
 /// A stream of the order of record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -174,6 +177,9 @@ pub struct Node {
     /// Set once this copy applied every stream up to where it stood when
     /// the node started (`/readyz` says not ready until then).
     caught_up: std::sync::atomic::AtomicBool,
+    /// The nodes whose heartbeat this node saw, and when (the watch of
+    /// `node.>` in the leases bucket: [`Node::follow_heartbeats`]).
+    heartbeats: Mutex<HashMap<String, Instant>>,
     pub metrics: NodeMetrics,
 }
 
@@ -196,6 +202,7 @@ impl Node {
             parts,
             records_applied: watch::channel(0).0,
             caught_up: std::sync::atomic::AtomicBool::new(false),
+            heartbeats: Mutex::new(HashMap::new()),
             metrics: NodeMetrics::default(),
         })
     }
@@ -400,21 +407,44 @@ impl Node {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let name = self.stream_name(s);
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             let attempt = async {
-                let stream = self.js.get_stream(&name).await.map_err(|e| e.to_string())?;
-                let consumer = stream
-                    .create_consumer(OrderedConfig {
-                        deliver_policy: DeliverPolicy::ByStartSequence {
-                            start_sequence: next,
-                        },
-                        ..OrderedConfig::default()
-                    })
+                // Bounded: after a NATS server's loss a creation can be
+                // placed on the server that is gone and never answer;
+                // another try is placed again.
+                let create = async {
+                    let stream = self.js.get_stream(&name).await.map_err(|e| e.to_string())?;
+                    let consumer = stream
+                        .create_consumer(OrderedConfig {
+                            deliver_policy: DeliverPolicy::ByStartSequence {
+                                start_sequence: next,
+                            },
+                            ..OrderedConfig::default()
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    consumer.messages().await.map_err(|e| e.to_string())
+                };
+                let mut messages = tokio::time::timeout(STALL_CHECK, create)
                     .await
-                    .map_err(|e| e.to_string())?;
-                let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-                while let Some(m) = messages.next().await {
+                    .map_err(|_| "no consumer within the stall check".to_string())??;
+                loop {
+                    // A consumer whose server died delivers nothing until
+                    // the client notices, which took most of a minute after
+                    // a stream leader's loss (its partition could not be
+                    // taken over meanwhile: no node caught up). Quiet for
+                    // a while with records waiting: start it again.
+                    let m = match tokio::time::timeout(STALL_CHECK, messages.next()).await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(_) => match self.last_seq(s).await {
+                            Ok(last) if last >= next => {
+                                return Err(format!("stalled before {next} of {last}"))
+                            }
+                            _ => continue,
+                        },
+                    };
                     let m = m.map_err(|e| e.to_string())?;
                     let seq = match m.info() {
                         Ok(info) => {
@@ -547,6 +577,7 @@ impl Node {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         };
+        tokio::spawn(self.clone().follow_heartbeats(kv.clone(), shutdown.clone()));
         let every = self.layout.lease_ttl() / 4;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -569,6 +600,64 @@ impl Node {
         for p in 0..self.layout.partitions() {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.release(&kv, p)).await;
         }
+    }
+
+    /// Keeps [`Node::heartbeats`] from one long-lived watch of the
+    /// heartbeat keys, watched again after a failure. (Listing the keys
+    /// every lease round created a JetStream consumer twice a second per
+    /// node: a request to the meta leader each time, which after a NATS
+    /// server loss took longer than the round, so that leases went
+    /// unrenewed for most of a minute.)
+    async fn follow_heartbeats(
+        self: Arc<Self>,
+        kv: kv::Store,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            match kv.watch_with_history("node.>").await {
+                Ok(mut entries) => loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        e = entries.next() => match e {
+                            Some(Ok(e)) => {
+                                let Some(n) = e.key.strip_prefix("node.") else { continue };
+                                let mut beats = lock(&self.heartbeats);
+                                match e.operation {
+                                    Operation::Put => {
+                                        if beats.len() < MAX_NODES || beats.contains_key(n) {
+                                            beats.insert(n.to_string(), Instant::now());
+                                        }
+                                    }
+                                    Operation::Delete | Operation::Purge => {
+                                        beats.remove(n);
+                                    }
+                                }
+                            }
+                            Some(Err(e)) => {
+                                tracing::debug!(error = %e, "heartbeat watch failed; watching again");
+                                break;
+                            }
+                            None => break,
+                        },
+                    }
+                },
+                Err(e) => tracing::debug!(error = %e, "cannot watch heartbeats; again soon"),
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// This node and those whose heartbeat was seen within the lease TTL.
+    fn live_nodes(&self) -> HashSet<String> {
+        let ttl = self.layout.lease_ttl();
+        let mut beats = lock(&self.heartbeats);
+        beats.retain(|_, seen| seen.elapsed() < ttl);
+        let mut live: HashSet<String> = beats.keys().cloned().collect();
+        live.insert(self.node_id.clone());
+        live
     }
 
     fn lease_key(p: u32) -> String {
@@ -670,16 +759,7 @@ impl Node {
                 *lock(&part.owner) = owner;
             }
         }
-        let mut live: HashSet<String> = HashSet::new();
-        live.insert(self.node_id.clone());
-        if let Ok(keys) = kv.keys().await {
-            let keys: Vec<_> = keys.take(MAX_NODES).collect().await;
-            for k in keys.into_iter().flatten() {
-                if let Some(n) = k.strip_prefix("node.") {
-                    live.insert(n.to_string());
-                }
-            }
-        }
+        let live = self.live_nodes();
         let n = live.len().max(1) as u32;
         let partitions = self.layout.partitions();
         let ceil = partitions.div_ceil(n) as usize;

@@ -17,4 +17,12 @@ pub enum StorageError {
     Corrupt { cf: &'static str, what: String },
     #[error("the storage writer has stopped")]
     WriterGone,
+    /// A commit failed; the message says what failed (the writer's
+    /// RocksDB error, or what resolved a deferred commit).
+    #[error("{0}")]
+    Failed(String),
+    /// With `[cluster]`: a chat write the cluster did not acknowledge
+    /// (nothing is stored; the client resends).
+    #[error("not acknowledged by the cluster: {0}")]
+    Unavailable(&'static str),
 }

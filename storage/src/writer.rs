@@ -73,10 +73,7 @@ impl Future for Commit {
             CommitInner::Pending(rx) => match Pin::new(rx).poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(Ok(()))) => Poll::Ready(Ok(())),
-                Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(StorageError::Corrupt {
-                    cf: "write",
-                    what: e,
-                })),
+                Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(StorageError::Failed(e))),
                 Poll::Ready(Err(_)) => Poll::Ready(Err(StorageError::WriterGone)),
             },
         }

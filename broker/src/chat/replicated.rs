@@ -113,7 +113,9 @@ impl Chat {
     fn fail_waiters(&self, r: &Replicated, conv: &str, seq: u64) {
         let waiting = lock(&r.waiters).remove(&(Arc::from(conv), seq));
         for w in waiting.into_iter().flatten() {
-            w.resolve(Err(StorageError::WriterGone));
+            w.resolve(Err(StorageError::Unavailable(
+                "acknowledged by its owner, not applied on this node in time",
+            )));
         }
     }
 
@@ -162,7 +164,9 @@ impl Chat {
                     }
                     Some(ForwardReply::Bad) => {
                         tracing::error!(conv, "the owner refused a forwarded envelope");
-                        return Err(StorageError::WriterGone);
+                        return Err(StorageError::Unavailable(
+                            "the owner refused the forwarded envelope",
+                        ));
                     }
                     other => {
                         tracing::debug!(conv, partition = p, owner, reply = ?other, "forward: retrying");
@@ -175,7 +179,9 @@ impl Chat {
                     partition = p,
                     "no owner took the publish in time: not acknowledged"
                 );
-                return Err(StorageError::WriterGone);
+                return Err(StorageError::Unavailable(
+                    "no partition owner took it in time",
+                ));
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(500));
@@ -217,7 +223,7 @@ impl Chat {
         let body = envelope.delivered(conv, seq, from, ts);
         if !r.node.fits(body.len()) {
             tracing::warn!(conv, bytes = body.len(), "message larger than NATS takes");
-            return Err(StorageError::WriterGone);
+            return Err(StorageError::Unavailable("larger than NATS takes"));
         }
         let record = ChatRecord {
             conv: conv.to_string(),
@@ -245,7 +251,9 @@ impl Chat {
                 let failed = move |chat_r: &Replicated| {
                     let waiting = lock(&chat_r.waiters).remove(&(c.clone(), seq));
                     for w in waiting.into_iter().flatten() {
-                        w.resolve(Err(StorageError::WriterGone));
+                        w.resolve(Err(StorageError::Unavailable(
+                            "the partition stream did not acknowledge it",
+                        )));
                     }
                 };
                 tokio::spawn(async move {

@@ -363,6 +363,22 @@ impl Server {
             let links =
                 chatmq_cluster::mqtt::Links::new(c.client().clone(), &cs.name_prefix, &cs.node_id);
             crate::remote::start(&broker, links, &mut tasks, &watch);
+            // Presence, typing and room reactions across the nodes.
+            let channel = chatmq_cluster::live::Channel::new(
+                c.client().clone(),
+                &cs.name_prefix,
+                &cs.node_id,
+            );
+            match chat::live::start(broker.chat.clone(), channel, watch.clone()).await {
+                Ok(task) => {
+                    tasks.spawn(async move {
+                        let _ = task.await;
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "live link unavailable: presence and typing stay on this node")
+                }
+            }
             // Sessions that move between the nodes (after the remote link:
             // a session resumed here subscribes through it).
             if let Err(e) = crate::roaming::start(&broker, c, &cs.node_id, &mut tasks, &watch).await

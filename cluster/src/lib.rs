@@ -20,6 +20,7 @@
 mod connect;
 mod error;
 pub mod layout;
+pub mod live;
 pub mod mqtt;
 mod node;
 pub mod sessions;

@@ -40,6 +40,7 @@ pub mod dedup;
 pub mod edits;
 mod fanout;
 mod hooks;
+pub mod live;
 pub mod membership;
 pub mod namespace;
 mod occupancy;
@@ -131,6 +132,9 @@ pub struct Chat {
     /// With `[cluster]`: the streams appends, membership and read state
     /// go through (`chat/replicated.rs`); unset on a single node.
     replicated: std::sync::OnceLock<Arc<replicated::Replicated>>,
+    /// With `[cluster]`: presence, typing and room reactions to and from
+    /// the other nodes (`chat/live.rs`).
+    live: std::sync::OnceLock<Arc<live::LiveLink>>,
 }
 
 /// Who a change by the HTTP admin token is recorded as (`by`).
@@ -185,6 +189,7 @@ impl Chat {
                 std::path::Path::new("data"),
             ),
             replicated: std::sync::OnceLock::new(),
+            live: std::sync::OnceLock::new(),
         })
     }
 
@@ -243,9 +248,10 @@ impl Chat {
         self.members_read().role(conv, user)
     }
 
-    /// Whether `user` has a connected session now.
+    /// Whether `user` has a connected session now (with `[cluster]`, on
+    /// any node).
     pub fn is_online(&self, user: &str) -> bool {
-        lock(&self.online).contains_key(user)
+        lock(&self.online).contains_key(user) || self.online_elsewhere(user)
     }
 
     pub fn members(&self, conv: &str) -> Vec<Arc<str>> {

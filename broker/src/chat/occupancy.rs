@@ -26,7 +26,10 @@ impl Chat {
         let members = self.members(conv);
         let connected = {
             let online = lock(&self.online);
-            members.iter().filter(|m| online.contains_key(*m)).count()
+            members
+                .iter()
+                .filter(|m| online.contains_key(*m) || self.online_elsewhere(m))
+                .count()
         };
         json!({"conv": conv, "members": members.len(), "connected": connected})
     }

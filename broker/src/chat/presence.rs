@@ -65,8 +65,14 @@ impl Chat {
             }
         }
         if first {
-            self.set_presence(user, true);
-            self.occupancy_of_user_changed(user);
+            self.live_send(chatmq_cluster::live::Live::Presence {
+                user: user.to_string(),
+                online: true,
+            });
+            if !self.online_elsewhere(user) {
+                self.set_presence(user, true);
+                self.occupancy_of_user_changed(user);
+            }
         }
     }
 
@@ -86,8 +92,14 @@ impl Chat {
             empty
         };
         if last {
-            self.set_presence(user, false);
-            self.occupancy_of_user_changed(user);
+            self.live_send(chatmq_cluster::live::Live::Presence {
+                user: user.to_string(),
+                online: false,
+            });
+            if !self.online_elsewhere(user) {
+                self.set_presence(user, false);
+                self.occupancy_of_user_changed(user);
+            }
         }
     }
 
@@ -101,7 +113,7 @@ impl Chat {
         ))
     }
 
-    fn set_presence(&self, user: &Arc<str>, online: bool) {
+    pub(super) fn set_presence(&self, user: &Arc<str>, online: bool) {
         let ts = now_ms();
         lock(&self.presence).insert(user.clone(), (online, ts));
         {

@@ -433,7 +433,7 @@ impl Chat {
             let online = lock(&self.online);
             members
                 .iter()
-                .filter(|u| ***u != *from && !online.contains_key(*u))
+                .filter(|u| ***u != *from && !online.contains_key(*u) && !self.online_elsewhere(u))
                 .map(|u| &**u)
                 .collect()
         };

@@ -93,6 +93,12 @@ impl Chat {
             false,
         ));
         self.deliver(&self.members(conv), &msg, Some(client_id));
+        self.live_send(chatmq_cluster::live::Live::Conv {
+            conv: conv.to_string(),
+            topic: msg.topic.clone(),
+            body: body.to_string(),
+            except: client_id.to_string(),
+        });
         Typing::Forwarded
     }
 }

@@ -565,6 +565,18 @@ fn cluster_sessions(broker: &crate::broker::Broker, out: &mut Exposition<Api>) {
                 .map_or(0, |r| of(&r.metrics).load(Ordering::Relaxed))
         });
     }
+    if broker.chat.live_link().is_some() {
+        out.counter(
+            "chatmq_cluster_live_dropped_total",
+            "Presence, typing and room-reaction records between nodes lost: a queue full, or a record that was not one.",
+            |api: &Api| {
+                api.broker
+                    .chat
+                    .live_link()
+                    .map_or(0, |l| l.dropped.load(Ordering::Relaxed))
+            },
+        );
+    }
 }
 
 /// Where a counter of [`Metrics`] is.

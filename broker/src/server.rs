@@ -480,6 +480,10 @@ impl Server {
         let Some((plan, started)) = self.broker.drain.plan() else {
             return;
         };
+        if let Some(node) = self.broker.chat.cluster_node() {
+            // The partitions move first, while the clients still forward.
+            node.hand_over();
+        }
         let give_up = started + plan.spread + plan.timeout;
         tracing::info!(
             connections = self.broker.metrics.connections.total(),

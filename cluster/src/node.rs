@@ -180,6 +180,9 @@ pub struct Node {
     /// The nodes whose heartbeat this node saw, and when (the watch of
     /// `node.>` in the leases bucket: [`Node::follow_heartbeats`]).
     heartbeats: Mutex<HashMap<String, Instant>>,
+    /// Set by [`Node::hand_over`]: the node is draining; it holds no
+    /// partition from now on.
+    leaving: std::sync::atomic::AtomicBool,
     pub metrics: NodeMetrics,
 }
 
@@ -203,6 +206,7 @@ impl Node {
             records_applied: watch::channel(0).0,
             caught_up: std::sync::atomic::AtomicBool::new(false),
             heartbeats: Mutex::new(HashMap::new()),
+            leaving: std::sync::atomic::AtomicBool::new(false),
             metrics: NodeMetrics::default(),
         })
     }
@@ -303,6 +307,14 @@ impl Node {
             generation: part.generation.load(Ordering::Acquire),
             tx: h.tx.clone(),
         })
+    }
+
+    /// The node is draining: it gives its partitions back at the next
+    /// lease round and takes none again, and stops counting as a live
+    /// node, so the others take them over while its clients are still
+    /// being moved away (their publishes are forwarded meanwhile).
+    pub fn hand_over(&self) {
+        self.leaving.store(true, Ordering::Release);
     }
 
     /// How many partitions this node holds.
@@ -709,7 +721,21 @@ impl Node {
     async fn lease_round(self: &Arc<Self>, kv: &kv::Store) {
         let ttl = self.layout.lease_ttl();
         let heartbeat = format!("node.{}", self.node_id);
-        if let Err(e) = kv.put(&heartbeat, Bytes::new()).await {
+        let leaving = self.leaving.load(Ordering::Acquire);
+        if leaving {
+            // Draining: no heartbeat (the others count it out of the
+            // share), nothing held; it still learns who the owners are,
+            // to forward to them.
+            if let Err(e) = kv.delete(&heartbeat).await {
+                tracing::debug!(error = %e, "node heartbeat");
+            }
+            for p in 0..self.layout.partitions() {
+                if self.part(p).is_some_and(|x| lock(&x.held).is_some()) {
+                    tracing::info!(partition = p, "draining: handing the partition over");
+                    self.release(kv, p).await;
+                }
+            }
+        } else if let Err(e) = kv.put(&heartbeat, Bytes::new()).await {
             tracing::debug!(error = %e, "node heartbeat");
         }
         // Renew what is held.
@@ -758,6 +784,9 @@ impl Node {
             if let Some(part) = self.part(p) {
                 *lock(&part.owner) = owner;
             }
+        }
+        if leaving {
+            return;
         }
         let live = self.live_nodes();
         let n = live.len().max(1) as u32;

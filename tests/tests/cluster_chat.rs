@@ -626,3 +626,59 @@ fn three_nodes_share_the_partitions_and_a_stopped_one_hands_its_own_over() {
         }
     });
 }
+
+#[test]
+fn a_drained_node_hands_its_partitions_over_before_its_clients_leave() {
+    if chatmq_tests::nats::skip() {
+        return;
+    }
+    let _one = serial();
+    let nats = NatsCluster::start(3);
+    let mut a = Broker::start(&node_config(&nats, "node-a"));
+    let b = Broker::start(&node_config(&nats, "node-b"));
+    let rt = runtime();
+    rt.block_on(async {
+        eventually("A and B share the partitions", || async {
+            let (x, y) = (partitions_owned(&a).await, partitions_owned(&b).await);
+            x >= 1.0 && y >= 1.0 && x + y == 4.0
+        })
+        .await;
+        // Clients on A keep it up while they are moved away one by one.
+        let mut clients = Vec::new();
+        for i in 0..10 {
+            clients.push(chat::v5_user(&a, &format!("user-{i}")).await);
+        }
+        let r = admin(&a)
+            .post("/v1/admin/drain", &json!({"spread_secs": 30}))
+            .await;
+        assert!(r.status < 300, "drain: {} {}", r.status, r.text());
+        // The partitions move at once, while the node is still up and its
+        // clients are being moved away over 30 s.
+        eventually("B sequences all four while A drains", || async {
+            partitions_owned(&b).await == 4.0 && partitions_owned(&a).await == 0.0
+        })
+        .await;
+        assert_eq!(Http::new(a.http_addr).get("/readyz").await.status, 503);
+        // What is sent through A now is forwarded to B, the owner.
+        ok(
+            user(&b, "carol")
+                .post(
+                    "/v1/conversations",
+                    &json!({"conv": "drained", "members": ["dave"]}),
+                )
+                .await,
+            "create",
+        );
+        eventually("the conversation is on A", || async {
+            listed(&a, "carol", "drained").await.is_some()
+        })
+        .await;
+        assert_eq!(
+            send(&a, "carol", "drained", "c1").await,
+            1,
+            "sent through A"
+        );
+        assert_eq!(history_reaches(&b, "carol", "drained", 1).await, vec![1]);
+    });
+    let _ = a.terminate();
+}

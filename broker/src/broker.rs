@@ -1526,21 +1526,37 @@ impl Broker {
                 r.forward(m);
             }
         }
-        self.route_here(msgs, batch)
+        self.route_here(msgs, batch, true)
     }
 
     /// Routes a message a client of another node of the cluster published
     /// ([`crate::remote`]): to this node's sessions only, never on.
     pub fn route_remote(&self, msg: Arc<Message>, batch: &mut Batch) {
-        self.route_here(std::slice::from_ref(&msg), batch);
+        // With the retained stream, it decides what is retained here.
+        let keep = !self.remote.get().is_some_and(|r| r.retains());
+        self.route_here(std::slice::from_ref(&msg), batch, keep);
     }
 
-    /// [`Broker::route_all`] on this node alone.
-    fn route_here(&self, msgs: &[Arc<Message>], batch: &mut Batch) -> Option<Arc<SessionCell>> {
+    /// A retained message from the cluster's retained stream: kept (or
+    /// cleared) here, delivered to nobody (its publish was, by the link).
+    pub fn apply_retained(&self, msg: &Message, batch: &mut Batch) {
+        if msg.retain {
+            self.retain(msg, batch);
+        }
+    }
+
+    /// [`Broker::route_all`] on this node alone; retained messages are
+    /// kept here if `keep_retained`.
+    fn route_here(
+        &self,
+        msgs: &[Arc<Message>],
+        batch: &mut Batch,
+        keep_retained: bool,
+    ) -> Option<Arc<SessionCell>> {
         self.metrics
             .messages_in
             .fetch_add(msgs.len() as u64, Ordering::Relaxed);
-        for msg in msgs.iter().filter(|m| m.retain) {
+        for msg in msgs.iter().filter(|m| m.retain && keep_retained) {
             self.retain(msg, batch);
         }
         let mut found: Vec<Vec<Target>> = Vec::with_capacity(msgs.len());

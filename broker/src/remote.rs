@@ -13,10 +13,14 @@
 //!   payload, QoS, retain, MQTT 5 properties, expiry), so every property
 //!   reaches a subscriber on another node as on this one; the publisher's
 //!   client id goes beside it for No Local.
-//! - A retained message is retained on every node that receives it (a
-//!   node that has a subscriber for its topic). What a node that was not
-//!   up, or had no such subscriber, missed is not sent to it later: see
-//!   docs/CLUSTER.md.
+//! - Retained messages also go to the retained stream (one message per
+//!   topic, `{prefix}_retained`), which every node applies, in the
+//!   stream's order, into its own retained store, from the first record
+//!   at each start: so every node has every retained message, including
+//!   a node that was down or had no subscriber when it was published, and
+//!   all nodes agree on the last one of a topic. A retained message that
+//!   arrives over the link is delivered, not retained: only the stream
+//!   decides what is retained.
 //! - Both queues are bounded; what they drop is counted
 //!   (`chatmq_cluster_mqtt_dropped_total`).
 
@@ -24,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chatmq_cluster::mqtt::{Arrived, Links};
+use chatmq_cluster::mqtt::{Arrived, Links, Subjects};
 use chatmq_storage::{Batch, MessageRecord};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -49,6 +53,9 @@ struct Outbound {
 pub struct Remote {
     links: Arc<Links>,
     outbound: mpsc::Sender<Outbound>,
+    /// Retained messages on their way to the retained stream (subject,
+    /// record), once [`start_retained`] ran.
+    retained: std::sync::OnceLock<(Subjects, mpsc::Sender<(String, Bytes)>)>,
     /// Publishes not sent because the outbound queue was full.
     pub dropped: AtomicU64,
     /// Messages from other nodes that were not a valid message.
@@ -69,9 +76,24 @@ impl Remote {
             publisher: Some(publisher.clone()),
             body: Bytes::from(msg.to_record().encode()),
         };
+        if msg.retain {
+            if let Some((subjects, queue)) = self.retained.get() {
+                let sent = subjects
+                    .topic(&msg.topic)
+                    .is_some_and(|s| queue.try_send((s, out.body.clone())).is_ok());
+                if !sent {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         if self.outbound.try_send(out).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The retained stream decides what is retained (not the link).
+    pub(crate) fn retains(&self) -> bool {
+        self.retained.get().is_some()
     }
 
     /// A session of this node subscribed to `filter` (it was not before).
@@ -116,6 +138,7 @@ pub fn start(
     let remote = Arc::new(Remote {
         links: links.clone(),
         outbound,
+        retained: std::sync::OnceLock::new(),
         dropped: AtomicU64::new(0),
         refused: AtomicU64::new(0),
     });
@@ -142,6 +165,89 @@ async fn send(
     }
 }
 
+/// Retained messages across the nodes: what this node's clients retain
+/// goes to the retained stream; what the stream holds is applied here,
+/// in its order, from its first record (a node that was down, or new,
+/// gets every retained message).
+pub fn start_retained(
+    broker: &Arc<Broker>,
+    node: Arc<chatmq_cluster::Node>,
+    tasks: &mut JoinSet<()>,
+    stop: &watch::Receiver<bool>,
+) {
+    let Some(remote) = broker.remote.get().cloned() else {
+        return;
+    };
+    let (tx, mut rx) = mpsc::channel::<(String, Bytes)>(OUTBOUND);
+    let subjects = chatmq_cluster::mqtt::Subjects::under(&node.layout().retained_root());
+    if remote.retained.set((subjects, tx)).is_err() {
+        return;
+    }
+    let (publisher, mut stopped) = (node.clone(), stop.clone());
+    let counted = remote.clone();
+    tasks.spawn(async move {
+        loop {
+            let (subject, body) = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = stopped.changed() => break,
+            };
+            // A few tries: a retained message lost here is missing on
+            // every other node until it is published again.
+            let mut sent = false;
+            for attempt in 0..3u32 {
+                let publish = publisher.publish_retained(subject.clone(), body.clone());
+                match tokio::time::timeout(std::time::Duration::from_secs(5), publish).await {
+                    Ok(Ok(_)) => {
+                        sent = true;
+                        break;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, attempt, "retained stream publish"),
+                    Err(_) => tracing::debug!(attempt, "retained stream publish: no ack"),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+            }
+            if !sent {
+                tracing::warn!(
+                    subject,
+                    "retained message not written to the retained stream"
+                );
+                counted.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let mut records = node.consume(chatmq_cluster::StreamRef::Retained, 1, stop.clone());
+    let (broker, refused) = (broker.clone(), remote);
+    tasks.spawn(async move {
+        while let Some(d) = records.recv().await {
+            let Some(msg) = checked(&broker, &d.payload) else {
+                refused.refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let mut batch = Batch::new();
+            broker.apply_retained(&msg, &mut batch);
+            drop(broker.store.submit(batch).await);
+            node.mark_applied(chatmq_cluster::StreamRef::Retained, d.seq);
+        }
+    });
+}
+
+/// A message record from NATS (untrusted): `None` if it does not decode
+/// or names a topic, or carries a payload, this node would refuse.
+fn checked(broker: &Broker, body: &[u8]) -> Option<Message> {
+    let record = MessageRecord::decode(body).ok()?;
+    let limits = broker.topic_limits();
+    if !topic::valid_topic(&record.topic)
+        || topic::check_topic(&record.topic, &limits).is_err()
+        || record.payload.len() > broker.settings.mqtt.max_payload
+    {
+        return None;
+    }
+    Some(Message::from_record(record))
+}
+
 /// Routes here, in order, what the other nodes' clients published. A body
 /// is untrusted (anything on NATS may publish on the subjects): one that
 /// does not decode, or names a topic this node would refuse, is dropped.
@@ -159,19 +265,10 @@ async fn receive(
             },
             _ = stop.changed() => break,
         };
-        let Ok(record) = MessageRecord::decode(&arrived.body) else {
+        let Some(mut msg) = checked(&broker, &arrived.body) else {
             remote.refused.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let limits = broker.topic_limits();
-        if !topic::valid_topic(&record.topic)
-            || topic::check_topic(&record.topic, &limits).is_err()
-            || record.payload.len() > broker.settings.mqtt.max_payload
-        {
-            remote.refused.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        let mut msg = Message::from_record(record);
         msg.publisher = arrived.publisher.map(Arc::from);
         let mut batch = Batch::new();
         broker.route_remote(Arc::new(msg), &mut batch);

@@ -363,6 +363,9 @@ impl Server {
             let links =
                 chatmq_cluster::mqtt::Links::new(c.client().clone(), &cs.name_prefix, &cs.node_id);
             crate::remote::start(&broker, links, &mut tasks, &watch);
+            if let Some(node) = broker.chat.cluster_node() {
+                crate::remote::start_retained(&broker, node, &mut tasks, &watch);
+            }
             // Presence, typing and room reactions across the nodes.
             let channel = chatmq_cluster::live::Channel::new(
                 c.client().clone(),

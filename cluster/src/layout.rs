@@ -113,6 +113,34 @@ impl Layout {
         format!("{}_leases", self.prefix)
     }
 
+    /// The retained messages of plain MQTT, the last of each topic.
+    pub fn retained_stream(&self) -> String {
+        format!("{}_retained", self.prefix)
+    }
+
+    /// The subjects' root of the retained stream (a topic's levels follow,
+    /// as `crate::mqtt::Subjects` makes them).
+    pub fn retained_root(&self) -> String {
+        format!("{}.retained", self.prefix)
+    }
+
+    /// The retained stream: one message per subject (a topic), kept for
+    /// ever; a cleared topic keeps its empty record.
+    pub fn retained_config(&self) -> Config {
+        Config {
+            name: self.retained_stream(),
+            description: Some("chatmq retained messages".to_string()),
+            subjects: vec![format!("{}.retained.>", self.prefix)],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            max_messages_per_subject: 1,
+            duplicate_window: DUPLICATE_WINDOW,
+            discard: DiscardPolicy::Old,
+            ..Config::default()
+        }
+    }
+
     /// Where each client id's session is (`crate::sessions`).
     pub fn sessions_bucket(&self) -> String {
         format!("{}_sessions", self.prefix)

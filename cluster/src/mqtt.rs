@@ -47,6 +47,13 @@ impl Subjects {
         }
     }
 
+    /// Subjects under another root (the retained stream's).
+    pub fn under(root: &str) -> Subjects {
+        Subjects {
+            root: root.to_string(),
+        }
+    }
+
     /// The subject of a topic name; `None` for topics that stay on their
     /// node (`$SYS` and other `$` topics, which wildcards never match
     /// [MQTT-4.7.2-1]) and for those too long for a subject.

@@ -56,6 +56,8 @@ pub enum StreamRef {
     Partition(u32),
     /// Membership, conversations and read state.
     Records,
+    /// Plain MQTT retained messages, the last one of each topic.
+    Retained,
 }
 
 /// Why an owner's publish did not make it: the partition is no longer
@@ -174,6 +176,7 @@ pub struct Node {
     node_id: String,
     parts: Vec<Part>,
     records_applied: watch::Sender<u64>,
+    retained_applied: watch::Sender<u64>,
     /// Set once this copy applied every stream up to where it stood when
     /// the node started (`/readyz` says not ready until then).
     caught_up: std::sync::atomic::AtomicBool,
@@ -204,6 +207,7 @@ impl Node {
             node_id: node_id.to_string(),
             parts,
             records_applied: watch::channel(0).0,
+            retained_applied: watch::channel(0).0,
             caught_up: std::sync::atomic::AtomicBool::new(false),
             heartbeats: Mutex::new(HashMap::new()),
             leaving: std::sync::atomic::AtomicBool::new(false),
@@ -254,6 +258,7 @@ impl Node {
                     None => continue,
                 },
                 StreamRef::Records => self.records_applied.subscribe(),
+                StreamRef::Retained => self.retained_applied.subscribe(),
             };
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -269,6 +274,7 @@ impl Node {
         match s {
             StreamRef::Partition(p) => self.layout.partition_stream(p),
             StreamRef::Records => self.layout.records_stream(),
+            StreamRef::Retained => self.layout.retained_stream(),
         }
     }
 
@@ -346,6 +352,7 @@ impl Node {
                 None => return,
             },
             StreamRef::Records => &self.records_applied,
+            StreamRef::Retained => &self.retained_applied,
         };
         w.send_if_modified(|v| {
             let grew = seq > *v;
@@ -358,6 +365,7 @@ impl Node {
         match s {
             StreamRef::Partition(p) => self.part(p).map(|x| *x.applied.borrow()).unwrap_or(0),
             StreamRef::Records => *self.records_applied.borrow(),
+            StreamRef::Retained => *self.retained_applied.borrow(),
         }
     }
 
@@ -369,6 +377,7 @@ impl Node {
                 None => return false,
             },
             StreamRef::Records => self.records_applied.subscribe(),
+            StreamRef::Retained => self.retained_applied.subscribe(),
         };
         tokio::time::timeout(within, rx.wait_for(|v| *v >= seq))
             .await
@@ -385,6 +394,20 @@ impl Node {
 
     /// Publishes a record to the records stream; its stream seq once
     /// acknowledged. Any node may: these records need no sequencer.
+    /// Publishes a retained message (its record, empty payload to clear
+    /// it) on `subject` of the retained stream, which keeps the last one
+    /// of each; its stream seq once acknowledged.
+    pub async fn publish_retained(&self, subject: String, body: Bytes) -> Result<u64, String> {
+        let ack = self
+            .js
+            .publish(subject, body)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(ack.sequence)
+    }
+
     pub async fn publish_meta(&self, record: &MetaRecord) -> Result<u64, String> {
         let subject = format!("{}.records.meta", self.layout.prefix());
         let ack = self

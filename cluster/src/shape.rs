@@ -40,6 +40,14 @@ pub(crate) async fn ensure(js: &Context, layout: &Layout) -> Result<(), Attempt>
         duplicate_window: true,
     };
     ensure_object(js, &expected, || create(js, &records)).await?;
+    let retained = layout.retained_config();
+    let expected = Expected {
+        what: format!("stream {}", retained.name),
+        config: retained.clone(),
+        max_age_key: None,
+        duplicate_window: true,
+    };
+    ensure_object(js, &expected, || create(js, &retained)).await?;
     let sessions = bucket_expected(&layout.sessions_config(), None);
     ensure_object(js, &sessions, || create(js, &sessions.config)).await?;
     let leases = bucket_expected(&layout.leases_config(), Some("cluster.lease_ttl_ms"));

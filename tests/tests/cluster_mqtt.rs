@@ -221,3 +221,65 @@ async fn interest_follows_sessions(a: &Broker, b: &Broker) {
     again.disconnect().await;
     metric_becomes(b, "chatmq_cluster_mqtt_subjects", 0.0).await;
 }
+
+/// The retained message of `topic` a new subscriber on `b` gets, polled
+/// until it is `want` (`None`: none) or 20 s passed.
+async fn retained_on(b: &Broker, topic: &str, want: Option<&str>) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = v5::connect_ok(b.addr, "retained-viewer").await;
+        c.subscribe(topic, QoS::AtLeastOnce).await;
+        let got = c.publishes_for(Duration::from_millis(300)).await;
+        c.disconnect().await;
+        let got = payloads(&got).into_iter().next();
+        if got.as_deref() == want || tokio::time::Instant::now() > deadline {
+            return got;
+        }
+    }
+}
+
+#[test]
+fn retained_messages_reach_every_node_even_one_without_subscribers_or_started_later() {
+    if chatmq_tests::nats::skip() {
+        return;
+    }
+    let nats = NatsCluster::start(3);
+    let (a, c) = (node(&nats, "node-a"), node(&nats, "node-c"));
+    let rt = runtime();
+    rt.block_on(async {
+        // Nobody anywhere subscribes: retained on A, then on C all the same.
+        let mut device = v5::connect_ok(a.addr, "device-r1").await;
+        device
+            .publish_acked("config/r1", QoS::AtLeastOnce, true, b"v1")
+            .await;
+        device
+            .publish_acked("config/r1", QoS::AtLeastOnce, true, b"v2")
+            .await;
+        device
+            .publish_acked("config/r2", QoS::AtLeastOnce, true, b"keep")
+            .await;
+        assert_eq!(
+            retained_on(&c, "config/r1", Some("v2")).await.as_deref(),
+            Some("v2"),
+            "the last one, on C"
+        );
+        // Cleared on A: cleared on C.
+        device
+            .publish_acked("config/r1", QoS::AtLeastOnce, true, b"")
+            .await;
+        assert_eq!(
+            retained_on(&c, "config/r1", None).await,
+            None,
+            "cleared on C"
+        );
+    });
+    // A node that was not there: it gets what is retained from the stream.
+    let d = node(&nats, "node-d");
+    rt.block_on(async {
+        assert_eq!(
+            retained_on(&d, "config/r2", Some("keep")).await.as_deref(),
+            Some("keep")
+        );
+        assert_eq!(retained_on(&d, "config/r1", None).await, None);
+    });
+}

@@ -503,6 +503,8 @@ pub async fn run(chat: Arc<Chat>, shutdown: watch::Receiver<bool>) {
                 match s {
                     StreamRef::Partition(p) => chat.apply_chat(&r, p, &name, d).await,
                     StreamRef::Records => chat.apply_meta(&r, &name, d).await,
+                    // (Applied by the broker: `crate::remote`.)
+                    StreamRef::Retained => {}
                 }
             }
         });

@@ -45,6 +45,8 @@ const USAGE: &str = "usage:
       --pid PID            the broker's process (idle, scale: RSS per connection)
       --transport tcp|tls|ws  idle: how connections reach --addr (default tcp);
                            tls trusts --ca PEM (server name localhost), ws dials ws://ADDR/mqtt
+      --more-addrs A,B     chat and the plain scenarios: the other nodes of a cluster;
+                           client i connects to --addr and these in turn
       --label NAME         the broker's name in the report
       --json FILE          also write the outcome as JSON
   chatmq-load compare --chatmq-bin PATH [--mosquitto-bin PATH] [--rumqttd-bin PATH]
@@ -127,6 +129,15 @@ async fn run_one(mut a: Args) -> Result<()> {
         .next()
         .ok_or_else(|| anyhow!("--addr {addr}: no address"))?;
     let mut p = Params::new(scenario, addr);
+    if let Some(more) = a.get::<String>("more-addrs")? {
+        for one in more.split(',').filter(|s| !s.is_empty()) {
+            let resolved = tokio::net::lookup_host(one)
+                .await?
+                .next()
+                .ok_or_else(|| anyhow!("--more-addrs {one}: no address"))?;
+            p.more_addrs.push(resolved);
+        }
+    }
     if let Some(q) = a.get::<u8>("qos")? {
         if q > 1 {
             bail!("--qos is 0 or 1");

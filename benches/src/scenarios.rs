@@ -74,6 +74,9 @@ impl Scenario {
 pub struct Params {
     pub scenario: Scenario,
     pub addr: SocketAddr,
+    /// More brokers (the nodes of a cluster): client `i` connects to
+    /// `addr` and these in turn (raw client only).
+    pub more_addrs: Vec<SocketAddr>,
     pub qos: u8,
     /// Pairs, publishers (fan-in), subscribers (fan-out), connections (idle, storm cap).
     pub clients: usize,
@@ -115,6 +118,7 @@ impl Params {
         Params {
             scenario,
             addr,
+            more_addrs: Vec::new(),
             qos,
             clients,
             groups: 10,
@@ -390,7 +394,11 @@ pub(crate) async fn messages(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
             links.push((link, r.publish));
         }
     } else {
-        let addr = p.addr;
+        let addrs: Arc<Vec<SocketAddr>> = Arc::new(
+            std::iter::once(p.addr)
+                .chain(p.more_addrs.iter().copied())
+                .collect(),
+        );
         let secret = p.jwt_secret.clone();
         let roles = Arc::new(roles);
         let idx: Vec<usize> = (0..roles.len()).collect();
@@ -398,6 +406,7 @@ pub(crate) async fn messages(p: &Params, bar: &ProgressBar) -> Result<Outcome> {
         let connected = bounded(idx.clone(), 32, move |i| {
             let roles = shared.clone();
             let secret = secret.clone();
+            let addr = addrs[i % addrs.len()];
             async move {
                 let r = &roles[i];
                 let login = match (&r.user, &secret) {

@@ -980,3 +980,41 @@ async fn read_receipts_and_unread_counts() {
     let (reply, _) = v5_rpc(&mut eve, "read", "r", json!({"conv": "team", "seq": 5})).await;
     assert_eq!(reply["error"]["code"], "not_member", "{reply}");
 }
+
+/// A watcher who subscribes while a member's presence window is open is
+/// given the member's state of that moment; if the member then flaps back
+/// to what was told before, the window's end tells the watcher the real
+/// state all the same (it once left a watcher with "offline" for a member
+/// who was online: the web demo's fallback test, when a page reconnected
+/// its event stream just as its contact subscribed).
+#[tokio::test]
+async fn a_watcher_who_subscribed_mid_window_learns_the_real_state_when_it_ends() {
+    const WINDOW_MS: u64 = 1500;
+    let b = Broker::start(&config(&format!(
+        "[chat]\nannounce_window_ms = {WINDOW_MS}\n"
+    )));
+    let mut bob = v5_with_events(&b, "bob").await;
+    create_group(&mut bob, "team", &["alice"]).await;
+    // alice online: told, and her window opens.
+    let phone = v4_login(v4_options(b.addr, "alice-phone", "alice", false)).await;
+    // Offline and online again within it; bob subscribes in between.
+    phone.disconnect().await;
+    let mut watcher = v5_login(v5_options(b.addr, "bob-watch", "bob", false)).await;
+    watcher
+        .subscribe("presence/alice", v5::QoS::AtLeastOnce)
+        .await;
+    let first = json_of(&watcher.publish().await.payload)["status"].clone();
+    assert_eq!(first, "offline", "her state when bob subscribed");
+    let _again = v4_login(v4_options(b.addr, "alice-phone", "alice", false)).await;
+    let told: Vec<Value> = watcher
+        .publishes_for(Duration::from_millis(3 * WINDOW_MS))
+        .await
+        .iter()
+        .map(|p| json_of(&p.payload)["status"].clone())
+        .collect();
+    assert_eq!(
+        told.last().and_then(Value::as_str),
+        Some("online"),
+        "bob ends knowing she is online: {told:?}"
+    );
+}

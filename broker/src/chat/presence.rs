@@ -29,6 +29,11 @@ use crate::message::Message;
 pub(super) struct PresenceWindows {
     /// User -> the state told when its window opened (online or not).
     told: Mutex<HashMap<Arc<str>, bool>>,
+    /// Users whose state a new subscription was given while their window
+    /// was open (`presence_for`): that state may be one the window's end
+    /// would not tell (a flap back to what was told), so the end tells
+    /// the latest state to them as well.
+    served: Mutex<std::collections::HashSet<Arc<str>>>,
     /// When each user's window ends.
     deadlines: Mutex<Deadlines>,
     /// Woken when a window ends before every other.
@@ -150,8 +155,9 @@ impl Chat {
                 .get(user)
                 .copied()
                 .unwrap_or((false, 0));
+            let served = lock(&self.presence_windows.served).remove(user);
             match told.get_mut(user) {
-                Some(last) if *last != online => *last = online,
+                Some(last) if *last != online || served => *last = online,
                 _ => {
                     told.remove(user);
                     return;
@@ -210,6 +216,8 @@ impl Chat {
     /// of `viewer` gets: every user it shares a conversation with.
     pub fn presence_for(&self, viewer: &str, filter: &str) -> Vec<Arc<Message>> {
         let contacts = self.members_read().contacts(viewer);
+        let told = lock(&self.presence_windows.told);
+        let mut served = lock(&self.presence_windows.served);
         let presence = lock(&self.presence);
         contacts
             .iter()
@@ -220,6 +228,9 @@ impl Chat {
                     return None;
                 }
                 let (online, ts) = presence.get(u).copied().unwrap_or((false, 0));
+                if told.contains_key(u) {
+                    served.insert(u.clone());
+                }
                 Some(Self::presence_message(u, online, ts))
             })
             .collect()

@@ -8,7 +8,9 @@
 //! answers, and when the window ends the latest state goes out if it
 //! differs from what was told (opening another window), else nothing. So a
 //! member who flaps costs its watchers one delivery per window, not one per
-//! flap, and a flap that ends where it began costs none.
+//! flap, and a flap that ends where it began costs none, unless a new
+//! subscription was given the user's state meanwhile (it may have been
+//! given the flap's middle): then the window's end tells the latest state.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

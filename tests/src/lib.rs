@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 pub mod chat;
 pub mod cli;
+pub mod cluster;
 pub mod http;
 pub mod metrics;
 pub mod nats;

@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatmq_tests::chat::{self, envelope, seq_of};
+use chatmq_tests::cluster::{acked_within, runtime};
 use chatmq_tests::http::Http;
 use chatmq_tests::nats::NatsCluster;
 use chatmq_tests::{v5, Broker};
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 
@@ -33,14 +34,6 @@ fn node(nats: &NatsCluster, id: &str) -> Broker {
         "[cluster]\nnode_id = {id:?}\n{}\npartitions = 4\nlease_ttl_ms = 2000\n",
         nats.urls_toml()
     )))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 fn user(addr: SocketAddr, name: &str) -> Http {
@@ -70,34 +63,6 @@ async fn connect_any(
         i += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Publishes and waits for the PUBACK: `Some(true)` acknowledged,
-/// `Some(false)` refused, `None` the connection ended or nothing came.
-async fn acked_within(
-    c: &mut v5::Client,
-    topic: &str,
-    payload: &[u8],
-    within: Duration,
-) -> Option<bool> {
-    if c.client
-        .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
-        .await
-        .is_err()
-    {
-        return None;
-    }
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        match c.next().await {
-            Ok(Packet::PubAck(a)) => return Some(a.reason == PubAckReason::Success),
-            Ok(Packet::Disconnect(_)) => return None,
-            Ok(_) => continue,
-            Err(e) if e.contains("nothing arrived") => continue,
-            Err(_) => return None,
-        }
-    }
-    None
 }
 
 /// An acknowledged message: conversation, envelope id, when it was first

@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chatmq_tests::chat::{self, envelope, seq_of};
+use chatmq_tests::cluster::{acked_within, eventually, runtime};
 use chatmq_tests::http::{Http, Response};
 use chatmq_tests::nats::NatsCluster;
 use chatmq_tests::Broker;
@@ -38,14 +39,6 @@ fn node_config_ttl(nats: &NatsCluster, node: &str, ttl_ms: u64) -> String {
         "admin_token = \"{ADMIN}\"\n\n[cluster]\nnode_id = {node:?}\n{}\npartitions = 4\nlease_ttl_ms = {ttl_ms}\n",
         nats.urls_toml()
     ))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 fn user(b: &Broker, name: &str) -> Http {
@@ -116,18 +109,6 @@ async fn listed(b: &Broker, who: &str, conv: &str) -> Option<Value> {
         .iter()
         .find(|c| c["conv"] == conv)
         .cloned()
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[test]
@@ -296,35 +277,6 @@ fn a_stopped_node_catches_up_exactly_and_a_new_empty_node_from_the_streams_alone
         assert_eq!(send(&b, "alice", "log", "y2").await, 27);
         assert_eq!(history_reaches(&a, "alice", "log", 27).await.len(), 27);
     });
-}
-
-/// Publishes `payload` on `topic` at QoS 1 and waits up to `within` for
-/// its PUBACK: `Some(true)` acknowledged, `Some(false)` refused, `None`
-/// nothing (or the connection closed).
-async fn acked_within(
-    c: &mut chatmq_tests::v5::Client,
-    topic: &str,
-    payload: &[u8],
-    within: Duration,
-) -> Option<bool> {
-    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
-    if c.client
-        .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
-        .await
-        .is_err()
-    {
-        return None;
-    }
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        match c.next().await {
-            Ok(Packet::PubAck(a)) => return Some(a.reason == PubAckReason::Success),
-            Ok(_) => continue,
-            Err(e) if e.contains("nothing arrived") => continue,
-            Err(_) => return None,
-        }
-    }
-    None
 }
 
 #[test]

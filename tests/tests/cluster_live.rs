@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use chatmq_tests::chat::{self, json_of};
+use chatmq_tests::cluster::runtime;
 use chatmq_tests::http::Http;
 use chatmq_tests::nats::NatsCluster;
 use chatmq_tests::{v5, Broker};
@@ -22,14 +23,6 @@ fn node(nats: &NatsCluster, id: &str) -> Broker {
         "[cluster]\nnode_id = {id:?}\n{}\npartitions = 2\nlease_ttl_ms = 2000\n",
         nats.urls_toml()
     )))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 /// The next publish on `topic` that `want` accepts, within 15 s.

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use chatmq_tests::cluster::runtime;
 use chatmq_tests::metrics::{metric, metric_becomes, metric_reaches};
 use chatmq_tests::nats::NatsCluster;
 use chatmq_tests::{v5, Broker, OPEN, PATIENCE};
@@ -19,14 +20,6 @@ fn node(nats: &NatsCluster, id: &str) -> Broker {
         "{OPEN}\n[cluster]\nnode_id = {id:?}\n{}\npartitions = 2\n",
         nats.urls_toml()
     ))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 /// Publishes `probe` topics from `from` until `to` hears one: the other

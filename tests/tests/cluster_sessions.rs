@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use chatmq_tests::chat::{self, seq_of};
+use chatmq_tests::cluster::{eventually, runtime};
 use chatmq_tests::http::{Http, Response};
 use chatmq_tests::metrics::{metric, metric_reaches};
 use chatmq_tests::nats::NatsCluster;
@@ -35,14 +36,6 @@ fn node(nats: &NatsCluster, id: &str) -> Broker {
     )))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn user(b: &Broker, name: &str) -> Http {
     Http::new(b.http_addr).with_token(&chat::token(name))
 }
@@ -55,18 +48,6 @@ fn ok(r: Response, what: &str) -> Value {
         r.text()
     );
     r.json()
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `room` created on `a` by alice with bob, and known on `b`.

@@ -61,3 +61,20 @@ pub async fn acked_within(
     }
     None
 }
+
+/// `name`'s HTTP API on `b`, with a JWT of theirs.
+pub fn user(b: &crate::Broker, name: &str) -> crate::http::Http {
+    crate::http::Http::new(b.http_addr).with_token(&crate::chat::token(name))
+}
+
+/// The JSON of a 2xx answer; panics with `what`, the status and the body
+/// otherwise.
+pub fn ok(r: crate::http::Response, what: &str) -> serde_json::Value {
+    assert!(
+        (200..300).contains(&r.status),
+        "{what}: {} {}",
+        r.status,
+        r.text()
+    );
+    r.json()
+}

@@ -11,8 +11,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chatmq_tests::chat::{self, envelope, seq_of};
-use chatmq_tests::cluster::{acked_within, eventually, runtime};
-use chatmq_tests::http::{Http, Response};
+use chatmq_tests::cluster::{acked_within, eventually, ok, runtime, user};
+use chatmq_tests::http::Http;
 use chatmq_tests::nats::NatsCluster;
 use chatmq_tests::Broker;
 use rumqttc::v5::mqttbytes::QoS;
@@ -41,22 +41,8 @@ fn node_config_ttl(nats: &NatsCluster, node: &str, ttl_ms: u64) -> String {
     ))
 }
 
-fn user(b: &Broker, name: &str) -> Http {
-    Http::new(b.http_addr).with_token(&chat::token(name))
-}
-
 fn admin(b: &Broker) -> Http {
     Http::new(b.http_addr).with_token(ADMIN)
-}
-
-fn ok(r: Response, what: &str) -> Value {
-    assert!(
-        (200..300).contains(&r.status),
-        "{what}: {} {}",
-        r.status,
-        r.text()
-    );
-    r.json()
 }
 
 /// The seqs of `conv`'s history on `b` as `viewer` (all, up to 200).

@@ -12,14 +12,13 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use chatmq_tests::chat::{self, seq_of};
-use chatmq_tests::cluster::{eventually, runtime};
-use chatmq_tests::http::{Http, Response};
+use chatmq_tests::cluster::{eventually, ok, runtime, user};
 use chatmq_tests::metrics::{metric, metric_reaches};
 use chatmq_tests::nats::NatsCluster;
 use chatmq_tests::{v5, Broker};
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// One test at a time: each runs 3 NATS servers and 2 nodes.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -34,20 +33,6 @@ fn node(nats: &NatsCluster, id: &str) -> Broker {
          [cluster]\nnode_id = {id:?}\n{}\npartitions = 2\nlease_ttl_ms = 2000\n",
         nats.urls_toml()
     )))
-}
-
-fn user(b: &Broker, name: &str) -> Http {
-    Http::new(b.http_addr).with_token(&chat::token(name))
-}
-
-fn ok(r: Response, what: &str) -> Value {
-    assert!(
-        (200..300).contains(&r.status),
-        "{what}: {} {}",
-        r.status,
-        r.text()
-    );
-    r.json()
 }
 
 /// `room` created on `a` by alice with bob, and known on `b`.

@@ -49,6 +49,10 @@ pub struct Cluster {
 const RETRY_BASE: Duration = Duration::from_millis(250);
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
+/// How long start-up retries quietly, and then how often it warns why
+/// it is still not ready.
+const WAIT_WARNING: Duration = Duration::from_secs(10);
+
 /// The longest one start-up attempt may take. Every request in it has its
 /// own timeout, but a connection that is stuck (a server that accepted and
 /// went silent) must not hold start-up until `startup_timeout_secs`: after
@@ -65,6 +69,9 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(settings.startup_timeout_secs);
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
         let mut client: Option<async_nats::Client> = None;
+        // A short wait (a cluster forming) is quiet, and a start that
+        // fails early prints its one line; a long one says why it waits.
+        let mut next_warning = Instant::now() + WAIT_WARNING;
         // Set by every attempt that does not end start-up.
         let mut last: error::Failure;
         loop {
@@ -98,11 +105,18 @@ impl Cluster {
                 }
                 Ok(Err(error::Attempt::Final(e))) => return Err(e),
                 Ok(Err(error::Attempt::Retry(failure))) => {
-                    tracing::debug!(key = failure.key, error = %failure.message, "cluster start-up: retrying");
+                    if Instant::now() >= next_warning {
+                        next_warning = Instant::now() + WAIT_WARNING;
+                        tracing::warn!(key = failure.key, error = %failure.message, "cluster start-up: still not ready; retrying");
+                    } else {
+                        tracing::debug!(key = failure.key, error = %failure.message, "cluster start-up: retrying");
+                    }
                     last = failure;
                 }
                 Err(_) => {
-                    tracing::debug!("cluster start-up: an attempt took too long; reconnecting");
+                    if bound < deadline {
+                        tracing::warn!("cluster start-up: an attempt took too long; reconnecting");
+                    }
                     last = error::Failure {
                         message: format!("no answer within {} s", ATTEMPT_CAP.as_secs()),
                         ..error::Failure::default()

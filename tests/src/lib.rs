@@ -161,7 +161,12 @@ impl Broker {
             .env("CHATMQ__MQTT__LISTEN", "127.0.0.1:0")
             .env("CHATMQ__HTTP__LISTEN", "127.0.0.1:0")
             .env("CHATMQ__WEBSOCKET__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "warn");
+            // CHATMQ_TEST_LOG=info (or a filter) shows more in the
+            // log a failing test prints.
+            .env(
+                "RUST_LOG",
+                std::env::var("CHATMQ_TEST_LOG").unwrap_or_else(|_| "warn".to_string()),
+            );
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

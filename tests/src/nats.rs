@@ -3,9 +3,9 @@
 //! free loopback ports, each with its own store directory in a temporary
 //! directory, routed to each other as one cluster.
 //!
-//! [`NatsCluster::start`] returns once JetStream has a meta leader (an
-//! account info request answers), so a test starts from a cluster that
-//! can create streams. Servers can be killed and started again on the
+//! [`NatsCluster::start`] returns once every server is in the JetStream
+//! cluster (a stream with a replica on each can be created), so a test
+//! starts from a cluster that can place chatmq's streams. Servers can be killed and started again on the
 //! same ports and store (for the failover tests of issue #12).
 //!
 //! async-nats 0.50 cannot parse 2.9's account info (`query_account`,
@@ -97,15 +97,32 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// `n` servers on free ports, ready for JetStream.
+    /// `n` servers on free ports, ready for JetStream. A free port can
+    /// be taken between the probe that found it and the server's bind (a
+    /// client's ephemeral port): a server that exits at start-up is a
+    /// reason to try again on other ports, up to 3 times.
     pub fn start(n: usize) -> NatsCluster {
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        Self::start_on(&ports)
+        let mut failures = String::new();
+        for _ in 0..3 {
+            let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+            match Self::try_start_on(&ports) {
+                Ok(cluster) => return cluster,
+                Err(logs) => failures.push_str(&logs),
+            }
+        }
+        panic!("NATS did not start in 3 attempts; logs:\n{failures}");
     }
 
     /// Servers whose client ports are `client_ports` (a test may hand a
     /// port to chatmq before any server listens on it).
     pub fn start_on(client_ports: &[u16]) -> NatsCluster {
+        match Self::try_start_on(client_ports) {
+            Ok(cluster) => cluster,
+            Err(logs) => panic!("NATS did not start; logs:\n{logs}"),
+        }
+    }
+
+    fn try_start_on(client_ports: &[u16]) -> Result<NatsCluster, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let route_ports: Vec<u16> = client_ports.iter().map(|_| free_port()).collect();
         let routes: Vec<String> = route_ports
@@ -141,9 +158,9 @@ impl NatsCluster {
         for server in &mut servers {
             server.spawn();
         }
-        let cluster = NatsCluster { servers, dir };
-        cluster.wait_for_jetstream();
-        cluster
+        let mut cluster = NatsCluster { servers, dir };
+        cluster.wait_for_formation()?;
+        Ok(cluster)
     }
 
     /// Every server's client URL.
@@ -191,41 +208,57 @@ impl NatsCluster {
         Ok(async_nats::jetstream::new(client))
     }
 
-    /// Blocks until an account info request answers (a meta leader is
-    /// elected), or panics with the servers' logs.
-    pub fn wait_for_jetstream(&self) {
+    /// Blocks until every server is in the JetStream cluster: a stream
+    /// with one replica on each can be created (a meta leader alone is
+    /// not enough: with a server missing, every stream of chatmq's
+    /// replicas is refused and a node never becomes ready). `Err` with
+    /// the logs if a server exited or the time is up.
+    fn wait_for_formation(&mut self) -> Result<(), String> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
+        let replicas = self.servers.len();
         let deadline = Instant::now() + FORMATION;
-        let ready = runtime.block_on(async {
-            loop {
-                let answered = async {
-                    match self.try_jetstream().await {
-                        // A stream lookup answers (even "not found") only
-                        // once there is a meta leader. (Not query_account:
-                        // async-nats 0.50 cannot read 2.9's account info.)
-                        Ok(js) => match js.get_stream("chatmq-probe").await {
-                            Ok(_) => true,
-                            Err(e) => matches!(
-                                e.kind(),
-                                async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
-                            ),
-                        },
-                        Err(_) => false,
+        loop {
+            let exited = self.servers.iter_mut().find_map(|server| {
+                match server.child.as_mut().map(Child::try_wait) {
+                    Some(Ok(Some(status))) => {
+                        server.child = None;
+                        Some(format!("{} exited ({status})", server.name))
                     }
-                };
-                if let Ok(true) = tokio::time::timeout(Duration::from_secs(5), answered).await {
-                    return true;
+                    _ => None,
                 }
-                if Instant::now() > deadline {
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            });
+            if let Some(exited) = exited {
+                return Err(format!("{exited}:\n{}", self.logs()));
             }
-        });
-        assert!(ready, "JetStream did not form; logs:\n{}", self.logs());
+            let place = async {
+                let Ok(js) = self.try_jetstream().await else {
+                    return false;
+                };
+                let probe = async_nats::jetstream::stream::Config {
+                    name: "chatmq-probe".to_string(),
+                    num_replicas: replicas,
+                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                };
+                match js.create_stream(probe).await {
+                    Ok(_) => js.delete_stream("chatmq-probe").await.is_ok(),
+                    Err(_) => false,
+                }
+            };
+            // The timer is made inside the runtime it needs.
+            let placed = runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), place).await });
+            if let Ok(true) = placed {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("JetStream did not form:\n{}", self.logs()));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     pub fn dir(&self) -> &std::path::Path {

@@ -184,6 +184,20 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
+/// Which shared groups of this node a message goes to.
+#[derive(Clone, Copy)]
+enum Shares<'a> {
+    /// Every matching one: one node alone, or a message that did not go
+    /// to the other nodes.
+    All,
+    /// None: with `[cluster]`, a message that went through NATS reaches
+    /// the shared groups by their queue subscriptions.
+    None,
+    /// This one group only, and no plain subscriber: NATS chose this
+    /// node for it.
+    Only { group: &'a str, filter: &'a str },
+}
+
 /// One session a message is routed to, and how (see `Broker::targets`).
 struct Target {
     cell: Arc<SessionCell>,
@@ -1521,20 +1535,39 @@ impl Broker {
     /// publisher may wait for it a moment before reading more (see
     /// `connection::PACE`).
     pub fn route_all(&self, msgs: &[Arc<Message>], batch: &mut Batch) -> Option<Arc<SessionCell>> {
-        if let Some(r) = self.remote.get() {
-            for m in msgs {
-                r.forward(m);
+        let Some(remote) = self.remote.get() else {
+            return self.route_here(msgs, batch, true, |_| Shares::All);
+        };
+        // What went to the other nodes reaches the shared groups through
+        // NATS (this node's members included, when NATS picks this node):
+        // a group gets each message once, wherever its members are.
+        let traveled: Vec<bool> = msgs.iter().map(|m| remote.forward(m)).collect();
+        self.route_here(msgs, batch, true, |i| {
+            if traveled.get(i).copied().unwrap_or(false) {
+                Shares::None
+            } else {
+                Shares::All
             }
-        }
-        self.route_here(msgs, batch, true)
+        })
     }
 
     /// Routes a message a client of another node of the cluster published
-    /// ([`crate::remote`]): to this node's sessions only, never on.
+    /// ([`crate::remote`]): to this node's plain subscribers only (shared
+    /// groups get it from NATS's queue groups), never on.
     pub fn route_remote(&self, msg: Arc<Message>, batch: &mut Batch) {
         // With the retained stream, it decides what is retained here.
         let keep = !self.remote.get().is_some_and(|r| r.retains());
-        self.route_here(std::slice::from_ref(&msg), batch, keep);
+        self.route_here(std::slice::from_ref(&msg), batch, keep, |_| Shares::None);
+    }
+
+    /// Routes a message that NATS gave this node for the shared group
+    /// `group` of `filter` (published on any node, this one included):
+    /// to one of the group's members here, and to nobody else.
+    pub fn route_shared(&self, msg: Arc<Message>, group: &str, filter: &str, batch: &mut Batch) {
+        self.route_here(std::slice::from_ref(&msg), batch, false, |_| Shares::Only {
+            group,
+            filter,
+        });
     }
 
     /// A retained message from the cluster's retained stream: kept (or
@@ -1546,12 +1579,14 @@ impl Broker {
     }
 
     /// [`Broker::route_all`] on this node alone; retained messages are
-    /// kept here if `keep_retained`.
-    fn route_here(
+    /// kept here if `keep_retained`; `shares` says which shared groups
+    /// each message (by its index) goes to.
+    fn route_here<'s>(
         &self,
         msgs: &[Arc<Message>],
         batch: &mut Batch,
         keep_retained: bool,
+        shares: impl Fn(usize) -> Shares<'s>,
     ) -> Option<Arc<SessionCell>> {
         self.metrics
             .messages_in
@@ -1562,8 +1597,8 @@ impl Broker {
         let mut found: Vec<Vec<Target>> = Vec::with_capacity(msgs.len());
         {
             let router = read_router(&self.router);
-            for msg in msgs {
-                found.push(Self::targets(&router, msg));
+            for (i, msg) in msgs.iter().enumerate() {
+                found.push(Self::targets(&router, msg, shares(i)));
             }
         }
         let mut dropped = 0u64;
@@ -1599,16 +1634,27 @@ impl Broker {
 
     /// The sessions `msg` goes to: one delivery per client, at the highest
     /// QoS of its matching subscriptions, with all their identifiers
-    /// [MQTT-3.3.5-1], and one member of each matching shared group.
-    /// Matches are collected as they come, then merged per session: sorted
-    /// by handle, so a session several filters match is one target,
-    /// without hashing each client id.
-    fn targets(router: &Router<Arc<SessionCell>>, msg: &Message) -> Vec<Target> {
+    /// [MQTT-3.3.5-1], and one member of each matching shared group that
+    /// `shares` names. Matches are collected as they come, then merged per
+    /// session: sorted by handle, so a session several filters match is
+    /// one target, without hashing each client id.
+    fn targets(
+        router: &Router<Arc<SessionCell>>,
+        msg: &Message,
+        shares: Shares<'_>,
+    ) -> Vec<Target> {
         /// A matching shared group: its members, and where the rotation starts.
         type Group = (Vec<(Arc<str>, Sub<Arc<SessionCell>>)>, usize);
+        if let Shares::Only { group, filter } = shares {
+            return router
+                .shared_group(filter, group)
+                .map(|m| vec![Self::pick(m.members, m.start)])
+                .unwrap_or_default();
+        }
         let mut targets: Vec<Target> = Vec::new();
         let mut shared: Vec<Group> = Vec::new();
         let publisher = msg.publisher.as_deref();
+        let with_groups = matches!(shares, Shares::All);
         router.for_each_match(
             &msg.topic,
             &mut |client, sub| {
@@ -1618,7 +1664,11 @@ impl Broker {
                 }
                 targets.push(Target::new(&sub.handle, o));
             },
-            &mut |m| shared.push((m.members.to_vec(), m.start)),
+            &mut |m| {
+                if with_groups {
+                    shared.push((m.members.to_vec(), m.start));
+                }
+            },
         );
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|t| Arc::as_ptr(&t.cell) as usize);
@@ -1638,15 +1688,20 @@ impl Broker {
             }
         }
         for (members, start) in shared {
-            // Prefer a connected member, starting from the rotating index.
-            let n = members.len();
-            let pick = (0..n)
-                .map(|i| &members[(start + i) % n].1)
-                .find(|sub| sub.handle.is_online())
-                .unwrap_or(&members[start % n].1);
-            targets.push(Target::new(&pick.handle, &pick.options));
+            targets.push(Self::pick(&members, start));
         }
         targets
+    }
+
+    /// The member of a shared group (not empty) a message goes to: the
+    /// first connected one from the rotating index, else the one there.
+    fn pick(members: &[(Arc<str>, Sub<Arc<SessionCell>>)], start: usize) -> Target {
+        let n = members.len();
+        let pick = (0..n)
+            .map(|i| &members[(start + i) % n].1)
+            .find(|sub| sub.handle.is_online())
+            .unwrap_or(&members[start % n].1);
+        Target::new(&pick.handle, &pick.options)
     }
 
     /// Gives `msg` to each of `targets`; returns how many dropped it, and

@@ -21,6 +21,12 @@
 //!   all nodes agree on the last one of a topic. A retained message that
 //!   arrives over the link is delivered, not retained: only the stream
 //!   decides what is retained.
+//! - Shared subscriptions span the nodes: a message that went to NATS
+//!   reaches the shared groups only through their NATS queue groups (one
+//!   node of those with members gets it, and gives it to one of its
+//!   members), so a group gets each message once wherever it was
+//!   published; one that stayed on this node (a `$` topic, a full queue)
+//!   goes to this node's groups directly.
 //! - Both queues are bounded; what they drop is counted
 //!   (`chatmq_cluster_mqtt_dropped_total`).
 
@@ -44,7 +50,7 @@ const INBOUND: usize = 8192;
 
 /// A message on its way to the other nodes.
 struct Outbound {
-    topic: String,
+    subject: String,
     publisher: Option<Arc<str>>,
     body: Bytes,
 }
@@ -63,32 +69,43 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Sends what a client of this node published to the other nodes.
-    pub(crate) fn forward(&self, msg: &Message) {
+    /// Sends what a client of this node published to the other nodes, and
+    /// to the shared groups of all (this one's included). False if it
+    /// stays here: not a client's publish, a `$` topic, a topic too long
+    /// for a subject, or the queue full (counted); this node's shared
+    /// groups then get it directly.
+    pub(crate) fn forward(&self, msg: &Message) -> bool {
         let Some(publisher) = &msg.publisher else {
-            return;
+            return false;
         };
         if msg.topic.starts_with('$') {
-            return;
+            return false;
         }
-        let out = Outbound {
-            topic: msg.topic.clone(),
-            publisher: Some(publisher.clone()),
-            body: Bytes::from(msg.to_record().encode()),
+        let Some(subject) = self.links.subjects().topic(&msg.topic) else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
         };
+        let body = Bytes::from(msg.to_record().encode());
         if msg.retain {
             if let Some((subjects, queue)) = self.retained.get() {
                 let sent = subjects
                     .topic(&msg.topic)
-                    .is_some_and(|s| queue.try_send((s, out.body.clone())).is_ok());
+                    .is_some_and(|s| queue.try_send((s, body.clone())).is_ok());
                 if !sent {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
+        let out = Outbound {
+            subject,
+            publisher: Some(publisher.clone()),
+            body,
+        };
         if self.outbound.try_send(out).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
         }
+        true
     }
 
     /// The retained stream decides what is retained (not the link).
@@ -96,17 +113,24 @@ impl Remote {
         self.retained.get().is_some()
     }
 
-    /// A session of this node subscribed to `filter` (it was not before).
+    /// A session of this node subscribed to `filter` (it was not before):
+    /// a plain filter, or a shared group's (`$share/{group}/{filter}`).
     pub(crate) fn subscribed(&self, filter: &str) {
-        if travels(filter) {
-            self.links.add_filter(filter);
+        match topic::parse_shared(filter) {
+            Some(Ok((group, inner))) if travels(inner) => self.links.add_share(group, inner),
+            Some(_) => {}
+            None if travels(filter) => self.links.add_filter(filter),
+            None => {}
         }
     }
 
     /// A session of this node no longer holds `filter`.
     pub(crate) fn unsubscribed(&self, filter: &str) {
-        if travels(filter) {
-            self.links.remove_filter(filter);
+        match topic::parse_shared(filter) {
+            Some(Ok((group, inner))) if travels(inner) => self.links.remove_share(group, inner),
+            Some(_) => {}
+            None if travels(filter) => self.links.remove_filter(filter),
+            None => {}
         }
     }
 
@@ -157,7 +181,7 @@ async fn send(
     loop {
         tokio::select! {
             out = queue.recv() => match out {
-                Some(o) => links.publish(&o.topic, o.publisher.as_deref(), o.body).await,
+                Some(o) => links.publish(o.subject, o.publisher.as_deref(), o.body).await,
                 None => break,
             },
             _ = stop.changed() => break,
@@ -271,7 +295,12 @@ async fn receive(
         };
         msg.publisher = arrived.publisher.map(Arc::from);
         let mut batch = Batch::new();
-        broker.route_remote(Arc::new(msg), &mut batch);
+        match &arrived.share {
+            Some(share) => {
+                broker.route_shared(Arc::new(msg), &share.group, &share.filter, &mut batch)
+            }
+            None => broker.route_remote(Arc::new(msg), &mut batch),
+        }
         // Not waited for: nobody acknowledges a forwarded message; the
         // next one goes to the writer behind it, in order.
         drop(broker.store.submit(batch).await);

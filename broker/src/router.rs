@@ -213,6 +213,25 @@ impl<H> Router<H> {
         Some(node)
     }
 
+    /// The shared group `group` of `filter` (the filter inside
+    /// `$share/{group}/`), for one message: its members and where the
+    /// rotation starts. `None` if no session here is a member.
+    pub fn shared_group(&self, filter: &str, group: &str) -> Option<SharedMatch<'_, H>> {
+        let mut node = &self.root;
+        for level in filter.split('/') {
+            node = node.children.get(level)?;
+        }
+        let group = node.groups.get(group)?;
+        if group.members.is_empty() {
+            return None;
+        }
+        let start = group.next.fetch_add(1, Ordering::Relaxed) % group.members.len();
+        Some(SharedMatch {
+            members: &group.members,
+            start,
+        })
+    }
+
     /// Calls `direct` for every plain subscription and `shared` for every
     /// shared group whose filter matches `topic`.
     pub fn for_each_match<'a>(
@@ -327,6 +346,28 @@ mod tests {
         let mut qos = vec![];
         r.for_each_match("t", &mut |_, s| qos.push(s.options.qos), &mut |_| {});
         assert_eq!(qos, [QoS::ExactlyOnce]);
+    }
+
+    #[test]
+    fn a_shared_group_is_found_by_its_filter_and_name_alone() {
+        let mut r: Router<()> = Router::default();
+        for c in ["x", "y"] {
+            let c: Arc<str> = Arc::from(c);
+            r.subscribe(&c, "$share/g/jobs/+", opts(QoS::AtLeastOnce), ());
+        }
+        let picks: Vec<String> = (0..4)
+            .map(|_| {
+                let m = r.shared_group("jobs/+", "g").expect("the group");
+                m.members[m.start].0.to_string()
+            })
+            .collect();
+        assert_eq!(picks, ["x", "y", "x", "y"], "it rotates");
+        assert!(r.shared_group("jobs/+", "h").is_none(), "another group");
+        assert!(r.shared_group("jobs/#", "g").is_none(), "another filter");
+        assert!(r.shared_group("jobs", "g").is_none(), "a node on the way");
+        assert!(r.unsubscribe("x", "$share/g/jobs/+"));
+        assert!(r.unsubscribe("y", "$share/g/jobs/+"));
+        assert!(r.shared_group("jobs/+", "g").is_none(), "no member left");
     }
 
     #[test]

@@ -15,6 +15,14 @@
 //! (NATS echoes them to its own subscriptions) and nothing is forwarded
 //! twice. What the hop guarantees is core NATS': at most once between
 //! nodes (docs/CLUSTER.md says why and what that means for QoS 1/2).
+//!
+//! Shared subscriptions (`$share/{group}/{filter}`) span the nodes as
+//! NATS queue groups: each node with members of a group subscribes to
+//! the filter's subjects in a queue named after the group and filter, so
+//! NATS gives each message to one of those nodes, which gives it to one
+//! of its members. The publishing node is one of them like any other: it
+//! hears its own message back on a queue subscription (and only there),
+//! so a group gets each message once whichever node it was published on.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify};
 
 /// The header naming the node a message was published on.
@@ -123,13 +132,45 @@ fn push_level(subject: &mut String, level: &str) {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// A message another node's client published.
+/// A shared group as its subscriptions name it: `$share/{group}/{filter}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Share {
+    pub group: String,
+    pub filter: String,
+}
+
+impl Share {
+    /// The NATS queue group of this share group: the same on every node,
+    /// and different for every (group, filter) pair, since NATS merges
+    /// the queue subscriptions of one name that match a subject, whatever
+    /// their subjects (`$share/g/a/+` and `$share/g/a/b` are two MQTT
+    /// groups). A digest, so its length is bounded whatever the filter's.
+    fn queue(&self) -> String {
+        let mut digest = Sha256::new();
+        digest.update(self.group.as_bytes());
+        digest.update([0]);
+        digest.update(self.filter.as_bytes());
+        let mut name = String::from("share-");
+        for b in digest.finalize().iter().take(16) {
+            name.push(char::from(HEX[usize::from(b >> 4)]));
+            name.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        name
+    }
+}
+
+/// A message another node's client published (or, for a shared group,
+/// any node's, this one's included).
 #[derive(Debug)]
 pub struct Arrived {
     /// The publishing client on that node, if it said.
     pub publisher: Option<String>,
     /// What the broker encoded.
     pub body: Bytes,
+    /// `Some`: NATS chose this node for this shared group, and the
+    /// message goes to one of its members here and to nobody else. `None`:
+    /// to this node's plain subscribers, and no shared group.
+    pub share: Option<Arc<Share>>,
 }
 
 /// Counts for `/metrics`.
@@ -147,12 +188,18 @@ pub struct LinkMetrics {
 }
 
 /// The filters this node's sessions hold, counted, and the subjects they
-/// need: what the reconciler subscribes to.
+/// need; the shared groups it has members of, counted: what the
+/// reconciler subscribes to.
 #[derive(Default)]
 struct Interest {
     filters: HashMap<String, usize>,
     subjects: HashMap<String, usize>,
+    shares: HashMap<Arc<Share>, usize>,
 }
+
+/// One NATS subscription the reconciler holds: a subject, and the shared
+/// group it is the queue subscription of (`None`: a plain one).
+type Held = (String, Option<Arc<Share>>);
 
 /// This node's link for plain MQTT: publishing, and the subscriptions
 /// its sessions' filters need. Cheap to share.
@@ -227,15 +274,66 @@ impl Links {
         self.changed.notify_one();
     }
 
-    /// Publishes a message of `topic` to the other nodes. Fails (counted)
-    /// if the topic has no subject or NATS does not take it.
-    pub async fn publish(&self, topic: &str, publisher: Option<&str>, body: Bytes) {
-        let Some(subject) = self.subjects.topic(topic) else {
-            if !topic.starts_with('$') {
-                self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    /// One more member on this node of the shared group `group` of
+    /// `filter` (the filter inside `$share/{group}/`, already validated).
+    pub fn add_share(&self, group: &str, filter: &str) {
+        if self.subjects.filter(filter).is_none() {
+            return;
+        }
+        let share = Arc::new(Share {
+            group: group.to_string(),
+            filter: filter.to_string(),
+        });
+        let mut interest = lock(&self.interest);
+        let count = interest.shares.entry(share).or_insert(0);
+        *count = count.saturating_add(1);
+        let first = *count == 1;
+        drop(interest);
+        if first {
+            self.changed.notify_one();
+        }
+    }
+
+    /// One member fewer on this node of that shared group.
+    pub fn remove_share(&self, group: &str, filter: &str) {
+        let share = Share {
+            group: group.to_string(),
+            filter: filter.to_string(),
+        };
+        let mut interest = lock(&self.interest);
+        let Some(count) = interest.shares.get_mut(&share) else {
             return;
         };
+        *count = count.saturating_sub(1);
+        if *count > 0 {
+            return;
+        }
+        interest.shares.remove(&share);
+        drop(interest);
+        self.changed.notify_one();
+    }
+
+    /// What the reconciler should hold: the plain subjects, and each
+    /// shared group's subjects in its queue.
+    fn wanted(&self) -> Vec<Held> {
+        let interest = lock(&self.interest);
+        let mut wanted: Vec<Held> = interest
+            .subjects
+            .keys()
+            .map(|s| (s.clone(), None))
+            .collect();
+        for share in interest.shares.keys() {
+            for subject in self.subjects.filter(&share.filter).unwrap_or_default() {
+                wanted.push((subject, Some(share.clone())));
+            }
+        }
+        wanted
+    }
+
+    /// Publishes a message on `subject` (of [`Subjects::topic`]) to the
+    /// other nodes, and to the shared groups of all, this one's included.
+    /// A publish NATS does not take is counted.
+    pub async fn publish(&self, subject: String, publisher: Option<&str>, body: Bytes) {
         let mut headers = HeaderMap::new();
         headers.insert(ORIGIN, self.node.as_str());
         if let Some(p) = publisher {
@@ -264,27 +362,36 @@ impl Links {
         inbound: mpsc::Sender<Arrived>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        let mut held: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut held: HashMap<Held, tokio::task::JoinHandle<()>> = HashMap::new();
         loop {
-            let wanted: Vec<String> = lock(&self.interest).subjects.keys().cloned().collect();
-            held.retain(|subject, task| {
-                let keep = wanted.contains(subject);
+            let wanted = self.wanted();
+            held.retain(|key, task| {
+                let keep = wanted.contains(key);
                 if !keep {
                     // Dropping the subscriber (with its task) unsubscribes.
                     task.abort();
                 }
                 keep
             });
-            for subject in wanted {
-                if held.contains_key(&subject) {
+            for key in wanted {
+                if held.contains_key(&key) {
                     continue;
                 }
-                match self.client.subscribe(subject.clone()).await {
+                let (subject, share) = &key;
+                let subscribed = match share {
+                    None => self.client.subscribe(subject.clone()).await,
+                    Some(share) => {
+                        self.client
+                            .queue_subscribe(subject.clone(), share.queue())
+                            .await
+                    }
+                };
+                match subscribed {
                     Ok(subscriber) => {
                         let links = self.clone();
                         let inbound = inbound.clone();
-                        let task = tokio::spawn(links.forward(subscriber, inbound));
-                        held.insert(subject, task);
+                        let task = tokio::spawn(links.forward(subscriber, inbound, share.clone()));
+                        held.insert(key, task);
                     }
                     Err(e) => {
                         tracing::warn!(subject, error = %e, "cluster: cannot subscribe");
@@ -304,11 +411,14 @@ impl Links {
         }
     }
 
-    /// Hands what arrives on one subscription to the broker.
+    /// Hands what arrives on one subscription to the broker: on a plain
+    /// one, what other nodes published; on a shared group's, what any
+    /// node did (NATS chose this node for it).
     async fn forward(
         self: Arc<Self>,
         mut subscriber: async_nats::Subscriber,
         inbound: mpsc::Sender<Arrived>,
+        share: Option<Arc<Share>>,
     ) {
         while let Some(m) = subscriber.next().await {
             let header = |name: &str| {
@@ -320,12 +430,13 @@ impl Links {
             let Some(origin) = header(ORIGIN) else {
                 continue;
             };
-            if origin == self.node {
+            if origin == self.node && share.is_none() {
                 continue;
             }
             let arrived = Arrived {
                 publisher: header(PUBLISHER),
                 body: m.payload,
+                share: share.clone(),
             };
             if inbound.try_send(arrived).is_ok() {
                 self.metrics.received.fetch_add(1, Ordering::Relaxed);
@@ -409,5 +520,21 @@ mod tests {
         assert_eq!(s.topic(&"x/".repeat(2000)), None, "too long for a subject");
         assert_eq!(s.topic("a/b"), Some("chatmq.mqtt.a.b".into()));
         assert_eq!(s.topic("a.b"), Some("chatmq.mqtt.~612e62".into()));
+    }
+
+    #[test]
+    fn each_shared_group_of_each_filter_has_its_own_bounded_queue() {
+        let share = |group: &str, filter: &str| Share {
+            group: group.into(),
+            filter: filter.into(),
+        };
+        let q = share("g", "a/+").queue();
+        assert_eq!(q, share("g", "a/+").queue(), "the same on every node");
+        assert_ne!(q, share("g", "a/b").queue(), "another filter");
+        assert_ne!(q, share("h", "a/+").queue(), "another group");
+        assert_ne!(share("ga", "/b").queue(), share("g", "a/b").queue());
+        let long = share("g", &"x/".repeat(30_000)).queue();
+        assert_eq!(long.len(), q.len(), "bounded whatever the filter");
+        assert!(q.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     }
 }

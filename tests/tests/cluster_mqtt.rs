@@ -4,7 +4,9 @@
 //! properties, whatever wildcard they used; A's own subscribers get it
 //! once too (no echo back); node C, with no subscriber, is sent nothing
 //! (NATS's interest, not a broadcast); retained messages and wills reach
-//! the other nodes; a filter no session holds any more is no longer sent.
+//! the other nodes; a filter no session holds any more is no longer sent;
+//! a `$share` group with members on two nodes gets each message once,
+//! whichever node it was published on.
 
 use std::time::Duration;
 
@@ -213,6 +215,154 @@ async fn interest_follows_sessions(a: &Broker, b: &Broker) {
     metric_reaches(b, "chatmq_cluster_mqtt_subjects", 1.0, PATIENCE).await;
     again.disconnect().await;
     metric_becomes(b, "chatmq_cluster_mqtt_subjects", 0.0).await;
+}
+
+#[test]
+fn a_shared_group_spanning_nodes_gets_each_message_once() {
+    if chatmq_tests::nats::skip() {
+        return;
+    }
+    let nats = NatsCluster::start(3);
+    let (a, b, c) = (
+        node(&nats, "node-a"),
+        node(&nats, "node-b"),
+        node(&nats, "node-c"),
+    );
+    runtime().block_on(shared_across_nodes(&a, &b, &c));
+}
+
+async fn shared_across_nodes(a: &Broker, b: &Broker, c: &Broker) {
+    const GROUP: &str = "$share/workers/jobs/+";
+    let mut on_a = v5::connect_ok(a.addr, "worker-a").await;
+    on_a.subscribe(GROUP, QoS::AtLeastOnce).await;
+    let mut on_b = v5::connect_ok(b.addr, "worker-b").await;
+    on_b.subscribe(GROUP, QoS::AtLeastOnce).await;
+    // Another group of the same filter, on node C only: it gets every
+    // message too, on its own.
+    let mut auditor = v5::connect_ok(c.addr, "auditor").await;
+    auditor
+        .subscribe("$share/audit/jobs/+", QoS::AtLeastOnce)
+        .await;
+    let mut watcher = v5::connect_ok(c.addr, "watcher").await;
+    watcher.subscribe("jobs/#", QoS::AtLeastOnce).await;
+    let mut from_a = v5::connect_ok(a.addr, "publisher-a").await;
+    let mut from_c = v5::connect_ok(c.addr, "publisher-c").await;
+
+    // Until both workers have been chosen once: their queue subscriptions
+    // have reached NATS's routes.
+    let (mut heard_a, mut heard_b) = (false, false);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !(heard_a && heard_b) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "probes never reached both workers (a: {heard_a}, b: {heard_b})"
+        );
+        from_c
+            .publish_acked("jobs/probe", QoS::AtMostOnce, false, b"probe")
+            .await;
+        heard_a |= !on_a
+            .publishes_for(Duration::from_millis(50))
+            .await
+            .is_empty();
+        heard_b |= !on_b
+            .publishes_for(Duration::from_millis(50))
+            .await
+            .is_empty();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for client in [&mut on_a, &mut on_b, &mut auditor, &mut watcher] {
+        client.publishes_for(Duration::from_millis(200)).await;
+    }
+
+    // Published on a node with a member (A) and on one without (C).
+    let mut want = Vec::new();
+    for i in 1..=40 {
+        for (name, publisher) in [("a", &mut from_a), ("c", &mut from_c)] {
+            let job = format!("job-{name}-{i}");
+            publisher
+                .publish_acked(
+                    &format!("jobs/{name}"),
+                    QoS::AtLeastOnce,
+                    false,
+                    job.as_bytes(),
+                )
+                .await;
+            want.push(job);
+        }
+    }
+    want.sort();
+    let (mut got_a, mut got_b, mut audited, mut watched) = (vec![], vec![], vec![], vec![]);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while (got_a.len() + got_b.len() < want.len()
+        || audited.len() < want.len()
+        || watched.len() < want.len())
+        && tokio::time::Instant::now() < deadline
+    {
+        got_a.extend(payloads(
+            &on_a.publishes_for(Duration::from_millis(100)).await,
+        ));
+        got_b.extend(payloads(
+            &on_b.publishes_for(Duration::from_millis(100)).await,
+        ));
+        audited.extend(payloads(
+            &auditor.publishes_for(Duration::from_millis(100)).await,
+        ));
+        watched.extend(payloads(
+            &watcher.publishes_for(Duration::from_millis(100)).await,
+        ));
+    }
+    // Anything late would be a duplicate.
+    got_a.extend(payloads(
+        &on_a.publishes_for(Duration::from_millis(500)).await,
+    ));
+    got_b.extend(payloads(
+        &on_b.publishes_for(Duration::from_millis(500)).await,
+    ));
+    audited.extend(payloads(
+        &auditor.publishes_for(Duration::from_millis(300)).await,
+    ));
+
+    let mut workers: Vec<String> = got_a.iter().chain(&got_b).cloned().collect();
+    workers.sort();
+    assert_eq!(workers, want, "the workers together: each job exactly once");
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "both nodes' members get a share: a {} b {}",
+        got_a.len(),
+        got_b.len()
+    );
+    audited.sort();
+    assert_eq!(audited, want, "the other group: each job once");
+    watched.sort();
+    assert_eq!(watched, want, "a plain subscriber: each job once");
+
+    // A member that leaves: the rest of the group, on the other node, gets
+    // everything.
+    on_a.unsubscribe(GROUP).await;
+    metric_becomes(a, "chatmq_cluster_mqtt_subjects", 0.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 1..=10 {
+        from_a
+            .publish_acked(
+                "jobs/late",
+                QoS::AtLeastOnce,
+                false,
+                format!("late-{i}").as_bytes(),
+            )
+            .await;
+    }
+    let mut late = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while late.len() < 10 && tokio::time::Instant::now() < deadline {
+        late.extend(payloads(
+            &on_b.publishes_for(Duration::from_millis(100)).await,
+        ));
+    }
+    let want_late: Vec<String> = (1..=10).map(|i| format!("late-{i}")).collect();
+    assert_eq!(
+        late, want_late,
+        "the member left on node B: all of them, in order"
+    );
 }
 
 /// The retained message of `topic` a new subscriber on `b` gets, polled

@@ -162,6 +162,21 @@ pub enum MetaRecord {
         conv: String,
         seq: u64,
     },
+    /// A push device registered to `user` (moved from whoever had its
+    /// token), or, `registered: false`, forgotten.
+    Device {
+        user: String,
+        platform: String,
+        token: String,
+        app_id: Option<String>,
+        registered: bool,
+    },
+    /// A user muted (or unmuted) a conversation's notifications.
+    Mute {
+        user: String,
+        conv: String,
+        muted: bool,
+    },
 }
 
 impl MetaRecord {

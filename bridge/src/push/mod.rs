@@ -200,17 +200,7 @@ impl Push {
         token: &str,
         app_id: Option<&str>,
     ) -> Result<Device, PushError> {
-        if token.is_empty()
-            || token.len() > MAX_TOKEN_LEN
-            || token.chars().any(|c| c.is_control() || c.is_whitespace())
-        {
-            return Err(PushError::Invalid(
-                "`token` must be 1 to 4096 characters, without spaces",
-            ));
-        }
-        if app_id.is_some_and(|a| a.is_empty() || a.len() > MAX_APP_ID_LEN) {
-            return Err(PushError::Invalid("`app_id` must be 1 to 255 characters"));
-        }
+        Self::check_device(token, app_id)?;
         let device = Device {
             platform: platform.as_str().to_string(),
             token: token.to_string(),
@@ -232,6 +222,37 @@ impl Push {
             registry.add(user, platform);
         }
         Ok(device)
+    }
+
+    /// Whether a device token and app id are what [`Push::register`]
+    /// takes (checked before a cluster replicates a registration).
+    pub fn check_device(token: &str, app_id: Option<&str>) -> Result<(), PushError> {
+        if token.is_empty()
+            || token.len() > MAX_TOKEN_LEN
+            || token.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(PushError::Invalid(
+                "`token` must be 1 to 4096 characters, without spaces",
+            ));
+        }
+        if app_id.is_some_and(|a| a.is_empty() || a.len() > MAX_APP_ID_LEN) {
+            return Err(PushError::Invalid("`app_id` must be 1 to 255 characters"));
+        }
+        Ok(())
+    }
+
+    /// Whether `user` has the device `token` of `platform` (here).
+    pub fn has_device(
+        &self,
+        user: &str,
+        platform: Platform,
+        token: &str,
+    ) -> Result<bool, StorageError> {
+        Ok(self
+            .store
+            .device_owner(platform.as_str(), token)?
+            .as_deref()
+            == Some(user))
     }
 
     /// Forgets a device of `user`; `false` if `user` has no such device.

@@ -14,9 +14,11 @@
 //! - Every node applies every partition ([`run`]): messages, heads,
 //!   idempotency keys and the stream seq in one batch, then fan-out to
 //!   its own sessions, as a single node's dispatcher does after a commit.
-//! - Membership, conversation creation and read state go through the
-//!   records stream: published by the node that was asked, applied by
-//!   every node (the `*_here` halves of `admin.rs` and `queries.rs`).
+//! - Membership, conversation creation, read state, push devices and
+//!   mutes go through the records stream: published by the node that was
+//!   asked, applied by every node (the `*_here` halves of `admin.rs` and
+//!   `queries.rs`; `Push` itself for devices and mutes), so the node that
+//!   queues a message's pushes knows every member's devices.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -446,9 +448,58 @@ impl Chat {
                     tracing::debug!(conv, code = e.code, "replicated read: nothing to do");
                 }
             }
+            Some(MetaRecord::Device {
+                user,
+                platform,
+                token,
+                app_id,
+                registered,
+            }) => {
+                self.apply_device(&user, &platform, &token, app_id.as_deref(), registered)
+                    .await
+            }
+            Some(MetaRecord::Mute { user, conv, muted }) => {
+                if namespace::valid_user(&user) && namespace::valid_conv(&conv) {
+                    if let Err(e) = self.push.set_muted(&user, &conv, muted).await {
+                        tracing::error!(error = %e, "replicated mute: not written");
+                    }
+                }
+            }
             None => tracing::warn!(stream, seq = d.seq, "not a record: skipped"),
         }
         self.mark_only(r, StreamRef::Records, stream, d.seq).await;
+    }
+
+    /// A device registration from the records stream (checked again: what
+    /// comes from NATS is untrusted). Registering and forgetting are
+    /// idempotent, and every node applies them in the stream's order, so
+    /// all agree on whose each token is.
+    async fn apply_device(
+        &self,
+        user: &str,
+        platform: &str,
+        token: &str,
+        app_id: Option<&str>,
+        registered: bool,
+    ) {
+        let Some(platform) = chatmq_bridge::push::Platform::parse(platform) else {
+            tracing::warn!("replicated device: unknown platform, skipped");
+            return;
+        };
+        if !namespace::valid_user(user) {
+            return;
+        }
+        let outcome = if registered {
+            self.push
+                .register(user, platform, token, app_id)
+                .await
+                .map(drop)
+        } else {
+            self.push.unregister(user, platform, token).await.map(drop)
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "replicated device: not applied");
+        }
     }
 
     /// The owner's side of a forwarded publish.

@@ -10,7 +10,8 @@
 //! requester has none. The correlation `id` echoed back is a string of at
 //! most [`MAX_ID_BYTES`]; a request with another `id` is refused unrun.
 
-use chatmq_bridge::push::{Platform, PushError};
+use chatmq_bridge::push::{Platform, Push, PushError};
+use chatmq_cluster::wire::MetaRecord;
 use chatmq_protocol::rpc_request::{
     self, bool_param, opt_str_param, seq_param, str_param, users_param, BadRequest,
 };
@@ -140,7 +141,9 @@ fn platform(name: &str) -> Result<Platform, RpcError> {
 }
 
 /// Registers a device of `user` (RPC and HTTP); a token registered to
-/// another user moves to this one.
+/// another user moves to this one. With `[cluster]`, through the records
+/// stream: every node has every device, so the node that sequences a
+/// message (and queues its pushes) knows the devices registered on others.
 pub async fn register_device(
     chat: &Chat,
     user: &str,
@@ -149,10 +152,27 @@ pub async fn register_device(
     app_id: Option<&str>,
 ) -> Result<Device, RpcError> {
     let platform = platform(platform_name)?;
-    chat.push
-        .register(user, platform, token, app_id)
-        .await
-        .map_err(push_error)
+    let Some(r) = chat.replicated() else {
+        return chat
+            .push
+            .register(user, platform, token, app_id)
+            .await
+            .map_err(push_error);
+    };
+    Push::check_device(token, app_id).map_err(push_error)?;
+    let record = MetaRecord::Device {
+        user: user.to_string(),
+        platform: platform.as_str().to_string(),
+        token: token.to_string(),
+        app_id: app_id.map(str::to_string),
+        registered: true,
+    };
+    chat.replicate_meta(&r, record).await?;
+    Ok(Device {
+        platform: platform.as_str().to_string(),
+        token: token.to_string(),
+        app_id: app_id.map(str::to_string),
+    })
 }
 
 /// Forgets a device of `user`; `not_found` if it is not one of theirs.
@@ -163,11 +183,40 @@ pub async fn unregister_device(
     token: &str,
 ) -> Result<(), RpcError> {
     let platform = platform(platform_name)?;
-    match chat.push.unregister(user, platform, token).await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(RpcError::new("not_found", "no such device of yours")),
-        Err(e) => Err(push_error(e)),
+    let not_found = || RpcError::new("not_found", "no such device of yours");
+    let Some(r) = chat.replicated() else {
+        return match chat.push.unregister(user, platform, token).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(not_found()),
+            Err(e) => Err(push_error(e)),
+        };
+    };
+    if !chat.push.has_device(user, platform, token)? {
+        return Err(not_found());
     }
+    let record = MetaRecord::Device {
+        user: user.to_string(),
+        platform: platform.as_str().to_string(),
+        token: token.to_string(),
+        app_id: None,
+        registered: false,
+    };
+    chat.replicate_meta(&r, record).await
+}
+
+/// Mutes or unmutes `conv`'s notifications for `user` (RPC and HTTP); with
+/// `[cluster]`, on every node, through the records stream.
+pub async fn set_muted(chat: &Chat, user: &str, conv: &str, muted: bool) -> Result<(), RpcError> {
+    let Some(r) = chat.replicated() else {
+        chat.push.set_muted(user, conv, muted).await?;
+        return Ok(());
+    };
+    let record = MetaRecord::Mute {
+        user: user.to_string(),
+        conv: conv.to_string(),
+        muted,
+    };
+    chat.replicate_meta(&r, record).await
 }
 
 /// The devices of `user`, as JSON.
@@ -267,7 +316,7 @@ async fn dispatch(chat: &Chat, user: &str, method: &str, req: &Value) -> Result<
         "conversation.mute" => {
             let conv = member_conv(chat, user, req)?;
             let muted = bool_param(req, "muted", true)?;
-            chat.push.set_muted(user, conv, muted).await?;
+            set_muted(chat, user, conv, muted).await?;
             Ok(json!({"conv": conv, "muted": muted}))
         }
         "device.register" => {

@@ -243,10 +243,7 @@ pub async fn mute(
 ) -> Result<Json<Value>, ApiError> {
     let chat = &api.broker.chat;
     let user = member_caller(&caller, chat, &conv, "has no push settings")?;
-    chat.push
-        .set_muted(user, &conv, req.muted)
-        .await
-        .map_err(RpcError::from)?;
+    crate::chat::rpc::set_muted(chat, user, &conv, req.muted).await?;
     Ok(Json(json!({"conv": conv, "muted": req.muted})))
 }
 

@@ -171,6 +171,14 @@ pub enum MetaRecord {
         app_id: Option<String>,
         registered: bool,
     },
+    /// A member added (or removed, `add: false`) a reaction to a message.
+    React {
+        conv: String,
+        seq: u64,
+        user: String,
+        emoji: String,
+        add: bool,
+    },
     /// A user muted (or unmuted) a conversation's notifications.
     Mute {
         user: String,

@@ -16,6 +16,11 @@
 //! every reaction submitted before is read) and bounded; the cache is
 //! what makes "once per user and emoji" exact while writes are in flight.
 //!
+//! With `[cluster]`, a reaction is checked on the node asked, then goes
+//! through the records stream and every node applies it
+//! ([`Chat::react_here`]) in that stream's order: all nodes have all
+//! reactions and agree on the counts, and each tells its own members.
+//!
 //! Room reactions (`reactions/{conv}`, a live "🎉" with no message) are
 //! like typing indicators: QoS 0, never stored, forwarded to the members
 //! online, throttled per user and conversation.
@@ -25,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use chatmq_cluster::wire::MetaRecord;
 use chatmq_storage::{Batch, Commit};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Map, Value};
@@ -121,6 +127,20 @@ enum Applied {
     NotCached { evictions: u64 },
 }
 
+/// Why a message does not take a change of its reactions, if it does not.
+fn refusal(e: &Entry, emoji: &str, add: bool) -> Option<RpcError> {
+    if !e.open {
+        return Some(RpcError::new("not_found", "no such message to react to"));
+    }
+    if add && !e.by.contains_key(emoji) && e.by.len() >= MAX_DISTINCT {
+        return Some(RpcError::new(
+            "too_many_reactions",
+            format!("a message takes at most {MAX_DISTINCT} distinct reactions"),
+        ));
+    }
+    None
+}
+
 /// Is `emoji` a reaction chatmq keeps: 1 to [`MAX_EMOJI_BYTES`] bytes, no
 /// whitespace or control characters.
 pub fn valid_emoji(emoji: &str) -> bool {
@@ -157,8 +177,47 @@ impl Chat {
             return Err(RpcError::new("not_found", "no such message to react to"));
         }
         let key: (Arc<str>, u64) = (conv.into(), seq);
+        if let Some(r) = self.replicated() {
+            // Checked here, applied by every node (this one included) in
+            // the records stream's order, so all agree on the counts.
+            loop {
+                let evictions = match self.check_reaction(&key, emoji, add) {
+                    Ok(()) => break,
+                    Err(Some(refused)) => return Err(refused),
+                    Err(None) => lock(&self.reaction_cache).evictions,
+                };
+                self.cache_reactions(&key, evictions).await?;
+            }
+            let record = MetaRecord::React {
+                conv: conv.to_string(),
+                seq,
+                user: user.to_string(),
+                emoji: emoji.to_string(),
+                add,
+            };
+            self.replicate_meta(&r, record).await?;
+            let mut summary = self.summaries(conv, &[seq], Some(user)).await?;
+            return Ok(summary.remove(&seq).unwrap_or_else(|| json!({})));
+        }
+        self.react_here(&key, user, emoji, add).await
+    }
+
+    /// [`Chat::react`] on this node's copy (one node alone, or a record
+    /// of the cluster's records stream, checked again: what comes from
+    /// NATS is untrusted).
+    pub(super) async fn react_here(
+        &self,
+        key: &(Arc<str>, u64),
+        user: &str,
+        emoji: &str,
+        add: bool,
+    ) -> Result<Value, RpcError> {
+        let (conv, seq) = (&*key.0, key.1);
+        if !valid_emoji(emoji) || !self.is_member(conv, user) {
+            return Err(RpcError::new("not_member", "not a member, or not an emoji"));
+        }
         loop {
-            let evictions = match self.apply_reaction(&key, user, emoji, add)? {
+            let evictions = match self.apply_reaction(key, user, emoji, add)? {
                 Applied::Done {
                     commit,
                     changed,
@@ -174,13 +233,36 @@ impl Chat {
                 }
                 Applied::NotCached { evictions } => evictions,
             };
-            let entry = self.load_reactions(conv, seq).await?;
-            let mut cache = lock(&self.reaction_cache);
-            if cache.evictions == evictions && !cache.entries.contains_key(&key) {
-                cache.held = cache.held.saturating_add(entry.len());
-                cache.entries.insert(key.clone(), entry);
-                cache.evict();
-            }
+            self.cache_reactions(key, evictions).await?;
+        }
+    }
+
+    /// Loads a message's reactions into the cache, unless an eviction
+    /// since `evictions` (or another load) makes what was read stale.
+    async fn cache_reactions(&self, key: &(Arc<str>, u64), evictions: u64) -> Result<(), RpcError> {
+        let entry = self.load_reactions(&key.0, key.1).await?;
+        let mut cache = lock(&self.reaction_cache);
+        if cache.evictions == evictions && !cache.entries.contains_key(key) {
+            cache.held = cache.held.saturating_add(entry.len());
+            cache.entries.insert(key.clone(), entry);
+            cache.evict();
+        }
+        Ok(())
+    }
+
+    /// Whether the cached message takes this change: `Err(None)` if it is
+    /// not cached.
+    fn check_reaction(
+        &self,
+        key: &(Arc<str>, u64),
+        emoji: &str,
+        add: bool,
+    ) -> Result<(), Option<RpcError>> {
+        let cache = lock(&self.reaction_cache);
+        let e = cache.entries.get(key).ok_or(None)?;
+        match refusal(e, emoji, add) {
+            Some(refused) => Err(Some(refused)),
+            None => Ok(()),
         }
     }
 
@@ -203,14 +285,8 @@ impl Chat {
             return Ok(Applied::NotCached { evictions });
         };
         e.used = tick;
-        if !e.open {
-            return Err(RpcError::new("not_found", "no such message to react to"));
-        }
-        if add && !e.by.contains_key(emoji) && e.by.len() >= MAX_DISTINCT {
-            return Err(RpcError::new(
-                "too_many_reactions",
-                format!("a message takes at most {MAX_DISTINCT} distinct reactions"),
-            ));
+        if let Some(refused) = refusal(e, emoji, add) {
+            return Err(refused);
         }
         let mut batch = Batch::new();
         let changed = if add {

@@ -458,6 +458,27 @@ impl Chat {
                 self.apply_device(&user, &platform, &token, app_id.as_deref(), registered)
                     .await
             }
+            Some(MetaRecord::React {
+                conv,
+                seq,
+                user,
+                emoji,
+                add,
+            }) => {
+                // The records stream may run ahead of the partition's:
+                // the message first, or it would be taken for gone.
+                if !self.has_applied(&conv, seq).await {
+                    tracing::warn!(
+                        conv,
+                        seq,
+                        "replicated reaction to a message not applied here in time"
+                    );
+                }
+                let key = (Arc::<str>::from(conv.as_str()), seq);
+                if let Err(e) = self.react_here(&key, &user, &emoji, add).await {
+                    tracing::debug!(conv, seq, code = e.code, "replicated reaction: not taken");
+                }
+            }
             Some(MetaRecord::Mute { user, conv, muted }) => {
                 if namespace::valid_user(&user) && namespace::valid_conv(&conv) {
                     if let Err(e) = self.push.set_muted(&user, &conv, muted).await {
@@ -468,6 +489,25 @@ impl Chat {
             None => tracing::warn!(stream, seq = d.seq, "not a record: skipped"),
         }
         self.mark_only(r, StreamRef::Records, stream, d.seq).await;
+    }
+
+    /// Waits (up to [`LOCAL_APPLY_WAIT`]) until this node applied message
+    /// `seq` of `conv`; false if it did not.
+    async fn has_applied(&self, conv: &str, seq: u64) -> bool {
+        if !namespace::valid_conv(conv) {
+            return false;
+        }
+        let Ok(slot) = self.conv_state(conv).await else {
+            return false;
+        };
+        let deadline = tokio::time::Instant::now() + LOCAL_APPLY_WAIT;
+        while slot.applied.load(Ordering::Acquire) < seq {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// A device registration from the records stream (checked again: what

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 pub use error::{ClusterError, Mismatch};
 pub use layout::Layout;
-pub use node::{Delivered, Forwarded, Lost, Node, NodeMetrics, Owned, StreamRef};
+pub use node::{ChangeRequest, Delivered, Forwarded, Lost, Node, NodeMetrics, Owned, StreamRef};
 
 /// A node connected to NATS, with the layout in place.
 pub struct Cluster {

@@ -75,10 +75,24 @@ pub struct Delivered {
 /// A publish another node forwarded to this one, the owner.
 pub struct Forwarded {
     pub conv: String,
+    /// The sender; for a change, the user who asks for it.
     pub sender: String,
     pub qos: u8,
+    /// The envelope; for an edit, the new body (JSON).
     pub envelope: Bytes,
+    /// `Some`: not a message but a change of one.
+    pub change: Option<ChangeRequest>,
     reply: Option<Subject>,
+}
+
+/// A forwarded edit or delete of message `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRequest {
+    /// True for an edit, false for a delete.
+    pub edit: bool,
+    pub target: u64,
+    /// Asked with the admin token (`sender` is then not a user).
+    pub admin: bool,
 }
 
 /// Counters for `/metrics`.
@@ -544,11 +558,30 @@ impl Node {
                 let Some((conv, sender, qos)) = parsed else {
                     continue;
                 };
+                let change = match h.and_then(|h| h.get(wire::H_CHANGE)).map(|v| v.as_str()) {
+                    None => None,
+                    Some(op) => {
+                        let target = h.and_then(|h| wire::number(h, wire::H_TARGET));
+                        let admin = h
+                            .and_then(|h| h.get(wire::H_ADMIN))
+                            .is_some_and(|v| v.as_str() == "1");
+                        match (op, target) {
+                            ("edit" | "delete", Some(target)) => Some(ChangeRequest {
+                                edit: op == "edit",
+                                target,
+                                admin,
+                            }),
+                            // Malformed: not served.
+                            _ => continue,
+                        }
+                    }
+                };
                 let f = Forwarded {
                     conv,
                     sender,
                     qos: u8::try_from(qos.min(2)).unwrap_or(1),
                     envelope: m.payload,
+                    change,
                     reply: m.reply,
                 };
                 if tx.try_send(f).is_err() {
@@ -579,12 +612,40 @@ impl Node {
         qos: u8,
         envelope: Bytes,
     ) -> Option<ForwardReply> {
-        self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
-        let subject = format!("{}.fwd.{}", self.layout.prefix(), owner);
         let mut h = HeaderMap::new();
         h.insert(wire::H_CONV, wire::escape(conv));
         h.insert(wire::H_SENDER, wire::escape(sender));
         h.insert(H_QOS, qos.to_string());
+        self.ask_owner(owner, h, envelope).await
+    }
+
+    /// Forwards a change of message `change.target` of `conv`, asked by
+    /// `by`, to `owner` (an edit's new body as `body`); its answer, or
+    /// `None` when none came.
+    pub async fn forward_change(
+        &self,
+        owner: &str,
+        conv: &str,
+        by: &str,
+        change: &ChangeRequest,
+        body: Bytes,
+    ) -> Option<ForwardReply> {
+        let mut h = HeaderMap::new();
+        h.insert(wire::H_CONV, wire::escape(conv));
+        h.insert(wire::H_SENDER, wire::escape(by));
+        h.insert(H_QOS, "1");
+        h.insert(wire::H_CHANGE, if change.edit { "edit" } else { "delete" });
+        h.insert(wire::H_TARGET, change.target.to_string());
+        if change.admin {
+            h.insert(wire::H_ADMIN, "1");
+        }
+        self.ask_owner(owner, h, body).await
+    }
+
+    async fn ask_owner(&self, owner: &str, h: HeaderMap, payload: Bytes) -> Option<ForwardReply> {
+        self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+        let subject = format!("{}.fwd.{}", self.layout.prefix(), owner);
+        let envelope = payload;
         let asked = self.client.request_with_headers(subject, h, envelope);
         let reply = match tokio::time::timeout(FORWARD_TIMEOUT, asked).await {
             Ok(Ok(m)) => ForwardReply::parse(&m.payload),

@@ -21,6 +21,12 @@ pub const H_EPOCH: &str = "Chatmq-Epoch";
 pub const H_NODE: &str = "Chatmq-Node";
 /// A forwarded publish's QoS (0, 1).
 pub const H_QOS: &str = "Chatmq-Qos";
+/// A forwarded change of a message: `edit` or `delete`.
+pub const H_CHANGE: &str = "Chatmq-Change";
+/// The seq of the message a forwarded change is of.
+pub const H_TARGET: &str = "Chatmq-Target";
+/// A forwarded change asked with the admin token (`1`).
+pub const H_ADMIN: &str = "Chatmq-Admin";
 /// The NATS deduplication id.
 pub const H_MSG_ID: &str = "Nats-Msg-Id";
 /// The stream-level expected last sequence.
@@ -210,6 +216,12 @@ pub enum ForwardReply {
     Failed,
     /// The envelope was not valid.
     Bad,
+    /// A forwarded change was made: the message's seq, and the seq of the
+    /// change record (an earlier one when it changed nothing).
+    Changed { seq: u64, event_seq: u64 },
+    /// A forwarded change was refused, for this reason (as the RPC's
+    /// error: `forbidden`, `not_found`, ...).
+    Refused { code: String, message: String },
 }
 
 impl ForwardReply {

@@ -27,14 +27,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatmq_cluster::wire::{ChatRecord, ForwardReply, MetaRecord};
-use chatmq_cluster::{Delivered, Node, StreamRef};
+use chatmq_cluster::{ChangeRequest, Delivered, Node, Owned, StreamRef};
 use chatmq_storage::{Batch, Commit, CommitSender, Role, StorageError};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use super::edits::{Change, Changed, Editor, Plan};
 use super::fanout::Dispatch;
-use super::sequencer::ConvSlot;
+use super::sequencer::{ConvSlot, Locked};
 use super::{lock, namespace, Chat, Envelope, RpcError};
 use crate::blocking;
 use crate::clock::now_ms;
@@ -201,6 +202,43 @@ impl Chat {
         envelope: &Envelope,
     ) -> Result<Option<(Commit, u64)>, StorageError> {
         let slot = self.conv_state(conv).await?;
+        let Some((owned, st)) = self.owner_state(r, p, conv, &slot).await? else {
+            return Ok(None);
+        };
+        let key = (from.clone(), envelope.id.clone());
+        let (st, earlier) = self.earlier(conv, &key, st).await?;
+        if let Some(seq) = earlier {
+            let commit = self.wait_applied(r, conv, &slot, seq);
+            return Ok(Some((commit, seq)));
+        }
+        let seq = st.record.head + 1;
+        let ts = now_ms();
+        let body = envelope.delivered(conv, seq, from, ts);
+        let record = ChatRecord {
+            conv: conv.to_string(),
+            seq,
+            sender: from.to_string(),
+            envelope_id: envelope.id.clone(),
+            epoch: owned.epoch,
+            node: r.node.node_id().to_string(),
+            body: Bytes::from(body),
+        };
+        let commit = self
+            .publish_owned(r, p, &owned, st, record, Some(key))
+            .await?;
+        Ok(commit.map(|c| (c, seq)))
+    }
+
+    /// This node's state of `conv` under its lock as the owner of its
+    /// partition `p` (read again if the partition changed hands since it
+    /// was read); `None` if this node does not own `p`.
+    async fn owner_state(
+        &self,
+        r: &Replicated,
+        p: u32,
+        conv: &str,
+        slot: &ConvSlot,
+    ) -> Result<Option<(Owned, Locked)>, StorageError> {
         let Some(owned) = r.node.owned(p) else {
             return Ok(None);
         };
@@ -214,32 +252,35 @@ impl Chat {
             st.record.head = head.max(slot.applied.load(Ordering::Acquire));
             st.generation = owned.generation;
         }
-        let key = (from.clone(), envelope.id.clone());
-        let (mut st, earlier) = self.earlier(conv, &key, st).await?;
-        if let Some(seq) = earlier {
-            let commit = self.wait_applied(r, conv, &slot, seq);
-            return Ok(Some((commit, seq)));
-        }
-        let seq = st.record.head + 1;
-        let ts = now_ms();
-        let body = envelope.delivered(conv, seq, from, ts);
-        if !r.node.fits(body.len()) {
-            tracing::warn!(conv, bytes = body.len(), "message larger than NATS takes");
+        Ok(Some((owned, st)))
+    }
+
+    /// Publishes `record`, the next seq of its conversation (whose state
+    /// `st` is), to partition `p` as its owner. The commit resolves once
+    /// this node applied it; `None` if the partition turned out not to be
+    /// this node's. `key`: the idempotency key it is remembered by.
+    async fn publish_owned(
+        &self,
+        r: &Arc<Replicated>,
+        p: u32,
+        owned: &Owned,
+        mut st: Locked,
+        record: ChatRecord,
+        key: Option<(Arc<str>, String)>,
+    ) -> Result<Option<Commit>, StorageError> {
+        let (conv, seq) = (record.conv.clone(), record.seq);
+        if !r.node.fits(record.body.len()) {
+            tracing::warn!(
+                conv,
+                bytes = record.body.len(),
+                "message larger than NATS takes"
+            );
             return Err(StorageError::Unavailable("larger than NATS takes"));
         }
-        let record = ChatRecord {
-            conv: conv.to_string(),
-            seq,
-            sender: from.to_string(),
-            envelope_id: envelope.id.clone(),
-            epoch: owned.epoch,
-            node: r.node.node_id().to_string(),
-            body: Bytes::from(body),
-        };
         let commit = {
             let (done, commit) = Commit::deferred();
             lock(&r.waiters)
-                .entry((Arc::from(conv), seq))
+                .entry((Arc::from(conv.as_str()), seq))
                 .or_default()
                 .push(done);
             commit
@@ -247,9 +288,11 @@ impl Chat {
         match owned.publish(r.node.layout(), p, record).await {
             Ok(acked) => {
                 st.record.head = seq;
-                Self::remember(&mut st, key, seq);
+                if let Some(key) = key {
+                    Self::remember(&mut st, key, seq);
+                }
                 drop(st);
-                let (chat_r, c) = (r.clone(), Arc::<str>::from(conv));
+                let (chat_r, c) = (r.clone(), Arc::<str>::from(conv.as_str()));
                 let failed = move |chat_r: &Replicated| {
                     let waiting = lock(&chat_r.waiters).remove(&(c.clone(), seq));
                     for w in waiting.into_iter().flatten() {
@@ -263,15 +306,153 @@ impl Chat {
                         failed(&chat_r);
                     }
                 });
-                Ok(Some((commit, seq)))
+                Ok(Some(commit))
             }
             Err(_) => {
                 st.generation = 0;
                 drop(st);
-                self.fail_waiters(r, conv, seq);
+                self.fail_waiters(r, &conv, seq);
                 Ok(None)
             }
         }
+    }
+
+    /// [`Chat::change`] with `[cluster]`: sequenced by the partition's
+    /// owner like a message (forwarded to it when it is another node),
+    /// applied by every node from the stream ([`Chat::change_writes`]:
+    /// the target rewritten, a delete's texts scrubbed from each node's
+    /// files before its node asked answers).
+    pub(super) async fn change_replicated(
+        &self,
+        r: &Arc<Replicated>,
+        conv: &str,
+        seq: u64,
+        who: Editor<'_>,
+        change: Change<'_>,
+    ) -> Result<(Changed, Vec<u64>), RpcError> {
+        let p = r.node.partition_of(conv);
+        let deadline = tokio::time::Instant::now() + r.bound;
+        let mut delay = Duration::from_millis(50);
+        let request = ChangeRequest {
+            edit: matches!(change, Change::Edit(_)),
+            target: seq,
+            admin: matches!(who, Editor::Admin),
+        };
+        loop {
+            if r.node.owned(p).is_some() {
+                if let Some(done) = self.change_owned(r, p, conv, seq, who, &change).await? {
+                    return Ok(done);
+                }
+            } else if let Some(owner) = r.node.owner_of(p).filter(|o| o != r.node.node_id()) {
+                let body = match &change {
+                    Change::Edit(body) => Bytes::from(body.to_string()),
+                    Change::Delete => Bytes::new(),
+                };
+                let by = match who {
+                    Editor::User(u) => u,
+                    Editor::Admin => "",
+                };
+                match r
+                    .node
+                    .forward_change(&owner, conv, by, &request, body)
+                    .await
+                {
+                    Some(ForwardReply::Changed { seq, event_seq }) => {
+                        // Applied here too before the answer.
+                        let slot = self.conv_state(conv).await?;
+                        let commit = self.wait_applied(r, conv, &slot, event_seq);
+                        if tokio::time::timeout(LOCAL_APPLY_WAIT, commit)
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(
+                                conv,
+                                event_seq,
+                                "changed by the owner; not applied here yet"
+                            );
+                            self.fail_waiters(r, conv, event_seq);
+                        }
+                        return Ok((Changed { seq, event_seq }, Vec::new()));
+                    }
+                    Some(ForwardReply::Refused { code, message }) => {
+                        return Err(RpcError::new(known_code(&code), message));
+                    }
+                    other => {
+                        tracing::debug!(conv, partition = p, owner, reply = ?other, "forwarded change: retrying");
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RpcError::new(
+                    "unavailable",
+                    "no partition owner took the change in time; retry",
+                ));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// A change of message `seq` of `conv`, on the owner of its partition
+    /// `p`: judged on this node's copy once it has applied everything
+    /// sequenced before, then sequenced as a change record. `None` if
+    /// this node turned out not to own `p`. The seqs to scrub are none:
+    /// each node scrubs its own files as it applies the record.
+    async fn change_owned(
+        &self,
+        r: &Arc<Replicated>,
+        p: u32,
+        conv: &str,
+        seq: u64,
+        who: Editor<'_>,
+        change: &Change<'_>,
+    ) -> Result<Option<(Changed, Vec<u64>)>, RpcError> {
+        let slot = self.conv_state(conv).await?;
+        let deadline = tokio::time::Instant::now() + LOCAL_APPLY_WAIT;
+        let (owned, st) = loop {
+            let Some((owned, st)) = self.owner_state(r, p, conv, &slot).await? else {
+                return Ok(None);
+            };
+            // The copy has every record sequenced before (the applier
+            // takes this lock: waited for without it).
+            if slot.applied.load(Ordering::Acquire) >= st.record.head {
+                break (owned, st);
+            }
+            drop(st);
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RpcError::new(
+                    "unavailable",
+                    "this node is behind its own stream; retry",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let (what, body) = match self.plan(conv, &st, seq, who, change).await? {
+            Plan::Done(changed, _) => return Ok(Some((changed, Vec::new()))),
+            Plan::Edit { .. } => match change {
+                Change::Edit(body) => ("edit", (*body).clone()),
+                Change::Delete => {
+                    return Err(RpcError::new("internal", "a delete planned as an edit"))
+                }
+            },
+            Plan::Delete { .. } => ("delete", Value::Null),
+        };
+        let n = st.record.head + 1;
+        let by = who.name().to_string();
+        let record = ChatRecord {
+            conv: conv.to_string(),
+            seq: n,
+            sender: by.clone(),
+            envelope_id: format!("{what}-{n}"),
+            epoch: owned.epoch,
+            node: r.node.node_id().to_string(),
+            body: Bytes::from(super::edits::event(conv, n, what, &by, now_ms(), seq, body)),
+        };
+        let Some(commit) = self.publish_owned(r, p, &owned, st, record, None).await? else {
+            return Ok(None);
+        };
+        commit.await?;
+        Ok(Some((Changed { seq, event_seq: n }, Vec::new())))
     }
 
     /// Applies one record of partition `p`'s stream (stream seq `d.seq`):
@@ -310,11 +491,20 @@ impl Chat {
             tracing::error!(conv = %c.conv, seq = c.seq, applied, "a gap in the conversation's seqs");
         }
         st.record.head = st.record.head.max(c.seq);
-        let sender: Arc<str> = Arc::from(c.sender.as_str());
-        Self::remember(&mut st, (sender.clone(), c.envelope_id.clone()), c.seq);
+        let body: Option<Value> = serde_json::from_slice(&c.body).ok();
+        // A change record (an edit, a delete) is the server's: it has no
+        // idempotency key a member's message could collide with.
+        let is_change = body
+            .as_ref()
+            .and_then(|b| b.get("type"))
+            .and_then(Value::as_str)
+            .is_some_and(super::edits::is_event_type);
+        if !is_change {
+            let sender: Arc<str> = Arc::from(c.sender.as_str());
+            Self::remember(&mut st, (sender, c.envelope_id.clone()), c.seq);
+        }
         let mut stored = st.record.clone();
         stored.head = c.seq;
-        let body: Option<Value> = serde_json::from_slice(&c.body).ok();
         let inner = body
             .as_ref()
             .and_then(|b| b.get("body"))
@@ -326,10 +516,22 @@ impl Chat {
             .and_then(Value::as_u64)
             .unwrap_or_else(now_ms);
         let mut batch = Batch::new();
+        // An edit or delete rewrites its target in the same batch.
+        let change = match &body {
+            Some(envelope) => self.change_writes(&c.conv, envelope, &mut batch).await,
+            None => None,
+        };
         batch.put_message(&c.conv, c.seq, &c.body);
         batch.put_conversation(&c.conv, &stored);
-        batch.put_dedup(&c.conv, &c.sender, &c.envelope_id, c.seq);
-        for id in super::attachments::referenced_ids(&inner).unwrap_or_default() {
+        if !is_change {
+            batch.put_dedup(&c.conv, &c.sender, &c.envelope_id, c.seq);
+        }
+        let refs = if is_change {
+            Vec::new()
+        } else {
+            super::attachments::referenced_ids(&inner).unwrap_or_default()
+        };
+        for id in refs {
             batch.put_attachment_ref(&c.conv, c.seq, &id);
         }
         if c.seq == 1 {
@@ -346,7 +548,7 @@ impl Chat {
             }
         }
         // A push job once, by the node that sequenced it.
-        if c.node == r.node.node_id() {
+        if c.node == r.node.node_id() && !is_change {
             self.queue_pushes(&c.conv, &c.sender, c.seq, &inner, &mut batch);
         }
         batch.put_applied(stream, stream_seq);
@@ -373,6 +575,14 @@ impl Chat {
         };
         if shard.send(item).await.is_err() {
             return;
+        }
+        if let Some(change) = change {
+            // Once durable (a barrier behind it): the replay cache and, for
+            // a delete, this node's files lose the old texts, before the
+            // node asked answers.
+            let (done, after) = Commit::deferred();
+            let ok = shard.send(Dispatch::Barrier(done)).await.is_ok() && after.await.is_ok();
+            self.change_applied(&c.conv, change, ok).await;
         }
         let waiting = {
             let mut w = lock(&r.waiters);
@@ -542,9 +752,63 @@ impl Chat {
         }
     }
 
+    /// The owner's side of a forwarded edit or delete: judged and made
+    /// here as if asked here (the node asked checked membership; checked
+    /// again).
+    async fn serve_forwarded_change(
+        &self,
+        r: &Arc<Replicated>,
+        f: &chatmq_cluster::Forwarded,
+        request: &ChangeRequest,
+    ) -> ForwardReply {
+        if !namespace::valid_conv(&f.conv) || (!request.admin && !namespace::valid_user(&f.sender))
+        {
+            return ForwardReply::Bad;
+        }
+        let who = if request.admin {
+            Editor::Admin
+        } else {
+            Editor::User(&f.sender)
+        };
+        let body: Value;
+        let change = if request.edit {
+            match serde_json::from_slice::<Value>(&f.envelope) {
+                Ok(b) => {
+                    body = b;
+                    Change::Edit(&body)
+                }
+                Err(_) => return ForwardReply::Bad,
+            }
+        } else {
+            Change::Delete
+        };
+        let p = r.node.partition_of(&f.conv);
+        match self
+            .change_owned(r, p, &f.conv, request.target, who, &change)
+            .await
+        {
+            Ok(Some((changed, _))) => ForwardReply::Changed {
+                seq: changed.seq,
+                event_seq: changed.event_seq,
+            },
+            Ok(None) => ForwardReply::NotOwner,
+            Err(e) => ForwardReply::Refused {
+                code: e.code.to_string(),
+                message: e.message.chars().take(200).collect(),
+            },
+        }
+    }
+
     /// The owner's side of a forwarded publish.
     async fn serve_forwarded(self: &Arc<Self>, r: &Arc<Replicated>, f: chatmq_cluster::Forwarded) {
+        if let Some(request) = f.change.clone() {
+            let reply = self.serve_forwarded_change(r, &f, &request).await;
+            r.node.respond(f, reply).await;
+            return;
+        }
         let reply = match Envelope::parse(&f.envelope) {
+            // (The server's change records come only as changes.)
+            Ok(envelope) if super::edits::is_event_type(&envelope.kind) => ForwardReply::Bad,
             Ok(envelope) if namespace::valid_conv(&f.conv) && namespace::valid_user(&f.sender) => {
                 let p = r.node.partition_of(&f.conv);
                 let from: Arc<str> = Arc::from(f.sender.as_str());
@@ -561,6 +825,22 @@ impl Chat {
         };
         r.node.respond(f, reply).await;
     }
+}
+
+/// An error code another node answered, as one of the RPC's own.
+fn known_code(code: &str) -> &'static str {
+    const CODES: [&str; 9] = [
+        "not_found",
+        "not_editable",
+        "forbidden",
+        "deleted",
+        "too_many_edits",
+        "not_member",
+        "bad_request",
+        "unavailable",
+        "internal",
+    ];
+    CODES.into_iter().find(|c| *c == code).unwrap_or("internal")
 }
 
 /// Runs the cluster side of the chat layer until `shutdown`: one applier
